@@ -1,0 +1,543 @@
+//! The node side of the request/reply API (`krest.api.<op>`, queue group `krest-api`): every
+//! node answers, so clients need only a NATS connection. Reads come from the node's job table
+//! and database; writes go to the jobs bucket with revision checks.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::StreamExt;
+use krest_schemas::api::{
+    ApiError, ApiReply, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatus,
+    ErrorCode, InvalidDocument, JobListRequest, JobRequest, JobView, Op, RunRequest,
+    RunsListRequest, TriggerRequest, TriggerResponse,
+};
+use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP};
+use krest_schemas::{parse_job, NodeInfo, StoredJob, Trigger, WorkerInfo};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{manual_run_id, Fire, Publisher};
+use crate::infra::Infra;
+use crate::jobs::{JobEntry, JobTable, ResolveError};
+use crate::store::Store;
+
+/// Everything the API reads and writes.
+#[derive(Clone)]
+pub struct ApiServer {
+    /// NATS client (for replies and server info).
+    pub client: async_nats::Client,
+    /// Buckets and streams.
+    pub infra: Infra,
+    /// The node's job table.
+    pub table: Arc<JobTable>,
+    /// The node's database.
+    pub store: Store,
+    /// Publishes manual runs.
+    pub publisher: Publisher,
+}
+
+/// An API failure: code and message.
+#[derive(Debug)]
+struct Failure(ApiError);
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure(ApiError {
+            code,
+            message: message.into(),
+            invalid: Vec::new(),
+        })
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Failure {
+        Failure::new(ErrorCode::Internal, e.to_string())
+    }
+}
+
+impl From<ResolveError> for Failure {
+    fn from(e: ResolveError) -> Self {
+        let code = match e {
+            ResolveError::NotFound(_) => ErrorCode::NotFound,
+            ResolveError::Ambiguous { .. } => ErrorCode::Ambiguous,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+type Answer = Result<serde_json::Value, Failure>;
+
+fn to_value<T: Serialize>(v: T) -> Answer {
+    serde_json::to_value(v).map_err(Failure::internal)
+}
+
+fn body<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Failure> {
+    let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        payload
+    };
+    serde_json::from_slice(payload)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request: {e}")))
+}
+
+impl ApiServer {
+    /// Serves requests until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut sub = loop {
+            match self
+                .client
+                .queue_subscribe(format!("{API_PREFIX}.>"), API_QUEUE_GROUP.to_string())
+                .await
+            {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to the API subjects; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => match m { Some(m) => m, None => break },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                _ = stop.cancelled() => break,
+            };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let server = self.clone();
+            tasks.spawn(async move {
+                let op_name = msg.subject.as_str().strip_prefix(API_PREFIX).unwrap_or("").trim_start_matches('.');
+                let answer = match Op::from_name(op_name) {
+                    Some(op) => server.handle(op, &msg.payload).await,
+                    None => Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("unknown operation `{op_name}`"),
+                    )),
+                };
+                let reply_body = match answer {
+                    Ok(result) => ApiReply { ok: true, result: Some(result), error: None },
+                    Err(Failure(error)) => {
+                        if error.code == ErrorCode::Internal {
+                            tracing::warn!(op = op_name, error = %error.message, "API request failed");
+                        }
+                        ApiReply { ok: false, result: None, error: Some(error) }
+                    }
+                };
+                let bytes = serde_json::to_vec(&reply_body).unwrap_or_default();
+                if let Err(e) = server.client.publish(reply, Bytes::from(bytes)).await {
+                    tracing::warn!(error = %e, "cannot send API reply");
+                }
+            });
+        }
+        let _ = sub.unsubscribe().await;
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn handle(&self, op: Op, payload: &[u8]) -> Answer {
+        match op {
+            Op::JobApply => self.apply(body(payload)?).await,
+            Op::JobList => self.list(body(payload)?),
+            Op::JobGet => {
+                let req: JobRequest = body(payload)?;
+                let key = self.table.resolve(&req.job)?;
+                let entry = self
+                    .table
+                    .get(&key)
+                    .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+                to_value(view(&key, &entry))
+            }
+            Op::JobPause => self.set_running(body(payload)?, false).await,
+            Op::JobResume => self.set_running(body(payload)?, true).await,
+            Op::JobDelete => self.delete(body(payload)?).await,
+            Op::JobTrigger => self.trigger(body(payload)?).await,
+            Op::RunsList => self.runs_list(body(payload)?).await,
+            Op::RunsGet => {
+                let req: RunRequest = body(payload)?;
+                match self
+                    .store
+                    .get_run(&req.run_id)
+                    .await
+                    .map_err(Failure::internal)?
+                {
+                    Some(d) => to_value(d),
+                    None => Err(Failure::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "no run `{}` recorded (yet): see `krest runs list`",
+                            req.run_id
+                        ),
+                    )),
+                }
+            }
+            Op::WorkersList => to_value(self.workers().await?),
+            Op::ClusterStatus => to_value(self.cluster().await?),
+        }
+    }
+
+    async fn apply(&self, req: ApplyRequest) -> Answer {
+        let mut invalid = Vec::new();
+        let mut specs = Vec::new();
+        for (index, doc) in req.documents.iter().enumerate() {
+            match parse_job(doc) {
+                Ok(spec) => {
+                    let duplicate = specs
+                        .iter()
+                        .find(|(_, s): &&(usize, krest_schemas::JobSpec)| s.key() == spec.key())
+                        .map(|(i, _)| *i);
+                    if let Some(first) = duplicate {
+                        invalid.push(InvalidDocument {
+                            index,
+                            job: Some(spec.key()),
+                            problems: vec![krest_schemas::Problem {
+                                field: String::new(),
+                                message: format!("defines the same job as document {first}"),
+                            }],
+                        });
+                    } else {
+                        specs.push((index, spec));
+                    }
+                }
+                Err(e) => invalid.push(InvalidDocument {
+                    index,
+                    job: e.job,
+                    problems: e.problems,
+                }),
+            }
+        }
+        if req.documents.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                "no job definitions given",
+            ));
+        }
+        if !invalid.is_empty() {
+            let n = invalid.len();
+            return Err(Failure(ApiError {
+                code: ErrorCode::InvalidJob,
+                message: format!(
+                    "{n} of {} definitions are invalid; nothing was applied",
+                    req.documents.len()
+                ),
+                invalid,
+            }));
+        }
+        let mut results = Vec::new();
+        for (_, spec) in specs {
+            results.push(self.put_job(spec).await?);
+        }
+        to_value(ApplyResponse { results })
+    }
+
+    /// Writes one validated spec with a revision check, retrying on a concurrent write.
+    async fn put_job(&self, spec: krest_schemas::JobSpec) -> Result<ApplyResult, Failure> {
+        let key = spec.key();
+        for _ in 0..5 {
+            let now = Utc::now();
+            let current = self
+                .infra
+                .jobs
+                .entry(&key)
+                .await
+                .map_err(Failure::internal)?;
+            let existing = current
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| {
+                    serde_json::from_slice::<StoredJob>(&e.value)
+                        .ok()
+                        .map(|s| (s, e.revision))
+                });
+            if let Some((stored, revision)) = &existing {
+                if stored.spec == spec {
+                    return Ok(ApplyResult {
+                        job: key,
+                        outcome: ApplyOutcome::Unchanged,
+                        revision: *revision,
+                    });
+                }
+            }
+            let created_at = existing
+                .as_ref()
+                .map(|(s, _)| s.created_at)
+                .or_else(|| {
+                    spec.create_time
+                        .as_deref()
+                        .and_then(krest_schemas::job::parse_create_time)
+                })
+                .unwrap_or(now);
+            let stored = StoredJob {
+                spec: spec.clone(),
+                created_at,
+                updated_at: now,
+            };
+            let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
+            let written = match &current {
+                Some(entry) => self
+                    .infra
+                    .jobs
+                    .update(&key, value, entry.revision)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => self
+                    .infra
+                    .jobs
+                    .create(&key, value)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(revision) => {
+                    let outcome = if existing.is_some() {
+                        ApplyOutcome::Updated
+                    } else {
+                        ApplyOutcome::Created
+                    };
+                    tracing::info!(job = %key, revision, ?outcome, "job applied");
+                    return Ok(ApplyResult {
+                        job: key,
+                        outcome,
+                        revision,
+                    });
+                }
+                Err(e) => tracing::debug!(job = %key, error = %e, "concurrent write; retrying"),
+            }
+        }
+        Err(Failure::internal(format!(
+            "job {key} is being changed concurrently; try again"
+        )))
+    }
+
+    fn list(&self, req: JobListRequest) -> Answer {
+        let mut jobs: Vec<JobView> = self
+            .table
+            .all()
+            .into_iter()
+            .filter(|(_, e)| {
+                req.app
+                    .as_deref()
+                    .is_none_or(|a| e.stored.spec.app_name == a)
+            })
+            .filter(|(_, e)| {
+                req.group
+                    .as_deref()
+                    .is_none_or(|g| e.stored.spec.job_group == g)
+            })
+            .map(|(k, e)| view(&k, &e))
+            .collect();
+        jobs.sort_by(|a, b| a.key.cmp(&b.key));
+        to_value(jobs)
+    }
+
+    async fn set_running(&self, req: JobRequest, running: bool) -> Answer {
+        let key = self.table.resolve(&req.job)?;
+        for _ in 0..5 {
+            let entry = self
+                .infra
+                .jobs
+                .entry(&key)
+                .await
+                .map_err(Failure::internal)?
+                .filter(|e| e.operation == kv::Operation::Put)
+                .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+            let mut stored: StoredJob =
+                serde_json::from_slice(&entry.value).map_err(Failure::internal)?;
+            if stored.spec.running == running {
+                return to_value(view(
+                    &key,
+                    &JobEntry {
+                        stored,
+                        revision: entry.revision,
+                    },
+                ));
+            }
+            stored.spec.running = running;
+            stored.updated_at = Utc::now();
+            let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
+            if let Ok(revision) = self.infra.jobs.update(&key, value, entry.revision).await {
+                tracing::info!(job = %key, running, revision, "job {}", if running { "resumed" } else { "paused" });
+                return to_value(view(&key, &JobEntry { stored, revision }));
+            }
+        }
+        Err(Failure::internal(format!(
+            "job {key} is being changed concurrently; try again"
+        )))
+    }
+
+    async fn delete(&self, req: JobRequest) -> Answer {
+        let key = self.table.resolve(&req.job)?;
+        let entry = self
+            .table
+            .get(&key)
+            .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+        self.infra
+            .jobs
+            .delete(&key)
+            .await
+            .map_err(Failure::internal)?;
+        if let Err(e) = self.infra.state.purge(&key).await {
+            tracing::warn!(job = %key, error = %e, "could not purge job state");
+        }
+        tracing::info!(job = %key, "job deleted");
+        to_value(view(&key, &entry))
+    }
+
+    async fn trigger(&self, req: TriggerRequest) -> Answer {
+        let key = self.table.resolve(&req.job)?;
+        let entry = self
+            .table
+            .get(&key)
+            .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+        let args = match req.args {
+            None => entry.stored.spec.args.clone(),
+            Some(args) => {
+                let mut spec = entry.stored.spec.clone();
+                spec.args = args;
+                match spec.validate() {
+                    Ok(spec) => spec.args,
+                    Err(e) => {
+                        return Err(Failure::new(
+                            ErrorCode::BadRequest,
+                            e.problems
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        ))
+                    }
+                }
+            }
+        };
+        let now = Utc::now();
+        let spec = &entry.stored.spec;
+        let fire = Fire {
+            run_id: manual_run_id(&spec.job_group, &spec.job_name, now),
+            job: entry.clone(),
+            scheduled_at: now,
+            trigger: Trigger::Manual,
+            misfired: 0,
+            args,
+        };
+        let shard_total = match (&spec.job_type, &fire.args) {
+            (krest_schemas::JobType::Sharding, serde_json::Value::Array(a)) => {
+                u32::try_from(a.len()).unwrap_or(u32::MAX)
+            }
+            _ => 1,
+        };
+        if let Some(Err(e)) = self
+            .publisher
+            .publish(std::slice::from_ref(&fire))
+            .await
+            .pop()
+        {
+            return Err(Failure::internal(e));
+        }
+        tracing::info!(run = %fire.run_id, "manual run dispatched");
+        to_value(TriggerResponse {
+            run_id: fire.run_id,
+            shard_total,
+        })
+    }
+
+    async fn runs_list(&self, req: RunsListRequest) -> Answer {
+        let limit = req.limit.unwrap_or(20).clamp(1, 1000);
+        let job = match req.job.as_deref() {
+            None => None,
+            Some(name) => Some(match self.table.resolve(name) {
+                Ok(key) => key,
+                // A deleted job's runs are still listed by `group.name` or bare name.
+                Err(ResolveError::NotFound(_)) => name.to_string(),
+                Err(e) => return Err(e.into()),
+            }),
+        };
+        let filter = job.as_deref().map(|k| match k.split_once('.') {
+            Some((group, name)) => (name, Some(group)),
+            None => (k, None),
+        });
+        let runs = self
+            .store
+            .list_runs(filter, req.status, limit)
+            .await
+            .map_err(Failure::internal)?;
+        to_value(runs)
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, Failure> {
+        let mut out = Vec::new();
+        let mut keys = self.infra.workers.keys().await.map_err(Failure::internal)?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(Failure::internal)?);
+        }
+        for k in names {
+            if let Some(v) = self
+                .infra
+                .workers
+                .get(&k)
+                .await
+                .map_err(Failure::internal)?
+            {
+                match serde_json::from_slice::<WorkerInfo>(&v) {
+                    Ok(w) => out.push(w),
+                    Err(e) => {
+                        tracing::warn!(key = %k, error = %e, "ignoring a malformed worker heartbeat")
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.app_name, &a.instance).cmp(&(&b.app_name, &b.instance)));
+        Ok(out)
+    }
+
+    async fn cluster(&self) -> Result<ClusterStatus, Failure> {
+        let leader = crate::lease::current(&self.infra.leader)
+            .await
+            .map_err(Failure::internal)?;
+        let mut nodes = Vec::new();
+        let mut keys = self.infra.nodes.keys().await.map_err(Failure::internal)?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(Failure::internal)?);
+        }
+        for k in names {
+            if let Some(v) = self.infra.nodes.get(&k).await.map_err(Failure::internal)? {
+                if let Ok(n) = serde_json::from_slice::<NodeInfo>(&v) {
+                    nodes.push(n);
+                }
+            }
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(ClusterStatus {
+            leader,
+            nodes,
+            nats_server: self.client.server_info().version,
+        })
+    }
+}
+
+/// The API's view of a job, with its next fire time computed now.
+pub fn view(key: &str, entry: &JobEntry) -> JobView {
+    let spec = &entry.stored.spec;
+    let next_fire_at = if spec.running {
+        spec.schedule()
+            .and_then(Result::ok)
+            .and_then(|s| s.next_after(Utc::now()))
+    } else {
+        None
+    };
+    JobView {
+        key: key.to_string(),
+        spec: spec.clone(),
+        revision: entry.revision,
+        created_at: entry.stored.created_at,
+        updated_at: entry.stored.updated_at,
+        next_fire_at,
+    }
+}

@@ -1,0 +1,112 @@
+//! The client side of the API: connect, request, decode the reply, with errors that say what
+//! to do.
+
+use std::time::Duration;
+
+use krest_schemas::api::{ApiError, ApiReply, Op};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Errors talking to scheduler nodes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// NATS is unreachable.
+    #[error("cannot connect to NATS at {url}: {reason} (is nats-server running? set --nats-url or NATS_URL)")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// No scheduler node subscribes to the API.
+    #[error(
+        "no Krest scheduler node is answering on NATS at {0}: start one with `krest scheduler`"
+    )]
+    NoScheduler(String),
+    /// A node did not answer in time.
+    #[error("no answer from a scheduler node within {0:?}; try again or raise --timeout")]
+    Timeout(Duration),
+    /// The node answered with an error.
+    #[error("{}", .0.message)]
+    Api(ApiError),
+    /// Transport or decoding failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A connected API client.
+#[derive(Clone, Debug)]
+pub struct Client {
+    nats: async_nats::Client,
+    url: String,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to NATS at `url`, giving up after `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("krest-cli")
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout))
+            .max_reconnects(Some(1))
+            .connect(url)
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Client {
+            nats,
+            url: url.to_string(),
+            timeout,
+        })
+    }
+
+    /// The underlying NATS client.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// Sends `req` as operation `op` and decodes the result.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        op: Op,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        let value = self.call_value(op, req).await?;
+        serde_json::from_value(value)
+            .map_err(|e| ClientError::Other(format!("unexpected reply to {}: {e}", op.name())))
+    }
+
+    /// Sends `req` as operation `op` and returns the raw result.
+    pub async fn call_value<Req: Serialize>(
+        &self,
+        op: Op,
+        req: &Req,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Other(e.to_string()))?;
+        let reply = self
+            .nats
+            .request(op.subject(), body.into())
+            .await
+            .map_err(|e| {
+                use async_nats::client::RequestErrorKind;
+                match e.kind() {
+                    RequestErrorKind::NoResponders => ClientError::NoScheduler(self.url.clone()),
+                    RequestErrorKind::TimedOut => ClientError::Timeout(self.timeout),
+                    _ => ClientError::Other(e.to_string()),
+                }
+            })?;
+        let reply: ApiReply = serde_json::from_slice(&reply.payload)
+            .map_err(|e| ClientError::Other(format!("malformed reply to {}: {e}", op.name())))?;
+        match (reply.ok, reply.result, reply.error) {
+            (true, Some(result), _) => Ok(result),
+            (true, None, _) => Ok(serde_json::Value::Null),
+            (false, _, Some(error)) => Err(ClientError::Api(error)),
+            (false, _, None) => Err(ClientError::Other(
+                "the node reported a failure without details".into(),
+            )),
+        }
+    }
+}

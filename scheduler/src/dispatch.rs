@@ -1,0 +1,271 @@
+//! Turning fires into messages: one work message per shard plus a `dispatched` event, each with
+//! a `Nats-Msg-Id` derived from the run id, published pipelined (all sent, then all acks
+//! awaited). A second publish of the same fire inside the stream's duplicate window is dropped
+//! by JetStream, which is what makes a failover safe.
+
+use std::hash::{BuildHasher, Hasher};
+
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use krest_schemas::names::{events_subject, work_msg_id, work_queue_subject, STATE_BUCKET};
+use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Trigger};
+use serde_json::Value;
+use std::sync::Arc;
+
+use crate::jobs::JobEntry;
+
+/// Id of the run of `group.name` scheduled at `at`: the same on every node, so a re-publish
+/// by another leader is recognized as a duplicate.
+pub fn scheduled_run_id(group: &str, name: &str, at: DateTime<Utc>) -> String {
+    format!("{group}.{name}.{}", at.timestamp_millis())
+}
+
+/// Id of a manually triggered run: unique.
+pub fn manual_run_id(group: &str, name: &str, at: DateTime<Utc>) -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(at.timestamp_nanos_opt().unwrap_or_default());
+    format!(
+        "{group}.{name}.m{}-{:06x}",
+        at.timestamp_millis(),
+        h.finish() & 0xff_ffff
+    )
+}
+
+/// One run to publish.
+#[derive(Debug, Clone)]
+pub struct Fire {
+    /// The run id.
+    pub run_id: String,
+    /// The job as it was when the run was made.
+    pub job: Arc<JobEntry>,
+    /// The fire time it belongs to (now, for manual runs).
+    pub scheduled_at: DateTime<Utc>,
+    /// Why it exists.
+    pub trigger: Trigger,
+    /// Misfired fire times it stands for.
+    pub misfired: u32,
+    /// Arguments (the job's, or a manual override, normalized).
+    pub args: Value,
+}
+
+impl Fire {
+    /// A fire of the job's schedule.
+    pub fn scheduled(
+        job: Arc<JobEntry>,
+        at: DateTime<Utc>,
+        trigger: Trigger,
+        misfired: u32,
+    ) -> Fire {
+        let spec = &job.stored.spec;
+        Fire {
+            run_id: scheduled_run_id(&spec.job_group, &spec.job_name, at),
+            args: spec.args.clone(),
+            scheduled_at: at,
+            trigger,
+            misfired,
+            job,
+        }
+    }
+
+    /// The job's `group.name`.
+    pub fn key(&self) -> String {
+        self.job.stored.spec.key()
+    }
+
+    /// The shards of this run: the items of `args` for SHARDING jobs, else one.
+    fn shard_items(&self) -> Vec<Option<Value>> {
+        match (self.job.stored.spec.job_type, &self.args) {
+            (krest_schemas::JobType::Sharding, Value::Array(items)) => {
+                items.iter().cloned().map(Some).collect()
+            }
+            _ => vec![None],
+        }
+    }
+}
+
+/// Publishes runs and job state.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    js: jetstream::Context,
+    node: String,
+}
+
+/// What went wrong publishing one fire.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("publishing run {run_id} failed: {message}")]
+pub struct PublishError {
+    /// The run.
+    pub run_id: String,
+    /// The reason.
+    pub message: String,
+}
+
+impl Publisher {
+    /// A publisher stamping `node` on dispatched events.
+    pub fn new(js: jetstream::Context, node: String) -> Publisher {
+        Publisher { js, node }
+    }
+
+    /// Publishes every fire (its `dispatched` event first, then one message per shard), sending
+    /// all before awaiting any ack. Returns, per fire, whether all its messages were stored.
+    pub async fn publish(&self, fires: &[Fire]) -> Vec<Result<(), PublishError>> {
+        let now = Utc::now();
+        let mut results: Vec<Result<(), PublishError>> = fires.iter().map(|_| Ok(())).collect();
+        let mut pending: Vec<(usize, PublishAckFuture)> = Vec::new();
+        for (i, fire) in fires.iter().enumerate() {
+            match self.messages(fire, now) {
+                Ok(msgs) => {
+                    for (subject, id, payload) in msgs {
+                        match self
+                            .js
+                            .send_publish(
+                                subject,
+                                PublishMessage::build().payload(payload).message_id(id),
+                            )
+                            .await
+                        {
+                            Ok(ack) => pending.push((i, ack)),
+                            Err(e) => {
+                                results[i] = Err(PublishError {
+                                    run_id: fire.run_id.clone(),
+                                    message: e.to_string(),
+                                });
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(message) => {
+                    results[i] = Err(PublishError {
+                        run_id: fire.run_id.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        let acks = join_all(
+            pending
+                .into_iter()
+                .map(|(i, ack)| async move { (i, ack.await) }),
+        )
+        .await;
+        for (i, ack) in acks {
+            if let Err(e) = ack {
+                if results[i].is_ok() {
+                    results[i] = Err(PublishError {
+                        run_id: fires[i].run_id.clone(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        results
+    }
+
+    fn messages(
+        &self,
+        fire: &Fire,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, String, Bytes)>, String> {
+        let spec = &fire.job.stored.spec;
+        let items = fire.shard_items();
+        let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
+        let dispatched = RunEvent::Dispatched(Dispatched {
+            run_id: fire.run_id.clone(),
+            job_group: spec.job_group.clone(),
+            job_name: spec.job_name.clone(),
+            app_name: spec.app_name.clone(),
+            path: spec.path.clone(),
+            job_type: spec.job_type,
+            trigger: fire.trigger,
+            scheduled_at: fire.scheduled_at,
+            dispatched_at: now,
+            shard_total: total,
+            args: fire.args.clone(),
+            misfired: fire.misfired,
+            revision: fire.job.revision,
+            node: self.node.clone(),
+        });
+        let mut out = Vec::with_capacity(items.len() + 1);
+        out.push((
+            events_subject(&spec.job_group, &spec.job_name),
+            dispatched.msg_id(),
+            Bytes::from(serde_json::to_vec(&dispatched).map_err(|e| e.to_string())?),
+        ));
+        let subject = work_queue_subject(&spec.app_name);
+        for (index, item) in items.into_iter().enumerate() {
+            let index = u32::try_from(index).map_err(|_| "too many shards".to_string())?;
+            let msg = RunMessage {
+                run_id: fire.run_id.clone(),
+                job_group: spec.job_group.clone(),
+                job_name: spec.job_name.clone(),
+                app_name: spec.app_name.clone(),
+                path: spec.path.clone(),
+                job_type: spec.job_type,
+                args: fire.args.clone(),
+                shard: item.map(|item| ShardInfo { index, total, item }),
+                scheduled_at: fire.scheduled_at,
+                dispatched_at: now,
+                trigger: fire.trigger,
+                retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
+                revision: fire.job.revision,
+            };
+            out.push((
+                subject.clone(),
+                work_msg_id(&fire.run_id, index),
+                Bytes::from(serde_json::to_vec(&msg).map_err(|e| e.to_string())?),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Records, per job, the latest fire whose run is stored (pipelined puts into the state
+    /// bucket). Only call after [`Publisher::publish`] succeeded for those fires.
+    pub async fn record_state(&self, fires: &[&Fire]) -> Result<(), String> {
+        let mut latest: std::collections::HashMap<String, &Fire> = std::collections::HashMap::new();
+        for f in fires {
+            let e = latest.entry(f.key()).or_insert(f);
+            if f.scheduled_at > e.scheduled_at {
+                *e = f;
+            }
+        }
+        let mut acks = Vec::with_capacity(latest.len());
+        for (key, fire) in latest {
+            let state = JobState {
+                last_fire_at: fire.scheduled_at,
+                last_run_id: fire.run_id.clone(),
+            };
+            let payload = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+            let ack = self
+                .js
+                .send_publish(
+                    format!("$KV.{STATE_BUCKET}.{key}"),
+                    PublishMessage::build().payload(payload.into()),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push(ack);
+        }
+        for r in join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+            r.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids() {
+        let at = DateTime::parse_from_rfc3339("2026-01-01T00:00:05Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(scheduled_run_id("g", "j", at), "g.j.1767225605000");
+        let a = manual_run_id("g", "j", at);
+        assert!(a.starts_with("g.j.m1767225605000-"), "{a}");
+    }
+}

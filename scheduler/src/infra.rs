@@ -1,0 +1,223 @@
+//! Creating (or finding) Krest's streams and KV buckets, idempotently, on nats-server 2.9 and
+//! newer.
+//!
+//! KV buckets are created as their backing streams (`KV_<bucket>`) and then opened with
+//! `get_key_value`: async-nats's `create_key_value` fails against 2.9 (see FACTS.md), and the
+//! stream form works on every server version.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use krest_schemas::names::{
+    EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET, LEADER_BUCKET, NODES_BUCKET, STATE_BUCKET,
+    WORKERS_BUCKET, WORK_STREAM, WORK_SUBJECTS,
+};
+
+/// Sizes and lifetimes of what [`ensure`] creates. Existing streams keep their settings.
+#[derive(Debug, Clone)]
+pub struct InfraConfig {
+    /// Replicas of every stream and bucket (1, or 3 on a 3-node cluster).
+    pub replicas: usize,
+    /// Lease TTL: max age of the leader bucket.
+    pub lease_ttl: Duration,
+    /// Heartbeat TTL of workers and nodes.
+    pub heartbeat_ttl: Duration,
+    /// How long run events are kept in the stream.
+    pub events_max_age: Duration,
+    /// Window in which a re-published run (same `Nats-Msg-Id`) is dropped as a duplicate.
+    pub duplicate_window: Duration,
+    /// Revisions kept per job definition.
+    pub job_history: i64,
+}
+
+impl Default for InfraConfig {
+    fn default() -> Self {
+        InfraConfig {
+            replicas: 1,
+            lease_ttl: Duration::from_secs(3),
+            heartbeat_ttl: Duration::from_secs(10),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(5 * 60),
+            job_history: 64,
+        }
+    }
+}
+
+/// The opened buckets and streams a node works with.
+#[derive(Clone, Debug)]
+pub struct Infra {
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Leader lease.
+    pub leader: kv::Store,
+    /// Job definitions.
+    pub jobs: kv::Store,
+    /// Per-job scheduling state.
+    pub state: kv::Store,
+    /// Worker heartbeats.
+    pub workers: kv::Store,
+    /// Node presence.
+    pub nodes: kv::Store,
+    /// The lease TTL actually configured on the leader bucket.
+    pub lease_ttl: Duration,
+}
+
+/// Errors creating or opening streams and buckets.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up {what}: {message}")]
+pub struct InfraError {
+    /// The stream or bucket.
+    pub what: String,
+    /// The server's or client's reason.
+    pub message: String,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> InfraError {
+    InfraError {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Creates what is missing and opens everything. Safe to call from many nodes at once.
+pub async fn ensure(js: &jetstream::Context, cfg: &InfraConfig) -> Result<Infra, InfraError> {
+    ensure_stream(
+        js,
+        stream::Config {
+            name: WORK_STREAM.to_string(),
+            description: Some("Krest runs waiting for a worker".into()),
+            subjects: vec![WORK_SUBJECTS.to_string()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure_stream(
+        js,
+        stream::Config {
+            name: EVENTS_STREAM.to_string(),
+            description: Some("Krest run events: dispatched, started, log, finished".into()),
+            subjects: vec![EVENTS_SUBJECTS.to_string()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            max_age: cfg.events_max_age,
+            duplicate_window: Duration::from_secs(120).min(cfg.events_max_age),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let leader = ensure_bucket(js, LEADER_BUCKET, 1, cfg.lease_ttl, cfg.replicas).await?;
+    let jobs = ensure_bucket(
+        js,
+        JOBS_BUCKET,
+        cfg.job_history,
+        Duration::ZERO,
+        cfg.replicas,
+    )
+    .await?;
+    let state = ensure_bucket(js, STATE_BUCKET, 1, Duration::ZERO, cfg.replicas).await?;
+    let workers = ensure_bucket(js, WORKERS_BUCKET, 1, cfg.heartbeat_ttl, cfg.replicas).await?;
+    let nodes = ensure_bucket(js, NODES_BUCKET, 1, cfg.heartbeat_ttl, cfg.replicas).await?;
+    let lease_ttl = js
+        .get_stream(format!("KV_{LEADER_BUCKET}"))
+        .await
+        .map_err(|e| err(LEADER_BUCKET, e))?
+        .cached_info()
+        .config
+        .max_age;
+    if lease_ttl != cfg.lease_ttl {
+        tracing::warn!(
+            configured = ?cfg.lease_ttl, actual = ?lease_ttl,
+            "the leader bucket exists with another TTL; using the bucket's"
+        );
+    }
+    Ok(Infra {
+        js: js.clone(),
+        leader,
+        jobs,
+        state,
+        workers,
+        nodes,
+        lease_ttl,
+    })
+}
+
+async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(), InfraError> {
+    let name = cfg.name.clone();
+    match js.get_stream(&name).await {
+        Ok(_) => return Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(_)
+            ) =>
+        {
+            // Not found (or another API error): try to create it below.
+        }
+        Err(e) => return Err(err(&name, e)),
+    }
+    match js.create_stream(cfg).await {
+        Ok(_) => Ok(()),
+        // Another node created it in between.
+        Err(e) => match js.get_stream(&name).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(err(&name, e)),
+        },
+    }
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    history: i64,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<kv::Store, InfraError> {
+    ensure_stream(
+        js,
+        stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: history,
+            max_age: ttl,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        },
+    )
+    .await?;
+    js.get_key_value(bucket).await.map_err(|e| err(bucket, e))
+}
+
+/// Waits until a JetStream API call succeeds, so a node started before its NATS server (or
+/// before JetStream is ready) comes up by itself. Logs each failure with the reason.
+pub async fn ensure_with_retry(
+    js: &jetstream::Context,
+    cfg: &InfraConfig,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<Infra> {
+    let mut failures = 0u32;
+    loop {
+        match ensure(js, cfg).await {
+            Ok(infra) => return Some(infra),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "JetStream not ready; retrying");
+                let d =
+                    Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Every node's in-memory copy of the job definitions, kept current by watching the jobs
+//! bucket. The engine learns which keys changed through a channel and re-reads them here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
+use krest_schemas::StoredJob;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// One job as the table holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEntry {
+    /// The stored definition.
+    pub stored: StoredJob,
+    /// Its revision in the jobs bucket.
+    pub revision: u64,
+}
+
+/// The shared job table.
+#[derive(Debug, Default)]
+pub struct JobTable {
+    jobs: RwLock<HashMap<String, Arc<JobEntry>>>,
+}
+
+/// Why a job name could not be resolved to a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// No such job.
+    #[error("no job named `{0}`: see `krest job list`")]
+    NotFound(String),
+    /// The bare name exists in several groups.
+    #[error("`{name}` names jobs in several groups: use one of {candidates:?}")]
+    Ambiguous {
+        /// The name given.
+        name: String,
+        /// The matching `group.name` keys.
+        candidates: Vec<String>,
+    },
+}
+
+impl JobTable {
+    /// The entry for `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<JobEntry>> {
+        self.jobs.read().ok()?.get(key).cloned()
+    }
+
+    /// Every entry.
+    pub fn all(&self) -> Vec<(String, Arc<JobEntry>)> {
+        self.jobs
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of jobs.
+    pub fn len(&self) -> usize {
+        self.jobs.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether there are no jobs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves `group.name` or a bare `name` unique across groups to a key.
+    pub fn resolve(&self, name: &str) -> Result<String, ResolveError> {
+        let jobs = self
+            .jobs
+            .read()
+            .map_err(|_| ResolveError::NotFound(name.to_string()))?;
+        if jobs.contains_key(name) {
+            return Ok(name.to_string());
+        }
+        if let Some((group, job)) = name.split_once('/') {
+            let key = krest_schemas::names::job_key(group, job);
+            if jobs.contains_key(&key) {
+                return Ok(key);
+            }
+        }
+        let mut candidates: Vec<String> = jobs
+            .iter()
+            .filter(|(_, e)| e.stored.spec.job_name == name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        candidates.sort();
+        match candidates.len() {
+            0 => Err(ResolveError::NotFound(name.to_string())),
+            1 => Ok(candidates.remove(0)),
+            _ => Err(ResolveError::Ambiguous {
+                name: name.to_string(),
+                candidates,
+            }),
+        }
+    }
+
+    fn upsert(&self, key: String, entry: JobEntry) -> bool {
+        match self.jobs.write() {
+            Ok(mut m) => {
+                let changed = m.get(&key).map(|e| e.revision) != Some(entry.revision);
+                m.insert(key, Arc::new(entry));
+                changed
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn remove(&self, key: &str) -> bool {
+        self.jobs
+            .write()
+            .map(|mut m| m.remove(key).is_some())
+            .unwrap_or(false)
+    }
+}
+
+/// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`.
+/// `ready` turns true once the bucket's current content is loaded.
+pub async fn watch_jobs(
+    bucket: kv::Store,
+    table: Arc<JobTable>,
+    changes: mpsc::UnboundedSender<String>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match bucket.status().await {
+            Ok(status) if status.values() == 0 => {
+                let _ = ready.send(true);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the jobs bucket status"),
+        }
+        let mut watch = match bucket.watch_with_history(">").await {
+            Ok(w) => {
+                failures = 0;
+                w
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "cannot watch job definitions; retrying");
+                let d = Duration::from_millis(250u64 << failures.min(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        loop {
+            let item = tokio::select! {
+                item = watch.next() => item,
+                _ = stop.cancelled() => return,
+            };
+            let entry = match item {
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "job watch failed; restarting it");
+                    break;
+                }
+                None => break,
+            };
+            let key = entry.key.clone();
+            let changed = match entry.operation {
+                kv::Operation::Put => match serde_json::from_slice::<StoredJob>(&entry.value) {
+                    Ok(stored) => match stored.spec.clone().validate() {
+                        Ok(_) => table.upsert(
+                            key.clone(),
+                            JobEntry {
+                                stored,
+                                revision: entry.revision,
+                            },
+                        ),
+                        Err(invalid) => {
+                            tracing::error!(job = %key, revision = entry.revision, error = %invalid, "ignoring an invalid job definition in the jobs bucket");
+                            table.remove(&key)
+                        }
+                    },
+                    Err(e) => {
+                        tracing::error!(job = %key, revision = entry.revision, error = %e, "ignoring a malformed job definition in the jobs bucket (write definitions with `krest job apply`)");
+                        table.remove(&key)
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => table.remove(&key),
+            };
+            if changed {
+                let _ = changes.send(key);
+            }
+            if entry.delta == 0 {
+                let _ = ready.send(true);
+            }
+        }
+    }
+}

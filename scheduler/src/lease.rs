@@ -1,0 +1,267 @@
+//! Leader election through a KV lease.
+//!
+//! The lease is the key `leader` in the `krest-leader` bucket, whose max age is the lease TTL.
+//! A standby acquires it with `create` (fails while another node holds it); the leader renews it
+//! with a revision-checked `update` every `renew_every`. The revision at acquisition is the
+//! node's *epoch*, a fencing token stamped on everything it dispatches.
+//!
+//! A leader stops dispatching as soon as a renewal fails, and also — by its own monotonic clock —
+//! once `TTL - margin` has passed since the last renewal it *sent* succeeded: a node frozen
+//! (SIGSTOP, a long GC-like stall) past its lease finds on waking that it is no longer valid,
+//! before the server has even expired the key. Expiry by max age produces no watch event, so
+//! standbys poll.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use krest_schemas::names::LEADER_KEY;
+use krest_schemas::LeaderLease;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// This node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not holding the lease.
+    Standby,
+    /// Holding the lease acquired at revision `epoch`.
+    Leader {
+        /// Fencing epoch.
+        epoch: u64,
+    },
+}
+
+/// Until when (by the monotonic clock) this node may act as leader of which epoch.
+#[derive(Clone, Debug, Default)]
+struct Validity(Arc<Mutex<Option<(u64, Instant)>>>);
+
+impl Validity {
+    fn epoch(&self) -> Option<u64> {
+        let guard = self.0.lock().ok()?;
+        match *guard {
+            Some((epoch, until)) if Instant::now() < until => Some(epoch),
+            _ => None,
+        }
+    }
+
+    fn set(&self, v: Option<(u64, Instant)>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = v;
+        }
+    }
+}
+
+/// A cheap handle to the election's view of leadership.
+#[derive(Clone, Debug)]
+pub struct Leadership {
+    role: watch::Receiver<Role>,
+    validity: Validity,
+}
+
+impl Leadership {
+    /// The current role as last published by the election loop.
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    /// `Some(epoch)` if this node holds the lease *now*, by its own clock. Check right before
+    /// publishing anything only a leader may publish.
+    pub fn valid_epoch(&self) -> Option<u64> {
+        self.validity.epoch()
+    }
+
+    /// A receiver that sees every role change.
+    pub fn watch(&self) -> watch::Receiver<Role> {
+        self.role.clone()
+    }
+}
+
+/// Election settings.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// The node's name, written into the lease.
+    pub node: String,
+    /// Lease time to live (the bucket's max age).
+    pub ttl: Duration,
+    /// Renewal (and standby polling) period.
+    pub renew_every: Duration,
+}
+
+impl LeaseConfig {
+    /// How long before the TTL a leader considers its lease gone.
+    fn margin(&self) -> Duration {
+        (self.ttl / 6)
+            .max(Duration::from_millis(200))
+            .min(self.ttl / 2)
+    }
+}
+
+/// Runs the election until `stop`; on a clean stop a leader deletes the lease so a standby
+/// takes over at once.
+pub struct Election {
+    kv: kv::Store,
+    cfg: LeaseConfig,
+    role_tx: watch::Sender<Role>,
+    validity: Validity,
+}
+
+impl Election {
+    /// Creates the election and the handle to observe it.
+    pub fn new(kv: kv::Store, cfg: LeaseConfig) -> (Election, Leadership) {
+        let (role_tx, role) = watch::channel(Role::Standby);
+        let validity = Validity::default();
+        (
+            Election {
+                kv,
+                cfg,
+                role_tx,
+                validity: validity.clone(),
+            },
+            Leadership { role, validity },
+        )
+    }
+
+    fn set(&self, role: Role, valid: Option<(u64, Instant)>) {
+        self.validity.set(valid);
+        self.role_tx.send_if_modified(|r| {
+            if *r != role {
+                *r = role;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn lease_value(&self, epoch: u64, acquired_at: DateTime<Utc>) -> bytes::Bytes {
+        let lease = LeaderLease {
+            node: self.cfg.node.clone(),
+            epoch,
+            acquired_at,
+            renewed_at: Utc::now(),
+        };
+        serde_json::to_vec(&lease).unwrap_or_default().into()
+    }
+
+    /// The election loop.
+    pub async fn run(self, stop: CancellationToken) {
+        // (epoch, current revision, acquired_at) while leading.
+        let mut held: Option<(u64, u64, DateTime<Utc>)> = None;
+        let mut tick = tokio::time::interval(self.cfg.renew_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => break,
+            }
+            let sent = Instant::now();
+            let timeout = self.cfg.renew_every.max(Duration::from_millis(500));
+            match held {
+                Some((epoch, rev, acquired_at)) => {
+                    // Our own clock may say the lease is gone already (the process was frozen).
+                    if self.validity.epoch().is_none() {
+                        tracing::warn!(
+                            epoch,
+                            "lease expired before it could be renewed; stepping down"
+                        );
+                        held = None;
+                        self.set(Role::Standby, None);
+                        continue;
+                    }
+                    let value = self.lease_value(epoch, acquired_at);
+                    match tokio::time::timeout(timeout, self.kv.update(LEADER_KEY, value, rev))
+                        .await
+                    {
+                        Ok(Ok(new_rev)) => {
+                            held = Some((epoch, new_rev, acquired_at));
+                            self.set(
+                                Role::Leader { epoch },
+                                Some((epoch, sent + self.cfg.ttl - self.cfg.margin())),
+                            );
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(epoch, error = %e, "lost leadership: lease renewal failed");
+                            held = None;
+                            self.set(Role::Standby, None);
+                        }
+                        Err(_) => {
+                            tracing::warn!(epoch, "lost leadership: lease renewal timed out");
+                            held = None;
+                            self.set(Role::Standby, None);
+                        }
+                    }
+                }
+                None => match tokio::time::timeout(timeout, self.try_acquire()).await {
+                    Ok(Ok(Some((rev, acquired_at)))) => {
+                        tracing::info!(node = %self.cfg.node, epoch = rev, "became leader");
+                        held = Some((rev, rev, acquired_at));
+                        self.set(
+                            Role::Leader { epoch: rev },
+                            Some((rev, sent + self.cfg.ttl - self.cfg.margin())),
+                        );
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "lease acquisition failed"),
+                    Err(_) => tracing::debug!("lease acquisition timed out"),
+                },
+            }
+        }
+        self.set(Role::Standby, None);
+        if let Some((epoch, rev, _)) = held {
+            match self.kv.delete_expect_revision(LEADER_KEY, Some(rev)).await {
+                Ok(()) => tracing::info!(epoch, "released leadership"),
+                Err(e) => {
+                    tracing::warn!(epoch, error = %e, "could not release the lease; it expires by itself")
+                }
+            }
+        }
+    }
+
+    /// Creates the lease, or reclaims it when the current value names this node (a renewal
+    /// that timed out but was applied). Returns the revision and acquisition time.
+    async fn try_acquire(&self) -> Result<Option<(u64, DateTime<Utc>)>, String> {
+        let now = Utc::now();
+        match self.kv.entry(LEADER_KEY).await.map_err(|e| e.to_string())? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let ours = serde_json::from_slice::<LeaderLease>(&entry.value)
+                    .map(|l| l.node == self.cfg.node)
+                    .unwrap_or(false);
+                if !ours {
+                    return Ok(None);
+                }
+                match self
+                    .kv
+                    .update(LEADER_KEY, self.lease_value(0, now), entry.revision)
+                    .await
+                {
+                    Ok(rev) => Ok(Some((rev, now))),
+                    Err(_) => Ok(None),
+                }
+            }
+            _ => match self.kv.create(LEADER_KEY, self.lease_value(0, now)).await {
+                Ok(rev) => Ok(Some((rev, now))),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Reads the current lease and its epoch (the revision it was acquired at; until the first
+/// renewal records it, the current revision).
+pub async fn current(kv: &kv::Store) -> Result<Option<LeaderLease>, String> {
+    match kv.entry(LEADER_KEY).await.map_err(|e| e.to_string())? {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let mut lease = serde_json::from_slice::<LeaderLease>(&entry.value)
+                .map_err(|e| format!("malformed lease: {e}"))?;
+            if lease.epoch == 0 {
+                lease.epoch = entry.revision;
+            }
+            Ok(Some(lease))
+        }
+        _ => Ok(None),
+    }
+}

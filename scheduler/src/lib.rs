@@ -1,0 +1,24 @@
+//! Krest scheduler node and CLI.
+//!
+//! A node ([`node::run`]) is a set of tasks sharing one NATS connection:
+//! - [`jobs`]: watches the jobs bucket into an in-memory [`jobs::JobTable`];
+//! - [`lease`]: leader election through a KV lease with a fencing epoch;
+//! - [`engine`]: on the leader, a heap of next fire times that turns due fires into
+//!   [`dispatch::Fire`]s, catching up what a previous leader missed;
+//! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s;
+//! - [`recorder`]: reads the events stream into SQL ([`store`]);
+//! - [`api`]: answers `krest.api.*` requests from the CLI and other clients.
+//!
+//! [`cli`] and [`client`] are the command-line side. Only [`store`] knows SQL.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod dispatch;
+pub mod engine;
+pub mod infra;
+pub mod jobs;
+pub mod lease;
+pub mod node;
+pub mod recorder;
+pub mod store;

@@ -1,0 +1,110 @@
+//! The `krest` binary: `krest scheduler` runs a node; every other command is a client.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use krest::cli::{self, Cli, Command};
+use krest::engine::EngineConfig;
+use krest::infra::InfraConfig;
+use krest::node::{self, NodeOptions};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            cli::report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Scheduler(args) => {
+            init_logging();
+            let mut opts = NodeOptions::new(
+                cli.nats_url,
+                args.db,
+                args.node.unwrap_or_else(node::default_node_name),
+            );
+            opts.lease_renew = args.lease_renew;
+            opts.infra = InfraConfig {
+                replicas: args.replicas,
+                lease_ttl: args.lease_ttl,
+                ..InfraConfig::default()
+            };
+            opts.engine = EngineConfig {
+                misfire_threshold: args.misfire_threshold,
+                ..EngineConfig::default()
+            };
+            if opts.lease_renew * 2 > opts.infra.lease_ttl {
+                anyhow::bail!(
+                    "--lease-renew ({:?}) must be at most half of --lease-ttl ({:?})",
+                    opts.lease_renew,
+                    opts.infra.lease_ttl
+                );
+            }
+            let stop = CancellationToken::new();
+            let signals = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signals.cancel();
+            });
+            node::run(opts, stop, None).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => cli::run_client(cli).await,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KREST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Completes on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

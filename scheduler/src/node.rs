@@ -1,0 +1,314 @@
+//! A scheduler node: wires the job watcher, election, engine, recorder, API and presence
+//! together and runs them until asked to stop.
+//!
+//! Shutdown order matters: the engine and API stop first (no more dispatches), then the
+//! election releases the lease (a standby takes over at once), then the recorder and presence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use krest_schemas::names::sanitize_token;
+use krest_schemas::{NodeInfo, NodeRole};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ApiServer;
+use crate::dispatch::Publisher;
+use crate::engine::{Engine, EngineConfig};
+use crate::infra::{self, InfraConfig};
+use crate::jobs::{self, JobTable};
+use crate::lease::{Election, Leadership, LeaseConfig, Role};
+use crate::recorder::{self, RecorderConfig};
+use crate::store::Store;
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// Database URL (`sqlite://krest.db`).
+    pub db_url: String,
+    /// Node name (letters, digits, `-`, `_`).
+    pub node: String,
+    /// Lease renewal period.
+    pub lease_renew: Duration,
+    /// Streams and buckets.
+    pub infra: InfraConfig,
+    /// Engine.
+    pub engine: EngineConfig,
+    /// Recorder.
+    pub recorder: RecorderConfig,
+}
+
+impl NodeOptions {
+    /// Defaults for a node named `node`.
+    pub fn new(
+        nats_url: impl Into<String>,
+        db_url: impl Into<String>,
+        node: impl Into<String>,
+    ) -> NodeOptions {
+        NodeOptions {
+            nats_url: nats_url.into(),
+            db_url: db_url.into(),
+            node: sanitize_token(&node.into()),
+            lease_renew: Duration::from_secs(1),
+            infra: InfraConfig::default(),
+            engine: EngineConfig::default(),
+            recorder: RecorderConfig::default(),
+        }
+    }
+}
+
+/// The default node name: host name and process id.
+pub fn default_node_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "krest".to_string());
+    sanitize_token(&format!(
+        "{}-{}",
+        host.chars().take(40).collect::<String>(),
+        std::process::id()
+    ))
+}
+
+/// Errors that end a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Handles to a node running in the background (tests, embedding).
+#[derive(Debug)]
+pub struct RunningNode {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), NodeError>>,
+    /// The node's view of leadership.
+    pub leadership: watch::Receiver<Option<Leadership>>,
+}
+
+impl RunningNode {
+    /// Graceful stop: release leadership, finish in-flight work.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        self.stop.cancel();
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Abrupt stop, as if the process died: the lease is not released.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a node in the background.
+pub fn spawn(opts: NodeOptions) -> RunningNode {
+    let stop = CancellationToken::new();
+    let (tx, rx) = watch::channel(None);
+    let token = stop.clone();
+    let task = tokio::spawn(async move { run(opts, token, Some(tx)).await });
+    RunningNode {
+        stop,
+        task,
+        leadership: rx,
+    }
+}
+
+/// Runs a node until `stop`. NATS being unreachable at start is waited out with logs; a
+/// database that cannot be opened is retried the same way.
+pub async fn run(
+    opts: NodeOptions,
+    stop: CancellationToken,
+    leadership_out: Option<watch::Sender<Option<Leadership>>>,
+) -> Result<(), NodeError> {
+    let Some(client) = connect(&opts, &stop).await else {
+        return Ok(());
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let Some(infra) = infra::ensure_with_retry(&js, &opts.infra, &stop).await else {
+        return Ok(());
+    };
+    let store = {
+        let mut failures = 0u32;
+        loop {
+            match Store::open(&opts.db_url).await {
+                Ok(s) => break s,
+                Err(crate::store::StoreError::BadUrl(u)) => {
+                    return Err(crate::store::StoreError::BadUrl(u).into())
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(db = %opts.db_url, error = %e, "cannot open the database; retrying");
+                    let d = Duration::from_millis(250u64 << failures.min(5))
+                        .min(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        }
+    };
+    tracing::info!(node = %opts.node, db = %opts.db_url, nats = %client.server_info().version, "scheduler node starting");
+
+    let table = Arc::new(JobTable::default());
+    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (election, leadership) = Election::new(
+        infra.leader.clone(),
+        LeaseConfig {
+            node: opts.node.clone(),
+            ttl: infra.lease_ttl,
+            renew_every: opts.lease_renew,
+        },
+    );
+    if let Some(out) = &leadership_out {
+        let _ = out.send(Some(leadership.clone()));
+    }
+    let publisher = Publisher::new(js.clone(), opts.node.clone());
+    let (progress_tx, progress_rx) = watch::channel(0u64);
+
+    // Tokens in shutdown order.
+    let front = CancellationToken::new(); // engine, API
+    let lease_stop = CancellationToken::new();
+    let back = CancellationToken::new(); // watcher, recorder, presence
+
+    let watcher = tokio::spawn(jobs::watch_jobs(
+        infra.jobs.clone(),
+        table.clone(),
+        changes_tx,
+        ready_tx,
+        back.clone(),
+    ));
+    let election_task = tokio::spawn(election.run(lease_stop.clone()));
+    let engine = Engine::new(
+        table.clone(),
+        changes_rx,
+        leadership.clone(),
+        publisher.clone(),
+        infra.state.clone(),
+        opts.engine.clone(),
+    );
+    let engine_task = tokio::spawn(engine.run(ready_rx, front.clone()));
+    let recorder_task = tokio::spawn(recorder::run(
+        js.clone(),
+        store.clone(),
+        opts.recorder.clone(),
+        progress_tx,
+        back.clone(),
+    ));
+    let api = ApiServer {
+        client: client.clone(),
+        infra: infra.clone(),
+        table: table.clone(),
+        store: store.clone(),
+        publisher,
+    };
+    let api_task = tokio::spawn(api.run(front.clone()));
+    let presence_task = tokio::spawn(presence(
+        infra.nodes.clone(),
+        opts.node.clone(),
+        store.backend().as_str(),
+        leadership.clone(),
+        progress_rx,
+        back.clone(),
+    ));
+
+    stop.cancelled().await;
+    tracing::info!(node = %opts.node, "shutting down");
+    front.cancel();
+    let _ = engine_task.await;
+    let _ = api_task.await;
+    lease_stop.cancel();
+    let _ = election_task.await;
+    back.cancel();
+    let _ = watcher.await;
+    let _ = recorder_task.await;
+    let _ = presence_task.await;
+    if let Err(e) = infra.nodes.delete(&opts.node).await {
+        tracing::debug!(error = %e, "could not remove node presence");
+    }
+    let _ = client.flush().await;
+    store.close().await;
+    tracing::info!(node = %opts.node, "stopped");
+    Ok(())
+}
+
+async fn connect(opts: &NodeOptions, stop: &CancellationToken) -> Option<async_nats::Client> {
+    let mut failures = 0u32;
+    loop {
+        let connect = async_nats::ConnectOptions::new()
+            .name(format!("krest-scheduler {}", opts.node))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            })
+            .connect(opts.nats_url.as_str());
+        let result = tokio::select! {
+            r = connect => r,
+            _ = stop.cancelled() => return None,
+        };
+        match result {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(url = %opts.nats_url, error = %e, "cannot connect to NATS; retrying");
+                let d =
+                    Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+async fn presence(
+    nodes: async_nats::jetstream::kv::Store,
+    node: String,
+    database: &'static str,
+    leadership: Leadership,
+    progress: watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    let started_at = Utc::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut roles = leadership.watch();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = roles.changed() => {}
+            _ = stop.cancelled() => return,
+        }
+        let role = match leadership.role() {
+            Role::Leader { .. } => NodeRole::Leader,
+            Role::Standby => NodeRole::Standby,
+        };
+        let info = NodeInfo {
+            node: node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            role,
+            database: database.to_string(),
+            recorded_seq: *progress.borrow(),
+            started_at,
+            heartbeat_at: Utc::now(),
+        };
+        if let Ok(body) = serde_json::to_vec(&info) {
+            if let Err(e) = nodes.put(&node, body.into()).await {
+                tracing::debug!(error = %e, "presence update failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,845 @@
+//! The SQL view of the events stream: runs, attempts and log lines, written in batches by the
+//! recorder and read by the API. This is the only module that knows SQL.
+//!
+//! The schema is portable (SQLite now, Postgres through the same `sqlx::Any` pool): times are
+//! epoch milliseconds in BIGINT columns, booleans are 0/1, placeholders are `$n`. Every write
+//! is an idempotent upsert keyed by run, shard, attempt and log sequence, and the stream
+//! sequence of the last applied event is stored in the same transaction, so replaying the
+//! stream never duplicates a row and a crash never skips one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use krest_schemas::api::{AttemptStatus, AttemptView, LogView, RunDetail, RunStatus, RunSummary};
+use krest_schemas::{AttemptOutcome, LogLevel, RunEvent, Trigger};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL is not one Krest understands.
+    #[error("unsupported database URL `{0}`: use sqlite://PATH (created if missing)")]
+    BadUrl(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A row held something unreadable.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Database backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite file, one per node.
+    Sqlite,
+}
+
+impl Backend {
+    /// Name shown in node presence.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A connection pool with Krest's schema.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    job_group TEXT NOT NULL,
+    job_name TEXT NOT NULL,
+    app_name TEXT NOT NULL,
+    path TEXT,
+    job_type TEXT,
+    trigger_kind TEXT,
+    scheduled_at BIGINT,
+    dispatched_at BIGINT,
+    misfired BIGINT NOT NULL DEFAULT 0,
+    revision BIGINT,
+    args TEXT,
+    node TEXT,
+    shard_total BIGINT NOT NULL DEFAULT 1,
+    status TEXT NOT NULL DEFAULT 'PENDING',
+    shards_succeeded BIGINT NOT NULL DEFAULT 0,
+    shards_failed BIGINT NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    started_at BIGINT,
+    finished_at BIGINT,
+    output TEXT,
+    error TEXT
+);
+CREATE INDEX runs_by_job ON runs (job_group, job_name, scheduled_at);
+CREATE INDEX runs_by_time ON runs (scheduled_at);
+CREATE INDEX runs_by_status ON runs (status, scheduled_at);
+CREATE TABLE attempts (
+    run_id TEXT NOT NULL,
+    shard BIGINT NOT NULL,
+    attempt BIGINT NOT NULL,
+    worker TEXT,
+    started_at BIGINT,
+    finished_at BIGINT,
+    outcome TEXT,
+    will_retry BIGINT NOT NULL DEFAULT 0,
+    output TEXT,
+    error TEXT,
+    duration_ms BIGINT,
+    PRIMARY KEY (run_id, shard, attempt)
+);
+CREATE TABLE logs (
+    run_id TEXT NOT NULL,
+    shard BIGINT NOT NULL,
+    attempt BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    level TEXT NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (run_id, shard, attempt, seq)
+);
+CREATE TABLE recorder_cursor (
+    id BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL
+);
+INSERT INTO recorder_cursor (id, seq) VALUES (1, 0);
+"#,
+)];
+
+/// Rows per multi-row INSERT (well under every backend's bind-parameter limit).
+const ROWS_PER_INSERT: usize = 400;
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.and_then(|m| Utc.timestamp_millis_opt(m).single())
+}
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// A value bound into a query.
+#[derive(Debug, Clone)]
+enum Val {
+    I(Option<i64>),
+    S(Option<String>),
+}
+
+impl From<i64> for Val {
+    fn from(v: i64) -> Self {
+        Val::I(Some(v))
+    }
+}
+impl From<Option<i64>> for Val {
+    fn from(v: Option<i64>) -> Self {
+        Val::I(v)
+    }
+}
+impl From<String> for Val {
+    fn from(v: String) -> Self {
+        Val::S(Some(v))
+    }
+}
+impl From<&str> for Val {
+    fn from(v: &str) -> Self {
+        Val::S(Some(v.to_string()))
+    }
+}
+impl From<Option<String>> for Val {
+    fn from(v: Option<String>) -> Self {
+        Val::S(v)
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    vals: Vec<Val>,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    for v in vals {
+        q = match v {
+            Val::I(i) => q.bind(i),
+            Val::S(s) => q.bind(s),
+        };
+    }
+    q
+}
+
+/// `($1,$2,$3),($4,$5,$6)` for `rows` rows of `cols` columns.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5);
+    let mut n = 1;
+    for r in 0..rows {
+        if r > 0 {
+            s.push(',');
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push(',');
+            }
+            s.push('$');
+            s.push_str(&n.to_string());
+            n += 1;
+        }
+        s.push(')');
+    }
+    s
+}
+
+fn list_placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `(run, shard, attempt, seq)` of a log line.
+type LogKey = (String, i64, i64, i64);
+
+#[derive(Debug, Default, Clone)]
+struct RunRow {
+    job_group: String,
+    job_name: String,
+    app_name: String,
+    path: Option<String>,
+    job_type: Option<String>,
+    trigger: Option<String>,
+    scheduled_at: Option<i64>,
+    dispatched_at: Option<i64>,
+    misfired: Option<i64>,
+    revision: Option<i64>,
+    args: Option<String>,
+    node: Option<String>,
+    shard_total: i64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct AttemptRow {
+    worker: Option<String>,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    outcome: Option<String>,
+    will_retry: i64,
+    output: Option<String>,
+    error: Option<String>,
+    duration_ms: Option<i64>,
+}
+
+fn outcome_str(o: AttemptOutcome) -> &'static str {
+    match o {
+        AttemptOutcome::Succeeded => "SUCCEEDED",
+        AttemptOutcome::Failed => "FAILED",
+    }
+}
+
+fn enum_str<T: serde::Serialize>(v: &T) -> Option<String> {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
+impl Store {
+    /// Opens (creating if missing) the database at `url` and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = normalize_url(url)?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("PRAGMA busy_timeout = 5000")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA foreign_keys = ON")
+                                .execute(&mut *conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+        };
+        if backend == Backend::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS krest_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        let applied: HashSet<i64> = sqlx::query("SELECT version FROM krest_migrations")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()?;
+        for (version, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(stmt).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO krest_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(*version)
+                .bind(ms(Utc::now()))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, "applied database migration");
+        }
+        Ok(())
+    }
+
+    /// Stream sequence of the last event applied.
+    pub async fn cursor(&self) -> Result<u64, StoreError> {
+        let seq: i64 = sqlx::query("SELECT seq FROM recorder_cursor WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// Moves the cursor (used to replay the stream).
+    pub async fn set_cursor(&self, seq: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE recorder_cursor SET seq = $1 WHERE id = 1")
+            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Applies a batch of events, in stream order, in one transaction, and moves the cursor to
+    /// `last_seq`.
+    pub async fn apply(&self, events: &[RunEvent], last_seq: u64) -> Result<(), StoreError> {
+        let mut runs: BTreeMap<String, RunRow> = BTreeMap::new();
+        let mut attempts: BTreeMap<(String, i64, i64), AttemptRow> = BTreeMap::new();
+        let mut logs: BTreeMap<LogKey, (i64, String, String)> = BTreeMap::new();
+        for event in events {
+            match event {
+                RunEvent::Dispatched(d) => {
+                    let r = runs.entry(d.run_id.clone()).or_default();
+                    r.job_group = d.job_group.clone();
+                    r.job_name = d.job_name.clone();
+                    r.app_name = d.app_name.clone();
+                    r.path = Some(d.path.clone());
+                    r.job_type = enum_str(&d.job_type);
+                    r.trigger = Some(d.trigger.as_str().to_string());
+                    r.scheduled_at = Some(ms(d.scheduled_at));
+                    r.dispatched_at = Some(ms(d.dispatched_at));
+                    r.misfired = Some(i64::from(d.misfired));
+                    r.revision = i64::try_from(d.revision).ok();
+                    r.args = Some(d.args.to_string());
+                    r.node = Some(d.node.clone());
+                    r.shard_total = i64::from(d.shard_total);
+                }
+                RunEvent::Started(s) => {
+                    let r = runs.entry(s.run_id.clone()).or_default();
+                    r.job_group = s.job_group.clone();
+                    r.job_name = s.job_name.clone();
+                    r.app_name = s.app_name.clone();
+                    r.shard_total = i64::from(s.shard_total);
+                    r.scheduled_at = r.scheduled_at.or(s.scheduled_at.map(ms));
+                    let a = attempts
+                        .entry((s.run_id.clone(), i64::from(s.shard), i64::from(s.attempt)))
+                        .or_default();
+                    a.worker = Some(s.worker.clone());
+                    a.started_at = Some(ms(s.at));
+                }
+                RunEvent::Log(l) => {
+                    logs.insert(
+                        (
+                            l.run_id.clone(),
+                            i64::from(l.shard),
+                            i64::from(l.attempt),
+                            i64::from(l.seq),
+                        ),
+                        (ms(l.at), l.level.as_str().to_string(), l.line.clone()),
+                    );
+                }
+                RunEvent::Finished(f) => {
+                    let r = runs.entry(f.run_id.clone()).or_default();
+                    r.job_group = f.job_group.clone();
+                    r.job_name = f.job_name.clone();
+                    r.app_name = f.app_name.clone();
+                    r.shard_total = i64::from(f.shard_total);
+                    let a = attempts
+                        .entry((f.run_id.clone(), i64::from(f.shard), i64::from(f.attempt)))
+                        .or_default();
+                    a.worker = Some(f.worker.clone());
+                    a.finished_at = Some(ms(f.at));
+                    a.outcome = Some(outcome_str(f.outcome).to_string());
+                    a.will_retry = i64::from(f.will_retry);
+                    a.output = f.output.clone();
+                    a.error = f.error.clone();
+                    a.duration_ms = i64::try_from(f.duration_ms).ok();
+                }
+            }
+        }
+        let mut affected: HashSet<String> = runs.keys().cloned().collect();
+        affected.extend(attempts.keys().map(|k| k.0.clone()));
+
+        let mut tx = self.pool.begin().await?;
+        let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
+        for chunk in run_rows.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total) VALUES {} \
+                 ON CONFLICT (run_id) DO UPDATE SET \
+                 path = COALESCE(excluded.path, runs.path), \
+                 job_type = COALESCE(excluded.job_type, runs.job_type), \
+                 trigger_kind = COALESCE(excluded.trigger_kind, runs.trigger_kind), \
+                 scheduled_at = COALESCE(excluded.scheduled_at, runs.scheduled_at), \
+                 dispatched_at = COALESCE(excluded.dispatched_at, runs.dispatched_at), \
+                 misfired = CASE WHEN excluded.dispatched_at IS NOT NULL THEN excluded.misfired ELSE runs.misfired END, \
+                 revision = COALESCE(excluded.revision, runs.revision), \
+                 args = COALESCE(excluded.args, runs.args), \
+                 node = COALESCE(excluded.node, runs.node), \
+                 shard_total = excluded.shard_total",
+                placeholders(chunk.len(), 14)
+            );
+            let mut vals = Vec::with_capacity(chunk.len() * 14);
+            for (id, r) in chunk {
+                vals.extend([
+                    Val::from(id.clone()),
+                    r.job_group.clone().into(),
+                    r.job_name.clone().into(),
+                    r.app_name.clone().into(),
+                    r.path.clone().into(),
+                    r.job_type.clone().into(),
+                    r.trigger.clone().into(),
+                    r.scheduled_at.into(),
+                    r.dispatched_at.into(),
+                    r.misfired.unwrap_or(0).into(),
+                    r.revision.into(),
+                    r.args.clone().into(),
+                    r.node.clone().into(),
+                    r.shard_total.into(),
+                ]);
+            }
+            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+        }
+        let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
+        for chunk in attempt_rows.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms) VALUES {} \
+                 ON CONFLICT (run_id, shard, attempt) DO UPDATE SET \
+                 worker = COALESCE(excluded.worker, attempts.worker), \
+                 started_at = COALESCE(attempts.started_at, excluded.started_at), \
+                 finished_at = COALESCE(excluded.finished_at, attempts.finished_at), \
+                 outcome = COALESCE(excluded.outcome, attempts.outcome), \
+                 will_retry = CASE WHEN excluded.finished_at IS NOT NULL THEN excluded.will_retry ELSE attempts.will_retry END, \
+                 output = COALESCE(excluded.output, attempts.output), \
+                 error = COALESCE(excluded.error, attempts.error), \
+                 duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms)",
+                placeholders(chunk.len(), 11)
+            );
+            let mut vals = Vec::with_capacity(chunk.len() * 11);
+            for ((run, shard, attempt), a) in chunk {
+                vals.extend([
+                    Val::from(run.clone()),
+                    (*shard).into(),
+                    (*attempt).into(),
+                    a.worker.clone().into(),
+                    a.started_at.into(),
+                    a.finished_at.into(),
+                    a.outcome.clone().into(),
+                    a.will_retry.into(),
+                    a.output.clone().into(),
+                    a.error.clone().into(),
+                    a.duration_ms.into(),
+                ]);
+            }
+            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+        }
+        let log_rows: Vec<_> = logs.into_iter().collect();
+        for chunk in log_rows.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO logs (run_id, shard, attempt, seq, at, level, line) VALUES {} ON CONFLICT DO NOTHING",
+                placeholders(chunk.len(), 7)
+            );
+            let mut vals = Vec::with_capacity(chunk.len() * 7);
+            for ((run, shard, attempt, seq), (at, level, line)) in chunk {
+                vals.extend([
+                    Val::from(run.clone()),
+                    (*shard).into(),
+                    (*attempt).into(),
+                    (*seq).into(),
+                    (*at).into(),
+                    level.clone().into(),
+                    line.clone().into(),
+                ]);
+            }
+            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+        }
+        let affected: Vec<String> = affected.into_iter().collect();
+        for chunk in affected.chunks(ROWS_PER_INSERT) {
+            summarize(&mut tx, chunk).await?;
+        }
+        sqlx::query("UPDATE recorder_cursor SET seq = $1 WHERE id = 1")
+            .bind(i64::try_from(last_seq).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs matching the filter, newest first.
+    pub async fn list_runs(
+        &self,
+        job: Option<(&str, Option<&str>)>,
+        status: Option<RunStatus>,
+        limit: u32,
+    ) -> Result<Vec<RunSummary>, StoreError> {
+        let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
+        let mut vals: Vec<Val> = Vec::new();
+        if let Some((name, group)) = job {
+            vals.push(name.into());
+            sql.push_str(&format!(" AND job_name = ${}", vals.len()));
+            if let Some(group) = group {
+                vals.push(group.into());
+                sql.push_str(&format!(" AND job_group = ${}", vals.len()));
+            }
+        }
+        if let Some(status) = status {
+            vals.push(status.as_str().into());
+            sql.push_str(&format!(" AND status = ${}", vals.len()));
+        }
+        vals.push(i64::from(limit).into());
+        sql.push_str(&format!(
+            " ORDER BY scheduled_at DESC, run_id DESC LIMIT ${}",
+            vals.len()
+        ));
+        let rows = bind_all(sqlx::query(&sql), vals)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(run_summary).collect()
+    }
+
+    /// One run with its attempts and log lines.
+    pub async fn get_run(&self, run_id: &str) -> Result<Option<RunDetail>, StoreError> {
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS}, args FROM runs WHERE run_id = $1"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let run = run_summary(&row)?;
+        let args = row
+            .try_get::<Option<String>, _>("args")?
+            .and_then(|s| serde_json::from_str(&s).ok());
+        let mut logs: HashMap<(i64, i64), Vec<LogView>> = HashMap::new();
+        for r in sqlx::query("SELECT shard, attempt, seq, at, level, line FROM logs WHERE run_id = $1 ORDER BY shard, attempt, seq")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let level: String = r.try_get("level")?;
+            logs.entry((r.try_get("shard")?, r.try_get("attempt")?))
+                .or_default()
+                .push(LogView {
+                    seq: u32_of(r.try_get("seq")?),
+                    at: from_ms(Some(r.try_get("at")?)).unwrap_or_default(),
+                    level: parse_enum(&level).unwrap_or(LogLevel::Info),
+                    line: r.try_get("line")?,
+                });
+        }
+        let mut attempts = Vec::new();
+        for r in sqlx::query("SELECT shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id = $1 ORDER BY shard, attempt")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let shard: i64 = r.try_get("shard")?;
+            let attempt: i64 = r.try_get("attempt")?;
+            let outcome: Option<String> = r.try_get("outcome")?;
+            let status = match outcome.as_deref().and_then(parse_enum::<AttemptOutcome>) {
+                Some(o) => AttemptStatus::from(o),
+                None => AttemptStatus::Running,
+            };
+            attempts.push(AttemptView {
+                shard: u32_of(shard),
+                attempt: u32_of(attempt),
+                status,
+                will_retry: r.try_get::<i64, _>("will_retry")? != 0,
+                worker: r.try_get("worker")?,
+                started_at: from_ms(r.try_get("started_at")?),
+                finished_at: from_ms(r.try_get("finished_at")?),
+                output: r.try_get("output")?,
+                error: r.try_get("error")?,
+                logs: logs.remove(&(shard, attempt)).unwrap_or_default(),
+            });
+        }
+        Ok(Some(RunDetail {
+            run,
+            args,
+            attempts,
+        }))
+    }
+
+    /// Number of rows in each table (for tests and diagnostics).
+    pub async fn counts(&self) -> Result<(i64, i64, i64), StoreError> {
+        let one = |sql: &'static str| async move {
+            sqlx::query(sql)
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get::<i64, _>(0))
+        };
+        Ok((
+            one("SELECT COUNT(*) FROM runs").await?,
+            one("SELECT COUNT(*) FROM attempts").await?,
+            one("SELECT COUNT(*) FROM logs").await?,
+        ))
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error";
+
+fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
+    let status: String = r.try_get("status")?;
+    let trigger: Option<String> = r.try_get("trigger_kind")?;
+    Ok(RunSummary {
+        run_id: r.try_get("run_id")?,
+        job_group: r.try_get("job_group")?,
+        job_name: r.try_get("job_name")?,
+        app_name: r.try_get("app_name")?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown run status `{status}`")))?,
+        trigger: trigger.as_deref().and_then(parse_enum::<Trigger>),
+        scheduled_at: from_ms(r.try_get("scheduled_at")?),
+        dispatched_at: from_ms(r.try_get("dispatched_at")?),
+        started_at: from_ms(r.try_get("started_at")?),
+        finished_at: from_ms(r.try_get("finished_at")?),
+        shard_total: u32_of(r.try_get("shard_total")?),
+        shards_succeeded: u32_of(r.try_get("shards_succeeded")?),
+        shards_failed: u32_of(r.try_get("shards_failed")?),
+        attempts: u32_of(r.try_get("attempts")?),
+        misfired: u32_of(r.try_get("misfired")?),
+        output: r.try_get("output")?,
+        error: r.try_get("error")?,
+    })
+}
+
+/// Recomputes status and counters of `run_ids` from their attempts.
+async fn summarize(
+    tx: &mut sqlx::Transaction<'_, Any>,
+    run_ids: &[String],
+) -> Result<(), StoreError> {
+    let list = list_placeholders(run_ids.len());
+    let vals: Vec<Val> = run_ids.iter().map(|s| Val::from(s.clone())).collect();
+    let totals: HashMap<String, i64> = bind_all(
+        sqlx::query(&format!(
+            "SELECT run_id, shard_total FROM runs WHERE run_id IN ({list})"
+        )),
+        vals.clone(),
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+    .collect::<Result<_, sqlx::Error>>()?;
+
+    #[derive(Default)]
+    struct Shard {
+        succeeded: bool,
+        latest: i64,
+        latest_failed_final: bool,
+        started: bool,
+    }
+    #[derive(Default)]
+    struct Acc {
+        shards: HashMap<i64, Shard>,
+        max_attempt: i64,
+        first_start: Option<i64>,
+        last_finish: Option<i64>,
+        output: Option<String>,
+        error: Option<(i64, String)>,
+    }
+    let mut accs: HashMap<String, Acc> = HashMap::new();
+    let rows = bind_all(
+        sqlx::query(&format!(
+            "SELECT run_id, shard, attempt, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id IN ({list}) ORDER BY run_id, shard, attempt"
+        )),
+        vals,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in &rows {
+        let run: String = r.try_get("run_id")?;
+        let shard: i64 = r.try_get("shard")?;
+        let attempt: i64 = r.try_get("attempt")?;
+        let started: Option<i64> = r.try_get("started_at")?;
+        let finished: Option<i64> = r.try_get("finished_at")?;
+        let outcome: Option<String> = r.try_get("outcome")?;
+        let will_retry = r.try_get::<i64, _>("will_retry")? != 0;
+        let acc = accs.entry(run).or_default();
+        acc.max_attempt = acc.max_attempt.max(attempt);
+        if let Some(s) = started {
+            acc.first_start = Some(acc.first_start.map_or(s, |f| f.min(s)));
+        }
+        if let Some(f) = finished {
+            acc.last_finish = Some(acc.last_finish.map_or(f, |l| l.max(f)));
+        }
+        let sh = acc.shards.entry(shard).or_default();
+        sh.started = true;
+        match outcome.as_deref() {
+            Some("SUCCEEDED") => {
+                sh.succeeded = true;
+                if let Some(o) = r.try_get::<Option<String>, _>("output")? {
+                    acc.output = Some(o);
+                }
+            }
+            Some("FAILED") => {
+                if let Some(e) = r.try_get::<Option<String>, _>("error")? {
+                    if acc
+                        .error
+                        .as_ref()
+                        .is_none_or(|(at, _)| finished.unwrap_or(0) >= *at)
+                    {
+                        acc.error = Some((finished.unwrap_or(0), e));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if attempt >= sh.latest {
+            sh.latest = attempt;
+            sh.latest_failed_final = outcome.as_deref() == Some("FAILED") && !will_retry;
+        }
+    }
+    for run_id in run_ids {
+        let total = totals.get(run_id).copied().unwrap_or(1).max(1);
+        let acc = accs.remove(run_id).unwrap_or_default();
+        let succeeded = acc.shards.values().filter(|s| s.succeeded).count() as i64;
+        let failed = acc
+            .shards
+            .values()
+            .filter(|s| !s.succeeded && s.latest_failed_final)
+            .count() as i64;
+        let status = if succeeded >= total {
+            RunStatus::Succeeded
+        } else if failed > 0 && succeeded + failed >= total {
+            RunStatus::Failed
+        } else if acc.shards.values().any(|s| s.started) {
+            RunStatus::Running
+        } else {
+            RunStatus::Pending
+        };
+        let finished_at = if status.is_final() {
+            acc.last_finish
+        } else {
+            None
+        };
+        sqlx::query(
+            "UPDATE runs SET status = $1, shards_succeeded = $2, shards_failed = $3, attempts = $4, started_at = $5, finished_at = $6, output = $7, error = $8 WHERE run_id = $9",
+        )
+        .bind(status.as_str())
+        .bind(succeeded)
+        .bind(failed)
+        .bind(acc.max_attempt)
+        .bind(acc.first_start)
+        .bind(finished_at)
+        .bind(acc.output)
+        .bind(acc.error.map(|(_, e)| e))
+        .bind(run_id.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Accepts `sqlite://PATH`, `sqlite:PATH` or a bare path ending in `.db`/`.sqlite`; SQLite
+/// files are created if missing.
+fn normalize_url(url: &str) -> Result<(Backend, String), StoreError> {
+    let path = if let Some(rest) = url.strip_prefix("sqlite://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("sqlite:") {
+        rest
+    } else if !url.contains("://") && !url.is_empty() {
+        url
+    } else {
+        return Err(StoreError::BadUrl(url.to_string()));
+    };
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    if path.is_empty() {
+        return Err(StoreError::BadUrl(url.to_string()));
+    }
+    let mut params: Vec<String> = query
+        .map(|q| q.split('&').map(str::to_string).collect())
+        .unwrap_or_default();
+    if !params.iter().any(|p| p.starts_with("mode=")) {
+        params.push("mode=rwc".to_string());
+    }
+    // Validate early with the real parser for a clear error.
+    let normalized = format!("sqlite://{path}?{}", params.join("&"));
+    sqlx::sqlite::SqliteConnectOptions::from_str(&normalized)
+        .map_err(|_| StoreError::BadUrl(url.to_string()))?;
+    Ok((Backend::Sqlite, normalized))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            normalize_url("sqlite://krest.db").unwrap().1,
+            "sqlite://krest.db?mode=rwc"
+        );
+        assert_eq!(
+            normalize_url("/tmp/x.db").unwrap().1,
+            "sqlite:///tmp/x.db?mode=rwc"
+        );
+        assert!(normalize_url("mysql://x").is_err());
+        assert_eq!(placeholders(2, 2), "($1,$2),($3,$4)");
+    }
+}

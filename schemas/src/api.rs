@@ -1,0 +1,468 @@
+//! The request/reply API between clients (`krest` CLI, web page, scripts) and scheduler nodes.
+//!
+//! Each operation is a NATS request on `krest.api.<op>` ([`Op::subject`]) with a JSON body; the
+//! reply is an [`ApiReply`]. Every scheduler node answers (queue group `krest-api`), so a
+//! client needs nothing but a NATS connection.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::job::{JobSpec, Problem};
+use crate::messages::{AttemptOutcome, LeaderLease, LogLevel, NodeInfo, Trigger, WorkerInfo};
+use crate::names::api_subject;
+
+/// API operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// [`ApplyRequest`] → [`ApplyResponse`]
+    JobApply,
+    /// [`JobListRequest`] → `Vec<JobView>`
+    JobList,
+    /// [`JobRequest`] → [`JobView`]
+    JobGet,
+    /// [`JobRequest`] → [`JobView`]
+    JobPause,
+    /// [`JobRequest`] → [`JobView`]
+    JobResume,
+    /// [`JobRequest`] → [`JobView`] (the deleted job)
+    JobDelete,
+    /// [`TriggerRequest`] → [`TriggerResponse`]
+    JobTrigger,
+    /// [`RunsListRequest`] → `Vec<RunSummary>`
+    RunsList,
+    /// [`RunRequest`] → [`RunDetail`]
+    RunsGet,
+    /// `{}` → `Vec<WorkerInfo>`
+    WorkersList,
+    /// `{}` → [`ClusterStatus`]
+    ClusterStatus,
+}
+
+impl Op {
+    /// Every operation.
+    pub const ALL: [Op; 11] = [
+        Op::JobApply,
+        Op::JobList,
+        Op::JobGet,
+        Op::JobPause,
+        Op::JobResume,
+        Op::JobDelete,
+        Op::JobTrigger,
+        Op::RunsList,
+        Op::RunsGet,
+        Op::WorkersList,
+        Op::ClusterStatus,
+    ];
+
+    /// The operation's name, e.g. `job.apply`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::JobApply => "job.apply",
+            Op::JobList => "job.list",
+            Op::JobGet => "job.get",
+            Op::JobPause => "job.pause",
+            Op::JobResume => "job.resume",
+            Op::JobDelete => "job.delete",
+            Op::JobTrigger => "job.trigger",
+            Op::RunsList => "runs.list",
+            Op::RunsGet => "runs.get",
+            Op::WorkersList => "workers.list",
+            Op::ClusterStatus => "cluster.status",
+        }
+    }
+
+    /// The operation for a name, the inverse of [`Op::name`].
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// The NATS subject the operation is requested on.
+    pub fn subject(self) -> String {
+        api_subject(self.name())
+    }
+}
+
+/// The reply to every API request: `{"ok":true,"result":…}` or `{"ok":false,"error":…}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiReply {
+    /// Whether the operation succeeded.
+    pub ok: bool,
+    /// The operation's result, when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// What went wrong, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+/// Machine-readable error kinds of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request body is not what the operation takes.
+    BadRequest,
+    /// One or more job definitions are invalid; nothing was written.
+    InvalidJob,
+    /// The named job or run does not exist.
+    NotFound,
+    /// A job name matches jobs in several groups: qualify it as `group.name`.
+    Ambiguous,
+    /// The node failed (NATS or database error); retrying may help.
+    Internal,
+}
+
+/// An API error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    /// The kind.
+    pub code: ErrorCode,
+    /// A sentence for humans.
+    pub message: String,
+    /// For `invalid_job`: each invalid document with its problems.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invalid: Vec<InvalidDocument>,
+}
+
+/// One rejected document of an apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InvalidDocument {
+    /// 0-based position of the document in the request.
+    pub index: usize,
+    /// `group.name`, when the document got far enough to tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// What is wrong with it.
+    pub problems: Vec<Problem>,
+}
+
+/// `job.apply`: create or update job definitions. All are validated first; if any is invalid,
+/// none is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyRequest {
+    /// The definitions, as written by the user.
+    pub documents: Vec<Value>,
+}
+
+/// What `job.apply` did with one definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ApplyOutcome {
+    /// A new job.
+    Created,
+    /// A new revision of an existing job.
+    Updated,
+    /// Identical to the current revision; nothing written.
+    Unchanged,
+}
+
+/// Result of `job.apply`, one entry per document in request order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResponse {
+    /// One per document.
+    pub results: Vec<ApplyResult>,
+}
+
+/// What happened to one applied document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    /// `group.name`.
+    pub job: String,
+    /// Created, updated or unchanged.
+    pub outcome: ApplyOutcome,
+    /// The job's revision after the apply.
+    pub revision: u64,
+}
+
+/// `job.list` filter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobListRequest {
+    /// Only jobs of this app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// Only jobs of this group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// Names one job: `group.name`, or a bare name when it is unique across groups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRequest {
+    /// `group.name` or `name`.
+    pub job: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    /// `group.name`.
+    pub key: String,
+    /// The definition (normalized).
+    pub spec: JobSpec,
+    /// Revision in the jobs bucket.
+    pub revision: u64,
+    /// When first applied.
+    pub created_at: DateTime<Utc>,
+    /// When this revision was applied.
+    pub updated_at: DateTime<Utc>,
+    /// Next scheduled fire, if running and scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_fire_at: Option<DateTime<Utc>>,
+}
+
+/// `job.trigger`: run a job now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerRequest {
+    /// `group.name` or `name`.
+    pub job: String,
+    /// Replaces the job's `args` for this run (for SHARDING jobs: an array, or a string
+    /// holding one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+}
+
+/// Result of `job.trigger`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerResponse {
+    /// The new run.
+    pub run_id: String,
+    /// Number of shards published.
+    pub shard_total: u32,
+}
+
+/// Status of a run (and of each of its shards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    /// Published, no attempt started yet.
+    Pending,
+    /// An attempt is executing (or a failed attempt waits for its retry).
+    Running,
+    /// Every shard succeeded.
+    Succeeded,
+    /// A shard failed with no retries left.
+    Failed,
+}
+
+impl RunStatus {
+    /// The canonical name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Pending => "PENDING",
+            RunStatus::Running => "RUNNING",
+            RunStatus::Succeeded => "SUCCEEDED",
+            RunStatus::Failed => "FAILED",
+        }
+    }
+
+    /// Parses the canonical name, case-insensitively.
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        [
+            RunStatus::Pending,
+            RunStatus::Running,
+            RunStatus::Succeeded,
+            RunStatus::Failed,
+        ]
+        .into_iter()
+        .find(|st| st.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// True for statuses a run never leaves.
+    pub fn is_final(self) -> bool {
+        matches!(self, RunStatus::Succeeded | RunStatus::Failed)
+    }
+}
+
+/// `runs.list` filter; newest runs first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunsListRequest {
+    /// Only runs of this job (`group.name` or a unique `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Only runs in this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RunStatus>,
+    /// At most this many (default 20, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One run, summarized.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    /// The run.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app.
+    pub app_name: String,
+    /// Status.
+    pub status: RunStatus,
+    /// Why it exists (unknown until the dispatch event is recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
+    /// The fire time it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// When it was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// When its first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Number of shards.
+    pub shard_total: u32,
+    /// Shards that succeeded.
+    pub shards_succeeded: u32,
+    /// Shards that failed for good.
+    pub shards_failed: u32,
+    /// Most attempts any shard made.
+    pub attempts: u32,
+    /// Misfired fire times this run stands in for.
+    pub misfired: u32,
+    /// Output of the last successful attempt (unsharded runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `runs.get`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRequest {
+    /// The run id.
+    pub run_id: String,
+}
+
+/// One run with its shards, attempts and log lines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunDetail {
+    /// The summary.
+    pub run: RunSummary,
+    /// The job's arguments as dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// Every attempt of every shard, by shard then attempt.
+    pub attempts: Vec<AttemptView>,
+}
+
+/// Status of one attempt as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttemptStatus {
+    /// Started, not finished.
+    Running,
+    /// Succeeded.
+    Succeeded,
+    /// Failed; `willRetry` tells whether another attempt follows.
+    Failed,
+}
+
+impl From<AttemptOutcome> for AttemptStatus {
+    fn from(o: AttemptOutcome) -> Self {
+        match o {
+            AttemptOutcome::Succeeded => AttemptStatus::Succeeded,
+            AttemptOutcome::Failed => AttemptStatus::Failed,
+        }
+    }
+}
+
+/// One attempt of one shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptView {
+    /// Shard index.
+    pub shard: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Status.
+    pub status: AttemptStatus,
+    /// Whether a retry follows a failure.
+    pub will_retry: bool,
+    /// Worker instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Start time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// End time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Output on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Error on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Log lines in order.
+    pub logs: Vec<LogView>,
+}
+
+/// A log line of an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogView {
+    /// Position within the attempt.
+    pub seq: u32,
+    /// When logged.
+    pub at: DateTime<Utc>,
+    /// Severity.
+    pub level: LogLevel,
+    /// Text.
+    pub line: String,
+}
+
+/// Result of `cluster.status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// The current lease holder, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderView>,
+    /// Live nodes.
+    pub nodes: Vec<NodeInfo>,
+    /// Version of the nats-server answering.
+    pub nats_server: String,
+}
+
+/// The leader lease as the API shows it.
+pub type LeaderView = LeaderLease;
+
+/// Worker listing (`workers.list`).
+pub type WorkersList = Vec<WorkerInfo>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_names_round_trip() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_name(op.name()), Some(op));
+            assert!(op.subject().starts_with("krest.api."));
+        }
+        assert_eq!(Op::from_name("nope"), None);
+    }
+}

@@ -1,0 +1,629 @@
+//! Job definitions: the document users write (a superset of Krest-Job's JSON), its parsing with
+//! field-precise errors, and its validation.
+
+use std::fmt;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::cron::{parse_time_zone, CronSchedule};
+use crate::names::{is_token, job_key, MAX_TOKEN_LEN};
+
+/// Most retries a job may ask for (`retryTimes`); a run makes at most `retryTimes + 1` attempts.
+pub const MAX_RETRY_TIMES: u32 = 20;
+/// Most shards a SHARDING job may have.
+pub const MAX_SHARDS: usize = 1000;
+/// Largest `args`, serialized, in bytes (messages must stay well under NATS's 1 MiB payload).
+pub const MAX_ARGS_BYTES: usize = 64 * 1024;
+/// Longest handler `path`.
+pub const MAX_PATH_LEN: usize = 256;
+
+/// A job definition, as applied with `krest job apply` and stored in the jobs bucket.
+///
+/// Field names are camelCase, as in Krest-Job. Unknown fields are rejected by [`parse_job`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    /// The app whose workers run this job (a worker's app name). Letters, digits, `-`, `_`.
+    pub app_name: String,
+    /// Group of the job; with `jobName` it identifies the job. Letters, digits, `-`, `_`.
+    #[serde(default = "default_group")]
+    pub job_group: String,
+    /// Name of the job, unique within its group. Letters, digits, `-`, `_`.
+    pub job_name: String,
+    /// NORMAL (one execution per fire) or SHARDING (one execution per element of `args`).
+    #[serde(default)]
+    pub job_type: JobType,
+    /// Arguments handed to the handler: any JSON value. For SHARDING jobs a JSON array (one
+    /// shard per element), or a string holding one (Krest-Job's form), normalized to an array.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub args: Value,
+    /// When the job fires: Quartz cron with seconds (`0/5 * * * * ?`) or 5-field cron. Absent:
+    /// the job only runs when triggered by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// IANA time zone the cron expression is evaluated in.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+    /// How runs are spread over the app's workers.
+    #[serde(default)]
+    pub load_balance_type: LoadBalance,
+    /// HTTP method, for jobs that call an HTTP endpoint (kept from Krest-Job).
+    #[serde(default)]
+    pub method_type: MethodType,
+    /// The handler that runs the job (Krest-Job's `path`): workers register handlers by this name.
+    pub path: String,
+    /// Whether the job is scheduled (false = paused).
+    #[serde(default = "default_true")]
+    pub running: bool,
+    /// Retries after a failed attempt; a run makes at most `retryTimes + 1` attempts.
+    #[serde(default)]
+    pub retry_times: i64,
+    /// Free-form id carried over from Krest-Job documents (not used for identity).
+    #[serde(
+        default,
+        deserialize_with = "string_or_number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub id: Option<String>,
+    /// Creation time as given by the author (`yyyy-MM-dd HH:mm:ss` or RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<String>,
+    /// Free text shown in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+fn default_group() -> String {
+    "default".to_string()
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(serde_json::Number),
+    }
+    Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    }))
+}
+
+/// What one fire of a job produces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobType {
+    /// One execution per fire.
+    #[default]
+    Normal,
+    /// One execution per element of `args`, spread over the app's workers by weight.
+    Sharding,
+}
+
+/// How runs are spread over an app's workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalance {
+    /// The app's shared consumer group: an idle instance takes the next run, each instance
+    /// holding at most `weight × slots` runs at once.
+    #[default]
+    Queue,
+    /// Weighted round robin (Krest-Job's `WEIGHTROUNDRIBBON` is accepted as an alias).
+    #[serde(alias = "WEIGHTROUNDRIBBON", alias = "WEIGHT_ROUND_RIBBON")]
+    WeightRoundRobin,
+    /// A random live instance.
+    Random,
+    /// Live instances in turn.
+    RoundRobin,
+    /// The instance with the fewest runs in flight per unit of weight.
+    LeastBusy,
+    /// The same args go to the same instance while it lives.
+    ConsistentHash,
+    /// The first healthy instance in a stable order.
+    Failover,
+}
+
+impl LoadBalance {
+    /// Strategies this version dispatches. The others parse (so documents are portable) but
+    /// are rejected by validation until they are implemented.
+    pub const SUPPORTED: [LoadBalance; 2] = [LoadBalance::Queue, LoadBalance::WeightRoundRobin];
+
+    /// The canonical name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalance::Queue => "QUEUE",
+            LoadBalance::WeightRoundRobin => "WEIGHT_ROUND_ROBIN",
+            LoadBalance::Random => "RANDOM",
+            LoadBalance::RoundRobin => "ROUND_ROBIN",
+            LoadBalance::LeastBusy => "LEAST_BUSY",
+            LoadBalance::ConsistentHash => "CONSISTENT_HASH",
+            LoadBalance::Failover => "FAILOVER",
+        }
+    }
+}
+
+/// HTTP method of jobs that call an HTTP endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+#[allow(missing_docs)]
+pub enum MethodType {
+    Get,
+    #[default]
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Head,
+}
+
+/// One thing wrong with a job definition: the field (camelCase, as written) and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Problem {
+    /// The offending field, or `""` for the document as a whole.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// A definition that could not be accepted, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidJob {
+    /// `group.name` when the document got far enough to tell, else `None`.
+    pub job: Option<String>,
+    /// Everything wrong with it, in field order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for InvalidJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.job {
+            Some(job) => write!(f, "job {job} is invalid: ")?,
+            None => f.write_str("job definition is invalid: ")?,
+        }
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+fn problem(field: &str, message: impl Into<String>) -> Problem {
+    Problem {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Parses one JSON document into a [`JobSpec`] with errors that name the field, then validates
+/// and normalizes it ([`JobSpec::validate`]).
+pub fn parse_job(doc: &Value) -> Result<JobSpec, InvalidJob> {
+    let name_hint = || {
+        let group = doc
+            .get("jobGroup")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        doc.get("jobName")
+            .and_then(Value::as_str)
+            .map(|n| job_key(group, n))
+    };
+    if !doc.is_object() {
+        return Err(InvalidJob {
+            job: None,
+            problems: vec![problem(
+                "",
+                format!(
+                    "a job definition must be a JSON object, found {}",
+                    json_kind(doc)
+                ),
+            )],
+        });
+    }
+    let spec: JobSpec = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        let message = e.into_inner().to_string();
+        InvalidJob {
+            job: name_hint(),
+            problems: vec![problem(&field, message)],
+        }
+    })?;
+    spec.validate()
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses a `createTime` in Krest-Job's `yyyy-MM-dd HH:mm:ss` (taken as UTC) or RFC 3339.
+pub fn parse_create_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+                .ok()
+                .map(|n| n.and_utc())
+        })
+}
+
+impl JobSpec {
+    /// `group.name`: the job's key in the jobs and state buckets.
+    pub fn key(&self) -> String {
+        job_key(&self.job_group, &self.job_name)
+    }
+
+    /// Checks every field and returns the normalized definition (SHARDING args as an array,
+    /// `WEIGHTROUNDRIBBON` as `WEIGHT_ROUND_ROBIN`), or every problem found.
+    pub fn validate(mut self) -> Result<JobSpec, InvalidJob> {
+        let mut problems = Vec::new();
+        for (field, value) in [
+            ("appName", &self.app_name),
+            ("jobGroup", &self.job_group),
+            ("jobName", &self.job_name),
+        ] {
+            if !is_token(value) {
+                problems.push(problem(
+                    field,
+                    format!(
+                        "`{value}` is not a valid name: use 1 to {MAX_TOKEN_LEN} letters, digits, `-` or `_` (it becomes part of NATS subjects)"
+                    ),
+                ));
+            }
+        }
+        if self.path.trim().is_empty() {
+            problems.push(problem(
+                "path",
+                "is empty: name the handler that runs this job, e.g. `service/demo-krestjob-post`",
+            ));
+        } else if self.path.len() > MAX_PATH_LEN
+            || self
+                .path
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            problems.push(problem(
+                "path",
+                format!("must be at most {MAX_PATH_LEN} characters without spaces or control characters"),
+            ));
+        }
+        let tz = match parse_time_zone(&self.time_zone) {
+            Ok(tz) => Some(tz),
+            Err(e) => {
+                problems.push(problem("timeZone", e));
+                None
+            }
+        };
+        if let (Some(expr), Some(tz)) = (&self.cron, tz) {
+            if let Err(e) = CronSchedule::new(expr, tz) {
+                problems.push(problem("cron", e.to_string()));
+            }
+        }
+        if !(0..=i64::from(MAX_RETRY_TIMES)).contains(&self.retry_times) {
+            problems.push(problem(
+                "retryTimes",
+                format!(
+                    "{} is out of range: use 0 to {MAX_RETRY_TIMES}",
+                    self.retry_times
+                ),
+            ));
+        }
+        if !LoadBalance::SUPPORTED.contains(&self.load_balance_type) {
+            problems.push(problem(
+                "loadBalanceType",
+                format!(
+                    "{} is not supported by this version yet: use QUEUE or WEIGHT_ROUND_ROBIN",
+                    self.load_balance_type.as_str()
+                ),
+            ));
+        }
+        if let Some(ct) = &self.create_time {
+            if parse_create_time(ct).is_none() {
+                problems.push(problem(
+                    "createTime",
+                    format!("`{ct}` is not a time: use `yyyy-MM-dd HH:mm:ss` or RFC 3339"),
+                ));
+            }
+        }
+        if self.job_type == JobType::Sharding {
+            match sharding_items(&self.args) {
+                Ok(items) => self.args = Value::Array(items),
+                Err(msg) => problems.push(problem("args", msg)),
+            }
+        }
+        match serde_json::to_vec(&self.args) {
+            Ok(bytes) if bytes.len() > MAX_ARGS_BYTES => problems.push(problem(
+                "args",
+                format!(
+                    "is {} bytes; the limit is {MAX_ARGS_BYTES}: pass a reference (an id, a URL) instead of the data",
+                    bytes.len()
+                ),
+            )),
+            _ => {}
+        }
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(InvalidJob {
+                job: Some(self.key()),
+                problems,
+            })
+        }
+    }
+
+    /// The shards of one fire: `[None]` for NORMAL jobs, one `Some(item)` per element of `args`
+    /// for SHARDING jobs. Call on a validated spec.
+    pub fn shard_items(&self) -> Vec<Option<Value>> {
+        match (self.job_type, &self.args) {
+            (JobType::Sharding, Value::Array(items)) => items.iter().cloned().map(Some).collect(),
+            _ => vec![None],
+        }
+    }
+
+    /// The cron schedule, if the job has one. Call on a validated spec.
+    pub fn schedule(&self) -> Option<Result<CronSchedule, String>> {
+        let expr = self.cron.as_deref()?;
+        Some(
+            parse_time_zone(&self.time_zone)
+                .and_then(|tz| CronSchedule::new(expr, tz).map_err(|e| e.to_string())),
+        )
+    }
+}
+
+fn sharding_items(args: &Value) -> Result<Vec<Value>, String> {
+    let items = match args {
+        Value::Array(items) => items.clone(),
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Array(items)) => items,
+            _ => {
+                return Err(format!(
+                    "a SHARDING job needs a JSON array (one shard per element), or a string holding one such as \"[\\\"1\\\",\\\"2\\\"]\"; got the string `{s}`"
+                ))
+            }
+        },
+        other => {
+            return Err(format!(
+                "a SHARDING job needs a JSON array (one shard per element); got {}",
+                json_kind(other)
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err("a SHARDING job needs at least one shard: args is an empty array".into());
+    }
+    if items.len() > MAX_SHARDS {
+        return Err(format!(
+            "has {} shards; the limit is {MAX_SHARDS}",
+            items.len()
+        ));
+    }
+    Ok(items)
+}
+
+/// A job definition as stored in the jobs bucket: the spec plus what the scheduler keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredJob {
+    /// The validated, normalized definition.
+    pub spec: JobSpec,
+    /// When the job was first applied.
+    pub created_at: DateTime<Utc>,
+    /// When this revision was applied (a pause or resume is a revision too). Fires before it
+    /// are never caught up.
+    pub updated_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn seed_sharding() -> Value {
+        json!({
+            "appName": "demo-spring-krest-job",
+            "createTime": "2022-07-03 16:49:47",
+            "id": "1543439397951193088",
+            "jobGroup": "default-jobGroup",
+            "jobName": "demo-job2",
+            "jobType": "SHARDING",
+            "args": "[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\"]",
+            "cron": "0/5 * * * * ?",
+            "loadBalanceType": "WEIGHTROUNDRIBBON",
+            "methodType": "POST",
+            "path": "service/demo-krestjob/sharding",
+            "running": true,
+            "retryTimes": 3
+        })
+    }
+
+    #[test]
+    fn seed_sharding_document_parses_and_normalizes() {
+        let spec = parse_job(&seed_sharding()).unwrap();
+        assert_eq!(spec.key(), "default-jobGroup.demo-job2");
+        assert_eq!(spec.load_balance_type, LoadBalance::WeightRoundRobin);
+        assert_eq!(spec.job_type, JobType::Sharding);
+        assert_eq!(spec.shard_items().len(), 9);
+        assert_eq!(spec.args[8], json!("9"));
+        assert_eq!(spec.time_zone, "UTC");
+        // Normalized form round-trips through parse_job unchanged.
+        let again = parse_job(&serde_json::to_value(&spec).unwrap()).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn seed_normal_document_parses() {
+        let doc = json!({
+            "appName": "demo-spring-krest-job",
+            "createTime": "2022-06-28 21:33:59",
+            "id": "1543439397951193089",
+            "args": "from server",
+            "jobGroup": "default-jobGroup",
+            "cron": "0/5 * * * * ?",
+            "jobName": "demo-job3",
+            "jobType": "NORMAL",
+            "loadBalanceType": "WEIGHTROUNDRIBBON",
+            "methodType": "POST",
+            "retryTimes": 3,
+            "path": "service/demo-krestjob-post",
+            "running": true
+        });
+        let spec = parse_job(&doc).unwrap();
+        assert_eq!(spec.args, json!("from server"));
+        assert_eq!(spec.shard_items(), vec![None]);
+        assert_eq!(spec.retry_times, 3);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let spec = parse_job(&json!({"appName": "a", "jobName": "j", "path": "p"})).unwrap();
+        assert_eq!(spec.job_group, "default");
+        assert_eq!(spec.job_type, JobType::Normal);
+        assert_eq!(spec.load_balance_type, LoadBalance::Queue);
+        assert!(spec.running);
+        assert_eq!(spec.retry_times, 0);
+        assert_eq!(spec.cron, None);
+    }
+
+    fn problems_of(doc: Value) -> Vec<String> {
+        parse_job(&doc)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let mut doc = seed_sharding();
+        doc["retryTime"] = json!(3);
+        let p = problems_of(doc);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("unknown field `retryTime`"), "{p:?}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let mut doc = seed_sharding();
+        doc["running"] = json!("yes");
+        let p = problems_of(doc);
+        assert!(p[0].starts_with("running: invalid type"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let p = problems_of(json!({
+            "appName": "demo app",
+            "jobGroup": "g.1",
+            "jobName": "",
+            "path": "",
+            "cron": "0/5 * * * *  ? *  *",
+            "timeZone": "Mars/Olympus",
+            "retryTimes": 99,
+            "loadBalanceType": "RANDOM",
+            "createTime": "yesterday",
+            "jobType": "SHARDING",
+            "args": "not an array"
+        }));
+        let fields: Vec<&str> = p.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "appName",
+                "jobGroup",
+                "jobName",
+                "path",
+                "timeZone",
+                "retryTimes",
+                "loadBalanceType",
+                "createTime",
+                "args"
+            ],
+            "{p:#?}"
+        );
+        assert!(p[5].contains("99 is out of range: use 0 to 20"));
+    }
+
+    #[test]
+    fn invalid_cron_is_explained() {
+        let mut doc = seed_sharding();
+        doc["cron"] = json!("0/5 * * * ?x");
+        let p = problems_of(doc);
+        assert!(
+            p[0].starts_with("cron: invalid cron expression `0/5 * * * ?x`"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn sharding_args_forms() {
+        let mut doc = seed_sharding();
+        doc["args"] = json!(["a", {"k": 1}]);
+        assert_eq!(parse_job(&doc).unwrap().shard_items().len(), 2);
+        doc["args"] = json!("[]");
+        assert!(problems_of(doc.clone())[0].contains("at least one shard"));
+        doc["args"] = json!(7);
+        assert!(problems_of(doc.clone())[0].contains("got a number"));
+        doc.as_object_mut().unwrap().remove("args");
+        assert!(problems_of(doc)[0].contains("got null"));
+    }
+
+    #[test]
+    fn non_object_is_rejected() {
+        let p = problems_of(json!([1, 2]));
+        assert_eq!(
+            p,
+            ["a job definition must be a JSON object, found an array"]
+        );
+    }
+
+    #[test]
+    fn numeric_id_is_accepted() {
+        let mut doc = seed_sharding();
+        doc["id"] = json!(1543439397951193088_u64);
+        assert_eq!(
+            parse_job(&doc).unwrap().id.as_deref(),
+            Some("1543439397951193088")
+        );
+    }
+
+    #[test]
+    fn oversized_args_are_rejected() {
+        let mut doc = seed_sharding();
+        doc["jobType"] = json!("NORMAL");
+        doc["args"] = json!("x".repeat(MAX_ARGS_BYTES + 1));
+        assert!(problems_of(doc)[0].starts_with("args: is 65539 bytes"));
+    }
+}

@@ -1,0 +1,122 @@
+//! Krest's wire contract: the job definition users write, the messages scheduler nodes and
+//! workers exchange over NATS JetStream, the request/reply API, and the names of every subject,
+//! stream and bucket.
+//!
+//! - [`job`]: [`JobSpec`] (a superset of Krest-Job's JSON), [`parse_job`] with field-precise
+//!   errors, validation and normalization.
+//! - [`cron`]: [`CronSchedule`], Quartz and 5-field cron evaluated in a time zone.
+//! - [`messages`]: [`RunMessage`] (work), [`RunEvent`] (results and logs), [`WorkerInfo`]
+//!   (heartbeats), [`NodeInfo`], [`LeaderLease`], [`JobState`].
+//! - [`api`]: requests and replies of `krest.api.*`.
+//! - [`names`]: subjects, streams, consumers, buckets, keys and message ids.
+//!
+//! This crate does no IO and knows nothing of NATS clients or SQL; everything here is data that
+//! crosses a process boundary. [`json_schemas`] renders the JSON Schema of each wire message;
+//! the committed copies live in `schemas/json/`.
+//!
+//! ```
+//! let doc = serde_json::json!({
+//!     "appName": "billing", "jobName": "nightly-invoices",
+//!     "path": "invoices/run", "cron": "0 30 2 * * ?", "timeZone": "Europe/Berlin"
+//! });
+//! let spec = krest_schemas::parse_job(&doc).unwrap();
+//! assert_eq!(spec.key(), "default.nightly-invoices");
+//! ```
+
+pub mod api;
+pub mod cron;
+pub mod job;
+pub mod messages;
+pub mod names;
+
+pub use cron::{CronError, CronSchedule};
+pub use job::{parse_job, InvalidJob, JobSpec, JobType, LoadBalance, Problem, StoredJob};
+pub use messages::{
+    AttemptOutcome, Dispatched, Finished, JobState, LeaderLease, LogLevel, LogLine, NodeInfo,
+    NodeRole, RunEvent, RunMessage, ShardInfo, Started, Trigger, WorkerInfo,
+};
+
+/// The JSON Schema of every wire message, as `(file name, pretty JSON)` pairs, in the order
+/// they are documented in `docs/protocol.md`.
+pub fn json_schemas() -> Vec<(&'static str, String)> {
+    fn render(schema: schemars::Schema) -> String {
+        let mut s = serde_json::to_string_pretty(&schema).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+    vec![
+        ("job-spec.json", render(schemars::schema_for!(JobSpec))),
+        ("stored-job.json", render(schemars::schema_for!(StoredJob))),
+        (
+            "run-message.json",
+            render(schemars::schema_for!(RunMessage)),
+        ),
+        ("run-event.json", render(schemars::schema_for!(RunEvent))),
+        (
+            "worker-info.json",
+            render(schemars::schema_for!(WorkerInfo)),
+        ),
+        ("node-info.json", render(schemars::schema_for!(NodeInfo))),
+        (
+            "leader-lease.json",
+            render(schemars::schema_for!(LeaderLease)),
+        ),
+        ("job-state.json", render(schemars::schema_for!(JobState))),
+        (
+            "api-reply.json",
+            render(schemars::schema_for!(api::ApiReply)),
+        ),
+        (
+            "api-apply-request.json",
+            render(schemars::schema_for!(api::ApplyRequest)),
+        ),
+        (
+            "api-apply-response.json",
+            render(schemars::schema_for!(api::ApplyResponse)),
+        ),
+        (
+            "api-job-list-request.json",
+            render(schemars::schema_for!(api::JobListRequest)),
+        ),
+        (
+            "api-job-request.json",
+            render(schemars::schema_for!(api::JobRequest)),
+        ),
+        (
+            "api-job-view.json",
+            render(schemars::schema_for!(api::JobView)),
+        ),
+        (
+            "api-trigger-request.json",
+            render(schemars::schema_for!(api::TriggerRequest)),
+        ),
+        (
+            "api-trigger-response.json",
+            render(schemars::schema_for!(api::TriggerResponse)),
+        ),
+        (
+            "api-runs-list-request.json",
+            render(schemars::schema_for!(api::RunsListRequest)),
+        ),
+        (
+            "api-run-summary.json",
+            render(schemars::schema_for!(api::RunSummary)),
+        ),
+        (
+            "api-run-request.json",
+            render(schemars::schema_for!(api::RunRequest)),
+        ),
+        (
+            "api-run-detail.json",
+            render(schemars::schema_for!(api::RunDetail)),
+        ),
+        (
+            "api-workers-list.json",
+            render(schemars::schema_for!(api::WorkersList)),
+        ),
+        (
+            "api-cluster-status.json",
+            render(schemars::schema_for!(api::ClusterStatus)),
+        ),
+    ]
+}

@@ -1,0 +1,411 @@
+//! Messages on the wire between scheduler nodes and workers: the run message a worker executes,
+//! the run events it reports back, heartbeats, node presence, the leader lease and job state.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::job::JobType;
+
+/// Why a run exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Trigger {
+    /// Its cron fired.
+    Schedule,
+    /// A fire missed while no leader was dispatching (failover, downtime), fired afterwards.
+    CatchUp,
+    /// Someone asked for it (`krest job trigger`).
+    Manual,
+}
+
+impl Trigger {
+    /// The canonical name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "SCHEDULE",
+            Trigger::CatchUp => "CATCH_UP",
+            Trigger::Manual => "MANUAL",
+        }
+    }
+}
+
+/// The position of one shard in a SHARDING run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardInfo {
+    /// 0-based index of this shard.
+    pub index: u32,
+    /// Number of shards in the run.
+    pub total: u32,
+    /// This shard's element of the job's `args` array.
+    pub item: Value,
+}
+
+/// One unit of work on the work stream: a run (NORMAL) or one shard of a run (SHARDING).
+///
+/// Published to `krest.work.<app>.q` with `Nats-Msg-Id: <runId>/<shard>`. The attempt number is
+/// not in the message: it is the JetStream delivery count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunMessage {
+    /// Stable id of the run: `<group>.<name>.<scheduled epoch ms>` for scheduled fires, so it
+    /// doubles as an idempotency key for handlers.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app whose workers run it.
+    pub app_name: String,
+    /// The handler to run.
+    pub path: String,
+    /// NORMAL or SHARDING.
+    pub job_type: JobType,
+    /// The job's arguments (the whole array for SHARDING runs; see `shard.item`).
+    pub args: Value,
+    /// Present on SHARDING runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+    /// The fire time this run belongs to.
+    pub scheduled_at: DateTime<Utc>,
+    /// When the leader published it.
+    pub dispatched_at: DateTime<Utc>,
+    /// Why the run exists.
+    pub trigger: Trigger,
+    /// Retries allowed after a failed attempt.
+    pub retry_times: u32,
+    /// Revision of the job definition the run was made from.
+    pub revision: u64,
+}
+
+impl RunMessage {
+    /// The shard index (0 for unsharded runs).
+    pub fn shard_index(&self) -> u32 {
+        self.shard.as_ref().map_or(0, |s| s.index)
+    }
+
+    /// The number of shards (1 for unsharded runs).
+    pub fn shard_total(&self) -> u32 {
+        self.shard.as_ref().map_or(1, |s| s.total)
+    }
+}
+
+/// Final status of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttemptOutcome {
+    /// The handler returned success.
+    Succeeded,
+    /// The handler failed, panicked, or no handler was found.
+    Failed,
+}
+
+/// Severity of a handler log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(missing_docs)]
+pub enum LogLevel {
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    /// The canonical name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "DEBUG",
+            LogLevel::Info => "INFO",
+            LogLevel::Warn => "WARN",
+            LogLevel::Error => "ERROR",
+        }
+    }
+}
+
+/// A run was published to the work stream (sent by the leader).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dispatched {
+    /// The run.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app whose workers run it.
+    pub app_name: String,
+    /// The handler.
+    pub path: String,
+    /// NORMAL or SHARDING.
+    pub job_type: JobType,
+    /// Why the run exists.
+    pub trigger: Trigger,
+    /// The fire time it belongs to.
+    pub scheduled_at: DateTime<Utc>,
+    /// When it was published.
+    pub dispatched_at: DateTime<Utc>,
+    /// Number of work messages (shards) it was split into.
+    pub shard_total: u32,
+    /// The job's arguments as sent.
+    pub args: Value,
+    /// Fire times older than the misfire threshold that this run stands in for (0 normally).
+    #[serde(default)]
+    pub misfired: u32,
+    /// Revision of the job definition.
+    pub revision: u64,
+    /// The scheduler node that published it.
+    pub node: String,
+}
+
+/// An attempt began on a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    /// The run.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app.
+    pub app_name: String,
+    /// Shard index (0 for unsharded runs).
+    pub shard: u32,
+    /// Number of shards (1 for unsharded runs).
+    pub shard_total: u32,
+    /// 1-based attempt number (the delivery count).
+    pub attempt: u32,
+    /// Worker instance id.
+    pub worker: String,
+    /// When the handler started.
+    pub at: DateTime<Utc>,
+    /// The fire time the run belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
+}
+
+/// A line a handler logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogLine {
+    /// The run.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// 1-based position of the line within the attempt.
+    pub seq: u32,
+    /// When it was logged.
+    pub at: DateTime<Utc>,
+    /// Severity.
+    pub level: LogLevel,
+    /// The text (truncated to 4 KiB by the SDK).
+    pub line: String,
+}
+
+/// An attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Finished {
+    /// The run.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app.
+    pub app_name: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Number of shards.
+    pub shard_total: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Worker instance id.
+    pub worker: String,
+    /// When the attempt ended.
+    pub at: DateTime<Utc>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// True when a failed attempt will be retried (another delivery follows).
+    #[serde(default)]
+    pub will_retry: bool,
+    /// Delay before the retry, when `willRetry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+    /// What the handler returned on success (truncated to 16 KiB by the SDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Handler run time.
+    pub duration_ms: u64,
+}
+
+/// Everything on the events stream (`krest.events.<group>.<name>`), tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum RunEvent {
+    /// A run was published.
+    Dispatched(Dispatched),
+    /// An attempt began.
+    Started(Started),
+    /// A handler logged a line.
+    Log(LogLine),
+    /// An attempt ended.
+    Finished(Finished),
+}
+
+impl RunEvent {
+    /// The run the event belongs to.
+    pub fn run_id(&self) -> &str {
+        match self {
+            RunEvent::Dispatched(e) => &e.run_id,
+            RunEvent::Started(e) => &e.run_id,
+            RunEvent::Log(e) => &e.run_id,
+            RunEvent::Finished(e) => &e.run_id,
+        }
+    }
+
+    /// `(group, name)` of the job the event belongs to.
+    pub fn job(&self) -> (&str, &str) {
+        match self {
+            RunEvent::Dispatched(e) => (&e.job_group, &e.job_name),
+            RunEvent::Started(e) => (&e.job_group, &e.job_name),
+            RunEvent::Log(e) => (&e.job_group, &e.job_name),
+            RunEvent::Finished(e) => (&e.job_group, &e.job_name),
+        }
+    }
+
+    /// `Nats-Msg-Id` for the event: stable, so a re-publish is dropped as a duplicate.
+    pub fn msg_id(&self) -> String {
+        match self {
+            RunEvent::Dispatched(e) => format!("{}/dispatched", e.run_id),
+            RunEvent::Started(e) => format!("{}/{}/{}/started", e.run_id, e.shard, e.attempt),
+            RunEvent::Log(e) => format!("{}/{}/{}/log/{}", e.run_id, e.shard, e.attempt, e.seq),
+            RunEvent::Finished(e) => format!("{}/{}/{}/finished", e.run_id, e.shard, e.attempt),
+        }
+    }
+}
+
+/// A worker instance's heartbeat, the value of `krest-workers` key `<app>.<instance>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerInfo {
+    /// The app the instance belongs to.
+    pub app_name: String,
+    /// Unique id of the instance.
+    pub instance: String,
+    /// Handler names (`path`s) it can run.
+    pub handlers: Vec<String>,
+    /// Relative capacity: the instance holds at most `weight × slots` runs at once.
+    pub weight: u32,
+    /// Concurrent runs per unit of weight.
+    pub slots: u32,
+    /// Runs executing now.
+    pub in_flight: u32,
+    /// Version of the app or SDK.
+    pub version: String,
+    /// Which SDK (e.g. `rust`).
+    pub sdk: String,
+    /// Host name.
+    pub host: String,
+    /// When the instance started.
+    pub started_at: DateTime<Utc>,
+    /// When this heartbeat was sent.
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+/// Role of a scheduler node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum NodeRole {
+    /// Holds the lease and dispatches.
+    Leader,
+    /// Waits to take over.
+    Standby,
+}
+
+/// A scheduler node's presence, the value of `krest-nodes` key `<node>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// Node name.
+    pub node: String,
+    /// Krest version.
+    pub version: String,
+    /// Current role.
+    pub role: NodeRole,
+    /// Database backend (`sqlite`, `postgres`).
+    pub database: String,
+    /// Stream sequence of the last event recorded into the node's database.
+    pub recorded_seq: u64,
+    /// When the node started.
+    pub started_at: DateTime<Utc>,
+    /// When this presence was written.
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+/// The value of the leader lease (`krest-leader` key `leader`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderLease {
+    /// The leader's node name.
+    pub node: String,
+    /// Fencing epoch: the KV revision at which the lease was acquired (0 until the first
+    /// renewal records it).
+    #[serde(default)]
+    pub epoch: u64,
+    /// When this node acquired the lease.
+    pub acquired_at: DateTime<Utc>,
+    /// When it last renewed it.
+    pub renewed_at: DateTime<Utc>,
+}
+
+/// Per-job scheduling state (`krest-state` key `<group>.<name>`), written by the leader after
+/// a fire's messages are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobState {
+    /// The latest fire time whose run is stored on the work stream.
+    pub last_fire_at: DateTime<Utc>,
+    /// Its run id.
+    pub last_run_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_tagged_by_type() {
+        let e = RunEvent::Log(LogLine {
+            run_id: "g.j.1".into(),
+            job_group: "g".into(),
+            job_name: "j".into(),
+            shard: 2,
+            attempt: 1,
+            seq: 7,
+            at: DateTime::<Utc>::from_timestamp(0, 0).unwrap(),
+            level: LogLevel::Warn,
+            line: "hello".into(),
+        });
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "log");
+        assert_eq!(v["runId"], "g.j.1");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(e.msg_id(), "g.j.1/2/1/log/7");
+        let back: RunEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,121 @@
+//! Every NATS subject, stream, consumer and KV bucket name Krest uses, in one place.
+//!
+//! Names that embed user data (an app name, a job group or name, a worker instance id) only ever
+//! embed *tokens*: strings of ASCII letters, digits, `-` and `_`, checked by [`is_token`]. That
+//! keeps them valid as subject tokens, KV keys and consumer names at once.
+
+/// The JetStream stream holding runs waiting for a worker (work-queue retention).
+pub const WORK_STREAM: &str = "KREST_WORK";
+/// Subjects of [`WORK_STREAM`].
+pub const WORK_SUBJECTS: &str = "krest.work.>";
+/// The JetStream stream holding run events (dispatched, started, log, finished).
+pub const EVENTS_STREAM: &str = "KREST_EVENTS";
+/// Subjects of [`EVENTS_STREAM`].
+pub const EVENTS_SUBJECTS: &str = "krest.events.>";
+/// Subject prefix of the request/reply API spoken by `krest` CLI and scheduler nodes.
+pub const API_PREFIX: &str = "krest.api";
+/// Queue group every scheduler node's API responders join, so one node answers each request.
+pub const API_QUEUE_GROUP: &str = "krest-api";
+
+/// KV bucket holding the leader lease (history 1, max age = lease TTL).
+pub const LEADER_BUCKET: &str = "krest-leader";
+/// The one key of [`LEADER_BUCKET`].
+pub const LEADER_KEY: &str = "leader";
+/// KV bucket of job definitions, keyed by [`job_key`]; its history keeps earlier revisions.
+pub const JOBS_BUCKET: &str = "krest-jobs";
+/// KV bucket of per-job scheduling state (last fire time), keyed by [`job_key`].
+pub const STATE_BUCKET: &str = "krest-state";
+/// KV bucket of worker heartbeats (max age = heartbeat TTL), keyed by [`worker_key`].
+pub const WORKERS_BUCKET: &str = "krest-workers";
+/// KV bucket of scheduler node presence (max age = node TTL), keyed by node name.
+pub const NODES_BUCKET: &str = "krest-nodes";
+
+/// Largest length of a token (app, group, job name, worker instance, node name).
+pub const MAX_TOKEN_LEN: usize = 64;
+
+/// True when `s` can be embedded in subjects, KV keys and consumer names: 1 to
+/// [`MAX_TOKEN_LEN`] ASCII letters, digits, `-` or `_`.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_TOKEN_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Turns any string into a token by replacing every other character with `-` and truncating.
+/// Used for host names and generated ids, never for user-chosen job names (those are rejected).
+pub fn sanitize_token(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_TOKEN_LEN)
+        .collect();
+    if out.is_empty() {
+        out.push_str("unnamed");
+    }
+    out
+}
+
+/// Work subject of an app's shared, weighted consumer group.
+pub fn work_queue_subject(app: &str) -> String {
+    format!("krest.work.{app}.q")
+}
+
+/// Work subject addressed to one worker instance of an app.
+pub fn work_instance_subject(app: &str, instance: &str) -> String {
+    format!("krest.work.{app}.i.{instance}")
+}
+
+/// Durable consumer name of an app's shared consumer group on [`WORK_STREAM`].
+pub fn app_consumer(app: &str) -> String {
+    format!("krest-app-{app}")
+}
+
+/// Subject run events of one job are published on.
+pub fn events_subject(group: &str, name: &str) -> String {
+    format!("krest.events.{group}.{name}")
+}
+
+/// Subject of one API operation, e.g. `api_subject("job.apply")`.
+pub fn api_subject(op: &str) -> String {
+    format!("{API_PREFIX}.{op}")
+}
+
+/// Key of a job in [`JOBS_BUCKET`] and [`STATE_BUCKET`].
+pub fn job_key(group: &str, name: &str) -> String {
+    format!("{group}.{name}")
+}
+
+/// Key of a worker instance in [`WORKERS_BUCKET`].
+pub fn worker_key(app: &str, instance: &str) -> String {
+    format!("{app}.{instance}")
+}
+
+/// `Nats-Msg-Id` of the work message for one shard of a run (shard 0 for unsharded runs).
+pub fn work_msg_id(run_id: &str, shard: u32) -> String {
+    format!("{run_id}/{shard}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(is_token("default-jobGroup"));
+        assert!(is_token("demo_job2"));
+        assert!(!is_token(""));
+        assert!(!is_token("a.b"));
+        assert!(!is_token("a b"));
+        assert!(!is_token("a*"));
+        assert!(!is_token(&"x".repeat(65)));
+        assert_eq!(sanitize_token("host.example.com"), "host-example-com");
+        assert_eq!(sanitize_token(""), "unnamed");
+    }
+}

@@ -1,0 +1,665 @@
+//! The worker runtime: connect, heartbeat, pull runs within capacity, execute handlers, report
+//! results, retry through redelivery, shut down gracefully.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, AckKind};
+use chrono::Utc;
+use futures_util::StreamExt;
+use krest_schemas::names::{
+    app_consumer, work_queue_subject, worker_key, WORKERS_BUCKET, WORK_STREAM,
+};
+use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage, Started, WorkerInfo};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{truncate, JobContext, JobError, MAX_OUTPUT};
+use crate::events::{spawn_publisher, EventSink};
+use crate::options::{host_name, redact, Backoff, HandlerFn, WorkerBuilder};
+use crate::Error;
+
+/// Deliveries after which the server stops redelivering a run (a backstop for workers that
+/// crash on a message; `retryTimes` normally ends a run far earlier).
+pub const MAX_DELIVER: i64 = 30;
+
+/// A configured worker. [`Worker::run`] it until a shutdown signal, or [`Worker::spawn`] it.
+pub struct Worker {
+    cfg: WorkerBuilder,
+    instance: String,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("instance", &self.instance)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+/// A worker running in the background, from [`Worker::spawn`].
+#[derive(Debug)]
+pub struct RunningWorker {
+    instance: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl RunningWorker {
+    /// The instance id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Graceful shutdown: stop pulling, let running handlers finish (up to the shutdown
+    /// timeout), remove the heartbeat; returns the worker's result.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Internal(format!("worker task failed: {e}"))),
+        }
+    }
+
+    /// Abrupt stop, as if the process died: nothing is acknowledged or cleaned up; the server
+    /// redelivers this worker's runs after their ack wait and its heartbeat expires.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+struct Shared {
+    app: String,
+    instance: String,
+    handlers: BTreeMap<String, HandlerFn>,
+    backoff: Backoff,
+    events: EventSink,
+    in_flight: AtomicU32,
+    progress_every: Duration,
+    cancel_grace: Duration,
+}
+
+impl Worker {
+    /// Starts configuring a worker of `app` (Krest-Job's `appName`).
+    pub fn builder(app: impl Into<String>) -> WorkerBuilder {
+        WorkerBuilder::new(app)
+    }
+
+    pub(crate) fn new(cfg: WorkerBuilder, instance: String) -> Worker {
+        Worker { cfg, instance }
+    }
+
+    /// This instance's id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Runs in the background until [`RunningWorker::stop`] or [`RunningWorker::abort`].
+    pub fn spawn(self) -> RunningWorker {
+        let stop = CancellationToken::new();
+        let instance = self.instance.clone();
+        let token = stop.clone();
+        let task = tokio::spawn(async move { self.run(token.cancelled_owned()).await });
+        RunningWorker {
+            instance,
+            stop,
+            task,
+        }
+    }
+
+    /// Connects and works until `shutdown` completes, then shuts down gracefully: stops pulling,
+    /// lets running handlers finish up to the shutdown timeout, cancels and naks the rest (so
+    /// another instance picks them up at once) and removes its heartbeat.
+    ///
+    /// NATS being unreachable at start is not an error: the worker logs and keeps trying until
+    /// `shutdown`.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let stop = CancellationToken::new();
+        let runner = self.run_inner(stop.clone());
+        tokio::pin!(runner);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            r = &mut runner => return r,
+            _ = &mut shutdown => {
+                tracing::info!(instance = %self.instance, "shutdown requested");
+                stop.cancel();
+            }
+        }
+        runner.await
+    }
+
+    async fn run_inner(&self, stop: CancellationToken) -> Result<(), Error> {
+        let cfg = &self.cfg;
+        let Some(client) = connect(&cfg.nats_url, &self.instance, &cfg.app, &stop).await else {
+            return Ok(());
+        };
+        let js = jetstream::new(client.clone());
+        let Some(stream) = wait_for(&stop, "work stream", || async {
+            js.get_stream(WORK_STREAM).await.map_err(|e| e.to_string())
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let Some(registry) = wait_for(&stop, "workers bucket", || async {
+            js.get_key_value(WORKERS_BUCKET)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let Some(mut consumer) = wait_for(&stop, "app consumer", || async {
+            app_consumer_for(&stream, &cfg.app, cfg.ack_wait).await
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        let (events, publisher) = spawn_publisher(js.clone());
+        let shared = Arc::new(Shared {
+            app: cfg.app.clone(),
+            instance: self.instance.clone(),
+            handlers: cfg.handlers.clone(),
+            backoff: cfg.backoff,
+            events: events.clone(),
+            in_flight: AtomicU32::new(0),
+            progress_every: (ack_wait / 3).max(Duration::from_millis(500)),
+            cancel_grace: cfg.cancel_grace,
+        });
+        let capacity = cfg.weight.saturating_mul(cfg.slots) as usize;
+        tracing::info!(
+            app = %cfg.app, instance = %self.instance, capacity,
+            handlers = ?cfg.handlers.keys().collect::<Vec<_>>(),
+            "worker started"
+        );
+
+        // Heartbeats until the end.
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            registry.clone(),
+            shared.clone(),
+            cfg.info_template(),
+            cfg.heartbeat_interval,
+            heartbeat_stop.clone(),
+        ));
+
+        // Pull and execute until told to stop.
+        let hard_stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let permits = Arc::new(Semaphore::new(capacity));
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            let first = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = stop.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
+            let mut held: Vec<OwnedSemaphorePermit> = vec![first];
+            while let Ok(p) = permits.clone().try_acquire_owned() {
+                held.push(p);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(held.len())
+                .expires(cfg.pull_expiry)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => {
+                    failures = 0;
+                    b
+                }
+                Err(e) => {
+                    failures += 1;
+                    drop(held);
+                    tracing::warn!(error = %e, "pulling runs failed; retrying");
+                    pause(&stop, failures).await;
+                    if failures % 5 == 0 {
+                        if let Ok(c) = app_consumer_for(&stream, &cfg.app, cfg.ack_wait).await {
+                            consumer = c;
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Read the batch to its end even when stopping: the server may still deliver to
+            // this pull request, and such runs are handed back (nak) instead of being lost
+            // until their ack wait.
+            while let Some(item) = batch.next().await {
+                match item {
+                    Ok(msg) => {
+                        if stop.is_cancelled() {
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        }
+                        let Some(permit) = held.pop() else {
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        };
+                        tasks.spawn(process(shared.clone(), msg, permit, hard_stop.clone()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "pull batch ended with an error");
+                        break;
+                    }
+                }
+            }
+            drop(held);
+            while tasks.try_join_next().is_some() {}
+        }
+
+        // Graceful shutdown.
+        let running = tasks.len();
+        if running > 0 {
+            tracing::info!(running, timeout = ?cfg.shutdown_timeout, "waiting for running handlers");
+        }
+        let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                running = tasks.len(),
+                "shutdown timeout reached; cancelling handlers and handing their runs back"
+            );
+            hard_stop.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
+        if let Err(e) = registry.delete(worker_key(&cfg.app, &self.instance)).await {
+            tracing::warn!(error = %e, "could not remove heartbeat");
+        }
+        events.close();
+        let _ = publisher.await;
+        let _ = client.flush().await;
+        tracing::info!(instance = %self.instance, "worker stopped");
+        Ok(())
+    }
+}
+
+impl WorkerBuilder {
+    fn info_template(&self) -> InfoTemplate {
+        InfoTemplate {
+            handlers: self.handlers.keys().cloned().collect(),
+            weight: self.weight,
+            slots: self.slots,
+            version: self.version.clone(),
+            host: host_name(),
+            started_at: Utc::now(),
+        }
+    }
+}
+
+struct InfoTemplate {
+    handlers: Vec<String>,
+    weight: u32,
+    slots: u32,
+    version: String,
+    host: String,
+    started_at: chrono::DateTime<Utc>,
+}
+
+async fn heartbeat_loop(
+    registry: jetstream::kv::Store,
+    shared: Arc<Shared>,
+    t: InfoTemplate,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let key = worker_key(&shared.app, &shared.instance);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let info = WorkerInfo {
+            app_name: shared.app.clone(),
+            instance: shared.instance.clone(),
+            handlers: t.handlers.clone(),
+            weight: t.weight,
+            slots: t.slots,
+            in_flight: shared.in_flight.load(Ordering::Relaxed),
+            version: t.version.clone(),
+            sdk: "rust".to_string(),
+            host: t.host.clone(),
+            started_at: t.started_at,
+            heartbeat_at: Utc::now(),
+        };
+        match serde_json::to_vec(&info) {
+            Ok(body) => {
+                if let Err(e) = registry.put(&key, body.into()).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serialize heartbeat"),
+        }
+    }
+}
+
+async fn connect(
+    url: &str,
+    instance: &str,
+    app: &str,
+    stop: &CancellationToken,
+) -> Option<async_nats::Client> {
+    let mut failures = 0;
+    loop {
+        let opts = async_nats::ConnectOptions::new()
+            .name(format!("krest-worker {app}/{instance}"))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
+        match tokio::select! {
+            r = opts.connect(url) => r,
+            _ = stop.cancelled() => return None,
+        } {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(url = %redact(url), error = %e, "cannot connect to NATS; retrying");
+                if !pause(stop, failures).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps with exponential backoff (0.5 s doubling to 10 s); false if `stop` fired meanwhile.
+async fn pause(stop: &CancellationToken, failures: u32) -> bool {
+    let d = Duration::from_millis(500u64 << failures.min(5)).min(Duration::from_secs(10));
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.cancelled() => false,
+    }
+}
+
+/// Retries `f` until it succeeds or `stop` fires, logging what it waits for.
+async fn wait_for<T, F, Fut>(stop: &CancellationToken, what: &str, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut failures = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(
+                        error = %e,
+                        "waiting for the {what}: is a `krest scheduler` running against this NATS?"
+                    );
+                }
+                if !pause(stop, failures).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn app_consumer_for(
+    stream: &jetstream::stream::Stream,
+    app: &str,
+    ack_wait: Duration,
+) -> Result<consumer::Consumer<consumer::pull::Config>, String> {
+    let name = app_consumer(app);
+    stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!("Krest work queue of app {app}")),
+                filter_subject: work_queue_subject(app),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_wait,
+                max_deliver: MAX_DELIVER,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("cannot create consumer {name}: {e}"))
+}
+
+struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How an attempt ended, before it is reported.
+enum Ending {
+    Done(Result<crate::Output, JobError>),
+    /// The worker shut down before the handler finished.
+    Interrupted,
+}
+
+async fn process(
+    shared: Arc<Shared>,
+    msg: jetstream::Message,
+    _permit: OwnedSemaphorePermit,
+    hard_stop: CancellationToken,
+) {
+    shared.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _guard = InFlight(&shared.in_flight);
+    let attempt = msg
+        .info()
+        .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    let run: RunMessage = match serde_json::from_slice(&msg.payload) {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::error!(
+                subject = %msg.subject, error = %e,
+                "malformed run message; terminating it (it will not be redelivered)"
+            );
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let started_at = Utc::now();
+    shared.events.send(RunEvent::Started(Started {
+        run_id: run.run_id.clone(),
+        job_group: run.job_group.clone(),
+        job_name: run.job_name.clone(),
+        app_name: run.app_name.clone(),
+        shard: run.shard_index(),
+        shard_total: run.shard_total(),
+        attempt,
+        worker: shared.instance.clone(),
+        at: started_at,
+        scheduled_at: Some(run.scheduled_at),
+    }));
+    let cancel = CancellationToken::new();
+    let ctx = JobContext::new(
+        run.clone(),
+        attempt,
+        shared.instance.clone(),
+        cancel.clone(),
+        shared.events.clone(),
+    );
+    let clock = std::time::Instant::now();
+    let ending = match shared.handlers.get(&run.path) {
+        None => Ending::Done(Err(JobError::new(format!(
+            "no handler `{}` on worker {}/{} (it has: {})",
+            run.path,
+            shared.app,
+            shared.instance,
+            shared
+                .handlers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))),
+        Some(handler) => {
+            execute(
+                handler(ctx.clone()),
+                &msg,
+                shared.progress_every,
+                &hard_stop,
+                &cancel,
+                shared.cancel_grace,
+            )
+            .await
+        }
+    };
+    drop(ctx);
+    let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let max_attempts = run.retry_times.saturating_add(1);
+    let (outcome, will_retry, output, error, ack) = match ending {
+        Ending::Done(Ok(out)) => (
+            AttemptOutcome::Succeeded,
+            false,
+            out.0.map(|s| truncate(s, MAX_OUTPUT)),
+            None,
+            AckKind::Ack,
+        ),
+        Ending::Done(Err(e)) => {
+            let retry = e.is_retryable() && attempt < max_attempts;
+            let ack = if retry {
+                AckKind::Nak(Some(shared.backoff.delay(attempt)))
+            } else {
+                AckKind::Term
+            };
+            (
+                AttemptOutcome::Failed,
+                retry,
+                None,
+                Some(truncate(e.message().to_string(), MAX_OUTPUT)),
+                ack,
+            )
+        }
+        Ending::Interrupted => (
+            AttemptOutcome::Failed,
+            true,
+            None,
+            Some(format!(
+                "worker {} shut down before the handler finished; handed back for another attempt",
+                shared.instance
+            )),
+            AckKind::Nak(None),
+        ),
+    };
+    let retry_in_ms = match ack {
+        AckKind::Nak(Some(d)) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        AckKind::Nak(None) => Some(0),
+        _ => None,
+    };
+    let finished = RunEvent::Finished(Finished {
+        run_id: run.run_id.clone(),
+        job_group: run.job_group.clone(),
+        job_name: run.job_name.clone(),
+        app_name: run.app_name.clone(),
+        shard: run.shard_index(),
+        shard_total: run.shard_total(),
+        attempt,
+        worker: shared.instance.clone(),
+        at: Utc::now(),
+        outcome,
+        will_retry,
+        retry_in_ms,
+        output,
+        error,
+        duration_ms,
+    });
+    match shared.events.send_confirmed(finished).await {
+        Ok(()) => {
+            let acked = match ack {
+                AckKind::Ack | AckKind::Term => msg.double_ack_with(ack).await,
+                other => msg.ack_with(other).await,
+            };
+            if let Err(e) = acked {
+                tracing::warn!(run = %run.run_id, error = %e, "ack failed; the run may be redelivered");
+            }
+        }
+        Err(e) => tracing::error!(
+            run = %run.run_id, error = %e,
+            "could not store the attempt's result; leaving the run unacknowledged so it is redelivered"
+        ),
+    }
+}
+
+/// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
+/// acks while it runs and cancelling it when the worker's shutdown deadline passes.
+async fn execute(
+    fut: crate::options::HandlerFuture,
+    msg: &jetstream::Message,
+    progress_every: Duration,
+    hard_stop: &CancellationToken,
+    cancel: &CancellationToken,
+    grace: Duration,
+) -> Ending {
+    let mut handle = tokio::spawn(fut);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+    let mut grace_until: Option<tokio::time::Instant> = None;
+    loop {
+        let grace_sleep = async {
+            match grace_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            joined = &mut handle => {
+                return Ending::Done(match joined {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => Err(JobError::new(format!(
+                        "handler panicked: {}",
+                        panic_message(e.into_panic())
+                    ))),
+                    Err(_) => Err(JobError::new("handler task was cancelled")),
+                });
+            }
+            _ = tick.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "progress ack failed");
+                }
+            }
+            _ = hard_stop.cancelled(), if grace_until.is_none() => {
+                cancel.cancel();
+                grace_until = Some(tokio::time::Instant::now() + grace);
+            }
+            _ = grace_sleep => {
+                handle.abort();
+                return Ending::Interrupted;
+            }
+        }
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
