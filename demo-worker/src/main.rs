@@ -76,7 +76,11 @@ async fn main() -> anyhow::Result<()> {
                     _ = tokio::time::sleep(work) => {}
                     _ = ctx.cancelled() => return Err(JobError::new("cancelled")),
                 }
-                Ok(format!("shard {} done", ctx.shard_index()))
+                Ok(format!(
+                    "shard {}/{} done",
+                    ctx.shard_index() + 1,
+                    ctx.shard_total()
+                ))
             },
         );
     if let Some(id) = args.instance {

@@ -69,6 +69,10 @@ impl From<ResolveError> for Failure {
 
 type Answer = Result<serde_json::Value, Failure>;
 
+/// How long a write waits for this node's job table to show it, so the next request (to any
+/// node, usually this one) reads it.
+const READ_YOUR_WRITES: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn to_value<T: Serialize>(v: T) -> Answer {
     serde_json::to_value(v).map_err(Failure::internal)
 }
@@ -295,6 +299,9 @@ impl ApiServer {
             };
             match written {
                 Ok(revision) => {
+                    self.table
+                        .wait_for(&key, Some(revision), READ_YOUR_WRITES)
+                        .await;
                     let outcome = if existing.is_some() {
                         ApplyOutcome::Updated
                     } else {
@@ -362,6 +369,9 @@ impl ApiServer {
             stored.updated_at = Utc::now();
             let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
             if let Ok(revision) = self.infra.jobs.update(&key, value, entry.revision).await {
+                self.table
+                    .wait_for(&key, Some(revision), READ_YOUR_WRITES)
+                    .await;
                 tracing::info!(job = %key, running, revision, "job {}", if running { "resumed" } else { "paused" });
                 return to_value(view(&key, &JobEntry { stored, revision }));
             }
@@ -382,6 +392,7 @@ impl ApiServer {
             .delete(&key)
             .await
             .map_err(Failure::internal)?;
+        self.table.wait_for(&key, None, READ_YOUR_WRITES).await;
         if let Err(e) = self.infra.state.purge(&key).await {
             tracing::warn!(job = %key, error = %e, "could not purge job state");
         }

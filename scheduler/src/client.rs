@@ -50,7 +50,7 @@ impl Client {
             .connection_timeout(timeout)
             .request_timeout(Some(timeout))
             .max_reconnects(Some(1))
-            .connect(url)
+            .connect(krest_schemas::names::server_list(url))
             .await
             .map_err(|e| ClientError::Connect {
                 url: url.to_string(),

@@ -21,9 +21,20 @@ pub struct JobEntry {
 }
 
 /// The shared job table.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JobTable {
     jobs: RwLock<HashMap<String, Arc<JobEntry>>>,
+    /// Bumped on every change, so writers can wait to read their own writes.
+    version: watch::Sender<u64>,
+}
+
+impl Default for JobTable {
+    fn default() -> Self {
+        JobTable {
+            jobs: RwLock::default(),
+            version: watch::channel(0).0,
+        }
+    }
 }
 
 /// Why a job name could not be resolved to a key.
@@ -97,22 +108,48 @@ impl JobTable {
         }
     }
 
+    /// Waits (up to `timeout`) until `key` is at `revision` or later — or absent, for
+    /// `None` — so an API call reads its own write.
+    pub async fn wait_for(&self, key: &str, revision: Option<u64>, timeout: Duration) {
+        let mut version = self.version.subscribe();
+        let reached = || {
+            let current = self.get(key).map(|e| e.revision);
+            match revision {
+                Some(rev) => current.is_some_and(|c| c >= rev),
+                None => current.is_none(),
+            }
+        };
+        let _ = tokio::time::timeout(timeout, async {
+            while !reached() {
+                if version.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     fn upsert(&self, key: String, entry: JobEntry) -> bool {
-        match self.jobs.write() {
+        let changed = match self.jobs.write() {
             Ok(mut m) => {
                 let changed = m.get(&key).map(|e| e.revision) != Some(entry.revision);
                 m.insert(key, Arc::new(entry));
                 changed
             }
             Err(_) => false,
-        }
+        };
+        self.version.send_modify(|v| *v += 1);
+        changed
     }
 
     fn remove(&self, key: &str) -> bool {
-        self.jobs
+        let removed = self
+            .jobs
             .write()
             .map(|mut m| m.remove(key).is_some())
-            .unwrap_or(false)
+            .unwrap_or(false);
+        self.version.send_modify(|v| *v += 1);
+        removed
     }
 }
 

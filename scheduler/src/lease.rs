@@ -211,11 +211,16 @@ impl Election {
         }
         self.set(Role::Standby, None);
         if let Some((epoch, rev, _)) = held {
-            match self.kv.delete_expect_revision(LEADER_KEY, Some(rev)).await {
-                Ok(()) => tracing::info!(epoch, "released leadership"),
-                Err(e) => {
+            let release = self.kv.delete_expect_revision(LEADER_KEY, Some(rev));
+            match tokio::time::timeout(self.cfg.ttl, release).await {
+                Ok(Ok(())) => tracing::info!(epoch, "released leadership"),
+                Ok(Err(e)) => {
                     tracing::warn!(epoch, error = %e, "could not release the lease; it expires by itself")
                 }
+                Err(_) => tracing::warn!(
+                    epoch,
+                    "could not release the lease (NATS did not answer); it expires by itself"
+                ),
             }
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use krest_schemas::names::sanitize_token;
+use krest_schemas::names::{sanitize_token, server_list};
 use krest_schemas::{NodeInfo, NodeRole};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,9 @@ pub enum NodeError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The NATS URL cannot be parsed.
+    #[error("invalid NATS URL {0}")]
+    NatsUrl(String),
 }
 
 /// Handles to a node running in the background (tests, embedding).
@@ -128,7 +131,7 @@ pub async fn run(
     stop: CancellationToken,
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
 ) -> Result<(), NodeError> {
-    let Some(client) = connect(&opts, &stop).await else {
+    let Some(client) = connect(&opts, &stop).await? else {
         return Ok(());
     };
     let js = async_nats::jetstream::new(client.clone());
@@ -180,14 +183,14 @@ pub async fn run(
     let lease_stop = CancellationToken::new();
     let back = CancellationToken::new(); // watcher, recorder, presence
 
-    let watcher = tokio::spawn(jobs::watch_jobs(
+    let watcher = Task::spawn(jobs::watch_jobs(
         infra.jobs.clone(),
         table.clone(),
         changes_tx,
         ready_tx,
         back.clone(),
     ));
-    let election_task = tokio::spawn(election.run(lease_stop.clone()));
+    let election_task = Task::spawn(election.run(lease_stop.clone()));
     let engine = Engine::new(
         table.clone(),
         changes_rx,
@@ -196,8 +199,8 @@ pub async fn run(
         infra.state.clone(),
         opts.engine.clone(),
     );
-    let engine_task = tokio::spawn(engine.run(ready_rx, front.clone()));
-    let recorder_task = tokio::spawn(recorder::run(
+    let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));
+    let recorder_task = Task::spawn(recorder::run(
         js.clone(),
         store.clone(),
         opts.recorder.clone(),
@@ -211,8 +214,8 @@ pub async fn run(
         store: store.clone(),
         publisher,
     };
-    let api_task = tokio::spawn(api.run(front.clone()));
-    let presence_task = tokio::spawn(presence(
+    let api_task = Task::spawn(api.run(front.clone()));
+    let presence_task = Task::spawn(presence(
         infra.nodes.clone(),
         opts.node.clone(),
         store.backend().as_str(),
@@ -224,24 +227,53 @@ pub async fn run(
     stop.cancelled().await;
     tracing::info!(node = %opts.node, "shutting down");
     front.cancel();
-    let _ = engine_task.await;
-    let _ = api_task.await;
+    engine_task.join().await;
+    api_task.join().await;
     lease_stop.cancel();
-    let _ = election_task.await;
+    election_task.join().await;
     back.cancel();
-    let _ = watcher.await;
-    let _ = recorder_task.await;
-    let _ = presence_task.await;
-    if let Err(e) = infra.nodes.delete(&opts.node).await {
-        tracing::debug!(error = %e, "could not remove node presence");
+    watcher.join().await;
+    recorder_task.join().await;
+    presence_task.join().await;
+    // Bounded: a node asked to stop must stop even when NATS is gone.
+    match tokio::time::timeout(Duration::from_secs(3), infra.nodes.delete(&opts.node)).await {
+        Ok(Ok(())) => {}
+        _ => tracing::debug!("could not remove node presence"),
     }
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), client.flush()).await;
     store.close().await;
     tracing::info!(node = %opts.node, "stopped");
     Ok(())
 }
 
-async fn connect(opts: &NodeOptions, stop: &CancellationToken) -> Option<async_nats::Client> {
+/// A node task that is aborted when dropped, so aborting the node (as a crash would) takes
+/// every task with it.
+struct Task(Option<tokio::task::JoinHandle<()>>);
+
+impl Task {
+    fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
+        Task(Some(tokio::spawn(f)))
+    }
+
+    async fn join(mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn connect(
+    opts: &NodeOptions,
+    stop: &CancellationToken,
+) -> Result<Option<async_nats::Client>, NodeError> {
     let mut failures = 0u32;
     loop {
         let connect = async_nats::ConnectOptions::new()
@@ -254,13 +286,16 @@ async fn connect(opts: &NodeOptions, stop: &CancellationToken) -> Option<async_n
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(opts.nats_url.as_str());
+            .connect(server_list(&opts.nats_url));
         let result = tokio::select! {
             r = connect => r,
-            _ = stop.cancelled() => return None,
+            _ = stop.cancelled() => return Ok(None),
         };
         match result {
-            Ok(c) => return Some(c),
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
+                return Err(NodeError::NatsUrl(format!("{}: {e}", opts.nats_url)))
+            }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(url = %opts.nats_url, error = %e, "cannot connect to NATS; retrying");
@@ -268,7 +303,7 @@ async fn connect(opts: &NodeOptions, stop: &CancellationToken) -> Option<async_n
                     Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(5));
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
-                    _ = stop.cancelled() => return None,
+                    _ = stop.cancelled() => return Ok(None),
                 }
             }
         }

@@ -828,6 +828,138 @@ fn normalize_url(url: &str) -> Result<(Backend, String), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use krest_schemas::{Dispatched, Finished, JobType, LogLine, Started};
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(ms).single().unwrap()
+    }
+
+    fn events() -> Vec<RunEvent> {
+        let run = "g.j.1000".to_string();
+        let base = |shard: u32, attempt: u32| (run.clone(), shard, attempt);
+        let mut out = vec![RunEvent::Dispatched(Dispatched {
+            run_id: run.clone(),
+            job_group: "g".into(),
+            job_name: "j".into(),
+            app_name: "a".into(),
+            path: "p".into(),
+            job_type: JobType::Sharding,
+            trigger: Trigger::Schedule,
+            scheduled_at: at(1000),
+            dispatched_at: at(1001),
+            shard_total: 2,
+            args: serde_json::json!(["x", "y"]),
+            misfired: 0,
+            revision: 3,
+            node: "n1".into(),
+        })];
+        for (shard, attempt, ok) in [(0, 1, true), (1, 1, false), (1, 2, true)] {
+            let (run_id, shard, attempt) = base(shard, attempt);
+            out.push(RunEvent::Started(Started {
+                run_id: run_id.clone(),
+                job_group: "g".into(),
+                job_name: "j".into(),
+                app_name: "a".into(),
+                shard,
+                shard_total: 2,
+                attempt,
+                worker: "w".into(),
+                at: at(1002),
+                scheduled_at: Some(at(1000)),
+            }));
+            out.push(RunEvent::Log(LogLine {
+                run_id: run_id.clone(),
+                job_group: "g".into(),
+                job_name: "j".into(),
+                shard,
+                attempt,
+                seq: 1,
+                at: at(1003),
+                level: LogLevel::Info,
+                line: format!("shard {shard} attempt {attempt}"),
+            }));
+            out.push(RunEvent::Finished(Finished {
+                run_id,
+                job_group: "g".into(),
+                job_name: "j".into(),
+                app_name: "a".into(),
+                shard,
+                shard_total: 2,
+                attempt,
+                worker: "w".into(),
+                at: at(1004 + i64::from(attempt)),
+                outcome: if ok {
+                    AttemptOutcome::Succeeded
+                } else {
+                    AttemptOutcome::Failed
+                },
+                will_retry: !ok,
+                retry_in_ms: None,
+                output: ok.then(|| "done".to_string()),
+                error: (!ok).then(|| "oops".to_string()),
+                duration_ms: 2,
+            }));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn replaying_events_creates_no_duplicates_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display()))
+            .await
+            .unwrap();
+        let evs = events();
+        // Finished before Started, the run's events before its dispatch: order does not matter.
+        let mut reversed = evs.clone();
+        reversed.reverse();
+        store.apply(&reversed[..5], 5).await.unwrap();
+        store.apply(&evs, 10).await.unwrap();
+        store.apply(&evs, 10).await.unwrap();
+        assert_eq!(store.counts().await.unwrap(), (1, 3, 3));
+        assert_eq!(store.cursor().await.unwrap(), 10);
+        let d = store.get_run("g.j.1000").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Succeeded);
+        assert_eq!(
+            (d.run.shards_succeeded, d.run.shards_failed, d.run.attempts),
+            (2, 0, 2)
+        );
+        assert_eq!(d.run.trigger, Some(Trigger::Schedule));
+        assert_eq!(d.run.finished_at, Some(at(1006)));
+        assert_eq!(d.attempts.len(), 3);
+        assert_eq!(d.attempts[1].status, AttemptStatus::Failed);
+        assert!(d.attempts[1].will_retry);
+        assert_eq!(d.attempts[2].logs[0].line, "shard 1 attempt 2");
+        let listed = store
+            .list_runs(Some(("j", Some("g"))), Some(RunStatus::Succeeded), 10)
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(store
+            .list_runs(Some(("j", Some("other"))), None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_final_failure_of_one_shard_fails_the_run_once_all_shards_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display()))
+            .await
+            .unwrap();
+        let mut evs = events();
+        // Make shard 1's failure final and drop its retry.
+        evs.truncate(7);
+        if let Some(RunEvent::Finished(f)) = evs.last_mut() {
+            f.will_retry = false;
+        }
+        store.apply(&evs, 7).await.unwrap();
+        let d = store.get_run("g.j.1000").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Failed);
+        assert_eq!(d.run.error.as_deref(), Some("oops"));
+        assert_eq!((d.run.shards_succeeded, d.run.shards_failed), (1, 1));
+    }
 
     #[test]
     fn urls() {

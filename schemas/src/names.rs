@@ -62,6 +62,15 @@ pub fn sanitize_token(s: &str) -> String {
     out
 }
 
+/// Splits a comma-separated NATS server list (`nats://a:4222, nats://b:4222`) into URLs.
+pub fn server_list(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Work subject of an app's shared, weighted consumer group.
 pub fn work_queue_subject(app: &str) -> String {
     format!("krest.work.{app}.q")
@@ -117,5 +126,9 @@ mod tests {
         assert!(!is_token(&"x".repeat(65)));
         assert_eq!(sanitize_token("host.example.com"), "host-example-com");
         assert_eq!(sanitize_token(""), "unnamed");
+        assert_eq!(
+            server_list("nats://a:1, nats://b:2,"),
+            ["nats://a:1", "nats://b:2"]
+        );
     }
 }

@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    app_consumer, work_queue_subject, worker_key, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, server_list, work_queue_subject, worker_key, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage, Started, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -26,6 +26,9 @@ use crate::Error;
 /// Deliveries after which the server stops redelivering a run (a backstop for workers that
 /// crash on a message; `retryTimes` normally ends a run far earlier).
 pub const MAX_DELIVER: i64 = 30;
+
+/// Bound on each step of the final clean-up (heartbeat removal, flushing events).
+const CLEANUP_STEP: Duration = Duration::from_secs(3);
 
 /// A configured worker. [`Worker::run`] it until a shutdown signal, or [`Worker::spawn`] it.
 pub struct Worker {
@@ -135,7 +138,7 @@ impl Worker {
 
     async fn run_inner(&self, stop: CancellationToken) -> Result<(), Error> {
         let cfg = &self.cfg;
-        let Some(client) = connect(&cfg.nats_url, &self.instance, &cfg.app, &stop).await else {
+        let Some(client) = connect(&cfg.nats_url, &self.instance, &cfg.app, &stop).await? else {
             return Ok(());
         };
         let js = jetstream::new(client.clone());
@@ -164,6 +167,7 @@ impl Worker {
         };
         let ack_wait = consumer.cached_info().config.ack_wait;
         let (events, publisher) = spawn_publisher(js.clone());
+        let mut publisher = AbortOnDrop(Some(publisher));
         let shared = Arc::new(Shared {
             app: cfg.app.clone(),
             instance: self.instance.clone(),
@@ -183,13 +187,13 @@ impl Worker {
 
         // Heartbeats until the end.
         let heartbeat_stop = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat_loop(
+        let mut heartbeat = AbortOnDrop(Some(tokio::spawn(heartbeat_loop(
             registry.clone(),
             shared.clone(),
             cfg.info_template(),
             cfg.heartbeat_interval,
             heartbeat_stop.clone(),
-        ));
+        ))));
 
         // Pull and execute until told to stop.
         let hard_stop = CancellationToken::new();
@@ -235,8 +239,10 @@ impl Worker {
             };
             // Read the batch to its end even when stopping: the server may still deliver to
             // this pull request, and such runs are handed back (nak) instead of being lost
-            // until their ack wait.
-            while let Some(item) = batch.next().await {
+            // until their ack wait. The batch ends by itself when the pull request expires;
+            // the extra bound covers a connection lost meanwhile.
+            let batch_end = tokio::time::Instant::now() + cfg.pull_expiry + Duration::from_secs(2);
+            while let Ok(Some(item)) = tokio::time::timeout_at(batch_end, batch.next()).await {
                 match item {
                     Ok(msg) => {
                         if stop.is_cancelled() {
@@ -277,13 +283,23 @@ impl Worker {
             while tasks.join_next().await.is_some() {}
         }
         heartbeat_stop.cancel();
-        let _ = heartbeat.await;
-        if let Err(e) = registry.delete(worker_key(&cfg.app, &self.instance)).await {
-            tracing::warn!(error = %e, "could not remove heartbeat");
+        heartbeat.join().await;
+        // Each clean-up step is bounded: a worker asked to stop must stop even when NATS is
+        // gone (its heartbeat then expires by itself, and unacknowledged runs are redelivered).
+        let key = worker_key(&cfg.app, &self.instance);
+        match tokio::time::timeout(CLEANUP_STEP, registry.delete(&key)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not remove heartbeat"),
+            Err(_) => tracing::warn!("could not remove heartbeat: NATS did not answer"),
         }
         events.close();
-        let _ = publisher.await;
-        let _ = client.flush().await;
+        if tokio::time::timeout(CLEANUP_STEP * 3, publisher.join())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some run events could not be published before stopping");
+        }
+        let _ = tokio::time::timeout(CLEANUP_STEP, client.flush()).await;
         tracing::info!(instance = %self.instance, "worker stopped");
         Ok(())
     }
@@ -341,8 +357,11 @@ async fn heartbeat_loop(
         };
         match serde_json::to_vec(&info) {
             Ok(body) => {
-                if let Err(e) = registry.put(&key, body.into()).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                tokio::select! {
+                    r = registry.put(&key, body.into()) => if let Err(e) = r {
+                        tracing::warn!(error = %e, "heartbeat failed");
+                    },
+                    _ = stop.cancelled() => return,
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot serialize heartbeat"),
@@ -355,7 +374,7 @@ async fn connect(
     instance: &str,
     app: &str,
     stop: &CancellationToken,
-) -> Option<async_nats::Client> {
+) -> Result<Option<async_nats::Client>, Error> {
     let mut failures = 0;
     loop {
         let opts = async_nats::ConnectOptions::new()
@@ -369,15 +388,21 @@ async fn connect(
                 }
             });
         match tokio::select! {
-            r = opts.connect(url) => r,
-            _ = stop.cancelled() => return None,
+            r = opts.connect(server_list(url)) => r,
+            _ = stop.cancelled() => return Ok(None),
         } {
-            Ok(c) => return Some(c),
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
+                return Err(Error::Config(format!(
+                    "invalid NATS URL {}: {e}",
+                    redact(url)
+                )));
+            }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(url = %redact(url), error = %e, "cannot connect to NATS; retrying");
                 if !pause(stop, failures).await {
-                    return None;
+                    return Ok(None);
                 }
             }
         }
@@ -442,6 +467,25 @@ async fn app_consumer_for(
         )
         .await
         .map_err(|e| format!("cannot create consumer {name}: {e}"))
+}
+
+/// A background task that dies with the worker, even when the worker itself is aborted.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    async fn join(&mut self) {
+        if let Some(task) = self.0.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 struct InFlight<'a>(&'a AtomicU32);

@@ -1,0 +1,148 @@
+//! Job management through the API: validation errors that name the problem (and apply
+//! nothing), revisions, pause/resume, delete, name resolution.
+
+use krest::client::ClientError;
+use krest_schemas::api::{ApplyOutcome, ErrorCode, JobListRequest, JobRequest, JobView, Op};
+use serde_json::json;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_documents_are_rejected_with_every_problem_named_and_nothing_applied() {
+    let env = Env::new("invalid");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let mut seed = seed_documents();
+    let good = seed.remove(0);
+    let err = client
+        .call_value(
+            Op::JobApply,
+            &json!({"documents": [
+                good,
+                {"appName": "a", "jobName": "typo", "path": "p", "crn": "* * * * * ?"},
+                {"appName": "a", "jobName": "badcron", "path": "p", "cron": "0/5 * * * ?x"},
+                {"appName": "a b", "jobName": "j.k", "path": "p", "retryTimes": 50},
+                {"appName": "a", "jobName": "shard", "path": "p", "jobType": "SHARDING", "args": "nope"},
+                {"appName": "a", "jobName": "tz", "path": "p", "cron": "@hourly", "timeZone": "Mars/Base"},
+                "not an object"
+            ]}),
+        )
+        .await
+        .unwrap_err();
+    let ClientError::Api(api) = err else {
+        panic!("expected an API error, got {err:?}")
+    };
+    assert_eq!(api.code, ErrorCode::InvalidJob);
+    assert_eq!(
+        api.message,
+        "6 of 7 definitions are invalid; nothing was applied"
+    );
+    let problems: Vec<(usize, Vec<String>)> = api
+        .invalid
+        .iter()
+        .map(|d| {
+            (
+                d.index,
+                d.problems.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(problems[0].0, 1);
+    assert!(
+        problems[0].1[0].contains("unknown field `crn`"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[1].1[0].starts_with("cron: invalid cron expression `0/5 * * * ?x`"),
+        "{problems:?}"
+    );
+    assert_eq!(problems[2].1.len(), 3, "{problems:?}");
+    assert!(problems[2].1[0].starts_with("appName: `a b` is not a valid name"));
+    assert!(problems[2].1[1].starts_with("jobName: `j.k` is not a valid name"));
+    assert!(problems[2].1[2].starts_with("retryTimes: 50 is out of range"));
+    assert!(
+        problems[3].1[0].starts_with("args: a SHARDING job needs a JSON array"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[4].1[0].starts_with("timeZone: unknown time zone `Mars/Base`"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        problems[5].1[0],
+        "a job definition must be a JSON object, found a string"
+    );
+
+    let jobs: Vec<JobView> = client
+        .call(Op::JobList, &JobListRequest::default())
+        .await
+        .unwrap();
+    assert!(jobs.is_empty(), "nothing applied: {jobs:?}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_is_idempotent_and_revisions_count_changes() {
+    let env = Env::new("revisions");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let doc = job("j", "app", "p", json!({"cron": "0 0 * * * ?"}));
+    assert_eq!(
+        apply(&client, vec![doc.clone()]).await.results[0].outcome,
+        ApplyOutcome::Created
+    );
+    let again = apply(&client, vec![doc.clone()]).await.results[0].clone();
+    assert_eq!(again.outcome, ApplyOutcome::Unchanged);
+    let mut changed = doc.clone();
+    changed["cron"] = json!("0 30 * * * ?");
+    let updated = apply(&client, vec![changed]).await.results[0].clone();
+    assert_eq!(updated.outcome, ApplyOutcome::Updated);
+    assert!(updated.revision > again.revision);
+
+    // Pause and resume are revisions too; get shows the state.
+    let paused: JobView = client
+        .call(Op::JobPause, &JobRequest { job: "j".into() })
+        .await
+        .unwrap();
+    assert!(!paused.spec.running);
+    assert!(paused.next_fire_at.is_none());
+    let view: JobView = client
+        .call(Op::JobGet, &JobRequest { job: "t.j".into() })
+        .await
+        .unwrap();
+    assert_eq!(view.revision, paused.revision);
+    let resumed: JobView = client
+        .call(Op::JobResume, &JobRequest { job: "t/j".into() })
+        .await
+        .unwrap();
+    assert!(resumed.spec.running && resumed.next_fire_at.is_some());
+    assert_eq!(resumed.created_at, paused.created_at);
+
+    // Same name in two groups: a bare name is ambiguous.
+    let mut other = doc;
+    other["jobGroup"] = json!("u");
+    apply(&client, vec![other]).await;
+    let err = client
+        .call::<_, JobView>(Op::JobGet, &JobRequest { job: "j".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api(e) if e.code == ErrorCode::Ambiguous),
+        "{err:?}"
+    );
+
+    let deleted: JobView = client
+        .call(Op::JobDelete, &JobRequest { job: "u.j".into() })
+        .await
+        .unwrap();
+    assert_eq!(deleted.key, "u.j");
+    // Reads see the API's own writes at once.
+    let r = client
+        .call::<_, JobView>(Op::JobGet, &JobRequest { job: "u.j".into() })
+        .await;
+    assert!(
+        matches!(&r, Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound),
+        "{r:?}"
+    );
+    node.stop().await.unwrap();
+}

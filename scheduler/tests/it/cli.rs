@@ -1,0 +1,143 @@
+//! The `krest` binary as a user runs it: exit codes, tables, JSON, errors.
+
+use krest_schemas::api::RunStatus;
+use krest_test_support::eventually;
+use krest_worker::JobContext;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_applies_lists_triggers_and_reports_errors() {
+    let env = Env::new("cli");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let w = env
+        .worker("demo-spring-krest-job", "w1")
+        .handler("service/demo-krestjob-post", |ctx: JobContext| async move {
+            ctx.log("hello from the handler");
+            Ok("ok")
+        })
+        .build()
+        .unwrap()
+        .spawn();
+
+    let seed = env.write(
+        "seed.json",
+        &serde_json::to_string(&seed_documents()).unwrap(),
+    );
+    let (code, out, err) = env.cli(&["job", "apply", "-f", seed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("default-jobGroup.demo-job2 created"), "{out}");
+    assert!(out.contains("default-jobGroup.demo-job3 created"), "{out}");
+
+    let (code, out, _) = env.cli(&["job", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("JOB "), "{out}");
+    assert!(
+        out.contains("WEIGHT_ROUND_ROBIN") || out.contains("0/5 * * * * ?"),
+        "{out}"
+    );
+
+    let (code, out, _) = env.cli(&["-o", "json", "job", "get", "demo-job2"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["spec"]["args"].as_array().unwrap().len(), 9);
+    assert_eq!(v["spec"]["loadBalanceType"], "WEIGHT_ROUND_ROBIN");
+
+    // Pause the scheduled job so only the manual run below exists.
+    let (code, _, _) = env.cli(&["job", "pause", "demo-job3"]);
+    assert_eq!(code, 0);
+    let (code, out, err) = env.cli(&[
+        "-o",
+        "json",
+        "job",
+        "trigger",
+        "demo-job3",
+        "--args",
+        "\"manual\"",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let run_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let (code, out, _) = env.cli(&["runs", "get", &run_id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("status:     SUCCEEDED"), "{out}");
+    assert!(out.contains("hello from the handler"), "{out}");
+    let (code, out, _) = env.cli(&[
+        "runs",
+        "list",
+        "--job",
+        "demo-job3",
+        "--status",
+        "succeeded",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&run_id), "{out}");
+
+    let (code, out, _) = env.cli(&["workers", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("w1"), "{out}");
+    let (code, out, _) = env.cli(&["cluster", "status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("leader: n1"), "{out}");
+
+    // Errors: invalid document, unknown job, bad JSON file, bad status — all non-zero with a
+    // message naming the problem.
+    let bad = env.write(
+        "bad.json",
+        r#"{"appName":"a","jobName":"x","path":"p","cron":"61 * * * * ?"}"#,
+    );
+    let (code, _, err) = env.cli(&["job", "apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cron: invalid cron expression `61 * * * * ?`"),
+        "{err}"
+    );
+    let (code, _, err) = env.cli(&["job", "get", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no job named `nope`"), "{err}");
+    let broken = env.write("broken.json", "{ not json");
+    let (code, _, err) = env.cli(&["job", "apply", "-f", broken.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not valid JSON"), "{err}");
+    let (code, _, err) = env.cli(&["runs", "list", "--status", "weird"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown status `weird`"), "{err}");
+
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+
+    // No node answering: a clear error, non-zero exit.
+    eventually(DEADLINE, "no node answering", || async {
+        let (code, _, err) = env.cli(&["--timeout", "2s", "job", "list"]);
+        (code == 1 && err.contains("no Krest scheduler node is answering")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_explains_an_unreachable_nats() {
+    let port = krest_test_support::free_port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "--nats-url",
+            &format!("nats://127.0.0.1:{port}"),
+            "--timeout",
+            "1s",
+            "job",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to NATS at nats://127.0.0.1:"),
+        "{err}"
+    );
+    assert!(err.contains("is nats-server running?"), "{err}");
+}

@@ -1,0 +1,238 @@
+//! Leadership: one leader among several nodes, failover after SIGKILL with catch-up and no
+//! duplicate, lease released on a clean stop.
+
+use std::collections::BTreeMap;
+
+use krest::lease::Role;
+use krest_schemas::api::{RunStatus, RunSummary};
+use krest_schemas::names::{LEADER_BUCKET, LEADER_KEY};
+use krest_schemas::Trigger;
+use krest_test_support::eventually;
+use krest_worker::JobContext;
+use serde_json::json;
+
+use crate::harness::*;
+
+const APP: &str = "ha-app";
+
+fn counting_worker(env: &Env, instance: &str, log: Executions) -> krest_worker::RunningWorker {
+    env.worker(APP, instance)
+        .slots(8)
+        .handler("tick", move |ctx: JobContext| {
+            let log = log.clone();
+            async move {
+                log.record(&ctx);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn()
+}
+
+/// Checks the recorded runs of a job firing every second: from the first to the last fire time
+/// there is exactly one run per second, each executed exactly once, all finished.
+fn assert_one_run_per_second(runs: &[RunSummary], log: &Executions) {
+    let mut by_time: BTreeMap<i64, Vec<&RunSummary>> = BTreeMap::new();
+    for r in runs {
+        by_time
+            .entry(r.scheduled_at.unwrap().timestamp_millis())
+            .or_default()
+            .push(r);
+    }
+    let first = *by_time.keys().next().unwrap();
+    let last = *by_time.keys().last().unwrap();
+    let mut t = first;
+    while t <= last {
+        let at = by_time.get(&t).map_or(0, Vec::len);
+        assert_eq!(
+            at,
+            1,
+            "fire time {t} has {at} runs; runs: {:#?}",
+            by_time.keys().collect::<Vec<_>>()
+        );
+        t += 1000;
+    }
+    for r in runs {
+        assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+        let executions = log.of(&r.run_id);
+        assert_eq!(
+            executions.len(),
+            1,
+            "run {} executed {executions:?}",
+            r.run_id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_elect_one_leader_and_never_fire_twice() {
+    let env = Env::new("two-nodes");
+    let n1 = env.node("n1");
+    let n2 = env.node("n2");
+    let client = env.client().await;
+    let log = Executions::default();
+    let w = counting_worker(&env, "w1", log.clone());
+    apply(
+        &client,
+        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
+    )
+    .await;
+
+    let runs_seen = eventually(DEADLINE, "eight finished runs", || async {
+        let r: Vec<_> = runs(&client, "tick")
+            .await
+            .into_iter()
+            .filter(|r| r.status.is_final())
+            .collect();
+        (r.len() >= 8).then_some(r)
+    })
+    .await;
+
+    // Exactly one node holds the lease, and the cluster status agrees.
+    let roles: Vec<Role> = [&n1, &n2]
+        .iter()
+        .map(|n| n.leadership.borrow().as_ref().unwrap().role())
+        .collect();
+    assert_eq!(
+        roles
+            .iter()
+            .filter(|r| matches!(r, Role::Leader { .. }))
+            .count(),
+        1,
+        "{roles:?}"
+    );
+    let leader = leader(&client).await.unwrap();
+    let expected = if matches!(roles[0], Role::Leader { .. }) {
+        "n1"
+    } else {
+        "n2"
+    };
+    assert_eq!(leader, expected);
+
+    w.stop().await.unwrap();
+    // Both nodes record the same history (each into its own database).
+    assert_one_run_per_second(&runs_seen, &log);
+    n1.stop().await.unwrap();
+    n2.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_the_leader_fails_over_and_catches_up_each_missed_fire_once() {
+    let env = Env::new("failover");
+    let mut a = env.node_process("a");
+    let mut b = env.node_process("b");
+    let client = env.client().await;
+    let log = Executions::default();
+    let w = counting_worker(&env, "w1", log.clone());
+    apply(
+        &client,
+        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
+    )
+    .await;
+
+    eventually(DEADLINE, "three finished runs", || async {
+        (runs(&client, "tick")
+            .await
+            .iter()
+            .filter(|r| r.status.is_final())
+            .count()
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    let first_leader = leader(&client).await.unwrap();
+    let (dead, survivor) = if first_leader == "a" {
+        (&mut a, "b")
+    } else {
+        (&mut b, "a")
+    };
+    dead.kill9();
+    let killed_at = chrono::Utc::now();
+
+    // The survivor takes over (the lease expires after its TTL) and keeps firing.
+    eventually(DEADLINE, "the survivor to lead", || async {
+        (leader(&client).await.as_deref() == Some(survivor)).then_some(())
+    })
+    .await;
+    let after = eventually(
+        DEADLINE,
+        "five finished runs after the takeover",
+        || async {
+            let all = runs(&client, "tick").await;
+            let late: Vec<_> = all
+                .iter()
+                .filter(|r| {
+                    r.status.is_final()
+                        && r.scheduled_at.unwrap() > killed_at + chrono::Duration::seconds(5)
+                })
+                .collect();
+            (late.len() >= 5).then_some(all)
+        },
+    )
+    .await;
+    // Fires missed while nobody led were caught up: each once, marked as catch-up.
+    let all: Vec<RunSummary> = eventually(DEADLINE, "all runs finished", || async {
+        let all = runs(&client, "tick").await;
+        let newest = after.iter().map(|r| r.scheduled_at).max().flatten();
+        let upto: Vec<_> = all
+            .into_iter()
+            .filter(|r| r.scheduled_at <= newest)
+            .collect();
+        upto.iter().all(|r| r.status.is_final()).then_some(upto)
+    })
+    .await;
+    assert!(
+        all.iter().any(|r| r.trigger == Some(Trigger::CatchUp)),
+        "some fire fell into the leaderless gap and was caught up: {:#?}",
+        all.iter()
+            .map(|r| (r.scheduled_at, r.trigger))
+            .collect::<Vec<_>>()
+    );
+    w.stop().await.unwrap();
+    assert_one_run_per_second(&all, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_stop_releases_the_lease_to_a_standby() {
+    let env = Env::new("release");
+    let n1 = env.node("n1");
+    let client = env.client().await;
+    eventually(DEADLINE, "n1 to lead", || async {
+        (leader(&client).await.as_deref() == Some("n1")).then_some(())
+    })
+    .await;
+    let n2 = env.node("n2");
+    eventually(DEADLINE, "n2 to be a standby", || async {
+        client
+            .call::<_, krest_schemas::api::ClusterStatus>(
+                krest_schemas::api::Op::ClusterStatus,
+                &json!({}),
+            )
+            .await
+            .ok()
+            .filter(|s| s.nodes.iter().any(|n| n.node == "n2"))
+    })
+    .await;
+    n1.stop().await.unwrap();
+
+    // The lease was deleted, not left to expire.
+    let nats = async_nats::connect(env.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(nats)
+        .get_key_value(LEADER_BUCKET)
+        .await
+        .unwrap();
+    let entry = kv.entry(LEADER_KEY).await.unwrap();
+    let released = entry
+        .as_ref()
+        .is_none_or(|e| e.operation != async_nats::jetstream::kv::Operation::Put)
+        || entry
+            .as_ref()
+            .is_some_and(|e| String::from_utf8_lossy(&e.value).contains("\"node\":\"n2\""));
+    assert!(released, "lease after a clean stop: {entry:?}");
+    eventually(DEADLINE, "n2 to lead", || async {
+        (leader(&client).await.as_deref() == Some("n2")).then_some(())
+    })
+    .await;
+    n2.stop().await.unwrap();
+}

@@ -1,0 +1,251 @@
+//! Shared set-up for the integration tests: a private nats-server, scheduler nodes (in-process
+//! or as `krest` processes), workers, an API client and an execution log that handlers write
+//! into, so tests can count what really ran.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use krest::client::Client;
+use krest::node::{NodeOptions, RunningNode};
+use krest_schemas::api::{
+    ApplyRequest, ApplyResponse, ClusterStatus, Op, RunDetail, RunRequest, RunSummary,
+    RunsListRequest, TriggerRequest, TriggerResponse,
+};
+use krest_test_support::{eventually, NatsServer, Proc, TestDir};
+use krest_worker::{Backoff, WorkerBuilder};
+use serde_json::{json, Value};
+
+/// Generous deadline for anything that should happen within seconds.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Env {
+    pub nats: NatsServer,
+    pub dir: TestDir,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        krest_test_support::init_tracing();
+        Env {
+            nats: NatsServer::start(),
+            dir: TestDir::new(name),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    pub fn db(&self, node: &str) -> String {
+        format!(
+            "sqlite://{}",
+            self.dir.join(&format!("{node}.db")).display()
+        )
+    }
+
+    pub fn node_opts(&self, node: &str) -> NodeOptions {
+        NodeOptions::new(self.url(), self.db(node), node)
+    }
+
+    /// Starts an in-process scheduler node.
+    pub fn node(&self, node: &str) -> RunningNode {
+        krest::node::spawn(self.node_opts(node))
+    }
+
+    /// Starts `krest scheduler` as a process.
+    pub fn node_process(&self, node: &str) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_krest"));
+        cmd.args([
+            "scheduler",
+            "--nats-url",
+            &self.url(),
+            "--db",
+            &self.db(node),
+            "--node",
+            node,
+        ])
+        .env("KREST_LOG", "info,krest=debug");
+        Proc::spawn(node, cmd, self.dir.join(&format!("{node}.log")))
+    }
+
+    /// Runs the `krest` CLI with `args`; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_krest"))
+            .args(["--nats-url", &self.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// A worker builder with test-friendly timings.
+    pub fn worker(&self, app: &str, instance: &str) -> WorkerBuilder {
+        krest_worker::Worker::builder(app)
+            .nats_url(self.url())
+            .instance(instance)
+            .heartbeat_interval(Duration::from_millis(500))
+            .ack_wait(Duration::from_secs(5))
+            .retry_backoff(Backoff {
+                initial: Duration::from_millis(100),
+                factor: 2.0,
+                max: Duration::from_secs(1),
+            })
+    }
+
+    /// Connects an API client once a node answers.
+    pub async fn client(&self) -> Client {
+        let client = Client::connect(&self.url(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        eventually(DEADLINE, "a scheduler node answering", || {
+            let c = client.clone();
+            async move {
+                c.call::<_, ClusterStatus>(Op::ClusterStatus, &json!({}))
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        client
+    }
+}
+
+pub async fn apply(client: &Client, documents: Vec<Value>) -> ApplyResponse {
+    client
+        .call(Op::JobApply, &ApplyRequest { documents })
+        .await
+        .unwrap()
+}
+
+pub async fn trigger(client: &Client, job: &str) -> TriggerResponse {
+    client
+        .call(
+            Op::JobTrigger,
+            &TriggerRequest {
+                job: job.into(),
+                args: None,
+            },
+        )
+        .await
+        .unwrap()
+}
+
+pub async fn runs(client: &Client, job: &str) -> Vec<RunSummary> {
+    client
+        .call(
+            Op::RunsList,
+            &RunsListRequest {
+                job: Some(job.into()),
+                status: None,
+                limit: Some(1000),
+            },
+        )
+        .await
+        .unwrap()
+}
+
+pub async fn run(client: &Client, run_id: &str) -> Option<RunDetail> {
+    client
+        .call(
+            Op::RunsGet,
+            &RunRequest {
+                run_id: run_id.into(),
+            },
+        )
+        .await
+        .ok()
+}
+
+/// Waits until `run_id` is recorded in a final status.
+pub async fn wait_final(client: &Client, run_id: &str) -> RunDetail {
+    eventually(DEADLINE, &format!("run {run_id} to finish"), || async {
+        run(client, run_id)
+            .await
+            .filter(|d| d.run.status.is_final())
+    })
+    .await
+}
+
+pub async fn leader(client: &Client) -> Option<String> {
+    client
+        .call::<_, ClusterStatus>(Op::ClusterStatus, &json!({}))
+        .await
+        .ok()?
+        .leader
+        .map(|l| l.node)
+}
+
+/// What handlers really executed: run id → (shard, attempt, instance) per execution.
+#[derive(Clone, Default)]
+pub struct Executions(Arc<Mutex<HashMap<String, Vec<Execution>>>>);
+
+/// `(shard, attempt, worker instance)` of one handler execution.
+pub type Execution = (u32, u32, String);
+
+impl Executions {
+    pub fn record(&self, ctx: &krest_worker::JobContext) {
+        self.0
+            .lock()
+            .unwrap()
+            .entry(ctx.run_id().to_string())
+            .or_default()
+            .push((ctx.shard_index(), ctx.attempt(), ctx.worker().to_string()));
+    }
+
+    pub fn of(&self, run_id: &str) -> Vec<Execution> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(run_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A job document with test defaults.
+pub fn job(name: &str, app: &str, path: &str, extra: Value) -> Value {
+    let mut doc = json!({
+        "appName": app,
+        "jobGroup": "t",
+        "jobName": name,
+        "path": path,
+    });
+    if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    doc
+}
+
+/// The seed's example documents, as kept in `examples/jobs/`.
+pub fn seed_documents() -> Vec<Value> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+    let mut docs: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (
+                p.display().to_string(),
+                serde_json::from_str(&text).unwrap(),
+            )
+        })
+        .collect();
+    docs.sort_by(|a, b| a.0.cmp(&b.0));
+    docs.into_iter().map(|(_, v)| v).collect()
+}

@@ -1,0 +1,285 @@
+//! The worker SDK against a real server: capacity limits, heartbeats, progress acks, graceful
+//! shutdown and redelivery when a worker dies.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use krest_schemas::api::{AttemptStatus, Op, RunStatus};
+use krest_schemas::WorkerInfo;
+use krest_test_support::eventually;
+use krest_worker::JobContext;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// Counts handlers running at once and the most ever seen.
+#[derive(Clone, Default)]
+struct Concurrency {
+    now: Arc<AtomicUsize>,
+    max: Arc<AtomicUsize>,
+}
+
+impl Concurrency {
+    fn enter(&self) {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_holds_at_most_weight_times_slots_runs_and_heartbeats_its_capacity() {
+    let env = Env::new("capacity");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let c = Concurrency::default();
+    let cc = c.clone();
+    let w = env
+        .worker("cap", "w1")
+        .weight(2)
+        .slots(2)
+        .version("9.9.9")
+        .handler("slow", move |_ctx: JobContext| {
+            let c = cc.clone();
+            async move {
+                c.enter();
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                c.leave();
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    let items: Vec<String> = (0..12).map(|i| i.to_string()).collect();
+    apply(
+        &client,
+        vec![job(
+            "many",
+            "cap",
+            "slow",
+            json!({"jobType": "SHARDING", "args": items}),
+        )],
+    )
+    .await;
+    let run_id = trigger(&client, "many").await.run_id;
+
+    let info: Vec<WorkerInfo> = eventually(DEADLINE, "the worker's heartbeat", || async {
+        client
+            .call::<_, Vec<WorkerInfo>>(Op::WorkersList, &json!({}))
+            .await
+            .ok()
+            .filter(|w| !w.is_empty())
+    })
+    .await;
+    assert_eq!(info[0].instance, "w1");
+    assert_eq!((info[0].weight, info[0].slots), (2, 2));
+    assert_eq!(info[0].handlers, ["slow"]);
+    assert_eq!(info[0].version, "9.9.9");
+
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(
+        c.max.load(Ordering::SeqCst),
+        4,
+        "12 shards pending, capacity 2 × 2"
+    );
+
+    // A clean stop removes the heartbeat at once.
+    w.stop().await.unwrap();
+    let left: Vec<WorkerInfo> = client.call(Op::WorkersList, &json!({})).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_lets_running_handlers_finish() {
+    let env = Env::new("graceful");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let w = env
+        .worker("grace", "w1")
+        .handler("long", move |ctx: JobContext| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok(format!("finished, cancelled={}", ctx.is_cancelled()))
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(&client, vec![job("long", "grace", "long", json!({}))]).await;
+    let run_id = trigger(&client, "long").await.run_id;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .unwrap();
+    w.stop().await.unwrap();
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(d.run.output.as_deref(), Some("finished, cancelled=false"));
+    assert_eq!(d.attempts.len(), 1);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_outliving_the_shutdown_deadline_is_cancelled_and_handed_to_another_worker() {
+    let env = Env::new("deadline");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let stubborn = env
+        .worker("dl", "stubborn")
+        .shutdown_timeout(Duration::from_millis(300))
+        .cancel_grace(Duration::from_millis(200))
+        .handler("work", move |_ctx: JobContext| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                // Ignores cancellation.
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job("work", "dl", "work", json!({"retryTimes": 0}))],
+    )
+    .await;
+    let run_id = trigger(&client, "work").await.run_id;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .unwrap();
+    stubborn.stop().await.unwrap();
+
+    let helper = env
+        .worker("dl", "helper")
+        .handler(
+            "work",
+            |_ctx: JobContext| async move { Ok("done by helper") },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let attempts: Vec<(u32, AttemptStatus, Option<String>)> = d
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.status, a.worker.clone()))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (1, AttemptStatus::Failed, Some("stubborn".into())),
+            (2, AttemptStatus::Succeeded, Some("helper".into()))
+        ]
+    );
+    assert!(d.attempts[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("shut down before the handler finished"));
+    helper.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_handlers_keep_their_run_with_progress_acks() {
+    let env = Env::new("progress");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let log = Executions::default();
+    let l = log.clone();
+    let w = env
+        .worker("prog", "w1")
+        .ack_wait(Duration::from_secs(1))
+        .handler("long", move |ctx: JobContext| {
+            let l = l.clone();
+            async move {
+                l.record(&ctx);
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job("long", "prog", "long", json!({"retryTimes": 3}))],
+    )
+    .await;
+    let run_id = trigger(&client, "long").await.run_id;
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(
+        d.attempts.len(),
+        1,
+        "no redelivery while the handler runs past the ack wait"
+    );
+    assert_eq!(log.of(&run_id).len(), 1);
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_held_by_a_dead_worker_is_redelivered_to_a_live_one() {
+    let env = Env::new("dead-worker");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let doomed = env
+        .worker("dw", "doomed")
+        .ack_wait(Duration::from_secs(2))
+        .handler("work", move |_ctx: JobContext| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job("work", "dw", "work", json!({"retryTimes": 2}))],
+    )
+    .await;
+    let run_id = trigger(&client, "work").await.run_id;
+    tokio::time::timeout(DEADLINE, started.notified())
+        .await
+        .unwrap();
+    doomed.abort();
+    let survivor = env
+        .worker("dw", "survivor")
+        .handler("work", |ctx: JobContext| async move {
+            Ok(format!("attempt {}", ctx.attempt()))
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(d.run.output.as_deref(), Some("attempt 2"));
+    let last = d.attempts.last().unwrap();
+    assert_eq!(
+        (last.attempt, last.worker.as_deref()),
+        (2, Some("survivor"))
+    );
+    survivor.stop().await.unwrap();
+    node.stop().await.unwrap();
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite: formatting, lints, then every test of the workspace. Tests start their own
+# nats-server processes (free ports, temporary stores), so nothing else needs to run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin"
+scripts/ensure-nats-server.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace --quiet
