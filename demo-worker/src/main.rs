@@ -89,25 +89,8 @@ async fn main() -> anyhow::Result<()> {
     let worker = builder.build().context("bad worker configuration")?;
     tracing::info!(instance = worker.instance(), "demo worker starting");
     worker
-        .run(async {
-            shutdown_signal().await;
-        })
+        .run(krest_worker::shutdown_signal())
         .await
         .context("worker failed")?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

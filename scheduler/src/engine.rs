@@ -93,51 +93,72 @@ pub fn plan(
 
 struct JobSched {
     entry: Arc<JobEntry>,
-    schedule: CronSchedule,
+    schedule: Arc<CronSchedule>,
     /// Every fire up to and including this instant has been handed to the publisher.
     anchor: DateTime<Utc>,
     generation: u64,
 }
 
-/// Heap of `(fire time in ms, generation, key)`; entries whose generation is no longer the
-/// job's current one are stale and skipped.
+/// `(cron expression, time zone)`: jobs with equal keys share one parsed schedule.
+type ScheduleKey = (String, String);
+
+/// The leader's schedule of every running job: a min-heap of `(fire time in ms, generation,
+/// key)`; entries whose generation is no longer the job's current one are stale and skipped
+/// (lazy deletion), so an update costs O(log n) and nothing is ever searched.
+///
+/// Parsed cron expressions are interned: parsing costs ~25 µs and a parsed expression ~5 KiB
+/// (croner keeps a bitmap of years), so jobs sharing an expression share one copy.
 #[derive(Default)]
-struct Schedules {
+pub struct Schedules {
     jobs: HashMap<String, JobSched>,
     heap: BinaryHeap<Reverse<(i64, u64, String)>>,
     generation: u64,
+    parsed: HashMap<ScheduleKey, Arc<CronSchedule>>,
 }
 
 impl Schedules {
-    /// (Re)schedules a job from `anchor`, or removes it if it is paused or unscheduled.
-    fn set(
+    /// (Re)schedules a job whose fires up to `anchor_floor` (if any) are already published,
+    /// or removes it if it is deleted, paused or unscheduled.
+    pub fn set(
         &mut self,
         key: &str,
         entry: Option<Arc<JobEntry>>,
         anchor_floor: Option<DateTime<Utc>>,
     ) {
         let Some(entry) = entry else {
-            self.jobs.remove(key);
+            self.remove(key);
             return;
-        };
-        let spec = &entry.stored.spec;
-        let schedule = match (spec.running, spec.schedule()) {
-            (true, Some(Ok(s))) => s,
-            (true, Some(Err(e))) => {
-                tracing::error!(job = %key, error = %e, "cannot schedule job");
-                self.jobs.remove(key);
-                return;
-            }
-            _ => {
-                self.jobs.remove(key);
-                return;
-            }
         };
         if let Some(existing) = self.jobs.get(key) {
             if existing.entry.revision == entry.revision {
                 return;
             }
         }
+        let spec = &entry.stored.spec;
+        let (true, Some(expr)) = (spec.running, spec.cron.clone()) else {
+            self.remove(key);
+            return;
+        };
+        let schedule = match self.parsed.get(&(expr.clone(), spec.time_zone.clone())) {
+            Some(s) => s.clone(),
+            None => match spec.schedule() {
+                Some(Ok(s)) => {
+                    let s = Arc::new(s);
+                    self.parsed
+                        .insert((expr, spec.time_zone.clone()), s.clone());
+                    s
+                }
+                Some(Err(e)) => {
+                    tracing::error!(job = %key, error = %e, "cannot schedule job");
+                    self.remove(key);
+                    return;
+                }
+                None => {
+                    self.remove(key);
+                    return;
+                }
+            },
+        };
         let previous = self.jobs.get(key).map(|j| j.anchor);
         let anchor = [Some(entry.stored.updated_at), previous, anchor_floor]
             .into_iter()
@@ -153,7 +174,7 @@ impl Schedules {
                 key.to_string(),
             )));
         }
-        self.jobs.insert(
+        let old = self.jobs.insert(
             key.to_string(),
             JobSched {
                 entry,
@@ -162,9 +183,51 @@ impl Schedules {
                 generation,
             },
         );
+        if let Some(old) = old {
+            self.release(old);
+        }
     }
 
-    fn next_due(&mut self) -> Option<i64> {
+    fn remove(&mut self, key: &str) {
+        if let Some(old) = self.jobs.remove(key) {
+            self.release(old);
+        }
+    }
+
+    /// Drops an interned schedule no job uses any more.
+    fn release(&mut self, old: JobSched) {
+        let spec = &old.entry.stored.spec;
+        let cache_key = (
+            spec.cron.clone().unwrap_or_default(),
+            spec.time_zone.clone(),
+        );
+        drop(old);
+        if self
+            .parsed
+            .get(&cache_key)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            self.parsed.remove(&cache_key);
+        }
+    }
+
+    /// Number of distinct parsed cron expressions held.
+    pub fn distinct_schedules(&self) -> usize {
+        self.parsed.len()
+    }
+
+    /// Number of scheduled jobs.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether no job is scheduled.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// The next fire time (epoch ms), if any job is scheduled.
+    pub fn next_due(&mut self) -> Option<i64> {
         while let Some(Reverse((at, generation, key))) = self.heap.peek() {
             match self.jobs.get(key) {
                 Some(j) if j.generation == *generation => return Some(*at),
@@ -178,7 +241,7 @@ impl Schedules {
 
     /// Pops every job due at `now` and plans its fires; fires at or before `catch_up_until`
     /// are marked as catch-up.
-    fn pop_due(
+    pub fn pop_due(
         &mut self,
         now: DateTime<Utc>,
         threshold: Duration,
@@ -313,7 +376,7 @@ impl Engine {
             let floor = states.get(&key).map(|s| s.last_fire_at);
             sched.set(&key, Some(entry), floor);
         }
-        tracing::info!(epoch, jobs = sched.jobs.len(), "leading: scheduling jobs");
+        tracing::info!(epoch, jobs = sched.len(), "leading: scheduling jobs");
         let mut retry: Vec<Fire> = Vec::new();
         loop {
             if self.leadership.valid_epoch() != Some(epoch) {

@@ -72,12 +72,7 @@ impl CronSchedule {
     /// Parses `expr` and binds it to `tz`. Fails when the expression is malformed or can never
     /// fire (such as `0 0 0 30 2 ?`, February 30th).
     pub fn new(expr: &str, tz: Tz) -> Result<Self, CronError> {
-        let cron = parse_cron(expr)?;
-        let schedule = CronSchedule {
-            cron,
-            tz,
-            expr: expr.to_string(),
-        };
+        let schedule = CronSchedule::parse(expr, tz)?;
         // A pattern that matches nothing (or only years gone by) would make the scheduler search
         // in vain at dispatch time; reject it here.
         if schedule.next_after(Utc::now()).is_none() {
@@ -87,6 +82,16 @@ impl CronSchedule {
             });
         }
         Ok(schedule)
+    }
+
+    /// Parses `expr` without checking that it fires in the future: for expressions that were
+    /// validated with [`CronSchedule::new`] already (stored job definitions).
+    pub fn parse(expr: &str, tz: Tz) -> Result<Self, CronError> {
+        Ok(CronSchedule {
+            cron: parse_cron(expr)?,
+            tz,
+            expr: expr.to_string(),
+        })
     }
 
     /// The expression as written.

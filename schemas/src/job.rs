@@ -392,12 +392,13 @@ impl JobSpec {
         }
     }
 
-    /// The cron schedule, if the job has one. Call on a validated spec.
+    /// The cron schedule, if the job has one. Call on a validated spec (the "fires in the
+    /// future" check of validation is not repeated).
     pub fn schedule(&self) -> Option<Result<CronSchedule, String>> {
         let expr = self.cron.as_deref()?;
         Some(
             parse_time_zone(&self.time_zone)
-                .and_then(|tz| CronSchedule::new(expr, tz).map_err(|e| e.to_string())),
+                .and_then(|tz| CronSchedule::parse(expr, tz).map_err(|e| e.to_string())),
         )
     }
 }

@@ -55,6 +55,23 @@ pub use krest_schemas::{LogLevel, RunMessage, ShardInfo, Trigger};
 pub use options::{Backoff, WorkerBuilder};
 pub use worker::{RunningWorker, Worker, MAX_DELIVER};
 
+/// Completes on SIGTERM or ctrl-c (SIGINT): pass it to [`Worker::run`] for the usual
+/// graceful shutdown of a service.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Errors of the worker SDK.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {

@@ -8,6 +8,7 @@
 
 mod api;
 mod cli;
+mod dispatch;
 mod ha;
 mod harness;
 mod retries;
