@@ -1,11 +1,13 @@
 //! Demo worker: the Krest-Job seed's demo app (`demo-spring-krest-job`) with its two handlers,
 //! `service/demo-krestjob-post` (NORMAL) and `service/demo-krestjob/sharding` (SHARDING).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use krest_worker::{JobContext, JobError, Worker};
+use krest_demo_worker::{register, DemoOptions, APP};
+use krest_worker::Worker;
 
 /// Runs the seed's demo handlers as a Krest worker.
 #[derive(Debug, Parser)]
@@ -24,11 +26,14 @@ struct Args {
     #[arg(long, env = "KREST_INSTANCE")]
     instance: Option<String>,
     /// App name (the seed's appName).
-    #[arg(long, env = "KREST_APP", default_value = "demo-spring-krest-job")]
+    #[arg(long, env = "KREST_APP", default_value = APP)]
     app: String,
     /// Simulated work per shard, in milliseconds.
     #[arg(long, env = "KREST_WORK_MS", default_value_t = 300)]
     work_ms: u64,
+    /// Append `run_id shard attempt instance` per execution to this file.
+    #[arg(long, env = "KREST_JOURNAL")]
+    journal: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -41,52 +46,21 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let work = Duration::from_millis(args.work_ms);
     let mut builder = Worker::builder(&args.app)
         .nats_url(&args.nats_url)
         .weight(args.weight)
         .slots(args.slots)
-        .version(env!("CARGO_PKG_VERSION"))
-        .handler(
-            "service/demo-krestjob-post",
-            move |ctx: JobContext| async move {
-                ctx.log(format!(
-                    "demo-krestjob-post received {} (attempt {})",
-                    ctx.args(),
-                    ctx.attempt()
-                ));
-                tokio::time::sleep(work / 3).await;
-                let echo = ctx.args().as_str().unwrap_or("").to_string();
-                Ok(format!("post ok: {echo}"))
-            },
-        )
-        .handler(
-            "service/demo-krestjob/sharding",
-            move |ctx: JobContext| async move {
-                let item = ctx
-                    .shard_item()
-                    .cloned()
-                    .ok_or_else(|| JobError::fatal("this handler expects a SHARDING job"))?;
-                ctx.log(format!(
-                    "shard {}/{} processing item {item}",
-                    ctx.shard_index() + 1,
-                    ctx.shard_total()
-                ));
-                tokio::select! {
-                    _ = tokio::time::sleep(work) => {}
-                    _ = ctx.cancelled() => return Err(JobError::new("cancelled")),
-                }
-                Ok(format!(
-                    "shard {}/{} done",
-                    ctx.shard_index() + 1,
-                    ctx.shard_total()
-                ))
-            },
-        );
+        .version(env!("CARGO_PKG_VERSION"));
     if let Some(id) = args.instance {
         builder = builder.instance(id);
     }
-    let worker = builder.build().context("bad worker configuration")?;
+    let opts = DemoOptions {
+        work: Duration::from_millis(args.work_ms),
+        journal: args.journal,
+    };
+    let worker = register(builder, opts)
+        .build()
+        .context("bad worker configuration")?;
     tracing::info!(instance = worker.instance(), "demo worker starting");
     worker
         .run(krest_worker::shutdown_signal())

@@ -10,8 +10,8 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::api::{
     ApiError, ApiReply, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatus,
-    ErrorCode, InvalidDocument, JobListRequest, JobRequest, JobView, Op, RunRequest,
-    RunsListRequest, TriggerRequest, TriggerResponse,
+    DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest, JobView, Op,
+    RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP};
 use krest_schemas::{parse_job, NodeInfo, StoredJob, Trigger, WorkerInfo};
@@ -183,6 +183,15 @@ impl ApiServer {
             }
             Op::WorkersList => to_value(self.workers().await?),
             Op::ClusterStatus => to_value(self.cluster().await?),
+            Op::DlqList => {
+                let req: DlqListRequest = body(payload)?;
+                let limit = req.limit.unwrap_or(20).clamp(1, 1000) as usize;
+                to_value(
+                    crate::deadletter::list(&self.infra.js, limit)
+                        .await
+                        .map_err(Failure::internal)?,
+                )
+            }
         }
     }
 
@@ -428,8 +437,20 @@ impl ApiServer {
         };
         let now = Utc::now();
         let spec = &entry.stored.spec;
+        let run_id = match req.request_id.as_deref() {
+            Some(id) if krest_schemas::names::is_token(id) => {
+                format!("{}.{}.m-{id}", spec.job_group, spec.job_name)
+            }
+            Some(id) => {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("requestId `{id}` must be 1 to 64 letters, digits, `-` or `_`"),
+                ))
+            }
+            None => manual_run_id(&spec.job_group, &spec.job_name, now),
+        };
         let fire = Fire {
-            run_id: manual_run_id(&spec.job_group, &spec.job_name, now),
+            run_id,
             job: entry.clone(),
             scheduled_at: now,
             trigger: Trigger::Manual,

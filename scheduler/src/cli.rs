@@ -102,6 +102,82 @@ pub enum Command {
     /// Preview cron expressions.
     #[command(subcommand)]
     Cron(CronCmd),
+    /// Run a built-in worker.
+    #[command(subcommand)]
+    Worker(WorkerRunCmd),
+    /// Inspect the dead-letter stream (bad input, runs that exhausted their deliveries).
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+}
+
+/// `krest dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// List the newest parked messages.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+/// `krest worker …`
+#[derive(Debug, Subcommand)]
+pub enum WorkerRunCmd {
+    /// The seed's demo handlers (same as `krest-demo-worker`).
+    Demo(DemoWorkerArgs),
+}
+
+/// `krest worker demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoWorkerArgs {
+    /// Relative capacity of this instance.
+    #[arg(long, env = "KREST_WEIGHT", default_value_t = 1)]
+    pub weight: u32,
+    /// Concurrent runs per unit of weight.
+    #[arg(long, env = "KREST_SLOTS", default_value_t = 2)]
+    pub slots: u32,
+    /// Instance id (default: host name, pid and a random suffix).
+    #[arg(long, env = "KREST_INSTANCE")]
+    pub instance: Option<String>,
+    /// App name.
+    #[arg(long, env = "KREST_APP", default_value = krest_demo_worker::APP)]
+    pub app: String,
+    /// Simulated work per shard.
+    #[arg(long, env = "KREST_WORK", default_value = "300ms", value_parser = parse_duration)]
+    pub work: Duration,
+    /// Append `run_id shard attempt instance` per execution to this file.
+    #[arg(long, env = "KREST_JOURNAL")]
+    pub journal: Option<PathBuf>,
+    /// Ack wait of the app's consumer, if this worker creates it.
+    #[arg(long, env = "KREST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// How long a graceful stop waits for running handlers.
+    #[arg(long, env = "KREST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Runs `krest worker …` until SIGTERM or ctrl-c.
+pub async fn run_worker(nats_url: String, cmd: WorkerRunCmd) -> anyhow::Result<()> {
+    let WorkerRunCmd::Demo(args) = cmd;
+    let mut builder = krest_worker::Worker::builder(&args.app)
+        .nats_url(nats_url)
+        .weight(args.weight)
+        .slots(args.slots)
+        .ack_wait(args.ack_wait)
+        .shutdown_timeout(args.shutdown_timeout)
+        .version(env!("CARGO_PKG_VERSION"));
+    if let Some(id) = args.instance {
+        builder = builder.instance(id);
+    }
+    let opts = krest_demo_worker::DemoOptions {
+        work: args.work,
+        journal: args.journal,
+    };
+    let worker = krest_demo_worker::register(builder, opts).build()?;
+    tracing::info!(instance = worker.instance(), "demo worker starting");
+    worker.run(krest_worker::shutdown_signal()).await?;
+    Ok(())
 }
 
 /// `krest scheduler` flags.
@@ -125,6 +201,22 @@ pub struct SchedulerArgs {
     /// Replicas of streams and buckets when creating them (3 on a 3-node NATS cluster).
     #[arg(long, env = "KREST_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+    /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
+    #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
+    pub http: HttpAddr,
+}
+
+/// `--http`: an address or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    s.parse().map(|a| HttpAddr(Some(a))).map_err(|_| {
+        format!("`{s}` is not an address: use e.g. 127.0.0.1:8722, 0.0.0.0:8722 or off")
+    })
 }
 
 /// `krest job …`
@@ -327,7 +419,9 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&cli.nats_url, cli.timeout).await?;
     let json = cli.output == Format::Json;
     match cli.command {
-        Command::Scheduler(_) | Command::Cron(_) => unreachable!("handled elsewhere"),
+        Command::Scheduler(_) | Command::Cron(_) | Command::Worker(_) => {
+            unreachable!("handled elsewhere")
+        }
         Command::Job(cmd) => job(&client, cmd, json).await,
         Command::Runs(cmd) => runs(&client, cmd, json).await,
         Command::Workers(WorkersCmd::List) => {
@@ -359,6 +453,35 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                                 w.handlers.join(","),
                                 w.host.clone(),
                                 fmt_time(Some(w.heartbeat_at)),
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCmd::List { limit }) => {
+            let letters: Vec<krest_schemas::api::DeadLetter> = client
+                .call(
+                    Op::DlqList,
+                    &krest_schemas::api::DlqListRequest { limit: Some(limit) },
+                )
+                .await?;
+            if json {
+                print_json(&letters)?;
+            } else {
+                table(
+                    &["SEQ", "PARKED (UTC)", "KIND", "SOURCE", "REASON", "PAYLOAD"],
+                    letters
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                d.seq.to_string(),
+                                fmt_time(Some(d.at)),
+                                d.subject.trim_start_matches("krest.dlq.").to_string(),
+                                d.source.clone(),
+                                d.reason.clone(),
+                                d.payload.chars().take(60).collect(),
                             ]
                         })
                         .collect(),
@@ -401,6 +524,8 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                                 format!("{:?}", n.role).to_uppercase(),
                                 n.database.clone(),
                                 n.recorded_seq.to_string(),
+                                n.nats_server.clone(),
+                                n.http_addr.clone().unwrap_or_else(|| "-".into()),
                                 n.version.clone(),
                                 fmt_time(Some(n.started_at)),
                             ]
@@ -498,8 +623,16 @@ async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCod
                     format!("--args must be JSON (quote strings: --args '\"text\"'); got `{a}`")
                 })?),
             };
+            let request_id = Some(crate::dispatch::request_id(chrono::Utc::now()));
             let resp: TriggerResponse = client
-                .call(Op::JobTrigger, &TriggerRequest { job, args })
+                .call(
+                    Op::JobTrigger,
+                    &TriggerRequest {
+                        job,
+                        args,
+                        request_id,
+                    },
+                )
                 .await?;
             if json {
                 print_json(&resp)?;

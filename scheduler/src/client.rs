@@ -7,6 +7,9 @@ use krest_schemas::api::{ApiError, ApiReply, Op};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// Attempts per request (see [`Client::call_value`]).
+const ATTEMPTS: u32 = 3;
+
 /// Errors talking to scheduler nodes.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -80,24 +83,43 @@ impl Client {
     }
 
     /// Sends `req` as operation `op` and returns the raw result.
+    ///
+    /// A node that is frozen (stopped, stalled) still holds its place in the queue group until
+    /// the server notices, and a request routed to it gets no answer. So the request is sent
+    /// up to three times within the timeout, each time most likely to another node; every
+    /// operation is idempotent (`job.trigger` through its request id).
     pub async fn call_value<Req: Serialize>(
         &self,
         op: Op,
         req: &Req,
     ) -> Result<serde_json::Value, ClientError> {
-        let body = serde_json::to_vec(req).map_err(|e| ClientError::Other(e.to_string()))?;
-        let reply = self
-            .nats
-            .request(op.subject(), body.into())
-            .await
-            .map_err(|e| {
-                use async_nats::client::RequestErrorKind;
-                match e.kind() {
-                    RequestErrorKind::NoResponders => ClientError::NoScheduler(self.url.clone()),
-                    RequestErrorKind::TimedOut => ClientError::Timeout(self.timeout),
-                    _ => ClientError::Other(e.to_string()),
+        let body = bytes::Bytes::from(
+            serde_json::to_vec(req).map_err(|e| ClientError::Other(e.to_string()))?,
+        );
+        let per_attempt = (self.timeout / ATTEMPTS).max(Duration::from_millis(500));
+        let mut attempt = 0;
+        let reply = loop {
+            attempt += 1;
+            let request = async_nats::Request::new()
+                .payload(body.clone())
+                .timeout(Some(per_attempt));
+            match self.nats.send_request(op.subject(), request).await {
+                Ok(reply) => break reply,
+                Err(e) => {
+                    use async_nats::client::RequestErrorKind;
+                    match e.kind() {
+                        RequestErrorKind::NoResponders => {
+                            return Err(ClientError::NoScheduler(self.url.clone()))
+                        }
+                        RequestErrorKind::TimedOut if attempt < ATTEMPTS => continue,
+                        RequestErrorKind::TimedOut => {
+                            return Err(ClientError::Timeout(self.timeout))
+                        }
+                        _ => return Err(ClientError::Other(e.to_string())),
+                    }
                 }
-            })?;
+            }
+        };
         let reply: ApiReply = serde_json::from_slice(&reply.payload)
             .map_err(|e| ClientError::Other(format!("malformed reply to {}: {e}", op.name())))?;
         match (reply.ok, reply.result, reply.error) {

@@ -28,13 +28,14 @@ pub fn scheduled_run_id(group: &str, name: &str, at: DateTime<Utc>) -> String {
 
 /// Id of a manually triggered run: unique.
 pub fn manual_run_id(group: &str, name: &str, at: DateTime<Utc>) -> String {
+    format!("{group}.{name}.m-{}", request_id(at))
+}
+
+/// A fresh, unique request id (`<epoch ms>-<random>`), for idempotent triggers.
+pub fn request_id(at: DateTime<Utc>) -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_i64(at.timestamp_nanos_opt().unwrap_or_default());
-    format!(
-        "{group}.{name}.m{}-{:06x}",
-        at.timestamp_millis(),
-        h.finish() & 0xff_ffff
-    )
+    format!("{}-{:06x}", at.timestamp_millis(), h.finish() & 0xff_ffff)
 }
 
 /// One run to publish.
@@ -213,6 +214,7 @@ impl Publisher {
                 dispatched_at: now,
                 trigger: fire.trigger,
                 retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
+                timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
                 revision: fire.job.revision,
             };
             out.push((
@@ -280,6 +282,6 @@ mod tests {
             .with_timezone(&Utc);
         assert_eq!(scheduled_run_id("g", "j", at), "g.j.1767225605000");
         let a = manual_run_id("g", "j", at);
-        assert!(a.starts_with("g.j.m1767225605000-"), "{a}");
+        assert!(a.starts_with("g.j.m-1767225605000-"), "{a}");
     }
 }

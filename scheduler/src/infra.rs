@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use krest_schemas::names::{
-    EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET, LEADER_BUCKET, NODES_BUCKET, STATE_BUCKET,
-    WORKERS_BUCKET, WORK_STREAM, WORK_SUBJECTS,
+    DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET, LEADER_BUCKET,
+    NODES_BUCKET, STATE_BUCKET, WORKERS_BUCKET, WORK_STREAM, WORK_SUBJECTS,
 };
 
 /// Sizes and lifetimes of what [`ensure`] creates. Existing streams keep their settings.
@@ -106,6 +106,23 @@ pub async fn ensure(js: &jetstream::Context, cfg: &InfraConfig) -> Result<Infra,
             num_replicas: cfg.replicas,
             max_age: cfg.events_max_age,
             duplicate_window: Duration::from_secs(120).min(cfg.events_max_age),
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure_stream(
+        js,
+        stream::Config {
+            name: DLQ_STREAM.to_string(),
+            description: Some(
+                "Krest dead letters: bad input and runs that exhausted their deliveries".into(),
+            ),
+            subjects: vec![DLQ_SUBJECTS.to_string()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
             ..Default::default()
         },
     )

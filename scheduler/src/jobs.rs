@@ -153,9 +153,18 @@ impl JobTable {
     }
 }
 
+/// Reads a stored definition, checking it as `krest job apply` would.
+fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
+    let stored = serde_json::from_slice::<StoredJob>(value)
+        .map_err(|e| format!("malformed job definition: {e}"))?;
+    stored.spec.clone().validate().map_err(|e| e.to_string())?;
+    Ok(stored)
+}
+
 /// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`.
 /// `ready` turns true once the bucket's current content is loaded.
 pub async fn watch_jobs(
+    js: async_nats::jetstream::Context,
     bucket: kv::Store,
     table: Arc<JobTable>,
     changes: mpsc::UnboundedSender<String>,
@@ -201,22 +210,29 @@ pub async fn watch_jobs(
             };
             let key = entry.key.clone();
             let changed = match entry.operation {
-                kv::Operation::Put => match serde_json::from_slice::<StoredJob>(&entry.value) {
-                    Ok(stored) => match stored.spec.clone().validate() {
-                        Ok(_) => table.upsert(
-                            key.clone(),
-                            JobEntry {
-                                stored,
-                                revision: entry.revision,
-                            },
-                        ),
-                        Err(invalid) => {
-                            tracing::error!(job = %key, revision = entry.revision, error = %invalid, "ignoring an invalid job definition in the jobs bucket");
-                            table.remove(&key)
+                kv::Operation::Put => match parse_stored(&entry.value) {
+                    Ok(stored) => table.upsert(
+                        key.clone(),
+                        JobEntry {
+                            stored,
+                            revision: entry.revision,
+                        },
+                    ),
+                    Err(reason) => {
+                        tracing::error!(job = %key, revision = entry.revision, error = %reason, "ignoring a bad job definition in the jobs bucket (write definitions with `krest job apply`)");
+                        let id = format!("jobs/{key}/{}", entry.revision);
+                        let source = format!("$KV.{}.{key}", krest_schemas::names::JOBS_BUCKET);
+                        let parked = crate::deadletter::park(
+                            &js,
+                            "jobs",
+                            &id,
+                            &reason,
+                            &source,
+                            entry.value.clone(),
+                        );
+                        if let Err(e) = parked.await {
+                            tracing::warn!(job = %key, error = %e, "could not park the bad definition");
                         }
-                    },
-                    Err(e) => {
-                        tracing::error!(job = %key, revision = entry.revision, error = %e, "ignoring a malformed job definition in the jobs bucket (write definitions with `krest job apply`)");
                         table.remove(&key)
                     }
                 },

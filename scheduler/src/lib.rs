@@ -7,15 +7,19 @@
 //!   [`dispatch::Fire`]s, catching up what a previous leader missed;
 //! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s;
 //! - [`recorder`]: reads the events stream into SQL ([`store`]);
-//! - [`api`]: answers `krest.api.*` requests from the CLI and other clients.
+//! - [`api`]: answers `krest.api.*` requests from the CLI and other clients;
+//! - [`http`]: `/healthz` and `/readyz`;
+//! - [`deadletter`]: parks bad input and runs that exhausted their deliveries.
 //!
 //! [`cli`] and [`client`] are the command-line side. Only [`store`] knows SQL.
 
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod deadletter;
 pub mod dispatch;
 pub mod engine;
+pub mod http;
 pub mod infra;
 pub mod jobs;
 pub mod lease;

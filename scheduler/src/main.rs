@@ -47,6 +47,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.node.unwrap_or_else(node::default_node_name),
             );
             opts.lease_renew = args.lease_renew;
+            opts.http_addr = args.http.0;
             opts.infra = InfraConfig {
                 replicas: args.replicas,
                 lease_ttl: args.lease_ttl,
@@ -66,10 +67,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let stop = CancellationToken::new();
             let signals = stop.clone();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                krest_worker::shutdown_signal().await;
                 signals.cancel();
             });
             node::run(opts, stop, None).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker(cmd) => {
+            init_logging();
+            cli::run_worker(cli.nats_url, cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
         _ => cli::run_client(cli).await,
@@ -84,27 +90,4 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-}
-
-/// Completes on SIGTERM or ctrl-c.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -39,6 +39,8 @@ pub struct NodeOptions {
     pub engine: EngineConfig,
     /// Recorder.
     pub recorder: RecorderConfig,
+    /// Address of the HTTP endpoint (`/healthz`, `/readyz`); `None` disables it.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeOptions {
@@ -56,6 +58,7 @@ impl NodeOptions {
             infra: InfraConfig::default(),
             engine: EngineConfig::default(),
             recorder: RecorderConfig::default(),
+            http_addr: None,
         }
     }
 }
@@ -84,6 +87,14 @@ pub enum NodeError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The HTTP endpoint's address cannot be bound.
+    #[error("cannot listen on {addr} for /healthz and /readyz (choose another address with --http, or --http off)")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The NATS URL cannot be parsed.
     #[error("invalid NATS URL {0}")]
     NatsUrl(String),
@@ -131,6 +142,18 @@ pub async fn run(
     stop: CancellationToken,
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
 ) -> Result<(), NodeError> {
+    let http_listener = match opts.http_addr {
+        Some(addr) => Some(
+            crate::http::bind(addr)
+                .await
+                .map_err(|source| NodeError::Http { addr, source })?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
     let Some(client) = connect(&opts, &stop).await? else {
         return Ok(());
     };
@@ -184,6 +207,7 @@ pub async fn run(
     let back = CancellationToken::new(); // watcher, recorder, presence
 
     let watcher = Task::spawn(jobs::watch_jobs(
+        js.clone(),
         infra.jobs.clone(),
         table.clone(),
         changes_tx,
@@ -215,10 +239,29 @@ pub async fn run(
         publisher,
     };
     let api_task = Task::spawn(api.run(front.clone()));
+    let deadletter_task = Task::spawn(crate::deadletter::run_advisories(
+        client.clone(),
+        js.clone(),
+        back.clone(),
+    ));
+    let http_task = http_listener.map(|listener| {
+        tracing::info!(addr = ?http_addr, "serving /healthz and /readyz");
+        let state = crate::http::HttpState {
+            node: opts.node.clone(),
+            client: client.clone(),
+            store: store.clone(),
+            leadership: leadership.clone(),
+        };
+        Task::spawn(crate::http::serve(listener, state, back.clone()))
+    });
     let presence_task = Task::spawn(presence(
         infra.nodes.clone(),
-        opts.node.clone(),
-        store.backend().as_str(),
+        client.clone(),
+        Presence {
+            node: opts.node.clone(),
+            database: store.backend().as_str(),
+            http_addr,
+        },
         leadership.clone(),
         progress_rx,
         back.clone(),
@@ -235,6 +278,10 @@ pub async fn run(
     watcher.join().await;
     recorder_task.join().await;
     presence_task.join().await;
+    deadletter_task.join().await;
+    if let Some(t) = http_task {
+        t.join().await;
+    }
     // Bounded: a node asked to stop must stop even when NATS is gone.
     match tokio::time::timeout(Duration::from_secs(3), infra.nodes.delete(&opts.node)).await {
         Ok(Ok(())) => {}
@@ -310,10 +357,17 @@ async fn connect(
     }
 }
 
-async fn presence(
-    nodes: async_nats::jetstream::kv::Store,
+/// The fixed part of a node's presence.
+struct Presence {
     node: String,
     database: &'static str,
+    http_addr: Option<String>,
+}
+
+async fn presence(
+    nodes: async_nats::jetstream::kv::Store,
+    client: async_nats::Client,
+    me: Presence,
     leadership: Leadership,
     progress: watch::Receiver<u64>,
     stop: CancellationToken,
@@ -331,17 +385,20 @@ async fn presence(
             Role::Leader { .. } => NodeRole::Leader,
             Role::Standby => NodeRole::Standby,
         };
+        let server = client.server_info();
         let info = NodeInfo {
-            node: node.clone(),
+            node: me.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             role,
-            database: database.to_string(),
+            database: me.database.to_string(),
+            nats_server: format!("{}@{}:{}", server.server_name, server.host, server.port),
+            http_addr: me.http_addr.clone(),
             recorded_seq: *progress.borrow(),
             started_at,
             heartbeat_at: Utc::now(),
         };
         if let Ok(body) = serde_json::to_vec(&info) {
-            if let Err(e) = nodes.put(&node, body.into()).await {
+            if let Err(e) = nodes.put(&me.node, body.into()).await {
                 tracing::debug!(error = %e, "presence update failed");
             }
         }

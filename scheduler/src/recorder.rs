@@ -111,6 +111,19 @@ async fn record(
                 Err(_) => break,
             }
         }
+        // Park malformed events first: once the cursor moves past them they are not read again.
+        for (seq, subject, payload, error) in &batch.bad {
+            crate::deadletter::park(
+                js,
+                "events",
+                &format!("events/{seq}"),
+                error,
+                subject,
+                payload.clone(),
+            )
+            .await
+            .map_err(|e| format!("cannot park malformed event {seq}: {e}"))?;
+        }
         retry_db(stop, "record run events", || {
             store.apply(&batch.events, batch.last_seq)
         })
@@ -123,6 +136,8 @@ async fn record(
 struct Batch {
     events: Vec<RunEvent>,
     last_seq: u64,
+    /// Malformed events: (stream sequence, subject, payload, error).
+    bad: Vec<(u64, String, bytes::Bytes, String)>,
 }
 
 impl Batch {
@@ -131,10 +146,15 @@ impl Batch {
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
             Ok(e) => self.events.push(e),
-            Err(e) => tracing::error!(
-                seq, subject = %m.subject, error = %e,
-                "skipping a malformed run event"
-            ),
+            Err(e) => {
+                tracing::error!(seq, subject = %m.subject, error = %e, "malformed run event");
+                self.bad.push((
+                    seq,
+                    m.subject.to_string(),
+                    m.payload.clone(),
+                    format!("malformed run event: {e}"),
+                ));
+            }
         }
         Ok(())
     }

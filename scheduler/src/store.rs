@@ -242,6 +242,7 @@ fn outcome_str(o: AttemptOutcome) -> &'static str {
     match o {
         AttemptOutcome::Succeeded => "SUCCEEDED",
         AttemptOutcome::Failed => "FAILED",
+        AttemptOutcome::TimedOut => "TIMED_OUT",
     }
 }
 
@@ -617,6 +618,14 @@ impl Store {
         }))
     }
 
+    /// Checks that the database accepts a write (a no-op update of the cursor row).
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE recorder_cursor SET seq = seq WHERE id = 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Number of rows in each table (for tests and diagnostics).
     pub async fn counts(&self) -> Result<(i64, i64, i64), StoreError> {
         let one = |sql: &'static str| async move {
@@ -638,7 +647,7 @@ impl Store {
     }
 }
 
-const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error";
+const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node";
 
 fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     let status: String = r.try_get("status")?;
@@ -662,6 +671,7 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
         misfired: u32_of(r.try_get("misfired")?),
         output: r.try_get("output")?,
         error: r.try_get("error")?,
+        node: r.try_get("node")?,
     })
 }
 
@@ -689,6 +699,7 @@ async fn summarize(
         succeeded: bool,
         latest: i64,
         latest_failed_final: bool,
+        latest_timed_out: bool,
         started: bool,
     }
     #[derive(Default)]
@@ -734,7 +745,7 @@ async fn summarize(
                     acc.output = Some(o);
                 }
             }
-            Some("FAILED") => {
+            Some("FAILED") | Some("TIMED_OUT") => {
                 if let Some(e) = r.try_get::<Option<String>, _>("error")? {
                     if acc
                         .error
@@ -749,7 +760,9 @@ async fn summarize(
         }
         if attempt >= sh.latest {
             sh.latest = attempt;
-            sh.latest_failed_final = outcome.as_deref() == Some("FAILED") && !will_retry;
+            let failed = matches!(outcome.as_deref(), Some("FAILED") | Some("TIMED_OUT"));
+            sh.latest_failed_final = failed && !will_retry;
+            sh.latest_timed_out = outcome.as_deref() == Some("TIMED_OUT");
         }
     }
     for run_id in run_ids {
@@ -761,10 +774,19 @@ async fn summarize(
             .values()
             .filter(|s| !s.succeeded && s.latest_failed_final)
             .count() as i64;
+        let timed_out = acc
+            .shards
+            .values()
+            .filter(|s| !s.succeeded && s.latest_failed_final)
+            .all(|s| s.latest_timed_out);
         let status = if succeeded >= total {
             RunStatus::Succeeded
         } else if failed > 0 && succeeded + failed >= total {
-            RunStatus::Failed
+            if timed_out {
+                RunStatus::TimedOut
+            } else {
+                RunStatus::Failed
+            }
         } else if acc.shards.values().any(|s| s.started) {
             RunStatus::Running
         } else {

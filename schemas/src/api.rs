@@ -38,11 +38,13 @@ pub enum Op {
     WorkersList,
     /// `{}` → [`ClusterStatus`]
     ClusterStatus,
+    /// [`DlqListRequest`] → `Vec<DeadLetter>`
+    DlqList,
 }
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::JobApply,
         Op::JobList,
         Op::JobGet,
@@ -54,6 +56,7 @@ impl Op {
         Op::RunsGet,
         Op::WorkersList,
         Op::ClusterStatus,
+        Op::DlqList,
     ];
 
     /// The operation's name, e.g. `job.apply`.
@@ -70,6 +73,7 @@ impl Op {
             Op::RunsGet => "runs.get",
             Op::WorkersList => "workers.list",
             Op::ClusterStatus => "cluster.status",
+            Op::DlqList => "dlq.list",
         }
     }
 
@@ -230,6 +234,10 @@ pub struct TriggerRequest {
     /// holding one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
+    /// Idempotency key chosen by the client (a token: letters, digits, `-`, `_`). Requests
+    /// with the same key make one run, so a client may safely retry after a timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Result of `job.trigger`.
@@ -254,6 +262,8 @@ pub enum RunStatus {
     Succeeded,
     /// A shard failed with no retries left.
     Failed,
+    /// A shard's last attempt ran past the job's `timeoutSecs`, with no retries left.
+    TimedOut,
 }
 
 impl RunStatus {
@@ -264,6 +274,7 @@ impl RunStatus {
             RunStatus::Running => "RUNNING",
             RunStatus::Succeeded => "SUCCEEDED",
             RunStatus::Failed => "FAILED",
+            RunStatus::TimedOut => "TIMED_OUT",
         }
     }
 
@@ -274,6 +285,7 @@ impl RunStatus {
             RunStatus::Running,
             RunStatus::Succeeded,
             RunStatus::Failed,
+            RunStatus::TimedOut,
         ]
         .into_iter()
         .find(|st| st.as_str().eq_ignore_ascii_case(s))
@@ -281,7 +293,10 @@ impl RunStatus {
 
     /// True for statuses a run never leaves.
     pub fn is_final(self) -> bool {
-        matches!(self, RunStatus::Succeeded | RunStatus::Failed)
+        matches!(
+            self,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut
+        )
     }
 }
 
@@ -339,6 +354,9 @@ pub struct RunSummary {
     pub attempts: u32,
     /// Misfired fire times this run stands in for.
     pub misfired: u32,
+    /// The scheduler node that dispatched it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Output of the last successful attempt (unsharded runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
@@ -378,6 +396,8 @@ pub enum AttemptStatus {
     Succeeded,
     /// Failed; `willRetry` tells whether another attempt follows.
     Failed,
+    /// Cancelled at the job's timeout; `willRetry` tells whether another attempt follows.
+    TimedOut,
 }
 
 impl From<AttemptOutcome> for AttemptStatus {
@@ -385,6 +405,7 @@ impl From<AttemptOutcome> for AttemptStatus {
         match o {
             AttemptOutcome::Succeeded => AttemptStatus::Succeeded,
             AttemptOutcome::Failed => AttemptStatus::Failed,
+            AttemptOutcome::TimedOut => AttemptStatus::TimedOut,
         }
     }
 }
@@ -449,6 +470,33 @@ pub struct ClusterStatus {
 
 /// The leader lease as the API shows it.
 pub type LeaderView = LeaderLease;
+
+/// `dlq.list`: the newest parked messages.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DlqListRequest {
+    /// At most this many (default 20, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// A message parked on the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// Sequence in the dead-letter stream.
+    pub seq: u64,
+    /// `krest.dlq.<kind>`.
+    pub subject: String,
+    /// Why it was parked.
+    pub reason: String,
+    /// Where it was found.
+    pub source: String,
+    /// When it was parked.
+    pub at: DateTime<Utc>,
+    /// The payload as text (lossy UTF-8, truncated to 4 KiB).
+    pub payload: String,
+}
 
 /// Worker listing (`workers.list`).
 pub type WorkersList = Vec<WorkerInfo>;

@@ -17,6 +17,8 @@ pub const MAX_RETRY_TIMES: u32 = 20;
 pub const MAX_SHARDS: usize = 1000;
 /// Largest `args`, serialized, in bytes (messages must stay well under NATS's 1 MiB payload).
 pub const MAX_ARGS_BYTES: usize = 64 * 1024;
+/// Longest `timeoutSecs` (7 days).
+pub const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
 /// Longest handler `path`.
 pub const MAX_PATH_LEN: usize = 256;
 
@@ -61,6 +63,10 @@ pub struct JobSpec {
     /// Retries after a failed attempt; a run makes at most `retryTimes + 1` attempts.
     #[serde(default)]
     pub retry_times: i64,
+    /// Seconds an attempt may run; past it the worker cancels the handler and records the
+    /// attempt TIMED_OUT (retried like a failure). Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<i64>,
     /// Free-form id carried over from Krest-Job documents (not used for identity).
     #[serde(
         default,
@@ -339,6 +345,14 @@ impl JobSpec {
                     self.retry_times
                 ),
             ));
+        }
+        if let Some(t) = self.timeout_secs {
+            if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
+                problems.push(problem(
+                    "timeoutSecs",
+                    format!("{t} is out of range: use 1 to {MAX_TIMEOUT_SECS} seconds, or leave it out for no limit"),
+                ));
+            }
         }
         if !LoadBalance::SUPPORTED.contains(&self.load_balance_type) {
             problems.push(problem(

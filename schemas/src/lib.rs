@@ -118,5 +118,13 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             "api-cluster-status.json",
             render(schemars::schema_for!(api::ClusterStatus)),
         ),
+        (
+            "api-dlq-list-request.json",
+            render(schemars::schema_for!(api::DlqListRequest)),
+        ),
+        (
+            "api-dead-letter.json",
+            render(schemars::schema_for!(api::DeadLetter)),
+        ),
     ]
 }

@@ -76,6 +76,9 @@ pub struct RunMessage {
     pub trigger: Trigger,
     /// Retries allowed after a failed attempt.
     pub retry_times: u32,
+    /// Seconds an attempt may run before the worker cancels it (TIMED_OUT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
     /// Revision of the job definition the run was made from.
     pub revision: u64,
 }
@@ -100,6 +103,8 @@ pub enum AttemptOutcome {
     Succeeded,
     /// The handler failed, panicked, or no handler was found.
     Failed,
+    /// The handler ran past the job's `timeoutSecs` and was cancelled.
+    TimedOut,
 }
 
 /// Severity of a handler log line.
@@ -348,6 +353,12 @@ pub struct NodeInfo {
     pub role: NodeRole,
     /// Database backend (`sqlite`, `postgres`).
     pub database: String,
+    /// The NATS server this node is connected to (`name@host:port`).
+    #[serde(default)]
+    pub nats_server: String,
+    /// Address of the node's HTTP endpoint (`/healthz`, `/readyz`), if enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
     /// Stream sequence of the last event recorded into the node's database.
     pub recorded_seq: u64,
     /// When the node started.

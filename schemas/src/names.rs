@@ -12,6 +12,21 @@ pub const WORK_SUBJECTS: &str = "krest.work.>";
 pub const EVENTS_STREAM: &str = "KREST_EVENTS";
 /// Subjects of [`EVENTS_STREAM`].
 pub const EVENTS_SUBJECTS: &str = "krest.events.>";
+/// The JetStream stream where bad input is parked: malformed run messages and events, invalid
+/// job definitions found in the jobs bucket, runs that exhausted their deliveries.
+pub const DLQ_STREAM: &str = "KREST_DLQ";
+/// Subjects of [`DLQ_STREAM`].
+pub const DLQ_SUBJECTS: &str = "krest.dlq.>";
+/// Header naming why a message was parked.
+pub const DLQ_REASON_HEADER: &str = "Krest-Reason";
+/// Header holding the subject the parked message was found on.
+pub const DLQ_SOURCE_HEADER: &str = "Krest-Source-Subject";
+
+/// Dead-letter subject for one kind of bad input (`work`, `events`, `jobs`).
+pub fn dlq_subject(kind: &str) -> String {
+    format!("krest.dlq.{kind}")
+}
+
 /// Subject prefix of the request/reply API spoken by `krest` CLI and scheduler nodes.
 pub const API_PREFIX: &str = "krest.api";
 /// Queue group every scheduler node's API responders join, so one node answers each request.

@@ -115,6 +115,41 @@ impl NatsServer {
         server
     }
 
+    /// Starts a JetStream cluster of `n` servers on loopback (routes between all of them,
+    /// cluster name `krest`, server names `n1`…). Servers can be killed and restarted one by
+    /// one; JetStream needs a majority up.
+    pub fn start_cluster(n: usize) -> Vec<NatsServer> {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<NatsServer> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| NatsServer {
+                child: None,
+                port: free_port(),
+                dir: TestDir::new(&format!("nats-n{}", i + 1)),
+                extra_args: vec![
+                    "--server_name".into(),
+                    format!("n{}", i + 1),
+                    "--cluster_name".into(),
+                    "krest".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".into(),
+                    route_urls.clone(),
+                ],
+            })
+            .collect();
+        for s in &mut servers {
+            s.spawn();
+        }
+        servers
+    }
+
     fn spawn(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)

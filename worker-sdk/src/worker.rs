@@ -11,7 +11,8 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    app_consumer, server_list, work_queue_subject, worker_key, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, dlq_subject, server_list, work_queue_subject, worker_key, DLQ_REASON_HEADER,
+    DLQ_SOURCE_HEADER, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage, Started, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -77,6 +78,7 @@ impl RunningWorker {
 }
 
 struct Shared {
+    js: jetstream::Context,
     app: String,
     instance: String,
     handlers: BTreeMap<String, HandlerFn>,
@@ -169,6 +171,7 @@ impl Worker {
         let (events, publisher) = spawn_publisher(js.clone());
         let mut publisher = AbortOnDrop(Some(publisher));
         let shared = Arc::new(Shared {
+            js: js.clone(),
             app: cfg.app.clone(),
             instance: self.instance.clone(),
             handlers: cfg.handlers.clone(),
@@ -496,11 +499,41 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Parks a message this worker cannot read on the dead-letter stream (`krest.dlq.work`).
+async fn park(
+    js: &jetstream::Context,
+    seq: &u64,
+    reason: &str,
+    msg: &jetstream::Message,
+) -> Result<(), String> {
+    let mut headers = async_nats::HeaderMap::new();
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    headers.insert(DLQ_REASON_HEADER, reason.as_str());
+    headers.insert(DLQ_SOURCE_HEADER, msg.subject.as_str());
+    js.send_publish(
+        dlq_subject("work"),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(msg.payload.clone())
+            .headers(headers)
+            .message_id(format!("work/{seq}")),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// How an attempt ended, before it is reported.
 enum Ending {
     Done(Result<crate::Output, JobError>),
     /// The worker shut down before the handler finished.
     Interrupted,
+    /// The handler ran past the job's timeout and was cancelled.
+    TimedOut,
 }
 
 async fn process(
@@ -518,11 +551,22 @@ async fn process(
     let run: RunMessage = match serde_json::from_slice(&msg.payload) {
         Ok(run) => run,
         Err(e) => {
-            tracing::error!(
-                subject = %msg.subject, error = %e,
-                "malformed run message; terminating it (it will not be redelivered)"
-            );
-            let _ = msg.ack_with(AckKind::Term).await;
+            tracing::error!(subject = %msg.subject, error = %e, "malformed run message; parking it");
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let reason = format!("malformed run message: {e}");
+            match park(&shared.js, &seq, &reason, &msg).await {
+                Ok(()) => {
+                    let _ = msg.double_ack_with(AckKind::Term).await;
+                }
+                // Not parked: leave it for redelivery (and, at worst, the server's max
+                // deliveries, after which the scheduler parks it).
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not park the malformed run message");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(10))))
+                        .await;
+                }
+            }
             return;
         }
     };
@@ -566,6 +610,7 @@ async fn process(
                 handler(ctx.clone()),
                 &msg,
                 shared.progress_every,
+                run.timeout_secs.map(Duration::from_secs),
                 &hard_stop,
                 &cancel,
                 shared.cancel_grace,
@@ -596,6 +641,24 @@ async fn process(
                 retry,
                 None,
                 Some(truncate(e.message().to_string(), MAX_OUTPUT)),
+                ack,
+            )
+        }
+        Ending::TimedOut => {
+            let retry = attempt < max_attempts;
+            let ack = if retry {
+                AckKind::Nak(Some(shared.backoff.delay(attempt)))
+            } else {
+                AckKind::Term
+            };
+            (
+                AttemptOutcome::TimedOut,
+                retry,
+                None,
+                Some(format!(
+                    "timed out after {} s (timeoutSecs); the handler was cancelled",
+                    run.timeout_secs.unwrap_or_default()
+                )),
                 ack,
             )
         }
@@ -655,6 +718,7 @@ async fn execute(
     fut: crate::options::HandlerFuture,
     msg: &jetstream::Message,
     progress_every: Duration,
+    timeout: Option<Duration>,
     hard_stop: &CancellationToken,
     cancel: &CancellationToken,
     grace: Duration,
@@ -662,16 +726,27 @@ async fn execute(
     let mut handle = tokio::spawn(fut);
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
-    let mut grace_until: Option<tokio::time::Instant> = None;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    // Why the handler was asked to stop, and until when it may take to return.
+    let mut stopping: Option<(Ending, tokio::time::Instant)> = None;
     loop {
         let grace_sleep = async {
-            match grace_until {
-                Some(t) => tokio::time::sleep_until(t).await,
+            match &stopping {
+                Some((_, until)) => tokio::time::sleep_until(*until).await,
+                None => std::future::pending().await,
+            }
+        };
+        let deadline_sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             joined = &mut handle => {
+                if let Some((Ending::TimedOut, _)) = stopping {
+                    return Ending::TimedOut;
+                }
                 return Ending::Done(match joined {
                     Ok(r) => r,
                     Err(e) if e.is_panic() => Err(JobError::new(format!(
@@ -686,13 +761,17 @@ async fn execute(
                     tracing::debug!(error = %e, "progress ack failed");
                 }
             }
-            _ = hard_stop.cancelled(), if grace_until.is_none() => {
+            _ = deadline_sleep, if stopping.is_none() => {
                 cancel.cancel();
-                grace_until = Some(tokio::time::Instant::now() + grace);
+                stopping = Some((Ending::TimedOut, tokio::time::Instant::now() + grace));
+            }
+            _ = hard_stop.cancelled(), if stopping.is_none() => {
+                cancel.cancel();
+                stopping = Some((Ending::Interrupted, tokio::time::Instant::now() + grace));
             }
             _ = grace_sleep => {
                 handle.abort();
-                return Ending::Interrupted;
+                return stopping.map_or(Ending::Interrupted, |(why, _)| why);
             }
         }
     }

@@ -66,6 +66,8 @@ impl Env {
             &self.db(node),
             "--node",
             node,
+            "--http",
+            "127.0.0.1:0",
         ])
         .env("KREST_LOG", "info,krest=debug");
         Proc::spawn(node, cmd, self.dir.join(&format!("{node}.log")))
@@ -137,24 +139,24 @@ pub async fn trigger(client: &Client, job: &str) -> TriggerResponse {
             &TriggerRequest {
                 job: job.into(),
                 args: None,
+                request_id: Some(krest::dispatch::request_id(chrono::Utc::now())),
             },
         )
         .await
         .unwrap()
 }
 
+/// The runs of `job`, retrying while no node answers in time (a node may be frozen on purpose).
 pub async fn runs(client: &Client, job: &str) -> Vec<RunSummary> {
-    client
-        .call(
-            Op::RunsList,
-            &RunsListRequest {
-                job: Some(job.into()),
-                status: None,
-                limit: Some(1000),
-            },
-        )
-        .await
-        .unwrap()
+    let req = RunsListRequest {
+        job: Some(job.into()),
+        status: None,
+        limit: Some(1000),
+    };
+    eventually(DEADLINE, "an answer to runs.list", || async {
+        client.call(Op::RunsList, &req).await.ok()
+    })
+    .await
 }
 
 pub async fn run(client: &Client, run_id: &str) -> Option<RunDetail> {

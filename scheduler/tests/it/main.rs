@@ -9,6 +9,7 @@
 mod api;
 mod cli;
 mod dispatch;
+mod faults;
 mod ha;
 mod harness;
 mod retries;

@@ -164,6 +164,7 @@ async fn a_panicking_handler_fails_the_run_not_the_worker() {
             &krest_schemas::api::TriggerRequest {
                 job: "panics".into(),
                 args: Some(json!("fine")),
+                request_id: None,
             },
         )
         .await

@@ -1,0 +1,95 @@
+//! The Krest-Job seed's demo app (`demo-spring-krest-job`): its two handlers, registered on a
+//! [`WorkerBuilder`] by [`register`]. Used by the `krest-demo-worker` binary and by
+//! `krest worker demo`.
+//!
+//! - `service/demo-krestjob-post` (NORMAL): logs its args, returns `post ok: <args>`.
+//! - `service/demo-krestjob/sharding` (SHARDING): logs its shard, works for `work` (honouring
+//!   cancellation), returns `shard i/n done`.
+//!
+//! With a journal file set, every handler execution appends `run_id shard attempt instance`
+//! as one line — an audit trail that tells executions apart even when a run is executed
+//! twice (which the run history, keyed by attempt, cannot show).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use krest_worker::{JobContext, JobError, WorkerBuilder};
+
+/// The seed's app name.
+pub const APP: &str = "demo-spring-krest-job";
+/// Handler of the seed's NORMAL job.
+pub const POST_HANDLER: &str = "service/demo-krestjob-post";
+/// Handler of the seed's SHARDING job.
+pub const SHARDING_HANDLER: &str = "service/demo-krestjob/sharding";
+
+/// How the demo handlers behave.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Simulated work per shard (a third of it for the NORMAL job).
+    pub work: Duration,
+    /// Append one line per execution to this file.
+    pub journal: Option<PathBuf>,
+}
+
+fn journal(path: &Option<PathBuf>, ctx: &JobContext) -> Result<(), JobError> {
+    let Some(path) = path else { return Ok(()) };
+    let line = format!(
+        "{} {} {} {}\n",
+        ctx.run_id(),
+        ctx.shard_index(),
+        ctx.attempt(),
+        ctx.worker()
+    );
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .map_err(|e| JobError::new(format!("cannot write the journal {}: {e}", path.display())))
+}
+
+/// Registers the demo handlers on `builder`.
+pub fn register(builder: WorkerBuilder, opts: DemoOptions) -> WorkerBuilder {
+    let opts = Arc::new(opts);
+    let post = opts.clone();
+    builder
+        .handler(POST_HANDLER, move |ctx: JobContext| {
+            let opts = post.clone();
+            async move {
+                journal(&opts.journal, &ctx)?;
+                ctx.log(format!(
+                    "demo-krestjob-post received {} (attempt {})",
+                    ctx.args(),
+                    ctx.attempt()
+                ));
+                tokio::time::sleep(opts.work / 3).await;
+                Ok(format!("post ok: {}", ctx.args().as_str().unwrap_or("")))
+            }
+        })
+        .handler(SHARDING_HANDLER, move |ctx: JobContext| {
+            let opts = opts.clone();
+            async move {
+                journal(&opts.journal, &ctx)?;
+                let item = ctx
+                    .shard_item()
+                    .cloned()
+                    .ok_or_else(|| JobError::fatal("this handler expects a SHARDING job"))?;
+                ctx.log(format!(
+                    "shard {}/{} processing item {item}",
+                    ctx.shard_index() + 1,
+                    ctx.shard_total()
+                ));
+                tokio::select! {
+                    _ = tokio::time::sleep(opts.work) => {}
+                    _ = ctx.cancelled() => return Err(JobError::new("cancelled")),
+                }
+                Ok(format!(
+                    "shard {}/{} done",
+                    ctx.shard_index() + 1,
+                    ctx.shard_total()
+                ))
+            }
+        })
+}

@@ -1,0 +1,206 @@
+//! Parking bad input on the dead-letter stream (`KREST_DLQ`, subjects `krest.dlq.<kind>`), and
+//! dead-lettering runs that exhausted their deliveries.
+//!
+//! Parked messages keep their payload as found, with headers `Krest-Reason` and
+//! `Krest-Source-Subject`, and a `Nats-Msg-Id` derived from where they were found, so every node
+//! may park the same bad input and only one copy is stored.
+//!
+//! JetStream leaves a work-queue message that reached its consumer's max deliveries in the
+//! stream and emits an advisory. Every node listens (one per advisory, by queue group): the
+//! message is parked, its run's last attempt is recorded as FAILED (so the run ends), and it is
+//! deleted from the work stream.
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::StreamExt;
+use krest_schemas::api::DeadLetter;
+use krest_schemas::names::{
+    dlq_subject, events_subject, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, DLQ_STREAM, WORK_STREAM,
+};
+use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// Largest payload shown by [`list`].
+const SHOWN_PAYLOAD: usize = 4096;
+
+fn header_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
+}
+
+/// Parks `payload` on `krest.dlq.<kind>` (deduplicated by `msg_id`).
+pub async fn park(
+    js: &jetstream::Context,
+    kind: &str,
+    msg_id: &str,
+    reason: &str,
+    source_subject: &str,
+    payload: Bytes,
+) -> Result<(), String> {
+    let mut headers = HeaderMap::new();
+    headers.insert(DLQ_REASON_HEADER, header_safe(reason).as_str());
+    headers.insert(DLQ_SOURCE_HEADER, header_safe(source_subject).as_str());
+    js.send_publish(
+        dlq_subject(kind),
+        PublishMessage::build()
+            .payload(payload)
+            .headers(headers)
+            .message_id(msg_id),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::warn!(
+        kind,
+        reason,
+        source = source_subject,
+        "parked bad input on the dead-letter stream"
+    );
+    Ok(())
+}
+
+/// The newest `limit` parked messages, newest first.
+pub async fn list(js: &jetstream::Context, limit: usize) -> Result<Vec<DeadLetter>, String> {
+    let mut stream = js.get_stream(DLQ_STREAM).await.map_err(|e| e.to_string())?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    let mut out = Vec::new();
+    let mut seq = state.last_sequence;
+    while seq >= state.first_sequence.max(1) && out.len() < limit {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let header = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default()
+            };
+            let text = String::from_utf8_lossy(&m.payload);
+            out.push(DeadLetter {
+                seq,
+                subject: m.subject.to_string(),
+                reason: header(DLQ_REASON_HEADER),
+                source: header(DLQ_SOURCE_HEADER),
+                at: chrono::DateTime::from_timestamp(m.time.unix_timestamp(), m.time.nanosecond())
+                    .unwrap_or_default(),
+                payload: text.chars().take(SHOWN_PAYLOAD).collect(),
+            });
+        }
+        seq -= 1;
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct MaxDeliveries {
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// Handles max-deliveries advisories of the work stream until `stop`.
+pub async fn run_advisories(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stop: CancellationToken,
+) {
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{WORK_STREAM}.*");
+    let mut sub = loop {
+        match client
+            .queue_subscribe(subject.clone(), "krest-deadletter".to_string())
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to max-deliveries advisories; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m { Some(m) => m, None => return },
+            _ = stop.cancelled() => return,
+        };
+        let advisory: MaxDeliveries = match serde_json::from_slice(&msg.payload) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable max-deliveries advisory");
+                continue;
+            }
+        };
+        if let Err(e) = dead_letter(&js, advisory.stream_seq, advisory.deliveries).await {
+            tracing::error!(seq = advisory.stream_seq, error = %e, "could not dead-letter a run; it stays in the work stream");
+        }
+    }
+}
+
+/// Parks work message `seq`, records its run's last attempt as failed, deletes it.
+async fn dead_letter(js: &jetstream::Context, seq: u64, deliveries: u64) -> Result<(), String> {
+    let stream = js
+        .get_stream(WORK_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Ok(raw) = stream.get_raw_message(seq).await else {
+        return Ok(()); // Already handled (by another node or an earlier advisory).
+    };
+    let reason = format!(
+        "delivered {deliveries} times without being acknowledged (the workers holding it crashed or hung)"
+    );
+    park(
+        js,
+        "work",
+        &format!("work/{seq}"),
+        &reason,
+        &raw.subject,
+        raw.payload.clone(),
+    )
+    .await?;
+    if let Ok(run) = serde_json::from_slice::<RunMessage>(&raw.payload) {
+        let attempt = u32::try_from(deliveries).unwrap_or(u32::MAX);
+        let finished = RunEvent::Finished(Finished {
+            run_id: run.run_id.clone(),
+            job_group: run.job_group.clone(),
+            job_name: run.job_name.clone(),
+            app_name: run.app_name.clone(),
+            shard: run.shard_index(),
+            shard_total: run.shard_total(),
+            attempt,
+            worker: "krest-deadletter".into(),
+            at: Utc::now(),
+            outcome: AttemptOutcome::Failed,
+            will_retry: false,
+            retry_in_ms: None,
+            output: None,
+            error: Some(format!("dead-lettered: {reason}; parked on krest.dlq.work")),
+            duration_ms: 0,
+        });
+        let body = serde_json::to_vec(&finished).map_err(|e| e.to_string())?;
+        js.send_publish(
+            events_subject(&run.job_group, &run.job_name),
+            PublishMessage::build()
+                .payload(body.into())
+                .message_id(finished.msg_id()),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    stream
+        .delete_message(seq)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

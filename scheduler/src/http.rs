@@ -1,0 +1,79 @@
+//! The node's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (connected to NATS,
+//! database writable, role known), for load balancers and orchestrators.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::lease::{Leadership, Role};
+use crate::store::Store;
+
+/// What the probes look at.
+#[derive(Clone)]
+pub struct HttpState {
+    /// This node's name.
+    pub node: String,
+    /// NATS connection.
+    pub client: async_nats::Client,
+    /// The node's database.
+    pub store: Store,
+    /// The node's role.
+    pub leadership: Leadership,
+}
+
+async fn healthz(State(s): State<HttpState>) -> Json<Value> {
+    Json(json!({"status": "ok", "node": s.node}))
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
+    let nats = s.client.connection_state() == async_nats::connection::State::Connected;
+    let db = match tokio::time::timeout(Duration::from_secs(2), s.store.probe_write()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 2 s".to_string()),
+    };
+    let (role, epoch) = match s.leadership.role() {
+        Role::Leader { epoch } => ("leader", Some(epoch)),
+        Role::Standby => ("standby", None),
+    };
+    let ready = nats && db.is_ok();
+    let body = json!({
+        "ready": ready,
+        "node": s.node,
+        "role": role,
+        "epoch": epoch,
+        "nats": if nats { "connected" } else { "disconnected" },
+        "database": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
+    });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+/// Binds `addr`; the returned listener's local address is the real one (for port 0).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves until `stop`.
+pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "HTTP endpoint failed");
+    }
+}

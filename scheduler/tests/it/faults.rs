@@ -1,0 +1,707 @@
+//! The fault suite: real `krest scheduler` and `krest worker demo` processes, real nats-server
+//! processes, broken on purpose (SIGKILL unless the test is about a clean stop). Each test
+//! runs a job firing every second and then checks the recorded history: for every fire time in
+//! the window exactly one run, every run finished, no attempt executed twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use krest::client::Client;
+use krest_schemas::api::{ClusterStatus, DeadLetter, DlqListRequest, Op, RunStatus, RunSummary};
+use krest_schemas::names::{app_consumer, WORK_STREAM};
+use krest_schemas::{NodeRole, Trigger};
+use krest_test_support::{eventually, NatsServer, Proc, TestDir};
+use serde_json::json;
+
+use crate::harness::*;
+
+const APP: &str = "demo-spring-krest-job";
+const POST: &str = "service/demo-krestjob-post";
+const SHARDING: &str = "service/demo-krestjob/sharding";
+
+/// Processes of one test, killed on drop.
+struct Fleet {
+    dir: TestDir,
+    urls: String,
+    nodes: BTreeMap<String, Proc>,
+    workers: BTreeMap<String, Proc>,
+    journal: PathBuf,
+}
+
+impl Fleet {
+    fn new(name: &str, urls: String) -> Fleet {
+        krest_test_support::init_tracing();
+        let dir = TestDir::new(name);
+        let journal = dir.join("journal.txt");
+        Fleet {
+            dir,
+            urls,
+            nodes: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            journal,
+        }
+    }
+
+    fn krest(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_krest"));
+        cmd.args(["--nats-url", &self.urls])
+            .env("KREST_LOG", "info,krest=debug");
+        cmd
+    }
+
+    fn start_node(&mut self, name: &str, extra: &[&str]) {
+        let mut cmd = self.krest();
+        let db = format!(
+            "sqlite://{}",
+            self.dir.join(&format!("{name}.db")).display()
+        );
+        cmd.args([
+            "scheduler",
+            "--db",
+            &db,
+            "--node",
+            name,
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(extra);
+        let log = self.dir.join(&format!("{name}.log"));
+        self.nodes
+            .insert(name.to_string(), Proc::spawn(name, cmd, log));
+    }
+
+    /// Starts `krest worker demo`; `extra` flags replace the defaults of the same name.
+    fn start_worker(&mut self, name: &str, extra: &[&str]) {
+        let mut cmd = self.krest();
+        cmd.args(["worker", "demo", "--instance", name]);
+        for (flag, value) in [
+            ("--slots", "4"),
+            ("--work", "300ms"),
+            ("--ack-wait", "3s"),
+            ("--shutdown-timeout", "5s"),
+        ] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.arg("--journal").arg(&self.journal).args(extra);
+        let log = self.dir.join(&format!("{name}.log"));
+        self.workers
+            .insert(name.to_string(), Proc::spawn(name, cmd, log));
+    }
+
+    async fn client(&self) -> Client {
+        let client = Client::connect(&self.urls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        eventually(DEADLINE, "a scheduler node answering", || {
+            let c = client.clone();
+            async move {
+                c.call::<_, ClusterStatus>(Op::ClusterStatus, &json!({}))
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        client
+    }
+
+    /// Every execution the demo workers journaled: (run, shard, attempt, worker).
+    fn journal(&self) -> Vec<(String, u32, u32, String)> {
+        std::fs::read_to_string(&self.journal)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.split(' ');
+                Some((
+                    p.next()?.to_string(),
+                    p.next()?.parse().ok()?,
+                    p.next()?.parse().ok()?,
+                    p.next()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Waits for the current leader as the cluster reports it (a lease naming a live node).
+async fn current_leader(client: &Client, not: Option<&str>) -> String {
+    eventually(DEADLINE, "a (new) leader", || async {
+        let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.ok()?;
+        let leader = status.leader?.node;
+        let live_leader = status
+            .nodes
+            .iter()
+            .any(|n| n.node == leader && n.role == NodeRole::Leader);
+        (live_leader && Some(leader.as_str()) != not).then_some(leader)
+    })
+    .await
+}
+
+async fn finished(client: &Client, job: &str) -> Vec<RunSummary> {
+    runs(client, job)
+        .await
+        .into_iter()
+        .filter(|r| r.status.is_final())
+        .collect()
+}
+
+/// Waits until `n` more runs of `job` than `before` have finished.
+async fn more_runs(client: &Client, job: &str, before: usize, n: usize) -> Vec<RunSummary> {
+    eventually(
+        DEADLINE,
+        &format!("{n} more finished runs of {job}"),
+        || async {
+            let f = finished(client, job).await;
+            (f.len() >= before + n).then_some(f)
+        },
+    )
+    .await
+}
+
+/// All runs of `job` scheduled up to the newest finished one, once every one of them finished.
+async fn settled(client: &Client, job: &str) -> Vec<RunSummary> {
+    eventually(DEADLINE, "every run up to the newest to finish", || async {
+        let all = runs(client, job).await;
+        let newest = all
+            .iter()
+            .filter(|r| r.status.is_final())
+            .filter_map(|r| r.scheduled_at)
+            .max()?;
+        let upto: Vec<_> = all
+            .into_iter()
+            .filter(|r| r.scheduled_at.is_some_and(|t| t <= newest))
+            .collect();
+        upto.iter().all(|r| r.status.is_final()).then_some(upto)
+    })
+    .await
+}
+
+/// The history check: one run per second from the first fire to the last, all SUCCEEDED, and
+/// no (run, shard, attempt) executed twice.
+fn assert_history(runs: &[RunSummary], journal: &[(String, u32, u32, String)]) {
+    let mut by_time: BTreeMap<i64, Vec<&RunSummary>> = BTreeMap::new();
+    for r in runs {
+        by_time
+            .entry(r.scheduled_at.unwrap().timestamp_millis())
+            .or_default()
+            .push(r);
+    }
+    let (first, last) = (
+        *by_time.keys().next().unwrap(),
+        *by_time.keys().last().unwrap(),
+    );
+    let mut t = first;
+    while t <= last {
+        let n = by_time.get(&t).map_or(0, Vec::len);
+        assert_eq!(
+            n,
+            1,
+            "fire time {} has {n} runs",
+            DateTime::<Utc>::from_timestamp_millis(t).unwrap()
+        );
+        t += 1000;
+    }
+    for r in runs {
+        assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    }
+    let mut seen = HashSet::new();
+    for (run, shard, attempt, worker) in journal {
+        assert!(
+            seen.insert((run, shard, attempt)),
+            "{run} shard {shard} attempt {attempt} executed twice (again on {worker})"
+        );
+    }
+    let ids: HashSet<&str> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    let executed: HashSet<&str> = journal.iter().map(|(r, ..)| r.as_str()).collect();
+    for id in &ids {
+        assert!(
+            executed.contains(id),
+            "run {id} recorded but never executed"
+        );
+    }
+}
+
+fn every_second(name: &str) -> serde_json::Value {
+    json!({"appName": APP, "jobGroup": "f", "jobName": name, "path": POST, "cron": "* * * * * ?", "args": "tick"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_sigkilled_five_times_among_three_nodes() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("kill5", nats.url());
+    for n in ["a", "b", "c"] {
+        f.start_node(n, &[]);
+    }
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    let mut seen = more_runs(&client, "f.tick", 0, 3).await.len();
+    for _ in 0..5 {
+        let leader = current_leader(&client, None).await;
+        f.nodes.get_mut(&leader).unwrap().kill9();
+        let next = current_leader(&client, Some(&leader)).await;
+        assert_ne!(next, leader);
+        f.start_node(&leader, &[]);
+        seen = more_runs(&client, "f.tick", seen, 2).await.len();
+    }
+    let all = settled(&client, "f.tick").await;
+    assert!(
+        all.iter().any(|r| r.trigger == Some(Trigger::CatchUp)),
+        "leaderless gaps were caught up"
+    );
+    assert_history(&all, &f.journal());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_does_not_dispatch_after_losing_its_lease() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("sigstop", nats.url());
+    f.start_node("a", &[]);
+    f.start_node("b", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    let old = current_leader(&client, None).await;
+    f.nodes[&old].pause();
+    let new = current_leader(&client, Some(&old)).await;
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 3).await;
+    f.nodes[&old].resume();
+    // The old leader wakes past its lease: it steps down without dispatching.
+    eventually(DEADLINE, "the resumed node to step down", || async {
+        let out = f.nodes[&old].output();
+        (out.contains("stepping down") || out.contains("lost leadership")).then_some(())
+    })
+    .await;
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 3).await;
+    assert_eq!(current_leader(&client, None).await, new);
+    let all = settled(&client, "f.tick").await;
+    let takeover = all
+        .iter()
+        .filter(|r| r.node.as_deref() == Some(new.as_str()))
+        .filter_map(|r| r.scheduled_at)
+        .min()
+        .unwrap();
+    let late_by_old: Vec<_> = all
+        .iter()
+        .filter(|r| r.scheduled_at.unwrap() > takeover && r.node.as_deref() == Some(old.as_str()))
+        .collect();
+    assert!(
+        late_by_old.is_empty(),
+        "the deposed leader dispatched {late_by_old:#?}"
+    );
+    assert_history(&all, &f.journal());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_schedulers_down_for_twenty_seconds_then_back_catch_up_once() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("all-down", nats.url());
+    // Misfires older than 10 s collapse into one run (FIRE_ONCE); newer ones run each.
+    let threshold = ["--misfire-threshold", "10s"];
+    f.start_node("a", &threshold);
+    f.start_node("b", &threshold);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    for n in f.nodes.values_mut() {
+        n.kill9();
+    }
+    // The outage itself: nothing to wait for but time.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    f.start_node("a", &threshold);
+    f.start_node("b", &threshold);
+    let client = f.client().await;
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 15).await;
+    let mut all = settled(&client, "f.tick").await;
+    all.sort_by_key(|r| r.scheduled_at);
+    let collapsed: Vec<_> = all.iter().filter(|r| r.misfired > 0).collect();
+    assert_eq!(
+        collapsed.len(),
+        1,
+        "one run stands for the old misfires: {collapsed:#?}"
+    );
+    let c = collapsed[0];
+    assert_eq!(c.trigger, Some(Trigger::CatchUp));
+    let i = all.iter().position(|r| r.run_id == c.run_id).unwrap();
+    let gap = (c.scheduled_at.unwrap() - all[i - 1].scheduled_at.unwrap()).num_seconds();
+    assert_eq!(
+        gap,
+        i64::from(c.misfired) + 1,
+        "the collapsed run covers exactly the fires it skipped"
+    );
+    assert!(c.misfired >= 5, "{c:?}");
+    // Everything else: one run per second, each once.
+    let (before_gap, after_gap) = all.split_at(i);
+    assert_history(before_gap, &f.journal());
+    assert_history(after_gap, &f.journal());
+    assert!(
+        after_gap[1..]
+            .iter()
+            .take(5)
+            .all(|r| r.trigger == Some(Trigger::CatchUp)),
+        "recent misfires each caught up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_sigkilled_mid_run_has_its_runs_finished_elsewhere() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("worker-kill", nats.url());
+    f.start_node("a", &[]);
+    f.start_worker("w1", &["--work", "4s", "--slots", "2"]);
+    f.start_worker("w2", &["--work", "4s", "--slots", "2"]);
+    let client = f.client().await;
+    eventually(DEADLINE, "two workers registered", || async {
+        let w: Vec<krest_schemas::WorkerInfo> =
+            client.call(Op::WorkersList, &json!({})).await.ok()?;
+        (w.len() == 2).then_some(())
+    })
+    .await;
+    apply(&client, vec![json!({"appName": APP, "jobGroup": "f", "jobName": "long", "path": SHARDING, "jobType": "SHARDING", "args": ["a", "b", "c", "d"], "retryTimes": 2})]).await;
+    let run_id = trigger(&client, "f.long").await.run_id;
+    // Both workers hold shards; kill one in the middle of its runs.
+    let victim = eventually(DEADLINE, "both workers running shards", || async {
+        let j = f.journal();
+        let workers: HashSet<&str> = j.iter().map(|(_, _, _, w)| w.as_str()).collect();
+        (workers.len() == 2).then(|| j[0].3.clone())
+    })
+    .await;
+    let held: HashSet<u32> = f
+        .journal()
+        .iter()
+        .filter(|(_, _, _, w)| *w == victim)
+        .map(|(_, s, _, _)| *s)
+        .collect();
+    f.workers.get_mut(&victim).unwrap().kill9();
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let survivor = if victim == "w1" { "w2" } else { "w1" };
+    for shard in &held {
+        let attempts: Vec<_> = d.attempts.iter().filter(|a| a.shard == *shard).collect();
+        let last = attempts.last().unwrap();
+        assert_eq!(
+            (last.attempt, last.worker.as_deref()),
+            (2, Some(survivor)),
+            "shard {shard}: {attempts:#?}"
+        );
+    }
+    // The dead instance's heartbeat expires from the registry.
+    eventually(
+        DEADLINE,
+        "the dead worker to leave the registry",
+        || async {
+            let w: Vec<krest_schemas::WorkerInfo> =
+                client.call(Op::WorkersList, &json!({})).await.ok()?;
+            (w.len() == 1 && w[0].instance == survivor).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_restart_under_load_loses_and_duplicates_nothing() {
+    let mut nats = NatsServer::start();
+    let mut f = Fleet::new("nats-restart", nats.url());
+    f.start_node("a", &[]);
+    f.start_node("b", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    nats.restart();
+    let client = f.client().await;
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 6).await;
+    let all = settled(&client, "f.tick").await;
+    // Attempts interrupted by the restart may run again (at-least-once execution); no fire
+    // time may have two runs, and each (run, attempt) runs once.
+    assert_history(&all, &f.journal());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_nats_node_the_leader_uses_in_a_three_node_cluster() {
+    let mut cluster = NatsServer::start_cluster(3);
+    let urls = cluster
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut f = Fleet::new("cluster", urls);
+    f.start_node("a", &["--replicas", "3"]);
+    f.start_node("b", &["--replicas", "3"]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    let leader = current_leader(&client, None).await;
+    let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
+    let server = status
+        .nodes
+        .iter()
+        .find(|n| n.node == leader)
+        .unwrap()
+        .nats_server
+        .clone();
+    let name = server.split('@').next().unwrap().to_string();
+    let idx: usize = name.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    cluster[idx].kill();
+    let client = Client::connect(
+        &cluster
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != idx)
+            .map(|(_, s)| s.url())
+            .collect::<Vec<_>>()
+            .join(","),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let before = eventually(DEADLINE, "the API answering again", || async {
+        Some(finished(&client, "f.tick").await.len())
+    })
+    .await;
+    more_runs(&client, "f.tick", before, 6).await;
+    let all = settled(&client, "f.tick").await;
+    assert_history(&all, &f.journal());
+}
+
+/// `GET path` on `addr`; returns the status code.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_wait_in_the_stream_while_the_database_is_locked() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("db-outage", nats.url());
+    f.start_node("a", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 2).await;
+    let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
+    let http = status.nodes[0].http_addr.clone().unwrap();
+    assert_eq!(http_status(&http, "/readyz"), Some(200));
+    assert_eq!(http_status(&http, "/healthz"), Some(200));
+
+    // Another process takes the database's write lock and keeps it.
+    let db = f.dir.join("a.db");
+    let mut lock = sqlx_lock(&db).await;
+    eventually(DEADLINE, "/readyz to report the database", || async {
+        (http_status(&http, "/readyz") == Some(503)).then_some(())
+    })
+    .await;
+    // The lock is held, so no transaction commits any more.
+    let stuck = runs(&client, "f.tick").await.len();
+    // Runs go on meanwhile (the workers' results wait in the events stream).
+    let journal_before = f.journal().len();
+    eventually(
+        DEADLINE,
+        "five executions while the database is locked",
+        || async { (f.journal().len() >= journal_before + 5).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        runs(&client, "f.tick").await.len(),
+        stuck,
+        "nothing new recorded while locked"
+    );
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    drop(lock);
+
+    eventually(DEADLINE, "/readyz to recover", || async {
+        (http_status(&http, "/readyz") == Some(200)).then_some(())
+    })
+    .await;
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 3).await;
+    let all = settled(&client, "f.tick").await;
+    assert_history(&all, &f.journal());
+}
+
+async fn sqlx_lock(db: &std::path::Path) -> sqlx::AnyConnection {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_input_is_parked_and_disturbs_nothing() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("poison", nats.url());
+    f.start_node("a", &[]);
+    f.start_node("b", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 2).await;
+
+    let raw = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(raw.clone());
+    let junk = bytes::Bytes::from_static(b"{not json");
+    let big = bytes::Bytes::from(vec![b'x'; 900 * 1024]);
+    for payload in [junk.clone(), big.clone()] {
+        // Work for the demo app, events of a job, a definition written straight into the bucket,
+        // heartbeats, node presence, job state: all garbage.
+        for subject in [
+            format!("krest.work.{APP}.q"),
+            "krest.events.f.tick".to_string(),
+            "$KV.krest-jobs.f.garbage".to_string(),
+            "$KV.krest-workers.x.y".to_string(),
+            "$KV.krest-nodes.zz".to_string(),
+            "$KV.krest-state.f.tick".to_string(),
+        ] {
+            js.publish(subject, payload.clone())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        // Every API operation.
+        for op in Op::ALL {
+            let reply = raw.request(op.subject(), payload.clone()).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            if op != Op::WorkersList && op != Op::ClusterStatus {
+                assert_eq!(v["ok"], false, "{}: {v}", op.name());
+            }
+        }
+    }
+    // Parked: the work messages (by the worker), the events and the definitions (by the nodes).
+    let letters: Vec<DeadLetter> = eventually(DEADLINE, "six dead letters", || async {
+        let l: Vec<DeadLetter> = client
+            .call(Op::DlqList, &DlqListRequest { limit: Some(100) })
+            .await
+            .ok()?;
+        let kinds: HashMap<&str, usize> = l.iter().fold(HashMap::new(), |mut m, d| {
+            *m.entry(d.subject.as_str()).or_default() += 1;
+            m
+        });
+        (kinds.get("krest.dlq.work") == Some(&2)
+            && kinds.get("krest.dlq.events") == Some(&2)
+            && kinds.get("krest.dlq.jobs") == Some(&2))
+        .then_some(l)
+    })
+    .await;
+    assert!(
+        letters
+            .iter()
+            .any(|d| d.reason.starts_with("malformed run message")),
+        "{letters:#?}"
+    );
+    assert!(letters.iter().all(|d| !d.source.is_empty()));
+
+    // Everything else goes on: the nodes answer, the job runs every second, once.
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 4).await;
+    let workers: Vec<krest_schemas::WorkerInfo> =
+        client.call(Op::WorkersList, &json!({})).await.unwrap();
+    assert_eq!(
+        workers
+            .iter()
+            .map(|w| w.instance.as_str())
+            .collect::<Vec<_>>(),
+        ["w1"]
+    );
+    let all = settled(&client, "f.tick").await;
+    assert_history(&all, &f.journal());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_that_exhaust_their_deliveries_are_dead_lettered_and_recorded() {
+    let env = Env::new("max-deliver");
+    let node = env.node("n1");
+    let client = env.client().await;
+    // A consumer that gives up after two deliveries, and a "worker" that never acknowledges.
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    let stream = js.get_stream(WORK_STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(app_consumer("dl")),
+            filter_subject: krest_schemas::names::work_queue_subject("dl"),
+            ack_wait: Duration::from_secs(1),
+            max_deliver: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    apply(
+        &client,
+        vec![json!({"appName": "dl", "jobName": "stuck", "path": "p"})],
+    )
+    .await;
+    let run_id = trigger(&client, "stuck").await.run_id;
+    // Keep pulling without acknowledging, as a crashing worker fleet would: the server hands
+    // the run out twice, and on the next pull reports that its deliveries are exhausted.
+    let deliveries = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = deliveries.clone();
+    let puller = tokio::spawn(async move {
+        loop {
+            let Ok(mut batch) = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+            else {
+                continue;
+            };
+            while let Some(Ok(_unacked)) = futures_util::StreamExt::next(&mut batch).await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let d = wait_final(&client, &run_id).await;
+    puller.abort();
+    assert_eq!(deliveries.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(d.run.status, RunStatus::Failed);
+    assert!(
+        d.run
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("dead-lettered: delivered 2 times"),
+        "{:?}",
+        d.run.error
+    );
+    let letters: Vec<DeadLetter> = client
+        .call(Op::DlqList, &DlqListRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].payload.contains(&run_id));
+    let mut stream = js.get_stream(WORK_STREAM).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "removed from the work stream"
+    );
+    node.stop().await.unwrap();
+}
