@@ -206,3 +206,70 @@ async fn a_run_for_an_unknown_handler_fails_naming_it() {
     w.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_handler_times_out_is_retried_and_ends_timed_out() {
+    let env = Env::new("timeout");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let log = Executions::default();
+    let l = log.clone();
+    let w = env
+        .worker("to-app", "w1")
+        .cancel_grace(std::time::Duration::from_millis(300))
+        .handler("hang", move |ctx: JobContext| {
+            let l = l.clone();
+            async move {
+                l.record(&ctx);
+                // Ignores cancellation: the worker must abort it after the grace period.
+                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                Ok(())
+            }
+        })
+        .handler("quick", |_ctx: JobContext| async move { Ok("fine") })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![
+            job(
+                "hang",
+                "to-app",
+                "hang",
+                json!({"timeoutSecs": 1, "retryTimes": 1}),
+            ),
+            job("quick", "to-app", "quick", json!({"timeoutSecs": 60})),
+        ],
+    )
+    .await;
+    let run_id = trigger(&client, "hang").await.run_id;
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::TimedOut);
+    let attempts: Vec<(u32, AttemptStatus, bool)> = d
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.status, a.will_retry))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (1, AttemptStatus::TimedOut, true),
+            (2, AttemptStatus::TimedOut, false)
+        ]
+    );
+    assert!(d.attempts[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .starts_with("timed out after 1 s"));
+    assert_eq!(log.of(&run_id).len(), 2);
+    // The worker's slots came back: other runs still go through.
+    let ok = trigger(&client, "quick").await.run_id;
+    assert_eq!(
+        wait_final(&client, &ok).await.run.status,
+        RunStatus::Succeeded
+    );
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
