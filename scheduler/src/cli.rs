@@ -198,9 +198,10 @@ pub struct SchedulerArgs {
     /// Fires later than this when published are misfires (collapsed into one run).
     #[arg(long, env = "KREST_MISFIRE_THRESHOLD", default_value = "60s", value_parser = parse_duration)]
     pub misfire_threshold: Duration,
-    /// Replicas of streams and buckets when creating them (3 on a 3-node NATS cluster).
-    #[arg(long, env = "KREST_REPLICAS", default_value_t = 1)]
-    pub replicas: usize,
+    /// Replicas of streams and buckets when creating them (default: 1, or the NATS cluster's
+    /// size up to 3).
+    #[arg(long, env = "KREST_REPLICAS")]
+    pub replicas: Option<usize>,
     /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
     pub http: HttpAddr,

@@ -16,8 +16,8 @@ use krest_schemas::names::{
 /// Sizes and lifetimes of what [`ensure`] creates. Existing streams keep their settings.
 #[derive(Debug, Clone)]
 pub struct InfraConfig {
-    /// Replicas of every stream and bucket (1, or 3 on a 3-node cluster).
-    pub replicas: usize,
+    /// Replicas of every stream and bucket; `None` = decided from the server ([`auto_replicas`]).
+    pub replicas: Option<usize>,
     /// Lease TTL: max age of the leader bucket.
     pub lease_ttl: Duration,
     /// Heartbeat TTL of workers and nodes.
@@ -33,7 +33,7 @@ pub struct InfraConfig {
 impl Default for InfraConfig {
     fn default() -> Self {
         InfraConfig {
-            replicas: 1,
+            replicas: None,
             lease_ttl: Duration::from_secs(3),
             heartbeat_ttl: Duration::from_secs(10),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
@@ -80,7 +80,28 @@ fn err(what: &str, e: impl std::fmt::Display) -> InfraError {
 }
 
 /// Creates what is missing and opens everything. Safe to call from many nodes at once.
+/// Replicas for a server: 1 outside a cluster, else the cluster's size up to 3 (from the
+/// client URLs the server advertises; 1 if it advertises none).
+pub fn auto_replicas(info: &async_nats::ServerInfo) -> usize {
+    match info.cluster {
+        Some(_) => info.connect_urls.len().clamp(1, 3),
+        None => 1,
+    }
+}
+
+/// Creates what is missing and opens everything. Safe to call from many nodes at once.
 pub async fn ensure(js: &jetstream::Context, cfg: &InfraConfig) -> Result<Infra, InfraError> {
+    let replicas = cfg
+        .replicas
+        .unwrap_or_else(|| auto_replicas(&js.client().server_info()));
+    ensure_configured(js, cfg, replicas).await
+}
+
+async fn ensure_configured(
+    js: &jetstream::Context,
+    cfg: &InfraConfig,
+    replicas: usize,
+) -> Result<Infra, InfraError> {
     ensure_stream(
         js,
         stream::Config {
@@ -89,7 +110,7 @@ pub async fn ensure(js: &jetstream::Context, cfg: &InfraConfig) -> Result<Infra,
             subjects: vec![WORK_SUBJECTS.to_string()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
-            num_replicas: cfg.replicas,
+            num_replicas: replicas,
             duplicate_window: cfg.duplicate_window,
             ..Default::default()
         },
@@ -103,7 +124,7 @@ pub async fn ensure(js: &jetstream::Context, cfg: &InfraConfig) -> Result<Infra,
             subjects: vec![EVENTS_SUBJECTS.to_string()],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
-            num_replicas: cfg.replicas,
+            num_replicas: replicas,
             max_age: cfg.events_max_age,
             duplicate_window: Duration::from_secs(120).min(cfg.events_max_age),
             ..Default::default()
@@ -120,25 +141,18 @@ pub async fn ensure(js: &jetstream::Context, cfg: &InfraConfig) -> Result<Infra,
             subjects: vec![DLQ_SUBJECTS.to_string()],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
-            num_replicas: cfg.replicas,
+            num_replicas: replicas,
             max_age: Duration::from_secs(30 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         },
     )
     .await?;
-    let leader = ensure_bucket(js, LEADER_BUCKET, 1, cfg.lease_ttl, cfg.replicas).await?;
-    let jobs = ensure_bucket(
-        js,
-        JOBS_BUCKET,
-        cfg.job_history,
-        Duration::ZERO,
-        cfg.replicas,
-    )
-    .await?;
-    let state = ensure_bucket(js, STATE_BUCKET, 1, Duration::ZERO, cfg.replicas).await?;
-    let workers = ensure_bucket(js, WORKERS_BUCKET, 1, cfg.heartbeat_ttl, cfg.replicas).await?;
-    let nodes = ensure_bucket(js, NODES_BUCKET, 1, cfg.heartbeat_ttl, cfg.replicas).await?;
+    let leader = ensure_bucket(js, LEADER_BUCKET, 1, cfg.lease_ttl, replicas).await?;
+    let jobs = ensure_bucket(js, JOBS_BUCKET, cfg.job_history, Duration::ZERO, replicas).await?;
+    let state = ensure_bucket(js, STATE_BUCKET, 1, Duration::ZERO, replicas).await?;
+    let workers = ensure_bucket(js, WORKERS_BUCKET, 1, cfg.heartbeat_ttl, replicas).await?;
+    let nodes = ensure_bucket(js, NODES_BUCKET, 1, cfg.heartbeat_ttl, replicas).await?;
     let lease_ttl = js
         .get_stream(format!("KV_{LEADER_BUCKET}"))
         .await

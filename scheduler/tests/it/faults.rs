@@ -3,7 +3,7 @@
 //! runs a job firing every second and then checks the recorded history: for every fire time in
 //! the window exactly one run, every run finished, no attempt executed twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
@@ -416,16 +416,24 @@ async fn a_nats_restart_under_load_loses_and_duplicates_nothing() {
     f.start_node("b", &[]);
     f.start_worker("w1", &[]);
     let client = f.client().await;
-    apply(&client, vec![every_second("tick")]).await;
+    // Load: a run every second and nine shards every second.
+    let mut sharded = every_second("shards");
+    sharded["path"] = json!(SHARDING);
+    sharded["jobType"] = json!("SHARDING");
+    sharded["args"] = json!([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    apply(&client, vec![every_second("tick"), sharded]).await;
     more_runs(&client, "f.tick", 0, 3).await;
     nats.restart();
     let client = f.client().await;
     let before = finished(&client, "f.tick").await.len();
     more_runs(&client, "f.tick", before, 6).await;
-    let all = settled(&client, "f.tick").await;
     // Attempts interrupted by the restart may run again (at-least-once execution); no fire
     // time may have two runs, and each (run, attempt) runs once.
-    assert_history(&all, &f.journal());
+    let journal = f.journal();
+    assert_history(&settled(&client, "f.tick").await, &journal);
+    let shards = settled(&client, "f.shards").await;
+    assert_history(&shards, &journal);
+    assert!(shards.iter().all(|r| r.shards_succeeded == 9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -437,12 +445,29 @@ async fn killing_the_nats_node_the_leader_uses_in_a_three_node_cluster() {
         .collect::<Vec<_>>()
         .join(",");
     let mut f = Fleet::new("cluster", urls);
-    f.start_node("a", &["--replicas", "3"]);
-    f.start_node("b", &["--replicas", "3"]);
+    // No --replicas: the nodes see a 3-node cluster and replicate everything 3 times.
+    f.start_node("a", &[]);
+    f.start_node("b", &[]);
     f.start_worker("w1", &[]);
     let client = f.client().await;
     apply(&client, vec![every_second("tick")]).await;
     more_runs(&client, "f.tick", 0, 3).await;
+    let js = async_nats::jetstream::new(async_nats::connect(cluster[0].url()).await.unwrap());
+    for name in [
+        WORK_STREAM,
+        "KREST_EVENTS",
+        "KREST_DLQ",
+        "KV_krest-leader",
+        "KV_krest-jobs",
+        "KV_krest-state",
+    ] {
+        let mut stream = js.get_stream(name).await.unwrap();
+        assert_eq!(
+            stream.info().await.unwrap().config.num_replicas,
+            3,
+            "{name}"
+        );
+    }
     let leader = current_leader(&client, None).await;
     let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
     let server = status
@@ -577,6 +602,8 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
             "$KV.krest-workers.x.y".to_string(),
             "$KV.krest-nodes.zz".to_string(),
             "$KV.krest-state.f.tick".to_string(),
+            "$KV.krest-leader.leader".to_string(),
+            "krest.dlq.work".to_string(),
         ] {
             js.publish(subject, payload.clone())
                 .await
@@ -594,19 +621,20 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
         }
     }
     // Parked: the work messages (by the worker), the events and the definitions (by the nodes).
-    let letters: Vec<DeadLetter> = eventually(DEADLINE, "six dead letters", || async {
+    let letters: Vec<DeadLetter> = eventually(DEADLINE, "the bad input parked", || async {
         let l: Vec<DeadLetter> = client
             .call(Op::DlqList, &DlqListRequest { limit: Some(100) })
             .await
             .ok()?;
-        let kinds: HashMap<&str, usize> = l.iter().fold(HashMap::new(), |mut m, d| {
-            *m.entry(d.subject.as_str()).or_default() += 1;
-            m
-        });
-        (kinds.get("krest.dlq.work") == Some(&2)
-            && kinds.get("krest.dlq.events") == Some(&2)
-            && kinds.get("krest.dlq.jobs") == Some(&2))
-        .then_some(l)
+        let count = |subject: &str, reason: &str| {
+            l.iter()
+                .filter(|d| d.subject == subject && d.reason.starts_with(reason))
+                .count()
+        };
+        (count("krest.dlq.work", "malformed run message") == 2
+            && count("krest.dlq.events", "malformed run event") == 2
+            && count("krest.dlq.jobs", "malformed job definition") == 2)
+            .then_some(l)
     })
     .await;
     assert!(
@@ -615,7 +643,6 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
             .any(|d| d.reason.starts_with("malformed run message")),
         "{letters:#?}"
     );
-    assert!(letters.iter().all(|d| !d.source.is_empty()));
 
     // Everything else goes on: the nodes answer, the job runs every second, once.
     let before = finished(&client, "f.tick").await.len();
@@ -704,4 +731,78 @@ async fn runs_that_exhaust_their_deliveries_are_dead_lettered_and_recorded() {
         "removed from the work stream"
     );
     node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_on_the_leader_hands_over_at_once_and_exits_cleanly() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("sigterm", nats.url());
+    f.start_node("a", &[]);
+    f.start_node("b", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    let leader = current_leader(&client, None).await;
+    assert!(
+        f.nodes.get_mut(&leader).unwrap().terminate(DEADLINE),
+        "exit status 0 after SIGTERM"
+    );
+    let out = f.nodes[&leader].output();
+    assert!(out.contains("released leadership"), "{out}");
+    // Released, not expired: the lease is gone as soon as the process has exited.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let lease = js
+        .get_key_value("krest-leader")
+        .await
+        .unwrap()
+        .entry("leader")
+        .await
+        .unwrap();
+    let held_by_old = lease.as_ref().is_some_and(|e| {
+        e.operation == async_nats::jetstream::kv::Operation::Put
+            && String::from_utf8_lossy(&e.value).contains(&format!("\"node\":\"{leader}\""))
+    });
+    assert!(!held_by_old, "{lease:?}");
+    current_leader(&client, Some(&leader)).await;
+    let before = finished(&client, "f.tick").await.len();
+    more_runs(&client, "f.tick", before, 3).await;
+    assert_history(&settled(&client, "f.tick").await, &f.journal());
+    // A worker's SIGTERM is graceful too: it exits 0 and leaves the registry at once.
+    assert!(f.workers.get_mut("w1").unwrap().terminate(DEADLINE));
+    let workers: Vec<krest_schemas::WorkerInfo> =
+        client.call(Op::WorkersList, &json!({})).await.unwrap();
+    assert!(workers.is_empty(), "{workers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_and_workers_started_before_nats_wait_for_it() {
+    let mut nats = NatsServer::start();
+    nats.kill();
+    let mut f = Fleet::new("nats-late", nats.url());
+    f.start_node("a", &[]);
+    f.start_worker("w1", &[]);
+    eventually(DEADLINE, "the node to report NATS unreachable", || async {
+        f.nodes["a"]
+            .output()
+            .contains("cannot connect to NATS; retrying")
+            .then_some(())
+    })
+    .await;
+    eventually(
+        DEADLINE,
+        "the worker to report NATS unreachable",
+        || async {
+            f.workers["w1"]
+                .output()
+                .contains("cannot connect to NATS; retrying")
+                .then_some(())
+        },
+    )
+    .await;
+    nats.start_again();
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    assert_history(&settled(&client, "f.tick").await, &f.journal());
 }
