@@ -59,16 +59,12 @@ impl Fleet {
             "sqlite://{}",
             self.dir.join(&format!("{name}.db")).display()
         );
-        cmd.args([
-            "scheduler",
-            "--db",
-            &db,
-            "--node",
-            name,
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .args(extra);
+        cmd.arg("scheduler");
+        if !extra.contains(&"--db") {
+            cmd.args(["--db", &db]);
+        }
+        cmd.args(["--node", name, "--http", "127.0.0.1:0"])
+            .args(extra);
         let log = self.dir.join(&format!("{name}.log"));
         self.nodes
             .insert(name.to_string(), Proc::spawn(name, cmd, log));
@@ -804,7 +800,10 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     let mut nats = NatsServer::start();
     nats.kill();
     let mut f = Fleet::new("nats-late", nats.url());
-    f.start_node("a", &[]);
+    // The database's directory does not exist yet either.
+    let db_dir = f.dir.join("not-yet");
+    let db = format!("sqlite://{}/a.db", db_dir.display());
+    f.start_node("a", &["--db", &db]);
     f.start_worker("w1", &[]);
     eventually(DEADLINE, "the node to report NATS unreachable", || async {
         f.nodes["a"]
@@ -825,6 +824,18 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     )
     .await;
     nats.start_again();
+    eventually(
+        DEADLINE,
+        "the node to report the database unavailable",
+        || async {
+            f.nodes["a"]
+                .output()
+                .contains("cannot open the database; retrying")
+                .then_some(())
+        },
+    )
+    .await;
+    std::fs::create_dir_all(&db_dir).unwrap();
     let client = f.client().await;
     apply(&client, vec![every_second("tick")]).await;
     more_runs(&client, "f.tick", 0, 3).await;
