@@ -10,8 +10,8 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::api::{
     ApiError, ApiReply, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatus,
-    DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest, JobView, Op,
-    RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
+    DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest, JobRevision, JobView,
+    Op, RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP};
 use krest_schemas::{parse_job, NodeInfo, StoredJob, Trigger, WorkerInfo};
@@ -151,12 +151,21 @@ impl ApiServer {
             Op::JobList => self.list(body(payload)?),
             Op::JobGet => {
                 let req: JobRequest = body(payload)?;
-                let key = self.table.resolve(&req.job)?;
-                let entry = self
-                    .table
-                    .get(&key)
-                    .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
-                to_value(view(&key, &entry))
+                match req.revision {
+                    None => {
+                        let key = self.table.resolve(&req.job)?;
+                        let entry = self
+                            .table
+                            .get(&key)
+                            .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+                        to_value(view(&key, &entry))
+                    }
+                    Some(revision) => to_value(self.revision(&req.job, revision).await?),
+                }
+            }
+            Op::JobHistory => {
+                let req: JobRequest = body(payload)?;
+                to_value(self.history(&req.job).await?)
             }
             Op::JobPause => self.set_running(body(payload)?, false).await,
             Op::JobResume => self.set_running(body(payload)?, true).await,
@@ -329,6 +338,77 @@ impl ApiServer {
         Err(Failure::internal(format!(
             "job {key} is being changed concurrently; try again"
         )))
+    }
+
+    /// The key of a job, current or deleted (a deleted one by `group.name` only).
+    fn resolve_any(&self, name: &str) -> Result<String, Failure> {
+        match self.table.resolve(name) {
+            Ok(key) => Ok(key),
+            Err(ResolveError::NotFound(_)) if name.contains('.') || name.contains('/') => {
+                Ok(name.replacen('/', ".", 1))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn history(&self, name: &str) -> Result<Vec<JobRevision>, Failure> {
+        let key = self.resolve_any(name)?;
+        let mut entries = self
+            .infra
+            .jobs
+            .history(&key)
+            .await
+            .map_err(Failure::internal)?;
+        let mut out = Vec::new();
+        while let Some(entry) = entries.next().await {
+            let entry = entry.map_err(Failure::internal)?;
+            let (operation, spec) = match entry.operation {
+                kv::Operation::Put => (
+                    "PUT",
+                    serde_json::from_slice::<StoredJob>(&entry.value)
+                        .ok()
+                        .map(|s| s.spec),
+                ),
+                kv::Operation::Delete => ("DELETE", None),
+                kv::Operation::Purge => ("PURGE", None),
+            };
+            out.push(JobRevision {
+                revision: entry.revision,
+                written_at: chrono::DateTime::from_timestamp(
+                    entry.created.unix_timestamp(),
+                    entry.created.nanosecond(),
+                )
+                .unwrap_or_default(),
+                operation: operation.to_string(),
+                spec,
+            });
+        }
+        if out.is_empty() {
+            return Err(ResolveError::NotFound(name.to_string()).into());
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn revision(&self, name: &str, revision: u64) -> Result<JobView, Failure> {
+        let key = self.resolve_any(name)?;
+        let entry = self
+            .infra
+            .jobs
+            .entry_for_revision(&key, revision)
+            .await
+            .map_err(Failure::internal)?
+            .filter(|e| e.operation == kv::Operation::Put)
+            .ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::NotFound,
+                    format!("job {key} has no revision {revision}: see `krest job history {key}`"),
+                )
+            })?;
+        let stored: StoredJob = serde_json::from_slice(&entry.value).map_err(Failure::internal)?;
+        let mut v = view(&key, &JobEntry { stored, revision });
+        v.next_fire_at = None;
+        Ok(v)
     }
 
     fn list(&self, req: JobListRequest) -> Answer {

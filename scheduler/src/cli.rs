@@ -242,6 +242,14 @@ pub enum JobCmd {
     Get {
         /// The job.
         job: String,
+        /// Show this earlier revision (see `krest job history`).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// List the revisions of a job's definition, newest first.
+    History {
+        /// The job (`group.name` also finds deleted jobs).
+        job: String,
     },
     /// Stop scheduling a job.
     Pause {
@@ -604,8 +612,48 @@ async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCod
                 table(&JOB_HEADERS, job_rows(&jobs))?;
             }
         }
-        JobCmd::Get { job } => {
-            let view: JobView = client.call(Op::JobGet, &JobRequest { job }).await?;
+        JobCmd::History { job } => {
+            let revisions: Vec<krest_schemas::api::JobRevision> =
+                client.call(Op::JobHistory, &JobRequest::new(job)).await?;
+            if json {
+                print_json(&revisions)?;
+            } else {
+                table(
+                    &[
+                        "REV",
+                        "WRITTEN (UTC)",
+                        "OP",
+                        "CRON",
+                        "STATE",
+                        "PATH",
+                        "ARGS",
+                    ],
+                    revisions
+                        .iter()
+                        .map(|r| {
+                            let s = r.spec.as_ref();
+                            vec![
+                                r.revision.to_string(),
+                                fmt_time(Some(r.written_at)),
+                                r.operation.clone(),
+                                s.and_then(|s| s.cron.clone()).unwrap_or_else(|| "-".into()),
+                                s.map_or("-", |s| if s.running { "running" } else { "paused" })
+                                    .to_string(),
+                                s.map_or_else(|| "-".into(), |s| s.path.clone()),
+                                s.map_or_else(|| "-".into(), |s| s.args.to_string())
+                                    .chars()
+                                    .take(40)
+                                    .collect(),
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+        }
+        JobCmd::Get { job, revision } => {
+            let view: JobView = client
+                .call(Op::JobGet, &JobRequest { job, revision })
+                .await?;
             if json {
                 print_json(&view)?;
             } else {
@@ -657,7 +705,7 @@ async fn job_change(
     verb: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    let view: JobView = client.call(op, &JobRequest { job }).await?;
+    let view: JobView = client.call(op, &JobRequest::new(job)).await?;
     if json {
         print_json(&view)?;
     } else {

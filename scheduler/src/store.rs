@@ -647,7 +647,7 @@ impl Store {
     }
 }
 
-const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node";
+const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision";
 
 fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     let status: String = r.try_get("status")?;
@@ -672,6 +672,9 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
         output: r.try_get("output")?,
         error: r.try_get("error")?,
         node: r.try_get("node")?,
+        revision: r
+            .try_get::<Option<i64>, _>("revision")?
+            .and_then(|v| u64::try_from(v).ok()),
     })
 }
 

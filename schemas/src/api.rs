@@ -28,6 +28,8 @@ pub enum Op {
     JobResume,
     /// [`JobRequest`] → [`JobView`] (the deleted job)
     JobDelete,
+    /// [`JobRequest`] → `Vec<JobRevision>`, newest first
+    JobHistory,
     /// [`TriggerRequest`] → [`TriggerResponse`]
     JobTrigger,
     /// [`RunsListRequest`] → `Vec<RunSummary>`
@@ -44,13 +46,14 @@ pub enum Op {
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 13] = [
         Op::JobApply,
         Op::JobList,
         Op::JobGet,
         Op::JobPause,
         Op::JobResume,
         Op::JobDelete,
+        Op::JobHistory,
         Op::JobTrigger,
         Op::RunsList,
         Op::RunsGet,
@@ -68,6 +71,7 @@ impl Op {
             Op::JobPause => "job.pause",
             Op::JobResume => "job.resume",
             Op::JobDelete => "job.delete",
+            Op::JobHistory => "job.history",
             Op::JobTrigger => "job.trigger",
             Op::RunsList => "runs.list",
             Op::RunsGet => "runs.get",
@@ -201,8 +205,36 @@ pub struct JobListRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRequest {
-    /// `group.name` or `name`.
+    /// `group.name` or `name` (a deleted job's history needs `group.name`).
     pub job: String,
+    /// For `job.get`: an earlier revision instead of the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+}
+
+impl JobRequest {
+    /// A request for the current revision of `job`.
+    pub fn new(job: impl Into<String>) -> JobRequest {
+        JobRequest {
+            job: job.into(),
+            revision: None,
+        }
+    }
+}
+
+/// One revision of a job definition (`job.history`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRevision {
+    /// Revision in the jobs bucket.
+    pub revision: u64,
+    /// When it was written (server time).
+    pub written_at: DateTime<Utc>,
+    /// `PUT` (a definition), `DELETE` or `PURGE`.
+    pub operation: String,
+    /// The definition, for `PUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<JobSpec>,
 }
 
 /// A job as the API shows it.
@@ -357,6 +389,9 @@ pub struct RunSummary {
     /// The scheduler node that dispatched it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Revision of the job definition it ran with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
     /// Output of the last successful attempt (unsharded runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

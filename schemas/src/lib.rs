@@ -119,6 +119,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             render(schemars::schema_for!(api::ClusterStatus)),
         ),
         (
+            "api-job-revision.json",
+            render(schemars::schema_for!(api::JobRevision)),
+        ),
+        (
             "api-dlq-list-request.json",
             render(schemars::schema_for!(api::DlqListRequest)),
         ),

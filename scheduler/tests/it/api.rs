@@ -101,18 +101,18 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
 
     // Pause and resume are revisions too; get shows the state.
     let paused: JobView = client
-        .call(Op::JobPause, &JobRequest { job: "j".into() })
+        .call(Op::JobPause, &JobRequest::new("j"))
         .await
         .unwrap();
     assert!(!paused.spec.running);
     assert!(paused.next_fire_at.is_none());
     let view: JobView = client
-        .call(Op::JobGet, &JobRequest { job: "t.j".into() })
+        .call(Op::JobGet, &JobRequest::new("t.j"))
         .await
         .unwrap();
     assert_eq!(view.revision, paused.revision);
     let resumed: JobView = client
-        .call(Op::JobResume, &JobRequest { job: "t/j".into() })
+        .call(Op::JobResume, &JobRequest::new("t/j"))
         .await
         .unwrap();
     assert!(resumed.spec.running && resumed.next_fire_at.is_some());
@@ -123,7 +123,7 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
     other["jobGroup"] = json!("u");
     apply(&client, vec![other]).await;
     let err = client
-        .call::<_, JobView>(Op::JobGet, &JobRequest { job: "j".into() })
+        .call::<_, JobView>(Op::JobGet, &JobRequest::new("j"))
         .await
         .unwrap_err();
     assert!(
@@ -132,13 +132,54 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
     );
 
     let deleted: JobView = client
-        .call(Op::JobDelete, &JobRequest { job: "u.j".into() })
+        .call(Op::JobDelete, &JobRequest::new("u.j"))
         .await
         .unwrap();
     assert_eq!(deleted.key, "u.j");
+    // The history keeps every revision, newest first; earlier ones can be read back.
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.j"))
+        .await
+        .unwrap();
+    let crons: Vec<(String, Option<String>)> = history
+        .iter()
+        .map(|r| {
+            (
+                r.operation.clone(),
+                r.spec.as_ref().and_then(|s| s.cron.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        crons,
+        [
+            ("PUT".to_string(), Some("0 30 * * * ?".to_string())),
+            ("PUT".to_string(), Some("0 30 * * * ?".to_string())),
+            ("PUT".to_string(), Some("0 30 * * * ?".to_string())),
+            ("PUT".to_string(), Some("0 0 * * * ?".to_string())),
+        ]
+    );
+    let first: JobView = client
+        .call(
+            Op::JobGet,
+            &JobRequest {
+                job: "t.j".into(),
+                revision: Some(history[3].revision),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.spec.cron.as_deref(), Some("0 0 * * * ?"));
+    assert_eq!(first.revision, history[3].revision);
+    let deleted_history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("u.j"))
+        .await
+        .unwrap();
+    assert_eq!(deleted_history[0].operation, "DELETE");
+    assert_eq!(deleted_history[1].operation, "PUT");
     // Reads see the API's own writes at once.
     let r = client
-        .call::<_, JobView>(Op::JobGet, &JobRequest { job: "u.j".into() })
+        .call::<_, JobView>(Op::JobGet, &JobRequest::new("u.j"))
         .await;
     assert!(
         matches!(&r, Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound),

@@ -45,8 +45,11 @@ async fn cli_applies_lists_triggers_and_reports_errors() {
     assert_eq!(v["spec"]["loadBalanceType"], "WEIGHT_ROUND_ROBIN");
 
     // Pause the scheduled job so only the manual run below exists.
-    let (code, _, _) = env.cli(&["job", "pause", "demo-job3"]);
+    let (code, out, _) = env.cli(&["-o", "json", "job", "pause", "demo-job3"]);
     assert_eq!(code, 0);
+    let paused_revision = serde_json::from_str::<serde_json::Value>(&out).unwrap()["revision"]
+        .as_u64()
+        .unwrap();
     let (code, out, err) = env.cli(&[
         "-o",
         "json",
@@ -63,6 +66,18 @@ async fn cli_applies_lists_triggers_and_reports_errors() {
         .to_string();
     let d = wait_final(&client, &run_id).await;
     assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(
+        d.run.revision,
+        Some(paused_revision),
+        "the run records its definition's revision"
+    );
+    let (code, out, _) = env.cli(&["job", "history", "demo-job3"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" PUT ")).count(),
+        2,
+        "{out}"
+    );
     let (code, out, _) = env.cli(&["runs", "get", &run_id]);
     assert_eq!(code, 0);
     assert!(out.contains("status:     SUCCEEDED"), "{out}");
