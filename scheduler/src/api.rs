@@ -262,7 +262,7 @@ impl ApiServer {
     async fn put_job(&self, spec: krest_schemas::JobSpec) -> Result<ApplyResult, Failure> {
         let key = spec.key();
         for _ in 0..5 {
-            let now = Utc::now();
+            let now = now_ms();
             let current = self
                 .infra
                 .jobs
@@ -455,7 +455,7 @@ impl ApiServer {
                 ));
             }
             stored.spec.running = running;
-            stored.updated_at = Utc::now();
+            stored.updated_at = now_ms();
             let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
             if let Ok(revision) = self.infra.jobs.update(&key, value, entry.revision).await {
                 self.table
@@ -536,6 +536,7 @@ impl ApiServer {
             trigger: Trigger::Manual,
             misfired: 0,
             args,
+            skip: None,
         };
         let shard_total = match (&spec.job_type, &fire.args) {
             (krest_schemas::JobType::Sharding, serde_json::Value::Array(a)) => {
@@ -638,7 +639,7 @@ impl ApiServer {
 pub fn view(key: &str, entry: &JobEntry) -> JobView {
     let spec = &entry.stored.spec;
     let next_fire_at = if spec.running {
-        spec.schedule()
+        spec.schedule(entry.stored.created_at)
             .and_then(Result::ok)
             .and_then(|s| s.next_after(Utc::now()))
     } else {
@@ -652,4 +653,10 @@ pub fn view(key: &str, entry: &JobEntry) -> JobView {
         updated_at: entry.stored.updated_at,
         next_fire_at,
     }
+}
+
+/// Now, to the millisecond: stored times are kept at the precision of fire times and run ids.
+fn now_ms() -> chrono::DateTime<Utc> {
+    let now = Utc::now();
+    chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
 }

@@ -555,7 +555,12 @@ fn job_rows(jobs: &[JobView]) -> Vec<Vec<String>> {
                 j.key.clone(),
                 s.app_name.clone(),
                 format!("{:?}", s.job_type).to_uppercase(),
-                s.cron.clone().unwrap_or_else(|| "(manual)".into()),
+                match (&s.cron, &s.every, &s.at) {
+                    (Some(c), _, _) => c.clone(),
+                    (_, Some(e), _) => format!("every {e}"),
+                    (_, _, Some(a)) => format!("at {a}"),
+                    _ => "(manual)".into(),
+                },
                 s.time_zone.clone(),
                 s.path.clone(),
                 if s.running {
@@ -574,7 +579,7 @@ const JOB_HEADERS: [&str; 9] = [
     "JOB",
     "APP",
     "TYPE",
-    "CRON",
+    "SCHEDULE",
     "TZ",
     "PATH",
     "STATE",
@@ -874,6 +879,13 @@ async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::Result<ExitC
                         } else {
                             String::new()
                         }
+                    ),
+                    RunEvent::Skipped(k) => format!(
+                        "{} {:<10} {} {}",
+                        k.at.format("%H:%M:%S%.3f"),
+                        "skipped",
+                        k.run_id,
+                        k.reason
                     ),
                     RunEvent::Started(s) => format!(
                         "{} {:<10} {} shard {}/{} attempt {} on {}",

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::names::{events_subject, work_msg_id, work_queue_subject, STATE_BUCKET};
-use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Trigger};
+use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -53,6 +53,8 @@ pub struct Fire {
     pub misfired: u32,
     /// Arguments (the job's, or a manual override, normalized).
     pub args: Value,
+    /// Set when the fire is recorded as SKIPPED instead of run: why.
+    pub skip: Option<String>,
 }
 
 impl Fire {
@@ -70,6 +72,7 @@ impl Fire {
             scheduled_at: at,
             trigger,
             misfired,
+            skip: None,
             job,
         }
     }
@@ -174,6 +177,26 @@ impl Publisher {
         now: DateTime<Utc>,
     ) -> Result<Vec<(String, String, Bytes)>, String> {
         let spec = &fire.job.stored.spec;
+        if let Some(reason) = &fire.skip {
+            let skipped = RunEvent::Skipped(Skipped {
+                run_id: fire.run_id.clone(),
+                job_group: spec.job_group.clone(),
+                job_name: spec.job_name.clone(),
+                app_name: spec.app_name.clone(),
+                trigger: fire.trigger,
+                scheduled_at: fire.scheduled_at,
+                at: now,
+                reason: reason.clone(),
+                misfired: fire.misfired,
+                revision: fire.job.revision,
+                node: self.node.clone(),
+            });
+            return Ok(vec![(
+                events_subject(&spec.job_group, &spec.job_name),
+                skipped.msg_id(),
+                Bytes::from(serde_json::to_vec(&skipped).map_err(|e| e.to_string())?),
+            )]);
+        }
         let items = fire.shard_items();
         let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
         let dispatched = RunEvent::Dispatched(Dispatched {

@@ -8,8 +8,9 @@
 //! JetStream drops.
 //!
 //! Misfires (fire times older than the misfire threshold at the moment they are published) are
-//! collapsed into one run for the latest of them, which records how many it stands for
-//! (`FIRE_ONCE`). Fires within the threshold are each published, late.
+//! handled by the job's misfire policy: collapsed into one run for the latest of them
+//! (`FIRE_ONCE`), recorded as one SKIPPED entry (`SKIP`), or run each within the job's catch-up
+//! window (`FIRE_ALL`). Fires within the threshold are each published, late.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use krest_schemas::{CronSchedule, JobState, Trigger};
+use krest_schemas::{JobState, MisfirePolicy, Schedule, Trigger};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -55,45 +56,103 @@ pub struct Planned {
     pub at: DateTime<Utc>,
     /// Fire times it stands for beyond itself (0 unless it collapses misfires).
     pub misfired: u32,
+    /// Recorded as SKIPPED instead of run.
+    pub skip: bool,
 }
 
-/// The fires of `schedule` in `(anchor, now]` to publish: each fire within `threshold` of
-/// `now`, plus one for the latest older fire if there are any (standing for all of them).
-/// Pure, so it is tested directly.
-pub fn plan(
-    schedule: &CronSchedule,
-    anchor: DateTime<Utc>,
-    now: DateTime<Utc>,
-    threshold: Duration,
-) -> Vec<Planned> {
-    let threshold = chrono::Duration::from_std(threshold).unwrap_or(chrono::Duration::MAX);
-    let horizon = now.checked_sub_signed(threshold).unwrap_or(anchor);
-    let mut out = Vec::new();
-    if horizon > anchor {
-        if let Some(latest) = schedule.prev_at_or_before(horizon).filter(|t| *t > anchor) {
-            let count = schedule
-                .fires_between(anchor, horizon, MISFIRE_COUNT_LIMIT)
-                .len()
-                .max(1);
-            out.push(Planned {
-                at: latest,
-                misfired: u32::try_from(count - 1).unwrap_or(u32::MAX),
-            });
+impl Planned {
+    fn run(at: DateTime<Utc>) -> Planned {
+        Planned {
+            at,
+            misfired: 0,
+            skip: false,
         }
     }
-    let from = anchor.max(horizon);
+}
+
+/// The misfire settings `plan` needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Misfire {
+    /// Fires older than this at planning time are misfires.
+    pub threshold: Duration,
+    /// The job's policy.
+    pub policy: MisfirePolicy,
+    /// How far back `FIRE_ALL` runs missed fires.
+    pub window: Duration,
+}
+
+/// The latest fire in `(after, upto]` and how many fires that range holds, if any.
+fn collapse(
+    schedule: &Schedule,
+    after: DateTime<Utc>,
+    upto: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, u32)> {
+    if upto <= after {
+        return None;
+    }
+    let latest = schedule.prev_at_or_before(upto).filter(|t| *t > after)?;
+    let count = schedule
+        .fires_between(after, upto, MISFIRE_COUNT_LIMIT)
+        .len()
+        .max(1);
+    Some((latest, u32::try_from(count).unwrap_or(u32::MAX)))
+}
+
+fn ago(now: DateTime<Utc>, d: Duration, floor: DateTime<Utc>) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(floor)
+        .max(floor)
+}
+
+/// The fires of `schedule` in `(anchor, now]` to publish, by the misfire policy: fires within
+/// the threshold of `now` each run; older ones are collapsed into one run (`FIRE_ONCE`), into
+/// one SKIPPED entry (`SKIP`), or run each within the catch-up window with one SKIPPED entry for
+/// those before it (`FIRE_ALL`). Pure, so it is tested directly.
+pub fn plan(
+    schedule: &Schedule,
+    anchor: DateTime<Utc>,
+    now: DateTime<Utc>,
+    m: Misfire,
+) -> Vec<Planned> {
+    let horizon = ago(now, m.threshold, anchor);
+    let mut out = Vec::new();
+    let recent_from = match m.policy {
+        MisfirePolicy::FireOnce | MisfirePolicy::Skip => {
+            if let Some((at, count)) = collapse(schedule, anchor, horizon) {
+                out.push(Planned {
+                    at,
+                    misfired: count - 1,
+                    skip: m.policy == MisfirePolicy::Skip,
+                });
+            }
+            horizon
+        }
+        MisfirePolicy::FireAll => {
+            let window_start = ago(now, m.window.max(m.threshold), anchor);
+            if let Some((at, count)) = collapse(schedule, anchor, window_start) {
+                out.push(Planned {
+                    at,
+                    misfired: count - 1,
+                    skip: true,
+                });
+            }
+            window_start
+        }
+    };
     out.extend(
         schedule
-            .fires_between(from, now, usize::MAX)
+            .fires_between(recent_from, now, usize::MAX)
             .into_iter()
-            .map(|at| Planned { at, misfired: 0 }),
+            .map(Planned::run),
     );
     out
 }
 
 struct JobSched {
     entry: Arc<JobEntry>,
-    schedule: Arc<CronSchedule>,
+    schedule: Arc<Schedule>,
     /// Every fire up to and including this instant has been handed to the publisher.
     anchor: DateTime<Utc>,
     generation: u64,
@@ -113,7 +172,12 @@ pub struct Schedules {
     jobs: HashMap<String, JobSched>,
     heap: BinaryHeap<Reverse<(i64, u64, String)>>,
     generation: u64,
-    parsed: HashMap<ScheduleKey, Arc<CronSchedule>>,
+    parsed: HashMap<ScheduleKey, Arc<Schedule>>,
+}
+
+/// The interning key of a job's schedule: only cron expressions are interned.
+fn cron_key(spec: &krest_schemas::JobSpec) -> Option<ScheduleKey> {
+    spec.cron.clone().map(|c| (c, spec.time_zone.clone()))
 }
 
 impl Schedules {
@@ -135,17 +199,19 @@ impl Schedules {
             }
         }
         let spec = &entry.stored.spec;
-        let (true, Some(expr)) = (spec.running, spec.cron.clone()) else {
+        if !spec.running {
             self.remove(key);
             return;
-        };
-        let schedule = match self.parsed.get(&(expr.clone(), spec.time_zone.clone())) {
-            Some(s) => s.clone(),
-            None => match spec.schedule() {
+        }
+        let interned = cron_key(spec).and_then(|k| self.parsed.get(&k).cloned());
+        let schedule = match interned {
+            Some(s) => s,
+            None => match spec.schedule(entry.stored.created_at) {
                 Some(Ok(s)) => {
                     let s = Arc::new(s);
-                    self.parsed
-                        .insert((expr, spec.time_zone.clone()), s.clone());
+                    if let Some(k) = cron_key(spec) {
+                        self.parsed.insert(k, s.clone());
+                    }
                     s
                 }
                 Some(Err(e)) => {
@@ -154,6 +220,7 @@ impl Schedules {
                     return;
                 }
                 None => {
+                    // Manual-only job.
                     self.remove(key);
                     return;
                 }
@@ -196,11 +263,9 @@ impl Schedules {
 
     /// Drops an interned schedule no job uses any more.
     fn release(&mut self, old: JobSched) {
-        let spec = &old.entry.stored.spec;
-        let cache_key = (
-            spec.cron.clone().unwrap_or_default(),
-            spec.time_zone.clone(),
-        );
+        let Some(cache_key) = cron_key(&old.entry.stored.spec) else {
+            return;
+        };
         drop(old);
         if self
             .parsed
@@ -239,8 +304,9 @@ impl Schedules {
         None
     }
 
-    /// Pops every job due at `now` and plans its fires; fires at or before `catch_up_until`
-    /// are marked as catch-up.
+    /// Pops every job due at `now` and plans its fires by its misfire policy (misfires are
+    /// fires older than `threshold`); fires at or before `catch_up_until` are marked as
+    /// catch-up.
     pub fn pop_due(
         &mut self,
         now: DateTime<Utc>,
@@ -263,18 +329,30 @@ impl Schedules {
             if job.generation != generation {
                 continue;
             }
-            for p in plan(&job.schedule, job.anchor, now, threshold) {
+            let spec = &job.entry.stored.spec;
+            let misfire = Misfire {
+                threshold,
+                policy: spec.misfire_policy,
+                window: spec.catch_up_window(),
+            };
+            for p in plan(&job.schedule, job.anchor, now, misfire) {
                 let trigger = if p.misfired > 0 || p.at <= catch_up_until {
                     Trigger::CatchUp
                 } else {
                     Trigger::Schedule
                 };
-                out.push(Fire::scheduled(
-                    job.entry.clone(),
-                    p.at,
-                    trigger,
-                    p.misfired,
-                ));
+                let mut fire = Fire::scheduled(job.entry.clone(), p.at, trigger, p.misfired);
+                if p.skip {
+                    fire.skip = Some(format!(
+                        "missed while no leader dispatched ({} fire(s)); misfire policy {}",
+                        p.misfired + 1,
+                        match spec.misfire_policy {
+                            MisfirePolicy::Skip => "SKIP",
+                            _ => "FIRE_ALL: older than the catch-up window",
+                        }
+                    ));
+                }
+                out.push(fire);
             }
             job.anchor = now.max(job.anchor);
             if let Some(next) = job.schedule.next_after(job.anchor) {
@@ -486,13 +564,30 @@ async fn load_states(state: &kv::Store) -> Result<HashMap<String, JobState>, Str
 mod tests {
     use super::*;
     use chrono_tz::Tz;
+    use krest_schemas::CronSchedule;
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    fn every5() -> CronSchedule {
-        CronSchedule::new("0/5 * * * * ?", Tz::UTC).unwrap()
+    fn every5() -> Schedule {
+        Schedule::Cron(Box::new(
+            CronSchedule::new("0/5 * * * * ?", Tz::UTC).unwrap(),
+        ))
+    }
+
+    fn once(threshold_s: u64) -> Misfire {
+        Misfire {
+            threshold: Duration::from_secs(threshold_s),
+            policy: MisfirePolicy::FireOnce,
+            window: Duration::from_secs(600),
+        }
+    }
+
+    fn times(p: &[Planned]) -> Vec<(String, u32, bool)> {
+        p.iter()
+            .map(|p| (p.at.format("%H:%M:%S").to_string(), p.misfired, p.skip))
+            .collect()
     }
 
     #[test]
@@ -501,15 +596,9 @@ mod tests {
             &every5(),
             t("2026-01-01T00:00:00Z"),
             t("2026-01-01T00:00:05.002Z"),
-            Duration::from_secs(60),
+            once(60),
         );
-        assert_eq!(
-            p,
-            vec![Planned {
-                at: t("2026-01-01T00:00:05Z"),
-                misfired: 0
-            }]
-        );
+        assert_eq!(times(&p), [("00:00:05".into(), 0, false)]);
     }
 
     #[test]
@@ -519,28 +608,30 @@ mod tests {
             &every5(),
             t("2026-01-01T00:00:00Z"),
             t("2026-01-01T00:00:12Z"),
-            Duration::from_secs(60),
+            once(60),
         );
-        let at: Vec<_> = p.iter().map(|p| p.at).collect();
-        assert_eq!(at, [t("2026-01-01T00:00:05Z"), t("2026-01-01T00:00:10Z")]);
-        assert!(p.iter().all(|p| p.misfired == 0));
+        assert_eq!(
+            times(&p),
+            [("00:00:05".into(), 0, false), ("00:00:10".into(), 0, false)]
+        );
     }
 
     #[test]
     fn plan_long_gap_collapses_misfires() {
         // Down from 00:00 to 00:10: fires older than 60 s collapse into one run at 00:09:00
-        // standing for 108 misfires; the last minute's 12 fires run each.
+        // standing for 108 fires; the last minute's 12 fires run each.
         let p = plan(
             &every5(),
             t("2026-01-01T00:00:00Z"),
             t("2026-01-01T00:10:00Z"),
-            Duration::from_secs(60),
+            once(60),
         );
         assert_eq!(
             p[0],
             Planned {
                 at: t("2026-01-01T00:09:00Z"),
-                misfired: 107
+                misfired: 107,
+                skip: false
             }
         );
         assert_eq!(p.len(), 13);
@@ -549,12 +640,72 @@ mod tests {
     }
 
     #[test]
+    fn plan_skip_records_the_misfires_and_runs_the_recent_fires() {
+        let m = Misfire {
+            policy: MisfirePolicy::Skip,
+            ..once(60)
+        };
+        let p = plan(
+            &every5(),
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-01T00:10:00Z"),
+            m,
+        );
+        assert_eq!(
+            p[0],
+            Planned {
+                at: t("2026-01-01T00:09:00Z"),
+                misfired: 107,
+                skip: true
+            }
+        );
+        assert_eq!(p.len(), 13);
+        assert!(p[1..].iter().all(|p| !p.skip));
+    }
+
+    #[test]
+    fn plan_fire_all_runs_every_fire_in_the_window() {
+        // Window 2 minutes: 24 fires run; the 96 before it are recorded skipped as one entry.
+        let m = Misfire {
+            policy: MisfirePolicy::FireAll,
+            window: Duration::from_secs(120),
+            ..once(60)
+        };
+        let p = plan(
+            &every5(),
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-01T00:10:00Z"),
+            m,
+        );
+        assert_eq!(
+            p[0],
+            Planned {
+                at: t("2026-01-01T00:08:00Z"),
+                misfired: 95,
+                skip: true
+            }
+        );
+        assert_eq!(p.len(), 25);
+        assert_eq!(p[1].at, t("2026-01-01T00:08:05Z"));
+        assert!(p[1..].iter().all(|p| !p.skip && p.misfired == 0));
+        // A gap inside the window: everything runs, nothing skipped.
+        let p = plan(
+            &every5(),
+            t("2026-01-01T00:09:00Z"),
+            t("2026-01-01T00:10:00Z"),
+            m,
+        );
+        assert_eq!(p.len(), 12);
+        assert!(p.iter().all(|p| !p.skip));
+    }
+
+    #[test]
     fn plan_nothing_due() {
         let p = plan(
             &every5(),
             t("2026-01-01T00:00:05Z"),
             t("2026-01-01T00:00:09Z"),
-            Duration::from_secs(60),
+            once(60),
         );
         assert!(p.is_empty());
     }
@@ -568,14 +719,93 @@ mod tests {
             &s,
             t("2026-01-01T00:00:00Z"),
             t("2026-01-01T00:00:21Z"),
-            Duration::from_secs(60),
+            once(60),
         );
         let b = plan(
             &s,
             t("2026-01-01T00:00:00Z"),
             t("2026-01-01T00:00:26Z"),
-            Duration::from_secs(60),
+            once(60),
         );
         assert_eq!(a[..], b[..a.len()]);
+    }
+
+    #[test]
+    fn plan_every_and_at() {
+        let every = Schedule::Every {
+            start: t("2026-01-01T00:00:00Z"),
+            period_ms: 30_000,
+        };
+        let p = plan(
+            &every,
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-01T00:01:40Z"),
+            once(60),
+        );
+        assert_eq!(
+            times(&p),
+            [
+                ("00:00:30".into(), 0, false),
+                ("00:01:00".into(), 0, false),
+                ("00:01:30".into(), 0, false)
+            ]
+        );
+        let at = Schedule::At(t("2026-01-01T00:00:30Z"));
+        assert_eq!(
+            plan(
+                &at,
+                t("2026-01-01T00:00:00Z"),
+                t("2026-01-01T00:00:31Z"),
+                once(60)
+            )
+            .len(),
+            1
+        );
+        assert!(
+            plan(
+                &at,
+                t("2026-01-01T00:00:30Z"),
+                t("2026-01-02T00:00:00Z"),
+                once(60)
+            )
+            .is_empty(),
+            "fires once"
+        );
+        // Missed by hours: FIRE_ONCE still runs it, once.
+        let p = plan(
+            &at,
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-01T05:00:00Z"),
+            once(60),
+        );
+        assert_eq!(times(&p), [("00:00:30".into(), 0, false)]);
+    }
+
+    #[test]
+    fn dst_jobs_in_new_york_run_once_on_both_change_days() {
+        let tz = krest_schemas::cron::parse_time_zone("America/New_York").unwrap();
+        for (expr, from, to) in [
+            (
+                "0 30 2 * * ?",
+                "2026-03-07T12:00:00Z",
+                "2026-03-09T12:00:00Z",
+            ), // skipped hour
+            (
+                "0 30 1 * * ?",
+                "2026-10-31T12:00:00Z",
+                "2026-11-02T12:00:00Z",
+            ), // repeated hour
+        ] {
+            let s = Schedule::Cron(Box::new(CronSchedule::new(expr, tz).unwrap()));
+            // A leader running through both days, tick by tick, plans each day's fire once.
+            let mut anchor = t(from);
+            let mut fired = Vec::new();
+            while let Some(next) = s.next_after(anchor).filter(|n| *n <= t(to)) {
+                let p = plan(&s, anchor, next, once(60));
+                fired.extend(p.iter().map(|p| p.at));
+                anchor = next;
+            }
+            assert_eq!(fired.len(), 2, "{expr}: {fired:?}");
+        }
     }
 }

@@ -224,6 +224,8 @@ struct RunRow {
     args: Option<String>,
     node: Option<String>,
     shard_total: i64,
+    /// Set by a `skipped` event: (reason, when).
+    skipped: Option<(String, i64)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -372,6 +374,19 @@ impl Store {
                     r.node = Some(d.node.clone());
                     r.shard_total = i64::from(d.shard_total);
                 }
+                RunEvent::Skipped(k) => {
+                    let r = runs.entry(k.run_id.clone()).or_default();
+                    r.job_group = k.job_group.clone();
+                    r.job_name = k.job_name.clone();
+                    r.app_name = k.app_name.clone();
+                    r.trigger = Some(k.trigger.as_str().to_string());
+                    r.scheduled_at = Some(ms(k.scheduled_at));
+                    r.misfired = Some(i64::from(k.misfired));
+                    r.revision = i64::try_from(k.revision).ok();
+                    r.node = Some(k.node.clone());
+                    r.shard_total = 0;
+                    r.skipped = Some((k.reason.clone(), ms(k.at)));
+                }
                 RunEvent::Started(s) => {
                     let r = runs.entry(s.run_id.clone()).or_default();
                     r.job_group = s.job_group.clone();
@@ -415,7 +430,11 @@ impl Store {
                 }
             }
         }
-        let mut affected: HashSet<String> = runs.keys().cloned().collect();
+        let mut affected: HashSet<String> = runs
+            .iter()
+            .filter(|(_, r)| r.skipped.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
         affected.extend(attempts.keys().map(|k| k.0.clone()));
 
         let mut tx = self.pool.begin().await?;
@@ -456,6 +475,18 @@ impl Store {
                 ]);
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+        }
+        for (id, r) in &run_rows {
+            if let Some((reason, at)) = &r.skipped {
+                sqlx::query(
+                    "UPDATE runs SET status = 'SKIPPED', error = $1, finished_at = $2 WHERE run_id = $3",
+                )
+                .bind(reason.as_str())
+                .bind(*at)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
         for chunk in attempt_rows.chunks(ROWS_PER_INSERT) {
@@ -685,17 +716,23 @@ async fn summarize(
 ) -> Result<(), StoreError> {
     let list = list_placeholders(run_ids.len());
     let vals: Vec<Val> = run_ids.iter().map(|s| Val::from(s.clone())).collect();
-    let totals: HashMap<String, i64> = bind_all(
+    let mut totals: HashMap<String, i64> = HashMap::new();
+    let mut skipped: HashSet<String> = HashSet::new();
+    for r in bind_all(
         sqlx::query(&format!(
-            "SELECT run_id, shard_total FROM runs WHERE run_id IN ({list})"
+            "SELECT run_id, shard_total, status FROM runs WHERE run_id IN ({list})"
         )),
         vals.clone(),
     )
     .fetch_all(&mut **tx)
     .await?
-    .iter()
-    .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
-    .collect::<Result<_, sqlx::Error>>()?;
+    {
+        let id: String = r.try_get(0)?;
+        if r.try_get::<String, _>(2)? == RunStatus::Skipped.as_str() {
+            skipped.insert(id.clone());
+        }
+        totals.insert(id, r.try_get(1)?);
+    }
 
     #[derive(Default)]
     struct Shard {
@@ -769,6 +806,9 @@ async fn summarize(
         }
     }
     for run_id in run_ids {
+        if skipped.contains(run_id) {
+            continue;
+        }
         let total = totals.get(run_id).copied().unwrap_or(1).max(1);
         let acc = accs.remove(run_id).unwrap_or_default();
         let succeeded = acc.shards.values().filter(|s| s.succeeded).count() as i64;

@@ -296,6 +296,8 @@ pub enum RunStatus {
     Failed,
     /// A shard's last attempt ran past the job's `timeoutSecs`, with no retries left.
     TimedOut,
+    /// Not run: skipped by the misfire or overlap policy.
+    Skipped,
 }
 
 impl RunStatus {
@@ -307,6 +309,7 @@ impl RunStatus {
             RunStatus::Succeeded => "SUCCEEDED",
             RunStatus::Failed => "FAILED",
             RunStatus::TimedOut => "TIMED_OUT",
+            RunStatus::Skipped => "SKIPPED",
         }
     }
 
@@ -318,6 +321,7 @@ impl RunStatus {
             RunStatus::Succeeded,
             RunStatus::Failed,
             RunStatus::TimedOut,
+            RunStatus::Skipped,
         ]
         .into_iter()
         .find(|st| st.as_str().eq_ignore_ascii_case(s))
@@ -327,7 +331,7 @@ impl RunStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut | RunStatus::Skipped
         )
     }
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::cron::{parse_time_zone, CronSchedule};
 use crate::names::{is_token, job_key, MAX_TOKEN_LEN};
+use crate::schedule::{parse_duration, Schedule};
 
 /// Most retries a job may ask for (`retryTimes`); a run makes at most `retryTimes + 1` attempts.
 pub const MAX_RETRY_TIMES: u32 = 20;
@@ -19,6 +20,8 @@ pub const MAX_SHARDS: usize = 1000;
 pub const MAX_ARGS_BYTES: usize = 64 * 1024;
 /// Longest `timeoutSecs` (7 days).
 pub const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+/// Longest `every` period and `catchUpWindow`.
+pub const MAX_PERIOD: std::time::Duration = std::time::Duration::from_secs(366 * 86400);
 /// Longest handler `path`.
 pub const MAX_PATH_LEN: usize = 256;
 
@@ -46,9 +49,23 @@ pub struct JobSpec {
     /// the job only runs when triggered by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
+    /// Fixed rate instead of a cron (`30s`, `5m`, `1h30m`): fires every period, counted from
+    /// the job's creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+    /// One instant instead of a cron (RFC 3339): the job fires once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
     /// IANA time zone the cron expression is evaluated in.
     #[serde(default = "default_time_zone")]
     pub time_zone: String,
+    /// What to do with fires missed while no leader dispatched (failover, downtime) that are
+    /// older than the misfire threshold.
+    #[serde(default)]
+    pub misfire_policy: MisfirePolicy,
+    /// For `FIRE_ALL`: how far back missed fires are run (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_window: Option<String>,
     /// How runs are spread over the app's workers.
     #[serde(default)]
     pub load_balance_type: LoadBalance,
@@ -118,6 +135,22 @@ pub enum JobType {
     /// One execution per element of `args`, spread over the app's workers by weight.
     Sharding,
 }
+
+/// What happens to fires missed for longer than the misfire threshold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MisfirePolicy {
+    /// One run for the latest missed fire, recording how many it stands for.
+    #[default]
+    FireOnce,
+    /// No run; one SKIPPED entry records the missed fires.
+    Skip,
+    /// A run for every missed fire within `catchUpWindow`; older ones are recorded SKIPPED.
+    FireAll,
+}
+
+/// Default `catchUpWindow`.
+pub const DEFAULT_CATCH_UP_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How runs are spread over an app's workers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -337,6 +370,41 @@ impl JobSpec {
                 problems.push(problem("cron", e.to_string()));
             }
         }
+        let kinds = [self.cron.is_some(), self.every.is_some(), self.at.is_some()];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            problems.push(problem(
+                "",
+                "cron, every and at exclude each other: give one of them (or none for a job that only runs when triggered)",
+            ));
+        }
+        if let Some(every) = &self.every {
+            match parse_duration(every) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) && d <= MAX_PERIOD => {}
+                Ok(_) => problems.push(problem(
+                    "every",
+                    format!("`{every}` is out of range: use 1s to 366d"),
+                )),
+                Err(e) => problems.push(problem("every", e)),
+            }
+        }
+        if let Some(at) = &self.at {
+            if DateTime::parse_from_rfc3339(at).is_err() {
+                problems.push(problem(
+                    "at",
+                    format!("`{at}` is not an RFC 3339 time such as 2026-12-24T18:00:00+01:00"),
+                ));
+            }
+        }
+        if let Some(window) = &self.catch_up_window {
+            match parse_duration(window) {
+                Ok(d) if d <= MAX_PERIOD => {}
+                Ok(_) => problems.push(problem(
+                    "catchUpWindow",
+                    format!("`{window}` is out of range: use at most 366d"),
+                )),
+                Err(e) => problems.push(problem("catchUpWindow", e)),
+            }
+        }
         if !(0..=i64::from(MAX_RETRY_TIMES)).contains(&self.retry_times) {
             problems.push(problem(
                 "retryTimes",
@@ -406,14 +474,46 @@ impl JobSpec {
         }
     }
 
-    /// The cron schedule, if the job has one. Call on a validated spec (the "fires in the
-    /// future" check of validation is not repeated).
-    pub fn schedule(&self) -> Option<Result<CronSchedule, String>> {
-        let expr = self.cron.as_deref()?;
+    /// The job's schedule, if it has one (`created_at` anchors `every`). Call on a validated
+    /// spec (the "fires in the future" check of cron validation is not repeated).
+    pub fn schedule(&self, created_at: DateTime<Utc>) -> Option<Result<Schedule, String>> {
+        if let Some(expr) = self.cron.as_deref() {
+            return Some(parse_time_zone(&self.time_zone).and_then(|tz| {
+                CronSchedule::parse(expr, tz)
+                    .map(|c| Schedule::Cron(Box::new(c)))
+                    .map_err(|e| e.to_string())
+            }));
+        }
+        if let Some(every) = self.every.as_deref() {
+            return Some(parse_duration(every).and_then(|d| {
+                let period_ms = i64::try_from(d.as_millis()).map_err(|e| e.to_string())?;
+                if period_ms < 1000 {
+                    return Err(format!("every `{every}` is shorter than 1s"));
+                }
+                Ok(Schedule::Every {
+                    start: created_at,
+                    period_ms,
+                })
+            }));
+        }
+        let at = self.at.as_deref()?;
         Some(
-            parse_time_zone(&self.time_zone)
-                .and_then(|tz| CronSchedule::parse(expr, tz).map_err(|e| e.to_string())),
+            DateTime::parse_from_rfc3339(at)
+                .map(|t| {
+                    // Fire times have millisecond precision (as run ids do).
+                    let t = t.with_timezone(&Utc);
+                    Schedule::At(DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t))
+                })
+                .map_err(|e| format!("at `{at}`: {e}")),
         )
+    }
+
+    /// The catch-up window of `FIRE_ALL` (default 10 minutes).
+    pub fn catch_up_window(&self) -> std::time::Duration {
+        self.catch_up_window
+            .as_deref()
+            .and_then(|w| parse_duration(w).ok())
+            .unwrap_or(DEFAULT_CATCH_UP_WINDOW)
     }
 }
 
@@ -613,6 +713,47 @@ mod tests {
         assert!(problems_of(doc.clone())[0].contains("got a number"));
         doc.as_object_mut().unwrap().remove("args");
         assert!(problems_of(doc)[0].contains("got null"));
+    }
+
+    #[test]
+    fn schedules_every_and_at() {
+        let base = json!({"appName": "a", "jobName": "j", "path": "p"});
+        let with = |k: &str, v: Value| {
+            let mut d = base.clone();
+            d[k] = v;
+            d
+        };
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let every = parse_job(&with("every", json!("1m30s"))).unwrap();
+        match every.schedule(t0).unwrap().unwrap() {
+            Schedule::Every { start, period_ms } => assert_eq!((start, period_ms), (t0, 90_000)),
+            other => panic!("{other:?}"),
+        }
+        let at = parse_job(&with("at", json!("2026-12-24T18:00:00+01:00"))).unwrap();
+        assert!(matches!(at.schedule(t0), Some(Ok(Schedule::At(_)))));
+        assert!(
+            parse_job(&base).unwrap().schedule(t0).is_none(),
+            "manual-only"
+        );
+        assert!(problems_of(with("every", json!("500ms")))[0]
+            .starts_with("every: `500ms` is out of range"));
+        assert!(problems_of(with("every", json!("soon")))[0]
+            .starts_with("every: `soon` is not a duration"));
+        assert!(problems_of(with("at", json!("tomorrow")))[0]
+            .starts_with("at: `tomorrow` is not an RFC 3339 time"));
+        let mut both = with("every", json!("1m"));
+        both["cron"] = json!("* * * * * ?");
+        assert!(problems_of(both)[0].starts_with("cron, every and at exclude each other"));
+        let fire_all = parse_job(&json!({"appName": "a", "jobName": "j", "path": "p", "misfirePolicy": "FIRE_ALL", "catchUpWindow": "5m"})).unwrap();
+        assert_eq!(fire_all.misfire_policy, MisfirePolicy::FireAll);
+        assert_eq!(
+            fire_all.catch_up_window(),
+            std::time::Duration::from_secs(300)
+        );
+        assert!(problems_of(with("misfirePolicy", json!("LATER")))[0]
+            .starts_with("misfirePolicy: unknown variant `LATER`"));
     }
 
     #[test]

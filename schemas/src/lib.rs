@@ -5,6 +5,7 @@
 //! - [`job`]: [`JobSpec`] (a superset of Krest-Job's JSON), [`parse_job`] with field-precise
 //!   errors, validation and normalization.
 //! - [`cron`]: [`CronSchedule`], Quartz and 5-field cron evaluated in a time zone.
+//! - [`schedule`]: [`Schedule`], cron or fixed rate (`every`) or one instant (`at`).
 //! - [`messages`]: [`RunMessage`] (work), [`RunEvent`] (results and logs), [`WorkerInfo`]
 //!   (heartbeats), [`NodeInfo`], [`LeaderLease`], [`JobState`].
 //! - [`api`]: requests and replies of `krest.api.*`.
@@ -28,13 +29,17 @@ pub mod cron;
 pub mod job;
 pub mod messages;
 pub mod names;
+pub mod schedule;
 
 pub use cron::{CronError, CronSchedule};
-pub use job::{parse_job, InvalidJob, JobSpec, JobType, LoadBalance, Problem, StoredJob};
+pub use job::{
+    parse_job, InvalidJob, JobSpec, JobType, LoadBalance, MisfirePolicy, Problem, StoredJob,
+};
 pub use messages::{
     AttemptOutcome, Dispatched, Finished, JobState, LeaderLease, LogLevel, LogLine, NodeInfo,
-    NodeRole, RunEvent, RunMessage, ShardInfo, Started, Trigger, WorkerInfo,
+    NodeRole, RunEvent, RunMessage, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
+pub use schedule::{parse_duration, Schedule};
 
 /// The JSON Schema of every wire message, as `(file name, pretty JSON)` pairs, in the order
 /// they are documented in `docs/protocol.md`.

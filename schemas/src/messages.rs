@@ -257,12 +257,44 @@ pub struct Finished {
     pub duration_ms: u64,
 }
 
+/// A fire the leader decided not to run (misfire policy, overlap policy), recorded as a
+/// SKIPPED run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Skipped {
+    /// The run id the fire would have had.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app.
+    pub app_name: String,
+    /// Why the fire exists.
+    pub trigger: Trigger,
+    /// The fire time.
+    pub scheduled_at: DateTime<Utc>,
+    /// When it was skipped.
+    pub at: DateTime<Utc>,
+    /// Why.
+    pub reason: String,
+    /// Further missed fire times this entry stands for.
+    #[serde(default)]
+    pub misfired: u32,
+    /// Revision of the job definition.
+    pub revision: u64,
+    /// The scheduler node that decided.
+    pub node: String,
+}
+
 /// Everything on the events stream (`krest.events.<group>.<name>`), tagged by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum RunEvent {
     /// A run was published.
     Dispatched(Dispatched),
+    /// A fire was skipped.
+    Skipped(Skipped),
     /// An attempt began.
     Started(Started),
     /// A handler logged a line.
@@ -276,6 +308,7 @@ impl RunEvent {
     pub fn run_id(&self) -> &str {
         match self {
             RunEvent::Dispatched(e) => &e.run_id,
+            RunEvent::Skipped(e) => &e.run_id,
             RunEvent::Started(e) => &e.run_id,
             RunEvent::Log(e) => &e.run_id,
             RunEvent::Finished(e) => &e.run_id,
@@ -286,6 +319,7 @@ impl RunEvent {
     pub fn job(&self) -> (&str, &str) {
         match self {
             RunEvent::Dispatched(e) => (&e.job_group, &e.job_name),
+            RunEvent::Skipped(e) => (&e.job_group, &e.job_name),
             RunEvent::Started(e) => (&e.job_group, &e.job_name),
             RunEvent::Log(e) => (&e.job_group, &e.job_name),
             RunEvent::Finished(e) => (&e.job_group, &e.job_name),
@@ -296,6 +330,7 @@ impl RunEvent {
     pub fn msg_id(&self) -> String {
         match self {
             RunEvent::Dispatched(e) => format!("{}/dispatched", e.run_id),
+            RunEvent::Skipped(e) => format!("{}/skipped", e.run_id),
             RunEvent::Started(e) => format!("{}/{}/{}/started", e.run_id, e.shard, e.attempt),
             RunEvent::Log(e) => format!("{}/{}/{}/log/{}", e.run_id, e.shard, e.attempt, e.seq),
             RunEvent::Finished(e) => format!("{}/{}/{}/finished", e.run_id, e.shard, e.attempt),

@@ -13,5 +13,6 @@ mod faults;
 mod ha;
 mod harness;
 mod retries;
+mod schedules;
 mod seed;
 mod worker;
