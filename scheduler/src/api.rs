@@ -538,12 +538,7 @@ impl ApiServer {
             args,
             skip: None,
         };
-        let shard_total = match (&spec.job_type, &fire.args) {
-            (krest_schemas::JobType::Sharding, serde_json::Value::Array(a)) => {
-                u32::try_from(a.len()).unwrap_or(u32::MAX)
-            }
-            _ => 1,
-        };
+        let shard_total = u32::try_from(spec.shard_items(&fire.args).len()).unwrap_or(u32::MAX);
         if let Some(Err(e)) = self
             .publisher
             .publish(std::slice::from_ref(&fire))

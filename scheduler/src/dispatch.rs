@@ -82,14 +82,9 @@ impl Fire {
         self.job.stored.spec.key()
     }
 
-    /// The shards of this run: the items of `args` for SHARDING jobs, else one.
+    /// The shards of this run (see [`krest_schemas::JobSpec::shard_items`]).
     fn shard_items(&self) -> Vec<Option<Value>> {
-        match (self.job.stored.spec.job_type, &self.args) {
-            (krest_schemas::JobType::Sharding, Value::Array(items)) => {
-                items.iter().cloned().map(Some).collect()
-            }
-            _ => vec![None],
-        }
+        self.job.stored.spec.shard_items(&self.args)
     }
 }
 
@@ -238,6 +233,15 @@ impl Publisher {
                 trigger: fire.trigger,
                 retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
                 timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
+                retry_backoff: spec
+                    .retry_backoff
+                    .as_ref()
+                    .and_then(|b| b.to_millis().ok())
+                    .map(|(initial_ms, factor, max_ms)| krest_schemas::BackoffMs {
+                        initial_ms,
+                        factor,
+                        max_ms,
+                    }),
                 revision: fire.job.revision,
             };
             out.push((

@@ -54,9 +54,10 @@ pub struct Store {
     backend: Backend,
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE runs (
     run_id TEXT PRIMARY KEY,
     job_group TEXT NOT NULL,
@@ -114,7 +115,15 @@ CREATE TABLE recorder_cursor (
 );
 INSERT INTO recorder_cursor (id, seq) VALUES (1, 0);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE attempts ADD COLUMN retry_in_ms BIGINT;
+CREATE INDEX runs_by_status_job ON runs (job_group, job_name, status)
+"#,
+    ),
+];
 
 /// Rows per multi-row INSERT (well under every backend's bind-parameter limit).
 const ROWS_PER_INSERT: usize = 400;
@@ -235,6 +244,7 @@ struct AttemptRow {
     finished_at: Option<i64>,
     outcome: Option<String>,
     will_retry: i64,
+    retry_in_ms: Option<i64>,
     output: Option<String>,
     error: Option<String>,
     duration_ms: Option<i64>,
@@ -424,6 +434,7 @@ impl Store {
                     a.finished_at = Some(ms(f.at));
                     a.outcome = Some(outcome_str(f.outcome).to_string());
                     a.will_retry = i64::from(f.will_retry);
+                    a.retry_in_ms = f.retry_in_ms.and_then(|v| i64::try_from(v).ok());
                     a.output = f.output.clone();
                     a.error = f.error.clone();
                     a.duration_ms = i64::try_from(f.duration_ms).ok();
@@ -491,7 +502,7 @@ impl Store {
         let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
         for chunk in attempt_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms) VALUES {} \
+                "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms, retry_in_ms) VALUES {} \
                  ON CONFLICT (run_id, shard, attempt) DO UPDATE SET \
                  worker = COALESCE(excluded.worker, attempts.worker), \
                  started_at = COALESCE(attempts.started_at, excluded.started_at), \
@@ -500,10 +511,11 @@ impl Store {
                  will_retry = CASE WHEN excluded.finished_at IS NOT NULL THEN excluded.will_retry ELSE attempts.will_retry END, \
                  output = COALESCE(excluded.output, attempts.output), \
                  error = COALESCE(excluded.error, attempts.error), \
-                 duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms)",
-                placeholders(chunk.len(), 11)
+                 duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms), \
+                 retry_in_ms = COALESCE(excluded.retry_in_ms, attempts.retry_in_ms)",
+                placeholders(chunk.len(), 12)
             );
-            let mut vals = Vec::with_capacity(chunk.len() * 11);
+            let mut vals = Vec::with_capacity(chunk.len() * 12);
             for ((run, shard, attempt), a) in chunk {
                 vals.extend([
                     Val::from(run.clone()),
@@ -517,6 +529,7 @@ impl Store {
                     a.output.clone().into(),
                     a.error.clone().into(),
                     a.duration_ms.into(),
+                    a.retry_in_ms.into(),
                 ]);
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
@@ -617,7 +630,7 @@ impl Store {
                 });
         }
         let mut attempts = Vec::new();
-        for r in sqlx::query("SELECT shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id = $1 ORDER BY shard, attempt")
+        for r in sqlx::query("SELECT shard, attempt, worker, started_at, finished_at, outcome, will_retry, retry_in_ms, output, error FROM attempts WHERE run_id = $1 ORDER BY shard, attempt")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -634,6 +647,9 @@ impl Store {
                 attempt: u32_of(attempt),
                 status,
                 will_retry: r.try_get::<i64, _>("will_retry")? != 0,
+                retry_in_ms: r
+                    .try_get::<Option<i64>, _>("retry_in_ms")?
+                    .and_then(|v| u64::try_from(v).ok()),
                 worker: r.try_get("worker")?,
                 started_at: from_ms(r.try_get("started_at")?),
                 finished_at: from_ms(r.try_get("finished_at")?),

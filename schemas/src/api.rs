@@ -461,6 +461,9 @@ pub struct AttemptView {
     pub status: AttemptStatus,
     /// Whether a retry follows a failure.
     pub will_retry: bool,
+    /// Delay before that retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
     /// Worker instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,

@@ -80,6 +80,17 @@ pub struct JobSpec {
     /// Retries after a failed attempt; a run makes at most `retryTimes + 1` attempts.
     #[serde(default)]
     pub retry_times: i64,
+    /// For SHARDING jobs without an `args` array: the number of shards (1 to 1000); every
+    /// shard gets the whole `args`, and its item from `shardingParams`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_count: Option<i64>,
+    /// Per-shard parameters for `shardCount` (ElasticJob style): `0=Beijing,1=Shanghai`. A shard
+    /// without one gets `null`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding_params: Option<String>,
+    /// Delay between attempts of a failed run, instead of the worker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff: Option<RetryBackoff>,
     /// Seconds an attempt may run; past it the worker cancels the handler and records the
     /// attempt TIMED_OUT (retried like a failure). Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,6 +145,28 @@ pub enum JobType {
     Normal,
     /// One execution per element of `args`, spread over the app's workers by weight.
     Sharding,
+}
+
+/// `retryBackoff`: the delay after failed attempt n is `initial × factor^(n-1)`, at most `max`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBackoff {
+    /// Delay after the first failure (`1s`, `500ms`).
+    pub initial: String,
+    /// Growth per further failure (1 to 10; default 2).
+    #[serde(default = "default_factor")]
+    pub factor: f64,
+    /// Upper bound (default `60s`).
+    #[serde(default = "default_backoff_max")]
+    pub max: String,
+}
+
+fn default_factor() -> f64 {
+    2.0
+}
+
+fn default_backoff_max() -> String {
+    "60s".to_string()
 }
 
 /// What happens to fires missed for longer than the misfire threshold.
@@ -439,10 +472,38 @@ impl JobSpec {
                 ));
             }
         }
-        if self.job_type == JobType::Sharding {
-            match sharding_items(&self.args) {
-                Ok(items) => self.args = Value::Array(items),
-                Err(msg) => problems.push(problem("args", msg)),
+        match (self.job_type, self.shard_count) {
+            (JobType::Sharding, None) => {
+                if self.sharding_params.is_some() {
+                    problems.push(problem("shardingParams", "needs shardCount"));
+                }
+                match sharding_items(&self.args) {
+                    Ok(items) => self.args = Value::Array(items),
+                    Err(msg) => problems.push(problem("args", msg)),
+                }
+            }
+            (JobType::Sharding, Some(n)) => {
+                if !(1..=MAX_SHARDS as i64).contains(&n) {
+                    problems.push(problem(
+                        "shardCount",
+                        format!("{n} is out of range: use 1 to {MAX_SHARDS}"),
+                    ));
+                } else if let Some(params) = &self.sharding_params {
+                    if let Err(msg) = parse_sharding_params(params, n as usize) {
+                        problems.push(problem("shardingParams", msg));
+                    }
+                }
+            }
+            (_, Some(_)) => problems.push(problem("shardCount", "only SHARDING jobs have shards")),
+            (_, None) => {
+                if self.sharding_params.is_some() {
+                    problems.push(problem("shardingParams", "only SHARDING jobs have shards"));
+                }
+            }
+        }
+        if let Some(b) = &self.retry_backoff {
+            if let Err(msg) = b.to_millis() {
+                problems.push(problem("retryBackoff", msg));
             }
         }
         match serde_json::to_vec(&self.args) {
@@ -465,11 +526,25 @@ impl JobSpec {
         }
     }
 
-    /// The shards of one fire: `[None]` for NORMAL jobs, one `Some(item)` per element of `args`
-    /// for SHARDING jobs. Call on a validated spec.
-    pub fn shard_items(&self) -> Vec<Option<Value>> {
-        match (self.job_type, &self.args) {
-            (JobType::Sharding, Value::Array(items)) => items.iter().cloned().map(Some).collect(),
+    /// The shards of one fire with `args`: `[None]` for NORMAL jobs; for SHARDING jobs one
+    /// `Some(item)` per element of the `args` array, or per shard of `shardCount` (its
+    /// `shardingParams` entry, or `null`). Call on a validated spec.
+    pub fn shard_items(&self, args: &Value) -> Vec<Option<Value>> {
+        match (self.job_type, self.shard_count, args) {
+            (JobType::Sharding, Some(n), _) => {
+                let n = usize::try_from(n).unwrap_or(0);
+                let params = self
+                    .sharding_params
+                    .as_deref()
+                    .and_then(|p| parse_sharding_params(p, n).ok())
+                    .unwrap_or_default();
+                (0..n)
+                    .map(|i| Some(params.get(&i).cloned().map_or(Value::Null, Value::String)))
+                    .collect()
+            }
+            (JobType::Sharding, None, Value::Array(items)) => {
+                items.iter().cloned().map(Some).collect()
+            }
             _ => vec![None],
         }
     }
@@ -514,6 +589,55 @@ impl JobSpec {
             .as_deref()
             .and_then(|w| parse_duration(w).ok())
             .unwrap_or(DEFAULT_CATCH_UP_WINDOW)
+    }
+}
+
+/// Parses `0=Beijing,1=Shanghai` for `n` shards.
+fn parse_sharding_params(
+    params: &str,
+    n: usize,
+) -> Result<std::collections::BTreeMap<usize, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (index, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not `index=value` (e.g. 0=Beijing,1=Shanghai)"))?;
+        let index: usize = index
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` in `{part}` is not a shard index", index.trim()))?;
+        if index >= n {
+            return Err(format!("shard {index} does not exist: shardCount is {n}"));
+        }
+        if out.insert(index, value.trim().to_string()).is_some() {
+            return Err(format!("shard {index} is given twice"));
+        }
+    }
+    Ok(out)
+}
+
+impl RetryBackoff {
+    /// `(initial ms, factor, max ms)`, checked.
+    pub fn to_millis(&self) -> Result<(u64, f64, u64), String> {
+        let initial = parse_duration(&self.initial)?;
+        let max = parse_duration(&self.max)?;
+        if !(1.0..=10.0).contains(&self.factor) {
+            return Err(format!(
+                "factor {} is out of range: use 1 to 10",
+                self.factor
+            ));
+        }
+        if initial > max {
+            return Err(format!(
+                "initial `{}` is longer than max `{}`",
+                self.initial, self.max
+            ));
+        }
+        if max > std::time::Duration::from_secs(24 * 3600) {
+            return Err(format!("max `{}` is longer than a day", self.max));
+        }
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Ok((ms(initial), self.factor, ms(max)))
     }
 }
 
@@ -589,7 +713,7 @@ mod tests {
         assert_eq!(spec.key(), "default-jobGroup.demo-job2");
         assert_eq!(spec.load_balance_type, LoadBalance::WeightRoundRobin);
         assert_eq!(spec.job_type, JobType::Sharding);
-        assert_eq!(spec.shard_items().len(), 9);
+        assert_eq!(spec.shard_items(&spec.args).len(), 9);
         assert_eq!(spec.args[8], json!("9"));
         assert_eq!(spec.time_zone, "UTC");
         // Normalized form round-trips through parse_job unchanged.
@@ -616,7 +740,7 @@ mod tests {
         });
         let spec = parse_job(&doc).unwrap();
         assert_eq!(spec.args, json!("from server"));
-        assert_eq!(spec.shard_items(), vec![None]);
+        assert_eq!(spec.shard_items(&spec.args), vec![None]);
         assert_eq!(spec.retry_times, 3);
     }
 
@@ -706,7 +830,8 @@ mod tests {
     fn sharding_args_forms() {
         let mut doc = seed_sharding();
         doc["args"] = json!(["a", {"k": 1}]);
-        assert_eq!(parse_job(&doc).unwrap().shard_items().len(), 2);
+        let spec = parse_job(&doc).unwrap();
+        assert_eq!(spec.shard_items(&spec.args).len(), 2);
         doc["args"] = json!("[]");
         assert!(problems_of(doc.clone())[0].contains("at least one shard"));
         doc["args"] = json!(7);
@@ -754,6 +879,61 @@ mod tests {
         );
         assert!(problems_of(with("misfirePolicy", json!("LATER")))[0]
             .starts_with("misfirePolicy: unknown variant `LATER`"));
+    }
+
+    #[test]
+    fn shard_count_with_params() {
+        let spec = parse_job(&json!({
+            "appName": "a", "jobName": "j", "path": "p", "jobType": "SHARDING",
+            "shardCount": 3, "shardingParams": "0=Beijing, 2=Guangzhou", "args": {"date": "today"}
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.shard_items(&spec.args),
+            vec![
+                Some(json!("Beijing")),
+                Some(Value::Null),
+                Some(json!("Guangzhou"))
+            ]
+        );
+        assert_eq!(
+            spec.args,
+            json!({"date": "today"}),
+            "args go whole to every shard"
+        );
+        let bad = |params: &str| {
+            problems_of(
+                json!({"appName": "a", "jobName": "j", "path": "p", "jobType": "SHARDING", "shardCount": 2, "shardingParams": params}),
+            )
+        };
+        assert!(bad("0=a,2=b")[0].contains("shard 2 does not exist"));
+        assert!(bad("0=a,0=b")[0].contains("shard 0 is given twice"));
+        assert!(bad("zero=a")[0].contains("is not a shard index"));
+        assert!(bad("Beijing")[0].contains("is not `index=value`"));
+        assert!(
+            problems_of(json!({"appName": "a", "jobName": "j", "path": "p", "shardCount": 2}))[0]
+                .starts_with("shardCount: only SHARDING jobs have shards")
+        );
+    }
+
+    #[test]
+    fn retry_backoff_is_checked() {
+        let doc =
+            |b: Value| json!({"appName": "a", "jobName": "j", "path": "p", "retryBackoff": b});
+        let spec = parse_job(&doc(json!({"initial": "200ms", "factor": 3, "max": "5s"}))).unwrap();
+        assert_eq!(
+            spec.retry_backoff.unwrap().to_millis().unwrap(),
+            (200, 3.0, 5000)
+        );
+        assert!(
+            problems_of(doc(json!({"initial": "10s", "max": "1s"})))[0].contains("longer than max")
+        );
+        assert!(problems_of(doc(json!({"initial": "1s", "factor": 0.5})))[0]
+            .contains("factor 0.5 is out of range"));
+        assert!(
+            problems_of(doc(json!({"initial": "1s", "jitter": true})))[0]
+                .contains("unknown field `jitter`")
+        );
     }
 
     #[test]

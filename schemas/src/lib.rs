@@ -33,11 +33,12 @@ pub mod schedule;
 
 pub use cron::{CronError, CronSchedule};
 pub use job::{
-    parse_job, InvalidJob, JobSpec, JobType, LoadBalance, MisfirePolicy, Problem, StoredJob,
+    parse_job, InvalidJob, JobSpec, JobType, LoadBalance, MisfirePolicy, Problem, RetryBackoff,
+    StoredJob,
 };
 pub use messages::{
-    AttemptOutcome, Dispatched, Finished, JobState, LeaderLease, LogLevel, LogLine, NodeInfo,
-    NodeRole, RunEvent, RunMessage, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
+    AttemptOutcome, BackoffMs, Dispatched, Finished, JobState, LeaderLease, LogLevel, LogLine,
+    NodeInfo, NodeRole, RunEvent, RunMessage, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, Schedule};
 

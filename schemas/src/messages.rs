@@ -76,11 +76,27 @@ pub struct RunMessage {
     pub trigger: Trigger,
     /// Retries allowed after a failed attempt.
     pub retry_times: u32,
+    /// The job's retry backoff, when it sets one (else the worker's default applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff: Option<BackoffMs>,
     /// Seconds an attempt may run before the worker cancels it (TIMED_OUT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
     /// Revision of the job definition the run was made from.
     pub revision: u64,
+}
+
+/// A retry backoff in milliseconds: delay after failed attempt n = `initial × factor^(n-1)`,
+/// at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackoffMs {
+    /// Delay after the first failure.
+    pub initial_ms: u64,
+    /// Growth per further failure.
+    pub factor: f64,
+    /// Upper bound.
+    pub max_ms: u64,
 }
 
 impl RunMessage {

@@ -621,6 +621,12 @@ async fn process(
     drop(ctx);
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let max_attempts = run.retry_times.saturating_add(1);
+    // The job's backoff wins over the worker's default.
+    let backoff = run.retry_backoff.map_or(shared.backoff, |b| Backoff {
+        initial: Duration::from_millis(b.initial_ms),
+        factor: b.factor,
+        max: Duration::from_millis(b.max_ms),
+    });
     let (outcome, will_retry, output, error, ack) = match ending {
         Ending::Done(Ok(out)) => (
             AttemptOutcome::Succeeded,
@@ -632,7 +638,7 @@ async fn process(
         Ending::Done(Err(e)) => {
             let retry = e.is_retryable() && attempt < max_attempts;
             let ack = if retry {
-                AckKind::Nak(Some(shared.backoff.delay(attempt)))
+                AckKind::Nak(Some(backoff.delay(attempt)))
             } else {
                 AckKind::Term
             };
@@ -647,7 +653,7 @@ async fn process(
         Ending::TimedOut => {
             let retry = attempt < max_attempts;
             let ack = if retry {
-                AckKind::Nak(Some(shared.backoff.delay(attempt)))
+                AckKind::Nak(Some(backoff.delay(attempt)))
             } else {
                 AckKind::Term
             };

@@ -12,6 +12,7 @@ mod dispatch;
 mod faults;
 mod ha;
 mod harness;
+mod jobs;
 mod retries;
 mod schedules;
 mod seed;
