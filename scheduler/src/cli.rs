@@ -273,6 +273,13 @@ pub enum JobCmd {
         /// JSON arguments replacing the job's `args` for this run.
         #[arg(long)]
         args: Option<String>,
+        /// Follow the run until it ends (progress on stderr); the exit code is 0 only if it
+        /// SUCCEEDED.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit code 1).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        wait_timeout: Duration,
     },
 }
 
@@ -670,7 +677,12 @@ async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCod
         JobCmd::Pause { job } => job_change(client, Op::JobPause, job, "paused", json).await?,
         JobCmd::Resume { job } => job_change(client, Op::JobResume, job, "resumed", json).await?,
         JobCmd::Delete { job } => job_change(client, Op::JobDelete, job, "deleted", json).await?,
-        JobCmd::Trigger { job, args } => {
+        JobCmd::Trigger {
+            job,
+            args,
+            wait,
+            wait_timeout,
+        } => {
             let args = match args {
                 None => None,
                 Some(a) => Some(serde_json::from_str(&a).with_context(|| {
@@ -688,19 +700,122 @@ async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCod
                     },
                 )
                 .await?;
+            if !wait {
+                if json {
+                    print_json(&resp)?;
+                } else {
+                    outln!(
+                        "{} ({} shard{})",
+                        resp.run_id,
+                        resp.shard_total,
+                        if resp.shard_total == 1 { "" } else { "s" }
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "{} dispatched; following it (ctrl-c stops following, not the run)",
+                resp.run_id
+            );
+            let detail = follow(client, &resp.run_id, resp.shard_total, wait_timeout).await?;
             if json {
-                print_json(&resp)?;
+                print_json(&detail)?;
             } else {
+                let r = &detail.run;
                 outln!(
-                    "{} ({} shard{})",
-                    resp.run_id,
-                    resp.shard_total,
-                    if resp.shard_total == 1 { "" } else { "s" }
+                    "{} {} ({}/{} shards succeeded{})",
+                    r.run_id,
+                    r.status.as_str(),
+                    r.shards_succeeded,
+                    r.shard_total,
+                    r.error
+                        .as_deref()
+                        .map(|e| format!("; {e}"))
+                        .unwrap_or_default()
                 );
             }
+            return Ok(if detail.run.status == RunStatus::Succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Polls a run until it ends, drawing its progress on stderr.
+async fn follow(
+    client: &Client,
+    run_id: &str,
+    shards: u32,
+    timeout: Duration,
+) -> anyhow::Result<RunDetail> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let detail = match client
+            .call::<_, RunDetail>(
+                Op::RunsGet,
+                &RunRequest {
+                    run_id: run_id.to_string(),
+                },
+            )
+            .await
+        {
+            Ok(d) => Some(d),
+            // Not recorded yet.
+            Err(ClientError::Api(e)) if e.code == krest_schemas::api::ErrorCode::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let (status, done, failed, total) =
+            detail.as_ref().map_or(("PENDING", 0, 0, shards), |d| {
+                (
+                    d.run.status.as_str(),
+                    d.run.shards_succeeded,
+                    d.run.shards_failed,
+                    d.run.shard_total.max(1),
+                )
+            });
+        let width = 30usize;
+        let filled = (done as usize * width) / total.max(1) as usize;
+        let line = format!(
+            "[{}{}] {done}/{total} shards {status}{}",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        );
+        if line != last {
+            if tty {
+                eprint!("\r{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last = line;
+        }
+        if let Some(d) = detail.filter(|d| d.run.status.is_final()) {
+            if tty {
+                eprintln!();
+            }
+            return Ok(d);
+        }
+        if tokio::time::Instant::now() > deadline {
+            if tty {
+                eprintln!();
+            }
+            bail!("run {run_id} has not ended after {timeout:?}; it goes on (see `krest runs get {run_id}`)");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => bail!("stopped following {run_id}; the run goes on"),
+        }
+    }
 }
 
 async fn job_change(

@@ -93,6 +93,29 @@ async fn cli_applies_lists_triggers_and_reports_errors() {
     assert_eq!(code, 0);
     assert!(out.contains(&run_id), "{out}");
 
+    // --wait follows a run and reflects its end in the exit code.
+    let (code, out, err) = env.cli(&["job", "trigger", "demo-job3", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(" SUCCEEDED (1/1 shards succeeded)"), "{out}");
+    assert!(
+        err.contains("1/1 shards SUCCEEDED"),
+        "progress on stderr: {err}"
+    );
+    let broken = env.write(
+        "broken-job.json",
+        r#"{"appName":"demo-spring-krest-job","jobName":"no-handler","path":"missing/handler"}"#,
+    );
+    assert_eq!(
+        env.cli(&["job", "apply", "-f", broken.to_str().unwrap()]).0,
+        0
+    );
+    let (code, out, _) = env.cli(&["job", "trigger", "no-handler", "--wait"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(" FAILED (0/1 shards succeeded; no handler `missing/handler`"),
+        "{out}"
+    );
+
     let (code, out, _) = env.cli(&["workers", "list"]);
     assert_eq!(code, 0);
     assert!(out.contains("w1"), "{out}");
