@@ -9,9 +9,9 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::api::{
-    ApiError, ApiReply, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, ClusterStatus,
-    DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest, JobRevision, JobView,
-    Op, RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
+    ApiError, ApiReply, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
+    ClusterStatus, DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest,
+    JobRevision, JobView, Op, RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP};
 use krest_schemas::{parse_job, NodeInfo, StoredJob, Trigger, WorkerInfo};
@@ -189,6 +189,47 @@ impl ApiServer {
                         ),
                     )),
                 }
+            }
+            Op::RunsCancel => {
+                let req: RunRequest = body(payload)?;
+                let Some(d) = self
+                    .store
+                    .get_run(&req.run_id)
+                    .await
+                    .map_err(Failure::internal)?
+                else {
+                    return Err(Failure::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "no run `{}` recorded (yet): see `krest runs list`",
+                            req.run_id
+                        ),
+                    ));
+                };
+                if d.run.status.is_final() {
+                    return Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "run {} already ended: {}",
+                            req.run_id,
+                            d.run.status.as_str()
+                        ),
+                    ));
+                }
+                crate::cancel::cancel(
+                    &self.infra,
+                    &self.client,
+                    &req.run_id,
+                    &d.run.app_name,
+                    "cancelled by request",
+                )
+                .await
+                .map_err(Failure::internal)?;
+                to_value(CancelResponse {
+                    run_id: req.run_id,
+                    app_name: d.run.app_name,
+                    status_before: d.run.status,
+                })
             }
             Op::WorkersList => to_value(self.workers().await?),
             Op::ClusterStatus => to_value(self.cluster().await?),

@@ -303,6 +303,11 @@ pub enum RunsCmd {
         /// The run id.
         run_id: String,
     },
+    /// Cancel a pending or running run (every shard), wherever it runs.
+    Cancel {
+        /// The run id.
+        run_id: String,
+    },
     /// Follow run events as they happen (until ctrl-c).
     Watch {
         /// Only events of this job (`group.name`).
@@ -953,6 +958,20 @@ async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::Result<ExitC
                         );
                     }
                 }
+            }
+        }
+        RunsCmd::Cancel { run_id } => {
+            let resp: krest_schemas::api::CancelResponse =
+                client.call(Op::RunsCancel, &RunRequest { run_id }).await?;
+            if json {
+                print_json(&resp)?;
+            } else {
+                outln!(
+                    "{} cancelling (was {}); the workers of {} were told",
+                    resp.run_id,
+                    resp.status_before.as_str(),
+                    resp.app_name
+                );
             }
         }
         RunsCmd::Watch { job } => {

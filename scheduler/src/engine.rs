@@ -13,20 +13,22 @@
 //! window (`FIRE_ALL`). Fires within the threshold are each published, late.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use krest_schemas::{JobState, MisfirePolicy, Schedule, Trigger};
+use krest_schemas::{JobState, MisfirePolicy, OverlapPolicy, Schedule, Trigger};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Fire, Publisher};
+use crate::infra::Infra;
 use crate::jobs::{JobEntry, JobTable};
 use crate::lease::{Leadership, Role};
+use crate::store::Store;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -375,8 +377,22 @@ pub struct Engine {
     changes: mpsc::UnboundedReceiver<String>,
     leadership: Leadership,
     publisher: Publisher,
-    state: kv::Store,
+    infra: Infra,
+    client: async_nats::Client,
+    store: Store,
     cfg: EngineConfig,
+}
+
+/// What the engine reads and writes besides the job table.
+pub struct EngineDeps {
+    /// Publishes fires.
+    pub publisher: Publisher,
+    /// Buckets (job state, cancellations).
+    pub infra: Infra,
+    /// NATS client (cancellation broadcasts).
+    pub client: async_nats::Client,
+    /// The node's database (is a job's previous run still going?).
+    pub store: Store,
 }
 
 impl Engine {
@@ -385,18 +401,123 @@ impl Engine {
         table: Arc<JobTable>,
         changes: mpsc::UnboundedReceiver<String>,
         leadership: Leadership,
-        publisher: Publisher,
-        state: kv::Store,
+        deps: EngineDeps,
         cfg: EngineConfig,
     ) -> Engine {
         Engine {
             table,
             changes,
             leadership,
-            publisher,
-            state,
+            publisher: deps.publisher,
+            infra: deps.infra,
+            client: deps.client,
+            store: deps.store,
             cfg,
         }
+    }
+
+    /// Applies each fire's overlap policy against the job's pending and running runs: SKIP
+    /// marks it skipped, QUEUE_ONE holds it in `queued` (or skips it when one already waits),
+    /// REPLACE cancels the running ones. Manual runs and ALLOW jobs pass through.
+    /// `busy` names jobs already given a run in this batch (released queued fires): they count
+    /// as running.
+    async fn overlap(
+        &self,
+        fires: Vec<Fire>,
+        queued: &mut HashMap<String, Fire>,
+        mut busy: HashSet<String>,
+    ) -> Vec<Fire> {
+        let mut out = Vec::with_capacity(fires.len());
+        for mut fire in fires {
+            let spec = &fire.job.stored.spec;
+            let policy = spec.overlap_policy;
+            if fire.skip.is_some()
+                || policy == OverlapPolicy::Allow
+                || fire.trigger == Trigger::Manual
+            {
+                out.push(fire);
+                continue;
+            }
+            let key = fire.key();
+            let active = if busy.contains(&key) {
+                vec![(String::new(), String::new())]
+            } else {
+                self.store
+                    .active_runs(&spec.job_group, &spec.job_name)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(job = %key, error = %e, "cannot tell whether the previous run is still going; running anyway");
+                        Vec::new()
+                    })
+            };
+            if !active.is_empty() {
+                match policy {
+                    OverlapPolicy::Allow => {}
+                    OverlapPolicy::Skip => {
+                        fire.skip =
+                            Some("overlap policy SKIP: the previous run is still going".into());
+                    }
+                    OverlapPolicy::QueueOne => match queued.entry(key.clone()) {
+                        std::collections::hash_map::Entry::Occupied(_) => {
+                            fire.skip =
+                                Some("overlap policy QUEUE_ONE: a fire is already waiting".into());
+                        }
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            tracing::debug!(run = %fire.run_id, "queued behind the previous run");
+                            slot.insert(fire);
+                            continue;
+                        }
+                    },
+                    OverlapPolicy::Replace => {
+                        for (run_id, app) in active.iter().filter(|(r, _)| !r.is_empty()) {
+                            let reason = format!("replaced by {}", fire.run_id);
+                            if let Err(e) = crate::cancel::cancel(
+                                &self.infra,
+                                &self.client,
+                                run_id,
+                                app,
+                                &reason,
+                            )
+                            .await
+                            {
+                                tracing::warn!(run = %run_id, error = %e, "could not cancel the previous run");
+                            }
+                        }
+                    }
+                }
+            }
+            if fire.skip.is_none() {
+                busy.insert(key);
+            }
+            out.push(fire);
+        }
+        out
+    }
+
+    /// Queued fires whose job has no run going any more.
+    async fn release_queued(&self, queued: &mut HashMap<String, Fire>) -> Vec<Fire> {
+        let mut out = Vec::new();
+        let keys: Vec<String> = queued.keys().cloned().collect();
+        for key in keys {
+            let Some(fire) = queued.get(&key) else {
+                continue;
+            };
+            let spec = &fire.job.stored.spec;
+            match self
+                .store
+                .active_runs(&spec.job_group, &spec.job_name)
+                .await
+            {
+                Ok(active) if active.is_empty() => {
+                    if let Some(fire) = queued.remove(&key) {
+                        out.push(fire);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(job = %key, error = %e, "cannot check the previous run"),
+            }
+        }
+        out
     }
 
     /// Runs until `stop`.
@@ -435,7 +556,7 @@ impl Engine {
         let took_over_at = Utc::now();
         while self.changes.try_recv().is_ok() {}
         let states = loop {
-            match load_states(&self.state).await {
+            match load_states(&self.infra.state).await {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read job state; retrying");
@@ -456,6 +577,8 @@ impl Engine {
         }
         tracing::info!(epoch, jobs = sched.len(), "leading: scheduling jobs");
         let mut retry: Vec<Fire> = Vec::new();
+        // Fires held by the QUEUE_ONE overlap policy, one per job.
+        let mut queued: HashMap<String, Fire> = HashMap::new();
         loop {
             if self.leadership.valid_epoch() != Some(epoch) {
                 return Ended::LostLeadership;
@@ -467,7 +590,7 @@ impl Engine {
                 }
                 None => Duration::from_secs(3600),
             };
-            let wait = if retry.is_empty() {
+            let wait = if retry.is_empty() && queued.is_empty() {
                 wait
             } else {
                 wait.min(Duration::from_secs(1))
@@ -475,7 +598,12 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {
                     let mut fires = std::mem::take(&mut retry);
-                    sched.pop_due(Utc::now(), self.cfg.misfire_threshold, took_over_at, &mut fires);
+                    let released = self.release_queued(&mut queued).await;
+                    let busy = released.iter().map(Fire::key).collect();
+                    fires.extend(released);
+                    let mut due = Vec::new();
+                    sched.pop_due(Utc::now(), self.cfg.misfire_threshold, took_over_at, &mut due);
+                    fires.extend(self.overlap(due, &mut queued, busy).await);
                     if !fires.is_empty() {
                         match self.dispatch(epoch, fires).await {
                             Ok(failed) => retry = failed,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use krest_schemas::names::{
-    DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET, LEADER_BUCKET,
-    NODES_BUCKET, STATE_BUCKET, WORKERS_BUCKET, WORK_STREAM, WORK_SUBJECTS,
+    CANCELS_BUCKET, DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET,
+    LEADER_BUCKET, NODES_BUCKET, STATE_BUCKET, WORKERS_BUCKET, WORK_STREAM, WORK_SUBJECTS,
 };
 
 /// Sizes and lifetimes of what [`ensure`] creates. Existing streams keep their settings.
@@ -58,6 +58,8 @@ pub struct Infra {
     pub workers: kv::Store,
     /// Node presence.
     pub nodes: kv::Store,
+    /// Cancelled runs.
+    pub cancels: kv::Store,
     /// The lease TTL actually configured on the leader bucket.
     pub lease_ttl: Duration,
 }
@@ -153,6 +155,8 @@ async fn ensure_configured(
     let state = ensure_bucket(js, STATE_BUCKET, 1, Duration::ZERO, replicas).await?;
     let workers = ensure_bucket(js, WORKERS_BUCKET, 1, cfg.heartbeat_ttl, replicas).await?;
     let nodes = ensure_bucket(js, NODES_BUCKET, 1, cfg.heartbeat_ttl, replicas).await?;
+    let cancels =
+        ensure_bucket(js, CANCELS_BUCKET, 1, Duration::from_secs(86400), replicas).await?;
     let lease_ttl = js
         .get_stream(format!("KV_{LEADER_BUCKET}"))
         .await
@@ -173,6 +177,7 @@ async fn ensure_configured(
         state,
         workers,
         nodes,
+        cancels,
         lease_ttl,
     })
 }

@@ -14,6 +14,7 @@
 //! [`cli`] and [`client`] are the command-line side. Only [`store`] knows SQL.
 
 pub mod api;
+pub mod cancel;
 pub mod cli;
 pub mod client;
 pub mod deadletter;

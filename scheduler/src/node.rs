@@ -219,8 +219,12 @@ pub async fn run(
         table.clone(),
         changes_rx,
         leadership.clone(),
-        publisher.clone(),
-        infra.state.clone(),
+        crate::engine::EngineDeps {
+            publisher: publisher.clone(),
+            infra: infra.clone(),
+            client: client.clone(),
+            store: store.clone(),
+        },
         opts.engine.clone(),
     );
     let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));

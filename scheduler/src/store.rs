@@ -255,6 +255,7 @@ fn outcome_str(o: AttemptOutcome) -> &'static str {
         AttemptOutcome::Succeeded => "SUCCEEDED",
         AttemptOutcome::Failed => "FAILED",
         AttemptOutcome::TimedOut => "TIMED_OUT",
+        AttemptOutcome::Cancelled => "CANCELLED",
     }
 }
 
@@ -665,6 +666,25 @@ impl Store {
         }))
     }
 
+    /// Runs of a job that have not ended (pending or running), oldest first: `(run id, app)`.
+    pub async fn active_runs(
+        &self,
+        group: &str,
+        name: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT run_id, app_name FROM runs WHERE job_group = $1 AND job_name = $2 AND status IN ('PENDING', 'RUNNING') ORDER BY scheduled_at",
+        )
+        .bind(group)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
     /// Checks that the database accepts a write (a no-op update of the cursor row).
     pub async fn probe_write(&self) -> Result<(), StoreError> {
         sqlx::query("UPDATE recorder_cursor SET seq = seq WHERE id = 1")
@@ -756,6 +776,7 @@ async fn summarize(
         latest: i64,
         latest_failed_final: bool,
         latest_timed_out: bool,
+        latest_cancelled: bool,
         started: bool,
     }
     #[derive(Default)]
@@ -801,7 +822,7 @@ async fn summarize(
                     acc.output = Some(o);
                 }
             }
-            Some("FAILED") | Some("TIMED_OUT") => {
+            Some("FAILED") | Some("TIMED_OUT") | Some("CANCELLED") => {
                 if let Some(e) = r.try_get::<Option<String>, _>("error")? {
                     if acc
                         .error
@@ -816,9 +837,13 @@ async fn summarize(
         }
         if attempt >= sh.latest {
             sh.latest = attempt;
-            let failed = matches!(outcome.as_deref(), Some("FAILED") | Some("TIMED_OUT"));
+            let failed = matches!(
+                outcome.as_deref(),
+                Some("FAILED") | Some("TIMED_OUT") | Some("CANCELLED")
+            );
             sh.latest_failed_final = failed && !will_retry;
             sh.latest_timed_out = outcome.as_deref() == Some("TIMED_OUT");
+            sh.latest_cancelled = outcome.as_deref() == Some("CANCELLED");
         }
     }
     for run_id in run_ids {
@@ -841,7 +866,13 @@ async fn summarize(
         let status = if succeeded >= total {
             RunStatus::Succeeded
         } else if failed > 0 && succeeded + failed >= total {
-            if timed_out {
+            let cancelled = acc
+                .shards
+                .values()
+                .any(|s| !s.succeeded && s.latest_failed_final && s.latest_cancelled);
+            if cancelled {
+                RunStatus::Cancelled
+            } else if timed_out {
                 RunStatus::TimedOut
             } else {
                 RunStatus::Failed

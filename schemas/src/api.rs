@@ -36,6 +36,8 @@ pub enum Op {
     RunsList,
     /// [`RunRequest`] → [`RunDetail`]
     RunsGet,
+    /// [`RunRequest`] → [`CancelResponse`]
+    RunsCancel,
     /// `{}` → `Vec<WorkerInfo>`
     WorkersList,
     /// `{}` → [`ClusterStatus`]
@@ -46,7 +48,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 13] = [
+    pub const ALL: [Op; 14] = [
         Op::JobApply,
         Op::JobList,
         Op::JobGet,
@@ -57,6 +59,7 @@ impl Op {
         Op::JobTrigger,
         Op::RunsList,
         Op::RunsGet,
+        Op::RunsCancel,
         Op::WorkersList,
         Op::ClusterStatus,
         Op::DlqList,
@@ -75,6 +78,7 @@ impl Op {
             Op::JobTrigger => "job.trigger",
             Op::RunsList => "runs.list",
             Op::RunsGet => "runs.get",
+            Op::RunsCancel => "runs.cancel",
             Op::WorkersList => "workers.list",
             Op::ClusterStatus => "cluster.status",
             Op::DlqList => "dlq.list",
@@ -298,6 +302,8 @@ pub enum RunStatus {
     TimedOut,
     /// Not run: skipped by the misfire or overlap policy.
     Skipped,
+    /// Cancelled before it ended.
+    Cancelled,
 }
 
 impl RunStatus {
@@ -310,6 +316,7 @@ impl RunStatus {
             RunStatus::Failed => "FAILED",
             RunStatus::TimedOut => "TIMED_OUT",
             RunStatus::Skipped => "SKIPPED",
+            RunStatus::Cancelled => "CANCELLED",
         }
     }
 
@@ -322,6 +329,7 @@ impl RunStatus {
             RunStatus::Failed,
             RunStatus::TimedOut,
             RunStatus::Skipped,
+            RunStatus::Cancelled,
         ]
         .into_iter()
         .find(|st| st.as_str().eq_ignore_ascii_case(s))
@@ -331,7 +339,11 @@ impl RunStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut | RunStatus::Skipped
+            RunStatus::Succeeded
+                | RunStatus::Failed
+                | RunStatus::TimedOut
+                | RunStatus::Skipped
+                | RunStatus::Cancelled
         )
     }
 }
@@ -412,6 +424,18 @@ pub struct RunRequest {
     pub run_id: String,
 }
 
+/// Result of `runs.cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelResponse {
+    /// The run.
+    pub run_id: String,
+    /// Its app, whose workers were told.
+    pub app_name: String,
+    /// Its status when the cancellation was requested.
+    pub status_before: RunStatus,
+}
+
 /// One run with its shards, attempts and log lines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -437,6 +461,8 @@ pub enum AttemptStatus {
     Failed,
     /// Cancelled at the job's timeout; `willRetry` tells whether another attempt follows.
     TimedOut,
+    /// Cancelled on request.
+    Cancelled,
 }
 
 impl From<AttemptOutcome> for AttemptStatus {
@@ -445,6 +471,7 @@ impl From<AttemptOutcome> for AttemptStatus {
             AttemptOutcome::Succeeded => AttemptStatus::Succeeded,
             AttemptOutcome::Failed => AttemptStatus::Failed,
             AttemptOutcome::TimedOut => AttemptStatus::TimedOut,
+            AttemptOutcome::Cancelled => AttemptStatus::Cancelled,
         }
     }
 }

@@ -80,6 +80,9 @@ pub struct JobSpec {
     /// Retries after a failed attempt; a run makes at most `retryTimes + 1` attempts.
     #[serde(default)]
     pub retry_times: i64,
+    /// What a fire does while the job's previous run is still going.
+    #[serde(default)]
+    pub overlap_policy: OverlapPolicy,
     /// For SHARDING jobs without an `args` array: the number of shards (1 to 1000); every
     /// shard gets the whole `args`, and its item from `shardingParams`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,6 +170,21 @@ fn default_factor() -> f64 {
 
 fn default_backoff_max() -> String {
     "60s".to_string()
+}
+
+/// What a scheduled fire does while the job's previous run is still pending or running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OverlapPolicy {
+    /// Run anyway: runs may overlap.
+    #[default]
+    Allow,
+    /// Do not run; record the fire SKIPPED.
+    Skip,
+    /// Hold at most one fire until the running one ends; further fires are SKIPPED.
+    QueueOne,
+    /// Cancel the running one (its handler sees cancellation), then run.
+    Replace,
 }
 
 /// What happens to fires missed for longer than the misfire threshold.

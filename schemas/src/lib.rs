@@ -33,12 +33,13 @@ pub mod schedule;
 
 pub use cron::{CronError, CronSchedule};
 pub use job::{
-    parse_job, InvalidJob, JobSpec, JobType, LoadBalance, MisfirePolicy, Problem, RetryBackoff,
-    StoredJob,
+    parse_job, InvalidJob, JobSpec, JobType, LoadBalance, MisfirePolicy, OverlapPolicy, Problem,
+    RetryBackoff, StoredJob,
 };
 pub use messages::{
-    AttemptOutcome, BackoffMs, Dispatched, Finished, JobState, LeaderLease, LogLevel, LogLine,
-    NodeInfo, NodeRole, RunEvent, RunMessage, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
+    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, JobState, LeaderLease,
+    LogLevel, LogLine, NodeInfo, NodeRole, RunEvent, RunMessage, ShardInfo, Skipped, Started,
+    Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, Schedule};
 
@@ -127,6 +128,14 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
         (
             "api-job-revision.json",
             render(schemars::schema_for!(api::JobRevision)),
+        ),
+        (
+            "api-cancel-response.json",
+            render(schemars::schema_for!(api::CancelResponse)),
+        ),
+        (
+            "cancel-request.json",
+            render(schemars::schema_for!(messages::CancelRequest)),
         ),
         (
             "api-dlq-list-request.json",

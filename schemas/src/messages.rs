@@ -121,6 +121,8 @@ pub enum AttemptOutcome {
     Failed,
     /// The handler ran past the job's `timeoutSecs` and was cancelled.
     TimedOut,
+    /// The run was cancelled (`krest runs cancel`, or replaced by the overlap policy).
+    Cancelled,
 }
 
 /// Severity of a handler log line.
@@ -352,6 +354,19 @@ impl RunEvent {
             RunEvent::Finished(e) => format!("{}/{}/{}/finished", e.run_id, e.shard, e.attempt),
         }
     }
+}
+
+/// A cancellation, broadcast on `krest.cancel.<app>` to the app's workers and kept as the
+/// value of `krest-cancels` key `<runId>` (so a worker receiving the run later skips it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    /// The run to cancel (every shard).
+    pub run_id: String,
+    /// Why (shown as the attempt's error).
+    pub reason: String,
+    /// When it was requested.
+    pub at: DateTime<Utc>,
 }
 
 /// A worker instance's heartbeat, the value of `krest-workers` key `<app>.<instance>`.

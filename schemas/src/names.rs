@@ -42,6 +42,8 @@ pub const JOBS_BUCKET: &str = "krest-jobs";
 pub const STATE_BUCKET: &str = "krest-state";
 /// KV bucket of worker heartbeats (max age = heartbeat TTL), keyed by [`worker_key`].
 pub const WORKERS_BUCKET: &str = "krest-workers";
+/// KV bucket of cancelled runs (max age one day), keyed by run id.
+pub const CANCELS_BUCKET: &str = "krest-cancels";
 /// KV bucket of scheduler node presence (max age = node TTL), keyed by node name.
 pub const NODES_BUCKET: &str = "krest-nodes";
 
@@ -99,6 +101,11 @@ pub fn work_instance_subject(app: &str, instance: &str) -> String {
 /// Durable consumer name of an app's shared consumer group on [`WORK_STREAM`].
 pub fn app_consumer(app: &str) -> String {
     format!("krest-app-{app}")
+}
+
+/// Core NATS subject on which an app's workers hear cancellations.
+pub fn cancel_subject(app: &str) -> String {
+    format!("krest.cancel.{app}")
 }
 
 /// Subject run events of one job are published on.

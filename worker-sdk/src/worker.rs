@@ -11,8 +11,8 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    app_consumer, dlq_subject, server_list, work_queue_subject, worker_key, DLQ_REASON_HEADER,
-    DLQ_SOURCE_HEADER, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, cancel_subject, dlq_subject, server_list, work_queue_subject, worker_key,
+    CANCELS_BUCKET, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage, Started, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -77,8 +77,64 @@ impl RunningWorker {
     }
 }
 
+/// Runs executing here that a cancellation can reach: run id → the shards being executed
+/// (registration id, token) and the reason once cancelled.
+#[derive(Default)]
+struct Cancellable {
+    next: std::sync::atomic::AtomicU64,
+    runs: std::sync::Mutex<CancelMap>,
+}
+
+type CancelMap = std::collections::HashMap<String, (Vec<(u64, CancellationToken)>, Option<String>)>;
+
+impl Cancellable {
+    fn register(&self, run_id: &str) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.entry(run_id.to_string())
+                .or_default()
+                .0
+                .push((id, token.clone()));
+        }
+        (id, token)
+    }
+
+    fn unregister(&self, run_id: &str, id: u64) {
+        if let Ok(mut runs) = self.runs.lock() {
+            if let Some(entry) = runs.get_mut(run_id) {
+                entry.0.retain(|(i, _)| *i != id);
+                if entry.0.is_empty() {
+                    runs.remove(run_id);
+                }
+            }
+        }
+    }
+
+    fn cancel(&self, run_id: &str, reason: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            if let Some((tokens, why)) = runs.get_mut(run_id) {
+                *why = Some(reason.to_string());
+                for (_, t) in tokens.iter() {
+                    t.cancel();
+                }
+            }
+        }
+    }
+
+    fn reason(&self, run_id: &str) -> Option<String> {
+        self.runs
+            .lock()
+            .ok()?
+            .get(run_id)
+            .and_then(|(_, why)| why.clone())
+    }
+}
+
 struct Shared {
     js: jetstream::Context,
+    cancels: jetstream::kv::Store,
+    cancellable: Cancellable,
     app: String,
     instance: String,
     handlers: BTreeMap<String, HandlerFn>,
@@ -160,6 +216,23 @@ impl Worker {
         else {
             return Ok(());
         };
+        let Some(cancels) = wait_for(&stop, "cancellations bucket", || async {
+            js.get_key_value(CANCELS_BUCKET)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let mut cancel_sub = match client.subscribe(cancel_subject(&cfg.app)).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "cannot subscribe to cancellations: {e}"
+                )))
+            }
+        };
         let Some(mut consumer) = wait_for(&stop, "app consumer", || async {
             app_consumer_for(&stream, &cfg.app, cfg.ack_wait).await
         })
@@ -172,6 +245,8 @@ impl Worker {
         let mut publisher = AbortOnDrop(Some(publisher));
         let shared = Arc::new(Shared {
             js: js.clone(),
+            cancels,
+            cancellable: Cancellable::default(),
             app: cfg.app.clone(),
             instance: self.instance.clone(),
             handlers: cfg.handlers.clone(),
@@ -197,6 +272,17 @@ impl Worker {
             cfg.heartbeat_interval,
             heartbeat_stop.clone(),
         ))));
+
+        // Cancellations of runs executing here.
+        let listener = shared.clone();
+        let _cancel_listener = AbortOnDrop(Some(tokio::spawn(async move {
+            while let Some(msg) = cancel_sub.next().await {
+                match serde_json::from_slice::<krest_schemas::CancelRequest>(&msg.payload) {
+                    Ok(req) => listener.cancellable.cancel(&req.run_id, &req.reason),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed cancellation"),
+                }
+            }
+        })));
 
         // Pull and execute until told to stop.
         let hard_stop = CancellationToken::new();
@@ -534,6 +620,8 @@ enum Ending {
     Interrupted,
     /// The handler ran past the job's timeout and was cancelled.
     TimedOut,
+    /// The run was cancelled (the reason, once known).
+    Cancelled(String),
 }
 
 async fn process(
@@ -592,8 +680,23 @@ async fn process(
         shared.events.clone(),
     );
     let clock = std::time::Instant::now();
-    let ending = match shared.handlers.get(&run.path) {
-        None => Ending::Done(Err(JobError::new(format!(
+    // Register before checking the marker, so a cancellation arriving in between is not lost.
+    let (registration, cancel_request) = shared.cancellable.register(&run.run_id);
+    let marked = match shared.cancels.get(&run.run_id).await {
+        Ok(Some(v)) => Some(
+            serde_json::from_slice::<krest_schemas::CancelRequest>(&v)
+                .map(|c| c.reason)
+                .unwrap_or_else(|_| "cancelled".to_string()),
+        ),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot check for a cancellation; running the run");
+            None
+        }
+    };
+    let ending = match (marked, shared.handlers.get(&run.path)) {
+        (Some(reason), _) => Ending::Cancelled(reason),
+        (None, None) => Ending::Done(Err(JobError::new(format!(
             "no handler `{}` on worker {}/{} (it has: {})",
             run.path,
             shared.app,
@@ -605,19 +708,32 @@ async fn process(
                 .collect::<Vec<_>>()
                 .join(", ")
         )))),
-        Some(handler) => {
+        (None, Some(handler)) => {
             execute(
                 handler(ctx.clone()),
                 &msg,
                 shared.progress_every,
-                run.timeout_secs.map(Duration::from_secs),
-                &hard_stop,
-                &cancel,
-                shared.cancel_grace,
+                Stops {
+                    timeout: run.timeout_secs.map(Duration::from_secs),
+                    hard_stop: &hard_stop,
+                    cancel_request: &cancel_request,
+                    cancel: &cancel,
+                    grace: shared.cancel_grace,
+                },
             )
             .await
         }
     };
+    let ending = match ending {
+        Ending::Cancelled(why) if why.is_empty() => Ending::Cancelled(
+            shared
+                .cancellable
+                .reason(&run.run_id)
+                .unwrap_or_else(|| "cancelled".to_string()),
+        ),
+        other => other,
+    };
+    shared.cancellable.unregister(&run.run_id, registration);
     drop(ctx);
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let max_attempts = run.retry_times.saturating_add(1);
@@ -668,6 +784,13 @@ async fn process(
                 ack,
             )
         }
+        Ending::Cancelled(reason) => (
+            AttemptOutcome::Cancelled,
+            false,
+            None,
+            Some(format!("cancelled: {reason}")),
+            AckKind::Term,
+        ),
         Ending::Interrupted => (
             AttemptOutcome::Failed,
             true,
@@ -720,15 +843,33 @@ async fn process(
 
 /// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
 /// acks while it runs and cancelling it when the worker's shutdown deadline passes.
+/// What may stop a handler early, and how long it then has to return.
+struct Stops<'a> {
+    /// The job's timeout.
+    timeout: Option<Duration>,
+    /// The worker's shutdown deadline passed.
+    hard_stop: &'a CancellationToken,
+    /// The run was cancelled.
+    cancel_request: &'a CancellationToken,
+    /// The handler's `ctx.cancelled()`.
+    cancel: &'a CancellationToken,
+    /// Time a cancelled handler gets before it is aborted.
+    grace: Duration,
+}
+
 async fn execute(
     fut: crate::options::HandlerFuture,
     msg: &jetstream::Message,
     progress_every: Duration,
-    timeout: Option<Duration>,
-    hard_stop: &CancellationToken,
-    cancel: &CancellationToken,
-    grace: Duration,
+    stops: Stops<'_>,
 ) -> Ending {
+    let Stops {
+        timeout,
+        hard_stop,
+        cancel_request,
+        cancel,
+        grace,
+    } = stops;
     let mut handle = tokio::spawn(fut);
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
@@ -750,8 +891,10 @@ async fn execute(
         };
         tokio::select! {
             joined = &mut handle => {
-                if let Some((Ending::TimedOut, _)) = stopping {
-                    return Ending::TimedOut;
+                match stopping {
+                    Some((Ending::TimedOut, _)) => return Ending::TimedOut,
+                    Some((Ending::Cancelled(why), _)) => return Ending::Cancelled(why),
+                    _ => {}
                 }
                 return Ending::Done(match joined {
                     Ok(r) => r,
@@ -770,6 +913,10 @@ async fn execute(
             _ = deadline_sleep, if stopping.is_none() => {
                 cancel.cancel();
                 stopping = Some((Ending::TimedOut, tokio::time::Instant::now() + grace));
+            }
+            _ = cancel_request.cancelled(), if stopping.is_none() => {
+                cancel.cancel();
+                stopping = Some((Ending::Cancelled(String::new()), tokio::time::Instant::now() + grace));
             }
             _ = hard_stop.cancelled(), if stopping.is_none() => {
                 cancel.cancel();

@@ -13,6 +13,7 @@ mod faults;
 mod ha;
 mod harness;
 mod jobs;
+mod overlap;
 mod retries;
 mod schedules;
 mod seed;
