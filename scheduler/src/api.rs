@@ -281,6 +281,8 @@ impl ApiServer {
                 "no job definitions given",
             ));
         }
+        invalid.extend(self.check_children(&specs));
+        invalid.sort_by_key(|d| d.index);
         if !invalid.is_empty() {
             let n = invalid.len();
             return Err(Failure(ApiError {
@@ -297,6 +299,45 @@ impl ApiServer {
             results.push(self.put_job(spec).await?);
         }
         to_value(ApplyResponse { results })
+    }
+
+    /// Child jobs must exist (already, or in this apply) and never lead back to their parent.
+    fn check_children(&self, specs: &[(usize, krest_schemas::JobSpec)]) -> Vec<InvalidDocument> {
+        let mut graph: std::collections::HashMap<String, Vec<String>> = self
+            .table
+            .all()
+            .into_iter()
+            .map(|(k, e)| (k, e.stored.spec.child_keys()))
+            .collect();
+        for (_, spec) in specs {
+            graph.insert(spec.key(), spec.child_keys());
+        }
+        let mut invalid = Vec::new();
+        for (index, spec) in specs {
+            let mut problems = Vec::new();
+            for child in spec.child_keys() {
+                if !graph.contains_key(&child) {
+                    problems.push(krest_schemas::Problem {
+                        field: "childJobs".into(),
+                        message: format!("no job `{child}`: apply it first, or in the same file"),
+                    });
+                }
+            }
+            if let Some(cycle) = find_cycle(&graph, &spec.key()) {
+                problems.push(krest_schemas::Problem {
+                    field: "childJobs".into(),
+                    message: format!("child jobs form a cycle: {}", cycle.join(" → ")),
+                });
+            }
+            if !problems.is_empty() {
+                invalid.push(InvalidDocument {
+                    index: *index,
+                    job: Some(spec.key()),
+                    problems,
+                });
+            }
+        }
+        invalid
     }
 
     /// Writes one validated spec with a revision check, retrying on a concurrent write.
@@ -578,6 +619,7 @@ impl ApiServer {
             misfired: 0,
             args,
             skip: None,
+            parent_run_id: None,
         };
         let shard_total = u32::try_from(spec.shard_items(&fire.args).len()).unwrap_or(u32::MAX);
         if let Some(Err(e)) = self
@@ -669,6 +711,38 @@ impl ApiServer {
             nats_server: self.client.server_info().version,
         })
     }
+}
+
+/// A path from `start` back to itself through child links, if there is one.
+fn find_cycle(
+    graph: &std::collections::HashMap<String, Vec<String>>,
+    start: &str,
+) -> Option<Vec<String>> {
+    fn visit(
+        graph: &std::collections::HashMap<String, Vec<String>>,
+        start: &str,
+        node: &str,
+        path: &mut Vec<String>,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> bool {
+        for child in graph.get(node).into_iter().flatten() {
+            if child == start {
+                path.push(child.clone());
+                return true;
+            }
+            if seen.insert(child.clone()) {
+                path.push(child.clone());
+                if visit(graph, start, child, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![start.to_string()];
+    let mut seen = std::collections::HashSet::new();
+    visit(graph, start, start, &mut path, &mut seen).then_some(path)
 }
 
 /// The API's view of a job, with its next fire time computed now.

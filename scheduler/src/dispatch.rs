@@ -55,6 +55,8 @@ pub struct Fire {
     pub args: Value,
     /// Set when the fire is recorded as SKIPPED instead of run: why.
     pub skip: Option<String>,
+    /// For CHILD runs: the parent run.
+    pub parent_run_id: Option<String>,
 }
 
 impl Fire {
@@ -73,6 +75,7 @@ impl Fire {
             trigger,
             misfired,
             skip: None,
+            parent_run_id: None,
             job,
         }
     }
@@ -207,6 +210,7 @@ impl Publisher {
             shard_total: total,
             args: fire.args.clone(),
             misfired: fire.misfired,
+            parent_run_id: fire.parent_run_id.clone(),
             revision: fire.job.revision,
             node: self.node.clone(),
         });
@@ -231,6 +235,7 @@ impl Publisher {
                 scheduled_at: fire.scheduled_at,
                 dispatched_at: now,
                 trigger: fire.trigger,
+                parent_run_id: fire.parent_run_id.clone(),
                 retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
                 timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
                 retry_backoff: spec

@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use krest_schemas::names::{
     CANCELS_BUCKET, DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET,
-    LEADER_BUCKET, NODES_BUCKET, STATE_BUCKET, WORKERS_BUCKET, WORK_STREAM, WORK_SUBJECTS,
+    LEADER_BUCKET, NODES_BUCKET, ONCE_BUCKET, STATE_BUCKET, WORKERS_BUCKET, WORK_STREAM,
+    WORK_SUBJECTS,
 };
 
 /// Sizes and lifetimes of what [`ensure`] creates. Existing streams keep their settings.
@@ -60,6 +61,8 @@ pub struct Infra {
     pub nodes: kv::Store,
     /// Cancelled runs.
     pub cancels: kv::Store,
+    /// "Done once" markers.
+    pub once: kv::Store,
     /// The lease TTL actually configured on the leader bucket.
     pub lease_ttl: Duration,
 }
@@ -157,6 +160,7 @@ async fn ensure_configured(
     let nodes = ensure_bucket(js, NODES_BUCKET, 1, cfg.heartbeat_ttl, replicas).await?;
     let cancels =
         ensure_bucket(js, CANCELS_BUCKET, 1, Duration::from_secs(86400), replicas).await?;
+    let once = ensure_bucket(js, ONCE_BUCKET, 1, Duration::from_secs(7 * 86400), replicas).await?;
     let lease_ttl = js
         .get_stream(format!("KV_{LEADER_BUCKET}"))
         .await
@@ -178,6 +182,7 @@ async fn ensure_configured(
         workers,
         nodes,
         cancels,
+        once,
         lease_ttl,
     })
 }

@@ -6,7 +6,8 @@
 //! - [`engine`]: on the leader, a heap of next fire times that turns due fires into
 //!   [`dispatch::Fire`]s, catching up what a previous leader missed;
 //! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s;
-//! - [`recorder`]: reads the events stream into SQL ([`store`]);
+//! - [`recorder`]: reads the events stream into SQL ([`store`]), then [`followup`] triggers
+//!   child jobs of runs that succeeded;
 //! - [`api`]: answers `krest.api.*` requests from the CLI and other clients;
 //! - [`http`]: `/healthz` and `/readyz`;
 //! - [`deadletter`]: parks bad input and runs that exhausted their deliveries.
@@ -20,6 +21,7 @@ pub mod client;
 pub mod deadletter;
 pub mod dispatch;
 pub mod engine;
+pub mod followup;
 pub mod http;
 pub mod infra;
 pub mod jobs;

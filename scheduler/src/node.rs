@@ -228,9 +228,15 @@ pub async fn run(
         opts.engine.clone(),
     );
     let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));
+    let followups = crate::followup::Followups {
+        table: table.clone(),
+        publisher: publisher.clone(),
+        once: infra.once.clone(),
+    };
     let recorder_task = Task::spawn(recorder::run(
         js.clone(),
         store.clone(),
+        followups,
         opts.recorder.clone(),
         progress_tx,
         back.clone(),

@@ -38,13 +38,14 @@ impl Default for RecorderConfig {
 pub async fn run(
     js: jetstream::Context,
     store: Store,
+    followups: crate::followup::Followups,
     cfg: RecorderConfig,
     progress: watch::Sender<u64>,
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        match record(&js, &store, &cfg, &progress, &stop).await {
+        match record(&js, &store, &followups, &cfg, &progress, &stop).await {
             Ok(()) => return,
             Err(e) => {
                 failures += 1;
@@ -63,6 +64,7 @@ pub async fn run(
 async fn record(
     js: &jetstream::Context,
     store: &Store,
+    followups: &crate::followup::Followups,
     cfg: &RecorderConfig,
     progress: &watch::Sender<u64>,
     stop: &CancellationToken,
@@ -124,10 +126,11 @@ async fn record(
             .await
             .map_err(|e| format!("cannot park malformed event {seq}: {e}"))?;
         }
-        retry_db(stop, "record run events", || {
+        let ended = retry_db(stop, "record run events", || {
             store.apply(&batch.events, batch.last_seq)
         })
         .await?;
+        followups.on_ended(&ended).await;
         let _ = progress.send(batch.last_seq);
     }
 }

@@ -123,6 +123,12 @@ ALTER TABLE attempts ADD COLUMN retry_in_ms BIGINT;
 CREATE INDEX runs_by_status_job ON runs (job_group, job_name, status)
 "#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE runs ADD COLUMN parent_run_id TEXT
+"#,
+    ),
 ];
 
 /// Rows per multi-row INSERT (well under every backend's bind-parameter limit).
@@ -235,6 +241,7 @@ struct RunRow {
     shard_total: i64,
     /// Set by a `skipped` event: (reason, when).
     skipped: Option<(String, i64)>,
+    parent_run_id: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -362,8 +369,13 @@ impl Store {
     }
 
     /// Applies a batch of events, in stream order, in one transaction, and moves the cursor to
-    /// `last_seq`.
-    pub async fn apply(&self, events: &[RunEvent], last_seq: u64) -> Result<(), StoreError> {
+    /// `last_seq`. Returns the runs this batch brought to a final status (for follow-ups such
+    /// as child jobs and alerts); a replayed batch returns none.
+    pub async fn apply(
+        &self,
+        events: &[RunEvent],
+        last_seq: u64,
+    ) -> Result<Vec<RunSummary>, StoreError> {
         let mut runs: BTreeMap<String, RunRow> = BTreeMap::new();
         let mut attempts: BTreeMap<(String, i64, i64), AttemptRow> = BTreeMap::new();
         let mut logs: BTreeMap<LogKey, (i64, String, String)> = BTreeMap::new();
@@ -384,6 +396,7 @@ impl Store {
                     r.args = Some(d.args.to_string());
                     r.node = Some(d.node.clone());
                     r.shard_total = i64::from(d.shard_total);
+                    r.parent_run_id = d.parent_run_id.clone();
                 }
                 RunEvent::Skipped(k) => {
                     let r = runs.entry(k.run_id.clone()).or_default();
@@ -453,7 +466,7 @@ impl Store {
         let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
         for chunk in run_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total) VALUES {} \
+                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id) VALUES {} \
                  ON CONFLICT (run_id) DO UPDATE SET \
                  path = COALESCE(excluded.path, runs.path), \
                  job_type = COALESCE(excluded.job_type, runs.job_type), \
@@ -464,10 +477,11 @@ impl Store {
                  revision = COALESCE(excluded.revision, runs.revision), \
                  args = COALESCE(excluded.args, runs.args), \
                  node = COALESCE(excluded.node, runs.node), \
-                 shard_total = excluded.shard_total",
-                placeholders(chunk.len(), 14)
+                 shard_total = excluded.shard_total, \
+                 parent_run_id = COALESCE(excluded.parent_run_id, runs.parent_run_id)",
+                placeholders(chunk.len(), 15)
             );
-            let mut vals = Vec::with_capacity(chunk.len() * 14);
+            let mut vals = Vec::with_capacity(chunk.len() * 15);
             for (id, r) in chunk {
                 vals.extend([
                     Val::from(id.clone()),
@@ -484,20 +498,25 @@ impl Store {
                     r.args.clone().into(),
                     r.node.clone().into(),
                     r.shard_total.into(),
+                    r.parent_run_id.clone().into(),
                 ]);
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
         }
+        let mut ended: Vec<String> = Vec::new();
         for (id, r) in &run_rows {
             if let Some((reason, at)) = &r.skipped {
-                sqlx::query(
-                    "UPDATE runs SET status = 'SKIPPED', error = $1, finished_at = $2 WHERE run_id = $3",
+                let updated = sqlx::query(
+                    "UPDATE runs SET status = 'SKIPPED', error = $1, finished_at = $2 WHERE run_id = $3 AND status <> 'SKIPPED'",
                 )
                 .bind(reason.as_str())
                 .bind(*at)
                 .bind(id.as_str())
                 .execute(&mut *tx)
                 .await?;
+                if updated.rows_affected() > 0 {
+                    ended.push(id.clone());
+                }
             }
         }
         let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
@@ -557,14 +576,28 @@ impl Store {
         }
         let affected: Vec<String> = affected.into_iter().collect();
         for chunk in affected.chunks(ROWS_PER_INSERT) {
-            summarize(&mut tx, chunk).await?;
+            ended.extend(summarize(&mut tx, chunk).await?);
+        }
+        let mut summaries = Vec::with_capacity(ended.len());
+        for chunk in ended.chunks(ROWS_PER_INSERT) {
+            let vals: Vec<Val> = chunk.iter().map(|s| Val::from(s.clone())).collect();
+            let sql = format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE run_id IN ({})",
+                list_placeholders(chunk.len())
+            );
+            for row in bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&mut *tx)
+                .await?
+            {
+                summaries.push(run_summary(&row)?);
+            }
         }
         sqlx::query("UPDATE recorder_cursor SET seq = $1 WHERE id = 1")
             .bind(i64::try_from(last_seq).unwrap_or(i64::MAX))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(summaries)
     }
 
     /// Runs matching the filter, newest first.
@@ -714,7 +747,7 @@ impl Store {
     }
 }
 
-const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision";
+const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision, parent_run_id";
 
 fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     let status: String = r.try_get("status")?;
@@ -742,18 +775,22 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
         revision: r
             .try_get::<Option<i64>, _>("revision")?
             .and_then(|v| u64::try_from(v).ok()),
+        parent_run_id: r.try_get("parent_run_id")?,
     })
 }
 
 /// Recomputes status and counters of `run_ids` from their attempts.
+/// Returns the runs that reached a final status now.
 async fn summarize(
     tx: &mut sqlx::Transaction<'_, Any>,
     run_ids: &[String],
-) -> Result<(), StoreError> {
+) -> Result<Vec<String>, StoreError> {
+    let mut ended = Vec::new();
     let list = list_placeholders(run_ids.len());
     let vals: Vec<Val> = run_ids.iter().map(|s| Val::from(s.clone())).collect();
     let mut totals: HashMap<String, i64> = HashMap::new();
     let mut skipped: HashSet<String> = HashSet::new();
+    let mut before: HashMap<String, String> = HashMap::new();
     for r in bind_all(
         sqlx::query(&format!(
             "SELECT run_id, shard_total, status FROM runs WHERE run_id IN ({list})"
@@ -764,9 +801,11 @@ async fn summarize(
     .await?
     {
         let id: String = r.try_get(0)?;
-        if r.try_get::<String, _>(2)? == RunStatus::Skipped.as_str() {
+        let status: String = r.try_get(2)?;
+        if status == RunStatus::Skipped.as_str() {
             skipped.insert(id.clone());
         }
+        before.insert(id.clone(), status);
         totals.insert(id, r.try_get(1)?);
     }
 
@@ -901,8 +940,15 @@ async fn summarize(
         .bind(run_id.as_str())
         .execute(&mut **tx)
         .await?;
+        let was_final = before
+            .get(run_id)
+            .and_then(|s| RunStatus::parse(s))
+            .is_some_and(RunStatus::is_final);
+        if status.is_final() && !was_final {
+            ended.push(run_id.clone());
+        }
     }
-    Ok(())
+    Ok(ended)
 }
 
 /// Accepts `sqlite://PATH`, `sqlite:PATH` or a bare path ending in `.db`/`.sqlite`; SQLite
@@ -962,6 +1008,7 @@ mod tests {
             shard_total: 2,
             args: serde_json::json!(["x", "y"]),
             misfired: 0,
+            parent_run_id: None,
             revision: 3,
             node: "n1".into(),
         })];

@@ -408,6 +408,9 @@ pub struct RunSummary {
     /// Revision of the job definition it ran with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
+    /// For CHILD runs: the parent job's run that triggered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
     /// Output of the last successful attempt (unsharded runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

@@ -80,6 +80,10 @@ pub struct JobSpec {
     /// Retries after a failed attempt; a run makes at most `retryTimes + 1` attempts.
     #[serde(default)]
     pub retry_times: i64,
+    /// Jobs to trigger when a run of this one SUCCEEDS (`group.name`, or a name in this job's
+    /// group); each child run carries the parent's run id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub child_jobs: Vec<String>,
     /// What a fire does while the job's previous run is still going.
     #[serde(default)]
     pub overlap_policy: OverlapPolicy,
@@ -375,6 +379,20 @@ impl JobSpec {
         job_key(&self.job_group, &self.job_name)
     }
 
+    /// The keys of the child jobs (a bare name is in this job's group).
+    pub fn child_keys(&self) -> Vec<String> {
+        self.child_jobs
+            .iter()
+            .map(|c| {
+                if c.contains('.') {
+                    c.clone()
+                } else {
+                    job_key(&self.job_group, c)
+                }
+            })
+            .collect()
+    }
+
     /// Checks every field and returns the normalized definition (SHARDING args as an array,
     /// `WEIGHTROUNDRIBBON` as `WEIGHT_ROUND_ROBIN`), or every problem found.
     pub fn validate(mut self) -> Result<JobSpec, InvalidJob> {
@@ -517,6 +535,20 @@ impl JobSpec {
                 if self.sharding_params.is_some() {
                     problems.push(problem("shardingParams", "only SHARDING jobs have shards"));
                 }
+            }
+        }
+        for child in &self.child_jobs {
+            let ok = match child.split_once('.') {
+                Some((g, n)) => is_token(g) && is_token(n),
+                None => is_token(child),
+            };
+            if !ok {
+                problems.push(problem(
+                    "childJobs",
+                    format!(
+                        "`{child}` is not a job: use `group.name`, or a name in this job's group"
+                    ),
+                ));
             }
         }
         if let Some(b) = &self.retry_backoff {

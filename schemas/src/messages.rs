@@ -18,6 +18,8 @@ pub enum Trigger {
     CatchUp,
     /// Someone asked for it (`krest job trigger`).
     Manual,
+    /// A parent job's run succeeded (`childJobs`).
+    Child,
 }
 
 impl Trigger {
@@ -27,6 +29,7 @@ impl Trigger {
             Trigger::Schedule => "SCHEDULE",
             Trigger::CatchUp => "CATCH_UP",
             Trigger::Manual => "MANUAL",
+            Trigger::Child => "CHILD",
         }
     }
 }
@@ -74,6 +77,9 @@ pub struct RunMessage {
     pub dispatched_at: DateTime<Utc>,
     /// Why the run exists.
     pub trigger: Trigger,
+    /// For CHILD runs: the parent job's run that triggered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
     /// Retries allowed after a failed attempt.
     pub retry_times: u32,
     /// The job's retry backoff, when it sets one (else the worker's default applies).
@@ -178,6 +184,9 @@ pub struct Dispatched {
     /// Fire times older than the misfire threshold that this run stands in for (0 normally).
     #[serde(default)]
     pub misfired: u32,
+    /// For CHILD runs: the parent job's run that triggered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
     /// Revision of the job definition.
     pub revision: u64,
     /// The scheduler node that published it.

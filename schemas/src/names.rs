@@ -42,6 +42,9 @@ pub const JOBS_BUCKET: &str = "krest-jobs";
 pub const STATE_BUCKET: &str = "krest-state";
 /// KV bucket of worker heartbeats (max age = heartbeat TTL), keyed by [`worker_key`].
 pub const WORKERS_BUCKET: &str = "krest-workers";
+/// KV bucket of "done once" markers (max age 7 days): a node that creates a key first does the
+/// thing (trigger a child job, send an alert); the others skip it.
+pub const ONCE_BUCKET: &str = "krest-once";
 /// KV bucket of cancelled runs (max age one day), keyed by run id.
 pub const CANCELS_BUCKET: &str = "krest-cancels";
 /// KV bucket of scheduler node presence (max age = node TTL), keyed by node name.

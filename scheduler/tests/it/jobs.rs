@@ -98,3 +98,122 @@ async fn a_job_retry_backoff_replaces_the_workers() {
     w.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn child_jobs_run_once_after_a_success_and_cycles_are_rejected() {
+    let env = Env::new("children");
+    // Two nodes: both record the parent's success; the child must still run once.
+    let n1 = env.node("n1");
+    let n2 = env.node("n2");
+    let client = env.client().await;
+    let log = Executions::default();
+    let l = log.clone();
+    let w = env
+        .worker(APP, "w1")
+        .handler("step", move |ctx: JobContext| {
+            let l = l.clone();
+            async move {
+                l.record(&ctx);
+                if ctx.args() == &json!("fail") {
+                    return Err(JobError::fatal("failing on purpose"));
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+
+    // Cycles and unknown children are rejected at apply time, naming the problem.
+    let err = client
+        .call_value(
+            krest_schemas::api::Op::JobApply,
+            &json!({"documents": [
+                job("a", APP, "step", json!({"childJobs": ["b"]})),
+                job("b", APP, "step", json!({"childJobs": ["t.a"]})),
+                job("c", APP, "step", json!({"childJobs": ["nowhere"]})),
+            ]}),
+        )
+        .await
+        .unwrap_err();
+    let krest::client::ClientError::Api(api) = err else {
+        panic!("{err:?}")
+    };
+    let msgs: Vec<String> = api
+        .invalid
+        .iter()
+        .flat_map(|d| d.problems.iter().map(ToString::to_string))
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m == "childJobs: child jobs form a cycle: t.a → t.b → t.a"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("childJobs: no job `t.nowhere`")),
+        "{msgs:?}"
+    );
+
+    apply(
+        &client,
+        vec![
+            job("parent", APP, "step", json!({"childJobs": ["child"]})),
+            job(
+                "child",
+                APP,
+                "step",
+                json!({"childJobs": ["t.grandchild"], "args": "from child"}),
+            ),
+            job("grandchild", APP, "step", json!({})),
+            job(
+                "broken",
+                APP,
+                "step",
+                json!({"args": "fail", "childJobs": ["child"]}),
+            ),
+        ],
+    )
+    .await;
+    let parent = trigger(&client, "parent").await.run_id;
+    assert_eq!(
+        wait_final(&client, &parent).await.run.status,
+        RunStatus::Succeeded
+    );
+    let child_id = krest::followup::child_run_id("t.child", &parent);
+    let child = wait_final(&client, &child_id).await;
+    assert_eq!(child.run.status, RunStatus::Succeeded);
+    assert_eq!(child.run.trigger, Some(krest_schemas::Trigger::Child));
+    assert_eq!(child.run.parent_run_id.as_deref(), Some(parent.as_str()));
+    assert_eq!(child.args, Some(json!("from child")));
+    let grandchild = wait_final(
+        &client,
+        &krest::followup::child_run_id("t.grandchild", &child_id),
+    )
+    .await;
+    assert_eq!(
+        grandchild.run.parent_run_id.as_deref(),
+        Some(child_id.as_str())
+    );
+
+    // A failed parent triggers nothing.
+    let broken = trigger(&client, "broken").await.run_id;
+    assert_eq!(
+        wait_final(&client, &broken).await.run.status,
+        RunStatus::Failed
+    );
+    // Let both nodes' recorders see the grandchild's end: nothing follows it.
+    assert_eq!(
+        runs(&client, "child").await.len(),
+        1,
+        "one child run, from the successful parent"
+    );
+    assert_eq!(
+        log.of(&child_id).len(),
+        1,
+        "executed once although two nodes recorded the parent"
+    );
+    w.stop().await.unwrap();
+    n1.stop().await.unwrap();
+    n2.stop().await.unwrap();
+}

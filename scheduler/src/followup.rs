@@ -1,0 +1,92 @@
+//! What happens after a run ends: triggering child jobs (`childJobs`) when it SUCCEEDS.
+//!
+//! Every node's recorder sees every run end, so each would act. A "done once" marker in the
+//! `krest-once` bucket (kept 7 days, like the events) makes the first node act and the others —
+//! and any node replaying old events — skip; the child run's message id (derived from the parent
+//! run) drops the publishes of nodes that raced past the marker check.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use chrono::Utc;
+use krest_schemas::api::{RunStatus, RunSummary};
+use krest_schemas::names::job_key;
+use krest_schemas::Trigger;
+
+use crate::dispatch::{Fire, Publisher};
+use crate::jobs::JobTable;
+
+/// Follow-up actions on ended runs.
+#[derive(Clone)]
+pub struct Followups {
+    /// The node's job table.
+    pub table: Arc<JobTable>,
+    /// Publishes child runs.
+    pub publisher: Publisher,
+    /// "Done once" markers.
+    pub once: kv::Store,
+}
+
+/// Run id of the child run of `child` (a `group.name` key) triggered by `parent_run_id`.
+pub fn child_run_id(child: &str, parent_run_id: &str) -> String {
+    format!("{child}.c-{parent_run_id}")
+}
+
+impl Followups {
+    /// Acts on runs that just reached a final status.
+    pub async fn on_ended(&self, runs: &[RunSummary]) {
+        for run in runs {
+            if run.status == RunStatus::Succeeded {
+                self.trigger_children(run).await;
+            }
+        }
+    }
+
+    async fn trigger_children(&self, parent: &RunSummary) {
+        let key = job_key(&parent.job_group, &parent.job_name);
+        let Some(job) = self.table.get(&key) else {
+            return;
+        };
+        for child_key in job.stored.spec.child_keys() {
+            let Some(child) = self.table.get(&child_key) else {
+                tracing::warn!(parent = %parent.run_id, child = %child_key, "child job does not exist (any more); not triggered");
+                continue;
+            };
+            let run_id = child_run_id(&child_key, &parent.run_id);
+            let marker = format!("child.{run_id}");
+            match self.once.get(&marker).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(run = %run_id, error = %e, "cannot check whether the child run was triggered; not triggering it now");
+                    continue;
+                }
+            }
+            let fire = Fire {
+                run_id: run_id.clone(),
+                args: child.stored.spec.args.clone(),
+                job: child,
+                scheduled_at: Utc::now(),
+                trigger: Trigger::Child,
+                misfired: 0,
+                skip: None,
+                parent_run_id: Some(parent.run_id.clone()),
+            };
+            match self
+                .publisher
+                .publish(std::slice::from_ref(&fire))
+                .await
+                .pop()
+            {
+                Some(Err(e)) => {
+                    tracing::error!(run = %run_id, error = %e, "could not trigger the child job");
+                    continue;
+                }
+                _ => tracing::info!(parent = %parent.run_id, run = %run_id, "child job triggered"),
+            }
+            if let Err(e) = self.once.put(&marker, parent.run_id.clone().into()).await {
+                tracing::warn!(run = %run_id, error = %e, "could not record the child trigger");
+            }
+        }
+    }
+}
