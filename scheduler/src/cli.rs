@@ -126,11 +126,13 @@ pub enum DlqCmd {
 pub enum WorkerRunCmd {
     /// The seed's demo handlers (same as `krest-demo-worker`).
     Demo(DemoWorkerArgs),
+    /// The built-in HTTP executor: runs the app's jobs of type HTTP.
+    Http(HttpWorkerArgs),
 }
 
-/// `krest worker demo` flags.
+/// Flags every built-in worker takes.
 #[derive(Debug, Args)]
-pub struct DemoWorkerArgs {
+pub struct WorkerArgs {
     /// Relative capacity of this instance.
     #[arg(long, env = "KREST_WEIGHT", default_value_t = 1)]
     pub weight: u32,
@@ -140,6 +142,17 @@ pub struct DemoWorkerArgs {
     /// Instance id (default: host name, pid and a random suffix).
     #[arg(long, env = "KREST_INSTANCE")]
     pub instance: Option<String>,
+    /// Ack wait of the app's consumer, if this worker creates it.
+    #[arg(long, env = "KREST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// How long a graceful stop waits for running handlers.
+    #[arg(long, env = "KREST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// `krest worker demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoWorkerArgs {
     /// App name.
     #[arg(long, env = "KREST_APP", default_value = krest_demo_worker::APP)]
     pub app: String,
@@ -149,33 +162,53 @@ pub struct DemoWorkerArgs {
     /// Append `run_id shard attempt instance` per execution to this file.
     #[arg(long, env = "KREST_JOURNAL")]
     pub journal: Option<PathBuf>,
-    /// Ack wait of the app's consumer, if this worker creates it.
-    #[arg(long, env = "KREST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
-    pub ack_wait: Duration,
-    /// How long a graceful stop waits for running handlers.
-    #[arg(long, env = "KREST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
+    /// Common worker flags.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
 }
 
-/// Runs `krest worker …` until SIGTERM or ctrl-c.
-pub async fn run_worker(nats_url: String, cmd: WorkerRunCmd) -> anyhow::Result<()> {
-    let WorkerRunCmd::Demo(args) = cmd;
-    let mut builder = krest_worker::Worker::builder(&args.app)
+/// `krest worker http` flags.
+#[derive(Debug, Args)]
+pub struct HttpWorkerArgs {
+    /// The app whose HTTP jobs this worker runs.
+    #[arg(long, env = "KREST_APP")]
+    pub app: String,
+    /// Common worker flags.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+fn worker_builder(nats_url: String, app: &str, args: &WorkerArgs) -> krest_worker::WorkerBuilder {
+    let mut builder = krest_worker::Worker::builder(app)
         .nats_url(nats_url)
         .weight(args.weight)
         .slots(args.slots)
         .ack_wait(args.ack_wait)
         .shutdown_timeout(args.shutdown_timeout)
         .version(env!("CARGO_PKG_VERSION"));
-    if let Some(id) = args.instance {
+    if let Some(id) = &args.instance {
         builder = builder.instance(id);
     }
-    let opts = krest_demo_worker::DemoOptions {
-        work: args.work,
-        journal: args.journal,
+    builder
+}
+
+/// Runs `krest worker …` until SIGTERM or ctrl-c.
+pub async fn run_worker(nats_url: String, cmd: WorkerRunCmd) -> anyhow::Result<()> {
+    let worker = match cmd {
+        WorkerRunCmd::Demo(args) => {
+            let opts = krest_demo_worker::DemoOptions {
+                work: args.work,
+                journal: args.journal,
+            };
+            krest_demo_worker::register(worker_builder(nats_url, &args.app, &args.worker), opts)
+                .build()?
+        }
+        WorkerRunCmd::Http(args) => {
+            krest_worker::http::register(worker_builder(nats_url, &args.app, &args.worker))?
+                .build()?
+        }
     };
-    let worker = krest_demo_worker::register(builder, opts).build()?;
-    tracing::info!(instance = worker.instance(), "demo worker starting");
+    tracing::info!(instance = worker.instance(), "worker starting");
     worker.run(krest_worker::shutdown_signal()).await?;
     Ok(())
 }

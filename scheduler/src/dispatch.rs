@@ -238,6 +238,11 @@ impl Publisher {
                 parent_run_id: fire.parent_run_id.clone(),
                 retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
                 timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
+                http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
+                    url: url.clone(),
+                    method: spec.method_type,
+                    headers: spec.headers.clone(),
+                }),
                 retry_backoff: spec
                     .retry_backoff
                     .as_ref()

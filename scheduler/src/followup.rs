@@ -1,4 +1,5 @@
-//! What happens after a run ends: triggering child jobs (`childJobs`) when it SUCCEEDS.
+//! What happens after a run ends: triggering child jobs (`childJobs`) when it SUCCEEDS, and
+//! alert webhooks (`alert`) when it ends in an outcome the job lists.
 //!
 //! Every node's recorder sees every run end, so each would act. A "done once" marker in the
 //! `krest-once` bucket (kept 7 days, like the events) makes the first node act and the others —
@@ -9,7 +10,10 @@ use std::sync::Arc;
 
 use async_nats::jetstream::kv;
 use chrono::Utc;
-use krest_schemas::api::{RunStatus, RunSummary};
+use krest_schemas::api::{AlertPayload, RunStatus, RunSummary};
+use krest_schemas::AlertOn;
+
+use crate::alert::Alerter;
 use krest_schemas::names::job_key;
 use krest_schemas::Trigger;
 
@@ -25,6 +29,10 @@ pub struct Followups {
     pub publisher: Publisher,
     /// "Done once" markers.
     pub once: kv::Store,
+    /// Sends alert webhooks.
+    pub alerter: Alerter,
+    /// This node's name (in alerts).
+    pub node: String,
 }
 
 /// Run id of the child run of `child` (a `group.name` key) triggered by `parent_run_id`.
@@ -39,6 +47,49 @@ impl Followups {
             if run.status == RunStatus::Succeeded {
                 self.trigger_children(run).await;
             }
+            self.alert(run).await;
+        }
+    }
+
+    async fn alert(&self, run: &RunSummary) {
+        let key = job_key(&run.job_group, &run.job_name);
+        let Some(job) = self.table.get(&key) else {
+            return;
+        };
+        let Some(alert) = &job.stored.spec.alert else {
+            return;
+        };
+        let mut kinds = Vec::new();
+        match run.status {
+            RunStatus::Failed => kinds.push(AlertOn::Failed),
+            RunStatus::TimedOut => kinds.push(AlertOn::TimedOut),
+            RunStatus::Cancelled => kinds.push(AlertOn::Cancelled),
+            _ => {}
+        }
+        if run.misfired > 0 {
+            kinds.push(AlertOn::Misfired);
+        }
+        for kind in kinds.into_iter().filter(|k| alert.on.contains(k)) {
+            // Exactly one node sends each alert: the one that creates its marker.
+            let marker = format!("alert.{}.{}", run.run_id, kind.as_str());
+            match self.once.create(&marker, self.node.clone().into()).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    tracing::warn!(run = %run.run_id, error = %e, "cannot claim the alert; not sending it");
+                    continue;
+                }
+            }
+            self.alerter.send(
+                &alert.webhook,
+                AlertPayload {
+                    alert: kind.as_str().to_string(),
+                    job: key.clone(),
+                    run: run.clone(),
+                    node: self.node.clone(),
+                    at: Utc::now(),
+                },
+            );
         }
     }
 

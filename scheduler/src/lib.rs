@@ -7,13 +7,14 @@
 //!   [`dispatch::Fire`]s, catching up what a previous leader missed;
 //! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s;
 //! - [`recorder`]: reads the events stream into SQL ([`store`]), then [`followup`] triggers
-//!   child jobs of runs that succeeded;
+//!   child jobs of runs that succeeded and sends [`alert`]s for runs that did not;
 //! - [`api`]: answers `krest.api.*` requests from the CLI and other clients;
 //! - [`http`]: `/healthz` and `/readyz`;
 //! - [`deadletter`]: parks bad input and runs that exhausted their deliveries.
 //!
 //! [`cli`] and [`client`] are the command-line side. Only [`store`] knows SQL.
 
+pub mod alert;
 pub mod api;
 pub mod cancel;
 pub mod cli;

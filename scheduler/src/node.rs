@@ -232,6 +232,8 @@ pub async fn run(
         table: table.clone(),
         publisher: publisher.clone(),
         once: infra.once.clone(),
+        alerter: crate::alert::Alerter::start(),
+        node: opts.node.clone(),
     };
     let recorder_task = Task::spawn(recorder::run(
         js.clone(),

@@ -527,6 +527,22 @@ pub struct LogView {
     pub line: String,
 }
 
+/// The body of an alert webhook call (HTTP POST, `application/json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertPayload {
+    /// What happened: `FAILED`, `TIMED_OUT`, `CANCELLED` or `MISFIRED`.
+    pub alert: String,
+    /// `group.name` of the job.
+    pub job: String,
+    /// The run, as `krest runs get` summarizes it.
+    pub run: RunSummary,
+    /// The scheduler node that sent the alert.
+    pub node: String,
+    /// When it was sent.
+    pub at: DateTime<Utc>,
+}
+
 /// Result of `cluster.status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

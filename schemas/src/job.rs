@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::cron::{parse_time_zone, CronSchedule};
-use crate::names::{is_token, job_key, MAX_TOKEN_LEN};
+use crate::names::{is_token, job_key, HTTP_HANDLER, MAX_TOKEN_LEN};
 use crate::schedule::{parse_duration, Schedule};
 
 /// Most retries a job may ask for (`retryTimes`); a run makes at most `retryTimes + 1` attempts.
@@ -72,8 +72,20 @@ pub struct JobSpec {
     /// HTTP method, for jobs that call an HTTP endpoint (kept from Krest-Job).
     #[serde(default)]
     pub method_type: MethodType,
-    /// The handler that runs the job (Krest-Job's `path`): workers register handlers by this name.
+    /// The handler that runs the job (Krest-Job's `path`): workers register handlers by this
+    /// name. HTTP jobs may leave it out (they run on the built-in `krest/http` handler).
+    #[serde(default)]
     pub path: String,
+    /// HTTP jobs: the URL called (`http://` or `https://`), with `methodType`, `headers`, and
+    /// `args` as the body (a string as is, other JSON as `application/json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// HTTP jobs: request headers.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Where to report runs that end badly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<Alert>,
     /// Whether the job is scheduled (false = paused).
     #[serde(default = "default_true")]
     pub running: bool,
@@ -152,6 +164,8 @@ pub enum JobType {
     Normal,
     /// One execution per element of `args`, spread over the app's workers by weight.
     Sharding,
+    /// An HTTP call to `url`, made by a worker running the built-in HTTP executor.
+    Http,
 }
 
 /// `retryBackoff`: the delay after failed attempt n is `initial × factor^(n-1)`, at most `max`.
@@ -189,6 +203,76 @@ pub enum OverlapPolicy {
     QueueOne,
     /// Cancel the running one (its handler sees cancellation), then run.
     Replace,
+}
+
+impl MethodType {
+    /// The method's name (`GET`, `POST`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodType::Get => "GET",
+            MethodType::Post => "POST",
+            MethodType::Put => "PUT",
+            MethodType::Patch => "PATCH",
+            MethodType::Delete => "DELETE",
+            MethodType::Head => "HEAD",
+        }
+    }
+}
+
+/// `alert`: an HTTP POST to `webhook` when a run ends in one of the `on` outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Alert {
+    /// The URL posted to (`http://` or `https://`).
+    pub webhook: String,
+    /// Which outcomes alert (default `FAILED` and `TIMED_OUT`).
+    #[serde(default = "default_alert_on")]
+    pub on: Vec<AlertOn>,
+}
+
+fn default_alert_on() -> Vec<AlertOn> {
+    vec![AlertOn::Failed, AlertOn::TimedOut]
+}
+
+/// Outcomes that can trigger an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AlertOn {
+    /// The run failed.
+    Failed,
+    /// The run's last attempt timed out.
+    TimedOut,
+    /// The run was cancelled.
+    Cancelled,
+    /// The run (or SKIPPED entry) stands for fires missed beyond the misfire threshold.
+    Misfired,
+}
+
+impl AlertOn {
+    /// The canonical name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertOn::Failed => "FAILED",
+            AlertOn::TimedOut => "TIMED_OUT",
+            AlertOn::Cancelled => "CANCELLED",
+            AlertOn::Misfired => "MISFIRED",
+        }
+    }
+}
+
+/// Checks an `http://` / `https://` URL without parsing it fully.
+fn check_http_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{url}` must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("`{url}` has no host"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{url}` contains spaces or control characters"));
+    }
+    Ok(())
 }
 
 /// What happens to fires missed for longer than the misfire threshold.
@@ -408,6 +492,51 @@ impl JobSpec {
                     format!(
                         "`{value}` is not a valid name: use 1 to {MAX_TOKEN_LEN} letters, digits, `-` or `_` (it becomes part of NATS subjects)"
                     ),
+                ));
+            }
+        }
+        if self.job_type == JobType::Http && self.path.is_empty() {
+            self.path = HTTP_HANDLER.to_string();
+        }
+        match (self.job_type, &self.url) {
+            (JobType::Http, Some(url)) => {
+                if let Err(e) = check_http_url(url) {
+                    problems.push(problem("url", e));
+                }
+            }
+            (JobType::Http, None) => problems.push(problem(
+                "url",
+                "an HTTP job needs the URL to call, e.g. https://billing.internal/run",
+            )),
+            (_, Some(_)) => problems.push(problem("url", "only HTTP jobs have a url")),
+            (_, None) => {}
+        }
+        for (name, value) in &self.headers {
+            if self.job_type != JobType::Http {
+                problems.push(problem("headers", "only HTTP jobs have headers"));
+                break;
+            }
+            let bad_name = name.is_empty()
+                || name
+                    .chars()
+                    .any(|c| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)));
+            if bad_name || value.chars().any(char::is_control) {
+                problems.push(problem(
+                    "headers",
+                    format!(
+                        "`{name}` is not a valid header name or its value has control characters"
+                    ),
+                ));
+            }
+        }
+        if let Some(alert) = &self.alert {
+            if let Err(e) = check_http_url(&alert.webhook) {
+                problems.push(problem("alert", format!("webhook {e}")));
+            }
+            if alert.on.is_empty() {
+                problems.push(problem(
+                    "alert",
+                    "`on` is empty: list FAILED, TIMED_OUT, CANCELLED or MISFIRED",
                 ));
             }
         }

@@ -33,13 +33,13 @@ pub mod schedule;
 
 pub use cron::{CronError, CronSchedule};
 pub use job::{
-    parse_job, InvalidJob, JobSpec, JobType, LoadBalance, MisfirePolicy, OverlapPolicy, Problem,
-    RetryBackoff, StoredJob,
+    parse_job, Alert, AlertOn, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
+    MisfirePolicy, OverlapPolicy, Problem, RetryBackoff, StoredJob,
 };
 pub use messages::{
-    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, JobState, LeaderLease,
-    LogLevel, LogLine, NodeInfo, NodeRole, RunEvent, RunMessage, ShardInfo, Skipped, Started,
-    Trigger, WorkerInfo,
+    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, HttpCall, JobState,
+    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, RunEvent, RunMessage, ShardInfo, Skipped,
+    Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, Schedule};
 
@@ -128,6 +128,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
         (
             "api-job-revision.json",
             render(schemars::schema_for!(api::JobRevision)),
+        ),
+        (
+            "alert-payload.json",
+            render(schemars::schema_for!(api::AlertPayload)),
         ),
         (
             "api-cancel-response.json",

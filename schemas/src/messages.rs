@@ -82,6 +82,9 @@ pub struct RunMessage {
     pub parent_run_id: Option<String>,
     /// Retries allowed after a failed attempt.
     pub retry_times: u32,
+    /// For HTTP jobs: the request to make (the body is `args`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCall>,
     /// The job's retry backoff, when it sets one (else the worker's default applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_backoff: Option<BackoffMs>,
@@ -90,6 +93,19 @@ pub struct RunMessage {
     pub timeout_secs: Option<u64>,
     /// Revision of the job definition the run was made from.
     pub revision: u64,
+}
+
+/// The request an HTTP job makes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCall {
+    /// The URL.
+    pub url: String,
+    /// The method.
+    pub method: crate::job::MethodType,
+    /// Request headers.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// A retry backoff in milliseconds: delay after failed attempt n = `initial × factor^(n-1)`,

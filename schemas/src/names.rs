@@ -50,6 +50,9 @@ pub const CANCELS_BUCKET: &str = "krest-cancels";
 /// KV bucket of scheduler node presence (max age = node TTL), keyed by node name.
 pub const NODES_BUCKET: &str = "krest-nodes";
 
+/// The handler name of the built-in HTTP executor: HTTP jobs run on it.
+pub const HTTP_HANDLER: &str = "krest/http";
+
 /// Largest length of a token (app, group, job name, worker instance, node name).
 pub const MAX_TOKEN_LEN: usize = 64;
 

@@ -47,6 +47,8 @@
 
 mod context;
 mod events;
+#[cfg(feature = "http")]
+pub mod http;
 mod options;
 mod worker;
 

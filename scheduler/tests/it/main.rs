@@ -12,6 +12,7 @@ mod dispatch;
 mod faults;
 mod ha;
 mod harness;
+mod http;
 mod jobs;
 mod overlap;
 mod retries;

@@ -1,0 +1,77 @@
+//! The built-in HTTP executor (feature `http`): runs jobs of type HTTP by making the request
+//! the run carries — `url`, `methodType`, `headers`, and `args` as the body (a string as is,
+//! other JSON as `application/json`, nothing for `null`). A 2xx response succeeds with
+//! `HTTP <status>: <body excerpt>` as the output; anything else fails (and is retried like any
+//! failure), with the status and an excerpt of the body as the error.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), krest_worker::Error> {
+//! let worker = krest_worker::http::register(krest_worker::Worker::builder("billing"))?
+//!     .build()?;
+//! worker.run(krest_worker::shutdown_signal()).await
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use krest_schemas::names::HTTP_HANDLER;
+use serde_json::Value;
+
+use crate::{Error, JobContext, JobError, WorkerBuilder};
+
+/// Longest response body excerpt kept in the output or error.
+pub const BODY_EXCERPT: usize = 2048;
+
+/// Registers the HTTP executor (handler `krest/http`) on `builder`.
+pub fn register(builder: WorkerBuilder) -> Result<WorkerBuilder, Error> {
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("krest-worker/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+    Ok(builder.handler(HTTP_HANDLER, move |ctx: JobContext| {
+        let client = client.clone();
+        async move { call(&client, &ctx).await }
+    }))
+}
+
+fn excerpt(body: &str) -> String {
+    crate::context::truncate(body.to_string(), BODY_EXCERPT)
+}
+
+async fn call(client: &reqwest::Client, ctx: &JobContext) -> Result<String, JobError> {
+    let http = ctx
+        .run()
+        .http
+        .clone()
+        .ok_or_else(|| JobError::fatal("not an HTTP job: the run carries no url"))?;
+    let method = reqwest::Method::from_bytes(http.method.as_str().as_bytes())
+        .map_err(|e| JobError::fatal(format!("bad method: {e}")))?;
+    let mut req = client.request(method.clone(), &http.url);
+    for (name, value) in &http.headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    req = match ctx.args() {
+        Value::Null => req,
+        Value::String(s) => req.body(s.clone()),
+        other => req
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(other.to_string()),
+    };
+    if let Some(secs) = ctx.run().timeout_secs {
+        req = req.timeout(Duration::from_secs(secs));
+    }
+    ctx.log(format!("{} {}", method, http.url));
+    let resp = tokio::select! {
+        r = req.send() => r.map_err(|e| JobError::new(format!("request to {} failed: {e}", http.url)))?,
+        _ = ctx.cancelled() => return Err(JobError::new("cancelled before the response")),
+    };
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    ctx.log(format!("HTTP {status}"));
+    if status.is_success() {
+        Ok(format!("HTTP {status}: {}", excerpt(&body)))
+    } else {
+        Err(JobError::new(format!("HTTP {status}: {}", excerpt(&body))))
+    }
+}
