@@ -37,6 +37,8 @@ pub struct ApiServer {
     pub store: Store,
     /// Publishes manual runs.
     pub publisher: Publisher,
+    /// Addresses manual runs to instances.
+    pub routing: Arc<crate::balance::Routing>,
 }
 
 /// An API failure: code and message.
@@ -620,8 +622,15 @@ impl ApiServer {
             args,
             skip: None,
             parent_run_id: None,
+            shards: None,
         };
-        let shard_total = u32::try_from(spec.shard_items(&fire.args).len()).unwrap_or(u32::MAX);
+        let mut fires = [fire];
+        self.routing.assign(&mut fires).await;
+        let [fire] = fires;
+        if let Some(reason) = &fire.skip {
+            return Err(Failure::new(ErrorCode::BadRequest, reason.clone()));
+        }
+        let shard_total = u32::try_from(fire.shard_plans().len()).unwrap_or(u32::MAX);
         if let Some(Err(e)) = self
             .publisher
             .publish(std::slice::from_ref(&fire))

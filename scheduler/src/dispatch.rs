@@ -9,7 +9,9 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use krest_schemas::names::{events_subject, work_msg_id, work_queue_subject, STATE_BUCKET};
+use krest_schemas::names::{
+    events_subject, work_instance_subject, work_msg_id, work_queue_subject, STATE_BUCKET,
+};
 use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
 use std::sync::Arc;
@@ -57,6 +59,18 @@ pub struct Fire {
     pub skip: Option<String>,
     /// For CHILD runs: the parent run.
     pub parent_run_id: Option<String>,
+    /// The shards with their targets, once routed ([`crate::balance::Routing::assign`]);
+    /// `None`: the job's shards, all to the app's shared queue.
+    pub shards: Option<Vec<ShardPlan>>,
+}
+
+/// One shard of a fire: its item (SHARDING, BROADCAST) and the instance it goes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardPlan {
+    /// The shard's item.
+    pub item: Option<Value>,
+    /// The worker instance it is addressed to; `None`: the app's shared queue.
+    pub target: Option<String>,
 }
 
 impl Fire {
@@ -76,6 +90,7 @@ impl Fire {
             misfired,
             skip: None,
             parent_run_id: None,
+            shards: None,
             job,
         }
     }
@@ -85,9 +100,18 @@ impl Fire {
         self.job.stored.spec.key()
     }
 
-    /// The shards of this run (see [`krest_schemas::JobSpec::shard_items`]).
-    fn shard_items(&self) -> Vec<Option<Value>> {
-        self.job.stored.spec.shard_items(&self.args)
+    /// The shards of this run: as routed, or the job's shards (see
+    /// [`krest_schemas::JobSpec::shard_items`]) for the app's queue.
+    pub fn shard_plans(&self) -> Vec<ShardPlan> {
+        self.shards.clone().unwrap_or_else(|| {
+            self.job
+                .stored
+                .spec
+                .shard_items(&self.args)
+                .into_iter()
+                .map(|item| ShardPlan { item, target: None })
+                .collect()
+        })
     }
 }
 
@@ -195,7 +219,7 @@ impl Publisher {
                 Bytes::from(serde_json::to_vec(&skipped).map_err(|e| e.to_string())?),
             )]);
         }
-        let items = fire.shard_items();
+        let items = fire.shard_plans();
         let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
         let dispatched = RunEvent::Dispatched(Dispatched {
             run_id: fire.run_id.clone(),
@@ -220,8 +244,11 @@ impl Publisher {
             dispatched.msg_id(),
             Bytes::from(serde_json::to_vec(&dispatched).map_err(|e| e.to_string())?),
         ));
-        let subject = work_queue_subject(&spec.app_name);
-        for (index, item) in items.into_iter().enumerate() {
+        for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
+            let subject = match &target {
+                Some(instance) => work_instance_subject(&spec.app_name, instance),
+                None => work_queue_subject(&spec.app_name),
+            };
             let index = u32::try_from(index).map_err(|_| "too many shards".to_string())?;
             let msg = RunMessage {
                 run_id: fire.run_id.clone(),
@@ -236,6 +263,11 @@ impl Publisher {
                 dispatched_at: now,
                 trigger: fire.trigger,
                 parent_run_id: fire.parent_run_id.clone(),
+                target,
+                load_balance: spec.load_balance_type,
+                attempt_offset: 0,
+                retry_at: None,
+                avoid: Vec::new(),
                 retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
                 timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
                 http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
@@ -255,7 +287,7 @@ impl Publisher {
                 revision: fire.job.revision,
             };
             out.push((
-                subject.clone(),
+                subject,
                 work_msg_id(&fire.run_id, index),
                 Bytes::from(serde_json::to_vec(&msg).map_err(|e| e.to_string())?),
             ));

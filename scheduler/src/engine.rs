@@ -24,6 +24,7 @@ use krest_schemas::{JobState, MisfirePolicy, OverlapPolicy, Schedule, Trigger};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::balance::Routing;
 use crate::dispatch::{Fire, Publisher};
 use crate::infra::Infra;
 use crate::jobs::{JobEntry, JobTable};
@@ -380,6 +381,7 @@ pub struct Engine {
     infra: Infra,
     client: async_nats::Client,
     store: Store,
+    routing: Arc<Routing>,
     cfg: EngineConfig,
 }
 
@@ -393,6 +395,8 @@ pub struct EngineDeps {
     pub client: async_nats::Client,
     /// The node's database (is a job's previous run still going?).
     pub store: Store,
+    /// Addresses runs to instances (strategies, BROADCAST).
+    pub routing: Arc<Routing>,
 }
 
 impl Engine {
@@ -412,6 +416,7 @@ impl Engine {
             infra: deps.infra,
             client: deps.client,
             store: deps.store,
+            routing: deps.routing,
             cfg,
         }
     }
@@ -604,6 +609,7 @@ impl Engine {
                     let mut due = Vec::new();
                     sched.pop_due(Utc::now(), self.cfg.misfire_threshold, took_over_at, &mut due);
                     fires.extend(self.overlap(due, &mut queued, busy).await);
+                    self.routing.assign(&mut fires).await;
                     if !fires.is_empty() {
                         match self.dispatch(epoch, fires).await {
                             Ok(failed) => retry = failed,

@@ -33,6 +33,8 @@ pub struct Followups {
     pub alerter: Alerter,
     /// This node's name (in alerts).
     pub node: String,
+    /// Addresses child runs to instances.
+    pub routing: Arc<crate::balance::Routing>,
 }
 
 /// Run id of the child run of `child` (a `group.name` key) triggered by `parent_run_id`.
@@ -122,6 +124,7 @@ impl Followups {
                 misfired: 0,
                 skip: None,
                 parent_run_id: Some(parent.run_id.clone()),
+                shards: None,
             };
             match self
                 .publisher

@@ -5,7 +5,9 @@
 //! - [`lease`]: leader election through a KV lease with a fencing epoch;
 //! - [`engine`]: on the leader, a heap of next fire times that turns due fires into
 //!   [`dispatch::Fire`]s, catching up what a previous leader missed;
-//! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s;
+//! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s,
+//!   addressed by [`balance`] (strategies over the live registry);
+//! - [`router`]: on the leader, re-routes retries and the runs of departed instances;
 //! - [`recorder`]: reads the events stream into SQL ([`store`]), then [`followup`] triggers
 //!   child jobs of runs that succeeded and sends [`alert`]s for runs that did not;
 //! - [`api`]: answers `krest.api.*` requests from the CLI and other clients;
@@ -16,6 +18,7 @@
 
 pub mod alert;
 pub mod api;
+pub mod balance;
 pub mod cancel;
 pub mod cli;
 pub mod client;
@@ -29,4 +32,5 @@ pub mod jobs;
 pub mod lease;
 pub mod node;
 pub mod recorder;
+pub mod router;
 pub mod store;

@@ -199,6 +199,7 @@ pub async fn run(
         let _ = out.send(Some(leadership.clone()));
     }
     let publisher = Publisher::new(js.clone(), opts.node.clone());
+    let routing = Arc::new(crate::balance::Routing::new(infra.workers.clone()));
     let (progress_tx, progress_rx) = watch::channel(0u64);
 
     // Tokens in shutdown order.
@@ -224,16 +225,24 @@ pub async fn run(
             infra: infra.clone(),
             client: client.clone(),
             store: store.clone(),
+            routing: routing.clone(),
         },
         opts.engine.clone(),
     );
     let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));
+    let router_task = Task::spawn(crate::router::run(
+        js.clone(),
+        routing.clone(),
+        leadership.clone(),
+        front.clone(),
+    ));
     let followups = crate::followup::Followups {
         table: table.clone(),
         publisher: publisher.clone(),
         once: infra.once.clone(),
         alerter: crate::alert::Alerter::start(),
         node: opts.node.clone(),
+        routing: routing.clone(),
     };
     let recorder_task = Task::spawn(recorder::run(
         js.clone(),
@@ -249,6 +258,7 @@ pub async fn run(
         table: table.clone(),
         store: store.clone(),
         publisher,
+        routing: routing.clone(),
     };
     let api_task = Task::spawn(api.run(front.clone()));
     let deadletter_task = Task::spawn(crate::deadletter::run_advisories(
@@ -283,6 +293,7 @@ pub async fn run(
     tracing::info!(node = %opts.node, "shutting down");
     front.cancel();
     engine_task.join().await;
+    router_task.join().await;
     api_task.join().await;
     lease_stop.cancel();
     election_task.join().await;

@@ -166,6 +166,8 @@ pub enum JobType {
     Sharding,
     /// An HTTP call to `url`, made by a worker running the built-in HTTP executor.
     Http,
+    /// One execution on every live instance of the app that has the handler.
+    Broadcast,
 }
 
 /// `retryBackoff`: the delay after failed attempt n is `initial × factor^(n-1)`, at most `max`.
@@ -315,9 +317,16 @@ pub enum LoadBalance {
 }
 
 impl LoadBalance {
-    /// Strategies this version dispatches. The others parse (so documents are portable) but
-    /// are rejected by validation until they are implemented.
-    pub const SUPPORTED: [LoadBalance; 2] = [LoadBalance::Queue, LoadBalance::WeightRoundRobin];
+    /// Strategies this version dispatches (all of them).
+    pub const SUPPORTED: [LoadBalance; 7] = [
+        LoadBalance::Queue,
+        LoadBalance::WeightRoundRobin,
+        LoadBalance::Random,
+        LoadBalance::RoundRobin,
+        LoadBalance::LeastBusy,
+        LoadBalance::ConsistentHash,
+        LoadBalance::Failover,
+    ];
 
     /// The canonical name, as serialized.
     pub fn as_str(self) -> &'static str {
@@ -624,7 +633,7 @@ impl JobSpec {
             problems.push(problem(
                 "loadBalanceType",
                 format!(
-                    "{} is not supported by this version yet: use QUEUE or WEIGHT_ROUND_ROBIN",
+                    "{} is not supported by this version",
                     self.load_balance_type.as_str()
                 ),
             ));
@@ -970,7 +979,6 @@ mod tests {
             "cron": "0/5 * * * *  ? *  *",
             "timeZone": "Mars/Olympus",
             "retryTimes": 99,
-            "loadBalanceType": "RANDOM",
             "createTime": "yesterday",
             "jobType": "SHARDING",
             "args": "not an array"
@@ -985,7 +993,6 @@ mod tests {
                 "path",
                 "timeZone",
                 "retryTimes",
-                "loadBalanceType",
                 "createTime",
                 "args"
             ],

@@ -82,6 +82,24 @@ pub struct RunMessage {
     pub parent_run_id: Option<String>,
     /// Retries allowed after a failed attempt.
     pub retry_times: u32,
+    /// The worker instance this run is addressed to (per-instance strategies, BROADCAST);
+    /// absent for the app's shared queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The job's load-balancing strategy (used to re-route retries and runs of departed
+    /// instances).
+    #[serde(default)]
+    pub load_balance: crate::job::LoadBalance,
+    /// Attempts made before this message (retries and re-routes are new messages): the attempt
+    /// number is `attemptOffset` + the delivery count.
+    #[serde(default)]
+    pub attempt_offset: u32,
+    /// For messages to the router: not before this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+    /// For messages to the router: instances to avoid if others can take the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<String>,
     /// For HTTP jobs: the request to make (the body is `args`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCall>,

@@ -114,6 +114,22 @@ pub fn cancel_subject(app: &str) -> String {
     format!("krest.cancel.{app}")
 }
 
+/// Durable consumer name of one worker instance's own runs on [`WORK_STREAM`].
+pub fn instance_consumer(app: &str, instance: &str) -> String {
+    format!("krest-inst-{app}-{instance}")
+}
+
+/// Work subject the leader's router reads: retries and runs to re-route, of every app
+/// (`krest.work.<app>.r`).
+pub fn work_router_subject(app: &str) -> String {
+    format!("krest.work.{app}.r")
+}
+
+/// Filter of the router's consumer.
+pub const WORK_ROUTER_FILTER: &str = "krest.work.*.r";
+/// Durable consumer name of the router.
+pub const ROUTER_CONSUMER: &str = "krest-router";
+
 /// Subject run events of one job are published on.
 pub fn events_subject(group: &str, name: &str) -> String {
     format!("krest.events.{group}.{name}")

@@ -11,10 +11,11 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    app_consumer, cancel_subject, dlq_subject, server_list, work_queue_subject, worker_key,
-    CANCELS_BUCKET, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, cancel_subject, dlq_subject, instance_consumer, server_list,
+    work_instance_subject, work_queue_subject, work_router_subject, worker_key, CANCELS_BUCKET,
+    DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, WORKERS_BUCKET, WORK_STREAM,
 };
-use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage, Started, WorkerInfo};
+use krest_schemas::{AttemptOutcome, Finished, JobType, RunEvent, RunMessage, Started, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -233,8 +234,8 @@ impl Worker {
                 )))
             }
         };
-        let Some(mut consumer) = wait_for(&stop, "app consumer", || async {
-            app_consumer_for(&stream, &cfg.app, cfg.ack_wait).await
+        let Some(consumer) = wait_for(&stop, "app consumer", || async {
+            consumer_for(&stream, Source::App, &cfg.app, cfg.ack_wait).await
         })
         .await
         else {
@@ -284,92 +285,62 @@ impl Worker {
             }
         })));
 
-        // Pull and execute until told to stop.
+        // Pull and execute until told to stop: from the app's shared consumer (the weighted
+        // group) and from this instance's own consumer (runs the leader addressed to it). Each
+        // source holds at most `weight × slots` runs.
+        let Some(instance_consumer) = wait_for(&stop, "instance consumer", || async {
+            consumer_for(
+                &stream,
+                Source::Instance(&self.instance),
+                &cfg.app,
+                cfg.ack_wait,
+            )
+            .await
+        })
+        .await
+        else {
+            return Ok(());
+        };
         let hard_stop = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        let permits = Arc::new(Semaphore::new(capacity));
-        let mut failures = 0u32;
-        while !stop.is_cancelled() {
-            let first = tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
+        let pull = |consumer, source| {
+            pull_loop(
+                consumer,
+                source,
+                PullContext {
+                    stream: &stream,
+                    app: &cfg.app,
+                    ack_wait: cfg.ack_wait,
+                    expiry: cfg.pull_expiry,
+                    permits: Arc::new(Semaphore::new(capacity)),
+                    shared: shared.clone(),
+                    stop: &stop,
+                    hard_stop: &hard_stop,
                 },
-                _ = stop.cancelled() => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            };
-            let mut held: Vec<OwnedSemaphorePermit> = vec![first];
-            while let Ok(p) = permits.clone().try_acquire_owned() {
-                held.push(p);
-            }
-            let batch = consumer
-                .batch()
-                .max_messages(held.len())
-                .expires(cfg.pull_expiry)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => {
-                    failures = 0;
-                    b
-                }
-                Err(e) => {
-                    failures += 1;
-                    drop(held);
-                    tracing::warn!(error = %e, "pulling runs failed; retrying");
-                    pause(&stop, failures).await;
-                    if failures % 5 == 0 {
-                        if let Ok(c) = app_consumer_for(&stream, &cfg.app, cfg.ack_wait).await {
-                            consumer = c;
-                        }
-                    }
-                    continue;
-                }
-            };
-            // Read the batch to its end even when stopping: the server may still deliver to
-            // this pull request, and such runs are handed back (nak) instead of being lost
-            // until their ack wait. The batch ends by itself when the pull request expires;
-            // the extra bound covers a connection lost meanwhile.
-            let batch_end = tokio::time::Instant::now() + cfg.pull_expiry + Duration::from_secs(2);
-            while let Ok(Some(item)) = tokio::time::timeout_at(batch_end, batch.next()).await {
-                match item {
-                    Ok(msg) => {
-                        if stop.is_cancelled() {
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
-                            continue;
-                        }
-                        let Some(permit) = held.pop() else {
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
-                            continue;
-                        };
-                        tasks.spawn(process(shared.clone(), msg, permit, hard_stop.clone()));
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "pull batch ended with an error");
-                        break;
-                    }
-                }
-            }
-            drop(held);
-            while tasks.try_join_next().is_some() {}
-        }
+            )
+        };
+        let (mut app_tasks, mut instance_tasks) = tokio::join!(
+            pull(consumer, Source::App),
+            pull(instance_consumer, Source::Instance(&self.instance)),
+        );
 
         // Graceful shutdown.
-        let running = tasks.len();
+        let running = app_tasks.len() + instance_tasks.len();
         if running > 0 {
             tracing::info!(running, timeout = ?cfg.shutdown_timeout, "waiting for running handlers");
         }
         let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
-            while tasks.join_next().await.is_some() {}
+            while app_tasks.join_next().await.is_some() {}
+            while instance_tasks.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             tracing::warn!(
-                running = tasks.len(),
+                running = app_tasks.len() + instance_tasks.len(),
                 "shutdown timeout reached; cancelling handlers and handing their runs back"
             );
             hard_stop.cancel();
-            while tasks.join_next().await.is_some() {}
+            while app_tasks.join_next().await.is_some() {}
+            while instance_tasks.join_next().await.is_some() {}
         }
         heartbeat_stop.cancel();
         heartbeat.join().await;
@@ -533,29 +504,149 @@ where
     }
 }
 
-async fn app_consumer_for(
+/// Which consumer a pull loop reads.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The app's shared consumer group.
+    App,
+    /// This instance's own consumer.
+    Instance(&'a str),
+}
+
+/// The durable consumer for `source`, created if missing (an existing one keeps its settings).
+async fn consumer_for(
     stream: &jetstream::stream::Stream,
+    source: Source<'_>,
     app: &str,
     ack_wait: Duration,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, String> {
-    let name = app_consumer(app);
+    let (name, filter, description, inactive) = match source {
+        Source::App => (
+            app_consumer(app),
+            work_queue_subject(app),
+            format!("Krest work queue of app {app}"),
+            Duration::ZERO,
+        ),
+        Source::Instance(instance) => (
+            instance_consumer(app, instance),
+            work_instance_subject(app, instance),
+            format!("Krest runs addressed to {app}/{instance}"),
+            // Removed by the server if the instance is gone for good (the leader normally
+            // drains and deletes it first).
+            Duration::from_secs(3600),
+        ),
+    };
     stream
         .get_or_create_consumer(
             &name,
             consumer::pull::Config {
                 durable_name: Some(name.clone()),
-                description: Some(format!("Krest work queue of app {app}")),
-                filter_subject: work_queue_subject(app),
+                description: Some(description),
+                filter_subject: filter,
                 ack_policy: consumer::AckPolicy::Explicit,
                 deliver_policy: consumer::DeliverPolicy::All,
                 ack_wait,
                 max_deliver: MAX_DELIVER,
                 max_ack_pending: 20_000,
+                inactive_threshold: inactive,
                 ..Default::default()
             },
         )
         .await
         .map_err(|e| format!("cannot create consumer {name}: {e}"))
+}
+
+/// What a pull loop works with.
+struct PullContext<'a> {
+    stream: &'a jetstream::stream::Stream,
+    app: &'a str,
+    ack_wait: Duration,
+    expiry: Duration,
+    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    stop: &'a CancellationToken,
+    hard_stop: &'a CancellationToken,
+}
+
+/// Pulls runs within the permits until `stop`; returns the tasks still running.
+async fn pull_loop(
+    mut consumer: consumer::Consumer<consumer::pull::Config>,
+    source: Source<'_>,
+    cx: PullContext<'_>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let mut failures = 0u32;
+    while !cx.stop.is_cancelled() {
+        let first = tokio::select! {
+            p = cx.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = cx.stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let mut held: Vec<OwnedSemaphorePermit> = vec![first];
+        while let Ok(p) = cx.permits.clone().try_acquire_owned() {
+            held.push(p);
+        }
+        let batch = consumer
+            .batch()
+            .max_messages(held.len())
+            .expires(cx.expiry)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => {
+                failures = 0;
+                b
+            }
+            Err(e) => {
+                failures += 1;
+                drop(held);
+                tracing::warn!(error = %e, "pulling runs failed; retrying");
+                pause(cx.stop, failures).await;
+                // The consumer may have been removed (an instance's, by the leader): recreate.
+                if failures % 3 == 0 {
+                    if let Ok(c) = consumer_for(cx.stream, source, cx.app, cx.ack_wait).await {
+                        consumer = c;
+                    }
+                }
+                continue;
+            }
+        };
+        // Read the batch to its end even when stopping: the server may still deliver to
+        // this pull request, and such runs are handed back (nak) instead of being lost
+        // until their ack wait. The batch ends by itself when the pull request expires;
+        // the extra bound covers a connection lost meanwhile.
+        let batch_end = tokio::time::Instant::now() + cx.expiry + Duration::from_secs(2);
+        while let Ok(Some(item)) = tokio::time::timeout_at(batch_end, batch.next()).await {
+            match item {
+                Ok(msg) => {
+                    if cx.stop.is_cancelled() {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        continue;
+                    }
+                    let Some(permit) = held.pop() else {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        continue;
+                    };
+                    tasks.spawn(process(
+                        cx.shared.clone(),
+                        msg,
+                        permit,
+                        cx.hard_stop.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "pull batch ended with an error");
+                    break;
+                }
+            }
+        }
+        drop(held);
+        while tasks.try_join_next().is_some() {}
+    }
+    tasks
 }
 
 /// A background task that dies with the worker, even when the worker itself is aborted.
@@ -632,7 +723,7 @@ async fn process(
 ) {
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     let _guard = InFlight(&shared.in_flight);
-    let attempt = msg
+    let delivered = msg
         .info()
         .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
         .unwrap_or(1);
@@ -658,6 +749,8 @@ async fn process(
             return;
         }
     };
+    // Retries and re-routes are new messages: earlier attempts are carried in the offset.
+    let attempt = run.attempt_offset.saturating_add(delivered);
     let started_at = Utc::now();
     shared.events.send(RunEvent::Started(Started {
         run_id: run.run_id.clone(),
@@ -826,6 +919,22 @@ async fn process(
     });
     match shared.events.send_confirmed(finished).await {
         Ok(()) => {
+            // A run addressed to this instance is retried through the leader's router, which
+            // prefers another instance (BROADCAST shards stay: this instance is their point).
+            let ack = match ack {
+                AckKind::Nak(delay)
+                    if run.target.is_some() && run.job_type != JobType::Broadcast =>
+                {
+                    match reroute(&shared, &run, attempt, delay.unwrap_or_default()).await {
+                        Ok(()) => AckKind::Term,
+                        Err(e) => {
+                            tracing::warn!(run = %run.run_id, error = %e, "could not hand the retry to the router; retrying here");
+                            AckKind::Nak(delay)
+                        }
+                    }
+                }
+                other => other,
+            };
             let acked = match ack {
                 AckKind::Ack | AckKind::Term => msg.double_ack_with(ack).await,
                 other => msg.ack_with(other).await,
@@ -841,8 +950,39 @@ async fn process(
     }
 }
 
-/// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
-/// acks while it runs and cancelling it when the worker's shutdown deadline passes.
+/// Hands a retry of an instance-addressed run to the leader's router: due after `delay`,
+/// avoiding this instance.
+async fn reroute(
+    shared: &Shared,
+    run: &RunMessage,
+    attempt: u32,
+    delay: Duration,
+) -> Result<(), String> {
+    let mut next = run.clone();
+    next.attempt_offset = attempt;
+    next.target = None;
+    next.retry_at = Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+    next.avoid = vec![shared.instance.clone()];
+    let body = serde_json::to_vec(&next).map_err(|e| e.to_string())?;
+    shared
+        .js
+        .send_publish(
+            work_router_subject(&run.app_name),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .message_id(format!(
+                    "{}/{}/retry-{attempt}",
+                    run.run_id,
+                    run.shard_index()
+                )),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// What may stop a handler early, and how long it then has to return.
 struct Stops<'a> {
     /// The job's timeout.
@@ -857,6 +997,9 @@ struct Stops<'a> {
     grace: Duration,
 }
 
+/// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
+/// acks while it runs and stopping it at the job's timeout, on cancellation, or when the
+/// worker's shutdown deadline passes.
 async fn execute(
     fut: crate::options::HandlerFuture,
     msg: &jetstream::Message,

@@ -298,13 +298,18 @@ async fn a_paused_leader_does_not_dispatch_after_losing_its_lease() {
     let before = finished(&client, "f.tick").await.len();
     more_runs(&client, "f.tick", before, 3).await;
     assert_eq!(current_leader(&client, None).await, new);
-    let all = settled(&client, "f.tick").await;
-    let takeover = all
-        .iter()
-        .filter(|r| r.node.as_deref() == Some(new.as_str()))
-        .filter_map(|r| r.scheduled_at)
-        .min()
-        .unwrap();
+    // Either node may answer; the resumed one may still be catching up its record, so wait
+    // for a history that shows the new leader's runs.
+    let (all, takeover) = eventually(DEADLINE, "a history with the new leader's runs", || async {
+        let all = settled(&client, "f.tick").await;
+        let takeover = all
+            .iter()
+            .filter(|r| r.node.as_deref() == Some(new.as_str()))
+            .filter_map(|r| r.scheduled_at)
+            .min()?;
+        Some((all, takeover))
+    })
+    .await;
     let late_by_old: Vec<_> = all
         .iter()
         .filter(|r| r.scheduled_at.unwrap() > takeover && r.node.as_deref() == Some(old.as_str()))

@@ -18,4 +18,5 @@ mod overlap;
 mod retries;
 mod schedules;
 mod seed;
+mod strategies;
 mod worker;
