@@ -146,6 +146,45 @@ pub async fn run_advisories(
     }
 }
 
+/// Records `attempt` of `run` as FAILED for good (no retry follows), on behalf of `worker`.
+pub async fn record_failure(
+    js: &jetstream::Context,
+    run: &RunMessage,
+    attempt: u32,
+    worker: &str,
+    error: &str,
+) -> Result<(), String> {
+    let finished = RunEvent::Finished(Finished {
+        run_id: run.run_id.clone(),
+        job_group: run.job_group.clone(),
+        job_name: run.job_name.clone(),
+        app_name: run.app_name.clone(),
+        shard: run.shard_index(),
+        shard_total: run.shard_total(),
+        attempt,
+        worker: worker.to_string(),
+        at: Utc::now(),
+        outcome: AttemptOutcome::Failed,
+        will_retry: false,
+        retry_in_ms: None,
+        output: None,
+        error: Some(error.to_string()),
+        duration_ms: 0,
+    });
+    let body = serde_json::to_vec(&finished).map_err(|e| e.to_string())?;
+    js.send_publish(
+        events_subject(&run.job_group, &run.job_name),
+        PublishMessage::build()
+            .payload(body.into())
+            .message_id(finished.msg_id()),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Parks work message `seq`, records its run's last attempt as failed, deletes it.
 async fn dead_letter(js: &jetstream::Context, seq: u64, deliveries: u64) -> Result<(), String> {
     let stream = js
@@ -168,35 +207,17 @@ async fn dead_letter(js: &jetstream::Context, seq: u64, deliveries: u64) -> Resu
     )
     .await?;
     if let Ok(run) = serde_json::from_slice::<RunMessage>(&raw.payload) {
-        let attempt = u32::try_from(deliveries).unwrap_or(u32::MAX);
-        let finished = RunEvent::Finished(Finished {
-            run_id: run.run_id.clone(),
-            job_group: run.job_group.clone(),
-            job_name: run.job_name.clone(),
-            app_name: run.app_name.clone(),
-            shard: run.shard_index(),
-            shard_total: run.shard_total(),
+        let attempt = run
+            .attempt_offset
+            .saturating_add(u32::try_from(deliveries).unwrap_or(u32::MAX));
+        record_failure(
+            js,
+            &run,
             attempt,
-            worker: "krest-deadletter".into(),
-            at: Utc::now(),
-            outcome: AttemptOutcome::Failed,
-            will_retry: false,
-            retry_in_ms: None,
-            output: None,
-            error: Some(format!("dead-lettered: {reason}; parked on krest.dlq.work")),
-            duration_ms: 0,
-        });
-        let body = serde_json::to_vec(&finished).map_err(|e| e.to_string())?;
-        js.send_publish(
-            events_subject(&run.job_group, &run.job_name),
-            PublishMessage::build()
-                .payload(body.into())
-                .message_id(finished.msg_id()),
+            "krest-deadletter",
+            &format!("dead-lettered: {reason}; parked on krest.dlq.work"),
         )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     }
     stream
         .delete_message(seq)

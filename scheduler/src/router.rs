@@ -20,10 +20,10 @@ use async_nats::jetstream::{self, consumer, message::PublishMessage, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    events_subject, work_instance_subject, work_msg_id, work_queue_subject, work_router_subject,
-    ROUTER_CONSUMER, WORK_ROUTER_FILTER, WORK_STREAM,
+    work_instance_subject, work_msg_id, work_queue_subject, work_router_subject, ROUTER_CONSUMER,
+    WORK_ROUTER_FILTER, WORK_STREAM,
 };
-use krest_schemas::{AttemptOutcome, Finished, JobType, RunEvent, RunMessage};
+use krest_schemas::{JobType, RunMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Routing;
@@ -266,36 +266,8 @@ async fn drain(
         let lost = delivered.saturating_sub(1);
         if run.job_type == JobType::Broadcast {
             let attempt = run.attempt_offset + lost.max(1);
-            let finished = RunEvent::Finished(Finished {
-                run_id: run.run_id.clone(),
-                job_group: run.job_group.clone(),
-                job_name: run.job_name.clone(),
-                app_name: run.app_name.clone(),
-                shard: run.shard_index(),
-                shard_total: run.shard_total(),
-                attempt,
-                worker: instance.to_string(),
-                at: Utc::now(),
-                outcome: AttemptOutcome::Failed,
-                will_retry: false,
-                retry_in_ms: None,
-                output: None,
-                error: Some(format!(
-                    "instance {instance} left before finishing its BROADCAST shard"
-                )),
-                duration_ms: 0,
-            });
-            let body = serde_json::to_vec(&finished).map_err(|e| e.to_string())?;
-            js.send_publish(
-                events_subject(&run.job_group, &run.job_name),
-                PublishMessage::build()
-                    .payload(body.into())
-                    .message_id(finished.msg_id()),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+            let error = format!("instance {instance} left before finishing its BROADCAST shard");
+            crate::deadletter::record_failure(js, &run, attempt, instance, &error).await?;
         } else {
             run.attempt_offset += lost;
             run.target = None;

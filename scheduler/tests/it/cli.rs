@@ -179,3 +179,41 @@ async fn cli_explains_an_unreachable_nats() {
     );
     assert!(err.contains("is nats-server running?"), "{err}");
 }
+
+#[test]
+fn cron_next_previews_fire_times_in_a_time_zone() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "-o",
+            "json",
+            "cron",
+            "next",
+            "0 15 10 ? * 6#3",
+            "--tz",
+            "Europe/Berlin",
+            "-n",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let times: Vec<chrono::DateTime<chrono::Utc>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(times.len(), 3);
+    let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    for t in &times {
+        let local = t.with_timezone(&berlin);
+        use chrono::{Datelike, Timelike};
+        assert_eq!(
+            (local.hour(), local.minute(), local.weekday()),
+            (10, 15, chrono::Weekday::Fri)
+        );
+        assert!((15..=21).contains(&local.day()), "third Friday: {local}");
+    }
+    assert!(times.windows(2).all(|w| w[0] < w[1]));
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(["cron", "next", "0 0 25 * * ?"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid cron expression `0 0 25 * * ?`"));
+}

@@ -189,3 +189,50 @@ async fn a_failed_run_alerts_once_and_the_delivery_is_retried() {
     n1.stop().await.unwrap();
     n2.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misfires_alert_after_an_outage() {
+    let env = Env::new("misfire-alert");
+    let mut opts = env.node_opts("n1");
+    opts.engine.misfire_threshold = std::time::Duration::from_secs(1);
+    let node = krest::node::spawn(opts.clone());
+    let client = env.client().await;
+    let server = Server::default();
+    // Accept every call (the first one too).
+    server.alert_calls.store(1, Ordering::SeqCst);
+    let base = start_server(server.clone()).await;
+    let w = env
+        .worker("mf", "w1")
+        .handler("tick", |_ctx: JobContext| async move { Ok(()) })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job("tick", "mf", "tick", json!({"cron": "* * * * * ?", "alert": {"webhook": format!("{base}/hook"), "on": ["MISFIRED"]}}))],
+    )
+    .await;
+    eventually(DEADLINE, "a run", || async {
+        runs(&client, "tick")
+            .await
+            .iter()
+            .any(|r| r.status.is_final())
+            .then_some(())
+    })
+    .await;
+    node.stop().await.unwrap();
+    // The outage.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let node = krest::node::spawn(opts);
+    let alerts = eventually(DEADLINE, "the misfire alert", || async {
+        let a = server.alerts.lock().unwrap().clone();
+        (!a.is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].alert, "MISFIRED");
+    assert!(alerts[0].run.misfired >= 1, "{:?}", alerts[0].run);
+    assert_eq!(alerts[0].run.trigger, Some(krest_schemas::Trigger::CatchUp));
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
