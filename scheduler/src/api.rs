@@ -13,7 +13,7 @@ use krest_schemas::api::{
     ClusterStatus, DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest,
     JobRevision, JobView, Op, RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
 };
-use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP};
+use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
 use krest_schemas::{parse_job, NodeInfo, StoredJob, Trigger, WorkerInfo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -670,49 +670,19 @@ impl ApiServer {
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, Failure> {
-        let mut out = Vec::new();
-        let mut keys = self.infra.workers.keys().await.map_err(Failure::internal)?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(Failure::internal)?);
-        }
-        for k in names {
-            if let Some(v) = self
-                .infra
-                .workers
-                .get(&k)
-                .await
-                .map_err(Failure::internal)?
-            {
-                match serde_json::from_slice::<WorkerInfo>(&v) {
-                    Ok(w) => out.push(w),
-                    Err(e) => {
-                        tracing::warn!(key = %k, error = %e, "ignoring a malformed worker heartbeat")
-                    }
-                }
-            }
-        }
-        out.sort_by(|a, b| (&a.app_name, &a.instance).cmp(&(&b.app_name, &b.instance)));
-        Ok(out)
+        Ok(self.routing.live_now().await.as_ref().clone())
     }
 
     async fn cluster(&self) -> Result<ClusterStatus, Failure> {
         let leader = crate::lease::current(&self.infra.leader)
             .await
             .map_err(Failure::internal)?;
-        let mut nodes = Vec::new();
-        let mut keys = self.infra.nodes.keys().await.map_err(Failure::internal)?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(Failure::internal)?);
-        }
-        for k in names {
-            if let Some(v) = self.infra.nodes.get(&k).await.map_err(Failure::internal)? {
-                if let Ok(n) = serde_json::from_slice::<NodeInfo>(&v) {
-                    nodes.push(n);
-                }
-            }
-        }
+        let mut nodes: Vec<NodeInfo> = crate::infra::kv_values(&self.infra.js, NODES_BUCKET)
+            .await
+            .map_err(Failure::internal)?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(ClusterStatus {
             leader,

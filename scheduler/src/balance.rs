@@ -17,11 +17,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
+use krest_schemas::names::WORKERS_BUCKET;
 use krest_schemas::{LoadBalance, WorkerInfo};
 use tokio::sync::Mutex;
 
@@ -152,66 +152,79 @@ impl Balancer {
     }
 }
 
-/// The live worker instances, from the heartbeat bucket, refreshed at most once a second.
+/// The live worker instances, from the heartbeat bucket.
+///
+/// A background task refreshes the view every second, so dispatch never waits on NATS;
+/// [`Registry::live_now`] asks for a fresh read (bounded) where a stale view would be wrong.
+/// Reads list the bucket's keys from its stream and fetch each one's last message directly —
+/// no consumer is created, which stays reliable while a clustered stream changes leader.
 pub struct Registry {
-    bucket: kv::Store,
-    cache: Mutex<Option<(Instant, Arc<Vec<WorkerInfo>>)>>,
+    js: jetstream::Context,
+    view: std::sync::RwLock<Arc<Vec<WorkerInfo>>>,
+    /// Serializes reads.
+    reading: Mutex<()>,
 }
 
+/// Bound on one read of the registry.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Registry {
-    /// A registry reading `bucket` (`krest-workers`).
-    pub fn new(bucket: kv::Store) -> Registry {
+    /// A registry over the `krest-workers` bucket (its stream `KV_krest-workers`).
+    pub fn new(js: jetstream::Context) -> Registry {
         Registry {
-            bucket,
-            cache: Mutex::new(None),
+            js,
+            view: std::sync::RwLock::new(Arc::new(Vec::new())),
+            reading: Mutex::new(()),
         }
     }
 
-    /// Every live instance (an instance is live while its heartbeat key exists), as read at
-    /// most a second ago.
-    pub async fn live(&self) -> Arc<Vec<WorkerInfo>> {
-        self.read_cached(Duration::from_secs(1)).await
-    }
-
-    /// Every live instance, read now.
-    pub async fn live_now(&self) -> Arc<Vec<WorkerInfo>> {
-        self.read_cached(Duration::ZERO).await
-    }
-
-    async fn read_cached(&self, max_age: Duration) -> Arc<Vec<WorkerInfo>> {
-        let mut cache = self.cache.lock().await;
-        if let Some((at, live)) = cache.as_ref() {
-            if at.elapsed() < max_age {
-                return live.clone();
+    /// Refreshes the view every second until `stop`.
+    pub async fn refresh_loop(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
             }
+            self.live_now().await;
         }
-        match self.read().await {
-            Ok(live) => {
+    }
+
+    /// The last view (at most about a second old).
+    pub fn live(&self) -> Arc<Vec<WorkerInfo>> {
+        self.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// A fresh view, or the last one if NATS does not answer within two seconds.
+    pub async fn live_now(&self) -> Arc<Vec<WorkerInfo>> {
+        let _reading = self.reading.lock().await;
+        match tokio::time::timeout(READ_TIMEOUT, self.read()).await {
+            Ok(Ok(live)) => {
                 let live = Arc::new(live);
-                *cache = Some((Instant::now(), live.clone()));
+                if let Ok(mut v) = self.view.write() {
+                    *v = live.clone();
+                }
                 live
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the worker registry; using the last view");
-                cache.as_ref().map(|(_, l)| l.clone()).unwrap_or_default()
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the worker registry; using the last view");
+                self.live()
+            }
+            Err(_) => {
+                tracing::debug!("reading the worker registry timed out; using the last view");
+                self.live()
             }
         }
     }
 
     async fn read(&self) -> Result<Vec<WorkerInfo>, String> {
-        let mut keys = self.bucket.keys().await.map_err(|e| e.to_string())?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| e.to_string())?);
-        }
-        let mut out = Vec::with_capacity(names.len());
-        for k in names {
-            if let Some(v) = self.bucket.get(&k).await.map_err(|e| e.to_string())? {
-                if let Ok(w) = serde_json::from_slice::<WorkerInfo>(&v) {
-                    out.push(w);
-                }
-            }
-        }
+        let mut out: Vec<WorkerInfo> = crate::infra::kv_values(&self.js, WORKERS_BUCKET)
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
+        out.sort_by(|a, b| (&a.app_name, &a.instance).cmp(&(&b.app_name, &b.instance)));
         Ok(out)
     }
 }
@@ -227,22 +240,27 @@ pub fn candidates(live: &[WorkerInfo], app: &str, handler: &str) -> Vec<WorkerIn
 /// Routing for one node: the registry and the strategies' state, shared by whatever dispatches
 /// on that node (engine, manual triggers, child jobs, the router).
 pub struct Routing {
-    registry: Registry,
+    registry: Arc<Registry>,
     balancer: Mutex<Balancer>,
 }
 
 impl Routing {
-    /// Routing over the worker registry `workers` (`krest-workers`).
-    pub fn new(workers: kv::Store) -> Routing {
+    /// Routing over `registry`.
+    pub fn new(registry: Arc<Registry>) -> Routing {
         Routing {
-            registry: Registry::new(workers),
+            registry,
             balancer: Mutex::new(Balancer::default()),
         }
     }
 
-    /// The live instances.
-    pub async fn live(&self) -> Arc<Vec<WorkerInfo>> {
-        self.registry.live().await
+    /// The live instances (the registry's last view).
+    pub fn live(&self) -> Arc<Vec<WorkerInfo>> {
+        self.registry.live()
+    }
+
+    /// The live instances, read now.
+    pub async fn live_now(&self) -> Arc<Vec<WorkerInfo>> {
+        self.registry.live_now().await
     }
 
     /// The live instances of `app` with `handler`; read again (not from the cache) when the
@@ -277,7 +295,15 @@ impl Routing {
         if !fires.iter().any(routed) {
             return;
         }
-        let mut live = self.live().await;
+        // A BROADCAST must reach exactly the instances alive now: read the registry afresh.
+        let broadcast = fires
+            .iter()
+            .any(|f| routed(f) && f.job.stored.spec.job_type == JobType::Broadcast);
+        let mut live = if broadcast {
+            self.registry.live_now().await
+        } else {
+            self.live()
+        };
         let mut balancer = self.balancer.lock().await;
         for fire in fires.iter_mut().filter(|f| routed(f)) {
             let spec = &fire.job.stored.spec;
@@ -334,7 +360,7 @@ impl Routing {
         hash_input: &str,
         avoid: &[String],
     ) -> Option<String> {
-        let mut live = self.live().await;
+        let mut live = self.live();
         let all = self.candidates(&mut live, app, handler).await;
         let preferred: Vec<WorkerInfo> = all
             .iter()

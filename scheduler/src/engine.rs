@@ -561,7 +561,12 @@ impl Engine {
         let took_over_at = Utc::now();
         while self.changes.try_recv().is_ok() {}
         let states = loop {
-            match load_states(&self.infra.state).await {
+            // Bounded: a watch on a clustered stream that is changing leader can stall.
+            let loaded =
+                tokio::time::timeout(Duration::from_secs(15), load_states(&self.infra.state))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".to_string()));
+            match loaded {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read job state; retrying");

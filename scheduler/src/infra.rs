@@ -262,3 +262,45 @@ pub async fn ensure_with_retry(
         }
     }
 }
+
+/// The current value of every live key of a KV bucket, read from its stream (key list from
+/// stream info, then each key's last message) — no consumer involved, which stays reliable
+/// while a clustered stream changes leader. Deleted and purged keys are left out.
+pub async fn kv_values(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<Vec<(String, bytes::Bytes)>, String> {
+    use futures_util::StreamExt;
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let prefix = format!("$KV.{bucket}.");
+    let mut subjects = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys = Vec::new();
+    while let Some(s) = subjects.next().await {
+        keys.push(s.map_err(|e| e.to_string())?.0);
+    }
+    keys.sort();
+    let mut out = Vec::with_capacity(keys.len());
+    for subject in keys {
+        let Ok(msg) = stream.get_last_raw_message_by_subject(&subject).await else {
+            continue; // expired in between
+        };
+        let deleted = msg
+            .headers
+            .get("KV-Operation")
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        if !deleted {
+            let key = subject
+                .strip_prefix(&prefix)
+                .unwrap_or(&subject)
+                .to_string();
+            out.push((key, msg.payload));
+        }
+    }
+    Ok(out)
+}

@@ -199,7 +199,8 @@ pub async fn run(
         let _ = out.send(Some(leadership.clone()));
     }
     let publisher = Publisher::new(js.clone(), opts.node.clone());
-    let routing = Arc::new(crate::balance::Routing::new(infra.workers.clone()));
+    let registry = Arc::new(crate::balance::Registry::new(js.clone()));
+    let routing = Arc::new(crate::balance::Routing::new(registry.clone()));
     let (progress_tx, progress_rx) = watch::channel(0u64);
 
     // Tokens in shutdown order.
@@ -230,6 +231,7 @@ pub async fn run(
         opts.engine.clone(),
     );
     let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));
+    let registry_task = Task::spawn(registry.clone().refresh_loop(back.clone()));
     let router_task = Task::spawn(crate::router::run(
         js.clone(),
         routing.clone(),
@@ -302,6 +304,7 @@ pub async fn run(
     recorder_task.join().await;
     presence_task.join().await;
     deadletter_task.join().await;
+    registry_task.join().await;
     if let Some(t) = http_task {
         t.join().await;
     }

@@ -203,7 +203,8 @@ async fn sweep(
     stream: &jetstream::stream::Stream,
     routing: &Routing,
 ) -> Result<(), String> {
-    let live = routing.live().await;
+    // Departure decides about moving runs: look at the registry as it is now.
+    let live = routing.live_now().await;
     let mut infos = stream.consumers();
     let mut departed = Vec::new();
     while let Some(info) = infos.next().await {
