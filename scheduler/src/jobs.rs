@@ -195,9 +195,21 @@ pub async fn watch_jobs(
                 }
             }
         };
+        let mut last_revision = 0u64;
         loop {
             let item = tokio::select! {
                 item = watch.next() => item,
+                // While idle, check that the bucket has no revision we have not seen: a watch
+                // whose server died can stall silently; it is then restarted.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    match bucket.status().await {
+                        Ok(status) if status.info.state.last_sequence > last_revision => {
+                            tracing::warn!(seen = last_revision, "job watch stalled; restarting it");
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
                 _ = stop.cancelled() => return,
             };
             let entry = match item {
@@ -208,6 +220,7 @@ pub async fn watch_jobs(
                 }
                 None => break,
             };
+            last_revision = last_revision.max(entry.revision);
             let key = entry.key.clone();
             let changed = match entry.operation {
                 kv::Operation::Put => match parse_stored(&entry.value) {

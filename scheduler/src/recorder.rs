@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
 
+/// How long the recorder waits for an event before checking that it is not stalled.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+
 /// Recorder settings.
 #[derive(Debug, Clone)]
 pub struct RecorderConfig {
@@ -94,9 +97,20 @@ async fn record(
     tracing::info!(from = cursor + 1, "recording run events");
     loop {
         // Wait for the first event of a batch, then take what arrives within the linger time.
-        let first = tokio::select! {
-            m = messages.next() => m,
-            _ = stop.cancelled() => return Ok(()),
+        // While idle, check now and then that the stream has nothing we have not seen: an
+        // ordered consumer whose server died can stall silently, and is then recreated.
+        let first = loop {
+            tokio::select! {
+                m = messages.next() => break m,
+                _ = tokio::time::sleep(STALL_CHECK) => {
+                    let mut stream = js.get_stream(EVENTS_STREAM).await.map_err(|e| e.to_string())?;
+                    let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+                    if last > *progress.borrow() {
+                        return Err(format!("event consumer stalled at {} while the stream is at {last}", *progress.borrow()));
+                    }
+                }
+                _ = stop.cancelled() => return Ok(()),
+            }
         };
         let mut batch = Batch::default();
         match first {
