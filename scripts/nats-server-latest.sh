@@ -17,4 +17,4 @@ PY
   bin=$(find "$dir" -name nats-server -type f | head -1)
   chmod +x "$bin"
 fi
-echo "$bin"
+realpath "$bin"
