@@ -345,12 +345,24 @@ impl ApiServer {
     /// Writes one validated spec with a revision check, retrying on a concurrent write.
     async fn put_job(&self, spec: krest_schemas::JobSpec) -> Result<ApplyResult, Failure> {
         let key = spec.key();
+        self.write_job(&key, |_| Ok(spec.clone())).await
+    }
+
+    /// The one write path of job definitions: reads the current revision, asks `next` for the
+    /// new spec (given the current one, if any), writes it revision-checked (retrying when
+    /// another write came in between), and waits until this node's table shows it. Identical
+    /// specs are not written.
+    async fn write_job(
+        &self,
+        key: &str,
+        next: impl Fn(Option<&StoredJob>) -> Result<krest_schemas::JobSpec, Failure>,
+    ) -> Result<ApplyResult, Failure> {
         for _ in 0..5 {
             let now = now_ms();
             let current = self
                 .infra
                 .jobs
-                .entry(&key)
+                .entry(key)
                 .await
                 .map_err(Failure::internal)?;
             let existing = current
@@ -361,10 +373,11 @@ impl ApiServer {
                         .ok()
                         .map(|s| (s, e.revision))
                 });
+            let spec = next(existing.as_ref().map(|(s, _)| s))?;
             if let Some((stored, revision)) = &existing {
                 if stored.spec == spec {
                     return Ok(ApplyResult {
-                        job: key,
+                        job: key.to_string(),
                         outcome: ApplyOutcome::Unchanged,
                         revision: *revision,
                     });
@@ -380,7 +393,7 @@ impl ApiServer {
                 })
                 .unwrap_or(now);
             let stored = StoredJob {
-                spec: spec.clone(),
+                spec,
                 created_at,
                 updated_at: now,
             };
@@ -389,29 +402,29 @@ impl ApiServer {
                 Some(entry) => self
                     .infra
                     .jobs
-                    .update(&key, value, entry.revision)
+                    .update(key, value, entry.revision)
                     .await
                     .map_err(|e| e.to_string()),
                 None => self
                     .infra
                     .jobs
-                    .create(&key, value)
+                    .create(key, value)
                     .await
                     .map_err(|e| e.to_string()),
             };
             match written {
                 Ok(revision) => {
                     self.table
-                        .wait_for(&key, Some(revision), READ_YOUR_WRITES)
+                        .wait_for(key, Some(revision), READ_YOUR_WRITES)
                         .await;
                     let outcome = if existing.is_some() {
                         ApplyOutcome::Updated
                     } else {
                         ApplyOutcome::Created
                     };
-                    tracing::info!(job = %key, revision, ?outcome, "job applied");
+                    tracing::info!(job = %key, revision, ?outcome, "job written");
                     return Ok(ApplyResult {
-                        job: key,
+                        job: key.to_string(),
                         outcome,
                         revision,
                     });
@@ -518,40 +531,22 @@ impl ApiServer {
 
     async fn set_running(&self, req: JobRequest, running: bool) -> Answer {
         let key = self.table.resolve(&req.job)?;
-        for _ in 0..5 {
-            let entry = self
-                .infra
-                .jobs
-                .entry(&key)
-                .await
-                .map_err(Failure::internal)?
-                .filter(|e| e.operation == kv::Operation::Put)
-                .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
-            let mut stored: StoredJob =
-                serde_json::from_slice(&entry.value).map_err(Failure::internal)?;
-            if stored.spec.running == running {
-                return to_value(view(
-                    &key,
-                    &JobEntry {
-                        stored,
-                        revision: entry.revision,
-                    },
-                ));
-            }
-            stored.spec.running = running;
-            stored.updated_at = now_ms();
-            let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
-            if let Ok(revision) = self.infra.jobs.update(&key, value, entry.revision).await {
-                self.table
-                    .wait_for(&key, Some(revision), READ_YOUR_WRITES)
-                    .await;
-                tracing::info!(job = %key, running, revision, "job {}", if running { "resumed" } else { "paused" });
-                return to_value(view(&key, &JobEntry { stored, revision }));
-            }
-        }
-        Err(Failure::internal(format!(
-            "job {key} is being changed concurrently; try again"
-        )))
+        // Pause and resume are revisions: `updatedAt` moves, so a resumed job does not catch
+        // up the fires of its pause.
+        self.write_job(&key, |current| {
+            let mut spec = current
+                .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?
+                .spec
+                .clone();
+            spec.running = running;
+            Ok(spec)
+        })
+        .await?;
+        let entry = self
+            .table
+            .get(&key)
+            .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+        to_value(view(&key, &entry))
     }
 
     async fn delete(&self, req: JobRequest) -> Answer {

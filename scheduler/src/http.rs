@@ -1,7 +1,6 @@
 //! The node's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (connected to NATS,
 //! database writable, role known), for load balancers and orchestrators.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -57,11 +56,6 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body))
-}
-
-/// Binds `addr`; the returned listener's local address is the real one (for port 0).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 /// Serves until `stop`.

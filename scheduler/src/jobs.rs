@@ -67,16 +67,6 @@ impl JobTable {
             .unwrap_or_default()
     }
 
-    /// Number of jobs.
-    pub fn len(&self) -> usize {
-        self.jobs.read().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether there are no jobs.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Resolves `group.name` or a bare `name` unique across groups to a key.
     pub fn resolve(&self, name: &str) -> Result<String, ResolveError> {
         let jobs = self

@@ -144,7 +144,7 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let http_listener = match opts.http_addr {
         Some(addr) => Some(
-            crate::http::bind(addr)
+            tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| NodeError::Http { addr, source })?,
         ),

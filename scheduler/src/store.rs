@@ -359,15 +359,6 @@ impl Store {
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 
-    /// Moves the cursor (used to replay the stream).
-    pub async fn set_cursor(&self, seq: u64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE recorder_cursor SET seq = $1 WHERE id = 1")
-            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Applies a batch of events, in stream order, in one transaction, and moves the cursor to
     /// `last_seq`. Returns the runs this batch brought to a final status (for follow-ups such
     /// as child jobs and alerts); a replayed batch returns none.
@@ -455,11 +446,8 @@ impl Store {
                 }
             }
         }
-        let mut affected: HashSet<String> = runs
-            .iter()
-            .filter(|(_, r)| r.skipped.is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
+        // Skipped runs are left alone by `summarize` (their status says so).
+        let mut affected: HashSet<String> = runs.keys().cloned().collect();
         affected.extend(attempts.keys().map(|k| k.0.clone()));
 
         let mut tx = self.pool.begin().await?;

@@ -30,7 +30,6 @@ pub struct CronError {
 pub struct CronSchedule {
     cron: Cron,
     tz: Tz,
-    expr: String,
 }
 
 /// Parses an IANA time zone name such as `UTC` or `America/New_York`.
@@ -90,18 +89,7 @@ impl CronSchedule {
         Ok(CronSchedule {
             cron: parse_cron(expr)?,
             tz,
-            expr: expr.to_string(),
         })
-    }
-
-    /// The expression as written.
-    pub fn expr(&self) -> &str {
-        &self.expr
-    }
-
-    /// The time zone the expression is evaluated in.
-    pub fn time_zone(&self) -> Tz {
-        self.tz
     }
 
     /// The first fire time strictly after `t`, or `None` if there is none (years out of range).

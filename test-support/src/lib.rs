@@ -320,25 +320,10 @@ impl Proc {
     pub fn resume(&self) {
         self.signal("-CONT");
     }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().unwrap().is_none(),
-            None => false,
-        }
-    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            // A paused process cannot die of SIGKILL until continued on some kernels' views
-            // of the test; continue it first.
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
-        }
         self.kill9();
         if std::thread::panicking() {
             eprintln!(

@@ -91,19 +91,7 @@ impl Fleet {
     }
 
     async fn client(&self) -> Client {
-        let client = Client::connect(&self.urls, Duration::from_secs(5))
-            .await
-            .unwrap();
-        eventually(DEADLINE, "a scheduler node answering", || {
-            let c = client.clone();
-            async move {
-                c.call::<_, ClusterStatus>(Op::ClusterStatus, &json!({}))
-                    .await
-                    .ok()
-            }
-        })
-        .await;
-        client
+        client_for(&self.urls).await
     }
 
     /// Every execution the demo workers journaled: (run, shard, attempt, worker).

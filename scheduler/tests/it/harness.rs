@@ -109,20 +109,23 @@ impl Env {
 
     /// Connects an API client once a node answers.
     pub async fn client(&self) -> Client {
-        let client = Client::connect(&self.url(), Duration::from_secs(5))
-            .await
-            .unwrap();
-        eventually(DEADLINE, "a scheduler node answering", || {
-            let c = client.clone();
-            async move {
-                c.call::<_, ClusterStatus>(Op::ClusterStatus, &json!({}))
-                    .await
-                    .ok()
-            }
-        })
-        .await;
-        client
+        client_for(&self.url()).await
     }
+}
+
+/// An API client on NATS at `urls`, once a scheduler node answers.
+pub async fn client_for(urls: &str) -> Client {
+    let client = Client::connect(urls, Duration::from_secs(5)).await.unwrap();
+    eventually(DEADLINE, "a scheduler node answering", || {
+        let c = client.clone();
+        async move {
+            c.call::<_, ClusterStatus>(Op::ClusterStatus, &json!({}))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    client
 }
 
 pub async fn apply(client: &Client, documents: Vec<Value>) -> ApplyResponse {

@@ -30,6 +30,27 @@ impl Concurrency {
     }
 }
 
+/// Registers a `work` handler that signals when it starts, then hangs ignoring cancellation.
+fn hanging(
+    builder: krest_worker::WorkerBuilder,
+) -> (krest_worker::RunningWorker, Arc<tokio::sync::Notify>) {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let worker = builder
+        .handler("work", move |_ctx: JobContext| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    (worker, started)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_holds_at_most_weight_times_slots_runs_and_heartbeats_its_capacity() {
     let env = Env::new("capacity");
@@ -133,24 +154,11 @@ async fn a_handler_outliving_the_shutdown_deadline_is_cancelled_and_handed_to_an
     let env = Env::new("deadline");
     let node = env.node("n1");
     let client = env.client().await;
-    let started = Arc::new(tokio::sync::Notify::new());
-    let s = started.clone();
-    let stubborn = env
-        .worker("dl", "stubborn")
-        .shutdown_timeout(Duration::from_millis(300))
-        .cancel_grace(Duration::from_millis(200))
-        .handler("work", move |_ctx: JobContext| {
-            let s = s.clone();
-            async move {
-                s.notify_one();
-                // Ignores cancellation.
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                Ok(())
-            }
-        })
-        .build()
-        .unwrap()
-        .spawn();
+    let (stubborn, started) = hanging(
+        env.worker("dl", "stubborn")
+            .shutdown_timeout(Duration::from_millis(300))
+            .cancel_grace(Duration::from_millis(200)),
+    );
     apply(
         &client,
         vec![job("work", "dl", "work", json!({"retryTimes": 0}))],
@@ -238,22 +246,7 @@ async fn a_run_held_by_a_dead_worker_is_redelivered_to_a_live_one() {
     let env = Env::new("dead-worker");
     let node = env.node("n1");
     let client = env.client().await;
-    let started = Arc::new(tokio::sync::Notify::new());
-    let s = started.clone();
-    let doomed = env
-        .worker("dw", "doomed")
-        .ack_wait(Duration::from_secs(2))
-        .handler("work", move |_ctx: JobContext| {
-            let s = s.clone();
-            async move {
-                s.notify_one();
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                Ok(())
-            }
-        })
-        .build()
-        .unwrap()
-        .spawn();
+    let (doomed, started) = hanging(env.worker("dw", "doomed").ack_wait(Duration::from_secs(2)));
     apply(
         &client,
         vec![job("work", "dw", "work", json!({"retryTimes": 2}))],
