@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use krest::dispatch::{Fire, Publisher};
-use krest::engine::Schedules;
 use krest::infra::{self, InfraConfig};
 use krest::jobs::JobEntry;
+use krest::leader::dispatch::{Fire, Publisher};
+use krest::leader::engine::Schedules;
 use krest_schemas::{parse_job, StoredJob, Trigger};
 use serde_json::json;
 

@@ -1,36 +1,24 @@
 //! Krest scheduler node and CLI.
 //!
-//! A node ([`node::run`]) is a set of tasks sharing one NATS connection:
-//! - [`jobs`]: watches the jobs bucket into an in-memory [`jobs::JobTable`];
-//! - [`lease`]: leader election through a KV lease with a fencing epoch;
-//! - [`engine`]: on the leader, a heap of next fire times that turns due fires into
-//!   [`dispatch::Fire`]s, catching up what a previous leader missed;
-//! - [`dispatch`]: publishes runs (one message per shard) with deterministic `Nats-Msg-Id`s,
-//!   addressed by [`balance`] (strategies over the live registry);
-//! - [`router`]: on the leader, re-routes retries and the runs of departed instances;
-//! - [`recorder`]: reads the events stream into SQL ([`store`]), then [`followup`] triggers
-//!   child jobs of runs that succeeded and sends [`alert`]s for runs that did not;
-//! - [`api`]: answers `krest.api.*` requests from the CLI and other clients;
-//! - [`http`]: `/healthz` and `/readyz`;
-//! - [`deadletter`]: parks bad input and runs that exhausted their deliveries.
+//! A node ([`node::run`]) is a set of supervised tasks sharing one NATS connection, grouped by
+//! role:
+//! - [`leader`]: the election ([`leader::lease`]) and everything only the leader does — the
+//!   cron [`leader::engine`], [`leader::dispatch`] of fires as messages, the strategies of
+//!   [`leader::balance`] and the [`leader::router`] for retries and departed instances;
+//! - [`record`]: every node records the events stream into SQL ([`record::recorder`],
+//!   [`record::store`]), then follows up on ended runs (child jobs, alerts);
+//! - [`serve`]: the `krest.api.*` request/reply API and the HTTP health endpoints;
+//! - [`jobs`] (the node's copy of the job definitions), [`infra`] (streams and buckets),
+//!   [`cancel`] and [`deadletter`] are shared by the roles.
 //!
-//! [`cli`] and [`client`] are the command-line side. Only [`store`] knows SQL.
+//! [`cli`] is the command-line side. Only [`record::store`] knows SQL.
 
-pub mod alert;
-pub mod api;
-pub mod balance;
 pub mod cancel;
 pub mod cli;
-pub mod client;
 pub mod deadletter;
-pub mod dispatch;
-pub mod engine;
-pub mod followup;
-pub mod http;
 pub mod infra;
 pub mod jobs;
-pub mod lease;
+pub mod leader;
 pub mod node;
-pub mod recorder;
-pub mod router;
-pub mod store;
+pub mod record;
+pub mod serve;

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use krest::cli::{self, Cli, Command};
-use krest::engine::EngineConfig;
 use krest::infra::InfraConfig;
+use krest::leader::engine::EngineConfig;
 use krest::node::{self, NodeOptions};
 use tokio_util::sync::CancellationToken;
 

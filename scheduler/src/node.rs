@@ -13,14 +13,14 @@ use krest_schemas::{NodeInfo, NodeRole};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ApiServer;
-use crate::dispatch::Publisher;
-use crate::engine::{Engine, EngineConfig};
 use crate::infra::{self, InfraConfig};
 use crate::jobs::{self, JobTable};
-use crate::lease::{Election, Leadership, LeaseConfig, Role};
-use crate::recorder::{self, RecorderConfig};
-use crate::store::Store;
+use crate::leader::dispatch::Publisher;
+use crate::leader::engine::{Engine, EngineConfig};
+use crate::leader::lease::{Election, Leadership, LeaseConfig, Role};
+use crate::record::recorder::{self, RecorderConfig};
+use crate::record::store::Store;
+use crate::serve::api::ApiServer;
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -86,7 +86,7 @@ pub fn default_node_name() -> String {
 pub enum NodeError {
     /// The database could not be opened.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::record::store::StoreError),
     /// The HTTP endpoint's address cannot be bound.
     #[error("cannot listen on {addr} for /healthz and /readyz (choose another address with --http, or --http off)")]
     Http {
@@ -166,8 +166,8 @@ pub async fn run(
         loop {
             match Store::open(&opts.db_url).await {
                 Ok(s) => break s,
-                Err(crate::store::StoreError::BadUrl(u)) => {
-                    return Err(crate::store::StoreError::BadUrl(u).into())
+                Err(crate::record::store::StoreError::BadUrl(u)) => {
+                    return Err(crate::record::store::StoreError::BadUrl(u).into())
                 }
                 Err(e) => {
                     failures += 1;
@@ -199,8 +199,8 @@ pub async fn run(
         let _ = out.send(Some(leadership.clone()));
     }
     let publisher = Publisher::new(js.clone(), opts.node.clone());
-    let registry = Arc::new(crate::balance::Registry::new(js.clone()));
-    let routing = Arc::new(crate::balance::Routing::new(registry.clone()));
+    let registry = Arc::new(crate::leader::balance::Registry::new(js.clone()));
+    let routing = Arc::new(crate::leader::balance::Routing::new(registry.clone()));
     let (progress_tx, progress_rx) = watch::channel(0u64);
 
     // Tokens in shutdown order.
@@ -221,7 +221,7 @@ pub async fn run(
         table.clone(),
         changes_rx,
         leadership.clone(),
-        crate::engine::EngineDeps {
+        crate::leader::engine::EngineDeps {
             publisher: publisher.clone(),
             infra: infra.clone(),
             client: client.clone(),
@@ -232,17 +232,17 @@ pub async fn run(
     );
     let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));
     let registry_task = Task::spawn(registry.clone().refresh_loop(back.clone()));
-    let router_task = Task::spawn(crate::router::run(
+    let router_task = Task::spawn(crate::leader::router::run(
         js.clone(),
         routing.clone(),
         leadership.clone(),
         front.clone(),
     ));
-    let followups = crate::followup::Followups {
+    let followups = crate::record::followup::Followups {
         table: table.clone(),
         publisher: publisher.clone(),
         once: infra.once.clone(),
-        alerter: crate::alert::Alerter::start(),
+        alerter: crate::record::alert::Alerter::start(),
         node: opts.node.clone(),
         routing: routing.clone(),
     };
@@ -270,13 +270,13 @@ pub async fn run(
     ));
     let http_task = http_listener.map(|listener| {
         tracing::info!(addr = ?http_addr, "serving /healthz and /readyz");
-        let state = crate::http::HttpState {
+        let state = crate::serve::http::HttpState {
             node: opts.node.clone(),
             client: client.clone(),
             store: store.clone(),
             leadership: leadership.clone(),
         };
-        Task::spawn(crate::http::serve(listener, state, back.clone()))
+        Task::spawn(crate::serve::http::serve(listener, state, back.clone()))
     });
     let presence_task = Task::spawn(presence(
         infra.nodes.clone(),

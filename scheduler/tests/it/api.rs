@@ -1,7 +1,7 @@
 //! Job management through the API: validation errors that name the problem (and apply
 //! nothing), revisions, pause/resume, delete, name resolution.
 
-use krest::client::ClientError;
+use krest::cli::client::ClientError;
 use krest_schemas::api::{ApplyOutcome, ErrorCode, JobListRequest, JobRequest, JobView, Op};
 use serde_json::json;
 

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use krest::dispatch::{Fire, Publisher};
 use krest::infra::{self, InfraConfig};
 use krest::jobs::JobEntry;
+use krest::leader::dispatch::{Fire, Publisher};
 use krest_schemas::names::WORK_STREAM;
 use krest_schemas::{parse_job, StoredJob, Trigger};
 use serde_json::json;

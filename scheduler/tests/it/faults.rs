@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use krest::client::Client;
+use krest::cli::client::Client;
 use krest_schemas::api::{ClusterStatus, DeadLetter, DlqListRequest, Op, RunStatus, RunSummary};
 use krest_schemas::names::{app_consumer, WORK_STREAM};
 use krest_schemas::{NodeRole, Trigger};

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use krest::lease::Role;
+use krest::leader::lease::Role;
 use krest_schemas::api::{RunStatus, RunSummary};
 use krest_schemas::names::{LEADER_BUCKET, LEADER_KEY};
 use krest_schemas::Trigger;

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use krest::client::Client;
+use krest::cli::client::Client;
 use krest::node::{NodeOptions, RunningNode};
 use krest_schemas::api::{
     ApplyRequest, ApplyResponse, ClusterStatus, Op, RunDetail, RunRequest, RunSummary,
@@ -142,7 +142,7 @@ pub async fn trigger(client: &Client, job: &str) -> TriggerResponse {
             &TriggerRequest {
                 job: job.into(),
                 args: None,
-                request_id: Some(krest::dispatch::request_id(chrono::Utc::now())),
+                request_id: Some(krest::leader::dispatch::request_id(chrono::Utc::now())),
             },
         )
         .await

@@ -1,8 +1,13 @@
 //! End-to-end tests of Krest against real nats-server processes. Each test starts its own
-//! server on a free port with a temporary store.
+//! server on a free port with a temporary store (see `harness`).
 //!
-//! Modules: `seed` (the seed's demo jobs), `retries` (failure handling), `ha` (leadership and
-//! failover), `cli` (the `krest` binary), `api` (validation and job management).
+//! Modules: `seed` (the seed's demo jobs), `jobs` (definitions, validation, revisions), `api`
+//! (the request/reply API), `cli` (the `krest` binary), `schedules` (every, at, misfire
+//! policies), `dispatch` (publishing and de-duplication), `strategies` (load balancing),
+//! `overlap` (overlap policies and cancellation), `retries` (failure handling), `worker` (the
+//! SDK's capacity, shutdown and redelivery), `ha` (leadership and failover), `http` (health
+//! endpoints), `faults` (the fault suite behind docs/guarantees.md). Add to these rather than
+//! adding modules.
 
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 

@@ -42,7 +42,7 @@ fn worker(
         .spawn()
 }
 
-async fn cancel(client: &krest::client::Client, run_id: &str) -> CancelResponse {
+async fn cancel(client: &krest::cli::client::Client, run_id: &str) -> CancelResponse {
     client
         .call(
             Op::RunsCancel,
@@ -135,7 +135,7 @@ async fn cancelling_a_running_and_a_pending_run() {
     node.stop().await.unwrap();
 }
 
-async fn settled_runs(client: &krest::client::Client, job: &str, n: usize) -> Vec<RunSummary> {
+async fn settled_runs(client: &krest::cli::client::Client, job: &str, n: usize) -> Vec<RunSummary> {
     eventually(DEADLINE, &format!("{n} ended runs of {job}"), || async {
         let mut r: Vec<_> = runs(client, job)
             .await

@@ -21,7 +21,7 @@ fn worker(env: &Env) -> krest_worker::RunningWorker {
         .spawn()
 }
 
-async fn done(client: &krest::client::Client, job: &str, n: usize) -> Vec<RunSummary> {
+async fn done(client: &krest::cli::client::Client, job: &str, n: usize) -> Vec<RunSummary> {
     eventually(DEADLINE, &format!("{n} finished runs of {job}"), || async {
         let mut r: Vec<_> = runs(client, job)
             .await

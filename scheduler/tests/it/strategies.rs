@@ -38,7 +38,7 @@ fn worker(env: &Env, instance: &str, weight: u32, log: Executions) -> krest_work
 }
 
 /// Waits until `n` instances of the app have heartbeated.
-async fn registered(client: &krest::client::Client, n: usize) {
+async fn registered(client: &krest::cli::client::Client, n: usize) {
     eventually(DEADLINE, &format!("{n} workers registered"), || async {
         let w: Vec<krest_schemas::WorkerInfo> = client
             .call(krest_schemas::api::Op::WorkersList, &json!({}))
@@ -58,7 +58,7 @@ fn placement(d: &RunDetail) -> Vec<String> {
     out
 }
 
-async fn run_on(client: &krest::client::Client, job: &str) -> String {
+async fn run_on(client: &krest::cli::client::Client, job: &str) -> String {
     let d = wait_final(client, &trigger(client, job).await.run_id).await;
     assert_eq!(d.run.status, RunStatus::Succeeded, "{d:?}");
     placement(&d).remove(0)

@@ -24,12 +24,12 @@ use krest_schemas::{JobState, MisfirePolicy, OverlapPolicy, Schedule, Trigger};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Routing;
-use crate::dispatch::{Fire, Publisher};
 use crate::infra::Infra;
 use crate::jobs::{JobEntry, JobTable};
-use crate::lease::{Leadership, Role};
-use crate::store::Store;
+use crate::leader::balance::Routing;
+use crate::leader::dispatch::{Fire, Publisher};
+use crate::leader::lease::{Leadership, Role};
+use crate::record::store::Store;
 
 /// Engine settings.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use krest_schemas::RunEvent;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::record::store::Store;
 
 /// How long the recorder waits for an event before checking that it is not stalled.
 const STALL_CHECK: Duration = Duration::from_secs(5);
@@ -41,7 +41,7 @@ impl Default for RecorderConfig {
 pub async fn run(
     js: jetstream::Context,
     store: Store,
-    followups: crate::followup::Followups,
+    followups: crate::record::followup::Followups,
     cfg: RecorderConfig,
     progress: watch::Sender<u64>,
     stop: CancellationToken,
@@ -67,7 +67,7 @@ pub async fn run(
 async fn record(
     js: &jetstream::Context,
     store: &Store,
-    followups: &crate::followup::Followups,
+    followups: &crate::record::followup::Followups,
     cfg: &RecorderConfig,
     progress: &watch::Sender<u64>,
     stop: &CancellationToken,
@@ -181,7 +181,7 @@ impl Batch {
 async fn retry_db<T, F, Fut>(stop: &CancellationToken, what: &str, mut op: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, crate::record::store::StoreError>>,
 {
     let mut failures = 0u32;
     loop {

@@ -19,10 +19,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{manual_run_id, Fire, Publisher};
 use crate::infra::Infra;
 use crate::jobs::{JobEntry, JobTable, ResolveError};
-use crate::store::Store;
+use crate::leader::dispatch::{manual_run_id, Fire, Publisher};
+use crate::record::store::Store;
 
 /// Everything the API reads and writes.
 #[derive(Clone)]
@@ -38,7 +38,7 @@ pub struct ApiServer {
     /// Publishes manual runs.
     pub publisher: Publisher,
     /// Addresses manual runs to instances.
-    pub routing: Arc<crate::balance::Routing>,
+    pub routing: Arc<crate::leader::balance::Routing>,
 }
 
 /// An API failure: code and message.
@@ -669,7 +669,7 @@ impl ApiServer {
     }
 
     async fn cluster(&self) -> Result<ClusterStatus, Failure> {
-        let leader = crate::lease::current(&self.infra.leader)
+        let leader = crate::leader::lease::current(&self.infra.leader)
             .await
             .map_err(Failure::internal)?;
         let mut nodes: Vec<NodeInfo> = crate::infra::kv_values(&self.infra.js, NODES_BUCKET)

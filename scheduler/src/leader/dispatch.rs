@@ -59,7 +59,7 @@ pub struct Fire {
     pub skip: Option<String>,
     /// For CHILD runs: the parent run.
     pub parent_run_id: Option<String>,
-    /// The shards with their targets, once routed ([`crate::balance::Routing::assign`]);
+    /// The shards with their targets, once routed ([`crate::leader::balance::Routing::assign`]);
     /// `None`: the job's shards, all to the app's shared queue.
     pub shards: Option<Vec<ShardPlan>>,
 }

@@ -26,8 +26,8 @@ use krest_schemas::names::{
 use krest_schemas::{JobType, RunMessage};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Routing;
-use crate::lease::Leadership;
+use crate::leader::balance::Routing;
+use crate::leader::lease::Leadership;
 
 /// How often departed instances are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);

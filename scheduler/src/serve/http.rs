@@ -10,8 +10,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::lease::{Leadership, Role};
-use crate::store::Store;
+use crate::leader::lease::{Leadership, Role};
+use crate::record::store::Store;
 
 /// What the probes look at.
 #[derive(Clone)]

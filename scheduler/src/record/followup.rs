@@ -13,12 +13,12 @@ use chrono::Utc;
 use krest_schemas::api::{AlertPayload, RunStatus, RunSummary};
 use krest_schemas::AlertOn;
 
-use crate::alert::Alerter;
+use crate::record::alert::Alerter;
 use krest_schemas::names::job_key;
 use krest_schemas::Trigger;
 
-use crate::dispatch::{Fire, Publisher};
 use crate::jobs::JobTable;
+use crate::leader::dispatch::{Fire, Publisher};
 
 /// Follow-up actions on ended runs.
 #[derive(Clone)]
@@ -34,7 +34,7 @@ pub struct Followups {
     /// This node's name (in alerts).
     pub node: String,
     /// Addresses child runs to instances.
-    pub routing: Arc<crate::balance::Routing>,
+    pub routing: Arc<crate::leader::balance::Routing>,
 }
 
 /// Run id of the child run of `child` (a `group.name` key) triggered by `parent_run_id`.

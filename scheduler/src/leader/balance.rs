@@ -283,9 +283,9 @@ impl Routing {
     /// instance with the handler; a BROADCAST with none is skipped). Fires already routed,
     /// skipped, or of `QUEUE` jobs are left alone; a shard no instance can take stays on the
     /// app's queue, where the first instance to come up takes it.
-    pub async fn assign(&self, fires: &mut [crate::dispatch::Fire]) {
+    pub async fn assign(&self, fires: &mut [crate::leader::dispatch::Fire]) {
         use krest_schemas::JobType;
-        let routed = |f: &crate::dispatch::Fire| {
+        let routed = |f: &crate::leader::dispatch::Fire| {
             let spec = &f.job.stored.spec;
             f.skip.is_none()
                 && f.shards.is_none()
@@ -322,7 +322,7 @@ impl Routing {
                 fire.shards = Some(
                     instances
                         .into_iter()
-                        .map(|i| crate::dispatch::ShardPlan {
+                        .map(|i| crate::leader::dispatch::ShardPlan {
                             item: Some(serde_json::Value::String(i.clone())),
                             target: Some(i),
                         })
@@ -342,7 +342,7 @@ impl Routing {
                         .as_ref()
                         .map_or_else(|| args.clone(), |i| i.to_string());
                     let target = balancer.pick(strategy, &key, &cands, &hash_input);
-                    crate::dispatch::ShardPlan { target, ..p }
+                    crate::leader::dispatch::ShardPlan { target, ..p }
                 })
                 .collect();
             fire.shards = Some(plans);

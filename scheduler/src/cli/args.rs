@@ -1,0 +1,335 @@
+//! Stage one of the command line: the flags as clap parses them, validated but not resolved
+//! (the commands turn them into requests).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Parses a duration flag: `500ms`, `3s`, `2m`, `1h30m`, `1d` or a bare number of seconds
+/// (the same syntax as job definitions).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    krest_schemas::parse_duration(s)
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable tables.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Krest: a distributed job scheduler on NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "krest", version, about, long_about = None)]
+pub struct Cli {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub nats_url: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table", global = true)]
+    pub output: Format,
+    /// How long to wait for NATS and for a scheduler node's answer.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    pub timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a scheduler node (leader election, cron dispatch, recording, API).
+    Scheduler(SchedulerArgs),
+    /// Manage job definitions.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Inspect runs.
+    #[command(subcommand)]
+    Runs(RunsCmd),
+    /// Inspect live workers.
+    #[command(subcommand)]
+    Workers(WorkersCmd),
+    /// Inspect the scheduler cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Preview cron expressions.
+    #[command(subcommand)]
+    Cron(CronCmd),
+    /// Run a built-in worker.
+    #[command(subcommand)]
+    Worker(WorkerRunCmd),
+    /// Inspect the dead-letter stream (bad input, runs that exhausted their deliveries).
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+}
+
+/// `krest dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// List the newest parked messages.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+/// `krest worker …`
+#[derive(Debug, Subcommand)]
+pub enum WorkerRunCmd {
+    /// The seed's demo handlers (same as `krest-demo-worker`).
+    Demo(DemoWorkerArgs),
+    /// The built-in HTTP executor: runs the app's jobs of type HTTP.
+    Http(HttpWorkerArgs),
+}
+
+/// Flags every built-in worker takes.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Relative capacity of this instance.
+    #[arg(long, env = "KREST_WEIGHT", default_value_t = 1)]
+    pub weight: u32,
+    /// Concurrent runs per unit of weight.
+    #[arg(long, env = "KREST_SLOTS", default_value_t = 2)]
+    pub slots: u32,
+    /// Instance id (default: host name, pid and a random suffix).
+    #[arg(long, env = "KREST_INSTANCE")]
+    pub instance: Option<String>,
+    /// Ack wait of the app's consumer, if this worker creates it.
+    #[arg(long, env = "KREST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// How long a graceful stop waits for running handlers.
+    #[arg(long, env = "KREST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// `krest worker demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoWorkerArgs {
+    /// App name.
+    #[arg(long, env = "KREST_APP", default_value = krest_demo_worker::APP)]
+    pub app: String,
+    /// Simulated work per shard.
+    #[arg(long, env = "KREST_WORK", default_value = "300ms", value_parser = parse_duration)]
+    pub work: Duration,
+    /// Append `run_id shard attempt instance` per execution to this file.
+    #[arg(long, env = "KREST_JOURNAL")]
+    pub journal: Option<PathBuf>,
+    /// Common worker flags.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// `krest worker http` flags.
+#[derive(Debug, Args)]
+pub struct HttpWorkerArgs {
+    /// The app whose HTTP jobs this worker runs.
+    #[arg(long, env = "KREST_APP")]
+    pub app: String,
+    /// Common worker flags.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// `krest scheduler` flags.
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Database URL: sqlite://PATH (created if missing).
+    #[arg(long, env = "KREST_DB", default_value = "sqlite://krest.db")]
+    pub db: String,
+    /// Node name (default: host name and process id).
+    #[arg(long, env = "KREST_NODE")]
+    pub node: Option<String>,
+    /// Leader lease TTL (used when the lease bucket is created).
+    #[arg(long, env = "KREST_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// Lease renewal period (and standby polling period).
+    #[arg(long, env = "KREST_LEASE_RENEW", default_value = "1s", value_parser = parse_duration)]
+    pub lease_renew: Duration,
+    /// Fires later than this when published are misfires (collapsed into one run).
+    #[arg(long, env = "KREST_MISFIRE_THRESHOLD", default_value = "60s", value_parser = parse_duration)]
+    pub misfire_threshold: Duration,
+    /// Replicas of streams and buckets when creating them (default: 1, or the NATS cluster's
+    /// size up to 3).
+    #[arg(long, env = "KREST_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
+    #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
+    pub http: HttpAddr,
+}
+
+/// `--http`: an address or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    s.parse().map(|a| HttpAddr(Some(a))).map_err(|_| {
+        format!("`{s}` is not an address: use e.g. 127.0.0.1:8722, 0.0.0.0:8722 or off")
+    })
+}
+
+/// `krest job …`
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    /// Create or update jobs from JSON files (one definition or an array per file).
+    Apply {
+        /// Files to read (`-` for stdin).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List jobs.
+    List {
+        /// Only jobs of this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only jobs of this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Show one job (`group.name`, or a name unique across groups).
+    Get {
+        /// The job.
+        job: String,
+        /// Show this earlier revision (see `krest job history`).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// List the revisions of a job's definition, newest first.
+    History {
+        /// The job (`group.name` also finds deleted jobs).
+        job: String,
+    },
+    /// Stop scheduling a job.
+    Pause {
+        /// The job.
+        job: String,
+    },
+    /// Resume scheduling a paused job (missed fires are not caught up).
+    Resume {
+        /// The job.
+        job: String,
+    },
+    /// Delete a job (its run history stays).
+    Delete {
+        /// The job.
+        job: String,
+    },
+    /// Run a job now.
+    Trigger {
+        /// The job.
+        job: String,
+        /// JSON arguments replacing the job's `args` for this run.
+        #[arg(long)]
+        args: Option<String>,
+        /// Follow the run until it ends (progress on stderr); the exit code is 0 only if it
+        /// SUCCEEDED.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit code 1).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+}
+
+/// `krest runs …`
+#[derive(Debug, Subcommand)]
+pub enum RunsCmd {
+    /// List runs, newest first.
+    List {
+        /// Only runs of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only runs in this status (PENDING, RUNNING, SUCCEEDED, FAILED).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show one run with its shards, attempts and log lines.
+    Get {
+        /// The run id.
+        run_id: String,
+    },
+    /// Cancel a pending or running run (every shard), wherever it runs.
+    Cancel {
+        /// The run id.
+        run_id: String,
+    },
+    /// Follow run events as they happen (until ctrl-c).
+    Watch {
+        /// Only events of this job (`group.name`).
+        #[arg(long)]
+        job: Option<String>,
+    },
+}
+
+/// `krest workers …`
+#[derive(Debug, Subcommand)]
+pub enum WorkersCmd {
+    /// List live worker instances.
+    List,
+}
+
+/// `krest cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Show scheduler nodes and the leader.
+    Status,
+}
+
+/// `krest cron …`
+#[derive(Debug, Subcommand)]
+pub enum CronCmd {
+    /// Print the next fire times of a cron expression.
+    Next {
+        /// The expression (Quartz with seconds, or 5-field).
+        expr: String,
+        /// IANA time zone.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// How many.
+        #[arg(short = 'n', default_value_t = 5)]
+        count: usize,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["krest", "job", "apply", "-f", "a.json", "-f", "b.json"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Job(JobCmd::Apply { ref files }) if files.len() == 2)
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! The `krest` command line. Parsing is in two stages: [`args`] holds the flags as close to the
+//! command line as possible; the command modules ([`job`], [`runs`], and the inspections here)
+//! turn them into API requests through [`client`] and print with [`render`]. Data goes to
+//! stdout, messages to stderr.
+
+/// `println!` that reports a closed stdout (`krest … | head`) as an error instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)?;
+    }};
+}
+
+pub mod args;
+pub mod client;
+mod job;
+mod render;
+mod runs;
+mod worker;
+
+use std::process::ExitCode;
+
+use chrono::Utc;
+use krest_schemas::api::{ClusterStatus, Op};
+use krest_schemas::cron::parse_time_zone;
+use krest_schemas::{CronSchedule, WorkerInfo};
+
+pub use args::{Cli, Command, Format};
+use args::{ClusterCmd, CronCmd, DlqCmd, WorkersCmd};
+use client::{Client, ClientError};
+use render::{fmt_time, print_json, table};
+pub use worker::run_worker;
+
+/// Runs a client command; returns the exit code.
+pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Cron(CronCmd::Next { expr, tz, count }) = &cli.command {
+        let tz = parse_time_zone(tz).map_err(anyhow::Error::msg)?;
+        let s = CronSchedule::new(expr, tz)?;
+        let mut t = Utc::now();
+        let mut out = Vec::new();
+        for _ in 0..*count {
+            match s.next_after(t) {
+                Some(n) => {
+                    out.push(n);
+                    t = n;
+                }
+                None => break,
+            }
+        }
+        if cli.output == Format::Json {
+            print_json(&out)?;
+        } else {
+            for t in out {
+                outln!(
+                    "{}  ({})",
+                    t.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z"),
+                    t.format("%Y-%m-%dT%H:%M:%SZ")
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let client = Client::connect(&cli.nats_url, cli.timeout).await?;
+    let json = cli.output == Format::Json;
+    match cli.command {
+        Command::Scheduler(_) | Command::Cron(_) | Command::Worker(_) => {
+            unreachable!("handled elsewhere")
+        }
+        Command::Job(cmd) => job::job(&client, cmd, json).await,
+        Command::Runs(cmd) => runs::runs(&client, cmd, json).await,
+        Command::Workers(WorkersCmd::List) => {
+            let workers: Vec<WorkerInfo> =
+                client.call(Op::WorkersList, &serde_json::json!({})).await?;
+            if json {
+                print_json(&workers)?;
+            } else {
+                table(
+                    &[
+                        "APP",
+                        "INSTANCE",
+                        "WEIGHT",
+                        "SLOTS",
+                        "IN-FLIGHT",
+                        "HANDLERS",
+                        "HOST",
+                        "HEARTBEAT",
+                    ],
+                    workers
+                        .iter()
+                        .map(|w| {
+                            vec![
+                                w.app_name.clone(),
+                                w.instance.clone(),
+                                w.weight.to_string(),
+                                w.slots.to_string(),
+                                w.in_flight.to_string(),
+                                w.handlers.join(","),
+                                w.host.clone(),
+                                fmt_time(Some(w.heartbeat_at)),
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCmd::List { limit }) => {
+            let letters: Vec<krest_schemas::api::DeadLetter> = client
+                .call(
+                    Op::DlqList,
+                    &krest_schemas::api::DlqListRequest { limit: Some(limit) },
+                )
+                .await?;
+            if json {
+                print_json(&letters)?;
+            } else {
+                table(
+                    &["SEQ", "PARKED (UTC)", "KIND", "SOURCE", "REASON", "PAYLOAD"],
+                    letters
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                d.seq.to_string(),
+                                fmt_time(Some(d.at)),
+                                d.subject.trim_start_matches("krest.dlq.").to_string(),
+                                d.source.clone(),
+                                d.reason.clone(),
+                                d.payload.chars().take(60).collect(),
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster(ClusterCmd::Status) => {
+            let status: ClusterStatus = client
+                .call(Op::ClusterStatus, &serde_json::json!({}))
+                .await?;
+            if json {
+                print_json(&status)?;
+            } else {
+                match &status.leader {
+                    Some(l) => outln!(
+                        "leader: {} (epoch {}, since {})",
+                        l.node,
+                        l.epoch,
+                        fmt_time(Some(l.acquired_at))
+                    ),
+                    None => outln!("leader: none"),
+                }
+                outln!("nats-server: {}", status.nats_server);
+                table(
+                    &[
+                        "NODE",
+                        "ROLE",
+                        "DATABASE",
+                        "RECORDED-SEQ",
+                        "VERSION",
+                        "STARTED",
+                    ],
+                    status
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            vec![
+                                n.node.clone(),
+                                format!("{:?}", n.role).to_uppercase(),
+                                n.database.clone(),
+                                n.recorded_seq.to_string(),
+                                n.nats_server.clone(),
+                                n.http_addr.clone().unwrap_or_else(|| "-".into()),
+                                n.version.clone(),
+                                fmt_time(Some(n.started_at)),
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints an error for humans, with every invalid document's problems.
+pub fn report(err: &anyhow::Error) {
+    if let Some(ClientError::Api(api)) = err.downcast_ref::<ClientError>() {
+        eprintln!("error: {}", api.message);
+        for doc in &api.invalid {
+            let name = doc.job.as_deref().unwrap_or("?");
+            eprintln!("  document {} ({name}):", doc.index);
+            for p in &doc.problems {
+                eprintln!("    - {p}");
+            }
+        }
+        return;
+    }
+    eprintln!("error: {err:#}");
+}

@@ -1,0 +1,14 @@
+//! Everything only the leader does, and the election that decides who that is.
+//!
+//! - [`lease`]: the KV lease, its fencing epoch and the node's [`lease::Leadership`] view;
+//! - [`engine`]: the cron heap that turns due schedules into [`dispatch::Fire`]s;
+//! - [`dispatch`]: fires → work messages and events, pipelined, with deterministic message ids
+//!   (also used by non-leaders for manual and child runs, which need no leadership);
+//! - [`balance`]: the live worker registry and the load-balancing strategies;
+//! - [`router`]: retries of addressed runs and the runs of departed instances.
+
+pub mod balance;
+pub mod dispatch;
+pub mod engine;
+pub mod lease;
+pub mod router;

@@ -1,0 +1,12 @@
+//! What happened: the events stream recorded into SQL on every node, and what follows a run's
+//! end.
+//!
+//! - [`recorder`]: an ordered consumer on `KREST_EVENTS` from the database's cursor;
+//! - [`store`]: the SQL schema, idempotent batch upserts and queries (the only module that
+//!   knows SQL);
+//! - [`followup`]: child jobs and [`alert`]s once a run ends, once across nodes.
+
+pub mod alert;
+pub mod followup;
+pub mod recorder;
+pub mod store;
