@@ -16,8 +16,10 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::api::DeadLetter;
+use krest_schemas::deadletter::{header_value, parked_copy, Origin};
 use krest_schemas::names::{
-    dlq_subject, events_subject, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, DLQ_STREAM, WORK_STREAM,
+    dlq_subject, events_subject, parked_work_id, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, DLQ_STREAM,
+    WORK_STREAM,
 };
 use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage};
 use serde::Deserialize;
@@ -26,29 +28,27 @@ use tokio_util::sync::CancellationToken;
 /// Largest payload shown by [`list`].
 const SHOWN_PAYLOAD: usize = 4096;
 
-fn header_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1000)
-        .collect()
-}
-
-/// Parks `payload` on `krest.dlq.<kind>` (deduplicated by `msg_id`).
+/// Parks `payload`, found at `origin`, on `krest.dlq.<kind>` (deduplicated by `msg_id`): a copy
+/// bounded to fit the server's max payload with its headers (see
+/// [`krest_schemas::deadletter`]), so parking never fails for size.
 pub async fn park(
     js: &jetstream::Context,
     kind: &str,
     msg_id: &str,
     reason: &str,
-    source_subject: &str,
+    origin: Origin<'_>,
     payload: Bytes,
 ) -> Result<(), String> {
+    let max_payload = js.client().server_info().max_payload;
+    let copy = parked_copy(payload.len(), reason, &origin, msg_id, max_payload);
     let mut headers = HeaderMap::new();
-    headers.insert(DLQ_REASON_HEADER, header_safe(reason).as_str());
-    headers.insert(DLQ_SOURCE_HEADER, header_safe(source_subject).as_str());
+    for (name, value) in &copy.headers {
+        headers.insert(*name, value.as_str());
+    }
     js.send_publish(
         dlq_subject(kind),
         PublishMessage::build()
-            .payload(payload)
+            .payload(payload.slice(..copy.keep))
             .headers(headers)
             .message_id(msg_id),
     )
@@ -58,8 +58,11 @@ pub async fn park(
     .map_err(|e| e.to_string())?;
     tracing::warn!(
         kind,
-        reason,
-        source = source_subject,
+        reason = %header_value(reason),
+        source = %header_value(origin.subject),
+        seq = ?origin.seq,
+        bytes = payload.len(),
+        truncated = copy.truncated,
         "parked bad input on the dead-letter stream"
     );
     Ok(())
@@ -200,9 +203,12 @@ async fn dead_letter(js: &jetstream::Context, seq: u64, deliveries: u64) -> Resu
     park(
         js,
         "work",
-        &format!("work/{seq}"),
+        &parked_work_id(seq),
         &reason,
-        &raw.subject,
+        Origin {
+            subject: &raw.subject,
+            seq: Some(seq),
+        },
         raw.payload.clone(),
     )
     .await?;

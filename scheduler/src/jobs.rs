@@ -223,14 +223,20 @@ pub async fn watch_jobs(
                     ),
                     Err(reason) => {
                         tracing::error!(job = %key, revision = entry.revision, error = %reason, "ignoring a bad job definition in the jobs bucket (write definitions with `krest job apply`)");
-                        let id = format!("jobs/{key}/{}", entry.revision);
-                        let source = format!("$KV.{}.{key}", krest_schemas::names::JOBS_BUCKET);
+                        let id = krest_schemas::names::parked_job_id(&key, entry.revision);
+                        let source = krest_schemas::names::kv_subject(
+                            krest_schemas::names::JOBS_BUCKET,
+                            &key,
+                        );
                         let parked = crate::deadletter::park(
                             &js,
                             "jobs",
                             &id,
                             &reason,
-                            &source,
+                            krest_schemas::deadletter::Origin {
+                                subject: &source,
+                                seq: Some(entry.revision),
+                            },
                             entry.value.clone(),
                         );
                         if let Err(e) = parked.await {

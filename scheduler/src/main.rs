@@ -53,6 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 lease_ttl: args.lease_ttl,
                 ..InfraConfig::default()
             };
+            opts.recorder.max_lag = args.recorder_max_lag;
             opts.engine = EngineConfig {
                 misfire_threshold: args.misfire_threshold,
                 ..EngineConfig::default()

@@ -10,6 +10,7 @@
 //!   (heartbeats), [`NodeInfo`], [`LeaderLease`], [`JobState`].
 //! - [`api`]: requests and replies of `krest.api.*`.
 //! - [`names`]: subjects, streams, consumers, buckets, keys and message ids.
+//! - [`deadletter`]: the bounded copy of bad input parked on the dead-letter stream.
 //!
 //! This crate does no IO and knows nothing of NATS clients or SQL; everything here is data that
 //! crosses a process boundary. [`json_schemas`] renders the JSON Schema of each wire message;
@@ -26,6 +27,7 @@
 
 pub mod api;
 pub mod cron;
+pub mod deadletter;
 pub mod job;
 pub mod messages;
 pub mod names;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::job::JobType;
+use crate::names::{attempt_event_msg_id, run_event_msg_id};
 
 /// Why a run exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -390,11 +391,15 @@ impl RunEvent {
     /// `Nats-Msg-Id` for the event: stable, so a re-publish is dropped as a duplicate.
     pub fn msg_id(&self) -> String {
         match self {
-            RunEvent::Dispatched(e) => format!("{}/dispatched", e.run_id),
-            RunEvent::Skipped(e) => format!("{}/skipped", e.run_id),
-            RunEvent::Started(e) => format!("{}/{}/{}/started", e.run_id, e.shard, e.attempt),
-            RunEvent::Log(e) => format!("{}/{}/{}/log/{}", e.run_id, e.shard, e.attempt, e.seq),
-            RunEvent::Finished(e) => format!("{}/{}/{}/finished", e.run_id, e.shard, e.attempt),
+            RunEvent::Dispatched(e) => run_event_msg_id(&e.run_id, "dispatched"),
+            RunEvent::Skipped(e) => run_event_msg_id(&e.run_id, "skipped"),
+            RunEvent::Started(e) => attempt_event_msg_id(&e.run_id, e.shard, e.attempt, "started"),
+            RunEvent::Log(e) => {
+                attempt_event_msg_id(&e.run_id, e.shard, e.attempt, &format!("log/{}", e.seq))
+            }
+            RunEvent::Finished(e) => {
+                attempt_event_msg_id(&e.run_id, e.shard, e.attempt, "finished")
+            }
         }
     }
 }
@@ -470,6 +475,15 @@ pub struct NodeInfo {
     pub http_addr: Option<String>,
     /// Stream sequence of the last event recorded into the node's database.
     pub recorded_seq: u64,
+    /// Events in the stream the node has not recorded yet.
+    #[serde(default)]
+    pub recorder_lag_events: u64,
+    /// Age in milliseconds of the oldest event the node has not recorded yet (0 when none).
+    #[serde(default)]
+    pub recorder_lag_ms: u64,
+    /// Why the node's recorder is not progressing, while it is not (database down, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorder_failing: Option<String>,
     /// When the node started.
     pub started_at: DateTime<Utc>,
     /// When this presence was written.

@@ -21,6 +21,12 @@ pub const DLQ_SUBJECTS: &str = "krest.dlq.>";
 pub const DLQ_REASON_HEADER: &str = "Krest-Reason";
 /// Header holding the subject the parked message was found on.
 pub const DLQ_SOURCE_HEADER: &str = "Krest-Source-Subject";
+/// Header holding the parked message's sequence in the stream it was read from.
+pub const DLQ_SOURCE_SEQ_HEADER: &str = "Krest-Source-Seq";
+/// Header holding the parked message's original payload size in bytes.
+pub const DLQ_ORIGINAL_SIZE_HEADER: &str = "Krest-Original-Size";
+/// Header present when the parked copy keeps only the start of the payload (it says how much).
+pub const DLQ_TRUNCATED_HEADER: &str = "Krest-Truncated";
 
 /// Dead-letter subject for one kind of bad input (`work`, `events`, `jobs`).
 pub fn dlq_subject(kind: &str) -> String {
@@ -150,9 +156,84 @@ pub fn worker_key(app: &str, instance: &str) -> String {
     format!("{app}.{instance}")
 }
 
-/// `Nats-Msg-Id` of the work message for one shard of a run (shard 0 for unsharded runs).
+/// Subject of `key` in KV bucket `bucket` (what a KV put publishes to).
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+// Run identity. A run id and every message id about a run is built here and nowhere else:
+// JetStream de-duplicates by message id, so two nodes (or a node and a worker) that publish
+// the same thing must build the same id.
+
+/// Id of the run of `group.name` scheduled at `at_ms` (epoch milliseconds): the same on every
+/// node, so a fire published again by another leader is a duplicate.
+pub fn scheduled_run_id(group: &str, name: &str, at_ms: i64) -> String {
+    format!("{group}.{name}.{at_ms}")
+}
+
+/// Id of a manual run of `group.name` triggered with `request_id` (a token, see
+/// [`new_request_id`]): the same for every resend of one request.
+pub fn manual_run_id(group: &str, name: &str, request_id: &str) -> String {
+    format!("{group}.{name}.m-{request_id}")
+}
+
+/// A fresh request id for a manual trigger: `<epoch ms>-<6 hex digits>` from the clock's
+/// nanoseconds and a per-process random state.
+pub fn new_request_id(at: chrono::DateTime<chrono::Utc>) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(at.timestamp_nanos_opt().unwrap_or_default());
+    format!("{}-{:06x}", at.timestamp_millis(), h.finish() & 0xff_ffff)
+}
+
+/// `Nats-Msg-Id` of the work message for one shard of a run (shard 0 for unsharded runs), as
+/// the leader dispatches it.
 pub fn work_msg_id(run_id: &str, shard: u32) -> String {
     format!("{run_id}/{shard}")
+}
+
+/// `Nats-Msg-Id` of a worker's retry of an instance-addressed shard, handed to the router
+/// after `attempt` failed.
+pub fn retry_msg_id(run_id: &str, shard: u32, attempt: u32) -> String {
+    format!("{run_id}/{shard}/retry-{attempt}")
+}
+
+/// `Nats-Msg-Id` of a shard the router moved off departed instance `instance`, where it was
+/// work-stream message `seq`.
+pub fn moved_msg_id(run_id: &str, shard: u32, instance: &str, seq: u64) -> String {
+    format!("{run_id}/{shard}/from-{instance}-{seq}")
+}
+
+/// `Nats-Msg-Id` of a shard the router re-addressed for `attempt`.
+pub fn rerouted_msg_id(run_id: &str, shard: u32, attempt: u32) -> String {
+    format!("{run_id}/{shard}/a{attempt}")
+}
+
+/// `Nats-Msg-Id` of an event about a whole run: `kind` is `dispatched` or `skipped`.
+pub fn run_event_msg_id(run_id: &str, kind: &str) -> String {
+    format!("{run_id}/{kind}")
+}
+
+/// `Nats-Msg-Id` of an event about one attempt of a shard: `kind` is `started`, `finished` or
+/// `log/<n>`.
+pub fn attempt_event_msg_id(run_id: &str, shard: u32, attempt: u32, kind: &str) -> String {
+    format!("{run_id}/{shard}/{attempt}/{kind}")
+}
+
+/// `Nats-Msg-Id` of the parked copy of work-stream message `seq` (whoever parks it: a worker,
+/// the router, the dead-letter handler).
+pub fn parked_work_id(seq: u64) -> String {
+    format!("work/{seq}")
+}
+
+/// `Nats-Msg-Id` of the parked copy of events-stream message `seq`.
+pub fn parked_event_id(seq: u64) -> String {
+    format!("events/{seq}")
+}
+
+/// `Nats-Msg-Id` of the parked copy of revision `revision` of job definition `key`.
+pub fn parked_job_id(key: &str, revision: u64) -> String {
+    format!("jobs/{key}/{revision}")
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
+use krest_schemas::deadletter::{parked_copy, Origin};
 use krest_schemas::names::{
-    app_consumer, cancel_subject, dlq_subject, instance_consumer, server_list,
-    work_instance_subject, work_queue_subject, work_router_subject, worker_key, CANCELS_BUCKET,
-    DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, cancel_subject, dlq_subject, instance_consumer, parked_work_id, retry_msg_id,
+    server_list, work_instance_subject, work_queue_subject, work_router_subject, worker_key,
+    CANCELS_BUCKET, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{AttemptOutcome, Finished, JobType, RunEvent, RunMessage, Started, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -264,6 +265,22 @@ impl Worker {
             "worker started"
         );
 
+        // This instance's own consumer exists before its first heartbeat: the leader addresses
+        // runs to instances it sees heartbeating, and treats one without a consumer as
+        // unreachable.
+        let Some(instance_consumer) = wait_for(&stop, "instance consumer", || async {
+            consumer_for(
+                &stream,
+                Source::Instance(&self.instance),
+                &cfg.app,
+                cfg.ack_wait,
+            )
+            .await
+        })
+        .await
+        else {
+            return Ok(());
+        };
         // Heartbeats until the end.
         let heartbeat_stop = CancellationToken::new();
         let mut heartbeat = AbortOnDrop(Some(tokio::spawn(heartbeat_loop(
@@ -288,19 +305,6 @@ impl Worker {
         // Pull and execute until told to stop: from the app's shared consumer (the weighted
         // group) and from this instance's own consumer (runs the leader addressed to it). Each
         // source holds at most `weight × slots` runs.
-        let Some(instance_consumer) = wait_for(&stop, "instance consumer", || async {
-            consumer_for(
-                &stream,
-                Source::Instance(&self.instance),
-                &cfg.app,
-                cfg.ack_wait,
-            )
-            .await
-        })
-        .await
-        else {
-            return Ok(());
-        };
         let hard_stop = CancellationToken::new();
         let pull = |consumer, source| {
             pull_loop(
@@ -676,26 +680,35 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Parks a message this worker cannot read on the dead-letter stream (`krest.dlq.work`).
+/// Parks a message this worker cannot read on the dead-letter stream (`krest.dlq.work`): a copy
+/// bounded to fit the server's max payload with its headers.
 async fn park(
     js: &jetstream::Context,
-    seq: &u64,
+    seq: u64,
     reason: &str,
     msg: &jetstream::Message,
 ) -> Result<(), String> {
+    let id = parked_work_id(seq);
+    let copy = parked_copy(
+        msg.payload.len(),
+        reason,
+        &Origin {
+            subject: &msg.subject,
+            seq: Some(seq),
+        },
+        &id,
+        js.client().server_info().max_payload,
+    );
     let mut headers = async_nats::HeaderMap::new();
-    let reason: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    headers.insert(DLQ_REASON_HEADER, reason.as_str());
-    headers.insert(DLQ_SOURCE_HEADER, msg.subject.as_str());
+    for (name, value) in &copy.headers {
+        headers.insert(*name, value.as_str());
+    }
     js.send_publish(
         dlq_subject("work"),
         async_nats::jetstream::message::PublishMessage::build()
-            .payload(msg.payload.clone())
+            .payload(msg.payload.slice(..copy.keep))
             .headers(headers)
-            .message_id(format!("work/{seq}")),
+            .message_id(id),
     )
     .await
     .map_err(|e| e.to_string())?
@@ -733,7 +746,7 @@ async fn process(
             tracing::error!(subject = %msg.subject, error = %e, "malformed run message; parking it");
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
             let reason = format!("malformed run message: {e}");
-            match park(&shared.js, &seq, &reason, &msg).await {
+            match park(&shared.js, seq, &reason, &msg).await {
                 Ok(()) => {
                     let _ = msg.double_ack_with(AckKind::Term).await;
                 }
@@ -970,11 +983,7 @@ async fn reroute(
             work_router_subject(&run.app_name),
             async_nats::jetstream::message::PublishMessage::build()
                 .payload(body.into())
-                .message_id(format!(
-                    "{}/{}/retry-{attempt}",
-                    run.run_id,
-                    run.shard_index()
-                )),
+                .message_id(retry_msg_id(&run.run_id, run.shard_index(), attempt)),
         )
         .await
         .map_err(|e| e.to_string())?

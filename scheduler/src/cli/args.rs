@@ -162,6 +162,10 @@ pub struct SchedulerArgs {
     /// size up to 3).
     #[arg(long, env = "KREST_REPLICAS")]
     pub replicas: Option<usize>,
+    /// Recorder lag (age of the oldest event not recorded yet) beyond which /readyz reports the
+    /// node not ready.
+    #[arg(long, env = "KREST_RECORDER_MAX_LAG", default_value = "30s", value_parser = parse_duration)]
+    pub recorder_max_lag: Duration,
     /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
     pub http: HttpAddr,

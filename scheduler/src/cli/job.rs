@@ -133,7 +133,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                     format!("--args must be JSON (quote strings: --args '\"text\"'); got `{a}`")
                 })?),
             };
-            let request_id = Some(crate::leader::dispatch::request_id(chrono::Utc::now()));
+            let request_id = Some(krest_schemas::names::new_request_id(chrono::Utc::now()));
             let resp: TriggerResponse = client
                 .call(
                     Op::JobTrigger,

@@ -154,10 +154,13 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                     &[
                         "NODE",
                         "ROLE",
+                        "VERSION",
                         "DATABASE",
                         "RECORDED-SEQ",
-                        "VERSION",
-                        "STARTED",
+                        "LAG",
+                        "NATS-SERVER",
+                        "HTTP",
+                        "STARTED (UTC)",
                     ],
                     status
                         .nodes
@@ -166,11 +169,12 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                             vec![
                                 n.node.clone(),
                                 format!("{:?}", n.role).to_uppercase(),
+                                n.version.clone(),
                                 n.database.clone(),
                                 n.recorded_seq.to_string(),
+                                recorder_lag(n),
                                 n.nats_server.clone(),
                                 n.http_addr.clone().unwrap_or_else(|| "-".into()),
-                                n.version.clone(),
                                 fmt_time(Some(n.started_at)),
                             ]
                         })
@@ -180,6 +184,26 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A node's recorder lag: events and age of the oldest unrecorded one, and why it is stuck.
+fn recorder_lag(n: &krest_schemas::NodeInfo) -> String {
+    let mut s = if n.recorder_lag_events == 0 {
+        "0".to_string()
+    } else {
+        format!(
+            "{} events, {:.1} s",
+            n.recorder_lag_events,
+            n.recorder_lag_ms as f64 / 1000.0
+        )
+    };
+    if let Some(why) = &n.recorder_failing {
+        s.push_str(&format!(
+            " (stuck: {})",
+            why.chars().take(80).collect::<String>()
+        ));
+    }
+    s
 }
 
 /// Prints an error for humans, with every invalid document's problems.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use krest_schemas::names::WORKERS_BUCKET;
+use krest_schemas::names::{is_token, worker_key, WORKERS_BUCKET};
 use krest_schemas::{LoadBalance, WorkerInfo};
 use tokio::sync::Mutex;
 
@@ -218,11 +218,33 @@ impl Registry {
         }
     }
 
+    /// A fresh view, or why there is none (no fallback to the last view: for decisions that a
+    /// stale or empty view would get wrong, such as an instance's departure).
+    pub async fn read_now(&self) -> Result<Arc<Vec<WorkerInfo>>, String> {
+        let _reading = self.reading.lock().await;
+        let live = tokio::time::timeout(READ_TIMEOUT, self.read())
+            .await
+            .map_err(|_| "reading the worker registry timed out".to_string())??;
+        let live = Arc::new(live);
+        if let Ok(mut v) = self.view.write() {
+            *v = live.clone();
+        }
+        Ok(live)
+    }
+
+    /// Every heartbeat that parses and whose key names the instance it describes (a value
+    /// under another instance's key is not believed).
     async fn read(&self) -> Result<Vec<WorkerInfo>, String> {
         let mut out: Vec<WorkerInfo> = crate::infra::kv_values(&self.js, WORKERS_BUCKET)
             .await?
             .into_iter()
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(key, v)| {
+                let w: WorkerInfo = serde_json::from_slice(&v).ok()?;
+                (is_token(&w.app_name)
+                    && is_token(&w.instance)
+                    && worker_key(&w.app_name, &w.instance) == key)
+                    .then_some(w)
+            })
             .collect();
         out.sort_by(|a, b| (&a.app_name, &a.instance).cmp(&(&b.app_name, &b.instance)));
         Ok(out)
@@ -242,6 +264,9 @@ pub fn candidates(live: &[WorkerInfo], app: &str, handler: &str) -> Vec<WorkerIn
 pub struct Routing {
     registry: Arc<Registry>,
     balancer: Mutex<Balancer>,
+    /// Instances that heartbeat but have no consumer of their own (set by the router): runs
+    /// addressed to them would wait forever, so they are never candidates.
+    unreachable: std::sync::RwLock<std::collections::HashSet<(String, String)>>,
 }
 
 impl Routing {
@@ -250,6 +275,7 @@ impl Routing {
         Routing {
             registry,
             balancer: Mutex::new(Balancer::default()),
+            unreachable: Default::default(),
         }
     }
 
@@ -263,6 +289,27 @@ impl Routing {
         self.registry.live_now().await
     }
 
+    /// The live instances, read now, or why they cannot be.
+    pub async fn read_now(&self) -> Result<Arc<Vec<WorkerInfo>>, String> {
+        self.registry.read_now().await
+    }
+
+    /// Replaces the set of `(app, instance)` that heartbeat without a consumer.
+    pub fn set_unreachable(&self, instances: std::collections::HashSet<(String, String)>) {
+        if let Ok(mut u) = self.unreachable.write() {
+            *u = instances;
+        }
+    }
+
+    fn reachable(&self, mut found: Vec<WorkerInfo>) -> Vec<WorkerInfo> {
+        if let Ok(u) = self.unreachable.read() {
+            if !u.is_empty() {
+                found.retain(|w| !u.contains(&(w.app_name.clone(), w.instance.clone())));
+            }
+        }
+        found
+    }
+
     /// The live instances of `app` with `handler`; read again (not from the cache) when the
     /// cached view has none, so instances that just came up are seen.
     async fn candidates(
@@ -271,12 +318,12 @@ impl Routing {
         app: &str,
         handler: &str,
     ) -> Vec<WorkerInfo> {
-        let found = candidates(live, app, handler);
+        let found = self.reachable(candidates(live, app, handler));
         if !found.is_empty() {
             return found;
         }
         *live = self.registry.live_now().await;
-        candidates(live, app, handler)
+        self.reachable(candidates(live, app, handler))
     }
 
     /// Addresses each fire's shards by its job's strategy (BROADCAST: one shard per live

@@ -3,14 +3,13 @@
 //! awaited). A second publish of the same fire inside the stream's duplicate window is dropped
 //! by JetStream, which is what makes a failover safe.
 
-use std::hash::{BuildHasher, Hasher};
-
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::names::{
-    events_subject, work_instance_subject, work_msg_id, work_queue_subject, STATE_BUCKET,
+    self, events_subject, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
+    STATE_BUCKET,
 };
 use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
@@ -22,22 +21,14 @@ use crate::jobs::JobEntry;
 /// throughput of awaiting each ack).
 const MAX_INFLIGHT: usize = 1024;
 
-/// Id of the run of `group.name` scheduled at `at`: the same on every node, so a re-publish
-/// by another leader is recognized as a duplicate.
+/// Id of the run of `group.name` scheduled at `at` (see [`krest_schemas::names`]).
 pub fn scheduled_run_id(group: &str, name: &str, at: DateTime<Utc>) -> String {
-    format!("{group}.{name}.{}", at.timestamp_millis())
+    names::scheduled_run_id(group, name, at.timestamp_millis())
 }
 
 /// Id of a manually triggered run: unique.
 pub fn manual_run_id(group: &str, name: &str, at: DateTime<Utc>) -> String {
-    format!("{group}.{name}.m-{}", request_id(at))
-}
-
-/// A fresh, unique request id (`<epoch ms>-<random>`), for idempotent triggers.
-pub fn request_id(at: DateTime<Utc>) -> String {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_i64(at.timestamp_nanos_opt().unwrap_or_default());
-    format!("{}-{:06x}", at.timestamp_millis(), h.finish() & 0xff_ffff)
+    names::manual_run_id(group, name, &names::new_request_id(at))
 }
 
 /// One run to publish.
@@ -321,7 +312,7 @@ impl Publisher {
             let ack = self
                 .js
                 .send_publish(
-                    format!("$KV.{STATE_BUCKET}.{key}"),
+                    kv_subject(STATE_BUCKET, &key),
                     PublishMessage::build().payload(payload.into()),
                 )
                 .await

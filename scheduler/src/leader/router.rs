@@ -5,13 +5,18 @@
 //!   that failed them, with the instant they are due and the instance to avoid. The router holds
 //!   each until due (a nak with that delay) and re-addresses it by the job's strategy, preferring
 //!   another instance.
-//! - **Departed instances**: when an instance's heartbeat is gone, its consumer still holds the
-//!   runs addressed to it. The router drains that consumer — runs waiting, and runs the instance
-//!   held when it died once their ack wait passes — into the retry path (the attempt it lost
-//!   counts), then deletes the consumer. A BROADCAST shard cannot move (its instance *was* the
-//!   point): it is recorded FAILED.
+//! - **Departed instances** are decided from the heartbeat registry, not from consumers: every
+//!   sweep looks at each instance that has a consumer *or* runs waiting on its subject. One with
+//!   no heartbeat has departed; one that heartbeats but has had no consumer of its own for
+//!   [`RouterConfig::consumer_grace`] (the SDK creates its consumer before its first heartbeat,
+//!   so this is a forged or broken heartbeat) is unreachable: no run is addressed to it, and
+//!   what waits for it moves. Moving drains the instance's consumer (created by the router when
+//!   there is none) — runs waiting, and runs the instance held when it died once their ack wait
+//!   passes — into the retry path (the attempt it lost counts), then deletes the consumer. A
+//!   BROADCAST shard cannot move (its instance *was* the point): it is recorded FAILED.
 //!
-//! Only the leader routes; the router's consumer is durable, so a new leader continues.
+//! So no run addressed to a vanished instance waits longer than the heartbeat TTL plus one
+//! sweep. Only the leader routes; the router's consumer is durable, so a new leader continues.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +24,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, message::PublishMessage, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
+use krest_schemas::deadletter::Origin;
 use krest_schemas::names::{
-    work_instance_subject, work_msg_id, work_queue_subject, work_router_subject, ROUTER_CONSUMER,
-    WORK_ROUTER_FILTER, WORK_STREAM,
+    instance_consumer, moved_msg_id, parked_work_id, rerouted_msg_id, work_instance_subject,
+    work_queue_subject, work_router_subject, ROUTER_CONSUMER, WORK_ROUTER_FILTER, WORK_STREAM,
 };
 use krest_schemas::{JobType, RunMessage};
 use tokio_util::sync::CancellationToken;
@@ -29,14 +35,34 @@ use tokio_util::sync::CancellationToken;
 use crate::leader::balance::Routing;
 use crate::leader::lease::Leadership;
 
-/// How often departed instances are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// How often departed and unreachable instances are looked for.
+    pub sweep_every: Duration,
+    /// How long an instance may heartbeat without a consumer of its own (counted from when
+    /// this leader first saw it) before it is unreachable.
+    pub consumer_grace: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            sweep_every: Duration::from_secs(2),
+            consumer_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Description of instance consumers the router creates to move runs (not the instance's own).
+const MOVER_DESCRIPTION: &str = "Krest router: moving runs of a departed instance";
 
 /// Runs until `stop`, routing while this node leads.
 pub async fn run(
     js: jetstream::Context,
     routing: Arc<Routing>,
     leadership: Leadership,
+    cfg: RouterConfig,
     stop: CancellationToken,
 ) {
     let mut role = leadership.watch();
@@ -48,7 +74,7 @@ pub async fn run(
             }
             continue;
         }
-        if let Err(e) = lead(&js, &routing, &leadership, &stop).await {
+        if let Err(e) = lead(&js, &routing, &leadership, &cfg, &stop).await {
             tracing::warn!(error = %e, "router interrupted; restarting");
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -65,6 +91,7 @@ async fn lead(
     js: &jetstream::Context,
     routing: &Routing,
     leadership: &Leadership,
+    cfg: &RouterConfig,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let stream = js
@@ -86,11 +113,12 @@ async fn lead(
         )
         .await
         .map_err(|e| format!("cannot create the router's consumer: {e}"))?;
-    let mut last_sweep = tokio::time::Instant::now() - SWEEP_EVERY;
+    let mut last_sweep = tokio::time::Instant::now() - cfg.sweep_every;
+    let mut sweeper = Sweeper::default();
     while leadership.valid_epoch().is_some() && !stop.is_cancelled() {
-        if last_sweep.elapsed() >= SWEEP_EVERY {
+        if last_sweep.elapsed() >= cfg.sweep_every {
             last_sweep = tokio::time::Instant::now();
-            if let Err(e) = sweep(js, &stream, routing).await {
+            if let Err(e) = sweeper.sweep(js, &stream, routing, cfg).await {
                 tracing::warn!(error = %e, "looking for departed instances failed");
             }
         }
@@ -118,15 +146,16 @@ async fn route(js: &jetstream::Context, routing: &Routing, msg: jetstream::Messa
     let mut run: RunMessage = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
+            let seq = msg.info().map(|i| i.stream_sequence).ok();
             let _ = crate::deadletter::park(
                 js,
                 "work",
-                &format!(
-                    "router/{}",
-                    msg.info().map(|i| i.stream_sequence).unwrap_or_default()
-                ),
+                &parked_work_id(seq.unwrap_or_default()),
                 &format!("malformed run message for the router: {e}"),
-                &msg.subject,
+                Origin {
+                    subject: &msg.subject,
+                    seq,
+                },
                 msg.payload.clone(),
             )
             .await;
@@ -166,10 +195,7 @@ async fn route(js: &jetstream::Context, routing: &Routing, msg: jetstream::Messa
     run.target = target;
     run.retry_at = None;
     run.avoid.clear();
-    let id = format!(
-        "{}/a{next_attempt}",
-        work_msg_id(&run.run_id, run.shard_index())
-    );
+    let id = rerouted_msg_id(&run.run_id, run.shard_index(), next_attempt);
     let published = match serde_json::to_vec(&run) {
         Ok(body) => match js
             .send_publish(
@@ -197,33 +223,126 @@ async fn route(js: &jetstream::Context, routing: &Routing, msg: jetstream::Messa
     }
 }
 
-/// Finds consumers of instances that have no heartbeat any more and drains them.
-async fn sweep(
-    js: &jetstream::Context,
-    stream: &jetstream::stream::Stream,
-    routing: &Routing,
-) -> Result<(), String> {
-    // Departure decides about moving runs: look at the registry as it is now.
-    let live = routing.live_now().await;
-    let mut infos = stream.consumers();
-    let mut departed = Vec::new();
-    while let Some(info) = infos.next().await {
-        let info = info.map_err(|e| e.to_string())?;
-        // Instance consumers filter `krest.work.<app>.i.<instance>`.
-        let tokens: Vec<&str> = info.config.filter_subject.split('.').collect();
-        if let ["krest", "work", app, "i", instance] = tokens[..] {
-            if !live
-                .iter()
-                .any(|w| w.app_name == app && w.instance == instance)
-            {
-                departed.push((info.name.clone(), app.to_string(), instance.to_string()));
+/// Leader-local memory of the sweeps: when each instance was first seen heartbeating.
+#[derive(Default)]
+struct Sweeper {
+    first_seen: std::collections::HashMap<(String, String), tokio::time::Instant>,
+}
+
+impl Sweeper {
+    /// Moves the runs of departed and unreachable instances; marks the unreachable ones so no
+    /// run is addressed to them.
+    async fn sweep(
+        &mut self,
+        js: &jetstream::Context,
+        stream: &jetstream::stream::Stream,
+        routing: &Routing,
+        cfg: &RouterConfig,
+    ) -> Result<(), String> {
+        // Departure decides about moving runs: the registry as it is now, or no decision.
+        let live = routing.read_now().await?;
+        let now = tokio::time::Instant::now();
+        self.first_seen.retain(|k, _| {
+            live.iter()
+                .any(|w| (&w.app_name, &w.instance) == (&k.0, &k.1))
+        });
+        for w in live.iter() {
+            self.first_seen
+                .entry((w.app_name.clone(), w.instance.clone()))
+                .or_insert(now);
+        }
+        // Instance consumers: (app, instance) → (name, the instance's own?).
+        let mut consumers = std::collections::HashMap::new();
+        let mut infos = stream.consumers();
+        while let Some(info) = infos.next().await {
+            let info = info.map_err(|e| e.to_string())?;
+            if let Some(key) = instance_of(&info.config.filter_subject) {
+                let own = info.config.description.as_deref() != Some(MOVER_DESCRIPTION);
+                consumers.insert(key, (info.name.clone(), own));
             }
         }
+        // Instance subjects with runs waiting.
+        let mut waiting = std::collections::HashSet::new();
+        let mut subjects = stream
+            .info_with_subjects("krest.work.*.i.*")
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(s) = subjects.next().await {
+            let (subject, _) = s.map_err(|e| e.to_string())?;
+            if let Some(key) = instance_of(&subject) {
+                waiting.insert(key);
+            }
+        }
+        let mut unreachable = std::collections::HashSet::new();
+        for w in live.iter() {
+            let key = (w.app_name.clone(), w.instance.clone());
+            let own = consumers.get(&key).is_some_and(|(_, own)| *own);
+            let seen = self.first_seen.get(&key).copied().unwrap_or(now);
+            if !own && now.duration_since(seen) >= cfg.consumer_grace {
+                unreachable.insert(key);
+            }
+        }
+        let mut keys: Vec<(String, String)> = consumers.keys().cloned().collect();
+        keys.extend(waiting.into_iter().filter(|k| !consumers.contains_key(k)));
+        keys.sort();
+        keys.dedup();
+        for key in &keys {
+            let heartbeating = live
+                .iter()
+                .any(|w| (&w.app_name, &w.instance) == (&key.0, &key.1));
+            if heartbeating && !unreachable.contains(key) {
+                continue;
+            }
+            let (app, instance) = key;
+            let name = match consumers.get(key) {
+                Some((name, _)) => name.clone(),
+                None => mover(stream, app, instance).await?,
+            };
+            if heartbeating {
+                tracing::warn!(app, instance, "an instance heartbeats without a consumer of its own; moving its runs and addressing none to it");
+            }
+            drain(js, stream, &name, app, instance).await?;
+        }
+        routing.set_unreachable(unreachable);
+        Ok(())
     }
-    for (name, app, instance) in departed {
-        drain(js, stream, &name, &app, &instance).await?;
+}
+
+/// `(app, instance)` of an instance work subject `krest.work.<app>.i.<instance>`.
+fn instance_of(subject: &str) -> Option<(String, String)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    match tokens[..] {
+        ["krest", "work", app, "i", instance] => Some((app.to_string(), instance.to_string())),
+        _ => None,
     }
-    Ok(())
+}
+
+/// Creates a consumer on an instance's subject that has none, to move what waits there.
+async fn mover(
+    stream: &jetstream::stream::Stream,
+    app: &str,
+    instance: &str,
+) -> Result<String, String> {
+    let name = instance_consumer(app, instance);
+    stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(MOVER_DESCRIPTION.to_string()),
+                filter_subject: work_instance_subject(app, instance),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                inactive_threshold: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            format!("cannot create a consumer to move the runs of {app}/{instance}: {e}")
+        })?;
+    Ok(name)
 }
 
 async fn drain(
@@ -254,9 +373,12 @@ async fn drain(
             let _ = crate::deadletter::park(
                 js,
                 "work",
-                &format!("work/{seq}"),
+                &parked_work_id(seq),
                 "malformed run message",
-                &msg.subject,
+                Origin {
+                    subject: &msg.subject,
+                    seq: Some(seq),
+                },
                 msg.payload.clone(),
             )
             .await;
@@ -279,10 +401,7 @@ async fn drain(
                 work_router_subject(app),
                 PublishMessage::build()
                     .payload(body.into())
-                    .message_id(format!(
-                        "{}/from-{instance}-{seq}",
-                        work_msg_id(&run.run_id, run.shard_index())
-                    )),
+                    .message_id(moved_msg_id(&run.run_id, run.shard_index(), instance, seq)),
             )
             .await
             .map_err(|e| e.to_string())?

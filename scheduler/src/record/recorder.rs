@@ -4,12 +4,25 @@
 //! Nothing is acknowledged: the stream is the log and the cursor lives in the database, updated
 //! in the same transaction as the rows. When the database is unavailable the recorder retries the
 //! same batch with backoff; the events wait in the stream.
+//!
+//! No single event can stall it:
+//! - an event that does not decode is parked on `krest.dlq.events` (a copy bounded to fit the
+//!   server's max payload; see [`crate::deadletter::park`]); if even that fails a few times, the
+//!   copy is dropped with an error log naming the sequence — the original stays in the stream;
+//! - a batch the database keeps rejecting is applied event by event: an event that fails while a
+//!   write without it succeeds is poison, and is parked the same way. If no write succeeds, the
+//!   database is down, and the recorder waits for it.
+//!
+//! Its progress and lag (events and seconds behind the stream) are published as a
+//! [`RecorderStatus`], shown by `/readyz` and `krest cluster status`.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use krest_schemas::names::{EVENTS_STREAM, EVENTS_SUBJECTS};
+use krest_schemas::deadletter::{header_value, Origin};
+use krest_schemas::names::{parked_event_id, EVENTS_STREAM, EVENTS_SUBJECTS};
 use krest_schemas::RunEvent;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +32,15 @@ use crate::record::store::Store;
 /// How long the recorder waits for an event before checking that it is not stalled.
 const STALL_CHECK: Duration = Duration::from_secs(5);
 
+/// How often the lag behind the stream is measured.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+/// Attempts to park one bad event before its copy is dropped.
+const PARK_ATTEMPTS: u32 = 3;
+
+/// Consecutive failures of a whole batch after which it is applied event by event.
+const ISOLATE_AFTER: u32 = 3;
+
 /// Recorder settings.
 #[derive(Debug, Clone)]
 pub struct RecorderConfig {
@@ -26,6 +48,8 @@ pub struct RecorderConfig {
     pub max_batch: usize,
     /// How long to wait for more events before writing a partial batch.
     pub linger: Duration,
+    /// Lag beyond which the node reports itself not ready (`/readyz`).
+    pub max_lag: Duration,
 }
 
 impl Default for RecorderConfig {
@@ -33,128 +57,390 @@ impl Default for RecorderConfig {
         RecorderConfig {
             max_batch: 1000,
             linger: Duration::from_millis(20),
+            max_lag: Duration::from_secs(30),
         }
     }
 }
 
-/// Runs until `stop`, publishing the last recorded stream sequence on `progress`.
+/// Where the recorder stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecorderStatus {
+    /// Stream sequence of the last event recorded (or parked).
+    pub recorded_seq: u64,
+    /// Last sequence of the events stream, as last measured.
+    pub stream_seq: u64,
+    /// Events in the stream not recorded yet.
+    pub lag_events: u64,
+    /// Age of the oldest event not recorded yet (0 when none).
+    pub lag: Duration,
+    /// Why the recorder is not progressing, while it is not (database down, stream unreachable).
+    pub failing: Option<String>,
+    /// Bad events parked since the node started.
+    pub parked: u64,
+    /// Bad events whose copy could not be parked and was dropped since the node started.
+    pub dropped: u64,
+}
+
+/// A cheap handle to the recorder's status.
+pub type StatusRx = watch::Receiver<RecorderStatus>;
+
+/// Runs until `stop`, publishing progress on `status`.
 pub async fn run(
     js: jetstream::Context,
     store: Store,
     followups: crate::record::followup::Followups,
     cfg: RecorderConfig,
-    progress: watch::Sender<u64>,
+    status: watch::Sender<RecorderStatus>,
     stop: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    while !stop.is_cancelled() {
-        match record(&js, &store, &followups, &cfg, &progress, &stop).await {
-            Ok(()) => return,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, "recorder interrupted; restarting from the database cursor");
-                let d =
-                    Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
+    let recorder = Recorder {
+        js: &js,
+        store: &store,
+        followups: &followups,
+        cfg: &cfg,
+        status: &status,
+        stop: &stop,
+    };
+    tokio::join!(recorder.record_loop(), measure_lag(&js, &status, &stop));
+}
+
+struct Recorder<'a> {
+    js: &'a jetstream::Context,
+    store: &'a Store,
+    followups: &'a crate::record::followup::Followups,
+    cfg: &'a RecorderConfig,
+    status: &'a watch::Sender<RecorderStatus>,
+    stop: &'a CancellationToken,
+}
+
+impl Recorder<'_> {
+    async fn record_loop(&self) {
+        let mut failures = 0u32;
+        while !self.stop.is_cancelled() {
+            match self.record().await {
+                Ok(()) => return,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "recorder interrupted; restarting from the database cursor");
+                    self.failing(Some(e));
+                    let d = Duration::from_millis(200u64 << failures.min(5))
+                        .min(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn failing(&self, why: Option<String>) {
+        self.status.send_if_modified(|s| {
+            if s.failing != why {
+                s.failing = why;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn recorded(&self, seq: u64) {
+        self.status.send_modify(|s| {
+            s.recorded_seq = seq;
+            s.failing = None;
+            if s.stream_seq <= seq {
+                s.stream_seq = seq;
+                s.lag_events = 0;
+                s.lag = Duration::ZERO;
+            } else {
+                s.lag_events = s.stream_seq - seq;
+            }
+        });
+    }
+
+    async fn record(&self) -> Result<(), String> {
+        let cursor = self
+            .retry_db("read the recorder cursor", || self.store.cursor())
+            .await?;
+        self.recorded(cursor);
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let deliver_policy = if cursor == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: cursor + 1,
+            }
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: EVENTS_SUBJECTS.to_string(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot create the recorder's consumer: {e}"))?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        tracing::info!(from = cursor + 1, "recording run events");
+        loop {
+            // Wait for the first event of a batch, then take what arrives within the linger
+            // time. While idle, check now and then that the stream has nothing we have not
+            // seen: an ordered consumer whose server died can stall silently, and is then
+            // recreated.
+            let first = loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = stop.cancelled() => return,
+                    m = messages.next() => break m,
+                    _ = tokio::time::sleep(STALL_CHECK) => {
+                        let mut stream = self.js.get_stream(EVENTS_STREAM).await.map_err(|e| e.to_string())?;
+                        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+                        let recorded = self.status.borrow().recorded_seq;
+                        if last > recorded {
+                            return Err(format!("event consumer stalled at {recorded} while the stream is at {last}"));
+                        }
+                    }
+                    _ = self.stop.cancelled() => return Ok(()),
+                }
+            };
+            let mut batch = Batch::default();
+            match first {
+                Some(Ok(m)) => batch.push(m)?,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("event consumer ended".into()),
+            }
+            let deadline = tokio::time::Instant::now() + self.cfg.linger;
+            while batch.events.len() < self.cfg.max_batch {
+                match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(Some(Ok(m))) => batch.push(m)?,
+                    Ok(Some(Err(e))) => return Err(e.to_string()),
+                    Ok(None) => return Err("event consumer ended".into()),
+                    Err(_) => break,
+                }
+            }
+            // Park malformed events first: once the cursor moves past them they are not read
+            // again.
+            for bad in &batch.bad {
+                self.park(bad).await;
+            }
+            let ended = self.write(&batch).await?;
+            self.followups.on_ended(&ended).await;
+            self.recorded(batch.last_seq);
+        }
+    }
+
+    /// Writes a batch; a batch the database keeps rejecting is isolated event by event.
+    async fn write(&self, batch: &Batch) -> Result<Vec<krest_schemas::api::RunSummary>, String> {
+        let events: Vec<RunEvent> = batch.events.iter().map(|(_, e)| e.clone()).collect();
+        let mut failures = 0u32;
+        loop {
+            match self.store.apply(&events, batch.last_seq).await {
+                Ok(ended) => {
+                    if failures > 0 {
+                        tracing::info!("database available again; recording resumes");
+                    }
+                    return Ok(ended);
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::error!(error = %e, failures, "cannot record run events; they wait in the stream, retrying");
+                    }
+                    self.failing(Some(format!("cannot record run events: {e}")));
+                    if failures % ISOLATE_AFTER == 0 {
+                        if let Some(ended) = self.isolate(batch).await? {
+                            return Ok(ended);
+                        }
+                    }
+                    self.pause(failures).await?;
+                }
+            }
+        }
+    }
+
+    /// Applies the batch one event at a time. An event the database rejects while a write
+    /// without it succeeds is parked and skipped. Returns `None` when the database accepts no
+    /// write at all (it is down: the caller waits and retries the batch).
+    async fn isolate(
+        &self,
+        batch: &Batch,
+    ) -> Result<Option<Vec<krest_schemas::api::RunSummary>>, String> {
+        let mut ended = Vec::new();
+        let mut done = self.status.borrow().recorded_seq;
+        for (seq, event) in &batch.events {
+            match self.store.apply(std::slice::from_ref(event), *seq).await {
+                Ok(e) => {
+                    ended.extend(e);
+                    done = *seq;
+                }
+                Err(e) => {
+                    // Is it this event, or the database? A write without it tells.
+                    if self.store.apply(&[], done).await.is_err() {
+                        return Ok(None);
+                    }
+                    let payload = serde_json::to_vec(event).unwrap_or_default();
+                    let (group, name) = event.job();
+                    let subject = krest_schemas::names::events_subject(group, name);
+                    self.park(&Bad {
+                        seq: *seq,
+                        subject,
+                        payload: payload.into(),
+                        reason: format!("the database rejected this event: {e}"),
+                    })
+                    .await;
+                }
+            }
+        }
+        self.store
+            .apply(&[], batch.last_seq)
+            .await
+            .map_err(|e| format!("cannot move the recorder cursor: {e}"))?;
+        Ok(Some(ended))
+    }
+
+    /// Parks a bad event, trying a few times; then drops the copy with an error log.
+    async fn park(&self, bad: &Bad) {
+        for attempt in 1..=PARK_ATTEMPTS {
+            match crate::deadletter::park(
+                self.js,
+                "events",
+                &parked_event_id(bad.seq),
+                &bad.reason,
+                Origin {
+                    subject: &bad.subject,
+                    seq: Some(bad.seq),
+                },
+                bad.payload.clone(),
+            )
+            .await
+            {
+                Ok(()) => {
+                    self.status.send_modify(|s| s.parked += 1);
+                    return;
+                }
+                Err(e) if attempt == PARK_ATTEMPTS => {
+                    tracing::error!(
+                        seq = bad.seq,
+                        error = %e,
+                        reason = %bad.reason,
+                        "could not park a bad event; skipping it (the original stays in {EVENTS_STREAM} at this sequence)"
+                    );
+                    self.status.send_modify(|s| s.dropped += 1);
+                }
+                Err(e) => {
+                    tracing::warn!(seq = bad.seq, error = %e, "could not park a bad event; retrying");
+                    if self.pause(attempt).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Backoff between retries: 100 ms doubling to 5 s. Errs when stopping.
+    async fn pause(&self, failures: u32) -> Result<(), String> {
+        let d = Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = self.stop.cancelled() => Err("stopped".into()),
+        }
+    }
+
+    /// Retries a database operation with backoff until it succeeds or `stop` fires.
+    async fn retry_db<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::record::store::StoreError>>,
+    {
+        let mut failures = 0u32;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::error!(error = %e, failures, "cannot {what}; retrying");
+                    }
+                    self.failing(Some(format!("cannot {what}: {e}")));
+                    self.pause(failures).await?;
                 }
             }
         }
     }
 }
 
-async fn record(
+/// Measures, every second, how far the recorder is behind the stream: in events, and as the
+/// age of the oldest event it has not recorded.
+async fn measure_lag(
     js: &jetstream::Context,
-    store: &Store,
-    followups: &crate::record::followup::Followups,
-    cfg: &RecorderConfig,
-    progress: &watch::Sender<u64>,
+    status: &watch::Sender<RecorderStatus>,
     stop: &CancellationToken,
-) -> Result<(), String> {
-    let cursor = retry_db(stop, "read the recorder cursor", || store.cursor()).await?;
-    let _ = progress.send(cursor);
-    let stream = js
+) {
+    let mut tick = tokio::time::interval(LAG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let measured = tokio::time::timeout(Duration::from_secs(2), lag(js, status)).await;
+        match measured {
+            Ok(Ok((stream_seq, oldest))) => status.send_modify(|s| {
+                s.stream_seq = stream_seq.max(s.recorded_seq);
+                s.lag_events = s.stream_seq - s.recorded_seq;
+                s.lag = match oldest {
+                    Some(at) if s.lag_events > 0 => (Utc::now() - at).to_std().unwrap_or_default(),
+                    _ => Duration::ZERO,
+                };
+            }),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot measure the recorder's lag"),
+            Err(_) => tracing::debug!("cannot measure the recorder's lag: NATS did not answer"),
+        }
+    }
+}
+
+/// The stream's last sequence and the time of the first event after the recorded one.
+async fn lag(
+    js: &jetstream::Context,
+    status: &watch::Sender<RecorderStatus>,
+) -> Result<(u64, Option<DateTime<Utc>>), String> {
+    let mut stream = js
         .get_stream(EVENTS_STREAM)
         .await
         .map_err(|e| e.to_string())?;
-    let deliver_policy = if cursor == 0 {
-        consumer::DeliverPolicy::All
-    } else {
-        consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: cursor + 1,
-        }
-    };
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: EVENTS_SUBJECTS.to_string(),
-            deliver_policy,
-            ..Default::default()
-        })
+    let state = stream
+        .info()
         .await
-        .map_err(|e| format!("cannot create the recorder's consumer: {e}"))?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    tracing::info!(from = cursor + 1, "recording run events");
-    loop {
-        // Wait for the first event of a batch, then take what arrives within the linger time.
-        // While idle, check now and then that the stream has nothing we have not seen: an
-        // ordered consumer whose server died can stall silently, and is then recreated.
-        let first = loop {
-            tokio::select! {
-                m = messages.next() => break m,
-                _ = tokio::time::sleep(STALL_CHECK) => {
-                    let mut stream = js.get_stream(EVENTS_STREAM).await.map_err(|e| e.to_string())?;
-                    let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
-                    if last > *progress.borrow() {
-                        return Err(format!("event consumer stalled at {} while the stream is at {last}", *progress.borrow()));
-                    }
-                }
-                _ = stop.cancelled() => return Ok(()),
-            }
-        };
-        let mut batch = Batch::default();
-        match first {
-            Some(Ok(m)) => batch.push(m)?,
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("event consumer ended".into()),
-        }
-        let deadline = tokio::time::Instant::now() + cfg.linger;
-        while batch.events.len() < cfg.max_batch {
-            match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(m))) => batch.push(m)?,
-                Ok(Some(Err(e))) => return Err(e.to_string()),
-                Ok(None) => return Err("event consumer ended".into()),
-                Err(_) => break,
-            }
-        }
-        // Park malformed events first: once the cursor moves past them they are not read again.
-        for (seq, subject, payload, error) in &batch.bad {
-            crate::deadletter::park(
-                js,
-                "events",
-                &format!("events/{seq}"),
-                error,
-                subject,
-                payload.clone(),
-            )
-            .await
-            .map_err(|e| format!("cannot park malformed event {seq}: {e}"))?;
-        }
-        let ended = retry_db(stop, "record run events", || {
-            store.apply(&batch.events, batch.last_seq)
-        })
-        .await?;
-        followups.on_ended(&ended).await;
-        let _ = progress.send(batch.last_seq);
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    let recorded = status.borrow().recorded_seq;
+    if state.last_sequence <= recorded {
+        return Ok((state.last_sequence, None));
     }
+    let next = (recorded + 1).max(state.first_sequence);
+    let oldest = match stream.get_raw_message(next).await {
+        Ok(m) => DateTime::from_timestamp(m.time.unix_timestamp(), m.time.nanosecond()),
+        Err(_) => None,
+    };
+    Ok((state.last_sequence, oldest))
+}
+
+/// A message that is not a run event.
+struct Bad {
+    seq: u64,
+    subject: String,
+    payload: bytes::Bytes,
+    reason: String,
 }
 
 #[derive(Default)]
 struct Batch {
-    events: Vec<RunEvent>,
+    events: Vec<(u64, RunEvent)>,
     last_seq: u64,
-    /// Malformed events: (stream sequence, subject, payload, error).
-    bad: Vec<(u64, String, bytes::Bytes, String)>,
+    bad: Vec<Bad>,
 }
 
 impl Batch {
@@ -162,48 +448,19 @@ impl Batch {
         let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
-            Ok(e) => self.events.push(e),
+            Ok(e) => self.events.push((seq, e)),
             Err(e) => {
-                tracing::error!(seq, subject = %m.subject, error = %e, "malformed run event");
-                self.bad.push((
+                // Serde's message may quote the input: bounded like a header.
+                let reason = header_value(&format!("malformed run event: {e}"));
+                tracing::error!(seq, subject = %header_value(&m.subject), bytes = m.payload.len(), %reason, "parking a malformed run event");
+                self.bad.push(Bad {
                     seq,
-                    m.subject.to_string(),
-                    m.payload.clone(),
-                    format!("malformed run event: {e}"),
-                ));
+                    subject: m.subject.to_string(),
+                    payload: m.payload.clone(),
+                    reason,
+                });
             }
         }
         Ok(())
-    }
-}
-
-/// Retries a database operation with backoff until it succeeds or `stop` fires.
-async fn retry_db<T, F, Fut>(stop: &CancellationToken, what: &str, mut op: F) -> Result<T, String>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::record::store::StoreError>>,
-{
-    let mut failures = 0u32;
-    loop {
-        match op().await {
-            Ok(v) => {
-                if failures > 0 {
-                    tracing::info!("database available again; recording resumes");
-                }
-                return Ok(v);
-            }
-            Err(e) => {
-                failures += 1;
-                if failures == 1 || failures % 10 == 0 {
-                    tracing::error!(error = %e, failures, "cannot {what}; events wait in the stream, retrying");
-                }
-                let d =
-                    Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = stop.cancelled() => return Err("stopped".into()),
-                }
-            }
-        }
     }
 }

@@ -598,7 +598,7 @@ impl ApiServer {
         let spec = &entry.stored.spec;
         let run_id = match req.request_id.as_deref() {
             Some(id) if krest_schemas::names::is_token(id) => {
-                format!("{}.{}.m-{id}", spec.job_group, spec.job_name)
+                krest_schemas::names::manual_run_id(&spec.job_group, &spec.job_name, id)
             }
             Some(id) => {
                 return Err(Failure::new(

@@ -1,5 +1,6 @@
 //! The node's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (connected to NATS,
-//! database writable, role known), for load balancers and orchestrators.
+//! database writable, recorder keeping up with the events stream), for load balancers and
+//! orchestrators.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::leader::lease::{Leadership, Role};
+use crate::record::recorder::StatusRx;
 use crate::record::store::Store;
 
 /// What the probes look at.
@@ -24,6 +26,10 @@ pub struct HttpState {
     pub store: Store,
     /// The node's role.
     pub leadership: Leadership,
+    /// The recorder's progress.
+    pub recorder: StatusRx,
+    /// Recorder lag beyond which the node is not ready.
+    pub max_lag: Duration,
 }
 
 async fn healthz(State(s): State<HttpState>) -> Json<Value> {
@@ -41,7 +47,9 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         Role::Leader { epoch } => ("leader", Some(epoch)),
         Role::Standby => ("standby", None),
     };
-    let ready = nats && db.is_ok();
+    let rec = s.recorder.borrow().clone();
+    let recorder_ok = rec.lag <= s.max_lag && (rec.failing.is_none() || rec.lag_events == 0);
+    let ready = nats && db.is_ok() && recorder_ok;
     let body = json!({
         "ready": ready,
         "node": s.node,
@@ -49,6 +57,17 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         "epoch": epoch,
         "nats": if nats { "connected" } else { "disconnected" },
         "database": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
+        "recorder": {
+            "ok": recorder_ok,
+            "recordedSeq": rec.recorded_seq,
+            "streamSeq": rec.stream_seq,
+            "lagEvents": rec.lag_events,
+            "lagSeconds": rec.lag.as_secs_f64(),
+            "maxLagSeconds": s.max_lag.as_secs_f64(),
+            "failing": rec.failing,
+            "parked": rec.parked,
+            "dropped": rec.dropped,
+        },
     });
     let code = if ready {
         StatusCode::OK

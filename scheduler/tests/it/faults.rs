@@ -516,6 +516,20 @@ async fn killing_the_nats_node_the_leader_uses_in_a_three_node_cluster() {
 
 /// `GET path` on `addr`; returns the status code.
 fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_get(addr, path)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `GET path` on `addr`; returns the body.
+fn http_body(addr: &str, path: &str) -> Option<String> {
+    Some(http_get(addr, path)?.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// `GET path` on `addr`; returns the whole response.
+fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(
@@ -525,7 +539,7 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
     .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    Some(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -549,8 +563,38 @@ async fn results_wait_in_the_stream_while_the_database_is_locked() {
         (http_status(&http, "/readyz") == Some(503)).then_some(())
     })
     .await;
-    // The lock is held, so no transaction commits any more.
+    // The lock is held, so no transaction commits any more; the node says how far behind it
+    // is and why.
     let stuck = runs(&client, "f.tick").await.len();
+    eventually(
+        DEADLINE,
+        "cluster status to show the recorder's lag",
+        || async {
+            let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.ok()?;
+            let n = &status.nodes[0];
+            (n.recorder_lag_events > 0 && n.recorder_lag_ms > 0 && n.recorder_failing.is_some())
+                .then_some(())
+        },
+    )
+    .await;
+    let (code, out, _) = {
+        let out = f.krest().args(["cluster", "status"]).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("events,") && out.contains("stuck: cannot record run events"),
+        "{out}"
+    );
+    let body = http_body(&http, "/readyz").unwrap();
+    assert!(
+        body.contains("\"lagEvents\"") && body.contains("cannot record run events"),
+        "{body}"
+    );
     // Runs go on meanwhile (the workers' results wait in the events stream).
     let journal_before = f.journal().len();
     eventually(
@@ -605,7 +649,11 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
     let js = async_nats::jetstream::new(raw.clone());
     let junk = bytes::Bytes::from_static(b"{not json");
     let big = bytes::Bytes::from(vec![b'x'; 900 * 1024]);
-    for payload in [junk.clone(), big.clone()] {
+    // The largest message the server accepts: its parked copy cannot carry it whole.
+    let max = raw.server_info().max_payload;
+    let at_limit = bytes::Bytes::from(vec![b'{'; max]);
+    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+    for payload in [junk.clone(), big.clone(), at_limit.clone()] {
         // Work for the demo app, events of a job, a definition written straight into the bucket,
         // heartbeats, node presence, job state: all garbage.
         for subject in [
@@ -618,11 +666,17 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
             "$KV.krest-leader.leader".to_string(),
             "krest.dlq.work".to_string(),
         ] {
-            js.publish(subject, payload.clone())
+            // A bucket may cap its values below max_payload; what the server refuses never
+            // reached Krest.
+            if js
+                .publish(subject.clone(), payload.clone())
                 .await
                 .unwrap()
                 .await
-                .unwrap();
+                .is_ok()
+            {
+                *accepted.entry(subject).or_default() += 1;
+            }
         }
         // Every API operation.
         for op in Op::ALL {
@@ -644,9 +698,11 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
                 .filter(|d| d.subject == subject && d.reason.starts_with(reason))
                 .count()
         };
-        (count("krest.dlq.work", "malformed run message") == 2
-            && count("krest.dlq.events", "malformed run event") == 2
-            && count("krest.dlq.jobs", "malformed job definition") == 2)
+        (count("krest.dlq.work", "malformed run message")
+            == accepted[&format!("krest.work.{APP}.q")]
+            && count("krest.dlq.events", "malformed run event") == 3
+            && count("krest.dlq.jobs", "malformed job definition")
+                == accepted["$KV.krest-jobs.f.garbage"])
             .then_some(l)
     })
     .await;
@@ -656,6 +712,40 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
             .any(|d| d.reason.starts_with("malformed run message")),
         "{letters:#?}"
     );
+
+    // The event at the limit was parked as a bounded copy that says what it cut and where the
+    // original is.
+    let mut dlq = js.get_stream("KREST_DLQ").await.unwrap();
+    let last = dlq.info().await.unwrap().state.last_sequence;
+    let mut truncated = Vec::new();
+    for seq in 1..=last {
+        let m = dlq.get_raw_message(seq).await.unwrap();
+        if m.headers.get("Krest-Truncated").is_some() {
+            assert!(m.payload.len() < max, "{}", m.payload.len());
+            assert!(m.payload.iter().all(|b| *b == b'{'));
+            assert_eq!(
+                m.headers.get("Krest-Original-Size").unwrap().as_str(),
+                max.to_string()
+            );
+            assert!(m.headers.get("Krest-Source-Seq").is_some());
+            truncated.push(m.subject.to_string());
+        }
+    }
+    assert!(
+        truncated.contains(&"krest.dlq.events".to_string()),
+        "{truncated:?}"
+    );
+    // Both nodes recorded past it and say they are current.
+    eventually(DEADLINE, "both recorders current", || async {
+        let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.ok()?;
+        (status.nodes.len() == 2
+            && status
+                .nodes
+                .iter()
+                .all(|n| n.recorder_failing.is_none() && n.recorder_lag_events < 50))
+        .then_some(())
+    })
+    .await;
 
     // Everything else goes on: the nodes answer, the job runs every second, once.
     let before = finished(&client, "f.tick").await.len();

@@ -236,3 +236,103 @@ async fn a_clean_stop_releases_the_lease_to_a_standby() {
     .await;
     n2.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_task_dies_stops_and_a_standby_takes_over() {
+    let env = Env::new("task-dies");
+    let n1 = env.node("n1");
+    let client = env.client().await;
+    eventually(DEADLINE, "n1 to lead", || async {
+        (leader(&client).await.as_deref() == Some("n1")).then_some(())
+    })
+    .await;
+    let n2 = env.node("n2");
+    let n3 = env.node("n3");
+    let log = Executions::default();
+    let w = counting_worker(&env, "w1", log.clone());
+    apply(
+        &client,
+        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
+    )
+    .await;
+    eventually(DEADLINE, "three finished runs", || async {
+        let done = runs(&client, "tick").await;
+        (done.iter().filter(|r| r.status.is_final()).count() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        n1.tasks.names(),
+        [
+            "api",
+            "dead-letter",
+            "election",
+            "engine",
+            "job-watcher",
+            "presence",
+            "recorder",
+            "registry",
+            "router"
+        ]
+    );
+
+    // The leader's engine dies: the node stops, saying which task, and hands over its lease.
+    assert!(n1.tasks.abort("engine"));
+    let ended = n1.ended().await;
+    assert!(
+        matches!(
+            ended,
+            Err(krest::node::NodeError::TaskEnded { task: "engine", .. })
+        ),
+        "{ended:?}"
+    );
+    let taken_over = eventually(DEADLINE, "a standby to lead", || async {
+        leader(&client).await.filter(|l| l != "n1")
+    })
+    .await;
+    let runs_before = runs(&client, "tick").await.len();
+    eventually(DEADLINE, "three more runs under the new leader", || async {
+        (runs(&client, "tick")
+            .await
+            .iter()
+            .filter(|r| r.status.is_final())
+            .count()
+            >= runs_before + 3)
+            .then_some(())
+    })
+    .await;
+
+    // A standby's task dying stops that node too (a node that only seems healthy is worse).
+    let (standby, new_leader) = if taken_over == "n2" {
+        (n3, n2)
+    } else {
+        (n2, n3)
+    };
+    assert!(standby.tasks.abort("recorder"));
+    let ended = standby.ended().await;
+    assert!(
+        matches!(
+            ended,
+            Err(krest::node::NodeError::TaskEnded {
+                task: "recorder",
+                ..
+            })
+        ),
+        "{ended:?}"
+    );
+    // Through all of it: one run per second, each executed once.
+    let _: krest_schemas::api::JobView = client
+        .call(
+            krest_schemas::api::Op::JobPause,
+            &krest_schemas::api::JobRequest::new("tick"),
+        )
+        .await
+        .unwrap();
+    let all = eventually(DEADLINE, "all runs finished", || async {
+        let all = runs(&client, "tick").await;
+        all.iter().all(|r| r.status.is_final()).then_some(all)
+    })
+    .await;
+    w.stop().await.unwrap();
+    assert_one_run_per_second(&all, &log);
+    new_leader.stop().await.unwrap();
+}

@@ -142,7 +142,7 @@ pub async fn trigger(client: &Client, job: &str) -> TriggerResponse {
             &TriggerRequest {
                 job: job.into(),
                 args: None,
-                request_id: Some(krest::leader::dispatch::request_id(chrono::Utc::now())),
+                request_id: Some(krest_schemas::names::new_request_id(chrono::Utc::now())),
             },
         )
         .await

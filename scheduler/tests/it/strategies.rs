@@ -251,3 +251,137 @@ async fn a_run_addressed_to_an_instance_that_dies_is_rerouted() {
     b.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+/// Writes a heartbeat for `instance` of app `lb` with the `work` handler, as a worker would —
+/// but no worker (and no consumer) stands behind it.
+async fn forge_heartbeat(js: &async_nats::jetstream::Context, instance: &str) {
+    let info = krest_schemas::WorkerInfo {
+        app_name: APP.into(),
+        instance: instance.into(),
+        handlers: vec!["work".into()],
+        weight: 1,
+        slots: 4,
+        in_flight: 0,
+        version: "forged".into(),
+        sdk: "none".into(),
+        host: "nowhere".into(),
+        started_at: chrono::Utc::now(),
+        heartbeat_at: chrono::Utc::now(),
+    };
+    let kv = js.get_key_value("krest-workers").await.unwrap();
+    kv.put(
+        krest_schemas::names::worker_key(APP, instance),
+        serde_json::to_vec(&info).unwrap().into(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Messages waiting on `instance`'s own work subject.
+async fn waiting_for(js: &async_nats::jetstream::Context, instance: &str) -> usize {
+    use futures_util::StreamExt;
+    let stream = js.get_stream("KREST_WORK").await.unwrap();
+    let subject = krest_schemas::names::work_instance_subject(APP, instance);
+    let mut subjects = stream.info_with_subjects(&subject).await.unwrap();
+    let mut n = 0;
+    while let Some(s) = subjects.next().await {
+        let (s, count) = s.unwrap();
+        if s == subject {
+            n += count;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_addressed_to_an_instance_that_vanished_before_making_its_consumer_move_on() {
+    let env = Env::new("vanished");
+    let mut opts = env.node_opts("n1");
+    opts.infra.heartbeat_ttl = Duration::from_secs(3);
+    // The ghost counts as an instance still starting up for the whole test: only its
+    // departure (the heartbeat ending) moves its runs.
+    opts.router.consumer_grace = Duration::from_secs(3600);
+    let node = krest::node::spawn(opts);
+    let client = env.client().await;
+    let log = Executions::default();
+    let real = worker(&env, "real", 1, log.clone());
+    registered(&client, 1).await;
+    apply(
+        &client,
+        vec![job(
+            "rr",
+            APP,
+            "work",
+            json!({"loadBalanceType": "ROUND_ROBIN"}),
+        )],
+    )
+    .await;
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+
+    // The ghost heartbeats (as a worker that died between its heartbeat and its consumer), and
+    // round robin addresses one of two runs to it.
+    let mut run_ids = Vec::new();
+    forge_heartbeat(&js, "ghost").await;
+    registered(&client, 2).await;
+    while waiting_for(&js, "ghost").await == 0 {
+        forge_heartbeat(&js, "ghost").await;
+        run_ids.push(trigger(&client, "rr").await.run_id);
+        assert!(run_ids.len() < 20, "round robin never chose the ghost");
+    }
+    // It never heartbeats again. Its run is moved once the heartbeat expires, and every run
+    // ends on the real instance.
+    for id in &run_ids {
+        let d = wait_final(&client, id).await;
+        assert_eq!(d.run.status, RunStatus::Succeeded, "{d:?}");
+        assert_eq!(placement(&d), ["real"]);
+    }
+    assert_eq!(waiting_for(&js, "ghost").await, 0);
+    real.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_that_heartbeats_without_a_consumer_gets_no_runs() {
+    let env = Env::new("no-consumer");
+    let mut opts = env.node_opts("n1");
+    opts.router.consumer_grace = Duration::from_secs(1);
+    let node = krest::node::spawn(opts);
+    let client = env.client().await;
+    let log = Executions::default();
+    let real = worker(&env, "real", 1, log.clone());
+    registered(&client, 1).await;
+    apply(
+        &client,
+        vec![job(
+            "rr",
+            APP,
+            "work",
+            json!({"loadBalanceType": "ROUND_ROBIN"}),
+        )],
+    )
+    .await;
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    // A forged heartbeat, renewed for the whole test.
+    let forger = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            loop {
+                forge_heartbeat(&js, "ghost").await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    registered(&client, 2).await;
+    // Runs addressed to it before it was found out are moved; afterwards none is addressed to
+    // it. Every run ends on the real instance while the ghost keeps heartbeating.
+    for _ in 0..6 {
+        let d = wait_final(&client, &trigger(&client, "rr").await.run_id).await;
+        assert_eq!(d.run.status, RunStatus::Succeeded, "{d:?}");
+        assert_eq!(placement(&d), ["real"]);
+    }
+    forger.abort();
+    real.stop().await.unwrap();
+    node.stop().await.unwrap();
+}

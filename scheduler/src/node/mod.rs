@@ -4,6 +4,8 @@
 //! Shutdown order matters: the engine and API stop first (no more dispatches), then the
 //! election releases the lease (a standby takes over at once), then the recorder and presence.
 
+pub mod supervisor;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +20,10 @@ use crate::jobs::{self, JobTable};
 use crate::leader::dispatch::Publisher;
 use crate::leader::engine::{Engine, EngineConfig};
 use crate::leader::lease::{Election, Leadership, LeaseConfig, Role};
-use crate::record::recorder::{self, RecorderConfig};
+use crate::record::recorder::{self, RecorderConfig, RecorderStatus, StatusRx};
 use crate::record::store::Store;
 use crate::serve::api::ApiServer;
+use supervisor::{Supervisor, TaskControl};
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -39,6 +42,8 @@ pub struct NodeOptions {
     pub engine: EngineConfig,
     /// Recorder.
     pub recorder: RecorderConfig,
+    /// Router.
+    pub router: crate::leader::router::RouterConfig,
     /// Address of the HTTP endpoint (`/healthz`, `/readyz`); `None` disables it.
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -58,6 +63,7 @@ impl NodeOptions {
             infra: InfraConfig::default(),
             engine: EngineConfig::default(),
             recorder: RecorderConfig::default(),
+            router: Default::default(),
             http_addr: None,
         }
     }
@@ -98,6 +104,14 @@ pub enum NodeError {
     /// The NATS URL cannot be parsed.
     #[error("invalid NATS URL {0}")]
     NatsUrl(String),
+    /// A critical task ended while the node ran: the node stopped.
+    #[error("the node's {task} task {exit}; the node stopped (restart it)")]
+    TaskEnded {
+        /// The task.
+        task: &'static str,
+        /// How it ended.
+        exit: supervisor::Exit,
+    },
 }
 
 /// Handles to a node running in the background (tests, embedding).
@@ -107,6 +121,8 @@ pub struct RunningNode {
     task: tokio::task::JoinHandle<Result<(), NodeError>>,
     /// The node's view of leadership.
     pub leadership: watch::Receiver<Option<Leadership>>,
+    /// Aborts the node's tasks (a test hook: a task that dies must stop the node).
+    pub tasks: TaskControl,
 }
 
 impl RunningNode {
@@ -120,6 +136,11 @@ impl RunningNode {
     pub fn abort(self) {
         self.task.abort();
     }
+
+    /// Waits until the node ends by itself (a critical task ended) and returns why.
+    pub async fn ended(self) -> Result<(), NodeError> {
+        self.task.await.unwrap_or(Ok(()))
+    }
 }
 
 /// Starts a node in the background.
@@ -127,11 +148,14 @@ pub fn spawn(opts: NodeOptions) -> RunningNode {
     let stop = CancellationToken::new();
     let (tx, rx) = watch::channel(None);
     let token = stop.clone();
-    let task = tokio::spawn(async move { run(opts, token, Some(tx)).await });
+    let tasks = TaskControl::default();
+    let control = tasks.clone();
+    let task = tokio::spawn(async move { run_supervised(opts, token, Some(tx), control).await });
     RunningNode {
         stop,
         task,
         leadership: rx,
+        tasks,
     }
 }
 
@@ -141,6 +165,16 @@ pub async fn run(
     opts: NodeOptions,
     stop: CancellationToken,
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
+) -> Result<(), NodeError> {
+    run_supervised(opts, stop, leadership_out, TaskControl::default()).await
+}
+
+/// [`run`], with the node's tasks reachable through `control`.
+async fn run_supervised(
+    opts: NodeOptions,
+    stop: CancellationToken,
+    leadership_out: Option<watch::Sender<Option<Leadership>>>,
+    control: TaskControl,
 ) -> Result<(), NodeError> {
     let http_listener = match opts.http_addr {
         Some(addr) => Some(
@@ -201,22 +235,26 @@ pub async fn run(
     let publisher = Publisher::new(js.clone(), opts.node.clone());
     let registry = Arc::new(crate::leader::balance::Registry::new(js.clone()));
     let routing = Arc::new(crate::leader::balance::Routing::new(registry.clone()));
-    let (progress_tx, progress_rx) = watch::channel(0u64);
+    let (recorder_tx, recorder_rx) = watch::channel(RecorderStatus::default());
 
+    let mut sup = Supervisor::new(control);
     // Tokens in shutdown order.
     let front = CancellationToken::new(); // engine, API
     let lease_stop = CancellationToken::new();
     let back = CancellationToken::new(); // watcher, recorder, presence
 
-    let watcher = Task::spawn(jobs::watch_jobs(
-        js.clone(),
-        infra.jobs.clone(),
-        table.clone(),
-        changes_tx,
-        ready_tx,
-        back.clone(),
-    ));
-    let election_task = Task::spawn(election.run(lease_stop.clone()));
+    let watcher = sup.spawn(
+        "job-watcher",
+        jobs::watch_jobs(
+            js.clone(),
+            infra.jobs.clone(),
+            table.clone(),
+            changes_tx,
+            ready_tx,
+            back.clone(),
+        ),
+    );
+    let election_task = sup.spawn("election", election.run(lease_stop.clone()));
     let engine = Engine::new(
         table.clone(),
         changes_rx,
@@ -230,14 +268,18 @@ pub async fn run(
         },
         opts.engine.clone(),
     );
-    let engine_task = Task::spawn(engine.run(ready_rx, front.clone()));
-    let registry_task = Task::spawn(registry.clone().refresh_loop(back.clone()));
-    let router_task = Task::spawn(crate::leader::router::run(
-        js.clone(),
-        routing.clone(),
-        leadership.clone(),
-        front.clone(),
-    ));
+    let engine_task = sup.spawn("engine", engine.run(ready_rx, front.clone()));
+    let registry_task = sup.spawn("registry", registry.clone().refresh_loop(back.clone()));
+    let router_task = sup.spawn(
+        "router",
+        crate::leader::router::run(
+            js.clone(),
+            routing.clone(),
+            leadership.clone(),
+            opts.router.clone(),
+            front.clone(),
+        ),
+    );
     let followups = crate::record::followup::Followups {
         table: table.clone(),
         publisher: publisher.clone(),
@@ -246,14 +288,17 @@ pub async fn run(
         node: opts.node.clone(),
         routing: routing.clone(),
     };
-    let recorder_task = Task::spawn(recorder::run(
-        js.clone(),
-        store.clone(),
-        followups,
-        opts.recorder.clone(),
-        progress_tx,
-        back.clone(),
-    ));
+    let recorder_task = sup.spawn(
+        "recorder",
+        recorder::run(
+            js.clone(),
+            store.clone(),
+            followups,
+            opts.recorder.clone(),
+            recorder_tx,
+            back.clone(),
+        ),
+    );
     let api = ApiServer {
         client: client.clone(),
         infra: infra.clone(),
@@ -262,12 +307,11 @@ pub async fn run(
         publisher,
         routing: routing.clone(),
     };
-    let api_task = Task::spawn(api.run(front.clone()));
-    let deadletter_task = Task::spawn(crate::deadletter::run_advisories(
-        client.clone(),
-        js.clone(),
-        back.clone(),
-    ));
+    let api_task = sup.spawn("api", api.run(front.clone()));
+    let deadletter_task = sup.spawn(
+        "dead-letter",
+        crate::deadletter::run_advisories(client.clone(), js.clone(), back.clone()),
+    );
     let http_task = http_listener.map(|listener| {
         tracing::info!(addr = ?http_addr, "serving /healthz and /readyz");
         let state = crate::serve::http::HttpState {
@@ -275,24 +319,41 @@ pub async fn run(
             client: client.clone(),
             store: store.clone(),
             leadership: leadership.clone(),
+            recorder: recorder_rx.clone(),
+            max_lag: opts.recorder.max_lag,
         };
-        Task::spawn(crate::serve::http::serve(listener, state, back.clone()))
+        sup.spawn(
+            "http",
+            crate::serve::http::serve(listener, state, back.clone()),
+        )
     });
-    let presence_task = Task::spawn(presence(
-        infra.nodes.clone(),
-        client.clone(),
-        Presence {
-            node: opts.node.clone(),
-            database: store.backend().as_str(),
-            http_addr,
-        },
-        leadership.clone(),
-        progress_rx,
-        back.clone(),
-    ));
+    let presence_task = sup.spawn(
+        "presence",
+        presence(
+            infra.nodes.clone(),
+            client.clone(),
+            Presence {
+                node: opts.node.clone(),
+                database: store.backend().as_str(),
+                http_addr,
+            },
+            leadership.clone(),
+            recorder_rx,
+            back.clone(),
+        ),
+    );
 
-    stop.cancelled().await;
-    tracing::info!(node = %opts.node, "shutting down");
+    let failed = tokio::select! {
+        _ = stop.cancelled() => None,
+        f = sup.failed() => Some(f),
+    };
+    match &failed {
+        None => tracing::info!(node = %opts.node, "shutting down"),
+        Some((task, exit)) => tracing::error!(
+            node = %opts.node, task, %exit,
+            "a critical task ended; shutting down (releasing the lease, so a standby takes over) to be restarted"
+        ),
+    }
     front.cancel();
     engine_task.join().await;
     router_task.join().await;
@@ -316,30 +377,9 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(3), client.flush()).await;
     store.close().await;
     tracing::info!(node = %opts.node, "stopped");
-    Ok(())
-}
-
-/// A node task that is aborted when dropped, so aborting the node (as a crash would) takes
-/// every task with it.
-struct Task(Option<tokio::task::JoinHandle<()>>);
-
-impl Task {
-    fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
-        Task(Some(tokio::spawn(f)))
-    }
-
-    async fn join(mut self) {
-        if let Some(t) = self.0.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.abort();
-        }
+    match failed {
+        None => Ok(()),
+        Some((task, exit)) => Err(NodeError::TaskEnded { task, exit }),
     }
 }
 
@@ -395,7 +435,7 @@ async fn presence(
     client: async_nats::Client,
     me: Presence,
     leadership: Leadership,
-    progress: watch::Receiver<u64>,
+    recorder: StatusRx,
     stop: CancellationToken,
 ) {
     let started_at = Utc::now();
@@ -419,7 +459,10 @@ async fn presence(
             database: me.database.to_string(),
             nats_server: format!("{}@{}:{}", server.server_name, server.host, server.port),
             http_addr: me.http_addr.clone(),
-            recorded_seq: *progress.borrow(),
+            recorded_seq: recorder.borrow().recorded_seq,
+            recorder_lag_events: recorder.borrow().lag_events,
+            recorder_lag_ms: u64::try_from(recorder.borrow().lag.as_millis()).unwrap_or(u64::MAX),
+            recorder_failing: recorder.borrow().failing.clone(),
             started_at,
             heartbeat_at: Utc::now(),
         };
