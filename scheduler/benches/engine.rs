@@ -172,8 +172,13 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
         for chunk in fires.chunks(2000) {
             let results = publisher.publish(chunk).await;
             assert!(results.iter().all(Result::is_ok));
-            let refs: Vec<&Fire> = chunk.iter().collect();
-            publisher.record_state(&refs).await.unwrap();
+            // The leader's per-job state of the chunk's newest fire of each job.
+            let mut latest: std::collections::BTreeMap<String, krest_schemas::JobState> = Default::default();
+            for f in chunk {
+                latest.insert(f.key(), krest_schemas::JobState { last_fire_at: f.scheduled_at, last_run_id: f.run_id.clone(), queued: None });
+            }
+            let states: Vec<(&str, &krest_schemas::JobState)> = latest.iter().map(|(k, s)| (k.as_str(), s)).collect();
+            publisher.write_states(&states).await.unwrap();
         }
         let took = start.elapsed();
         // Per fire: one work message per shard and a dispatched event; per job: a state put.

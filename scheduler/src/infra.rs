@@ -304,3 +304,14 @@ pub async fn kv_values(
     }
     Ok(out)
 }
+
+/// The state of KV bucket `bucket`'s stream now. (A `kv::Store`'s own status is the stream
+/// info cached when it was opened, so it cannot tell whether the bucket is empty or changed.)
+pub async fn bucket_state(js: &jetstream::Context, bucket: &str) -> Result<stream::State, String> {
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    Ok(info.state.clone())
+}

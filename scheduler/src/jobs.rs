@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
+use krest_schemas::names::JOBS_BUCKET;
 use krest_schemas::StoredJob;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -163,8 +164,8 @@ pub async fn watch_jobs(
 ) {
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        match bucket.status().await {
-            Ok(status) if status.values() == 0 => {
+        match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
+            Ok(state) if state.messages == 0 => {
                 let _ = ready.send(true);
             }
             Ok(_) => {}
@@ -192,8 +193,8 @@ pub async fn watch_jobs(
                 // While idle, check that the bucket has no revision we have not seen: a watch
                 // whose server died can stall silently; it is then restarted.
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    match bucket.status().await {
-                        Ok(status) if status.info.state.last_sequence > last_revision => {
+                    match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
+                        Ok(state) if state.last_sequence > last_revision => {
                             tracing::warn!(seen = last_revision, "job watch stalled; restarting it");
                             break;
                         }

@@ -411,6 +411,9 @@ pub struct RunSummary {
     /// For CHILD runs: the parent job's run that triggered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
+    /// Fencing epoch of the leader that dispatched it (absent for manual and child runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
     /// Output of the last successful attempt (unsharded runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

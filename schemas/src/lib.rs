@@ -40,8 +40,8 @@ pub use job::{
 };
 pub use messages::{
     AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, HttpCall, JobState,
-    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, RunEvent, RunMessage, ShardInfo, Skipped,
-    Started, Trigger, WorkerInfo,
+    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage,
+    ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, Schedule};
 

@@ -112,6 +112,10 @@ pub struct RunMessage {
     pub timeout_secs: Option<u64>,
     /// Revision of the job definition the run was made from.
     pub revision: u64,
+    /// Fencing epoch of the leader that dispatched it (the lease revision at its takeover);
+    /// absent for runs a node dispatched without leading (manual and child runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// The request an HTTP job makes.
@@ -226,6 +230,10 @@ pub struct Dispatched {
     pub revision: u64,
     /// The scheduler node that published it.
     pub node: String,
+    /// Fencing epoch of the leader that dispatched it (the lease revision at its takeover);
+    /// absent for runs a node dispatched without leading (manual and child runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// An attempt began on a worker.
@@ -347,6 +355,10 @@ pub struct Skipped {
     pub revision: u64,
     /// The scheduler node that decided.
     pub node: String,
+    /// Fencing epoch of the leader that decided (the lease revision at its takeover);
+    /// absent for runs a node dispatched without leading (manual and child runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// Everything on the events stream (`krest.events.<group>.<name>`), tagged by `type`.
@@ -511,10 +523,30 @@ pub struct LeaderLease {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobState {
-    /// The latest fire time whose run is stored on the work stream.
+    /// The latest fire time handed over: its run (or SKIPPED entry) is stored on a stream, or
+    /// it is the queued fire below.
     pub last_fire_at: DateTime<Utc>,
     /// Its run id.
     pub last_run_id: String,
+    /// A fire held by the QUEUE_ONE overlap policy until the job's previous run ends; a new
+    /// leader restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<QueuedFire>,
+}
+
+/// A fire waiting behind the previous run of its job (overlap policy QUEUE_ONE).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueuedFire {
+    /// The run id it will have.
+    pub run_id: String,
+    /// Its fire time.
+    pub scheduled_at: DateTime<Utc>,
+    /// Why it exists.
+    pub trigger: Trigger,
+    /// Misfired fire times it stands for.
+    #[serde(default)]
+    pub misfired: u32,
 }
 
 #[cfg(test)]

@@ -100,14 +100,100 @@ pub fn server_list(urls: &str) -> Vec<String> {
         .collect()
 }
 
-/// Work subject of an app's shared, weighted consumer group.
-pub fn work_queue_subject(app: &str) -> String {
-    format!("krest.work.{app}.q")
+// Work subjects name the app, the job and the destination:
+// `krest.work.<app>.<group>.<name>.q` (the app's shared queue), `….i.<instance>` (one
+// instance), `….r` (the leader's router). The job in the subject lets anyone ask JetStream
+// whether a job has runs outstanding (messages on `krest.work.*.<group>.<name>.>`): a run is
+// pending or running exactly while one of its messages is in the work stream.
+
+/// Work subject of a run of job `group.name` for the app's shared, weighted consumer group.
+pub fn work_queue_subject(app: &str, group: &str, name: &str) -> String {
+    format!("krest.work.{app}.{group}.{name}.q")
 }
 
-/// Work subject addressed to one worker instance of an app.
-pub fn work_instance_subject(app: &str, instance: &str) -> String {
-    format!("krest.work.{app}.i.{instance}")
+/// Filter of the app's shared consumer: every job's queue subject.
+pub fn work_queue_filter(app: &str) -> String {
+    format!("krest.work.{app}.*.*.q")
+}
+
+/// Work subject of a run of job `group.name` addressed to one worker instance of an app.
+pub fn work_instance_subject(app: &str, group: &str, name: &str, instance: &str) -> String {
+    format!("krest.work.{app}.{group}.{name}.i.{instance}")
+}
+
+/// Filter of one instance's own consumer: every job's runs addressed to it.
+pub fn work_instance_filter(app: &str, instance: &str) -> String {
+    format!("krest.work.{app}.*.*.i.{instance}")
+}
+
+/// Every instance-addressed work subject.
+pub const WORK_INSTANCE_SUBJECTS: &str = "krest.work.*.*.*.i.*";
+
+/// Work subject the leader's router reads for job `group.name`: retries of addressed runs
+/// and runs to re-route.
+pub fn work_router_subject(app: &str, group: &str, name: &str) -> String {
+    format!("krest.work.{app}.{group}.{name}.r")
+}
+
+/// Filter of the router's consumer.
+pub const WORK_ROUTER_FILTER: &str = "krest.work.*.*.*.r";
+
+/// Every work subject of job `group.name`, whatever its app and destination.
+pub fn work_job_filter(group: &str, name: &str) -> String {
+    format!("krest.work.*.{group}.{name}.>")
+}
+
+/// Where a work message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// The app's shared queue.
+    Queue,
+    /// One instance.
+    Instance(String),
+    /// The leader's router.
+    Router,
+}
+
+/// A work subject, taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkSubject {
+    /// The app.
+    pub app: String,
+    /// The job's group.
+    pub group: String,
+    /// The job's name.
+    pub name: String,
+    /// Where it goes.
+    pub destination: Destination,
+}
+
+impl WorkSubject {
+    /// The job's key.
+    pub fn job_key(&self) -> String {
+        job_key(&self.group, &self.name)
+    }
+}
+
+/// Takes a work subject apart; `None` for anything else.
+pub fn parse_work_subject(subject: &str) -> Option<WorkSubject> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let (app, group, name, destination) = match tokens[..] {
+        ["krest", "work", app, group, name, "q"] => (app, group, name, Destination::Queue),
+        ["krest", "work", app, group, name, "r"] => (app, group, name, Destination::Router),
+        ["krest", "work", app, group, name, "i", instance] => (
+            app,
+            group,
+            name,
+            Destination::Instance(instance.to_string()),
+        ),
+        _ => return None,
+    };
+    Some(WorkSubject {
+        app: app.to_string(),
+        group: group.to_string(),
+        name: name.to_string(),
+        destination,
+    })
 }
 
 /// Durable consumer name of an app's shared consumer group on [`WORK_STREAM`].
@@ -125,14 +211,6 @@ pub fn instance_consumer(app: &str, instance: &str) -> String {
     format!("krest-inst-{app}-{instance}")
 }
 
-/// Work subject the leader's router reads: retries and runs to re-route, of every app
-/// (`krest.work.<app>.r`).
-pub fn work_router_subject(app: &str) -> String {
-    format!("krest.work.{app}.r")
-}
-
-/// Filter of the router's consumer.
-pub const WORK_ROUTER_FILTER: &str = "krest.work.*.r";
 /// Durable consumer name of the router.
 pub const ROUTER_CONSUMER: &str = "krest-router";
 
@@ -255,5 +333,57 @@ mod tests {
             server_list("nats://a:1, nats://b:2,"),
             ["nats://a:1", "nats://b:2"]
         );
+    }
+
+    /// Whether `subject` matches `filter` (NATS wildcards `*` and a final `>`).
+    fn matches(filter: &str, subject: &str) -> bool {
+        let f: Vec<&str> = filter.split('.').collect();
+        let s: Vec<&str> = subject.split('.').collect();
+        let tail = f.last() == Some(&">");
+        let len_ok = if tail {
+            s.len() >= f.len()
+        } else {
+            s.len() == f.len()
+        };
+        len_ok
+            && f.iter()
+                .zip(&s)
+                .all(|(f, s)| *f == "*" || *f == ">" || f == s)
+    }
+
+    #[test]
+    fn work_subjects_round_trip_and_filters_do_not_overlap() {
+        let q = work_queue_subject("app", "g", "j");
+        let i = work_instance_subject("app", "g", "j", "w-1");
+        let r = work_router_subject("app", "g", "j");
+        assert_eq!(
+            parse_work_subject(&q).unwrap().destination,
+            Destination::Queue
+        );
+        assert_eq!(
+            parse_work_subject(&i).unwrap().destination,
+            Destination::Instance("w-1".into())
+        );
+        let parsed = parse_work_subject(&r).unwrap();
+        assert_eq!(parsed.destination, Destination::Router);
+        assert_eq!(parsed.job_key(), "g.j");
+        assert_eq!(parse_work_subject("krest.work.app.q"), None);
+        // A subject matches exactly one consumer filter (work-queue streams require it).
+        for subject in [&q, &i, &r] {
+            let hits = [
+                work_queue_filter("app"),
+                work_instance_filter("app", "w-1"),
+                WORK_ROUTER_FILTER.to_string(),
+            ]
+            .iter()
+            .filter(|f| matches(f, subject))
+            .count();
+            assert_eq!(hits, 1, "{subject}");
+            assert!(matches(&work_job_filter("g", "j"), subject));
+            assert!(!matches(&work_job_filter("g", "k"), subject));
+            assert!(matches(WORK_SUBJECTS, subject));
+        }
+        assert!(matches(WORK_INSTANCE_SUBJECTS, &i));
+        assert!(!matches(WORK_INSTANCE_SUBJECTS, &q));
     }
 }

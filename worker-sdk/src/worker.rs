@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use krest_schemas::deadletter::{parked_copy, Origin};
 use krest_schemas::names::{
     app_consumer, cancel_subject, dlq_subject, instance_consumer, parked_work_id, retry_msg_id,
-    server_list, work_instance_subject, work_queue_subject, work_router_subject, worker_key,
+    server_list, work_instance_filter, work_queue_filter, work_router_subject, worker_key,
     CANCELS_BUCKET, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{AttemptOutcome, Finished, JobType, RunEvent, RunMessage, Started, WorkerInfo};
@@ -527,35 +527,48 @@ async fn consumer_for(
     let (name, filter, description, inactive) = match source {
         Source::App => (
             app_consumer(app),
-            work_queue_subject(app),
+            work_queue_filter(app),
             format!("Krest work queue of app {app}"),
             Duration::ZERO,
         ),
         Source::Instance(instance) => (
             instance_consumer(app, instance),
-            work_instance_subject(app, instance),
+            work_instance_filter(app, instance),
             format!("Krest runs addressed to {app}/{instance}"),
             // Removed by the server if the instance is gone for good (the leader normally
             // drains and deletes it first).
             Duration::from_secs(3600),
         ),
     };
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        description: Some(description),
+        filter_subject: filter.clone(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait,
+        max_deliver: MAX_DELIVER,
+        max_ack_pending: 20_000,
+        inactive_threshold: inactive,
+        ..Default::default()
+    };
+    let existing = stream
+        .get_or_create_consumer(&name, config.clone())
+        .await
+        .map_err(|e| format!("cannot create consumer {name}: {e}"))?;
+    let found = existing.cached_info().config.filter_subject.clone();
+    if found == filter {
+        return Ok(existing);
+    }
+    // A consumer of another protocol version (or someone else's) under our name: it would
+    // never deliver our runs.
+    tracing::warn!(consumer = %name, found = %found, expected = %filter, "replacing a consumer whose filter is not Krest's");
     stream
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(description),
-                filter_subject: filter,
-                ack_policy: consumer::AckPolicy::Explicit,
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_wait,
-                max_deliver: MAX_DELIVER,
-                max_ack_pending: 20_000,
-                inactive_threshold: inactive,
-                ..Default::default()
-            },
-        )
+        .delete_consumer(&name)
+        .await
+        .map_err(|e| format!("cannot replace consumer {name}: {e}"))?;
+    stream
+        .get_or_create_consumer(&name, config)
         .await
         .map_err(|e| format!("cannot create consumer {name}: {e}"))
 }
@@ -980,7 +993,7 @@ async fn reroute(
     shared
         .js
         .send_publish(
-            work_router_subject(&run.app_name),
+            work_router_subject(&run.app_name, &run.job_group, &run.job_name),
             async_nats::jetstream::message::PublishMessage::build()
                 .payload(body.into())
                 .message_id(retry_msg_id(&run.run_id, run.shard_index(), attempt)),

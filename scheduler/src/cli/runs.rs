@@ -92,7 +92,17 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                     }
                 );
                 outln!("scheduled:  {}", fmt_time(r.scheduled_at));
-                outln!("dispatched: {}", fmt_time(r.dispatched_at));
+                outln!(
+                    "dispatched: {}{}{}",
+                    fmt_time(r.dispatched_at),
+                    r.node
+                        .as_deref()
+                        .map(|n| format!(" by {n}"))
+                        .unwrap_or_default(),
+                    r.epoch
+                        .map(|e| format!(" (leader epoch {e})"))
+                        .unwrap_or_default()
+                );
                 outln!("started:    {}", fmt_time(r.started_at));
                 outln!("finished:   {}", fmt_time(r.finished_at));
                 outln!(

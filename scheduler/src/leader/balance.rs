@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use krest_schemas::names::{is_token, worker_key, WORKERS_BUCKET};
-use krest_schemas::{LoadBalance, WorkerInfo};
+use krest_schemas::{LoadBalance, RunMessage, WorkerInfo};
 use tokio::sync::Mutex;
 
 /// Virtual nodes per instance on the consistent-hash ring.
@@ -259,8 +259,9 @@ pub fn candidates(live: &[WorkerInfo], app: &str, handler: &str) -> Vec<WorkerIn
         .collect()
 }
 
-/// Routing for one node: the registry and the strategies' state, shared by whatever dispatches
-/// on that node (engine, manual triggers, child jobs, the router).
+/// Routing for one node: the registry, the instances found unreachable, and the strategies'
+/// counters of what this node dispatches without leading (manual triggers, child jobs). The
+/// leader's own counters live in its leadership state and are passed in.
 pub struct Routing {
     registry: Arc<Registry>,
     balancer: Mutex<Balancer>,
@@ -330,7 +331,14 @@ impl Routing {
     /// instance with the handler; a BROADCAST with none is skipped). Fires already routed,
     /// skipped, or of `QUEUE` jobs are left alone; a shard no instance can take stays on the
     /// app's queue, where the first instance to come up takes it.
-    pub async fn assign(&self, fires: &mut [crate::leader::dispatch::Fire]) {
+    ///
+    /// `balancer` holds the strategies' counters: the leader's own for what it dispatches, or
+    /// `None` for this node's (manual and child runs, which any node dispatches).
+    pub async fn assign(
+        &self,
+        fires: &mut [crate::leader::dispatch::Fire],
+        balancer: Option<&mut Balancer>,
+    ) {
         use krest_schemas::JobType;
         let routed = |f: &crate::leader::dispatch::Fire| {
             let spec = &f.job.stored.spec;
@@ -351,7 +359,14 @@ impl Routing {
         } else {
             self.live()
         };
-        let mut balancer = self.balancer.lock().await;
+        let mut local;
+        let balancer: &mut Balancer = match balancer {
+            Some(b) => b,
+            None => {
+                local = self.balancer.lock().await;
+                &mut local
+            }
+        };
         for fire in fires.iter_mut().filter(|f| routed(f)) {
             let spec = &fire.job.stored.spec;
             let cands = self.candidates(&mut live, &spec.app_name, &spec.path).await;
@@ -396,17 +411,16 @@ impl Routing {
         }
     }
 
-    /// Picks an instance for one run of `job` (a `group.name` key) by `strategy`, avoiding
-    /// `avoid` when another instance can take it.
-    pub async fn pick(
-        &self,
-        strategy: LoadBalance,
-        job: &str,
-        app: &str,
-        handler: &str,
-        hash_input: &str,
-        avoid: &[String],
-    ) -> Option<String> {
+    /// Picks an instance for a run being re-routed by its job's strategy, avoiding the
+    /// instances in `run.avoid` when another instance can take it.
+    pub async fn pick(&self, balancer: &mut Balancer, run: &RunMessage) -> Option<String> {
+        let job = krest_schemas::names::job_key(&run.job_group, &run.job_name);
+        let hash_input = run
+            .shard
+            .as_ref()
+            .map_or_else(|| run.args.to_string(), |s| s.item.to_string());
+        let (strategy, app, handler, avoid) =
+            (run.load_balance, &run.app_name, &run.path, &run.avoid);
         let mut live = self.live();
         let all = self.candidates(&mut live, app, handler).await;
         let preferred: Vec<WorkerInfo> = all
@@ -420,10 +434,7 @@ impl Routing {
         } else {
             strategy
         };
-        self.balancer
-            .lock()
-            .await
-            .pick(strategy, job, &cands, hash_input)
+        balancer.pick(strategy, &job, &cands, &hash_input)
     }
 }
 

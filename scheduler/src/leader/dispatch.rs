@@ -50,6 +50,9 @@ pub struct Fire {
     pub skip: Option<String>,
     /// For CHILD runs: the parent run.
     pub parent_run_id: Option<String>,
+    /// Fencing epoch of the leader publishing it; `None` for runs dispatched without leading
+    /// (manual and child runs).
+    pub epoch: Option<u64>,
     /// The shards with their targets, once routed ([`crate::leader::balance::Routing::assign`]);
     /// `None`: the job's shards, all to the app's shared queue.
     pub shards: Option<Vec<ShardPlan>>,
@@ -82,6 +85,7 @@ impl Fire {
             skip: None,
             parent_run_id: None,
             shards: None,
+            epoch: None,
             job,
         }
     }
@@ -203,6 +207,7 @@ impl Publisher {
                 misfired: fire.misfired,
                 revision: fire.job.revision,
                 node: self.node.clone(),
+                epoch: fire.epoch,
             });
             return Ok(vec![(
                 events_subject(&spec.job_group, &spec.job_name),
@@ -228,6 +233,7 @@ impl Publisher {
             parent_run_id: fire.parent_run_id.clone(),
             revision: fire.job.revision,
             node: self.node.clone(),
+            epoch: fire.epoch,
         });
         let mut out = Vec::with_capacity(items.len() + 1);
         out.push((
@@ -237,8 +243,10 @@ impl Publisher {
         ));
         for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
             let subject = match &target {
-                Some(instance) => work_instance_subject(&spec.app_name, instance),
-                None => work_queue_subject(&spec.app_name),
+                Some(instance) => {
+                    work_instance_subject(&spec.app_name, &spec.job_group, &spec.job_name, instance)
+                }
+                None => work_queue_subject(&spec.app_name, &spec.job_group, &spec.job_name),
             };
             let index = u32::try_from(index).map_err(|_| "too many shards".to_string())?;
             let msg = RunMessage {
@@ -276,6 +284,7 @@ impl Publisher {
                         max_ms,
                     }),
                 revision: fire.job.revision,
+                epoch: fire.epoch,
             };
             out.push((
                 subject,
@@ -286,24 +295,13 @@ impl Publisher {
         Ok(out)
     }
 
-    /// Records, per job, the latest fire whose run is stored (pipelined puts into the state
-    /// bucket). Only call after [`Publisher::publish`] succeeded for those fires.
-    pub async fn record_state(&self, fires: &[&Fire]) -> Result<(), String> {
-        let mut latest: std::collections::HashMap<String, &Fire> = std::collections::HashMap::new();
-        for f in fires {
-            let e = latest.entry(f.key()).or_insert(f);
-            if f.scheduled_at > e.scheduled_at {
-                *e = f;
-            }
-        }
+    /// Writes job states into the state bucket, pipelined. Only the leader calls it, for fires
+    /// whose messages are stored (or that it holds queued).
+    pub async fn write_states(&self, states: &[(&str, &JobState)]) -> Result<(), String> {
         let mut inflight = FuturesUnordered::new();
         let mut first_error = None;
-        for (key, fire) in latest {
-            let state = JobState {
-                last_fire_at: fire.scheduled_at,
-                last_run_id: fire.run_id.clone(),
-            };
-            let payload = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+        for (key, state) in states {
+            let payload = serde_json::to_vec(state).map_err(|e| e.to_string())?;
             while inflight.len() >= MAX_INFLIGHT {
                 if let Some(Err(e)) = inflight.next().await {
                     first_error.get_or_insert(e);
@@ -312,7 +310,7 @@ impl Publisher {
             let ack = self
                 .js
                 .send_publish(
-                    kv_subject(STATE_BUCKET, &key),
+                    kv_subject(STATE_BUCKET, key),
                     PublishMessage::build().payload(payload.into()),
                 )
                 .await
@@ -324,10 +322,10 @@ impl Publisher {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

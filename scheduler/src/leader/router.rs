@@ -1,7 +1,7 @@
 //! The leader's router: moves runs addressed to one worker instance when that instance cannot
 //! take them any more, so no run is stranded.
 //!
-//! - **Retries** of instance-addressed runs come here (`krest.work.<app>.r`) from the worker
+//! - **Retries** of instance-addressed runs come here (`krest.work.<app>.<group>.<name>.r`) from the worker
 //!   that failed them, with the instant they are due and the instance to avoid. The router holds
 //!   each until due (a nak with that delay) and re-addresses it by the job's strategy, preferring
 //!   another instance.
@@ -26,13 +26,15 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::deadletter::Origin;
 use krest_schemas::names::{
-    instance_consumer, moved_msg_id, parked_work_id, rerouted_msg_id, work_instance_subject,
-    work_queue_subject, work_router_subject, ROUTER_CONSUMER, WORK_ROUTER_FILTER, WORK_STREAM,
+    instance_consumer, moved_msg_id, parked_work_id, parse_work_subject, rerouted_msg_id,
+    work_instance_filter, work_instance_subject, work_queue_subject, work_router_subject,
+    Destination, WorkSubject, ROUTER_CONSUMER, WORK_INSTANCE_SUBJECTS, WORK_ROUTER_FILTER,
+    WORK_STREAM,
 };
 use krest_schemas::{JobType, RunMessage};
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::balance::Routing;
+use crate::leader::balance::{Balancer, Routing};
 use crate::leader::lease::Leadership;
 
 /// Router settings.
@@ -57,43 +59,55 @@ impl Default for RouterConfig {
 /// Description of instance consumers the router creates to move runs (not the instance's own).
 const MOVER_DESCRIPTION: &str = "Krest router: moving runs of a departed instance";
 
-/// Runs until `stop`, routing while this node leads.
+/// Routes while this node leads in `epoch` (restarting after errors), until the epoch ends or
+/// `stop`. Part of the leadership state: the leader spawns it at takeover and drops it when
+/// leadership ends; `balancer` is the leader's.
 pub async fn run(
     js: jetstream::Context,
     routing: Arc<Routing>,
     leadership: Leadership,
+    epoch: u64,
     cfg: RouterConfig,
+    balancer: Arc<tokio::sync::Mutex<Balancer>>,
     stop: CancellationToken,
 ) {
-    let mut role = leadership.watch();
-    loop {
-        if leadership.valid_epoch().is_none() {
-            tokio::select! {
-                r = role.changed() => if r.is_err() { return },
-                _ = stop.cancelled() => return,
-            }
-            continue;
-        }
-        if let Err(e) = lead(&js, &routing, &leadership, &cfg, &stop).await {
-            tracing::warn!(error = %e, "router interrupted; restarting");
+    let leading = || leadership.valid_epoch() == Some(epoch) && !stop.is_cancelled();
+    let mut sweeper = Sweeper::default();
+    while leading() {
+        let ctx = Ctx {
+            js: &js,
+            routing: &routing,
+            leading: &leading,
+            cfg: &cfg,
+            balancer: &balancer,
+        };
+        if let Err(e) = lead(ctx, &mut sweeper).await {
+            tracing::warn!(epoch, error = %e, "router interrupted; restarting");
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.cancelled() => return,
             }
         }
-        if stop.is_cancelled() {
-            return;
-        }
     }
 }
 
-async fn lead(
-    js: &jetstream::Context,
-    routing: &Routing,
-    leadership: &Leadership,
-    cfg: &RouterConfig,
-    stop: &CancellationToken,
-) -> Result<(), String> {
+/// What one router leadership works with.
+struct Ctx<'a> {
+    js: &'a jetstream::Context,
+    routing: &'a Routing,
+    leading: &'a (dyn Fn() -> bool + Sync),
+    cfg: &'a RouterConfig,
+    balancer: &'a tokio::sync::Mutex<Balancer>,
+}
+
+async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), String> {
+    let Ctx {
+        js,
+        routing,
+        leading,
+        cfg,
+        balancer,
+    } = cx;
     let stream = js
         .get_stream(WORK_STREAM)
         .await
@@ -113,9 +127,16 @@ async fn lead(
         )
         .await
         .map_err(|e| format!("cannot create the router's consumer: {e}"))?;
+    if router.cached_info().config.filter_subject != WORK_ROUTER_FILTER {
+        // Left by another protocol version: it would never see a retry.
+        stream
+            .delete_consumer(ROUTER_CONSUMER)
+            .await
+            .map_err(|e| format!("cannot replace the router's consumer: {e}"))?;
+        return Err("replaced a router consumer with another filter".into());
+    }
     let mut last_sweep = tokio::time::Instant::now() - cfg.sweep_every;
-    let mut sweeper = Sweeper::default();
-    while leadership.valid_epoch().is_some() && !stop.is_cancelled() {
+    while leading() {
         if last_sweep.elapsed() >= cfg.sweep_every {
             last_sweep = tokio::time::Instant::now();
             if let Err(e) = sweeper.sweep(js, &stream, routing, cfg).await {
@@ -131,18 +152,23 @@ async fn lead(
             .map_err(|e| e.to_string())?;
         while let Some(msg) = batch.next().await {
             let msg = msg.map_err(|e| e.to_string())?;
-            if leadership.valid_epoch().is_none() {
+            if !leading() {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
             }
-            route(js, routing, msg).await;
+            route(js, routing, balancer, msg).await;
         }
     }
     Ok(())
 }
 
 /// Re-addresses one message from the router subject.
-async fn route(js: &jetstream::Context, routing: &Routing, msg: jetstream::Message) {
+async fn route(
+    js: &jetstream::Context,
+    routing: &Routing,
+    balancer: &tokio::sync::Mutex<Balancer>,
+    msg: jetstream::Message,
+) {
     let mut run: RunMessage = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
@@ -172,24 +198,15 @@ async fn route(js: &jetstream::Context, routing: &Routing, msg: jetstream::Messa
             return;
         }
     }
-    let job = krest_schemas::names::job_key(&run.job_group, &run.job_name);
-    let hash_input = run
-        .shard
-        .as_ref()
-        .map_or_else(|| run.args.to_string(), |s| s.item.to_string());
-    let target = routing
-        .pick(
-            run.load_balance,
-            &job,
-            &run.app_name,
-            &run.path,
-            &hash_input,
-            &run.avoid,
-        )
-        .await;
+    let target = {
+        let mut balancer = balancer.lock().await;
+        routing.pick(&mut balancer, &run).await
+    };
     let subject = match &target {
-        Some(instance) => work_instance_subject(&run.app_name, instance),
-        None => work_queue_subject(&run.app_name),
+        Some(instance) => {
+            work_instance_subject(&run.app_name, &run.job_group, &run.job_name, instance)
+        }
+        None => work_queue_subject(&run.app_name, &run.job_group, &run.job_name),
     };
     let next_attempt = run.attempt_offset + 1;
     run.target = target;
@@ -264,7 +281,7 @@ impl Sweeper {
         // Instance subjects with runs waiting.
         let mut waiting = std::collections::HashSet::new();
         let mut subjects = stream
-            .info_with_subjects("krest.work.*.i.*")
+            .info_with_subjects(WORK_INSTANCE_SUBJECTS)
             .await
             .map_err(|e| e.to_string())?;
         while let Some(s) = subjects.next().await {
@@ -308,11 +325,15 @@ impl Sweeper {
     }
 }
 
-/// `(app, instance)` of an instance work subject `krest.work.<app>.i.<instance>`.
+/// `(app, instance)` of an instance work subject or an instance consumer's filter
+/// (`krest.work.<app>.<group>.<name>.i.<instance>`, where group and name may be `*`).
 fn instance_of(subject: &str) -> Option<(String, String)> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    match tokens[..] {
-        ["krest", "work", app, "i", instance] => Some((app.to_string(), instance.to_string())),
+    match parse_work_subject(subject)? {
+        WorkSubject {
+            app,
+            destination: Destination::Instance(instance),
+            ..
+        } => Some((app, instance)),
         _ => None,
     }
 }
@@ -330,7 +351,7 @@ async fn mover(
             consumer::pull::Config {
                 durable_name: Some(name.clone()),
                 description: Some(MOVER_DESCRIPTION.to_string()),
-                filter_subject: work_instance_subject(app, instance),
+                filter_subject: work_instance_filter(app, instance),
                 ack_policy: consumer::AckPolicy::Explicit,
                 deliver_policy: consumer::DeliverPolicy::All,
                 ack_wait: Duration::from_secs(30),
@@ -398,7 +419,7 @@ async fn drain(
             run.avoid = vec![instance.to_string()];
             let body = serde_json::to_vec(&run).map_err(|e| e.to_string())?;
             js.send_publish(
-                work_router_subject(app),
+                work_router_subject(app, &run.job_group, &run.job_name),
                 PublishMessage::build()
                     .payload(body.into())
                     .message_id(moved_msg_id(&run.run_id, run.shard_index(), instance, seq)),

@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::infra::{self, InfraConfig};
 use crate::jobs::{self, JobTable};
 use crate::leader::dispatch::Publisher;
-use crate::leader::engine::{Engine, EngineConfig};
+use crate::leader::engine::EngineConfig;
 use crate::leader::lease::{Election, Leadership, LeaseConfig, Role};
+use crate::leader::state::{Engine, EngineDeps};
 use crate::record::recorder::{self, RecorderConfig, RecorderStatus, StatusRx};
 use crate::record::store::Store;
 use crate::serve::api::ApiServer;
@@ -259,27 +260,18 @@ async fn run_supervised(
         table.clone(),
         changes_rx,
         leadership.clone(),
-        crate::leader::engine::EngineDeps {
+        EngineDeps {
             publisher: publisher.clone(),
             infra: infra.clone(),
             client: client.clone(),
-            store: store.clone(),
             routing: routing.clone(),
+            router: opts.router.clone(),
         },
         opts.engine.clone(),
     );
     let engine_task = sup.spawn("engine", engine.run(ready_rx, front.clone()));
     let registry_task = sup.spawn("registry", registry.clone().refresh_loop(back.clone()));
-    let router_task = sup.spawn(
-        "router",
-        crate::leader::router::run(
-            js.clone(),
-            routing.clone(),
-            leadership.clone(),
-            opts.router.clone(),
-            front.clone(),
-        ),
-    );
+
     let followups = crate::record::followup::Followups {
         table: table.clone(),
         publisher: publisher.clone(),
@@ -356,7 +348,6 @@ async fn run_supervised(
     }
     front.cancel();
     engine_task.join().await;
-    router_task.join().await;
     api_task.join().await;
     lease_stop.cancel();
     election_task.join().await;

@@ -125,7 +125,12 @@ impl Followups {
                 skip: None,
                 parent_run_id: Some(parent.run_id.clone()),
                 shards: None,
+                epoch: None,
             };
+            // Routed like a manual run (a BROADCAST child reaches every instance).
+            let mut fires = [fire];
+            self.routing.assign(&mut fires, None).await;
+            let [fire] = fires;
             match self
                 .publisher
                 .publish(std::slice::from_ref(&fire))

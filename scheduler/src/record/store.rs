@@ -129,6 +129,12 @@ CREATE INDEX runs_by_status_job ON runs (job_group, job_name, status)
 ALTER TABLE runs ADD COLUMN parent_run_id TEXT
 "#,
     ),
+    (
+        4,
+        r#"
+ALTER TABLE runs ADD COLUMN epoch BIGINT
+"#,
+    ),
 ];
 
 /// Rows per multi-row INSERT (well under every backend's bind-parameter limit).
@@ -242,6 +248,7 @@ struct RunRow {
     /// Set by a `skipped` event: (reason, when).
     skipped: Option<(String, i64)>,
     parent_run_id: Option<String>,
+    epoch: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -388,6 +395,7 @@ impl Store {
                     r.node = Some(d.node.clone());
                     r.shard_total = i64::from(d.shard_total);
                     r.parent_run_id = d.parent_run_id.clone();
+                    r.epoch = d.epoch.and_then(|e| i64::try_from(e).ok());
                 }
                 RunEvent::Skipped(k) => {
                     let r = runs.entry(k.run_id.clone()).or_default();
@@ -400,6 +408,7 @@ impl Store {
                     r.revision = i64::try_from(k.revision).ok();
                     r.node = Some(k.node.clone());
                     r.shard_total = 0;
+                    r.epoch = k.epoch.and_then(|e| i64::try_from(e).ok());
                     r.skipped = Some((k.reason.clone(), ms(k.at)));
                 }
                 RunEvent::Started(s) => {
@@ -454,7 +463,7 @@ impl Store {
         let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
         for chunk in run_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id) VALUES {} \
+                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id, epoch) VALUES {} \
                  ON CONFLICT (run_id) DO UPDATE SET \
                  path = COALESCE(excluded.path, runs.path), \
                  job_type = COALESCE(excluded.job_type, runs.job_type), \
@@ -466,10 +475,11 @@ impl Store {
                  args = COALESCE(excluded.args, runs.args), \
                  node = COALESCE(excluded.node, runs.node), \
                  shard_total = excluded.shard_total, \
-                 parent_run_id = COALESCE(excluded.parent_run_id, runs.parent_run_id)",
-                placeholders(chunk.len(), 15)
+                 parent_run_id = COALESCE(excluded.parent_run_id, runs.parent_run_id), \
+                 epoch = COALESCE(excluded.epoch, runs.epoch)",
+                placeholders(chunk.len(), 16)
             );
-            let mut vals = Vec::with_capacity(chunk.len() * 15);
+            let mut vals = Vec::with_capacity(chunk.len() * 16);
             for (id, r) in chunk {
                 vals.extend([
                     Val::from(id.clone()),
@@ -487,6 +497,7 @@ impl Store {
                     r.node.clone().into(),
                     r.shard_total.into(),
                     r.parent_run_id.clone().into(),
+                    r.epoch.into(),
                 ]);
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
@@ -735,7 +746,7 @@ impl Store {
     }
 }
 
-const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision, parent_run_id";
+const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision, parent_run_id, epoch";
 
 fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     let status: String = r.try_get("status")?;
@@ -764,6 +775,9 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
             .try_get::<Option<i64>, _>("revision")?
             .and_then(|v| u64::try_from(v).ok()),
         parent_run_id: r.try_get("parent_run_id")?,
+        epoch: r
+            .try_get::<Option<i64>, _>("epoch")?
+            .and_then(|e| u64::try_from(e).ok()),
     })
 }
 
@@ -999,6 +1013,7 @@ mod tests {
             parent_run_id: None,
             revision: 3,
             node: "n1".into(),
+            epoch: Some(7),
         })];
         for (shard, attempt, ok) in [(0, 1, true), (1, 1, false), (1, 2, true)] {
             let (run_id, shard, attempt) = base(shard, attempt);

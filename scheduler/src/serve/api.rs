@@ -618,9 +618,10 @@ impl ApiServer {
             skip: None,
             parent_run_id: None,
             shards: None,
+            epoch: None,
         };
         let mut fires = [fire];
-        self.routing.assign(&mut fires).await;
+        self.routing.assign(&mut fires, None).await;
         let [fire] = fires;
         if let Some(reason) = &fire.skip {
             return Err(Failure::new(ErrorCode::BadRequest, reason.clone()));

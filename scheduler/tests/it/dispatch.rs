@@ -49,8 +49,15 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
     // The same fires again, as a second leader would publish them: all duplicates.
     assert!(publisher.publish(&fires).await.iter().all(Result::is_ok));
     assert_eq!(stream.get_info().await.unwrap().state.messages, 7000);
-    let refs: Vec<&Fire> = fires.iter().collect();
-    publisher.record_state(&refs).await.unwrap();
+    let last = krest_schemas::JobState {
+        last_fire_at: fires[6].scheduled_at,
+        last_run_id: fires[6].run_id.clone(),
+        queued: None,
+    };
+    publisher
+        .write_states(&[("default.big", &last)])
+        .await
+        .unwrap();
     let state = js
         .get_key_value("krest-state")
         .await

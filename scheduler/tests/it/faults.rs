@@ -621,19 +621,6 @@ async fn results_wait_in_the_stream_while_the_database_is_locked() {
     assert_history(&all, &f.journal());
 }
 
-async fn sqlx_lock(db: &std::path::Path) -> sqlx::AnyConnection {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    let mut c = sqlx::AnyConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_input_is_parked_and_disturbs_nothing() {
     let nats = NatsServer::start();
@@ -657,7 +644,7 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
         // Work for the demo app, events of a job, a definition written straight into the bucket,
         // heartbeats, node presence, job state: all garbage.
         for subject in [
-            format!("krest.work.{APP}.q"),
+            krest_schemas::names::work_queue_subject(APP, "f", "tick"),
             "krest.events.f.tick".to_string(),
             "$KV.krest-jobs.f.garbage".to_string(),
             "$KV.krest-workers.x.y".to_string(),
@@ -699,7 +686,7 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
                 .count()
         };
         (count("krest.dlq.work", "malformed run message")
-            == accepted[&format!("krest.work.{APP}.q")]
+            == accepted[&krest_schemas::names::work_queue_subject(APP, "f", "tick")]
             && count("krest.dlq.events", "malformed run event") == 3
             && count("krest.dlq.jobs", "malformed job definition")
                 == accepted["$KV.krest-jobs.f.garbage"])
@@ -775,7 +762,7 @@ async fn runs_that_exhaust_their_deliveries_are_dead_lettered_and_recorded() {
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             durable_name: Some(app_consumer("dl")),
-            filter_subject: krest_schemas::names::work_queue_subject("dl"),
+            filter_subject: krest_schemas::names::work_queue_filter("dl"),
             ack_wait: Duration::from_secs(1),
             max_deliver: 2,
             ..Default::default()

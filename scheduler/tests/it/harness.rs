@@ -210,6 +210,11 @@ impl Executions {
             .push((ctx.shard_index(), ctx.attempt(), ctx.worker().to_string()));
     }
 
+    /// Executions of every run.
+    pub fn total(&self) -> usize {
+        self.0.lock().unwrap().values().map(Vec::len).sum()
+    }
+
     pub fn of(&self, run_id: &str) -> Vec<Execution> {
         self.0
             .lock()
@@ -253,4 +258,19 @@ pub fn seed_documents() -> Vec<Value> {
         .collect();
     docs.sort_by(|a, b| a.0.cmp(&b.0));
     docs.into_iter().map(|(_, v)| v).collect()
+}
+
+/// Takes the write lock of the SQLite database at `db` and keeps it until the connection
+/// commits or is dropped, as another process holding it would.
+pub async fn sqlx_lock(db: &std::path::Path) -> sqlx::AnyConnection {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c
 }

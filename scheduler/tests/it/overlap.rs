@@ -263,3 +263,150 @@ async fn overlap_replace_cancels_the_running_run() {
     w.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlap_is_decided_from_the_work_stream_even_when_the_leaders_database_is_stuck() {
+    let env = Env::new("overlap-nats");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let log = Executions::default();
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let (n, m, l) = (now.clone(), max.clone(), log.clone());
+    let w = env
+        .worker(APP, "w1")
+        .slots(8)
+        .handler("slow", move |ctx: JobContext| {
+            let (n, m, l) = (n.clone(), m.clone(), l.clone());
+            async move {
+                l.record(&ctx);
+                let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job(
+            "skip",
+            APP,
+            "slow",
+            json!({"cron": "* * * * * ?", "overlapPolicy": "SKIP"}),
+        )],
+    )
+    .await;
+    eventually(DEADLINE, "the first execution", || async {
+        (log.total() > 0).then_some(())
+    })
+    .await;
+    // The leader's own database stops taking writes: what it knows of runs is stale from now
+    // on, and the overlap policy must not depend on it.
+    let mut lock = sqlx_lock(&env.dir.join("n1.db")).await;
+    let before = log.total();
+    eventually(DEADLINE, "five more executions", || async {
+        (log.total() >= before + 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        1,
+        "runs of a SKIP job overlapped"
+    );
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    drop(lock);
+    // Recorded once the database is back: fires in between were skipped, not run.
+    let all = eventually(DEADLINE, "skipped fires recorded", || async {
+        let r = runs(&client, "skip").await;
+        (r.iter().filter(|r| r.status == RunStatus::Skipped).count() >= 3).then_some(r)
+    })
+    .await;
+    assert!(all
+        .iter()
+        .filter(|r| r.status == RunStatus::Skipped)
+        .all(|r| r.error.as_deref().unwrap_or_default().contains("SKIP")));
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_fire_survives_the_failover_of_its_leader() {
+    let env = Env::new("queue-failover");
+    let n1 = env.node("n1");
+    let client = env.client().await;
+    eventually(DEADLINE, "n1 to lead", || async {
+        (leader(&client).await.as_deref() == Some("n1")).then_some(())
+    })
+    .await;
+    let n2 = env.node("n2");
+    let log = Executions::default();
+    // The first run holds until the test opens the gate; later runs end at once.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (g, l) = (gate.clone(), log.clone());
+    let w = env
+        .worker(APP, "w1")
+        .slots(8)
+        .handler("gated", move |ctx: JobContext| {
+            let (g, l) = (g.clone(), l.clone());
+            async move {
+                let first = l.total() == 0;
+                l.record(&ctx);
+                if first {
+                    let _ = g.acquire().await;
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job(
+            "q",
+            APP,
+            "gated",
+            json!({"cron": "* * * * * ?", "overlapPolicy": "QUEUE_ONE"}),
+        )],
+    )
+    .await;
+    // The first run holds; the next fire is queued behind it, and the leader has written it
+    // into the job's state; fires after it are skipped (one already waits).
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(raw)
+        .get_key_value("krest-state")
+        .await
+        .unwrap();
+    let state = eventually(
+        DEADLINE,
+        "a queued fire behind later skipped ones",
+        || async {
+            let v = kv.get("t.q").await.ok()??;
+            let s: krest_schemas::JobState = serde_json::from_slice(&v).ok()?;
+            let q = s.queued.as_ref()?;
+            (s.last_fire_at >= q.scheduled_at + chrono::Duration::seconds(2)).then_some(s)
+        },
+    )
+    .await;
+    let queued = state.queued.unwrap();
+
+    // The leader dies (no clean release); n2 takes over once the lease expires.
+    n1.abort();
+    eventually(DEADLINE, "n2 to lead", || async {
+        (leader(&client).await.as_deref() == Some("n2")).then_some(())
+    })
+    .await;
+    // The first run ends: the queued fire runs, under the new leader.
+    gate.add_permits(1);
+    let d = wait_final(&client, &queued.run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded, "{d:?}");
+    assert_eq!(d.run.scheduled_at, Some(queued.scheduled_at));
+    assert_eq!(log.of(&queued.run_id).len(), 1);
+    assert!(d.run.epoch.is_some(), "dispatched by a leader: {d:?}");
+    w.stop().await.unwrap();
+    n2.stop().await.unwrap();
+}

@@ -281,7 +281,7 @@ async fn forge_heartbeat(js: &async_nats::jetstream::Context, instance: &str) {
 async fn waiting_for(js: &async_nats::jetstream::Context, instance: &str) -> usize {
     use futures_util::StreamExt;
     let stream = js.get_stream("KREST_WORK").await.unwrap();
-    let subject = krest_schemas::names::work_instance_subject(APP, instance);
+    let subject = krest_schemas::names::work_instance_subject(APP, "t", "rr", instance);
     let mut subjects = stream.info_with_subjects(&subject).await.unwrap();
     let mut n = 0;
     while let Some(s) = subjects.next().await {

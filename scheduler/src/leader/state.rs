@@ -1,0 +1,570 @@
+//! Leadership as one value. [`Engine`] is the node task that waits for this node to lead; at
+//! each takeover it builds a [`Leader`] — everything only a leader has — from NATS, runs it
+//! while the lease is valid, and drops it when leadership ends, so nothing of one leadership
+//! survives into the next:
+//!
+//! - the cron heap ([`Schedules`]), from the job table (the jobs bucket) and each job's state
+//!   (`krest-state`: the last fire handed over);
+//! - fires held by the QUEUE_ONE overlap policy, restored from `krest-state` (a queued fire is
+//!   written there when it is queued, so it survives failover);
+//! - fires to publish again after a failed publish;
+//! - the strategies' counters ([`Balancer`]), shared with
+//! - the router ([`crate::leader::router`]), a task of this leadership.
+//!
+//! Overlap decisions ask the work stream ([`Outstanding`]), never a node's database. Every
+//! message a leader publishes carries its epoch.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use krest_schemas::{JobState, OverlapPolicy, QueuedFire, Trigger};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::infra::Infra;
+use crate::jobs::JobTable;
+use crate::leader::balance::{Balancer, Routing};
+use crate::leader::dispatch::{Fire, Publisher};
+use crate::leader::engine::{EngineConfig, Schedules};
+use crate::leader::lease::{Leadership, Role};
+use crate::leader::outstanding::Outstanding;
+use crate::leader::router::RouterConfig;
+
+/// What the leader reads and writes besides the job table.
+pub struct EngineDeps {
+    /// Publishes fires.
+    pub publisher: Publisher,
+    /// Buckets (job state, cancellations).
+    pub infra: Infra,
+    /// NATS client (cancellation broadcasts).
+    pub client: async_nats::Client,
+    /// Addresses runs to instances (strategies, BROADCAST).
+    pub routing: Arc<Routing>,
+    /// Router settings.
+    pub router: RouterConfig,
+}
+
+/// Why leading ended.
+enum Ended {
+    LostLeadership,
+    Stopped,
+    /// Part of the leadership failed for good: the node must stop.
+    Failed(String),
+}
+
+/// The engine task: idle while standby; while leader, runs a [`Leader`].
+pub struct Engine {
+    table: Arc<JobTable>,
+    changes: mpsc::UnboundedReceiver<String>,
+    leadership: Leadership,
+    deps: EngineDeps,
+    outstanding: Outstanding,
+    cfg: EngineConfig,
+}
+
+impl Engine {
+    /// Assembles an engine.
+    pub fn new(
+        table: Arc<JobTable>,
+        changes: mpsc::UnboundedReceiver<String>,
+        leadership: Leadership,
+        deps: EngineDeps,
+        cfg: EngineConfig,
+    ) -> Engine {
+        Engine {
+            outstanding: Outstanding::new(deps.infra.js.clone()),
+            table,
+            changes,
+            leadership,
+            deps,
+            cfg,
+        }
+    }
+
+    /// Runs until `stop`, or until part of a leadership fails (then the node must stop).
+    pub async fn run(mut self, jobs_ready: watch::Receiver<bool>, stop: CancellationToken) {
+        let mut role = self.leadership.watch();
+        let mut jobs_ready = jobs_ready;
+        loop {
+            let epoch = loop {
+                if let Role::Leader { epoch } = *role.borrow_and_update() {
+                    if *jobs_ready.borrow() {
+                        break epoch;
+                    }
+                }
+                tokio::select! {
+                    r = role.changed() => if r.is_err() { return },
+                    r = jobs_ready.changed() => if r.is_err() { return },
+                    Some(_) = self.changes.recv() => {}
+                    _ = stop.cancelled() => return,
+                }
+            };
+            let ended = match Leader::take_over(&mut self, epoch, &stop).await {
+                Ok(mut leader) => leader.lead(&mut self, &mut role, &stop).await,
+                Err(ended) => ended,
+            };
+            match ended {
+                Ended::Stopped => return,
+                Ended::LostLeadership => {
+                    tracing::warn!(epoch, "stopped dispatching: leadership lost");
+                }
+                Ended::Failed(why) => {
+                    tracing::error!(epoch, error = %why, "leadership failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Everything only the leader of one epoch has; dropped when that leadership ends.
+struct Leader {
+    epoch: u64,
+    took_over_at: DateTime<Utc>,
+    schedules: Schedules,
+    /// Per job, the last fire handed over and the fire it holds queued (as written to
+    /// `krest-state`).
+    states: HashMap<String, JobState>,
+    /// Fires whose publish failed, to publish again.
+    retry: Vec<Fire>,
+    /// Fires held by QUEUE_ONE, one per job.
+    queued: HashMap<String, Fire>,
+    /// The strategies' counters, shared with this leadership's router.
+    balancer: Arc<tokio::sync::Mutex<Balancer>>,
+    /// The router of this leadership (aborted with it).
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+impl Leader {
+    /// Builds the leadership state from NATS: job states (with queued fires) from
+    /// `krest-state`, the heap from the job table; starts the router.
+    async fn take_over(
+        engine: &mut Engine,
+        epoch: u64,
+        stop: &CancellationToken,
+    ) -> Result<Leader, Ended> {
+        let took_over_at = Utc::now();
+        while engine.changes.try_recv().is_ok() {}
+        let states = loop {
+            // Bounded: a watch on a clustered stream that is changing leader can stall.
+            let loaded = tokio::time::timeout(
+                Duration::from_secs(15),
+                load_states(&engine.deps.infra.js, &engine.deps.infra.state),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()));
+            match loaded {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read job state; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.cancelled() => return Err(Ended::Stopped),
+                    }
+                    if engine.leadership.valid_epoch() != Some(epoch) {
+                        return Err(Ended::LostLeadership);
+                    }
+                }
+            }
+        };
+        let mut schedules = Schedules::default();
+        let mut queued = HashMap::new();
+        for (key, entry) in engine.table.all() {
+            let state = states.get(&key);
+            schedules.set(&key, Some(entry.clone()), state.map(|s| s.last_fire_at));
+            if let Some(q) = state.and_then(|s| s.queued.as_ref()) {
+                if entry.stored.spec.running {
+                    let mut fire = Fire::scheduled(entry, q.scheduled_at, q.trigger, q.misfired);
+                    fire.run_id = q.run_id.clone();
+                    queued.insert(key, fire);
+                }
+            }
+        }
+        let balancer = Arc::new(tokio::sync::Mutex::new(Balancer::default()));
+        let router = tokio::spawn(crate::leader::router::run(
+            engine.deps.infra.js.clone(),
+            engine.deps.routing.clone(),
+            engine.leadership.clone(),
+            epoch,
+            engine.deps.router.clone(),
+            balancer.clone(),
+            stop.clone(),
+        ));
+        tracing::info!(
+            epoch,
+            jobs = schedules.len(),
+            queued = queued.len(),
+            "leading: scheduling jobs"
+        );
+        Ok(Leader {
+            epoch,
+            took_over_at,
+            schedules,
+            states,
+            retry: Vec::new(),
+            queued,
+            balancer,
+            router,
+        })
+    }
+
+    async fn lead(
+        &mut self,
+        engine: &mut Engine,
+        role: &mut watch::Receiver<Role>,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let epoch = self.epoch;
+        loop {
+            if engine.leadership.valid_epoch() != Some(epoch) {
+                return Ended::LostLeadership;
+            }
+            let now = Utc::now();
+            let wait = match self.schedules.next_due() {
+                Some(ms) => {
+                    Duration::from_millis(u64::try_from(ms - now.timestamp_millis()).unwrap_or(0))
+                }
+                None => Duration::from_secs(3600),
+            };
+            let wait = if self.retry.is_empty() && self.queued.is_empty() {
+                wait
+            } else {
+                wait.min(Duration::from_secs(1))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    if let Err(ended) = self.tick(engine).await {
+                        return ended;
+                    }
+                }
+                Some(key) = engine.changes.recv() => {
+                    let entry = engine.table.get(&key);
+                    if !entry.as_ref().is_some_and(|e| e.stored.spec.running) {
+                        // Deleted or paused: what it held queued is dropped with it.
+                        if self.queued.remove(&key).is_some() {
+                            self.forget_queued(engine, &key).await;
+                        }
+                    }
+                    self.schedules.set(&key, entry, None);
+                }
+                r = role.changed() => {
+                    if r.is_err() {
+                        return Ended::Stopped;
+                    }
+                    if *role.borrow_and_update() != (Role::Leader { epoch }) {
+                        return Ended::LostLeadership;
+                    }
+                }
+                r = &mut self.router => {
+                    if stop.is_cancelled() {
+                        return Ended::Stopped;
+                    }
+                    if engine.leadership.valid_epoch() != Some(epoch) {
+                        return Ended::LostLeadership;
+                    }
+                    return Ended::Failed(match r {
+                        Ok(()) => "the router ended".to_string(),
+                        Err(e) => format!("the router failed: {e}"),
+                    });
+                }
+                _ = stop.cancelled() => return Ended::Stopped,
+            }
+        }
+    }
+
+    /// One round: due fires, released queued fires and retries, through the overlap policies
+    /// and the strategies, published.
+    async fn tick(&mut self, engine: &Engine) -> Result<(), Ended> {
+        let mut fires = std::mem::take(&mut self.retry);
+        let released = self.release_queued(engine).await;
+        let busy: HashSet<String> = released.iter().map(Fire::key).collect();
+        fires.extend(released);
+        let mut due = Vec::new();
+        self.schedules.pop_due(
+            Utc::now(),
+            engine.cfg.misfire_threshold,
+            self.took_over_at,
+            &mut due,
+        );
+        let queued_before: HashSet<String> = self.queued.keys().cloned().collect();
+        fires.extend(self.overlap(engine, due, busy).await);
+        {
+            let mut balancer = self.balancer.lock().await;
+            engine
+                .deps
+                .routing
+                .assign(&mut fires, Some(&mut balancer))
+                .await;
+        }
+        for fire in &mut fires {
+            fire.epoch = Some(self.epoch);
+        }
+        // Newly queued fires are handed over too: their state says so.
+        let newly_queued: Vec<String> = self
+            .queued
+            .keys()
+            .filter(|k| !queued_before.contains(*k))
+            .cloned()
+            .collect();
+        if fires.is_empty() && newly_queued.is_empty() {
+            return Ok(());
+        }
+        let mut changed: BTreeSet<String> = newly_queued.into_iter().collect();
+        let queued: Vec<Fire> = changed
+            .iter()
+            .filter_map(|k| self.queued.get(k).cloned())
+            .collect();
+        for fire in &queued {
+            self.handed(fire);
+        }
+        let published = self.dispatch(engine, fires).await?;
+        changed.extend(published);
+        self.write_states(engine, &changed).await;
+        Ok(())
+    }
+
+    /// Notes `fire` as handed over in its job's state.
+    fn handed(&mut self, fire: &Fire) {
+        let key = fire.key();
+        let queued = self.queued.get(&key).map(|q| QueuedFire {
+            run_id: q.run_id.clone(),
+            scheduled_at: q.scheduled_at,
+            trigger: q.trigger,
+            misfired: q.misfired,
+        });
+        let state = self.states.entry(key).or_insert_with(|| JobState {
+            last_fire_at: fire.scheduled_at,
+            last_run_id: fire.run_id.clone(),
+            queued: None,
+        });
+        if fire.trigger != Trigger::Manual && fire.scheduled_at >= state.last_fire_at {
+            state.last_fire_at = fire.scheduled_at;
+            state.last_run_id = fire.run_id.clone();
+        }
+        state.queued = queued;
+    }
+
+    /// Publishes fires in batches; keeps those that failed for the next round. Returns the
+    /// keys of jobs whose state changed.
+    async fn dispatch(&mut self, engine: &Engine, fires: Vec<Fire>) -> Result<Vec<String>, Ended> {
+        let mut changed = Vec::new();
+        for chunk in fires.chunks(engine.cfg.batch_size.max(1)) {
+            // Fencing: never publish once our own clock says the lease may have passed on.
+            if engine.leadership.valid_epoch() != Some(self.epoch) {
+                return Err(Ended::LostLeadership);
+            }
+            let results = engine.deps.publisher.publish(chunk).await;
+            for (fire, result) in chunk.iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        tracing::debug!(run = %fire.run_id, trigger = fire.trigger.as_str(), "dispatched");
+                        self.handed(fire);
+                        changed.push(fire.key());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "will retry");
+                        self.retry.push(fire.clone());
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Writes the states of `keys` (pipelined). A failure is logged: the runs are stored, and
+    /// a later leader that re-publishes them is de-duplicated by JetStream.
+    async fn write_states(&self, engine: &Engine, keys: &BTreeSet<String>) {
+        let states: Vec<(&str, &JobState)> = keys
+            .iter()
+            .filter_map(|k| self.states.get(k).map(|s| (k.as_str(), s)))
+            .collect();
+        if let Err(e) = engine.deps.publisher.write_states(&states).await {
+            tracing::warn!(error = %e, "could not record job state");
+        }
+    }
+
+    /// Clears the queued fire from a job's state (the job was deleted or paused).
+    async fn forget_queued(&mut self, engine: &Engine, key: &str) {
+        if let Some(state) = self.states.get_mut(key) {
+            state.queued = None;
+            let keys = BTreeSet::from([key.to_string()]);
+            self.write_states(engine, &keys).await;
+        }
+    }
+
+    /// Applies each fire's overlap policy against the job's outstanding runs (from the work
+    /// stream): SKIP marks it skipped, QUEUE_ONE holds it in `queued` (or skips it when one
+    /// already waits), REPLACE cancels the outstanding ones. Manual runs and ALLOW jobs pass
+    /// through. `busy` names jobs already given a run in this round (released queued fires).
+    async fn overlap(
+        &mut self,
+        engine: &Engine,
+        fires: Vec<Fire>,
+        mut busy: HashSet<String>,
+    ) -> Vec<Fire> {
+        let checked = |f: &Fire| {
+            f.skip.is_none()
+                && f.job.stored.spec.overlap_policy != OverlapPolicy::Allow
+                && f.trigger != Trigger::Manual
+        };
+        let ask: BTreeSet<(String, String)> = fires
+            .iter()
+            .filter(|f| checked(f) && !busy.contains(&f.key()))
+            .map(|f| {
+                let s = &f.job.stored.spec;
+                (s.job_group.clone(), s.job_name.clone())
+            })
+            .collect();
+        let outstanding = if ask.is_empty() {
+            HashSet::new()
+        } else {
+            engine.outstanding.busy(&ask).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot tell whether previous runs are still going; running anyway");
+                HashSet::new()
+            })
+        };
+        let mut out = Vec::with_capacity(fires.len());
+        for mut fire in fires {
+            if !checked(&fire) {
+                out.push(fire);
+                continue;
+            }
+            let key = fire.key();
+            if busy.contains(&key) || outstanding.contains(&key) {
+                match fire.job.stored.spec.overlap_policy {
+                    OverlapPolicy::Allow => {}
+                    OverlapPolicy::Skip => {
+                        fire.skip =
+                            Some("overlap policy SKIP: the previous run is still going".into());
+                    }
+                    OverlapPolicy::QueueOne => match self.queued.entry(key.clone()) {
+                        std::collections::hash_map::Entry::Occupied(_) => {
+                            fire.skip =
+                                Some("overlap policy QUEUE_ONE: a fire is already waiting".into());
+                        }
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            tracing::debug!(run = %fire.run_id, "queued behind the previous run");
+                            slot.insert(fire);
+                            continue;
+                        }
+                    },
+                    OverlapPolicy::Replace => self.replace(engine, &fire).await,
+                }
+            }
+            if fire.skip.is_none() {
+                busy.insert(key);
+            }
+            out.push(fire);
+        }
+        out
+    }
+
+    /// Cancels the outstanding runs of `fire`'s job (overlap policy REPLACE).
+    async fn replace(&self, engine: &Engine, fire: &Fire) {
+        let spec = &fire.job.stored.spec;
+        let runs = match engine
+            .outstanding
+            .runs(&spec.job_group, &spec.job_name)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(job = %spec.key(), error = %e, "cannot find the previous run to replace");
+                return;
+            }
+        };
+        for (run_id, app) in runs.iter().filter(|(r, _)| *r != fire.run_id) {
+            let reason = format!("replaced by {}", fire.run_id);
+            if let Err(e) = crate::cancel::cancel(
+                &engine.deps.infra,
+                &engine.deps.client,
+                run_id,
+                app,
+                &reason,
+            )
+            .await
+            {
+                tracing::warn!(run = %run_id, error = %e, "could not cancel the previous run");
+            }
+        }
+    }
+
+    /// Queued fires whose job has no run outstanding any more.
+    async fn release_queued(&mut self, engine: &Engine) -> Vec<Fire> {
+        if self.queued.is_empty() {
+            return Vec::new();
+        }
+        let ask: BTreeSet<(String, String)> = self
+            .queued
+            .values()
+            .map(|f| {
+                let s = &f.job.stored.spec;
+                (s.job_group.clone(), s.job_name.clone())
+            })
+            .collect();
+        let busy = match engine.outstanding.busy(&ask).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the previous runs of queued fires");
+                return Vec::new();
+            }
+        };
+        let ready: Vec<String> = self
+            .queued
+            .keys()
+            .filter(|k| !busy.contains(*k))
+            .cloned()
+            .collect();
+        ready
+            .into_iter()
+            .filter_map(|k| self.queued.remove(&k))
+            .collect()
+    }
+}
+
+/// Reads every job's state.
+async fn load_states(
+    js: &async_nats::jetstream::Context,
+    state: &kv::Store,
+) -> Result<HashMap<String, JobState>, String> {
+    let mut out = HashMap::new();
+    // An empty bucket's watch would wait forever for a first entry.
+    if crate::infra::bucket_state(js, krest_schemas::names::STATE_BUCKET)
+        .await?
+        .messages
+        == 0
+    {
+        return Ok(out);
+    }
+    let mut watch = state
+        .watch_with_history(">")
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(entry) = watch.next().await {
+        let entry = entry.map_err(|e| e.to_string())?;
+        if entry.operation == kv::Operation::Put {
+            match serde_json::from_slice::<JobState>(&entry.value) {
+                Ok(s) => {
+                    out.insert(entry.key.clone(), s);
+                }
+                Err(e) => {
+                    tracing::warn!(job = %entry.key, error = %e, "ignoring malformed job state")
+                }
+            }
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
