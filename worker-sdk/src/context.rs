@@ -175,7 +175,10 @@ impl JobContext {
             seq,
             at: Utc::now(),
             level,
-            line: truncate(line.into(), MAX_LOG_LINE),
+            line: truncate(
+                krest_schemas::redact::text(&line.into()).into_owned(),
+                MAX_LOG_LINE,
+            ),
         }));
     }
 }
