@@ -146,8 +146,12 @@ impl JobTable {
 
 /// Reads a stored definition, checking it as `krest job apply` would (but for the size limits).
 fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
-    let stored = serde_json::from_slice::<StoredJob>(value)
-        .map_err(|e| format!("malformed job definition: {e}"))?;
+    let stored = serde_json::from_slice::<StoredJob>(value).map_err(|e| {
+        format!(
+            "malformed job definition: {}",
+            krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
+        )
+    })?;
     // Without the size limits: a definition stored before a limit existed keeps running.
     stored
         .spec

@@ -623,7 +623,12 @@ impl JobSpec {
             }
         }
         if let Some(alert) = &self.alert {
-            if !too_long(&mut problems, "alert.webhook", &alert.webhook, MAX_URL_BYTES) {
+            if !too_long(
+                &mut problems,
+                "alert.webhook",
+                &alert.webhook,
+                MAX_URL_BYTES,
+            ) {
                 if let Err(e) = check_http_url(&alert.webhook, &redact::webhook(&alert.webhook)) {
                     problems.push(problem("alert.webhook", e));
                 }
@@ -988,14 +993,12 @@ fn parse_sharding_params(
 ) -> Result<std::collections::BTreeMap<usize, String>, String> {
     let mut out = std::collections::BTreeMap::new();
     for part in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (index, value) = part
-            .split_once('=')
-            .ok_or_else(|| {
-                format!(
-                    "`{}` is not `index=value` (e.g. 0=Beijing,1=Shanghai)",
-                    echo(part)
-                )
-            })?;
+        let (index, value) = part.split_once('=').ok_or_else(|| {
+            format!(
+                "`{}` is not `index=value` (e.g. 0=Beijing,1=Shanghai)",
+                echo(part)
+            )
+        })?;
         let index: usize = index.trim().parse().map_err(|_| {
             format!(
                 "`{}` in `{}` is not a shard index",
@@ -1369,7 +1372,15 @@ mod tests {
             with(plain.clone(), "description", json!("d".repeat(900 * 1024))),
             ["description: is 921600 bytes; the limit is 4096"]
         );
-        for field in ["cron", "every", "at", "timeZone", "catchUpWindow", "createTime", "id"] {
+        for field in [
+            "cron",
+            "every",
+            "at",
+            "timeZone",
+            "catchUpWindow",
+            "createTime",
+            "id",
+        ] {
             let p = with(plain.clone(), field, json!("x".repeat(300)));
             assert!(
                 p.contains(&format!("{field}: is 300 bytes; the limit is 256")),
@@ -1394,8 +1405,16 @@ mod tests {
             json!({"X-Big": "v".repeat(MAX_HEADER_VALUE_BYTES + 1), "N".repeat(300): "v"}),
         );
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p.iter().any(|m| m.starts_with("headers.X-Big: is 8193 bytes")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("is 300 bytes; the limit is 256")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("headers.X-Big: is 8193 bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("is 300 bytes; the limit is 256")),
+            "{p:?}"
+        );
         assert_eq!(
             with(
                 http_doc(),
@@ -1468,8 +1487,10 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         let at = |t: &str| {
-            parse_job(&json!({"appName": "a", "jobGroup": "t", "jobName": "j", "path": "p", "at": t}))
-                .unwrap()
+            parse_job(
+                &json!({"appName": "a", "jobGroup": "t", "jobName": "j", "path": "p", "at": t}),
+            )
+            .unwrap()
         };
         let past = at("2026-06-01T11:59:59Z");
         let p = past.check_at(None, now).unwrap_err();
@@ -1522,10 +1543,12 @@ mod tests {
             bytes < MAX_DEFINITION_BYTES + 512,
             "{bytes} bytes for a {stored}-byte definition"
         );
-        assert!(bytes * 4 < 1024 * 1024, "a quarter of NATS's default max_payload");
+        assert!(
+            bytes * 4 < 1024 * 1024,
+            "a quarter of NATS's default max_payload"
+        );
         // One byte more is refused.
-        doc["shardingParams"] =
-            json!(format!("0={}", "b".repeat(MAX_DEFINITION_BYTES - base + 1)));
+        doc["shardingParams"] = json!(format!("0={}", "b".repeat(MAX_DEFINITION_BYTES - base + 1)));
         assert!(problems_of(doc)[0].starts_with("the definition is 131073 bytes"));
     }
 
@@ -1542,7 +1565,10 @@ mod tests {
         let spec = parse_job(&doc).unwrap();
         let stored = serde_json::to_vec(&spec).unwrap().len();
         let shown = serde_json::to_vec(&spec.redacted()).unwrap().len();
-        assert!(shown <= stored + 10 * (MAX_HEADERS + 2), "{shown} vs {stored}");
+        assert!(
+            shown <= stored + 10 * (MAX_HEADERS + 2),
+            "{shown} vs {stored}"
+        );
     }
 
     #[test]

@@ -237,8 +237,8 @@ impl JobSpec {
             u.map(split).map(|p| (p.scheme, p.host))
         }
         let stored_url = stored.and_then(|s| s.url.as_deref());
-        let same_origin =
-            origin(self.url.as_deref()).is_some() && origin(self.url.as_deref()) == origin(stored_url);
+        let same_origin = origin(self.url.as_deref()).is_some()
+            && origin(self.url.as_deref()) == origin(stored_url);
         let shown = |u: Option<&str>| u.map_or_else(|| "none".to_string(), |u| echo(&url(u)));
         let (was, now) = (shown(stored_url), shown(self.url.as_deref()));
         let moved = |field_what: &str| {
@@ -452,9 +452,15 @@ mod tests {
             "alert": {"webhook": "https://hooks/T/B/X"}, "error": "GET https://u:p@h failed"});
         json(&mut v);
         let s = v.to_string();
-        assert!(!s.contains("s3cret") && !s.contains("u:p") && !s.contains("T/B/X"), "{s}");
+        assert!(
+            !s.contains("s3cret") && !s.contains("u:p") && !s.contains("T/B/X"),
+            "{s}"
+        );
         assert_eq!(v["http"]["headers"]["Authorization"], REDACTED);
-        assert_eq!(payload("not json https://u:p@h"), "not json https://<redacted>@h");
+        assert_eq!(
+            payload("not json https://u:p@h"),
+            "not json https://<redacted>@h"
+        );
     }
 
     fn http_job(extra: Value) -> JobSpec {
@@ -518,7 +524,12 @@ mod tests {
         let mut new = stored.redacted();
         assert_eq!(
             fields(&mut new, None),
-            ["url", "headers.Authorization", "headers.X-Trace", "alert.webhook"]
+            [
+                "url",
+                "headers.Authorization",
+                "headers.X-Trace",
+                "alert.webhook"
+            ]
         );
         // Another host: stored credentials are not sent there.
         let mut moved = stored.redacted();

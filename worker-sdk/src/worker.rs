@@ -743,6 +743,10 @@ async fn process(
     let run: RunMessage = match serde_json::from_slice(&msg.payload) {
         Ok(run) => run,
         Err(e) => {
+            // serde quotes the offending value: shortened, and URLs redacted.
+            let e =
+                krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
+                    .into_owned();
             tracing::error!(subject = %msg.subject, error = %e, "malformed run message; parking it");
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
             let reason = format!("malformed run message: {e}");

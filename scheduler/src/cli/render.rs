@@ -127,7 +127,10 @@ mod tests {
         assert_eq!(esc("plain text é"), "plain text é");
         assert_eq!(esc("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
         assert_eq!(esc("l1\nl2\r\t"), "l1\\nl2\\r\\t");
-        assert_eq!(esc("\u{9b}31m \u{7f} \u{202e}"), "\\u{9b}31m \\u{7f} \\u{202e}");
+        assert_eq!(
+            esc("\u{9b}31m \u{7f} \u{202e}"),
+            "\\u{9b}31m \\u{7f} \\u{202e}"
+        );
         assert_eq!(esc("\u{1b}]0;title\u{7}"), "\\u{1b}]0;title\\u{7}");
     }
 }

@@ -207,7 +207,12 @@ async fn hostile_documents_get_short_errors_and_bom_and_duplicate_keys_are_handl
     let client = env.client().await;
 
     // Limits: a 900 KB description is refused, naming the field and the limit.
-    let huge = job("big", "app", "p", json!({"description": "d".repeat(900 * 1024)}));
+    let huge = job(
+        "big",
+        "app",
+        "p",
+        json!({"description": "d".repeat(900 * 1024)}),
+    );
     let err = client
         .call_value(Op::JobApply, &json!({"documents": [huge]}))
         .await
@@ -246,8 +251,14 @@ async fn hostile_documents_get_short_errors_and_bom_and_duplicate_keys_are_handl
     assert_eq!(reply.error.unwrap().code, ErrorCode::BadRequest);
 
     // A UTF-8 BOM in front of a request is skipped.
-    let doc = br#"{"documents": [{"appName": "app", "jobGroup": "t", "jobName": "bom", "path": "p"}]}"#;
-    let reply = raw(&client, Op::JobApply, &[b"\xEF\xBB\xBF".as_slice(), doc].concat()).await;
+    let doc =
+        br#"{"documents": [{"appName": "app", "jobGroup": "t", "jobName": "bom", "path": "p"}]}"#;
+    let reply = raw(
+        &client,
+        Op::JobApply,
+        &[b"\xEF\xBB\xBF".as_slice(), doc].concat(),
+    )
+    .await;
     assert!(reply.ok, "{reply:?}");
 
     // Duplicate keys, at any depth, are refused naming the key and where it is.

@@ -242,7 +242,10 @@ async fn cli_output_is_inert_and_files_may_have_a_bom_but_no_duplicate_keys() {
                 "{TITLE}failed\nFAKE LINE"
             )))
         })
-        .handler(format!("odd{CLEAR}"), |_ctx: JobContext| async move { Ok(()) })
+        .handler(
+            format!("odd{CLEAR}"),
+            |_ctx: JobContext| async move { Ok(()) },
+        )
         .build()
         .unwrap()
         .spawn();
@@ -267,7 +270,10 @@ async fn cli_output_is_inert_and_files_may_have_a_bom_but_no_duplicate_keys() {
         "{err}"
     );
     let (_, out, _) = env.cli(&["job", "list"]);
-    assert!(!out.contains("esc.ok") && !out.contains("default.ok"), "{out}");
+    assert!(
+        !out.contains("esc.ok") && !out.contains("default.ok"),
+        "{out}"
+    );
 
     // `job get` shows the description's C1 control escaped; JSON keeps it exact.
     let (code, out, _) = env.cli(&["job", "get", "t.boom"]);
@@ -328,13 +334,19 @@ async fn cli_output_is_inert_and_files_may_have_a_bom_but_no_duplicate_keys() {
     let _ = watch.kill();
     let _ = watch.wait();
     assert_inert("runs watch", &watched);
-    assert!(watched.contains("\\u{1b}]0;pwned\\u{7}failed\\nFAKE LINE"), "{watched}");
+    assert!(
+        watched.contains("\\u{1b}]0;pwned\\u{7}failed\\nFAKE LINE"),
+        "{watched}"
+    );
     assert!(watched.contains("\\u{1b}[2Jlog line"), "{watched}");
 
     let (code, out, _) = env.cli(&["runs", "get", &run_id]);
     assert_eq!(code, 0);
     assert_inert("runs get", &out);
-    assert!(out.contains("error:  \\u{1b}]0;pwned\\u{7}failed\\nFAKE LINE"), "{out}");
+    assert!(
+        out.contains("error:  \\u{1b}]0;pwned\\u{7}failed\\nFAKE LINE"),
+        "{out}"
+    );
     assert!(out.contains("\\u{1b}[2Jlog line"), "{out}");
     assert!(!out.lines().any(|l| l.starts_with("FAKE LINE")), "{out}");
     let (_, out, _) = env.cli(&["runs", "list", "--job", "t.boom"]);

@@ -351,7 +351,10 @@ async fn http_job_secrets_never_show_and_survive_get_then_apply() {
     let fresh_file = env.write("fresh.json", &fresh.to_string());
     let (code, _, err) = env.cli(&["job", "apply", "-f", fresh_file.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("- url: `<redacted>` stands for the stored"), "{err}");
+    assert!(
+        err.contains("- url: `<redacted>` stands for the stored"),
+        "{err}"
+    );
     assert!(err.contains("- headers.X-Api-Key: `<redacted>`"), "{err}");
 
     // A failed call's error (reqwest names the URL) and the alert about it show no password.
@@ -363,7 +366,9 @@ async fn http_job_secrets_never_show_and_survive_get_then_apply() {
     let (_, out, _) = env.cli(&["runs", "get", &down]);
     no_secret("runs get", &out);
     assert!(
-        out.contains(&format!("request to http://<redacted>@127.0.0.1:{dead}/x failed")),
+        out.contains(&format!(
+            "request to http://<redacted>@127.0.0.1:{dead}/x failed"
+        )),
         "{out}"
     );
     for args in [
@@ -415,7 +420,9 @@ async fn nats_credentials_stay_out_of_logs_and_errors() {
     ]);
     let mut node = krest_test_support::Proc::spawn("n1", cmd, env.dir.join("n1.log"));
     eventually(DEADLINE, "a failed connection logged", || async {
-        node.output().contains("cannot connect to NATS").then_some(())
+        node.output()
+            .contains("cannot connect to NATS")
+            .then_some(())
     })
     .await;
     let log = node.output();
@@ -429,5 +436,8 @@ async fn nats_credentials_stay_out_of_logs_and_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(!err.contains("s3cret"), "{err}");
-    assert!(err.contains("cannot connect to NATS at nats://<redacted>@"), "{err}");
+    assert!(
+        err.contains("cannot connect to NATS at nats://<redacted>@"),
+        "{err}"
+    );
 }

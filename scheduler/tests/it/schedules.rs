@@ -90,7 +90,12 @@ async fn every_and_at_jobs_fire_on_their_schedule() {
     // …and changing anything else is fine…
     let changed = apply(
         &client,
-        vec![job("once", APP, "noop", json!({"at": at, "description": "ran"}))],
+        vec![job(
+            "once",
+            APP,
+            "noop",
+            json!({"at": at, "description": "ran"}),
+        )],
     )
     .await;
     assert_eq!(changed.results[0].outcome, ApplyOutcome::Updated);
