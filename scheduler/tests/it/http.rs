@@ -1,5 +1,6 @@
 //! HTTP jobs through the built-in executor, and alert webhooks, against a real HTTP server
-//! started by the test.
+//! started by the test; their secrets (headers, URL passwords, webhook tokens) and NATS
+//! credentials kept out of every view, error, alert and log line.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
