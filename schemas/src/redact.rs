@@ -182,16 +182,93 @@ pub fn json(v: &mut Value) {
     }
 }
 
-/// A parked message's payload as shown: redacted structurally when it is JSON ([`json`]), else
-/// as [`text`].
+/// A parked message's payload as shown: redacted structurally when it is JSON ([`json`]); else
+/// (malformed, or a copy cut short to fit the dead-letter stream) scanned token by token for
+/// the same keys ([`partial_json`]), then as [`text`].
 pub fn payload(raw: &str) -> String {
     match serde_json::from_str::<Value>(raw) {
         Ok(mut v) => {
             json(&mut v);
-            serde_json::to_string(&v).unwrap_or_else(|_| text(raw).into_owned())
+            serde_json::to_string(&v).unwrap_or_else(|_| text(&partial_json(raw)).into_owned())
         }
-        Err(_) => text(raw).into_owned(),
+        Err(_) => text(&partial_json(raw)).into_owned(),
     }
+}
+
+/// Text that may be JSON cut anywhere: string values inside a `"headers": {…}` object become
+/// [`REDACTED`] (one cut short too), `"url"` and `"webhook"` values go through [`url`] and
+/// [`webhook`]; everything else is kept as it is.
+fn partial_json(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    // The key whose value comes next, and whether we are inside a `headers` object.
+    let mut key: Option<&str> = None;
+    let mut in_headers = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i + 1;
+                let mut j = start;
+                let mut escaped = false;
+                while j < b.len() {
+                    match b[j] {
+                        _ if escaped => escaped = false,
+                        b'\\' => escaped = true,
+                        b'"' => break,
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                let closed = j < b.len();
+                let content = &s[start..j];
+                let next = s[(j + 1).min(s.len())..].trim_start();
+                if closed && next.starts_with(':') {
+                    out.push_str(&s[i..=j]);
+                    key = Some(content);
+                } else {
+                    let shown = match key {
+                        Some(_) if in_headers => Cow::Borrowed(REDACTED),
+                        // Cut short: what remains may be userinfo without its `@`.
+                        Some("url" | "webhook") if !closed => {
+                            Cow::Owned(format!("{}{REDACTED}", split(content).scheme))
+                        }
+                        Some("url") => url(content),
+                        Some("webhook") => webhook(content),
+                        _ => Cow::Borrowed(content),
+                    };
+                    out.push('"');
+                    out.push_str(&shown);
+                    if closed {
+                        out.push('"');
+                    }
+                    key = None;
+                }
+                i = if closed { j + 1 } else { b.len() };
+            }
+            b'{' => {
+                in_headers = key == Some("headers");
+                key = None;
+                out.push('{');
+                i += 1;
+            }
+            b'}' => {
+                in_headers = false;
+                key = None;
+                out.push('}');
+                i += 1;
+            }
+            _ => {
+                let c = s[i..].chars().next().unwrap_or(' ');
+                if !(c.is_whitespace() || c == ':') {
+                    key = None;
+                }
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    out
 }
 
 fn redact_opt(s: &mut Option<String>) {
@@ -461,6 +538,26 @@ mod tests {
             payload("not json https://u:p@h"),
             "not json https://<redacted>@h"
         );
+    }
+
+    #[test]
+    fn json_cut_short_is_redacted_too() {
+        let full = serde_json::to_string(&json!({"args": {"a": "x\"y"}, "http": {
+            "url": "https://u:p@h/x", "headers": {"A": "Bearer s3cret", "B": "k3y"}},
+            "alert": {"webhook": "https://hooks/T/B/X"}}))
+        .unwrap();
+        for cut in 1..full.len() {
+            let shown = payload(&full[..cut]);
+            for secret in ["s3cret", "k3y", "u:p", "T/B", "Bearer"] {
+                assert!(!shown.contains(secret), "cut at {cut}: {shown}");
+            }
+        }
+        assert_eq!(
+            payload(r#"{"http": {"headers": {"A": "Bear"#),
+            r#"{"http": {"headers": {"A": "<redacted>"#
+        );
+        let other = r#"{"args": {"a": "x\"y"}, "n"#;
+        assert_eq!(payload(other), other);
     }
 
     fn http_job(extra: Value) -> JobSpec {

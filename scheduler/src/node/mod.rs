@@ -80,6 +80,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("infra", &self.infra)
             .field("engine", &self.engine)
             .field("recorder", &self.recorder)
+            .field("router", &self.router)
             .field("http_addr", &self.http_addr)
             .finish()
     }
