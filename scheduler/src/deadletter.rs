@@ -3,7 +3,8 @@
 //!
 //! Parked messages keep their payload as found, with headers `Krest-Reason` and
 //! `Krest-Source-Subject`, and a `Nats-Msg-Id` derived from where they were found, so every node
-//! may park the same bad input and only one copy is stored.
+//! may park the same bad input and only one copy is stored. [`list`] shows them redacted
+//! (`krest_schemas::redact::payload`): a parked HTTP run message carries real header values.
 //!
 //! JetStream leaves a work-queue message that reached its consumer's max deliveries in the
 //! stream and emits an advisory. Every node listens (one per advisory, by queue group): the
@@ -21,7 +22,7 @@ use krest_schemas::names::{
     dlq_subject, events_subject, parked_work_id, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, DLQ_STREAM,
     WORK_STREAM,
 };
-use krest_schemas::{AttemptOutcome, Finished, RunEvent, RunMessage};
+use krest_schemas::{redact, AttemptOutcome, Finished, RunEvent, RunMessage};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -58,7 +59,7 @@ pub async fn park(
     .map_err(|e| e.to_string())?;
     tracing::warn!(
         kind,
-        reason = %header_value(reason),
+        reason = %redact::text(&header_value(reason)),
         source = %header_value(origin.subject),
         seq = ?origin.seq,
         bytes = payload.len(),
@@ -87,11 +88,12 @@ pub async fn list(js: &jetstream::Context, limit: usize) -> Result<Vec<DeadLette
                     .map(|v| v.as_str().to_string())
                     .unwrap_or_default()
             };
-            let text = String::from_utf8_lossy(&m.payload);
+            // A view: secrets in parked run messages and definitions are redacted.
+            let text = redact::payload(&String::from_utf8_lossy(&m.payload));
             out.push(DeadLetter {
                 seq,
                 subject: m.subject.to_string(),
-                reason: header(DLQ_REASON_HEADER),
+                reason: redact::text(&header(DLQ_REASON_HEADER)).into_owned(),
                 source: header(DLQ_SOURCE_HEADER),
                 at: chrono::DateTime::from_timestamp(m.time.unix_timestamp(), m.time.nanosecond())
                     .unwrap_or_default(),

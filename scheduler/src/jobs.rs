@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use krest_schemas::names::JOBS_BUCKET;
+use krest_schemas::text::echo;
 use krest_schemas::StoredJob;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -42,10 +43,10 @@ impl Default for JobTable {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
     /// No such job.
-    #[error("no job named `{0}`: see `krest job list`")]
+    #[error("no job named `{}`: see `krest job list`", echo(.0))]
     NotFound(String),
     /// The bare name exists in several groups.
-    #[error("`{name}` names jobs in several groups: use one of {candidates:?}")]
+    #[error("`{}` names jobs in several groups: use one of {candidates:?}", echo(.name))]
     Ambiguous {
         /// The name given.
         name: String,
@@ -144,11 +145,20 @@ impl JobTable {
     }
 }
 
-/// Reads a stored definition, checking it as `krest job apply` would.
+/// Reads a stored definition, checking it as `krest job apply` would (but for the size limits).
 fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
-    let stored = serde_json::from_slice::<StoredJob>(value)
-        .map_err(|e| format!("malformed job definition: {e}"))?;
-    stored.spec.clone().validate().map_err(|e| e.to_string())?;
+    let stored = serde_json::from_slice::<StoredJob>(value).map_err(|e| {
+        format!(
+            "malformed job definition: {}",
+            krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
+        )
+    })?;
+    // Without the size limits: a definition stored before a limit existed keeps running.
+    stored
+        .spec
+        .clone()
+        .validate_stored()
+        .map_err(|e| e.to_string())?;
     Ok(stored)
 }
 

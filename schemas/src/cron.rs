@@ -15,9 +15,11 @@ use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
 use croner::Cron;
 
+use crate::text::{echo, shorten_quoted};
+
 /// A cron expression that failed to parse, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid cron expression `{expr}`: {reason}")]
+#[error("invalid cron expression `{}`: {}", echo(expr), shorten_quoted(reason))]
 pub struct CronError {
     /// The expression as given.
     pub expr: String,
@@ -35,7 +37,10 @@ pub struct CronSchedule {
 /// Parses an IANA time zone name such as `UTC` or `America/New_York`.
 pub fn parse_time_zone(name: &str) -> Result<Tz, String> {
     name.parse::<Tz>().map_err(|_| {
-        format!("unknown time zone `{name}`: use an IANA name such as UTC, Europe/Berlin or America/New_York")
+        format!(
+            "unknown time zone `{}`: use an IANA name such as UTC, Europe/Berlin or America/New_York",
+            echo(name)
+        )
     })
 }
 

@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::cron::{parse_time_zone, CronSchedule};
 use crate::names::{is_token, job_key, HTTP_HANDLER, MAX_TOKEN_LEN};
+use crate::redact;
 use crate::schedule::{parse_duration, Schedule};
+use crate::text::{echo, shorten_quoted, ECHO_CHARS};
 
 /// Most retries a job may ask for (`retryTimes`); a run makes at most `retryTimes + 1` attempts.
 pub const MAX_RETRY_TIMES: u32 = 20;
@@ -24,11 +26,34 @@ pub const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
 pub const MAX_PERIOD: std::time::Duration = std::time::Duration::from_secs(366 * 86400);
 /// Longest handler `path`.
 pub const MAX_PATH_LEN: usize = 256;
+/// Longest `description`, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+/// Longest `url` and `alert.webhook`, in bytes.
+pub const MAX_URL_BYTES: usize = 4096;
+/// Most `headers` of an HTTP job.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+/// Longest header value, in bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 8192;
+/// Longest `shardingParams`, in bytes.
+pub const MAX_SHARDING_PARAMS_BYTES: usize = 64 * 1024;
+/// Most `childJobs`.
+pub const MAX_CHILD_JOBS: usize = 64;
+/// Longest value of the short text fields (`cron`, `every`, `at`, `timeZone`, `catchUpWindow`,
+/// `createTime`, `id`, `retryBackoff.initial` and `.max`), in bytes.
+pub const MAX_SHORT_TEXT_BYTES: usize = 256;
+/// Largest definition, serialized as stored (normalized JSON), in bytes. Everything that
+/// carries a definition — its view in an API reply, a revision, a run message with its
+/// `args` — stays far below NATS's default 1 MiB payload.
+pub const MAX_DEFINITION_BYTES: usize = 128 * 1024;
 
 /// A job definition, as applied with `krest job apply` and stored in the jobs bucket.
 ///
 /// Field names are camelCase, as in Krest-Job. Unknown fields are rejected by [`parse_job`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// `Debug` shows the redacted definition ([`JobSpec::redacted`]): secrets stay out of logs.
+#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobSpec {
     /// The app whose workers run this job (a worker's app name). Letters, digits, `-`, `_`.
@@ -221,8 +246,9 @@ impl MethodType {
     }
 }
 
-/// `alert`: an HTTP POST to `webhook` when a run ends in one of the `on` outcomes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// `alert`: an HTTP POST to `webhook` when a run ends in one of the `on` outcomes. `Debug`
+/// shows the webhook redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Alert {
     /// The URL posted to (`http://` or `https://`).
@@ -262,17 +288,19 @@ impl AlertOn {
     }
 }
 
-/// Checks an `http://` / `https://` URL without parsing it fully.
-fn check_http_url(url: &str) -> Result<(), String> {
+/// Checks an `http://` / `https://` URL without parsing it fully; errors show `shown` (the
+/// URL redacted, as views show it).
+fn check_http_url(url: &str, shown: &str) -> Result<(), String> {
+    let shown = echo(shown);
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("`{url}` must start with http:// or https://"))?;
+        .ok_or_else(|| format!("`{shown}` must start with http:// or https://"))?;
     if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("`{url}` has no host"));
+        return Err(format!("`{shown}` has no host"));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("`{url}` contains spaces or control characters"));
+        return Err(format!("`{shown}` contains spaces or control characters"));
     }
     Ok(())
 }
@@ -400,15 +428,24 @@ impl fmt::Display for InvalidJob {
     }
 }
 
-fn problem(field: &str, message: impl Into<String>) -> Problem {
+pub(crate) fn problem(field: &str, message: impl Into<String>) -> Problem {
     Problem {
         field: field.to_string(),
         message: message.into(),
     }
 }
 
+/// `group.name` as shown in errors: shortened ([`echo`]) unless both parts are valid names.
+fn job_label(group: &str, name: &str) -> String {
+    if is_token(group) && is_token(name) {
+        job_key(group, name)
+    } else {
+        echo(&job_key(group, name))
+    }
+}
+
 /// Parses one JSON document into a [`JobSpec`] with errors that name the field, then validates
-/// and normalizes it ([`JobSpec::validate`]).
+/// and normalizes it ([`JobSpec::validate`]). Values echoed in errors are shortened.
 pub fn parse_job(doc: &Value) -> Result<JobSpec, InvalidJob> {
     let name_hint = || {
         let group = doc
@@ -417,7 +454,7 @@ pub fn parse_job(doc: &Value) -> Result<JobSpec, InvalidJob> {
             .unwrap_or("default");
         doc.get("jobName")
             .and_then(Value::as_str)
-            .map(|n| job_key(group, n))
+            .map(|n| job_label(group, n))
     };
     if !doc.is_object() {
         return Err(InvalidJob {
@@ -433,8 +470,12 @@ pub fn parse_job(doc: &Value) -> Result<JobSpec, InvalidJob> {
     }
     let spec: JobSpec = serde_path_to_error::deserialize(doc).map_err(|e| {
         let field = e.path().to_string();
-        let field = if field == "." { String::new() } else { field };
-        let message = e.into_inner().to_string();
+        let field = match field.as_str() {
+            "." => String::new(),
+            f if f.chars().count() > ECHO_CHARS => echo(f),
+            _ => field,
+        };
+        let message = shorten_quoted(&e.into_inner().to_string());
         InvalidJob {
             job: name_hint(),
             problems: vec![problem(&field, message)],
@@ -487,9 +528,32 @@ impl JobSpec {
     }
 
     /// Checks every field and returns the normalized definition (SHARDING args as an array,
-    /// `WEIGHTROUNDRIBBON` as `WEIGHT_ROUND_ROBIN`), or every problem found.
-    pub fn validate(mut self) -> Result<JobSpec, InvalidJob> {
+    /// `WEIGHTROUNDRIBBON` as `WEIGHT_ROUND_ROBIN`), or every problem found. Enforces the size
+    /// limits (`MAX_*_BYTES`, [`MAX_HEADERS`], [`MAX_CHILD_JOBS`], [`MAX_DEFINITION_BYTES`]).
+    pub fn validate(self) -> Result<JobSpec, InvalidJob> {
+        self.check(true)
+    }
+
+    /// [`JobSpec::validate`] for a definition read back from the jobs bucket: the same checks
+    /// without the size limits, so a definition stored before a limit existed keeps running.
+    pub fn validate_stored(self) -> Result<JobSpec, InvalidJob> {
+        self.check(false)
+    }
+
+    fn check(mut self, limits: bool) -> Result<JobSpec, InvalidJob> {
         let mut problems = Vec::new();
+        // A value past its limit is reported as such and not looked into further (parsing a
+        // megabyte cron expression, or echoing it, helps nobody).
+        let too_long = |problems: &mut Vec<Problem>, field: &str, value: &str, max: usize| {
+            let over = limits && value.len() > max;
+            if over {
+                problems.push(problem(
+                    field,
+                    format!("is {} bytes; the limit is {max}", value.len()),
+                ));
+            }
+            over
+        };
         for (field, value) in [
             ("appName", &self.app_name),
             ("jobGroup", &self.job_group),
@@ -499,7 +563,8 @@ impl JobSpec {
                 problems.push(problem(
                     field,
                     format!(
-                        "`{value}` is not a valid name: use 1 to {MAX_TOKEN_LEN} letters, digits, `-` or `_` (it becomes part of NATS subjects)"
+                        "`{}` is not a valid name: use 1 to {MAX_TOKEN_LEN} letters, digits, `-` or `_` (it becomes part of NATS subjects)",
+                        echo(value)
                     ),
                 ));
             }
@@ -509,8 +574,10 @@ impl JobSpec {
         }
         match (self.job_type, &self.url) {
             (JobType::Http, Some(url)) => {
-                if let Err(e) = check_http_url(url) {
-                    problems.push(problem("url", e));
+                if !too_long(&mut problems, "url", url, MAX_URL_BYTES) {
+                    if let Err(e) = check_http_url(url, &redact::url(url)) {
+                        problems.push(problem("url", e));
+                    }
                 }
             }
             (JobType::Http, None) => problems.push(problem(
@@ -520,32 +587,64 @@ impl JobSpec {
             (_, Some(_)) => problems.push(problem("url", "only HTTP jobs have a url")),
             (_, None) => {}
         }
-        for (name, value) in &self.headers {
-            if self.job_type != JobType::Http {
-                problems.push(problem("headers", "only HTTP jobs have headers"));
-                break;
-            }
-            let bad_name = name.is_empty()
-                || name
-                    .chars()
-                    .any(|c| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)));
-            if bad_name || value.chars().any(char::is_control) {
-                problems.push(problem(
-                    "headers",
-                    format!(
-                        "`{name}` is not a valid header name or its value has control characters"
-                    ),
-                ));
+        if !self.headers.is_empty() && self.job_type != JobType::Http {
+            problems.push(problem("headers", "only HTTP jobs have headers"));
+        } else if limits && self.headers.len() > MAX_HEADERS {
+            problems.push(problem(
+                "headers",
+                format!(
+                    "has {} headers; the limit is {MAX_HEADERS}",
+                    self.headers.len()
+                ),
+            ));
+        } else {
+            for (name, value) in &self.headers {
+                let field = format!("headers.{}", echo(name));
+                if too_long(&mut problems, &field, name, MAX_HEADER_NAME_BYTES) {
+                    continue;
+                }
+                let bad_name = name.is_empty()
+                    || name
+                        .chars()
+                        .any(|c| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)));
+                if bad_name {
+                    problems.push(problem(
+                        &field,
+                        format!(
+                            "`{}` is not a valid header name: use letters, digits and !#$%&'*+-.^_`|~",
+                            echo(name)
+                        ),
+                    ));
+                } else if too_long(&mut problems, &field, value, MAX_HEADER_VALUE_BYTES) {
+                } else if value.chars().any(char::is_control) {
+                    // The value is a secret: it is not echoed.
+                    problems.push(problem(&field, "the value has control characters"));
+                }
             }
         }
         if let Some(alert) = &self.alert {
-            if let Err(e) = check_http_url(&alert.webhook) {
-                problems.push(problem("alert", format!("webhook {e}")));
+            if !too_long(
+                &mut problems,
+                "alert.webhook",
+                &alert.webhook,
+                MAX_URL_BYTES,
+            ) {
+                if let Err(e) = check_http_url(&alert.webhook, &redact::webhook(&alert.webhook)) {
+                    problems.push(problem("alert.webhook", e));
+                }
             }
             if alert.on.is_empty() {
                 problems.push(problem(
-                    "alert",
-                    "`on` is empty: list FAILED, TIMED_OUT, CANCELLED or MISFIRED",
+                    "alert.on",
+                    "is empty: list FAILED, TIMED_OUT, CANCELLED or MISFIRED",
+                ));
+            } else if limits && alert.on.len() > 4 {
+                problems.push(problem(
+                    "alert.on",
+                    format!(
+                        "has {} entries: list each of FAILED, TIMED_OUT, CANCELLED and MISFIRED at most once",
+                        alert.on.len()
+                    ),
                 ));
             }
         }
@@ -565,16 +664,29 @@ impl JobSpec {
                 format!("must be at most {MAX_PATH_LEN} characters without spaces or control characters"),
             ));
         }
-        let tz = match parse_time_zone(&self.time_zone) {
-            Ok(tz) => Some(tz),
-            Err(e) => {
-                problems.push(problem("timeZone", e));
-                None
+        let tz = if too_long(
+            &mut problems,
+            "timeZone",
+            &self.time_zone,
+            MAX_SHORT_TEXT_BYTES,
+        ) {
+            None
+        } else {
+            match parse_time_zone(&self.time_zone) {
+                Ok(tz) => Some(tz),
+                Err(e) => {
+                    problems.push(problem("timeZone", e));
+                    None
+                }
             }
         };
-        if let (Some(expr), Some(tz)) = (&self.cron, tz) {
-            if let Err(e) = CronSchedule::new(expr, tz) {
-                problems.push(problem("cron", e.to_string()));
+        if let Some(expr) = &self.cron {
+            if !too_long(&mut problems, "cron", expr, MAX_SHORT_TEXT_BYTES) {
+                if let Some(tz) = tz {
+                    if let Err(e) = CronSchedule::new(expr, tz) {
+                        problems.push(problem("cron", e.to_string()));
+                    }
+                }
             }
         }
         let kinds = [self.cron.is_some(), self.every.is_some(), self.at.is_some()];
@@ -585,31 +697,40 @@ impl JobSpec {
             ));
         }
         if let Some(every) = &self.every {
-            match parse_duration(every) {
-                Ok(d) if d >= std::time::Duration::from_secs(1) && d <= MAX_PERIOD => {}
-                Ok(_) => problems.push(problem(
-                    "every",
-                    format!("`{every}` is out of range: use 1s to 366d"),
-                )),
-                Err(e) => problems.push(problem("every", e)),
+            if !too_long(&mut problems, "every", every, MAX_SHORT_TEXT_BYTES) {
+                match parse_duration(every) {
+                    Ok(d) if d >= std::time::Duration::from_secs(1) && d <= MAX_PERIOD => {}
+                    Ok(_) => problems.push(problem(
+                        "every",
+                        format!("`{}` is out of range: use 1s to 366d", echo(every)),
+                    )),
+                    Err(e) => problems.push(problem("every", e)),
+                }
             }
         }
         if let Some(at) = &self.at {
-            if DateTime::parse_from_rfc3339(at).is_err() {
+            if !too_long(&mut problems, "at", at, MAX_SHORT_TEXT_BYTES)
+                && DateTime::parse_from_rfc3339(at).is_err()
+            {
                 problems.push(problem(
                     "at",
-                    format!("`{at}` is not an RFC 3339 time such as 2026-12-24T18:00:00+01:00"),
+                    format!(
+                        "`{}` is not an RFC 3339 time such as 2026-12-24T18:00:00+01:00",
+                        echo(at)
+                    ),
                 ));
             }
         }
         if let Some(window) = &self.catch_up_window {
-            match parse_duration(window) {
-                Ok(d) if d <= MAX_PERIOD => {}
-                Ok(_) => problems.push(problem(
-                    "catchUpWindow",
-                    format!("`{window}` is out of range: use at most 366d"),
-                )),
-                Err(e) => problems.push(problem("catchUpWindow", e)),
+            if !too_long(&mut problems, "catchUpWindow", window, MAX_SHORT_TEXT_BYTES) {
+                match parse_duration(window) {
+                    Ok(d) if d <= MAX_PERIOD => {}
+                    Ok(_) => problems.push(problem(
+                        "catchUpWindow",
+                        format!("`{}` is out of range: use at most 366d", echo(window)),
+                    )),
+                    Err(e) => problems.push(problem("catchUpWindow", e)),
+                }
             }
         }
         if !(0..=i64::from(MAX_RETRY_TIMES)).contains(&self.retry_times) {
@@ -638,14 +759,34 @@ impl JobSpec {
                 ),
             ));
         }
+        if let Some(id) = &self.id {
+            too_long(&mut problems, "id", id, MAX_SHORT_TEXT_BYTES);
+        }
         if let Some(ct) = &self.create_time {
-            if parse_create_time(ct).is_none() {
+            if !too_long(&mut problems, "createTime", ct, MAX_SHORT_TEXT_BYTES)
+                && parse_create_time(ct).is_none()
+            {
                 problems.push(problem(
                     "createTime",
-                    format!("`{ct}` is not a time: use `yyyy-MM-dd HH:mm:ss` or RFC 3339"),
+                    format!(
+                        "`{}` is not a time: use `yyyy-MM-dd HH:mm:ss` or RFC 3339",
+                        echo(ct)
+                    ),
                 ));
             }
         }
+        if let Some(d) = &self.description {
+            too_long(&mut problems, "description", d, MAX_DESCRIPTION_BYTES);
+        }
+        let params_too_long = match &self.sharding_params {
+            Some(p) => too_long(
+                &mut problems,
+                "shardingParams",
+                p,
+                MAX_SHARDING_PARAMS_BYTES,
+            ),
+            None => false,
+        };
         match (self.job_type, self.shard_count) {
             (JobType::Sharding, None) => {
                 if self.sharding_params.is_some() {
@@ -662,7 +803,7 @@ impl JobSpec {
                         "shardCount",
                         format!("{n} is out of range: use 1 to {MAX_SHARDS}"),
                     ));
-                } else if let Some(params) = &self.sharding_params {
+                } else if let (Some(params), false) = (&self.sharding_params, params_too_long) {
                     if let Err(msg) = parse_sharding_params(params, n as usize) {
                         problems.push(problem("shardingParams", msg));
                     }
@@ -675,27 +816,51 @@ impl JobSpec {
                 }
             }
         }
-        for child in &self.child_jobs {
-            let ok = match child.split_once('.') {
-                Some((g, n)) => is_token(g) && is_token(n),
-                None => is_token(child),
-            };
-            if !ok {
-                problems.push(problem(
-                    "childJobs",
-                    format!(
-                        "`{child}` is not a job: use `group.name`, or a name in this job's group"
-                    ),
-                ));
+        if limits && self.child_jobs.len() > MAX_CHILD_JOBS {
+            problems.push(problem(
+                "childJobs",
+                format!(
+                    "has {} jobs; the limit is {MAX_CHILD_JOBS}",
+                    self.child_jobs.len()
+                ),
+            ));
+        } else {
+            for child in &self.child_jobs {
+                let ok = match child.split_once('.') {
+                    Some((g, n)) => is_token(g) && is_token(n),
+                    None => is_token(child),
+                };
+                if !ok {
+                    problems.push(problem(
+                        "childJobs",
+                        format!(
+                            "`{}` is not a job: use `group.name`, or a name in this job's group",
+                            echo(child)
+                        ),
+                    ));
+                }
             }
         }
         if let Some(b) = &self.retry_backoff {
-            if let Err(msg) = b.to_millis() {
-                problems.push(problem("retryBackoff", msg));
+            let long = too_long(
+                &mut problems,
+                "retryBackoff.initial",
+                &b.initial,
+                MAX_SHORT_TEXT_BYTES,
+            ) | too_long(
+                &mut problems,
+                "retryBackoff.max",
+                &b.max,
+                MAX_SHORT_TEXT_BYTES,
+            );
+            if !long {
+                if let Err(msg) = b.to_millis() {
+                    problems.push(problem("retryBackoff", msg));
+                }
             }
         }
         match serde_json::to_vec(&self.args) {
-            Ok(bytes) if bytes.len() > MAX_ARGS_BYTES => problems.push(problem(
+            Ok(bytes) if limits && bytes.len() > MAX_ARGS_BYTES => problems.push(problem(
                 "args",
                 format!(
                     "is {} bytes; the limit is {MAX_ARGS_BYTES}: pass a reference (an id, a URL) instead of the data",
@@ -704,14 +869,55 @@ impl JobSpec {
             )),
             _ => {}
         }
+        if limits && problems.is_empty() {
+            match serde_json::to_vec(&self) {
+                Ok(bytes) if bytes.len() > MAX_DEFINITION_BYTES => problems.push(problem(
+                    "",
+                    format!(
+                        "the definition is {} bytes as stored; the limit is {MAX_DEFINITION_BYTES}: shorten args, shardingParams, headers or description",
+                        bytes.len()
+                    ),
+                )),
+                _ => {}
+            }
+        }
         if problems.is_empty() {
             Ok(self)
         } else {
             Err(InvalidJob {
-                job: Some(self.key()),
+                job: Some(job_label(&self.job_group, &self.job_name)),
                 problems,
             })
         }
+    }
+
+    /// Refuses an `at` that has passed when the job is new (`stored` is `None`) or its `at`
+    /// changed: such a job would never fire. A re-apply that leaves an existing job's `at` as it
+    /// was is fine even when that time has passed (applies from a Git repository stay
+    /// idempotent). Pure: the caller passes `now`.
+    pub fn check_at(&self, stored: Option<&JobSpec>, now: DateTime<Utc>) -> Result<(), Problem> {
+        let Some(at) = self.at.as_deref() else {
+            return Ok(());
+        };
+        let Ok(when) = DateTime::parse_from_rfc3339(at).map(|t| t.with_timezone(&Utc)) else {
+            return Ok(()); // Reported by validation.
+        };
+        let unchanged = stored
+            .and_then(|s| s.at.as_deref())
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .is_some_and(|s| s == when);
+        if unchanged || when > now {
+            return Ok(());
+        }
+        Err(problem(
+            "at",
+            format!(
+                "{} is in the past (now {}): the job would never fire; give a future time, or leave `at` out and run the job with `krest job trigger {}`",
+                when.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                job_label(&self.job_group, &self.job_name),
+            ),
+        ))
     }
 
     /// The shards of one fire with `args`: `[None]` for NORMAL jobs; for SHARDING jobs one
@@ -751,7 +957,7 @@ impl JobSpec {
             return Some(parse_duration(every).and_then(|d| {
                 let period_ms = i64::try_from(d.as_millis()).map_err(|e| e.to_string())?;
                 if period_ms < 1000 {
-                    return Err(format!("every `{every}` is shorter than 1s"));
+                    return Err(format!("every `{}` is shorter than 1s", echo(every)));
                 }
                 Ok(Schedule::Every {
                     start: created_at,
@@ -767,7 +973,7 @@ impl JobSpec {
                     let t = t.with_timezone(&Utc);
                     Schedule::At(DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t))
                 })
-                .map_err(|e| format!("at `{at}`: {e}")),
+                .map_err(|e| format!("at `{}`: {e}", echo(at))),
         )
     }
 
@@ -787,13 +993,19 @@ fn parse_sharding_params(
 ) -> Result<std::collections::BTreeMap<usize, String>, String> {
     let mut out = std::collections::BTreeMap::new();
     for part in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (index, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("`{part}` is not `index=value` (e.g. 0=Beijing,1=Shanghai)"))?;
-        let index: usize = index
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{}` in `{part}` is not a shard index", index.trim()))?;
+        let (index, value) = part.split_once('=').ok_or_else(|| {
+            format!(
+                "`{}` is not `index=value` (e.g. 0=Beijing,1=Shanghai)",
+                echo(part)
+            )
+        })?;
+        let index: usize = index.trim().parse().map_err(|_| {
+            format!(
+                "`{}` in `{}` is not a shard index",
+                echo(index.trim()),
+                echo(part)
+            )
+        })?;
         if index >= n {
             return Err(format!("shard {index} does not exist: shardCount is {n}"));
         }
@@ -818,11 +1030,12 @@ impl RetryBackoff {
         if initial > max {
             return Err(format!(
                 "initial `{}` is longer than max `{}`",
-                self.initial, self.max
+                echo(&self.initial),
+                echo(&self.max)
             ));
         }
         if max > std::time::Duration::from_secs(24 * 3600) {
-            return Err(format!("max `{}` is longer than a day", self.max));
+            return Err(format!("max `{}` is longer than a day", echo(&self.max)));
         }
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Ok((ms(initial), self.factor, ms(max)))
@@ -836,7 +1049,8 @@ fn sharding_items(args: &Value) -> Result<Vec<Value>, String> {
             Ok(Value::Array(items)) => items,
             _ => {
                 return Err(format!(
-                    "a SHARDING job needs a JSON array (one shard per element), or a string holding one such as \"[\\\"1\\\",\\\"2\\\"]\"; got the string `{s}`"
+                    "a SHARDING job needs a JSON array (one shard per element), or a string holding one such as \"[\\\"1\\\",\\\"2\\\"]\"; got the string `{}`",
+                    echo(s)
                 ))
             }
         },
@@ -1138,6 +1352,222 @@ mod tests {
         assert_eq!(
             parse_job(&doc).unwrap().id.as_deref(),
             Some("1543439397951193088")
+        );
+    }
+
+    fn http_doc() -> Value {
+        json!({"appName": "web", "jobGroup": "t", "jobName": "call", "jobType": "HTTP",
+               "url": "https://api.example.com/run"})
+    }
+
+    #[test]
+    fn every_free_text_field_has_a_limit() {
+        let with = |base: Value, k: &str, v: Value| {
+            let mut d = base;
+            d[k] = v;
+            problems_of(d)
+        };
+        let plain = json!({"appName": "a", "jobName": "j", "path": "p"});
+        assert_eq!(
+            with(plain.clone(), "description", json!("d".repeat(900 * 1024))),
+            ["description: is 921600 bytes; the limit is 4096"]
+        );
+        for field in [
+            "cron",
+            "every",
+            "at",
+            "timeZone",
+            "catchUpWindow",
+            "createTime",
+            "id",
+        ] {
+            let p = with(plain.clone(), field, json!("x".repeat(300)));
+            assert!(
+                p.contains(&format!("{field}: is 300 bytes; the limit is 256")),
+                "{field}: {p:?}"
+            );
+        }
+        let long_url = format!("https://h/{}", "u".repeat(MAX_URL_BYTES));
+        assert_eq!(
+            with(http_doc(), "url", json!(long_url)),
+            ["url: is 4106 bytes; the limit is 4096"]
+        );
+        let many: serde_json::Map<String, Value> = (0..=MAX_HEADERS)
+            .map(|i| (format!("X-{i}"), json!("v")))
+            .collect();
+        assert_eq!(
+            with(http_doc(), "headers", Value::Object(many)),
+            ["headers: has 65 headers; the limit is 64"]
+        );
+        let p = with(
+            http_doc(),
+            "headers",
+            json!({"X-Big": "v".repeat(MAX_HEADER_VALUE_BYTES + 1), "N".repeat(300): "v"}),
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("headers.X-Big: is 8193 bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("is 300 bytes; the limit is 256")),
+            "{p:?}"
+        );
+        assert_eq!(
+            with(
+                http_doc(),
+                "alert",
+                json!({"webhook": format!("https://h/{}", "w".repeat(MAX_URL_BYTES))})
+            ),
+            ["alert.webhook: is 4106 bytes; the limit is 4096"]
+        );
+        let sharded = json!({"appName": "a", "jobName": "j", "path": "p", "jobType": "SHARDING", "shardCount": 2});
+        assert_eq!(
+            with(sharded, "shardingParams", json!("0=".repeat(40 * 1024))),
+            ["shardingParams: is 81920 bytes; the limit is 65536"]
+        );
+        let children: Vec<String> = (0..=MAX_CHILD_JOBS).map(|i| format!("c{i}")).collect();
+        assert_eq!(
+            with(plain.clone(), "childJobs", json!(children)),
+            ["childJobs: has 65 jobs; the limit is 64"]
+        );
+        // Each field within its limit, the whole beyond: the definition limit.
+        let headers: serde_json::Map<String, Value> = (0..20)
+            .map(|i| (format!("X-{i}"), json!("v".repeat(MAX_HEADER_VALUE_BYTES))))
+            .collect();
+        let mut big = http_doc();
+        big["headers"] = Value::Object(headers);
+        big["args"] = json!("a".repeat(60 * 1024));
+        let p = problems_of(big);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("the definition is ") && p[0].contains("the limit is 131072"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn stored_definitions_are_not_held_to_the_limits() {
+        let mut spec = parse_job(&json!({"appName": "a", "jobName": "j", "path": "p"})).unwrap();
+        spec.description = Some("d".repeat(MAX_DESCRIPTION_BYTES + 1));
+        assert!(spec.clone().validate().is_err());
+        assert!(spec.validate_stored().is_ok());
+    }
+
+    #[test]
+    fn echoed_values_are_shortened() {
+        let name = "n".repeat(100 * 1024);
+        let err = parse_job(&json!({"appName": "a", "jobName": name, "path": "p"})).unwrap_err();
+        let text = err.to_string();
+        assert!(text.len() < 400, "{} bytes: {text}", text.len());
+        assert!(text.contains("…(102408 bytes)"), "{text}");
+        // Values quoted by serde's own messages too.
+        let p = problems_of(json!({"appName": "a", "jobName": "j", "path": "p",
+            "jobType": "X".repeat(100 * 1024)}));
+        assert!(p[0].len() < 300, "{p:?}");
+        assert!(p[0].starts_with("jobType: unknown variant `XXX"), "{p:?}");
+        let p = problems_of(json!({"appName": "a", "jobName": "j", "path": "p",
+            "k".repeat(100 * 1024): 1}));
+        assert!(p[0].len() < 1000, "{p:?}");
+        // A URL with credentials is echoed redacted.
+        let mut doc = http_doc();
+        doc["url"] = json!("ftp://user:pw@host/x");
+        let p = problems_of(doc);
+        assert_eq!(
+            p,
+            ["url: `ftp://<redacted>@host/x` must start with http:// or https://"]
+        );
+    }
+
+    #[test]
+    fn an_at_in_the_past_is_refused_when_new_or_changed() {
+        let now = DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let at = |t: &str| {
+            parse_job(
+                &json!({"appName": "a", "jobGroup": "t", "jobName": "j", "path": "p", "at": t}),
+            )
+            .unwrap()
+        };
+        let past = at("2026-06-01T11:59:59Z");
+        let p = past.check_at(None, now).unwrap_err();
+        assert_eq!(p.field, "at");
+        assert_eq!(
+            p.message,
+            "2026-06-01T11:59:59.000Z is in the past (now 2026-06-01T12:00:00.000Z): the job would never fire; give a future time, or leave `at` out and run the job with `krest job trigger t.j`"
+        );
+        assert!(at("2026-06-01T12:00:01Z").check_at(None, now).is_ok());
+        // Unchanged (the same instant, however written): fine; changed: refused.
+        assert!(past
+            .check_at(Some(&at("2026-06-01T13:59:59+02:00")), now)
+            .is_ok());
+        assert!(past
+            .check_at(Some(&at("2026-06-01T11:00:00Z")), now)
+            .is_err());
+        let plain = parse_job(&json!({"appName": "a", "jobName": "j", "path": "p"})).unwrap();
+        assert!(past.check_at(Some(&plain), now).is_err());
+        assert!(plain.check_at(None, now).is_ok());
+    }
+
+    #[test]
+    fn the_largest_valid_definition_fits_in_one_api_reply() {
+        // The fields without secrets filled up to the definition limit (an HTTP job cannot get
+        // there: its secrets are what would fill it, and views show them shorter).
+        let mut doc = json!({"appName": "a", "jobGroup": "t", "jobName": "j", "path": "p",
+            "jobType": "SHARDING", "shardCount": 1000, "shardingParams": "0=",
+            "args": "a".repeat(MAX_ARGS_BYTES - 10),
+            "description": "d".repeat(MAX_DESCRIPTION_BYTES)});
+        let base = serde_json::to_vec(&parse_job(&doc).unwrap()).unwrap().len();
+        doc["shardingParams"] = json!(format!("0={}", "b".repeat(MAX_DEFINITION_BYTES - base)));
+        let spec = parse_job(&doc).unwrap();
+        let stored = serde_json::to_vec(&spec).unwrap().len();
+        assert_eq!(stored, MAX_DEFINITION_BYTES);
+        let view = crate::api::JobView {
+            key: spec.key(),
+            spec: spec.redacted(),
+            revision: u64::MAX,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            next_fire_at: Some(Utc::now()),
+        };
+        let reply = crate::api::ApiReply {
+            ok: true,
+            result: Some(serde_json::to_value(&view).unwrap()),
+            error: None,
+        };
+        let bytes = serde_json::to_vec(&reply).unwrap().len();
+        assert!(
+            bytes < MAX_DEFINITION_BYTES + 512,
+            "{bytes} bytes for a {stored}-byte definition"
+        );
+        assert!(
+            bytes * 4 < 1024 * 1024,
+            "a quarter of NATS's default max_payload"
+        );
+        // One byte more is refused.
+        doc["shardingParams"] = json!(format!("0={}", "b".repeat(MAX_DEFINITION_BYTES - base + 1)));
+        assert!(problems_of(doc)[0].starts_with("the definition is 131073 bytes"));
+    }
+
+    #[test]
+    fn views_of_http_jobs_are_not_much_larger_than_their_definition() {
+        // Every redaction lengthening a value: one-byte header values, userinfo, webhook path.
+        let headers: serde_json::Map<String, Value> = (0..MAX_HEADERS)
+            .map(|i| (format!("X-{i}"), json!("v")))
+            .collect();
+        let mut doc = http_doc();
+        doc["url"] = json!("https://u@api.example.com/run");
+        doc["headers"] = Value::Object(headers);
+        doc["alert"] = json!({"webhook": "https://hooks.example.com/x"});
+        let spec = parse_job(&doc).unwrap();
+        let stored = serde_json::to_vec(&spec).unwrap().len();
+        let shown = serde_json::to_vec(&spec.redacted()).unwrap().len();
+        assert!(
+            shown <= stored + 10 * (MAX_HEADERS + 2),
+            "{shown} vs {stored}"
         );
     }
 

@@ -11,6 +11,9 @@
 //! - [`api`]: requests and replies of `krest.api.*`.
 //! - [`names`]: subjects, streams, consumers, buckets, keys and message ids.
 //! - [`deadletter`]: the bounded copy of bad input parked on the dead-letter stream.
+//! - [`json`]: the strict JSON parser for user input (BOM skipped, duplicate keys refused).
+//! - [`redact`]: what is secret and how views hide it; restoring secrets on apply.
+//! - [`text`]: [`text::echo`], how user values are echoed in errors.
 //!
 //! This crate does no IO and knows nothing of NATS clients or SQL; everything here is data that
 //! crosses a process boundary. [`json_schemas`] renders the JSON Schema of each wire message;
@@ -29,9 +32,12 @@ pub mod api;
 pub mod cron;
 pub mod deadletter;
 pub mod job;
+pub mod json;
 pub mod messages;
 pub mod names;
+pub mod redact;
 pub mod schedule;
+pub mod text;
 
 pub use cron::{CronError, CronSchedule};
 pub use job::{

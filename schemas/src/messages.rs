@@ -118,8 +118,9 @@ pub struct RunMessage {
     pub epoch: Option<u64>,
 }
 
-/// The request an HTTP job makes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// The request an HTTP job makes. It carries the real header values and URL (the worker needs
+/// them); `Debug` shows them redacted ([`HttpCall::redacted`]).
+#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpCall {
     /// The URL.

@@ -9,12 +9,18 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::cron::CronSchedule;
+use crate::text::echo;
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `1d`, combinations such as `1h30m`, or a bare number
 /// of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
-    let bad = || format!("`{s}` is not a duration: use e.g. 500ms, 30s, 5m, 1h30m or 1d");
+    let bad = || {
+        format!(
+            "`{}` is not a duration: use e.g. 500ms, 30s, 5m, 1h30m or 1d",
+            echo(s)
+        )
+    };
     if text.is_empty() {
         return Err(bad());
     }
@@ -41,7 +47,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "d" => n * 86400.0,
             _ => {
                 return Err(format!(
-                    "`{s}` has an unknown unit `{unit}`: use ms, s, m, h or d"
+                    "`{}` has an unknown unit `{}`: use ms, s, m, h or d",
+                    echo(s),
+                    echo(unit)
                 ))
             }
         };
@@ -54,7 +62,7 @@ fn finite(secs: f64, s: &str) -> Result<Duration, String> {
     if secs.is_finite() && (0.0..1e12).contains(&secs) {
         Ok(Duration::from_secs_f64(secs))
     } else {
-        Err(format!("`{s}` is not a valid duration"))
+        Err(format!("`{}` is not a valid duration", echo(s)))
     }
 }
 

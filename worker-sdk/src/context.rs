@@ -162,7 +162,8 @@ impl JobContext {
     }
 
     /// Logs a line at `level` into the run's history. Lines are sent in order, without waiting;
-    /// they are stored before the attempt's result.
+    /// they are stored before the attempt's result. The userinfo of URLs in the line is stored
+    /// as `<redacted>` (`krest_schemas::redact::text`).
     pub fn log_at(&self, level: LogLevel, line: impl Into<String>) {
         let seq = self.inner.log_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let run = &self.inner.run;
@@ -175,7 +176,10 @@ impl JobContext {
             seq,
             at: Utc::now(),
             level,
-            line: truncate(line.into(), MAX_LOG_LINE),
+            line: truncate(
+                krest_schemas::redact::text(&line.into()).into_owned(),
+                MAX_LOG_LINE,
+            ),
         }));
     }
 }

@@ -4,6 +4,9 @@
 //! `HTTP <status>: <body excerpt>` as the output; anything else fails (and is retried like any
 //! failure), with the status and an excerpt of the body as the error.
 //!
+//! The run message carries the real URL and header values; what the executor records (log
+//! lines, errors) shows the URL redacted (`krest_schemas::redact::url`) and never the headers.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), krest_worker::Error> {
 //! let worker = krest_worker::http::register(krest_worker::Worker::builder("billing"))?
@@ -15,6 +18,7 @@
 use std::time::Duration;
 
 use krest_schemas::names::HTTP_HANDLER;
+use krest_schemas::redact;
 use serde_json::Value;
 
 use crate::{Error, JobContext, JobError, WorkerBuilder};
@@ -33,6 +37,20 @@ pub fn register(builder: WorkerBuilder) -> Result<WorkerBuilder, Error> {
         let client = client.clone();
         async move { call(&client, &ctx).await }
     }))
+}
+
+/// A request error with its causes (`error sending request: client error (Connect): tcp connect
+/// error: Connection refused`), without the URL reqwest attaches (it may hold credentials).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    redact::text(&text).into_owned()
 }
 
 fn excerpt(body: &str) -> String {
@@ -61,9 +79,10 @@ async fn call(client: &reqwest::Client, ctx: &JobContext) -> Result<String, JobE
     if let Some(secs) = ctx.run().timeout_secs {
         req = req.timeout(Duration::from_secs(secs));
     }
-    ctx.log(format!("{} {}", method, http.url));
+    let shown = redact::url(&http.url);
+    ctx.log(format!("{method} {shown}"));
     let resp = tokio::select! {
-        r = req.send() => r.map_err(|e| JobError::new(format!("request to {} failed: {e}", http.url)))?,
+        r = req.send() => r.map_err(|e| JobError::new(format!("request to {shown} failed: {}", describe(e))))?,
         _ = ctx.cancelled() => return Err(JobError::new("cancelled before the response")),
     };
     let status = resp.status();

@@ -101,14 +101,10 @@ impl fmt::Debug for WorkerBuilder {
     }
 }
 
-/// Hides credentials in a NATS URL (`nats://user:pass@host` → `nats://***@host`).
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
+/// Hides credentials in NATS URLs (`nats://user:pass@host` → `nats://<redacted>@host`), for
+/// every URL of a comma-separated list.
+pub(crate) fn redact(urls: &str) -> String {
+    krest_schemas::redact::urls(urls)
 }
 
 impl WorkerBuilder {
@@ -282,8 +278,12 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact("nats://u:p@h:4222"), "nats://<redacted>@h:4222");
         assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+        assert_eq!(
+            redact("nats://tok@h1,nats://u:p@h2"),
+            "nats://<redacted>@h1,nats://<redacted>@h2"
+        );
     }
 
     #[test]

@@ -464,7 +464,7 @@ async fn connect(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(url = %redact(url), error = %e, "cannot connect to NATS; retrying");
+                tracing::warn!(url = %redact(url), error = %krest_schemas::redact::text(&e.to_string()), "cannot connect to NATS; retrying");
                 if !pause(stop, failures).await {
                     return Ok(None);
                 }
@@ -756,6 +756,10 @@ async fn process(
     let run: RunMessage = match serde_json::from_slice(&msg.payload) {
         Ok(run) => run,
         Err(e) => {
+            // serde quotes the offending value: shortened, and URLs redacted.
+            let e =
+                krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
+                    .into_owned();
             tracing::error!(subject = %msg.subject, error = %e, "malformed run message; parking it");
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
             let reason = format!("malformed run message: {e}");
@@ -926,6 +930,12 @@ async fn process(
         AckKind::Nak(None) => Some(0),
         _ => None,
     };
+    // Stored texts never carry a URL's credentials (an HTTP client's error names the URL).
+    let scrub = |s: String| match krest_schemas::redact::text(&s) {
+        std::borrow::Cow::Owned(r) => r,
+        std::borrow::Cow::Borrowed(_) => s,
+    };
+    let (output, error) = (output.map(scrub), error.map(scrub));
     let finished = RunEvent::Finished(Finished {
         run_id: run.run_id.clone(),
         job_group: run.job_group.clone(),

@@ -41,13 +41,15 @@ pub enum ClientError {
 #[derive(Clone, Debug)]
 pub struct Client {
     nats: async_nats::Client,
+    /// The NATS URL(s), redacted (for messages).
     url: String,
     timeout: Duration,
 }
 
 impl Client {
-    /// Connects to NATS at `url`, giving up after `timeout`.
+    /// Connects to NATS at `url`, giving up after `timeout`. Errors show the URL redacted.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let shown = krest_schemas::redact::urls(url);
         let nats = async_nats::ConnectOptions::new()
             .name("krest-cli")
             .connection_timeout(timeout)
@@ -56,12 +58,12 @@ impl Client {
             .connect(krest_schemas::names::server_list(url))
             .await
             .map_err(|e| ClientError::Connect {
-                url: url.to_string(),
-                reason: e.to_string(),
+                url: shown.clone(),
+                reason: krest_schemas::redact::text(&e.to_string()).into_owned(),
             })?;
         Ok(Client {
             nats,
-            url: url.to_string(),
+            url: shown,
             timeout,
         })
     }

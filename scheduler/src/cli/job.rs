@@ -13,29 +13,44 @@ use krest_schemas::api::{
 
 use super::args::JobCmd;
 use super::client::{Client, ClientError};
-use super::render::{fmt_time, job_rows, print_json, table, JOB_HEADERS};
+use super::render::{esc, fmt_time, job_rows, print_json, table, JOB_HEADERS};
 
-/// Reads job documents from files: each file holds one definition or an array of them.
+/// Reads job documents from files: each file holds one definition or an array of them. Files
+/// are parsed strictly (a UTF-8 BOM is skipped; a key given twice in an object is an error with
+/// its line and column). A job view as `krest job get|list -o json` prints it (`{"key", "spec",
+/// …}`) stands for its `spec`, so saved views apply back (with their redacted secrets kept).
 fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut docs = Vec::new();
     for f in files {
-        let text = if f.as_os_str() == "-" {
-            let mut s = String::new();
+        let bytes = if f.as_os_str() == "-" {
+            let mut b = Vec::new();
             std::io::stdin()
-                .read_to_string(&mut s)
+                .read_to_end(&mut b)
                 .context("cannot read stdin")?;
-            s
+            b
         } else {
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+            std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
         };
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let v = krest_schemas::json::parse(&bytes)
             .with_context(|| format!("{} is not valid JSON", f.display()))?;
         match v {
-            serde_json::Value::Array(items) => docs.extend(items),
-            other => docs.push(other),
+            serde_json::Value::Array(items) => docs.extend(items.into_iter().map(unview)),
+            other => docs.push(unview(other)),
         }
     }
     Ok(docs)
+}
+
+/// The definition inside a job view (`{"key": …, "spec": {…}, "revision": …}`), else `doc`.
+fn unview(doc: serde_json::Value) -> serde_json::Value {
+    match doc {
+        serde_json::Value::Object(mut m)
+            if m.contains_key("key") && m.get("spec").is_some_and(|s| s.is_object()) =>
+        {
+            m.remove("spec").unwrap_or_default()
+        }
+        other => other,
+    }
 }
 
 pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCode> {
@@ -115,7 +130,9 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             } else {
                 table(&JOB_HEADERS, job_rows(std::slice::from_ref(&view)))?;
                 outln!();
-                outln!("{}", serde_json::to_string_pretty(&view.spec)?);
+                for line in serde_json::to_string_pretty(&view.spec)?.lines() {
+                    outln!("{}", esc(line));
+                }
             }
         }
         JobCmd::Pause { job } => job_change(client, Op::JobPause, job, "paused", json).await?,
@@ -129,8 +146,11 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
         } => {
             let args = match args {
                 None => None,
-                Some(a) => Some(serde_json::from_str(&a).with_context(|| {
-                    format!("--args must be JSON (quote strings: --args '\"text\"'); got `{a}`")
+                Some(a) => Some(krest_schemas::json::parse(a.as_bytes()).with_context(|| {
+                    format!(
+                        "--args must be JSON (quote strings: --args '\"text\"'); got `{}`",
+                        krest_schemas::text::echo(&a)
+                    )
                 })?),
             };
             let request_id = Some(krest_schemas::names::new_request_id(chrono::Utc::now()));
@@ -174,7 +194,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                     r.shard_total,
                     r.error
                         .as_deref()
-                        .map(|e| format!("; {e}"))
+                        .map(|e| format!("; {}", esc(e)))
                         .unwrap_or_default()
                 );
             }

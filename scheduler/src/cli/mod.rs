@@ -28,7 +28,7 @@ use krest_schemas::{CronSchedule, WorkerInfo};
 pub use args::{Cli, Command, Format};
 use args::{ClusterCmd, CronCmd, DlqCmd, WorkersCmd};
 use client::{Client, ClientError};
-use render::{fmt_time, print_json, table};
+use render::{esc, fmt_time, print_json, table};
 pub use worker::run_worker;
 
 /// Runs a client command; returns the exit code.
@@ -206,18 +206,19 @@ fn recorder_lag(n: &krest_schemas::NodeInfo) -> String {
     s
 }
 
-/// Prints an error for humans, with every invalid document's problems.
+/// Prints an error for humans, with every invalid document's problems (escaped: errors echo
+/// user input).
 pub fn report(err: &anyhow::Error) {
     if let Some(ClientError::Api(api)) = err.downcast_ref::<ClientError>() {
-        eprintln!("error: {}", api.message);
+        eprintln!("error: {}", esc(&api.message));
         for doc in &api.invalid {
             let name = doc.job.as_deref().unwrap_or("?");
-            eprintln!("  document {} ({name}):", doc.index);
+            eprintln!("  document {} ({}):", doc.index, esc(name));
             for p in &doc.problems {
-                eprintln!("    - {p}");
+                eprintln!("    - {}", esc(&p.to_string()));
             }
         }
         return;
     }
-    eprintln!("error: {err:#}");
+    eprintln!("error: {}", esc(&format!("{err:#}")));
 }

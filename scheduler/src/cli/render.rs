@@ -1,7 +1,38 @@
 //! Human output: aligned tables, times, JSON. Data goes to stdout.
+//!
+//! Everything human output prints from job data, run outputs, errors, log lines or parked
+//! payloads goes through [`esc`], so control characters and terminal escape sequences show as
+//! text instead of acting on the terminal; [`table`] applies it to every cell. JSON output
+//! (`-o json`) is printed exact (JSON escapes control characters itself).
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use krest_schemas::api::JobView;
+use krest_schemas::text::is_unsafe;
+
+/// `s` safe for a terminal: control characters (ESC, CR, newlines, DEL, C1) and Unicode
+/// direction overrides become visible escapes — `\n`, `\r`, `\t`, else `\u{1b}` — so one
+/// value is one line and cannot move the cursor, clear the screen or retitle the window.
+pub(crate) fn esc(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_unsafe) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_unsafe(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 pub(crate) fn fmt_time(t: Option<DateTime<Utc>>) -> String {
     t.map_or_else(
@@ -10,8 +41,12 @@ pub(crate) fn fmt_time(t: Option<DateTime<Utc>>) -> String {
     )
 }
 
-/// Prints rows as an aligned table.
+/// Prints rows as an aligned table; every cell goes through [`esc`].
 pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| row.iter().map(|c| esc(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -37,6 +72,7 @@ pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> std::io::Result
     Ok(())
 }
 
+/// Prints `v` as pretty JSON, exactly (no escaping beyond JSON's own).
 pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -81,3 +117,20 @@ pub(crate) const JOB_HEADERS: [&str; 9] = [
     "REV",
     "NEXT FIRE (UTC)",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_escapes_are_shown_not_sent() {
+        assert_eq!(esc("plain text é"), "plain text é");
+        assert_eq!(esc("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(esc("l1\nl2\r\t"), "l1\\nl2\\r\\t");
+        assert_eq!(
+            esc("\u{9b}31m \u{7f} \u{202e}"),
+            "\\u{9b}31m \\u{7f} \\u{202e}"
+        );
+        assert_eq!(esc("\u{1b}]0;title\u{7}"), "\\u{1b}]0;title\\u{7}");
+    }
+}

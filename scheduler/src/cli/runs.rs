@@ -10,7 +10,7 @@ use krest_schemas::RunEvent;
 
 use super::args::RunsCmd;
 use super::client::{Client, ClientError};
-use super::render::{fmt_time, print_json, table};
+use super::render::{esc, fmt_time, print_json, table};
 
 pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -18,7 +18,10 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             let status = match status {
                 None => None,
                 Some(s) => Some(RunStatus::parse(&s).with_context(|| {
-                    format!("unknown status `{s}`: use PENDING, RUNNING, SUCCEEDED or FAILED")
+                    format!(
+                        "unknown status `{}`: use PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED or CANCELLED",
+                        krest_schemas::text::echo(&s)
+                    )
                 })?),
             };
             let runs: Vec<RunSummary> = client
@@ -73,6 +76,18 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             if json {
                 print_json(&d)?;
             } else {
+                // Every line goes through `esc`: run ids, args, outputs, errors and log lines
+                // are data.
+                macro_rules! outln {
+                    () => {{
+                        use std::io::Write as _;
+                        writeln!(std::io::stdout())?;
+                    }};
+                    ($($t:tt)*) => {{
+                        use std::io::Write as _;
+                        writeln!(std::io::stdout(), "{}", esc(&format!($($t)*)))?;
+                    }};
+                }
                 let r = &d.run;
                 outln!("run:        {}", r.run_id);
                 outln!(
@@ -179,6 +194,14 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 let Ok(event) = serde_json::from_slice::<RunEvent>(&msg.payload) else {
                     continue;
                 };
+                // Events come straight from NATS, not through the API: redact here.
+                let event = match serde_json::to_value(&event) {
+                    Ok(mut v) => {
+                        krest_schemas::redact::json(&mut v);
+                        serde_json::from_value::<RunEvent>(v).unwrap_or(event)
+                    }
+                    Err(_) => event,
+                };
                 if json {
                     outln!("{}", serde_json::to_string(&event)?);
                     continue;
@@ -239,7 +262,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                             .unwrap_or_default()
                     ),
                 };
-                outln!("{line}");
+                outln!("{}", esc(&line));
             }
         }
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use krest_schemas::names::{sanitize_token, server_list};
+use krest_schemas::redact;
 use krest_schemas::{NodeInfo, NodeRole};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -26,8 +27,8 @@ use crate::record::store::Store;
 use crate::serve::api::ApiServer;
 use supervisor::{Supervisor, TaskControl};
 
-/// Everything a node needs to start.
-#[derive(Debug, Clone)]
+/// Everything a node needs to start. `Debug` shows the URLs redacted.
+#[derive(Clone)]
 pub struct NodeOptions {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
@@ -67,6 +68,22 @@ impl NodeOptions {
             router: Default::default(),
             http_addr: None,
         }
+    }
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("nats_url", &redact::urls(&self.nats_url))
+            .field("db_url", &redact::url(&self.db_url))
+            .field("node", &self.node)
+            .field("lease_renew", &self.lease_renew)
+            .field("infra", &self.infra)
+            .field("engine", &self.engine)
+            .field("recorder", &self.recorder)
+            .field("router", &self.router)
+            .field("http_addr", &self.http_addr)
+            .finish()
     }
 }
 
@@ -206,7 +223,7 @@ async fn run_supervised(
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::error!(db = %opts.db_url, error = %e, "cannot open the database; retrying");
+                    tracing::error!(db = %redact::url(&opts.db_url), error = %redact::text(&e.to_string()), "cannot open the database; retrying");
                     let d = Duration::from_millis(250u64 << failures.min(5))
                         .min(Duration::from_secs(5));
                     tokio::select! {
@@ -217,7 +234,7 @@ async fn run_supervised(
             }
         }
     };
-    tracing::info!(node = %opts.node, db = %opts.db_url, nats = %client.server_info().version, "scheduler node starting");
+    tracing::info!(node = %opts.node, db = %redact::url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
 
     let table = Arc::new(JobTable::default());
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
@@ -398,11 +415,15 @@ async fn connect(
         match result {
             Ok(c) => return Ok(Some(c)),
             Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
-                return Err(NodeError::NatsUrl(format!("{}: {e}", opts.nats_url)))
+                return Err(NodeError::NatsUrl(format!(
+                    "{}: {}",
+                    redact::urls(&opts.nats_url),
+                    redact::text(&e.to_string())
+                )))
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(url = %opts.nats_url, error = %e, "cannot connect to NATS; retrying");
+                tracing::warn!(url = %redact::urls(&opts.nats_url), error = %redact::text(&e.to_string()), "cannot connect to NATS; retrying");
                 let d =
                     Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(5));
                 tokio::select! {

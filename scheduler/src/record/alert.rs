@@ -1,12 +1,14 @@
 //! Alert webhooks: an HTTP POST of an [`AlertPayload`] when a run ends in an outcome the job's
 //! `alert.on` lists. Deliveries are queued and sent by a background task (a few at a time, each
 //! retried up to three times), so alerting never holds up recording or dispatch; when the queue
-//! is full an alert is dropped with an error log.
+//! is full an alert is dropped with an error log. The webhook URL carries secrets (tokens in its
+//! path or query): log lines show it redacted, and HTTP errors without it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use krest_schemas::api::AlertPayload;
+use krest_schemas::redact;
 use tokio::sync::{mpsc, Semaphore};
 
 /// Queued deliveries at most.
@@ -58,8 +60,9 @@ impl Alerter {
         Alerter { tx }
     }
 
-    /// Queues an alert.
-    pub fn send(&self, url: &str, payload: AlertPayload) {
+    /// Queues an alert. The payload is a view: secrets in the run's texts are redacted here.
+    pub fn send(&self, url: &str, mut payload: AlertPayload) {
+        payload.redact_secrets();
         let run = payload.run.run_id.clone();
         if self
             .tx
@@ -98,12 +101,12 @@ async fn deliver(client: &reqwest::Client, d: &Delivery) {
                 tracing::warn!(run = %d.payload.run.run_id, status = %resp.status(), attempt, "alert webhook refused")
             }
             Err(e) => {
-                tracing::warn!(run = %d.payload.run.run_id, error = %e, attempt, "alert webhook unreachable")
+                tracing::warn!(run = %d.payload.run.run_id, error = %e.without_url(), attempt, "alert webhook unreachable")
             }
         }
         if attempt < TRIES {
             tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
         }
     }
-    tracing::error!(run = %d.payload.run.run_id, url = %d.url, "alert not delivered after {TRIES} tries");
+    tracing::error!(run = %d.payload.run.run_id, url = %redact::webhook(&d.url), "alert not delivered after {TRIES} tries");
 }

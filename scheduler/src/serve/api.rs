@@ -1,6 +1,11 @@
 //! The node side of the request/reply API (`krest.api.<op>`, queue group `krest-api`): every
 //! node answers, so clients need only a NATS connection. Reads come from the node's job table
 //! and database; writes go to the jobs bucket with revision checks.
+//!
+//! Request bodies are parsed strictly ([`krest_schemas::json`]: a BOM is skipped, duplicate
+//! keys are refused); user values echoed in errors are shortened ([`krest_schemas::text::echo`]);
+//! every reply is a view with secrets redacted ([`krest_schemas::redact`]), and `job.apply`
+//! resolves the redacted placeholders against the stored definition.
 
 use std::sync::Arc;
 
@@ -14,7 +19,8 @@ use krest_schemas::api::{
     JobRevision, JobView, Op, RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
-use krest_schemas::{parse_job, NodeInfo, StoredJob, Trigger, WorkerInfo};
+use krest_schemas::text::{echo, shorten_quoted};
+use krest_schemas::{parse_job, JobSpec, NodeInfo, Problem, StoredJob, Trigger, WorkerInfo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -79,14 +85,21 @@ fn to_value<T: Serialize>(v: T) -> Answer {
     serde_json::to_value(v).map_err(Failure::internal)
 }
 
+/// Decodes a request body with the strict parser (a BOM is skipped; duplicate keys are an
+/// error naming the key and its line and column). An empty body is `{}`.
 fn body<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Failure> {
+    let payload = krest_schemas::json::strip_bom(payload);
     let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         payload
     };
-    serde_json::from_slice(payload)
-        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("malformed request: {e}")))
+    krest_schemas::json::parse_as(payload).map_err(|e| {
+        Failure::new(
+            ErrorCode::BadRequest,
+            format!("malformed request: {}", shorten_quoted(&e.to_string())),
+        )
+    })
 }
 
 impl ApiServer {
@@ -125,7 +138,7 @@ impl ApiServer {
                     Some(op) => server.handle(op, &msg.payload).await,
                     None => Err(Failure::new(
                         ErrorCode::BadRequest,
-                        format!("unknown operation `{op_name}`"),
+                        format!("unknown operation `{}`", echo(op_name)),
                     )),
                 };
                 let reply_body = match answer {
@@ -182,14 +195,11 @@ impl ApiServer {
                     .await
                     .map_err(Failure::internal)?
                 {
-                    Some(d) => to_value(d),
-                    None => Err(Failure::new(
-                        ErrorCode::NotFound,
-                        format!(
-                            "no run `{}` recorded (yet): see `krest runs list`",
-                            req.run_id
-                        ),
-                    )),
+                    Some(mut d) => {
+                        d.redact_secrets();
+                        to_value(d)
+                    }
+                    None => Err(no_run(&req.run_id)),
                 }
             }
             Op::RunsCancel => {
@@ -200,20 +210,14 @@ impl ApiServer {
                     .await
                     .map_err(Failure::internal)?
                 else {
-                    return Err(Failure::new(
-                        ErrorCode::NotFound,
-                        format!(
-                            "no run `{}` recorded (yet): see `krest runs list`",
-                            req.run_id
-                        ),
-                    ));
+                    return Err(no_run(&req.run_id));
                 };
                 if d.run.status.is_final() {
                     return Err(Failure::new(
                         ErrorCode::BadRequest,
                         format!(
                             "run {} already ended: {}",
-                            req.run_id,
+                            echo(&req.run_id),
                             d.run.status.as_str()
                         ),
                     ));
@@ -250,8 +254,15 @@ impl ApiServer {
     async fn apply(&self, req: ApplyRequest) -> Answer {
         let mut invalid = Vec::new();
         let mut specs = Vec::new();
+        let now = Utc::now();
         for (index, doc) in req.documents.iter().enumerate() {
-            match parse_job(doc) {
+            // Checked here against this node's table so that nothing is written when any
+            // document is wrong; `put_job` checks again against the revision it replaces.
+            let checked = parse_job(doc).and_then(|spec| {
+                let stored = self.table.get(&spec.key());
+                prepare(&spec, stored.as_ref().map(|e| &e.stored.spec), now).map(|_| spec)
+            });
+            match checked {
                 Ok(spec) => {
                     let duplicate = specs
                         .iter()
@@ -297,8 +308,8 @@ impl ApiServer {
             }));
         }
         let mut results = Vec::new();
-        for (_, spec) in specs {
-            results.push(self.put_job(spec).await?);
+        for (index, spec) in specs {
+            results.push(self.put_job(index, spec).await?);
         }
         to_value(ApplyResponse { results })
     }
@@ -342,10 +353,32 @@ impl ApiServer {
         invalid
     }
 
-    /// Writes one validated spec with a revision check, retrying on a concurrent write.
-    async fn put_job(&self, spec: krest_schemas::JobSpec) -> Result<ApplyResult, Failure> {
+    /// Writes one validated spec with a revision check, retrying on a concurrent write. Its
+    /// secret placeholders are resolved, and its `at` checked, against the revision it
+    /// replaces.
+    async fn put_job(
+        &self,
+        index: usize,
+        spec: krest_schemas::JobSpec,
+    ) -> Result<ApplyResult, Failure> {
         let key = spec.key();
-        self.write_job(&key, |_| Ok(spec.clone())).await
+        let now = Utc::now();
+        self.write_job(&key, |current| {
+            prepare(&spec, current.map(|s| &s.spec), now).map_err(|e| {
+                Failure(ApiError {
+                    code: ErrorCode::InvalidJob,
+                    message: format!(
+                        "job {key} changed while being applied and document {index} no longer fits it; the documents before it were applied, the rest were not"
+                    ),
+                    invalid: vec![InvalidDocument {
+                        index,
+                        job: e.job,
+                        problems: e.problems,
+                    }],
+                })
+            })
+        })
+        .await
     }
 
     /// The one write path of job definitions: reads the current revision, asks `next` for the
@@ -464,7 +497,7 @@ impl ApiServer {
                     "PUT",
                     serde_json::from_slice::<StoredJob>(&entry.value)
                         .ok()
-                        .map(|s| s.spec),
+                        .map(|s| s.spec.redacted()),
                 ),
                 kv::Operation::Delete => ("DELETE", None),
                 kv::Operation::Purge => ("PURGE", None),
@@ -499,7 +532,10 @@ impl ApiServer {
             .ok_or_else(|| {
                 Failure::new(
                     ErrorCode::NotFound,
-                    format!("job {key} has no revision {revision}: see `krest job history {key}`"),
+                    format!(
+                        "job {key} has no revision {revision}: see `krest job history {key}`",
+                        key = echo(&key)
+                    ),
                 )
             })?;
         let stored: StoredJob = serde_json::from_slice(&entry.value).map_err(Failure::internal)?;
@@ -603,7 +639,10 @@ impl ApiServer {
             Some(id) => {
                 return Err(Failure::new(
                     ErrorCode::BadRequest,
-                    format!("requestId `{id}` must be 1 to 64 letters, digits, `-` or `_`"),
+                    format!(
+                        "requestId `{}` must be 1 to 64 letters, digits, `-` or `_`",
+                        echo(id)
+                    ),
                 ))
             }
             None => manual_run_id(&spec.job_group, &spec.job_name, now),
@@ -657,11 +696,13 @@ impl ApiServer {
             Some((group, name)) => (name, Some(group)),
             None => (k, None),
         });
-        let runs = self
+        let mut runs = self
             .store
             .list_runs(filter, req.status, limit)
             .await
             .map_err(Failure::internal)?;
+        runs.iter_mut()
+            .for_each(krest_schemas::api::RunSummary::redact_secrets);
         to_value(runs)
     }
 
@@ -720,7 +761,46 @@ fn find_cycle(
     visit(graph, start, start, &mut path, &mut seen).then_some(path)
 }
 
-/// The API's view of a job, with its next fire time computed now.
+/// What `job.apply` requires of a valid definition beyond validation, given the stored one it
+/// replaces: its secret placeholders resolved ([`JobSpec::restore_secrets`]), then checked again
+/// (a restored secret counts toward the limits), and an `at` that is not in the past unless
+/// unchanged ([`JobSpec::check_at`]). The `at` check lives here, not in `validate`: it depends
+/// on the stored revision and the clock, and `validate` also re-checks stored definitions and
+/// manual-trigger args, where an `at` gone by is normal.
+fn prepare(
+    spec: &JobSpec,
+    stored: Option<&JobSpec>,
+    now: chrono::DateTime<Utc>,
+) -> Result<JobSpec, krest_schemas::InvalidJob> {
+    let invalid = |problems: Vec<Problem>| krest_schemas::InvalidJob {
+        job: Some(spec.key()),
+        problems,
+    };
+    let mut spec = spec.clone();
+    let mut problems = Vec::new();
+    if let Err(p) = spec.check_at(stored, now) {
+        problems.push(p);
+    }
+    if let Err(p) = spec.restore_secrets(stored) {
+        problems.extend(p);
+    }
+    if !problems.is_empty() {
+        return Err(invalid(problems));
+    }
+    spec.validate()
+}
+
+fn no_run(run_id: &str) -> Failure {
+    Failure::new(
+        ErrorCode::NotFound,
+        format!(
+            "no run `{}` recorded (yet): see `krest runs list`",
+            echo(run_id)
+        ),
+    )
+}
+
+/// The API's view of a job, with its next fire time computed now. Secrets are redacted.
 pub fn view(key: &str, entry: &JobEntry) -> JobView {
     let spec = &entry.stored.spec;
     let next_fire_at = if spec.running {
@@ -732,7 +812,7 @@ pub fn view(key: &str, entry: &JobEntry) -> JobView {
     };
     JobView {
         key: key.to_string(),
-        spec: spec.clone(),
+        spec: spec.redacted(),
         revision: entry.revision,
         created_at: entry.stored.created_at,
         updated_at: entry.stored.updated_at,

@@ -2,7 +2,9 @@
 //! nothing), revisions, pause/resume, delete, name resolution.
 
 use krest::cli::client::ClientError;
-use krest_schemas::api::{ApplyOutcome, ErrorCode, JobListRequest, JobRequest, JobView, Op};
+use krest_schemas::api::{
+    ApiReply, ApplyOutcome, ErrorCode, JobListRequest, JobRequest, JobView, Op,
+};
 use serde_json::json;
 
 use crate::harness::*;
@@ -185,5 +187,100 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
         matches!(&r, Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound),
         "{r:?}"
     );
+    node.stop().await.unwrap();
+}
+
+/// Sends `body` as-is (bytes the `Client` would never produce) to `krest.api.<op>`.
+async fn raw(client: &krest::cli::client::Client, op: Op, body: &[u8]) -> ApiReply {
+    let reply = client
+        .nats()
+        .request(op.subject(), body.to_vec().into())
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_documents_get_short_errors_and_bom_and_duplicate_keys_are_handled() {
+    let env = Env::new("hostile");
+    let node = env.node("n1");
+    let client = env.client().await;
+
+    // Limits: a 900 KB description is refused, naming the field and the limit.
+    let huge = job(
+        "big",
+        "app",
+        "p",
+        json!({"description": "d".repeat(900 * 1024)}),
+    );
+    let err = client
+        .call_value(Op::JobApply, &json!({"documents": [huge]}))
+        .await
+        .unwrap_err();
+    let ClientError::Api(api) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        api.invalid[0].problems[0].to_string(),
+        "description: is 921600 bytes; the limit is 4096"
+    );
+
+    // Echoes: a 100 KB name comes back shortened, not twice in full.
+    let name = "n".repeat(100 * 1024);
+    let err = client
+        .call_value(
+            Op::JobApply,
+            &json!({"documents": [{"appName": "app", "jobName": name, "path": "p"}]}),
+        )
+        .await
+        .unwrap_err();
+    let ClientError::Api(api) = err else {
+        panic!("{err:?}")
+    };
+    let reply = serde_json::to_string(&api).unwrap();
+    assert!(reply.len() < 1000, "{} bytes: {reply}", reply.len());
+    assert!(reply.contains("…(102400 bytes)"), "{reply}");
+    for name in [name.as_str(), "x.y"] {
+        let err = client
+            .call::<_, JobView>(Op::JobGet, &JobRequest::new(name))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().len() < 300, "{err}");
+    }
+    let reply = raw(&client, Op::JobGet, b"{\"job\": 1}").await;
+    assert_eq!(reply.error.unwrap().code, ErrorCode::BadRequest);
+
+    // A UTF-8 BOM in front of a request is skipped.
+    let doc =
+        br#"{"documents": [{"appName": "app", "jobGroup": "t", "jobName": "bom", "path": "p"}]}"#;
+    let reply = raw(
+        &client,
+        Op::JobApply,
+        &[b"\xEF\xBB\xBF".as_slice(), doc].concat(),
+    )
+    .await;
+    assert!(reply.ok, "{reply:?}");
+
+    // Duplicate keys, at any depth, are refused naming the key and where it is.
+    let dup = b"{\"documents\": [{\"appName\": \"app\", \"jobName\": \"dup\", \"path\": \"p\",\n \"running\": true, \"running\": false}]}";
+    let reply = raw(&client, Op::JobApply, dup).await;
+    let error = reply.error.unwrap();
+    assert_eq!(error.code, ErrorCode::BadRequest);
+    assert_eq!(
+        error.message,
+        "malformed request: duplicate key `running` at line 2 column 27"
+    );
+    let nested = br#"{"documents": [{"appName": "app", "jobName": "dup", "path": "p", "args": {"a": 1, "a": 2}}]}"#;
+    let reply = raw(&client, Op::JobApply, nested).await;
+    assert!(
+        reply.error.unwrap().message.contains("duplicate key `a`"),
+        "nested"
+    );
+    let jobs: Vec<JobView> = client
+        .call(Op::JobList, &JobListRequest::default())
+        .await
+        .unwrap();
+    let keys: Vec<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
+    assert_eq!(keys, ["t.bom"]);
     node.stop().await.unwrap();
 }

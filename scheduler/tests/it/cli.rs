@@ -217,3 +217,183 @@ fn cron_next_previews_fire_times_in_a_time_zone() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid cron expression `0 0 25 * * ?`"));
 }
+
+/// Terminal escapes a hostile handler, job or parked message may carry.
+const CLEAR: &str = "\x1b[2J";
+const TITLE: &str = "\x1b]0;pwned\x07";
+
+fn assert_inert(what: &str, out: &str) {
+    assert!(
+        !out.contains('\x1b') && !out.contains('\x07') && !out.contains('\u{9b}'),
+        "{what} prints terminal escapes raw: {out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_output_is_inert_and_files_may_have_a_bom_but_no_duplicate_keys() {
+    let env = Env::new("cli-hygiene");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let w = env
+        .worker("esc", "w1")
+        .handler("boom", |ctx: JobContext| async move {
+            ctx.log(format!("{CLEAR}log line"));
+            Err::<(), _>(krest_worker::JobError::fatal(format!(
+                "{TITLE}failed\nFAKE LINE"
+            )))
+        })
+        .handler(
+            format!("odd{CLEAR}"),
+            |_ctx: JobContext| async move { Ok(()) },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+
+    // A file starting with a UTF-8 BOM applies.
+    let bom = env.write(
+        "bom.json",
+        "\u{feff}{\"appName\": \"esc\", \"jobGroup\": \"t\", \"jobName\": \"boom\", \"path\": \"boom\", \"description\": \"csi \u{9b}31m\"}",
+    );
+    let (code, out, err) = env.cli(&["job", "apply", "-f", bom.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("t.boom created"), "{out}");
+    // A key given twice is refused, naming it and where it is; nothing is applied.
+    let dup = env.write(
+        "dup.json",
+        "[{\"appName\": \"esc\", \"jobName\": \"ok\", \"path\": \"p\"},\n {\"appName\": \"esc\",\n  \"jobName\": \"d\",\n  \"path\": \"p\", \"path\": \"q\"}]",
+    );
+    let (code, _, err) = env.cli(&["job", "apply", "-f", dup.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is not valid JSON: duplicate key `path` at line 4 column 21"),
+        "{err}"
+    );
+    let (_, out, _) = env.cli(&["job", "list"]);
+    assert!(
+        !out.contains("esc.ok") && !out.contains("default.ok"),
+        "{out}"
+    );
+
+    // `job get` shows the description's C1 control escaped; JSON keeps it exact.
+    let (code, out, _) = env.cli(&["job", "get", "t.boom"]);
+    assert_eq!(code, 0);
+    assert_inert("job get", &out);
+    assert!(out.contains("csi \\u{9b}31m"), "{out}");
+    let (_, out, _) = env.cli(&["-o", "json", "job", "get", "t.boom"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["spec"]["description"], "csi \u{9b}31m");
+
+    // `runs watch` follows the run's events while it happens.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(["--nats-url", &env.url(), "runs", "watch", "--job", "t.boom"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = watch.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr).lines() {
+            if line.unwrap_or_default().contains("following run events") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx.recv_timeout(DEADLINE).unwrap();
+
+    // The failing run: its log line and error carry escapes and a newline. Its events reach
+    // the watch by core NATS, so a run may go by before the watch's subscription is in place:
+    // trigger until the watch has shown a finished run.
+    let mut watched = String::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let run_id = loop {
+        let run_id = trigger(&client, "t.boom").await.run_id;
+        let d = wait_final(&client, &run_id).await;
+        assert_eq!(d.run.status, RunStatus::Failed);
+        while let Ok(line) = rx.try_recv() {
+            watched.push_str(&line);
+            watched.push('\n');
+        }
+        if watched.contains(" finished ") {
+            break run_id;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing watched");
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_inert("runs watch", &watched);
+    assert!(
+        watched.contains("\\u{1b}]0;pwned\\u{7}failed\\nFAKE LINE"),
+        "{watched}"
+    );
+    assert!(watched.contains("\\u{1b}[2Jlog line"), "{watched}");
+
+    let (code, out, _) = env.cli(&["runs", "get", &run_id]);
+    assert_eq!(code, 0);
+    assert_inert("runs get", &out);
+    assert!(
+        out.contains("error:  \\u{1b}]0;pwned\\u{7}failed\\nFAKE LINE"),
+        "{out}"
+    );
+    assert!(out.contains("\\u{1b}[2Jlog line"), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("FAKE LINE")), "{out}");
+    let (_, out, _) = env.cli(&["runs", "list", "--job", "t.boom"]);
+    assert_inert("runs list", &out);
+    assert!(out.contains("\\u{1b}]0;pwned"), "{out}");
+    let (_, out, _) = env.cli(&["job", "trigger", "t.boom", "--wait"]);
+    assert_inert("job trigger --wait", &out);
+    let (_, out, _) = env.cli(&["-o", "json", "runs", "get", &run_id]);
+    let exact: krest_schemas::api::RunDetail = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        exact.run.error.as_deref(),
+        Some(format!("{TITLE}failed\nFAKE LINE").as_str()),
+        "JSON output is exact"
+    );
+    let (_, out, _) = env.cli(&["workers", "list"]);
+    assert_inert("workers list", &out);
+    assert!(out.contains("odd\\u{1b}[2J"), "{out}");
+    let (_, out, _) = env.cli(&["job", "history", "t.boom"]);
+    assert_inert("job history", &out);
+
+    // A parked message with escapes in its payload and reason.
+    let nats = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        krest_schemas::names::DLQ_REASON_HEADER,
+        format!("{TITLE}reason").as_str(),
+    );
+    headers.insert(krest_schemas::names::DLQ_SOURCE_HEADER, "krest.work.esc.q");
+    js.publish_with_headers(
+        "krest.dlq.work",
+        headers,
+        format!("bad {CLEAR} payload").into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let (code, out, _) = env.cli(&["dlq", "list"]);
+    assert_eq!(code, 0);
+    assert_inert("dlq list", &out);
+    assert!(out.contains("bad \\u{1b}[2J payload"), "{out}");
+    assert!(out.contains("\\u{1b}]0;pwned\\u{7}reason"), "{out}");
+    let (_, out, _) = env.cli(&["-o", "json", "dlq", "list"]);
+    let letters: Vec<krest_schemas::api::DeadLetter> = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters[0].payload, format!("bad {CLEAR} payload"));
+
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}

@@ -1,5 +1,6 @@
 //! HTTP jobs through the built-in executor, and alert webhooks, against a real HTTP server
-//! started by the test.
+//! started by the test; their secrets (headers, URL passwords, webhook tokens) and NATS
+//! credentials kept out of every view, error, alert and log line.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -235,4 +236,209 @@ async fn misfires_alert_after_an_outage() {
     assert_eq!(alerts[0].run.trigger, Some(krest_schemas::Trigger::CatchUp));
     w.stop().await.unwrap();
     node.stop().await.unwrap();
+}
+
+/// What `/secure` was called with: (Authorization, X-Api-Key) per call.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+async fn secure(State(seen): State<Seen>, headers: HeaderMap) -> &'static str {
+    let get = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    };
+    seen.lock()
+        .unwrap()
+        .push((get("authorization"), get("x-api-key")));
+    "ok"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_job_secrets_never_show_and_survive_get_then_apply() {
+    let env = Env::new("http-secrets");
+    let mut node = env.node_process("n1");
+    let client = env.client().await;
+    let seen: Seen = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/secure", post(secure))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let hooks = Server::default();
+    hooks.alert_calls.store(1, Ordering::SeqCst); // accept every call
+    let hook_base = start_server(hooks.clone()).await;
+    let w = krest_worker::http::register(env.worker("web", "h1"))
+        .unwrap()
+        .build()
+        .unwrap()
+        .spawn();
+    let dead = krest_test_support::free_port();
+    let docs = json!([
+        {"appName": "web", "jobGroup": "t", "jobName": "secure", "jobType": "HTTP",
+         "url": format!("http://user:pw-s3cret@{addr}/secure"),
+         "headers": {"X-Api-Key": "key-s3cret"},
+         "alert": {"webhook": format!("{hook_base}/hook?token=hook-s3cret")}},
+        {"appName": "web", "jobGroup": "t", "jobName": "down", "jobType": "HTTP",
+         "url": format!("http://user:pw-s3cret@127.0.0.1:{dead}/x"),
+         "alert": {"webhook": format!("{hook_base}/hook?token=hook-s3cret")}},
+        {"appName": "web", "jobGroup": "t", "jobName": "dead-hook", "jobType": "HTTP",
+         "url": format!("http://127.0.0.1:{dead}/x"),
+         "alert": {"webhook": format!("http://127.0.0.1:{dead}/hook/dead-s3cret")}}
+    ]);
+    let file = env.write("jobs.json", &docs.to_string());
+    let (code, _, err) = env.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let no_secret = |what: &str, text: &str| {
+        assert!(!text.contains("s3cret"), "{what} shows a secret: {text}");
+    };
+
+    // Views: job get (table and JSON), list, history.
+    let (code, view, _) = env.cli(&["-o", "json", "job", "get", "t.secure"]);
+    assert_eq!(code, 0);
+    no_secret("job get -o json", &view);
+    let v: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(v["spec"]["headers"]["X-Api-Key"], "<redacted>");
+    assert_eq!(
+        v["spec"]["url"],
+        format!("http://<redacted>@{addr}/secure").as_str()
+    );
+    assert_eq!(
+        v["spec"]["alert"]["webhook"],
+        format!("{hook_base}/<redacted>").as_str()
+    );
+    for args in [
+        &["job", "get", "t.secure"][..],
+        &["-o", "json", "job", "list"],
+        &["-o", "json", "job", "history", "t.secure"],
+    ] {
+        let (code, out, _) = env.cli(args);
+        assert_eq!(code, 0);
+        no_secret(&args.join(" "), &out);
+    }
+
+    // get → apply keeps the secrets (unchanged), also after an edit; the worker gets them.
+    let saved = env.write("secure.json", &view);
+    let (code, out, err) = env.cli(&["job", "apply", "-f", saved.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("t.secure unchanged"), "{out}");
+    let (_, list, _) = env.cli(&["-o", "json", "job", "list"]);
+    let all = env.write("all.json", &list);
+    let (code, out, err) = env.cli(&["job", "apply", "-f", all.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches(" unchanged").count(), 3, "{out}");
+    let mut edited = v.clone();
+    edited["spec"]["description"] = json!("edited");
+    let edited_file = env.write("edited.json", &edited.to_string());
+    let (code, out, err) = env.cli(&["job", "apply", "-f", edited_file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("t.secure updated"), "{out}");
+    let ok = wait_final(&client, &trigger(&client, "t.secure").await.run_id).await;
+    assert_eq!(ok.run.status, RunStatus::Succeeded, "{ok:?}");
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        [(
+            "Basic dXNlcjpwdy1zM2NyZXQ=".to_string(),
+            "key-s3cret".to_string()
+        )],
+        "the worker calls with the real credentials"
+    );
+
+    // A placeholder with nothing stored behind it is an error naming the field.
+    let mut fresh = edited["spec"].clone();
+    fresh["jobName"] = json!("fresh");
+    let fresh_file = env.write("fresh.json", &fresh.to_string());
+    let (code, _, err) = env.cli(&["job", "apply", "-f", fresh_file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("- url: `<redacted>` stands for the stored"),
+        "{err}"
+    );
+    assert!(err.contains("- headers.X-Api-Key: `<redacted>`"), "{err}");
+
+    // A failed call's error (reqwest names the URL) and the alert about it show no password.
+    let down = trigger(&client, "t.down").await.run_id;
+    assert_eq!(
+        wait_final(&client, &down).await.run.status,
+        RunStatus::Failed
+    );
+    let (_, out, _) = env.cli(&["runs", "get", &down]);
+    no_secret("runs get", &out);
+    assert!(
+        out.contains(&format!(
+            "request to http://<redacted>@127.0.0.1:{dead}/x failed"
+        )),
+        "{out}"
+    );
+    for args in [
+        &["-o", "json", "runs", "get", &down][..],
+        &["runs", "list", "--job", "t.down"],
+    ] {
+        let (code, out, _) = env.cli(args);
+        assert_eq!(code, 0);
+        no_secret(&args.join(" "), &out);
+    }
+    let alerts = eventually(DEADLINE, "the alert", || async {
+        let a = hooks.alerts.lock().unwrap().clone();
+        (!a.is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(alerts[0].run.run_id, down);
+    no_secret("the alert", &serde_json::to_string(&alerts).unwrap());
+
+    // An unreachable webhook is logged redacted; nothing in the node's log shows a secret.
+    let dead_run = trigger(&client, "t.dead-hook").await.run_id;
+    wait_final(&client, &dead_run).await;
+    eventually(DEADLINE, "the undelivered alert logged", || async {
+        node.output()
+            .contains("alert not delivered after 3 tries")
+            .then_some(())
+    })
+    .await;
+    let log = node.output();
+    assert!(log.contains("/<redacted>"), "{log}");
+    no_secret("the scheduler's log", &log);
+    w.stop().await.unwrap();
+    node.terminate(std::time::Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_stay_out_of_logs_and_errors() {
+    let env = Env::new("nats-secret");
+    let port = krest_test_support::free_port();
+    let url = format!("nats://user:pw-s3cret@127.0.0.1:{port},nats://tok-s3cret@127.0.0.1:{port}");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_krest"));
+    cmd.args([
+        "scheduler",
+        "--nats-url",
+        &url,
+        "--db",
+        &env.db("n1"),
+        "--http",
+        "off",
+    ]);
+    let mut node = krest_test_support::Proc::spawn("n1", cmd, env.dir.join("n1.log"));
+    eventually(DEADLINE, "a failed connection logged", || async {
+        node.output()
+            .contains("cannot connect to NATS")
+            .then_some(())
+    })
+    .await;
+    let log = node.output();
+    assert!(!log.contains("s3cret"), "{log}");
+    assert!(log.contains("nats://<redacted>@127.0.0.1"), "{log}");
+    node.terminate(std::time::Duration::from_secs(10));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(["--nats-url", &url, "--timeout", "1s", "job", "list"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!err.contains("s3cret"), "{err}");
+    assert!(
+        err.contains("cannot connect to NATS at nats://<redacted>@"),
+        "{err}"
+    );
 }

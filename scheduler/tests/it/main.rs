@@ -5,9 +5,9 @@
 //! (the request/reply API), `cli` (the `krest` binary), `schedules` (every, at, misfire
 //! policies), `dispatch` (publishing and de-duplication), `strategies` (load balancing),
 //! `overlap` (overlap policies and cancellation), `retries` (failure handling), `worker` (the
-//! SDK's capacity, shutdown and redelivery), `ha` (leadership and failover), `http` (health
-//! endpoints), `faults` (the fault suite behind docs/guarantees.md). Add to these rather than
-//! adding modules.
+//! SDK's capacity, shutdown and redelivery), `ha` (leadership and failover), `http` (HTTP jobs,
+//! alert webhooks, secrets kept out of views and logs), `faults` (the fault suite behind
+//! docs/guarantees.md). Add to these rather than adding modules.
 
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use krest_schemas::api::{JobRequest, JobView, Op, RunStatus, RunSummary};
+use krest::cli::client::ClientError;
+use krest_schemas::api::{ApplyOutcome, ErrorCode, JobRequest, JobView, Op, RunStatus, RunSummary};
 use krest_schemas::Trigger;
 use krest_test_support::eventually;
 use krest_worker::JobContext;
@@ -82,6 +83,50 @@ async fn every_and_at_jobs_fire_on_their_schedule() {
         .await
         .unwrap();
     assert!(view.next_fire_at.is_none(), "an `at` job fires once");
+
+    // Its `at` has passed: re-applying the same document is idempotent (Git-driven applies)…
+    let again = apply(&client, vec![job("once", APP, "noop", json!({"at": at}))]).await;
+    assert_eq!(again.results[0].outcome, ApplyOutcome::Unchanged);
+    // …and changing anything else is fine…
+    let changed = apply(
+        &client,
+        vec![job(
+            "once",
+            APP,
+            "noop",
+            json!({"at": at, "description": "ran"}),
+        )],
+    )
+    .await;
+    assert_eq!(changed.results[0].outcome, ApplyOutcome::Updated);
+    // …but moving it to another past time, or creating a job in the past, is refused.
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for name in ["once", "late"] {
+        let err = client
+            .call_value(
+                Op::JobApply,
+                &json!({"documents": [job(name, APP, "noop", json!({"at": past}))]}),
+            )
+            .await
+            .unwrap_err();
+        let ClientError::Api(api) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(api.code, ErrorCode::InvalidJob);
+        let p = &api.invalid[0].problems[0];
+        assert_eq!(p.field, "at");
+        assert!(p.message.contains("is in the past (now "), "{p}");
+        assert!(
+            p.message.contains(&format!("krest job trigger t.{name}")),
+            "{p}"
+        );
+    }
+    assert!(client
+        .call::<_, JobView>(Op::JobGet, &JobRequest::new("late"))
+        .await
+        .is_err());
+
     // Still exactly one run a few rate-fires later.
     done(&client, "rate", 5).await;
     assert_eq!(runs(&client, "once").await.len(), 1);
