@@ -160,10 +160,7 @@ pub async fn record_failure(
     error: &str,
 ) -> Result<(), String> {
     let finished = RunEvent::Finished(Finished {
-        run_id: run.run_id.clone(),
-        job_group: run.job_group.clone(),
-        job_name: run.job_name.clone(),
-        app_name: run.app_name.clone(),
+        run: run.run.clone(),
         shard: run.shard_index(),
         shard_total: run.shard_total(),
         attempt,
@@ -178,7 +175,7 @@ pub async fn record_failure(
     });
     let body = serde_json::to_vec(&finished).map_err(|e| e.to_string())?;
     js.send_publish(
-        events_subject(&run.job_group, &run.job_name),
+        events_subject(&run.run.job_group, &run.run.job_name),
         PublishMessage::build()
             .payload(body.into())
             .message_id(finished.msg_id()),

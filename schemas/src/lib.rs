@@ -46,7 +46,7 @@ pub use job::{
 };
 pub use messages::{
     AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, HttpCall, JobState,
-    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage,
+    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage, RunRef,
     ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, Schedule};

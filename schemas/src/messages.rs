@@ -47,6 +47,31 @@ pub struct ShardInfo {
     pub item: Value,
 }
 
+/// Which run a message is about: the identity every work message and every event carries
+/// (flattened: on the wire these are top-level fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRef {
+    /// Stable id of the run: `<group>.<name>.<scheduled epoch ms>` for scheduled fires,
+    /// `<group>.<name>.m-<request id>` for manual runs, `<child key>.c-<parent run id>` for child
+    /// runs; it doubles as an idempotency key for handlers.
+    pub run_id: String,
+    /// The job's group.
+    pub job_group: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The app whose workers run it (absent on log lines of older workers).
+    #[serde(default)]
+    pub app_name: String,
+}
+
+impl RunRef {
+    /// The job's `group.name` key.
+    pub fn job_key(&self) -> String {
+        crate::names::job_key(&self.job_group, &self.job_name)
+    }
+}
+
 /// One unit of work on the work stream: a run (NORMAL) or one shard of a run (SHARDING).
 ///
 /// Published to `krest.work.<app>.q` with `Nats-Msg-Id: <runId>/<shard>`. The attempt number is
@@ -54,15 +79,9 @@ pub struct ShardInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunMessage {
-    /// Stable id of the run: `<group>.<name>.<scheduled epoch ms>` for scheduled fires, so it
-    /// doubles as an idempotency key for handlers.
-    pub run_id: String,
-    /// The job's group.
-    pub job_group: String,
-    /// The job's name.
-    pub job_name: String,
-    /// The app whose workers run it.
-    pub app_name: String,
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunRef,
     /// The handler to run.
     pub path: String,
     /// NORMAL or SHARDING.
@@ -200,13 +219,8 @@ impl LogLevel {
 #[serde(rename_all = "camelCase")]
 pub struct Dispatched {
     /// The run.
-    pub run_id: String,
-    /// The job's group.
-    pub job_group: String,
-    /// The job's name.
-    pub job_name: String,
-    /// The app whose workers run it.
-    pub app_name: String,
+    #[serde(flatten)]
+    pub run: RunRef,
     /// The handler.
     pub path: String,
     /// NORMAL or SHARDING.
@@ -242,13 +256,8 @@ pub struct Dispatched {
 #[serde(rename_all = "camelCase")]
 pub struct Started {
     /// The run.
-    pub run_id: String,
-    /// The job's group.
-    pub job_group: String,
-    /// The job's name.
-    pub job_name: String,
-    /// The app.
-    pub app_name: String,
+    #[serde(flatten)]
+    pub run: RunRef,
     /// Shard index (0 for unsharded runs).
     pub shard: u32,
     /// Number of shards (1 for unsharded runs).
@@ -269,11 +278,8 @@ pub struct Started {
 #[serde(rename_all = "camelCase")]
 pub struct LogLine {
     /// The run.
-    pub run_id: String,
-    /// The job's group.
-    pub job_group: String,
-    /// The job's name.
-    pub job_name: String,
+    #[serde(flatten)]
+    pub run: RunRef,
     /// Shard index.
     pub shard: u32,
     /// Attempt number.
@@ -293,13 +299,8 @@ pub struct LogLine {
 #[serde(rename_all = "camelCase")]
 pub struct Finished {
     /// The run.
-    pub run_id: String,
-    /// The job's group.
-    pub job_group: String,
-    /// The job's name.
-    pub job_name: String,
-    /// The app.
-    pub app_name: String,
+    #[serde(flatten)]
+    pub run: RunRef,
     /// Shard index.
     pub shard: u32,
     /// Number of shards.
@@ -333,14 +334,9 @@ pub struct Finished {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Skipped {
-    /// The run id the fire would have had.
-    pub run_id: String,
-    /// The job's group.
-    pub job_group: String,
-    /// The job's name.
-    pub job_name: String,
-    /// The app.
-    pub app_name: String,
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunRef,
     /// Why the fire exists.
     pub trigger: Trigger,
     /// The fire time.
@@ -382,36 +378,38 @@ impl RunEvent {
     /// The run the event belongs to.
     pub fn run_id(&self) -> &str {
         match self {
-            RunEvent::Dispatched(e) => &e.run_id,
-            RunEvent::Skipped(e) => &e.run_id,
-            RunEvent::Started(e) => &e.run_id,
-            RunEvent::Log(e) => &e.run_id,
-            RunEvent::Finished(e) => &e.run_id,
+            RunEvent::Dispatched(e) => &e.run.run_id,
+            RunEvent::Skipped(e) => &e.run.run_id,
+            RunEvent::Started(e) => &e.run.run_id,
+            RunEvent::Log(e) => &e.run.run_id,
+            RunEvent::Finished(e) => &e.run.run_id,
         }
     }
 
     /// `(group, name)` of the job the event belongs to.
     pub fn job(&self) -> (&str, &str) {
         match self {
-            RunEvent::Dispatched(e) => (&e.job_group, &e.job_name),
-            RunEvent::Skipped(e) => (&e.job_group, &e.job_name),
-            RunEvent::Started(e) => (&e.job_group, &e.job_name),
-            RunEvent::Log(e) => (&e.job_group, &e.job_name),
-            RunEvent::Finished(e) => (&e.job_group, &e.job_name),
+            RunEvent::Dispatched(e) => (&e.run.job_group, &e.run.job_name),
+            RunEvent::Skipped(e) => (&e.run.job_group, &e.run.job_name),
+            RunEvent::Started(e) => (&e.run.job_group, &e.run.job_name),
+            RunEvent::Log(e) => (&e.run.job_group, &e.run.job_name),
+            RunEvent::Finished(e) => (&e.run.job_group, &e.run.job_name),
         }
     }
 
     /// `Nats-Msg-Id` for the event: stable, so a re-publish is dropped as a duplicate.
     pub fn msg_id(&self) -> String {
         match self {
-            RunEvent::Dispatched(e) => run_event_msg_id(&e.run_id, "dispatched"),
-            RunEvent::Skipped(e) => run_event_msg_id(&e.run_id, "skipped"),
-            RunEvent::Started(e) => attempt_event_msg_id(&e.run_id, e.shard, e.attempt, "started"),
+            RunEvent::Dispatched(e) => run_event_msg_id(&e.run.run_id, "dispatched"),
+            RunEvent::Skipped(e) => run_event_msg_id(&e.run.run_id, "skipped"),
+            RunEvent::Started(e) => {
+                attempt_event_msg_id(&e.run.run_id, e.shard, e.attempt, "started")
+            }
             RunEvent::Log(e) => {
-                attempt_event_msg_id(&e.run_id, e.shard, e.attempt, &format!("log/{}", e.seq))
+                attempt_event_msg_id(&e.run.run_id, e.shard, e.attempt, &format!("log/{}", e.seq))
             }
             RunEvent::Finished(e) => {
-                attempt_event_msg_id(&e.run_id, e.shard, e.attempt, "finished")
+                attempt_event_msg_id(&e.run.run_id, e.shard, e.attempt, "finished")
             }
         }
     }
@@ -557,9 +555,12 @@ mod tests {
     #[test]
     fn events_are_tagged_by_type() {
         let e = RunEvent::Log(LogLine {
-            run_id: "g.j.1".into(),
-            job_group: "g".into(),
-            job_name: "j".into(),
+            run: RunRef {
+                run_id: "g.j.1".into(),
+                job_group: "g".into(),
+                job_name: "j".into(),
+                app_name: String::new(),
+            },
             shard: 2,
             attempt: 1,
             seq: 7,

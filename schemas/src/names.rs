@@ -255,6 +255,22 @@ pub fn manual_run_id(group: &str, name: &str, request_id: &str) -> String {
     format!("{group}.{name}.m-{request_id}")
 }
 
+/// Id of the run of child job `child` (a `group.name` key) triggered by `parent_run_id`: the
+/// same on every node, so every node that sees the parent succeed publishes one run.
+pub fn child_run_id(child: &str, parent_run_id: &str) -> String {
+    format!("{child}.c-{parent_run_id}")
+}
+
+/// Key in [`ONCE_BUCKET`] claimed by the node that sends alert `kind` of run `run_id`.
+pub fn alert_marker(run_id: &str, kind: &str) -> String {
+    format!("alert.{run_id}.{kind}")
+}
+
+/// Key in [`ONCE_BUCKET`] written once child run `child_run_id` was triggered.
+pub fn child_marker(child_run_id: &str) -> String {
+    format!("child.{child_run_id}")
+}
+
 /// A fresh request id for a manual trigger: `<epoch ms>-<6 hex digits>` from the clock's
 /// nanoseconds and a per-process random state.
 pub fn new_request_id(at: chrono::DateTime<chrono::Utc>) -> String {

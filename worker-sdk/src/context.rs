@@ -34,7 +34,7 @@ struct Inner {
 impl fmt::Debug for JobContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JobContext")
-            .field("run_id", &self.inner.run.run_id)
+            .field("run_id", &self.inner.run.run.run_id)
             .field("shard", &self.inner.run.shard_index())
             .field("attempt", &self.inner.attempt)
             .finish_non_exhaustive()
@@ -63,17 +63,17 @@ impl JobContext {
 
     /// The run id: stable across attempts and shards, so use it as an idempotency key.
     pub fn run_id(&self) -> &str {
-        &self.inner.run.run_id
+        &self.inner.run.run.run_id
     }
 
     /// The job's group.
     pub fn job_group(&self) -> &str {
-        &self.inner.run.job_group
+        &self.inner.run.run.job_group
     }
 
     /// The job's name.
     pub fn job_name(&self) -> &str {
-        &self.inner.run.job_name
+        &self.inner.run.run.job_name
     }
 
     /// The handler name this run was addressed to.
@@ -168,9 +168,7 @@ impl JobContext {
         let seq = self.inner.log_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let run = &self.inner.run;
         self.inner.events.send(RunEvent::Log(LogLine {
-            run_id: run.run_id.clone(),
-            job_group: run.job_group.clone(),
-            job_name: run.job_name.clone(),
+            run: run.run.clone(),
             shard: run.shard_index(),
             attempt: self.inner.attempt,
             seq,

@@ -783,10 +783,7 @@ async fn process(
     let attempt = run.attempt_offset.saturating_add(delivered);
     let started_at = Utc::now();
     shared.events.send(RunEvent::Started(Started {
-        run_id: run.run_id.clone(),
-        job_group: run.job_group.clone(),
-        job_name: run.job_name.clone(),
-        app_name: run.app_name.clone(),
+        run: run.run.clone(),
         shard: run.shard_index(),
         shard_total: run.shard_total(),
         attempt,
@@ -804,8 +801,8 @@ async fn process(
     );
     let clock = std::time::Instant::now();
     // Register before checking the marker, so a cancellation arriving in between is not lost.
-    let (registration, cancel_request) = shared.cancellable.register(&run.run_id);
-    let marked = match shared.cancels.get(&run.run_id).await {
+    let (registration, cancel_request) = shared.cancellable.register(&run.run.run_id);
+    let marked = match shared.cancels.get(&run.run.run_id).await {
         Ok(Some(v)) => Some(
             serde_json::from_slice::<krest_schemas::CancelRequest>(&v)
                 .map(|c| c.reason)
@@ -851,12 +848,12 @@ async fn process(
         Ending::Cancelled(why) if why.is_empty() => Ending::Cancelled(
             shared
                 .cancellable
-                .reason(&run.run_id)
+                .reason(&run.run.run_id)
                 .unwrap_or_else(|| "cancelled".to_string()),
         ),
         other => other,
     };
-    shared.cancellable.unregister(&run.run_id, registration);
+    shared.cancellable.unregister(&run.run.run_id, registration);
     drop(ctx);
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let max_attempts = run.retry_times.saturating_add(1);
@@ -937,10 +934,7 @@ async fn process(
     };
     let (output, error) = (output.map(scrub), error.map(scrub));
     let finished = RunEvent::Finished(Finished {
-        run_id: run.run_id.clone(),
-        job_group: run.job_group.clone(),
-        job_name: run.job_name.clone(),
-        app_name: run.app_name.clone(),
+        run: run.run.clone(),
         shard: run.shard_index(),
         shard_total: run.shard_total(),
         attempt,
@@ -964,7 +958,7 @@ async fn process(
                     match reroute(&shared, &run, attempt, delay.unwrap_or_default()).await {
                         Ok(()) => AckKind::Term,
                         Err(e) => {
-                            tracing::warn!(run = %run.run_id, error = %e, "could not hand the retry to the router; retrying here");
+                            tracing::warn!(run = %run.run.run_id, error = %e, "could not hand the retry to the router; retrying here");
                             AckKind::Nak(delay)
                         }
                     }
@@ -976,11 +970,11 @@ async fn process(
                 other => msg.ack_with(other).await,
             };
             if let Err(e) = acked {
-                tracing::warn!(run = %run.run_id, error = %e, "ack failed; the run may be redelivered");
+                tracing::warn!(run = %run.run.run_id, error = %e, "ack failed; the run may be redelivered");
             }
         }
         Err(e) => tracing::error!(
-            run = %run.run_id, error = %e,
+            run = %run.run.run_id, error = %e,
             "could not store the attempt's result; leaving the run unacknowledged so it is redelivered"
         ),
     }
@@ -1003,10 +997,10 @@ async fn reroute(
     shared
         .js
         .send_publish(
-            work_router_subject(&run.app_name, &run.job_group, &run.job_name),
+            work_router_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
             async_nats::jetstream::message::PublishMessage::build()
                 .payload(body.into())
-                .message_id(retry_msg_id(&run.run_id, run.shard_index(), attempt)),
+                .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt)),
         )
         .await
         .map_err(|e| e.to_string())?

@@ -211,7 +211,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         "{} {:<10} {} {} shard(s) {}{}",
                         d.dispatched_at.format("%H:%M:%S%.3f"),
                         "dispatched",
-                        d.run_id,
+                        d.run.run_id,
                         d.shard_total,
                         d.trigger.as_str(),
                         if d.misfired > 0 {
@@ -224,14 +224,14 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         "{} {:<10} {} {}",
                         k.at.format("%H:%M:%S%.3f"),
                         "skipped",
-                        k.run_id,
+                        k.run.run_id,
                         k.reason
                     ),
                     RunEvent::Started(s) => format!(
                         "{} {:<10} {} shard {}/{} attempt {} on {}",
                         s.at.format("%H:%M:%S%.3f"),
                         "started",
-                        s.run_id,
+                        s.run.run_id,
                         s.shard + 1,
                         s.shard_total,
                         s.attempt,
@@ -241,7 +241,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         "{} {:<10} {} shard {} | {}",
                         l.at.format("%H:%M:%S%.3f"),
                         "log",
-                        l.run_id,
+                        l.run.run_id,
                         l.shard + 1,
                         l.line
                     ),
@@ -249,7 +249,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         "{} {:<10} {} shard {}/{} attempt {} on {}: {:?}{} {}",
                         f.at.format("%H:%M:%S%.3f"),
                         "finished",
-                        f.run_id,
+                        f.run.run_id,
                         f.shard + 1,
                         f.shard_total,
                         f.attempt,

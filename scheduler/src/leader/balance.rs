@@ -414,13 +414,13 @@ impl Routing {
     /// Picks an instance for a run being re-routed by its job's strategy, avoiding the
     /// instances in `run.avoid` when another instance can take it.
     pub async fn pick(&self, balancer: &mut Balancer, run: &RunMessage) -> Option<String> {
-        let job = krest_schemas::names::job_key(&run.job_group, &run.job_name);
+        let job = krest_schemas::names::job_key(&run.run.job_group, &run.run.job_name);
         let hash_input = run
             .shard
             .as_ref()
             .map_or_else(|| run.args.to_string(), |s| s.item.to_string());
         let (strategy, app, handler, avoid) =
-            (run.load_balance, &run.app_name, &run.path, &run.avoid);
+            (run.load_balance, &run.run.app_name, &run.path, &run.avoid);
         let mut live = self.live();
         let all = self.candidates(&mut live, app, handler).await;
         let preferred: Vec<WorkerInfo> = all

@@ -196,10 +196,12 @@ impl Publisher {
         let spec = &fire.job.stored.spec;
         if let Some(reason) = &fire.skip {
             let skipped = RunEvent::Skipped(Skipped {
-                run_id: fire.run_id.clone(),
-                job_group: spec.job_group.clone(),
-                job_name: spec.job_name.clone(),
-                app_name: spec.app_name.clone(),
+                run: krest_schemas::RunRef {
+                    run_id: fire.run_id.clone(),
+                    job_group: spec.job_group.clone(),
+                    job_name: spec.job_name.clone(),
+                    app_name: spec.app_name.clone(),
+                },
                 trigger: fire.trigger,
                 scheduled_at: fire.scheduled_at,
                 at: now,
@@ -218,10 +220,12 @@ impl Publisher {
         let items = fire.shard_plans();
         let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
         let dispatched = RunEvent::Dispatched(Dispatched {
-            run_id: fire.run_id.clone(),
-            job_group: spec.job_group.clone(),
-            job_name: spec.job_name.clone(),
-            app_name: spec.app_name.clone(),
+            run: krest_schemas::RunRef {
+                run_id: fire.run_id.clone(),
+                job_group: spec.job_group.clone(),
+                job_name: spec.job_name.clone(),
+                app_name: spec.app_name.clone(),
+            },
             path: spec.path.clone(),
             job_type: spec.job_type,
             trigger: fire.trigger,
@@ -250,10 +254,12 @@ impl Publisher {
             };
             let index = u32::try_from(index).map_err(|_| "too many shards".to_string())?;
             let msg = RunMessage {
-                run_id: fire.run_id.clone(),
-                job_group: spec.job_group.clone(),
-                job_name: spec.job_name.clone(),
-                app_name: spec.app_name.clone(),
+                run: krest_schemas::RunRef {
+                    run_id: fire.run_id.clone(),
+                    job_group: spec.job_group.clone(),
+                    job_name: spec.job_name.clone(),
+                    app_name: spec.app_name.clone(),
+                },
                 path: spec.path.clone(),
                 job_type: spec.job_type,
                 args: fire.args.clone(),

@@ -104,7 +104,7 @@ impl Outstanding {
                 continue;
             };
             if let Ok(run) = serde_json::from_slice::<RunMessage>(&m.payload) {
-                out.insert((run.run_id, run.app_name));
+                out.insert((run.run.run_id, run.run.app_name));
             }
         }
         Ok(out.into_iter().collect())

@@ -203,16 +203,19 @@ async fn route(
         routing.pick(&mut balancer, &run).await
     };
     let subject = match &target {
-        Some(instance) => {
-            work_instance_subject(&run.app_name, &run.job_group, &run.job_name, instance)
-        }
-        None => work_queue_subject(&run.app_name, &run.job_group, &run.job_name),
+        Some(instance) => work_instance_subject(
+            &run.run.app_name,
+            &run.run.job_group,
+            &run.run.job_name,
+            instance,
+        ),
+        None => work_queue_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
     };
     let next_attempt = run.attempt_offset + 1;
     run.target = target;
     run.retry_at = None;
     run.avoid.clear();
-    let id = rerouted_msg_id(&run.run_id, run.shard_index(), next_attempt);
+    let id = rerouted_msg_id(&run.run.run_id, run.shard_index(), next_attempt);
     let published = match serde_json::to_vec(&run) {
         Ok(body) => match js
             .send_publish(
@@ -228,11 +231,11 @@ async fn route(
     };
     match published {
         Ok(()) => {
-            tracing::debug!(run = %run.run_id, shard = run.shard_index(), target = ?run.target, "re-routed");
+            tracing::debug!(run = %run.run.run_id, shard = run.shard_index(), target = ?run.target, "re-routed");
             let _ = msg.double_ack().await;
         }
         Err(e) => {
-            tracing::warn!(run = %run.run_id, error = %e, "re-routing failed; will retry");
+            tracing::warn!(run = %run.run.run_id, error = %e, "re-routing failed; will retry");
             let _ = msg
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
@@ -419,10 +422,15 @@ async fn drain(
             run.avoid = vec![instance.to_string()];
             let body = serde_json::to_vec(&run).map_err(|e| e.to_string())?;
             js.send_publish(
-                work_router_subject(app, &run.job_group, &run.job_name),
+                work_router_subject(app, &run.run.job_group, &run.run.job_name),
                 PublishMessage::build()
                     .payload(body.into())
-                    .message_id(moved_msg_id(&run.run_id, run.shard_index(), instance, seq)),
+                    .message_id(moved_msg_id(
+                        &run.run.run_id,
+                        run.shard_index(),
+                        instance,
+                        seq,
+                    )),
             )
             .await
             .map_err(|e| e.to_string())?

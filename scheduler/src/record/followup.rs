@@ -37,11 +37,6 @@ pub struct Followups {
     pub routing: Arc<crate::leader::balance::Routing>,
 }
 
-/// Run id of the child run of `child` (a `group.name` key) triggered by `parent_run_id`.
-pub fn child_run_id(child: &str, parent_run_id: &str) -> String {
-    format!("{child}.c-{parent_run_id}")
-}
-
 impl Followups {
     /// Acts on runs that just reached a final status.
     pub async fn on_ended(&self, runs: &[RunSummary]) {
@@ -73,7 +68,7 @@ impl Followups {
         }
         for kind in kinds.into_iter().filter(|k| alert.on.contains(k)) {
             // Exactly one node sends each alert: the one that creates its marker.
-            let marker = format!("alert.{}.{}", run.run_id, kind.as_str());
+            let marker = krest_schemas::names::alert_marker(&run.run_id, kind.as_str());
             match self.once.create(&marker, self.node.clone().into()).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
@@ -105,8 +100,8 @@ impl Followups {
                 tracing::warn!(parent = %parent.run_id, child = %child_key, "child job does not exist (any more); not triggered");
                 continue;
             };
-            let run_id = child_run_id(&child_key, &parent.run_id);
-            let marker = format!("child.{run_id}");
+            let run_id = krest_schemas::names::child_run_id(&child_key, &parent.run_id);
+            let marker = krest_schemas::names::child_marker(&run_id);
             match self.once.get(&marker).await {
                 Ok(Some(_)) => continue,
                 Ok(None) => {}

@@ -380,10 +380,10 @@ impl Store {
         for event in events {
             match event {
                 RunEvent::Dispatched(d) => {
-                    let r = runs.entry(d.run_id.clone()).or_default();
-                    r.job_group = d.job_group.clone();
-                    r.job_name = d.job_name.clone();
-                    r.app_name = d.app_name.clone();
+                    let r = runs.entry(d.run.run_id.clone()).or_default();
+                    r.job_group = d.run.job_group.clone();
+                    r.job_name = d.run.job_name.clone();
+                    r.app_name = d.run.app_name.clone();
                     r.path = Some(d.path.clone());
                     r.job_type = enum_str(&d.job_type);
                     r.trigger = Some(d.trigger.as_str().to_string());
@@ -398,10 +398,10 @@ impl Store {
                     r.epoch = d.epoch.and_then(|e| i64::try_from(e).ok());
                 }
                 RunEvent::Skipped(k) => {
-                    let r = runs.entry(k.run_id.clone()).or_default();
-                    r.job_group = k.job_group.clone();
-                    r.job_name = k.job_name.clone();
-                    r.app_name = k.app_name.clone();
+                    let r = runs.entry(k.run.run_id.clone()).or_default();
+                    r.job_group = k.run.job_group.clone();
+                    r.job_name = k.run.job_name.clone();
+                    r.app_name = k.run.app_name.clone();
                     r.trigger = Some(k.trigger.as_str().to_string());
                     r.scheduled_at = Some(ms(k.scheduled_at));
                     r.misfired = Some(i64::from(k.misfired));
@@ -412,14 +412,18 @@ impl Store {
                     r.skipped = Some((k.reason.clone(), ms(k.at)));
                 }
                 RunEvent::Started(s) => {
-                    let r = runs.entry(s.run_id.clone()).or_default();
-                    r.job_group = s.job_group.clone();
-                    r.job_name = s.job_name.clone();
-                    r.app_name = s.app_name.clone();
+                    let r = runs.entry(s.run.run_id.clone()).or_default();
+                    r.job_group = s.run.job_group.clone();
+                    r.job_name = s.run.job_name.clone();
+                    r.app_name = s.run.app_name.clone();
                     r.shard_total = i64::from(s.shard_total);
                     r.scheduled_at = r.scheduled_at.or(s.scheduled_at.map(ms));
                     let a = attempts
-                        .entry((s.run_id.clone(), i64::from(s.shard), i64::from(s.attempt)))
+                        .entry((
+                            s.run.run_id.clone(),
+                            i64::from(s.shard),
+                            i64::from(s.attempt),
+                        ))
                         .or_default();
                     a.worker = Some(s.worker.clone());
                     a.started_at = Some(ms(s.at));
@@ -427,7 +431,7 @@ impl Store {
                 RunEvent::Log(l) => {
                     logs.insert(
                         (
-                            l.run_id.clone(),
+                            l.run.run_id.clone(),
                             i64::from(l.shard),
                             i64::from(l.attempt),
                             i64::from(l.seq),
@@ -436,13 +440,17 @@ impl Store {
                     );
                 }
                 RunEvent::Finished(f) => {
-                    let r = runs.entry(f.run_id.clone()).or_default();
-                    r.job_group = f.job_group.clone();
-                    r.job_name = f.job_name.clone();
-                    r.app_name = f.app_name.clone();
+                    let r = runs.entry(f.run.run_id.clone()).or_default();
+                    r.job_group = f.run.job_group.clone();
+                    r.job_name = f.run.job_name.clone();
+                    r.app_name = f.run.app_name.clone();
                     r.shard_total = i64::from(f.shard_total);
                     let a = attempts
-                        .entry((f.run_id.clone(), i64::from(f.shard), i64::from(f.attempt)))
+                        .entry((
+                            f.run.run_id.clone(),
+                            i64::from(f.shard),
+                            i64::from(f.attempt),
+                        ))
                         .or_default();
                     a.worker = Some(f.worker.clone());
                     a.finished_at = Some(ms(f.at));
@@ -998,10 +1006,12 @@ mod tests {
         let run = "g.j.1000".to_string();
         let base = |shard: u32, attempt: u32| (run.clone(), shard, attempt);
         let mut out = vec![RunEvent::Dispatched(Dispatched {
-            run_id: run.clone(),
-            job_group: "g".into(),
-            job_name: "j".into(),
-            app_name: "a".into(),
+            run: krest_schemas::RunRef {
+                run_id: run.clone(),
+                job_group: "g".into(),
+                job_name: "j".into(),
+                app_name: "a".into(),
+            },
             path: "p".into(),
             job_type: JobType::Sharding,
             trigger: Trigger::Schedule,
@@ -1018,10 +1028,12 @@ mod tests {
         for (shard, attempt, ok) in [(0, 1, true), (1, 1, false), (1, 2, true)] {
             let (run_id, shard, attempt) = base(shard, attempt);
             out.push(RunEvent::Started(Started {
-                run_id: run_id.clone(),
-                job_group: "g".into(),
-                job_name: "j".into(),
-                app_name: "a".into(),
+                run: krest_schemas::RunRef {
+                    run_id: run_id.clone(),
+                    job_group: "g".into(),
+                    job_name: "j".into(),
+                    app_name: "a".into(),
+                },
                 shard,
                 shard_total: 2,
                 attempt,
@@ -1030,9 +1042,12 @@ mod tests {
                 scheduled_at: Some(at(1000)),
             }));
             out.push(RunEvent::Log(LogLine {
-                run_id: run_id.clone(),
-                job_group: "g".into(),
-                job_name: "j".into(),
+                run: krest_schemas::RunRef {
+                    run_id: run_id.clone(),
+                    job_group: "g".into(),
+                    job_name: "j".into(),
+                    app_name: String::new(),
+                },
                 shard,
                 attempt,
                 seq: 1,
@@ -1041,10 +1056,12 @@ mod tests {
                 line: format!("shard {shard} attempt {attempt}"),
             }));
             out.push(RunEvent::Finished(Finished {
-                run_id,
-                job_group: "g".into(),
-                job_name: "j".into(),
-                app_name: "a".into(),
+                run: krest_schemas::RunRef {
+                    run_id,
+                    job_group: "g".into(),
+                    job_name: "j".into(),
+                    app_name: "a".into(),
+                },
                 shard,
                 shard_total: 2,
                 attempt,

@@ -180,7 +180,7 @@ async fn child_jobs_run_once_after_a_success_and_cycles_are_rejected() {
         wait_final(&client, &parent).await.run.status,
         RunStatus::Succeeded
     );
-    let child_id = krest::record::followup::child_run_id("t.child", &parent);
+    let child_id = krest_schemas::names::child_run_id("t.child", &parent);
     let child = wait_final(&client, &child_id).await;
     assert_eq!(child.run.status, RunStatus::Succeeded);
     assert_eq!(child.run.trigger, Some(krest_schemas::Trigger::Child));
@@ -188,7 +188,7 @@ async fn child_jobs_run_once_after_a_success_and_cycles_are_rejected() {
     assert_eq!(child.args, Some(json!("from child")));
     let grandchild = wait_final(
         &client,
-        &krest::record::followup::child_run_id("t.grandchild", &child_id),
+        &krest_schemas::names::child_run_id("t.grandchild", &child_id),
     )
     .await;
     assert_eq!(

@@ -258,7 +258,10 @@ async fn overlap_replace_cancels_the_running_run() {
     }
     // Every replaced run that had started saw the cancellation in its handler (a run still
     // pending when replaced is skipped by the worker without executing).
-    let executed = r.iter().filter(|run| !log.of(&run.run_id).is_empty()).count();
+    let executed = r
+        .iter()
+        .filter(|run| !log.of(&run.run_id).is_empty())
+        .count();
     assert!(executed >= 1, "{r:#?}");
     assert!(
         seen.load(Ordering::SeqCst) >= executed,
