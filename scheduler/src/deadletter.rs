@@ -118,20 +118,20 @@ pub async fn run_advisories(
     stop: CancellationToken,
 ) {
     let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{WORK_STREAM}.*");
-    let mut sub = loop {
-        match client
-            .queue_subscribe(subject.clone(), "krest-deadletter".to_string())
-            .await
-        {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to max-deliveries advisories; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        }
+    let subscribed = crate::retry::until_ok(
+        &stop,
+        krest_schemas::Backoff::RECONNECT,
+        "cannot subscribe to max-deliveries advisories",
+        || async {
+            client
+                .queue_subscribe(subject.clone(), "krest-deadletter".to_string())
+                .await
+                .map_err(crate::retry::Failure::Retry)
+        },
+    )
+    .await;
+    let Ok(Some(mut sub)) = subscribed else {
+        return;
     };
     loop {
         let msg = tokio::select! {

@@ -245,22 +245,14 @@ pub async fn ensure_with_retry(
     cfg: &InfraConfig,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Option<Infra> {
-    let mut failures = 0u32;
-    loop {
-        match ensure(js, cfg).await {
-            Ok(infra) => return Some(infra),
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, "JetStream not ready; retrying");
-                let d =
-                    Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(5));
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = stop.cancelled() => return None,
-                }
-            }
-        }
-    }
+    crate::retry::until_ok(
+        stop,
+        krest_schemas::Backoff::RECONNECT,
+        "JetStream not ready: cannot set up Krest's streams and buckets",
+        || async { ensure(js, cfg).await.map_err(crate::retry::Failure::Retry) },
+    )
+    .await
+    .unwrap_or(None) // every failure is retried
 }
 
 /// The current value of every live key of a KV bucket, read from its stream (key list from

@@ -189,11 +189,10 @@ pub async fn watch_jobs(
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, "cannot watch job definitions; retrying");
-                let d = Duration::from_millis(250u64 << failures.min(5));
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => continue,
-                    _ = stop.cancelled() => return,
+                if !crate::retry::pause(&stop, krest_schemas::Backoff::RECONNECT, failures).await {
+                    return;
                 }
+                continue;
             }
         };
         let mut last_revision = 0u64;

@@ -21,4 +21,5 @@ pub mod jobs;
 pub mod leader;
 pub mod node;
 pub mod record;
+pub mod retry;
 pub mod serve;

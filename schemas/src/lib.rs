@@ -29,6 +29,7 @@
 //! ```
 
 pub mod api;
+pub mod backoff;
 pub mod cron;
 pub mod deadletter;
 pub mod job;
@@ -39,6 +40,7 @@ pub mod redact;
 pub mod schedule;
 pub mod text;
 
+pub use backoff::Backoff;
 pub use cron::{CronError, CronSchedule};
 pub use job::{
     parse_job, Alert, AlertOn, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,

@@ -17,40 +17,9 @@ use crate::Error;
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Output, JobError>> + Send>>;
 pub(crate) type HandlerFn = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
 
-/// Delay before retrying a failed attempt: `initial × factor^(attempt-1)`, at most `max`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    /// Delay after the first failure.
-    pub initial: Duration,
-    /// Growth per further failure.
-    pub factor: f64,
-    /// Upper bound.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    /// 1 s, doubling, at most 60 s.
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_secs(1),
-            factor: 2.0,
-            max: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay after failed attempt number `attempt` (1-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(64) as i32;
-        let secs = self.initial.as_secs_f64() * self.factor.max(1.0).powi(exp);
-        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
-            self.max
-        } else {
-            Duration::from_secs_f64(secs)
-        }
-    }
-}
+/// Delay before retrying a failed attempt (shared with the scheduler: see
+/// [`krest_schemas::backoff`]).
+pub use krest_schemas::Backoff;
 
 /// Collects a worker's configuration. Start with [`Worker::builder`].
 ///

@@ -73,6 +73,7 @@ pub async fn run(
 ) {
     let leading = || leadership.valid_epoch() == Some(epoch) && !stop.is_cancelled();
     let mut sweeper = Sweeper::default();
+    let mut failures = 0u32;
     while leading() {
         let ctx = Ctx {
             js: &js,
@@ -82,11 +83,13 @@ pub async fn run(
             balancer: &balancer,
         };
         if let Err(e) = lead(ctx, &mut sweeper).await {
+            failures += 1;
             tracing::warn!(epoch, error = %e, "router interrupted; restarting");
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.cancelled() => return,
+            if !crate::retry::pause(&stop, krest_schemas::Backoff::RECONNECT, failures).await {
+                return;
             }
+        } else {
+            failures = 0;
         }
     }
 }

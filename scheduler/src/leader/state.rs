@@ -155,6 +155,7 @@ impl Leader {
     ) -> Result<Leader, Ended> {
         let took_over_at = Utc::now();
         while engine.changes.try_recv().is_ok() {}
+        let mut failures = 0u32;
         let states = loop {
             // Bounded: a watch on a clustered stream that is changing leader can stall.
             let loaded = tokio::time::timeout(
@@ -166,10 +167,10 @@ impl Leader {
             match loaded {
                 Ok(s) => break s,
                 Err(e) => {
+                    failures += 1;
                     tracing::warn!(error = %e, "cannot read job state; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = stop.cancelled() => return Err(Ended::Stopped),
+                    if !crate::retry::pause(stop, krest_schemas::Backoff::QUICK, failures).await {
+                        return Err(Ended::Stopped);
                     }
                     if engine.leadership.valid_epoch() != Some(epoch) {
                         return Err(Ended::LostLeadership);

@@ -23,8 +23,10 @@ use crate::leader::engine::EngineConfig;
 use crate::leader::lease::{Election, Leadership, LeaseConfig, Role};
 use crate::leader::state::{Engine, EngineDeps};
 use crate::record::recorder::{self, RecorderConfig, RecorderStatus, StatusRx};
-use crate::record::store::Store;
+use crate::record::store::{Store, StoreError};
+use crate::retry::Failure;
 use crate::serve::api::ApiServer;
+use krest_schemas::Backoff;
 use supervisor::{Supervisor, TaskControl};
 
 /// Everything a node needs to start. `Debug` shows the URLs redacted.
@@ -213,26 +215,22 @@ async fn run_supervised(
     let Some(infra) = infra::ensure_with_retry(&js, &opts.infra, &stop).await else {
         return Ok(());
     };
-    let store = {
-        let mut failures = 0u32;
-        loop {
-            match Store::open(&opts.db_url).await {
-                Ok(s) => break s,
-                Err(crate::record::store::StoreError::BadUrl(u)) => {
-                    return Err(crate::record::store::StoreError::BadUrl(u).into())
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::error!(db = %redact::url(&opts.db_url), error = %redact::text(&e.to_string()), "cannot open the database; retrying");
-                    let d = Duration::from_millis(250u64 << failures.min(5))
-                        .min(Duration::from_secs(5));
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
-                        _ = stop.cancelled() => return Ok(()),
-                    }
-                }
-            }
-        }
+    let store = crate::retry::until_ok(
+        &stop,
+        Backoff::RECONNECT,
+        "cannot open the database",
+        || async {
+            Store::open(&opts.db_url).await.map_err(|e| match e {
+                StoreError::BadUrl(_) => Failure::Fatal(e),
+                e => Failure::Retry(e),
+            })
+        },
+    )
+    .await;
+    let store = match store {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(e.into()),
     };
     tracing::info!(node = %opts.node, db = %redact::url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
 
@@ -395,9 +393,9 @@ async fn connect(
     opts: &NodeOptions,
     stop: &CancellationToken,
 ) -> Result<Option<async_nats::Client>, NodeError> {
-    let mut failures = 0u32;
-    loop {
-        let connect = async_nats::ConnectOptions::new()
+    let what = format!("cannot connect to NATS at {}", redact::urls(&opts.nats_url));
+    let connected = crate::retry::until_ok(stop, Backoff::RECONNECT, &what, || async {
+        async_nats::ConnectOptions::new()
             .name(format!("krest-scheduler {}", opts.node))
             .max_reconnects(None)
             .event_callback(|event| async move {
@@ -407,32 +405,19 @@ async fn connect(
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(server_list(&opts.nats_url));
-        let result = tokio::select! {
-            r = connect => r,
-            _ = stop.cancelled() => return Ok(None),
-        };
-        match result {
-            Ok(c) => return Ok(Some(c)),
-            Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
-                return Err(NodeError::NatsUrl(format!(
-                    "{}: {}",
-                    redact::urls(&opts.nats_url),
-                    redact::text(&e.to_string())
-                )))
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(url = %redact::urls(&opts.nats_url), error = %redact::text(&e.to_string()), "cannot connect to NATS; retrying");
-                let d =
-                    Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(5));
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = stop.cancelled() => return Ok(None),
+            .connect(server_list(&opts.nats_url))
+            .await
+            .map_err(|e| {
+                let text = redact::text(&e.to_string()).to_string();
+                if e.kind() == async_nats::ConnectErrorKind::ServerParse {
+                    Failure::Fatal(format!("{}: {text}", redact::urls(&opts.nats_url)))
+                } else {
+                    Failure::Retry(text)
                 }
-            }
-        }
-    }
+            })
+    })
+    .await;
+    connected.map_err(NodeError::NatsUrl)
 }
 
 /// The fixed part of a node's presence.

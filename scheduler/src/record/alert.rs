@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use krest_schemas::Backoff;
+
 use krest_schemas::api::AlertPayload;
 use krest_schemas::redact;
 use tokio::sync::{mpsc, Semaphore};
@@ -105,7 +107,7 @@ async fn deliver(client: &reqwest::Client, d: &Delivery) {
             }
         }
         if attempt < TRIES {
-            tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+            tokio::time::sleep(Backoff::QUICK.delay(attempt) * 10).await;
         }
     }
     tracing::error!(run = %d.payload.run.run_id, url = %redact::webhook(&d.url), "alert not delivered after {TRIES} tries");

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use krest_schemas::deadletter::{header_value, Origin};
 use krest_schemas::names::{parked_event_id, EVENTS_STREAM, EVENTS_SUBJECTS};
-use krest_schemas::RunEvent;
+use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -123,11 +123,8 @@ impl Recorder<'_> {
                     failures += 1;
                     tracing::warn!(error = %e, "recorder interrupted; restarting from the database cursor");
                     self.failing(Some(e));
-                    let d = Duration::from_millis(200u64 << failures.min(5))
-                        .min(Duration::from_secs(5));
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
-                        _ = self.stop.cancelled() => return,
+                    if !crate::retry::pause(self.stop, Backoff::RECONNECT, failures).await {
+                        return;
                     }
                 }
             }
@@ -339,12 +336,12 @@ impl Recorder<'_> {
         }
     }
 
-    /// Backoff between retries: 100 ms doubling to 5 s. Errs when stopping.
+    /// Waits between retries; errs when stopping.
     async fn pause(&self, failures: u32) -> Result<(), String> {
-        let d = Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
-        tokio::select! {
-            _ = tokio::time::sleep(d) => Ok(()),
-            _ = self.stop.cancelled() => Err("stopped".into()),
+        if crate::retry::pause(self.stop, Backoff::RECONNECT, failures).await {
+            Ok(())
+        } else {
+            Err("stopped".into())
         }
     }
 

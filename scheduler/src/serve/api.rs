@@ -105,21 +105,20 @@ fn body<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Failure> {
 impl ApiServer {
     /// Serves requests until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let mut sub = loop {
-            match self
-                .client
-                .queue_subscribe(format!("{API_PREFIX}.>"), API_QUEUE_GROUP.to_string())
-                .await
-            {
-                Ok(s) => break s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to the API subjects; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
+        let subscribed = crate::retry::until_ok(
+            &stop,
+            krest_schemas::Backoff::RECONNECT,
+            "cannot subscribe to the API subjects",
+            || async {
+                self.client
+                    .queue_subscribe(format!("{API_PREFIX}.>"), API_QUEUE_GROUP.to_string())
+                    .await
+                    .map_err(crate::retry::Failure::Retry)
+            },
+        )
+        .await;
+        let Ok(Some(mut sub)) = subscribed else {
+            return;
         };
         let mut tasks = tokio::task::JoinSet::new();
         loop {

@@ -878,7 +878,10 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     eventually(DEADLINE, "the node to report NATS unreachable", || async {
         f.nodes["a"]
             .output()
-            .contains("cannot connect to NATS; retrying")
+            .contains(&format!(
+                "cannot connect to NATS at {}; retrying",
+                nats.url()
+            ))
             .then_some(())
     })
     .await;
