@@ -26,8 +26,40 @@ use krest_schemas::{redact, AttemptOutcome, Finished, RunEvent, RunMessage};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{error_kinds, Error};
+
 /// Largest payload shown by [`list`].
 const SHOWN_PAYLOAD: usize = 4096;
+
+error_kinds! {
+    /// What failed handling bad input.
+    pub enum DeadLetterErrorKind {
+        /// Publishing the parked copy.
+        Park => "cannot park a message on the dead-letter stream",
+        /// Publishing a run's failure event.
+        RecordFailure => "cannot record the run's failure",
+        /// Reading or deleting the dead-lettered message.
+        WorkStream => "cannot read the work stream",
+    }
+}
+
+/// Failure handling bad input.
+pub type DeadLetterError = Error<DeadLetterErrorKind>;
+
+/// Publishes `payload` to `subject` with `msg_id` (and `headers`), waiting for the ack.
+async fn publish_acked(
+    js: &jetstream::Context,
+    subject: String,
+    msg: PublishMessage,
+    kind: DeadLetterErrorKind,
+) -> Result<(), DeadLetterError> {
+    js.send_publish(subject, msg)
+        .await
+        .map_err(|e| Error::with_source(kind, e))?
+        .await
+        .map_err(|e| Error::with_source(kind, e))?;
+    Ok(())
+}
 
 /// Parks `payload`, found at `origin`, on `krest.dlq.<kind>` (deduplicated by `msg_id`): a copy
 /// bounded to fit the server's max payload with its headers (see
@@ -39,24 +71,23 @@ pub async fn park(
     reason: &str,
     origin: Origin<'_>,
     payload: Bytes,
-) -> Result<(), String> {
+) -> Result<(), DeadLetterError> {
     let max_payload = js.client().server_info().max_payload;
     let copy = parked_copy(payload.len(), reason, &origin, msg_id, max_payload);
     let mut headers = HeaderMap::new();
     for (name, value) in &copy.headers {
         headers.insert(*name, value.as_str());
     }
-    js.send_publish(
+    publish_acked(
+        js,
         dlq_subject(kind),
         PublishMessage::build()
             .payload(payload.slice(..copy.keep))
             .headers(headers)
             .message_id(msg_id),
+        DeadLetterErrorKind::Park,
     )
-    .await
-    .map_err(|e| e.to_string())?
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     tracing::warn!(
         kind,
         reason = %redact::text(&header_value(reason)),
@@ -158,7 +189,7 @@ pub async fn record_failure(
     attempt: u32,
     worker: &str,
     error: &str,
-) -> Result<(), String> {
+) -> Result<(), DeadLetterError> {
     let finished = RunEvent::Finished(Finished {
         run: run.run.clone(),
         shard: run.shard_index(),
@@ -173,26 +204,29 @@ pub async fn record_failure(
         error: Some(error.to_string()),
         duration_ms: 0,
     });
-    let body = serde_json::to_vec(&finished).map_err(|e| e.to_string())?;
-    js.send_publish(
+    let body = serde_json::to_vec(&finished)
+        .map_err(|e| Error::with_source(DeadLetterErrorKind::RecordFailure, e))?;
+    publish_acked(
+        js,
         events_subject(&run.run.job_group, &run.run.job_name),
         PublishMessage::build()
             .payload(body.into())
             .message_id(finished.msg_id()),
+        DeadLetterErrorKind::RecordFailure,
     )
     .await
-    .map_err(|e| e.to_string())?
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// Parks work message `seq`, records its run's last attempt as failed, deletes it.
-async fn dead_letter(js: &jetstream::Context, seq: u64, deliveries: u64) -> Result<(), String> {
+async fn dead_letter(
+    js: &jetstream::Context,
+    seq: u64,
+    deliveries: u64,
+) -> Result<(), DeadLetterError> {
     let stream = js
         .get_stream(WORK_STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::with_source(DeadLetterErrorKind::WorkStream, e))?;
     let Ok(raw) = stream.get_raw_message(seq).await else {
         return Ok(()); // Already handled (by another node or an earlier advisory).
     };
@@ -227,6 +261,6 @@ async fn dead_letter(js: &jetstream::Context, seq: u64, deliveries: u64) -> Resu
     stream
         .delete_message(seq)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::with_source(DeadLetterErrorKind::WorkStream, e))?;
     Ok(())
 }

@@ -16,6 +16,7 @@
 pub mod cancel;
 pub mod cli;
 pub mod deadletter;
+pub mod error;
 pub mod infra;
 pub mod jobs;
 pub mod leader;

@@ -34,8 +34,34 @@ use krest_schemas::names::{
 use krest_schemas::{JobType, RunMessage};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{error_kinds, Error};
 use crate::leader::balance::{Balancer, Routing};
 use crate::leader::lease::Leadership;
+
+error_kinds! {
+    /// What failed while routing.
+    pub enum RouterErrorKind {
+        /// Reading the work stream (its info, consumers or subjects).
+        WorkStream => "cannot read the work stream",
+        /// Creating, reading or removing a consumer, or pulling from one.
+        Consumer => "consumer failed",
+        /// A consumer under the router's name had another filter; it was replaced.
+        ForeignConsumer => "replaced a router consumer with another filter",
+        /// Reading the worker registry.
+        Registry => "cannot read the worker registry",
+        /// Publishing a re-routed or moved run.
+        Publish => "cannot publish a run",
+        /// Recording a departed instance's BROADCAST shard as failed.
+        RecordFailure => "cannot record a lost BROADCAST shard",
+    }
+}
+
+/// Failure while routing.
+pub type RouterError = Error<RouterErrorKind>;
+
+fn err<E: Into<crate::error::BoxError>>(kind: RouterErrorKind) -> impl FnOnce(E) -> RouterError {
+    move |e| Error::with_source(kind, e)
+}
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -103,7 +129,7 @@ struct Ctx<'a> {
     balancer: &'a tokio::sync::Mutex<Balancer>,
 }
 
-async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), String> {
+async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), RouterError> {
     let Ctx {
         js,
         routing,
@@ -114,7 +140,7 @@ async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), String> {
     let stream = js
         .get_stream(WORK_STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(err(RouterErrorKind::WorkStream))?;
     let router = stream
         .get_or_create_consumer(
             ROUTER_CONSUMER,
@@ -129,14 +155,14 @@ async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), String> {
             },
         )
         .await
-        .map_err(|e| format!("cannot create the router's consumer: {e}"))?;
+        .map_err(err(RouterErrorKind::Consumer))?;
     if router.cached_info().config.filter_subject != WORK_ROUTER_FILTER {
         // Left by another protocol version: it would never see a retry.
         stream
             .delete_consumer(ROUTER_CONSUMER)
             .await
-            .map_err(|e| format!("cannot replace the router's consumer: {e}"))?;
-        return Err("replaced a router consumer with another filter".into());
+            .map_err(err(RouterErrorKind::Consumer))?;
+        return Err(Error::new(RouterErrorKind::ForeignConsumer));
     }
     let mut last_sweep = tokio::time::Instant::now() - cfg.sweep_every;
     while leading() {
@@ -152,9 +178,9 @@ async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), String> {
             .expires(Duration::from_millis(500))
             .messages()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(err(RouterErrorKind::Consumer))?;
         while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| e.to_string())?;
+            let msg = msg.map_err(err(RouterErrorKind::Consumer))?;
             if !leading() {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
@@ -175,20 +201,9 @@ async fn route(
     let mut run: RunMessage = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
-            let seq = msg.info().map(|i| i.stream_sequence).ok();
-            let _ = crate::deadletter::park(
-                js,
-                "work",
-                &parked_work_id(seq.unwrap_or_default()),
-                &format!("malformed run message for the router: {e}"),
-                Origin {
-                    subject: &msg.subject,
-                    seq,
-                },
-                msg.payload.clone(),
-            )
-            .await;
-            let _ = msg.ack_with(AckKind::Term).await;
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let reason = format!("malformed run message for the router: {e}");
+            park_or_retry(js, msg, seq, reason).await;
             return;
         }
     };
@@ -246,6 +261,35 @@ async fn route(
     }
 }
 
+/// Parks a message the router cannot read and terminates it; if parking fails, leaves it for
+/// the next attempt (redelivered after a short delay) with a log line, never dropping it
+/// unparked.
+async fn park_or_retry(js: &jetstream::Context, msg: jetstream::Message, seq: u64, reason: String) {
+    let parked = crate::deadletter::park(
+        js,
+        "work",
+        &parked_work_id(seq),
+        &reason,
+        Origin {
+            subject: &msg.subject,
+            seq: Some(seq),
+        },
+        msg.payload.clone(),
+    )
+    .await;
+    match parked {
+        Ok(()) => {
+            let _ = msg.double_ack_with(AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::warn!(seq, error = %e, "could not park an unreadable run message; retrying later");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
+        }
+    }
+}
+
 /// Leader-local memory of the sweeps: when each instance was first seen heartbeating.
 #[derive(Default)]
 struct Sweeper {
@@ -261,9 +305,12 @@ impl Sweeper {
         stream: &jetstream::stream::Stream,
         routing: &Routing,
         cfg: &RouterConfig,
-    ) -> Result<(), String> {
+    ) -> Result<(), RouterError> {
         // Departure decides about moving runs: the registry as it is now, or no decision.
-        let live = routing.read_now().await?;
+        let live = routing
+            .read_now()
+            .await
+            .map_err(err(RouterErrorKind::Registry))?;
         let now = tokio::time::Instant::now();
         self.first_seen.retain(|k, _| {
             live.iter()
@@ -278,7 +325,7 @@ impl Sweeper {
         let mut consumers = std::collections::HashMap::new();
         let mut infos = stream.consumers();
         while let Some(info) = infos.next().await {
-            let info = info.map_err(|e| e.to_string())?;
+            let info = info.map_err(err(RouterErrorKind::WorkStream))?;
             if let Some(key) = instance_of(&info.config.filter_subject) {
                 let own = info.config.description.as_deref() != Some(MOVER_DESCRIPTION);
                 consumers.insert(key, (info.name.clone(), own));
@@ -289,9 +336,9 @@ impl Sweeper {
         let mut subjects = stream
             .info_with_subjects(WORK_INSTANCE_SUBJECTS)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(err(RouterErrorKind::WorkStream))?;
         while let Some(s) = subjects.next().await {
-            let (subject, _) = s.map_err(|e| e.to_string())?;
+            let (subject, _) = s.map_err(err(RouterErrorKind::WorkStream))?;
             if let Some(key) = instance_of(&subject) {
                 waiting.insert(key);
             }
@@ -349,7 +396,7 @@ async fn mover(
     stream: &jetstream::stream::Stream,
     app: &str,
     instance: &str,
-) -> Result<String, String> {
+) -> Result<String, RouterError> {
     let name = instance_consumer(app, instance);
     stream
         .get_or_create_consumer(
@@ -367,7 +414,10 @@ async fn mover(
         )
         .await
         .map_err(|e| {
-            format!("cannot create a consumer to move the runs of {app}/{instance}: {e}")
+            Error::with_source(
+                RouterErrorKind::Consumer,
+                format!("creating a consumer to move the runs of {app}/{instance}: {e}"),
+            )
         })?;
     Ok(name)
 }
@@ -378,38 +428,28 @@ async fn drain(
     name: &str,
     app: &str,
     instance: &str,
-) -> Result<(), String> {
-    let consumer: consumer::PullConsumer =
-        stream.get_consumer(name).await.map_err(|e| e.to_string())?;
+) -> Result<(), RouterError> {
+    let consumer: consumer::PullConsumer = stream
+        .get_consumer(name)
+        .await
+        .map_err(err(RouterErrorKind::Consumer))?;
     let mut batch = consumer
         .fetch()
         .max_messages(500)
         .expires(Duration::from_millis(300))
         .messages()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(err(RouterErrorKind::Consumer))?;
     let mut moved = 0;
     while let Some(msg) = batch.next().await {
-        let msg = msg.map_err(|e| e.to_string())?;
-        let info = msg.info().map_err(|e| e.to_string())?;
+        let msg = msg.map_err(err(RouterErrorKind::Consumer))?;
+        let info = msg.info().map_err(err(RouterErrorKind::Consumer))?;
         let (seq, delivered) = (
             info.stream_sequence,
             u32::try_from(info.delivered).unwrap_or(1),
         );
         let Ok(mut run) = serde_json::from_slice::<RunMessage>(&msg.payload) else {
-            let _ = crate::deadletter::park(
-                js,
-                "work",
-                &parked_work_id(seq),
-                "malformed run message",
-                Origin {
-                    subject: &msg.subject,
-                    seq: Some(seq),
-                },
-                msg.payload.clone(),
-            )
-            .await;
-            let _ = msg.double_ack_with(AckKind::Term).await;
+            park_or_retry(js, msg, seq, "malformed run message".into()).await;
             continue;
         };
         // Deliveries before this one were attempts on the departed instance.
@@ -417,13 +457,15 @@ async fn drain(
         if run.job_type == JobType::Broadcast {
             let attempt = run.attempt_offset + lost.max(1);
             let error = format!("instance {instance} left before finishing its BROADCAST shard");
-            crate::deadletter::record_failure(js, &run, attempt, instance, &error).await?;
+            crate::deadletter::record_failure(js, &run, attempt, instance, &error)
+                .await
+                .map_err(err(RouterErrorKind::RecordFailure))?;
         } else {
             run.attempt_offset += lost;
             run.target = None;
             run.retry_at = None;
             run.avoid = vec![instance.to_string()];
-            let body = serde_json::to_vec(&run).map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&run).map_err(err(RouterErrorKind::Publish))?;
             js.send_publish(
                 work_router_subject(app, &run.run.job_group, &run.run.job_name),
                 PublishMessage::build()
@@ -436,9 +478,9 @@ async fn drain(
                     )),
             )
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(err(RouterErrorKind::Publish))?
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(err(RouterErrorKind::Publish))?;
         }
         let _ = msg.double_ack().await;
         moved += 1;
@@ -452,12 +494,15 @@ async fn drain(
         );
     }
     let mut consumer = consumer;
-    let info = consumer.info().await.map_err(|e| e.to_string())?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(err(RouterErrorKind::Consumer))?;
     if info.num_pending == 0 && info.num_ack_pending == 0 {
         stream
             .delete_consumer(name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(err(RouterErrorKind::Consumer))?;
         tracing::info!(app, instance, "removed the consumer of a departed instance");
     }
     Ok(())

@@ -27,6 +27,7 @@ use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{error_kinds, Error};
 use crate::record::store::Store;
 
 /// How long the recorder waits for an event before checking that it is not stalled.
@@ -40,6 +41,29 @@ const PARK_ATTEMPTS: u32 = 3;
 
 /// Consecutive failures of a whole batch after which it is applied event by event.
 const ISOLATE_AFTER: u32 = 3;
+
+error_kinds! {
+    /// What interrupted recording (the recorder restarts from the database's cursor).
+    pub enum RecordErrorKind {
+        /// The events stream could not be read.
+        EventsStream => "cannot read the events stream",
+        /// The recorder's consumer could not be created or failed.
+        Consumer => "the recorder's consumer failed",
+        /// The consumer delivers nothing while the stream has more (its server died).
+        Stalled => "the recorder's consumer stalled",
+        /// The database failed where no retry applies (moving the cursor past a poison event).
+        Database => "the database failed",
+        /// The node is stopping.
+        Stopped => "stopping",
+    }
+}
+
+/// What interrupted recording.
+pub type RecordError = Error<RecordErrorKind>;
+
+fn err<E: Into<crate::error::BoxError>>(kind: RecordErrorKind) -> impl FnOnce(E) -> RecordError {
+    move |e| Error::with_source(kind, e)
+}
 
 /// Recorder settings.
 #[derive(Debug, Clone)]
@@ -119,10 +143,11 @@ impl Recorder<'_> {
         while !self.stop.is_cancelled() {
             match self.record().await {
                 Ok(()) => return,
+                Err(e) if e.kind() == RecordErrorKind::Stopped => return,
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "recorder interrupted; restarting from the database cursor");
-                    self.failing(Some(e));
+                    self.failing(Some(e.to_string()));
                     if !crate::retry::pause(self.stop, Backoff::RECONNECT, failures).await {
                         return;
                     }
@@ -156,7 +181,7 @@ impl Recorder<'_> {
         });
     }
 
-    async fn record(&self) -> Result<(), String> {
+    async fn record(&self) -> Result<(), RecordError> {
         let cursor = self
             .retry_db("read the recorder cursor", || self.store.cursor())
             .await?;
@@ -165,7 +190,7 @@ impl Recorder<'_> {
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(err(RecordErrorKind::EventsStream))?;
         let deliver_policy = if cursor == 0 {
             consumer::DeliverPolicy::All
         } else {
@@ -180,8 +205,11 @@ impl Recorder<'_> {
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("cannot create the recorder's consumer: {e}"))?;
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+            .map_err(err(RecordErrorKind::Consumer))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(err(RecordErrorKind::Consumer))?;
         tracing::info!(from = cursor + 1, "recording run events");
         loop {
             // Wait for the first event of a batch, then take what arrives within the linger
@@ -192,11 +220,11 @@ impl Recorder<'_> {
                 tokio::select! {
                     m = messages.next() => break m,
                     _ = tokio::time::sleep(STALL_CHECK) => {
-                        let mut stream = self.js.get_stream(EVENTS_STREAM).await.map_err(|e| e.to_string())?;
-                        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+                        let mut stream = self.js.get_stream(EVENTS_STREAM).await.map_err(err(RecordErrorKind::EventsStream))?;
+                        let last = stream.info().await.map_err(err(RecordErrorKind::EventsStream))?.state.last_sequence;
                         let recorded = self.status.borrow().recorded_seq;
                         if last > recorded {
-                            return Err(format!("event consumer stalled at {recorded} while the stream is at {last}"));
+                            return Err(Error::with_source(RecordErrorKind::Stalled, format!("at {recorded} while the stream is at {last}")));
                         }
                     }
                     _ = self.stop.cancelled() => return Ok(()),
@@ -205,15 +233,19 @@ impl Recorder<'_> {
             let mut batch = Batch::default();
             match first {
                 Some(Ok(m)) => batch.push(m)?,
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("event consumer ended".into()),
+                Some(Err(e)) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
+                None => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
             }
             let deadline = tokio::time::Instant::now() + self.cfg.linger;
             while batch.events.len() < self.cfg.max_batch {
                 match tokio::time::timeout_at(deadline, messages.next()).await {
                     Ok(Some(Ok(m))) => batch.push(m)?,
-                    Ok(Some(Err(e))) => return Err(e.to_string()),
-                    Ok(None) => return Err("event consumer ended".into()),
+                    Ok(Some(Err(e))) => {
+                        return Err(Error::with_source(RecordErrorKind::Consumer, e))
+                    }
+                    Ok(None) => {
+                        return Err(Error::with_source(RecordErrorKind::Consumer, "it ended"))
+                    }
                     Err(_) => break,
                 }
             }
@@ -229,7 +261,10 @@ impl Recorder<'_> {
     }
 
     /// Writes a batch; a batch the database keeps rejecting is isolated event by event.
-    async fn write(&self, batch: &Batch) -> Result<Vec<krest_schemas::api::RunSummary>, String> {
+    async fn write(
+        &self,
+        batch: &Batch,
+    ) -> Result<Vec<krest_schemas::api::RunSummary>, RecordError> {
         let events: Vec<RunEvent> = batch.events.iter().map(|(_, e)| e.clone()).collect();
         let mut failures = 0u32;
         loop {
@@ -263,7 +298,7 @@ impl Recorder<'_> {
     async fn isolate(
         &self,
         batch: &Batch,
-    ) -> Result<Option<Vec<krest_schemas::api::RunSummary>>, String> {
+    ) -> Result<Option<Vec<krest_schemas::api::RunSummary>>, RecordError> {
         let mut ended = Vec::new();
         let mut done = self.status.borrow().recorded_seq;
         for (seq, event) in &batch.events {
@@ -293,7 +328,7 @@ impl Recorder<'_> {
         self.store
             .apply(&[], batch.last_seq)
             .await
-            .map_err(|e| format!("cannot move the recorder cursor: {e}"))?;
+            .map_err(err(RecordErrorKind::Database))?;
         Ok(Some(ended))
     }
 
@@ -337,16 +372,16 @@ impl Recorder<'_> {
     }
 
     /// Waits between retries; errs when stopping.
-    async fn pause(&self, failures: u32) -> Result<(), String> {
+    async fn pause(&self, failures: u32) -> Result<(), RecordError> {
         if crate::retry::pause(self.stop, Backoff::RECONNECT, failures).await {
             Ok(())
         } else {
-            Err("stopped".into())
+            Err(Error::new(RecordErrorKind::Stopped))
         }
     }
 
     /// Retries a database operation with backoff until it succeeds or `stop` fires.
-    async fn retry_db<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, String>
+    async fn retry_db<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RecordError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, crate::record::store::StoreError>>,
@@ -402,15 +437,15 @@ async fn measure_lag(
 async fn lag(
     js: &jetstream::Context,
     status: &watch::Sender<RecorderStatus>,
-) -> Result<(u64, Option<DateTime<Utc>>), String> {
+) -> Result<(u64, Option<DateTime<Utc>>), RecordError> {
     let mut stream = js
         .get_stream(EVENTS_STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(err(RecordErrorKind::EventsStream))?;
     let state = stream
         .info()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(err(RecordErrorKind::EventsStream))?
         .state
         .clone();
     let recorded = status.borrow().recorded_seq;
@@ -441,8 +476,11 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, m: jetstream::Message) -> Result<(), String> {
-        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+    fn push(&mut self, m: jetstream::Message) -> Result<(), RecordError> {
+        let seq = m
+            .info()
+            .map_err(err(RecordErrorKind::Consumer))?
+            .stream_sequence;
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
             Ok(e) => self.events.push((seq, e)),
