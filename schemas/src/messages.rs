@@ -74,8 +74,9 @@ impl RunRef {
 
 /// One unit of work on the work stream: a run (NORMAL) or one shard of a run (SHARDING).
 ///
-/// Published to `krest.work.<app>.q` with `Nats-Msg-Id: <runId>/<shard>`. The attempt number is
-/// not in the message: it is the JetStream delivery count.
+/// Published to `krest.work.<app>.<group>.<name>.q` (or `….i.<instance>` when addressed) with
+/// `Nats-Msg-Id: <runId>/<shard>`. The attempt number is not in the message: it is
+/// `attemptOffset` plus the JetStream delivery count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunMessage {
