@@ -2,11 +2,13 @@
 //! end.
 //!
 //! - [`recorder`]: an ordered consumer on `KREST_EVENTS` from the database's cursor;
+//! - [`fold`]: a run's status from its attempts (pure);
 //! - [`store`]: the SQL schema, idempotent batch upserts and queries (the only module that
 //!   knows SQL);
 //! - [`followup`]: child jobs and [`alert`]s once a run ends, once across nodes.
 
 pub mod alert;
+pub mod fold;
 pub mod followup;
 pub mod recorder;
 pub mod store;

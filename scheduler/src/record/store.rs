@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::record::fold;
 use chrono::{DateTime, TimeZone, Utc};
 use krest_schemas::api::{AttemptStatus, AttemptView, LogView, RunDetail, RunStatus, RunSummary};
 use krest_schemas::{AttemptOutcome, LogLevel, RunEvent, Trigger};
@@ -271,6 +272,17 @@ fn outcome_str(o: AttemptOutcome) -> &'static str {
         AttemptOutcome::TimedOut => "TIMED_OUT",
         AttemptOutcome::Cancelled => "CANCELLED",
     }
+}
+
+fn parse_outcome(s: &str) -> Option<AttemptOutcome> {
+    [
+        AttemptOutcome::Succeeded,
+        AttemptOutcome::Failed,
+        AttemptOutcome::TimedOut,
+        AttemptOutcome::Cancelled,
+    ]
+    .into_iter()
+    .find(|o| outcome_str(*o) == s)
 }
 
 fn enum_str<T: serde::Serialize>(v: &T) -> Option<String> {
@@ -819,25 +831,7 @@ async fn summarize(
         totals.insert(id, r.try_get(1)?);
     }
 
-    #[derive(Default)]
-    struct Shard {
-        succeeded: bool,
-        latest: i64,
-        latest_failed_final: bool,
-        latest_timed_out: bool,
-        latest_cancelled: bool,
-        started: bool,
-    }
-    #[derive(Default)]
-    struct Acc {
-        shards: HashMap<i64, Shard>,
-        max_attempt: i64,
-        first_start: Option<i64>,
-        last_finish: Option<i64>,
-        output: Option<String>,
-        error: Option<(i64, String)>,
-    }
-    let mut accs: HashMap<String, Acc> = HashMap::new();
+    let mut by_run: HashMap<String, Vec<fold::Attempt>> = HashMap::new();
     let rows = bind_all(
         sqlx::query(&format!(
             "SELECT run_id, shard, attempt, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id IN ({list}) ORDER BY run_id, shard, attempt"
@@ -848,105 +842,36 @@ async fn summarize(
     .await?;
     for r in &rows {
         let run: String = r.try_get("run_id")?;
-        let shard: i64 = r.try_get("shard")?;
-        let attempt: i64 = r.try_get("attempt")?;
-        let started: Option<i64> = r.try_get("started_at")?;
-        let finished: Option<i64> = r.try_get("finished_at")?;
         let outcome: Option<String> = r.try_get("outcome")?;
-        let will_retry = r.try_get::<i64, _>("will_retry")? != 0;
-        let acc = accs.entry(run).or_default();
-        acc.max_attempt = acc.max_attempt.max(attempt);
-        if let Some(s) = started {
-            acc.first_start = Some(acc.first_start.map_or(s, |f| f.min(s)));
-        }
-        if let Some(f) = finished {
-            acc.last_finish = Some(acc.last_finish.map_or(f, |l| l.max(f)));
-        }
-        let sh = acc.shards.entry(shard).or_default();
-        sh.started = true;
-        match outcome.as_deref() {
-            Some("SUCCEEDED") => {
-                sh.succeeded = true;
-                if let Some(o) = r.try_get::<Option<String>, _>("output")? {
-                    acc.output = Some(o);
-                }
-            }
-            Some("FAILED") | Some("TIMED_OUT") | Some("CANCELLED") => {
-                if let Some(e) = r.try_get::<Option<String>, _>("error")? {
-                    if acc
-                        .error
-                        .as_ref()
-                        .is_none_or(|(at, _)| finished.unwrap_or(0) >= *at)
-                    {
-                        acc.error = Some((finished.unwrap_or(0), e));
-                    }
-                }
-            }
-            _ => {}
-        }
-        if attempt >= sh.latest {
-            sh.latest = attempt;
-            let failed = matches!(
-                outcome.as_deref(),
-                Some("FAILED") | Some("TIMED_OUT") | Some("CANCELLED")
-            );
-            sh.latest_failed_final = failed && !will_retry;
-            sh.latest_timed_out = outcome.as_deref() == Some("TIMED_OUT");
-            sh.latest_cancelled = outcome.as_deref() == Some("CANCELLED");
-        }
+        by_run.entry(run).or_default().push(fold::Attempt {
+            shard: r.try_get("shard")?,
+            attempt: r.try_get("attempt")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            outcome: outcome.as_deref().and_then(parse_outcome),
+            will_retry: r.try_get::<i64, _>("will_retry")? != 0,
+            output: r.try_get("output")?,
+            error: r.try_get("error")?,
+        });
     }
     for run_id in run_ids {
         if skipped.contains(run_id) {
             continue;
         }
-        let total = totals.get(run_id).copied().unwrap_or(1).max(1);
-        let acc = accs.remove(run_id).unwrap_or_default();
-        let succeeded = acc.shards.values().filter(|s| s.succeeded).count() as i64;
-        let failed = acc
-            .shards
-            .values()
-            .filter(|s| !s.succeeded && s.latest_failed_final)
-            .count() as i64;
-        let timed_out = acc
-            .shards
-            .values()
-            .filter(|s| !s.succeeded && s.latest_failed_final)
-            .all(|s| s.latest_timed_out);
-        let status = if succeeded >= total {
-            RunStatus::Succeeded
-        } else if failed > 0 && succeeded + failed >= total {
-            let cancelled = acc
-                .shards
-                .values()
-                .any(|s| !s.succeeded && s.latest_failed_final && s.latest_cancelled);
-            if cancelled {
-                RunStatus::Cancelled
-            } else if timed_out {
-                RunStatus::TimedOut
-            } else {
-                RunStatus::Failed
-            }
-        } else if acc.shards.values().any(|s| s.started) {
-            RunStatus::Running
-        } else {
-            RunStatus::Pending
-        };
-        let finished_at = if status.is_final() {
-            acc.last_finish
-        } else {
-            None
-        };
+        let total = totals.get(run_id).copied().unwrap_or(1);
+        let folded = fold::fold(total, by_run.get(run_id).map_or(&[][..], Vec::as_slice));
+        let status = folded.status;
         sqlx::query(
             "UPDATE runs SET status = $1, shards_succeeded = $2, shards_failed = $3, attempts = $4, started_at = $5, finished_at = $6, output = $7, error = $8 WHERE run_id = $9",
         )
         .bind(status.as_str())
-        .bind(succeeded)
-        .bind(failed)
-        .bind(acc.max_attempt)
-        .bind(acc.first_start)
-        .bind(finished_at)
-        .bind(acc.output)
-        .bind(acc.error.map(|(_, e)| e))
+        .bind(folded.shards_succeeded)
+        .bind(folded.shards_failed)
+        .bind(folded.attempts)
+        .bind(folded.started_at)
+        .bind(folded.finished_at)
+        .bind(folded.output)
+        .bind(folded.error)
         .bind(run_id.as_str())
         .execute(&mut **tx)
         .await?;
