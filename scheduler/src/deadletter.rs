@@ -148,7 +148,7 @@ pub async fn run_advisories(
     js: jetstream::Context,
     stop: CancellationToken,
 ) {
-    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{WORK_STREAM}.*");
+    let subject = krest_schemas::names::max_deliveries_advisories();
     let subscribed = crate::retry::until_ok(
         &stop,
         krest_schemas::Backoff::RECONNECT,

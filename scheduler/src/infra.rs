@@ -222,7 +222,7 @@ async fn ensure_bucket(
         js,
         stream::Config {
             name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
+            subjects: vec![krest_schemas::names::kv_subjects(bucket)],
             max_messages_per_subject: history,
             max_age: ttl,
             allow_rollup: true,

@@ -234,6 +234,17 @@ pub fn worker_key(app: &str, instance: &str) -> String {
     format!("{app}.{instance}")
 }
 
+/// Subjects of KV bucket `bucket`'s stream (`KV_<bucket>`).
+pub fn kv_subjects(bucket: &str) -> String {
+    format!("$KV.{bucket}.>")
+}
+
+/// The advisories JetStream emits when a work-stream message reaches a consumer's max
+/// deliveries (one token per consumer).
+pub fn max_deliveries_advisories() -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{WORK_STREAM}.*")
+}
+
 /// Subject of `key` in KV bucket `bucket` (what a KV put publishes to).
 pub fn kv_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")

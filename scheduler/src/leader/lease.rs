@@ -3,7 +3,8 @@
 //! The lease is the key `leader` in the `krest-leader` bucket, whose max age is the lease TTL.
 //! A standby acquires it with `create` (fails while another node holds it); the leader renews it
 //! with a revision-checked `update` every `renew_every`. The revision at acquisition is the
-//! node's *epoch*, a fencing token stamped on everything it dispatches.
+//! node's *epoch*, a fencing token stamped on every message it publishes as leader (work
+//! messages, `dispatched` and `skipped` events; recorded with each run).
 //!
 //! A leader stops dispatching as soon as a renewal fails, and also — by its own monotonic clock —
 //! once `TTL - margin` has passed since the last renewal it *sent* succeeded: a node frozen
@@ -256,16 +257,23 @@ impl Election {
 }
 
 /// Reads the current lease and its epoch (the revision it was acquired at; until the first
-/// renewal records it, the current revision).
+/// renewal records it, the current revision). A value that is not a lease (written by something
+/// other than a node) counts as no leader: it blocks elections only until it expires.
 pub async fn current(kv: &kv::Store) -> Result<Option<LeaderLease>, String> {
     match kv.entry(LEADER_KEY).await.map_err(|e| e.to_string())? {
         Some(entry) if entry.operation == kv::Operation::Put => {
-            let mut lease = serde_json::from_slice::<LeaderLease>(&entry.value)
-                .map_err(|e| format!("malformed lease: {e}"))?;
-            if lease.epoch == 0 {
-                lease.epoch = entry.revision;
+            match serde_json::from_slice::<LeaderLease>(&entry.value) {
+                Ok(mut lease) => {
+                    if lease.epoch == 0 {
+                        lease.epoch = entry.revision;
+                    }
+                    Ok(Some(lease))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %krest_schemas::text::shorten_quoted(&e.to_string()), "the leader key holds something that is not a lease; it expires with the lease TTL");
+                    Ok(None)
+                }
             }
-            Ok(Some(lease))
         }
         _ => Ok(None),
     }
