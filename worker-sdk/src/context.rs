@@ -1,6 +1,9 @@
-//! What a handler receives ([`JobContext`]) and returns ([`Output`] or [`JobError`]).
+//! What a handler receives ([`JobContext`]) and returns ([`Output`] or [`JobError`]), and the
+//! type-erased handler the worker stores ([`HandlerFn`]).
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -11,9 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::EventSink;
 
+/// What a registered handler returns, boxed.
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Output, JobError>> + Send>>;
+/// A registered handler (see [`crate::WorkerBuilder::handler`]).
+pub(crate) type HandlerFn = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
+
 /// Longest log line kept; longer lines are truncated.
 pub const MAX_LOG_LINE: usize = 4 * 1024;
-/// Longest output or error text kept; longer texts are truncated.
+/// Longest output or error text stored with an attempt, in bytes; a longer text is cut on a
+/// character boundary and ends in `...`.
 pub const MAX_OUTPUT: usize = 16 * 1024;
 
 /// Everything a handler knows about the run it executes. Cheap to clone.
@@ -106,7 +115,9 @@ impl JobContext {
         self.inner.run.shard.as_ref().map(|s| &s.item)
     }
 
-    /// 1-based attempt number.
+    /// 1-based attempt number (earlier attempts of the run on any instance count). It can
+    /// exceed [`JobContext::max_attempts`]: a run held by a worker that died, or handed back
+    /// by one shutting down, is delivered again whatever its count.
     pub fn attempt(&self) -> u32 {
         self.inner.attempt
     }
@@ -136,12 +147,16 @@ impl JobContext {
         &self.inner.run
     }
 
-    /// Whether the handler has been asked to stop (worker shutting down past its deadline).
+    /// Whether the handler has been asked to stop: the run was cancelled, the job's
+    /// `timeoutSecs` passed, or the worker's shutdown deadline passed. A handler that does not
+    /// return within the worker's cancel grace ([`crate::WorkerBuilder::cancel_grace`]) is
+    /// aborted.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancel.is_cancelled()
     }
 
-    /// Completes when the handler is asked to stop; `select!` on it in long loops.
+    /// Completes when the handler is asked to stop (see [`JobContext::is_cancelled`]);
+    /// `select!` on it in long loops.
     pub async fn cancelled(&self) {
         self.inner.cancel.cancelled().await;
     }

@@ -1,22 +1,31 @@
 //! Publishing run events (started, log, finished) to the events stream: in order, pipelined
 //! (acks are awaited off the send path), retried with the same `Nats-Msg-Id` so a retry never
-//! creates a duplicate.
-
-use std::time::Duration;
+//! creates a duplicate. Also [`store`], the one JetStream publish awaited until stored that the
+//! worker's other publishes (parked copies, retries handed to the router) use.
 
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
+use async_nats::Subject;
 use krest_schemas::names::events_subject;
-use krest_schemas::RunEvent;
+use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-/// How many times a publish is retried before it is given up.
-const PUBLISH_ATTEMPTS: u32 = 8;
+use crate::error::{Error, PublishKind};
+
+/// How many times a publish is tried before it is given up (with [`PUBLISH_BACKOFF`]
+/// between tries: about 28 s of waiting in all).
+const PUBLISH_ATTEMPTS: u32 = 10;
+
+/// Waiting between tries of an event publish: it fails while NATS or the events stream is
+/// unavailable.
+const PUBLISH_BACKOFF: Backoff = Backoff::RECONNECT;
+
+type Done = oneshot::Sender<Result<(), Error<PublishKind>>>;
 
 enum Cmd {
     Publish {
         event: Box<RunEvent>,
-        done: Option<oneshot::Sender<Result<(), String>>>,
+        done: Option<Done>,
     },
     Close,
 }
@@ -25,6 +34,10 @@ enum Cmd {
 #[derive(Clone)]
 pub(crate) struct EventSink {
     tx: mpsc::UnboundedSender<Cmd>,
+}
+
+fn stopped() -> Error<PublishKind> {
+    Error::new(PublishKind::Stopped, "event publisher has stopped")
 }
 
 impl EventSink {
@@ -37,16 +50,15 @@ impl EventSink {
     }
 
     /// Queues an event and waits until the events stream has stored it.
-    pub(crate) async fn send_confirmed(&self, event: RunEvent) -> Result<(), String> {
+    pub(crate) async fn send_confirmed(&self, event: RunEvent) -> Result<(), Error<PublishKind>> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Cmd::Publish {
                 event: Box::new(event),
                 done: Some(done),
             })
-            .map_err(|_| "event publisher has stopped".to_string())?;
-        wait.await
-            .map_err(|_| "event publisher has stopped".to_string())?
+            .map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
     }
 
     /// Asks the publisher to finish what is queued and stop.
@@ -83,11 +95,33 @@ pub(crate) fn spawn_publisher(js: jetstream::Context) -> (EventSink, tokio::task
     (EventSink { tx }, task)
 }
 
+/// Publishes `msg` to `subject` and waits until JetStream has stored it (or answered that it is
+/// a duplicate of a stored one).
+pub(crate) async fn store(
+    js: &jetstream::Context,
+    subject: impl Into<Subject>,
+    msg: Publish,
+) -> Result<(), Error<PublishKind>> {
+    let subject = subject.into();
+    let fail = |e: async_nats::jetstream::context::PublishError| {
+        Error::new(
+            PublishKind::of(&e),
+            format!("cannot publish to {subject}: {e}"),
+        )
+    };
+    js.send_publish(subject.clone(), msg)
+        .await
+        .map_err(fail)?
+        .await
+        .map_err(fail)?;
+    Ok(())
+}
+
 async fn publish(
     js: &jetstream::Context,
     acks: &mut JoinSet<()>,
     event: RunEvent,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: Option<Done>,
 ) {
     let (group, name) = event.job();
     let subject = events_subject(group, name);
@@ -95,49 +129,88 @@ async fn publish(
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => bytes::Bytes::from(p),
         Err(e) => {
+            let e = Error::new(
+                PublishKind::Encode,
+                format!("cannot serialize event {id}: {e}"),
+            );
+            tracing::error!(event = %id, error = %e, "giving up publishing run event");
             if let Some(done) = done {
-                let _ = done.send(Err(format!("cannot serialize event: {e}")));
+                let _ = done.send(Err(e));
             }
             return;
         }
     };
+    let message = move || Publish::build().payload(payload.clone()).message_id(&id);
     // Send now, in order; await the ack in the background.
-    let first = js
-        .send_publish(
-            subject.clone(),
-            Publish::build().payload(payload.clone()).message_id(&id),
-        )
-        .await;
+    let first = js.send_publish(subject.clone(), message()).await;
     let js = js.clone();
+    let id = event.msg_id();
     acks.spawn(async move {
+        let fail = |e: async_nats::jetstream::context::PublishError| {
+            Error::new(
+                PublishKind::of(&e),
+                format!("cannot publish to {subject}: {e}"),
+            )
+        };
         let mut result = match first {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(ack) => ack.await.map(|_| ()).map_err(fail),
+            Err(e) => Err(fail(e)),
         };
         let mut attempt = 1;
         while let Err(e) = &result {
-            if attempt >= PUBLISH_ATTEMPTS {
+            if attempt >= PUBLISH_ATTEMPTS || !e.kind().is_transient() {
                 break;
             }
             tracing::warn!(event = %id, error = %e, attempt, "publishing run event failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200 << attempt.min(7))).await;
+            tokio::time::sleep(PUBLISH_BACKOFF.delay(attempt)).await;
             attempt += 1;
-            result = match js
-                .send_publish(
-                    subject.clone(),
-                    Publish::build().payload(payload.clone()).message_id(&id),
-                )
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            result = store(&js, subject.clone(), message()).await;
         }
         if let Err(e) = &result {
-            tracing::error!(event = %id, error = %e, "giving up publishing run event");
+            tracing::error!(event = %id, error = %e, attempts = attempt, "giving up publishing run event");
         }
         if let Some(done) = done {
             let _ = done.send(result);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use krest_test_support::NatsServer;
+
+    #[tokio::test]
+    async fn publish_failures_have_kinds() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let e = store(&js, "krest.nowhere", Publish::build().payload("x".into()))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), PublishKind::NoStream, "{e}");
+        let too_big = vec![b'x'; client.server_info().max_payload + 1];
+        let e = store(
+            &js,
+            "krest.nowhere",
+            Publish::build().payload(too_big.into()),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(e.kind(), PublishKind::TooLarge, "{e}");
+
+        // After the publisher stops, a confirmed send says so.
+        let (sink, task) = spawn_publisher(js);
+        sink.close();
+        task.await.unwrap();
+        let event = serde_json::from_value(serde_json::json!({
+            "type": "log", "runId": "g.j.1", "jobGroup": "g", "jobName": "j", "shard": 0,
+            "attempt": 1, "seq": 1, "at": "2026-11-29T08:43:40Z", "level": "INFO", "line": "hi"
+        }))
+        .unwrap();
+        let e = sink.send_confirmed(event).await.err().unwrap();
+        assert_eq!(e.kind(), PublishKind::Stopped, "{e}");
+    }
 }

@@ -32,7 +32,7 @@ pub fn register(builder: WorkerBuilder) -> Result<WorkerBuilder, Error> {
         .user_agent(concat!("krest-worker/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .build()
-        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
     Ok(builder.handler(HTTP_HANDLER, move |ctx: JobContext| {
         let client = client.clone();
         async move { call(&client, &ctx).await }

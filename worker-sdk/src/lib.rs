@@ -26,26 +26,65 @@
 //! ```
 //!
 //! What the worker does for you:
+//! - **Waits for Krest** at start: NATS (reconnecting), then the streams `KREST_WORK` and
+//!   `KREST_EVENTS` and the buckets `krest-workers` and `krest-cancels` that scheduler nodes
+//!   create, then its two consumers; meanwhile it logs a warning `waiting for <what>` with the
+//!   reason (first failure and every tenth), retrying with [`Backoff::RECONNECT`].
 //! - **Heartbeats** into the `krest-workers` bucket (app, instance, handlers, weight, slots,
 //!   runs in flight, version, host) every 3 s; the entry expires when the process dies.
 //! - **Weighted consumer group**: all instances of an app share one durable pull consumer; each
-//!   holds at most `weight × slots` runs at once, so busy instances share work by weight.
+//!   holds at most `weight × slots` runs at once, so busy instances share work by weight. Runs
+//!   the leader addresses to one instance come from that instance's own consumer.
 //! - **Handlers** get a [`JobContext`]: run id (an idempotency key), args, shard index/total/item,
 //!   attempt, scheduled time, a cancellation signal and [`JobContext::log`], whose lines are
 //!   stored with the run.
-//! - **Results**: success acks the run; a failure is retried through redelivery after a
-//!   backoff ([`Backoff`]) until the job's `retryTimes` are used, then the run is FAILED. A
-//!   handler panic is a failure. [`JobError::fatal`] fails at once. A run for a handler this
-//!   instance lacks fails with an error naming it (and is retried, possibly elsewhere).
-//! - **Long handlers** keep their run: progress acks are sent every third of the ack wait.
-//! - **Graceful shutdown** ([`Worker::run`]'s future, or [`RunningWorker::stop`]): stop pulling,
-//!   let running handlers finish up to a deadline, cancel and hand back the rest, remove the
-//!   heartbeat.
+//! - **Results**: success acks the run; a failure or a timeout (`timeoutSecs`) is retried
+//!   after a backoff (the job's `retryBackoff`, else [`WorkerBuilder::retry_backoff`]) until
+//!   the job's `retryTimes` are used, then the run ends FAILED or TIMED_OUT. Runs of the app's
+//!   queue are retried by redelivery; runs addressed to this instance are handed to the
+//!   leader's router, which prefers another instance (BROADCAST shards stay here). A handler
+//!   panic is a failure. [`JobError::fatal`] fails at once. A cancelled run (`krest runs
+//!   cancel`, overlap REPLACE) ends CANCELLED, never retried; one cancelled before it arrives
+//!   (its marker in `krest-cancels`) is not executed. A run for a handler this instance lacks
+//!   fails with an error naming it (and is retried, possibly elsewhere). Every attempt's
+//!   result is stored before the run message is answered.
+//! - **Long handlers** keep their run: progress acks are sent every third of the ack wait of
+//!   the consumer the run came from (as the server reports it: an existing consumer keeps the
+//!   ack wait it was created with).
+//! - **Graceful shutdown** ([`Worker::run`]'s future, or [`RunningWorker::stop`]): stop pulling
+//!   (runs still arriving on the open pull request are read and handed back unexecuted), keep
+//!   heartbeating while running handlers finish up to a deadline, cancel the rest and hand them
+//!   back (their attempt reported first), remove the heartbeat.
+//!
+//! Errors have kinds ([`Error::kind`], [`ErrorKind`]): decide by kind, not by message.
 //!
 //! The wire protocol is documented in `docs/protocol.md`; a worker in another language can be
 //! written from it.
+//!
+//! # Modules
+//!
+//! Dependencies go one way, from the runtime down to settings and pure logic; nothing depends
+//! on `worker`:
+//!
+//! ```text
+//! worker    Worker, WorkerBuilder::build; start, heartbeat, pull loops, shutdown
+//! ├─▶ attempt   one run message: execute, decide, report, acknowledge
+//! │   └─▶ decide    pure: how it ended + the run's facts → outcome, retry, texts, reply
+//! ├─▶ options   WorkerBuilder's settings → a checked Config (knows nothing of the runtime)
+//! ├─▶ context   JobContext, JobError, Output, the handler type
+//! ├─▶ events    publishing run events; `store`, the one confirmed JetStream publish
+//! └─▶ error     Error<Kind> and the kinds
+//! ```
+//!
+//! Below `worker` and `attempt`: `decide` → `context`; `options` → `context`, `error`;
+//! `context` → `events` → `error`. `options` turns a [`WorkerBuilder`] into a `Config` that
+//! `worker` consumes, and [`WorkerBuilder::build`] is defined in `worker`, next to [`Worker`].
+//! `decide`, `options` and `error` do no IO.
 
+mod attempt;
 mod context;
+mod decide;
+mod error;
 mod events;
 #[cfg(feature = "http")]
 pub mod http;
@@ -53,6 +92,7 @@ mod options;
 mod worker;
 
 pub use context::{JobContext, JobError, Output, MAX_LOG_LINE, MAX_OUTPUT};
+pub use error::{Error, ErrorKind};
 pub use krest_schemas::{LogLevel, RunMessage, ShardInfo, Trigger};
 pub use options::{Backoff, WorkerBuilder};
 pub use worker::{RunningWorker, Worker, MAX_DELIVER};
@@ -72,15 +112,4 @@ pub async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Errors of the worker SDK.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
-    /// The builder's settings are unusable.
-    #[error("invalid worker configuration: {0}")]
-    Config(String),
-    /// Something inside the worker failed.
-    #[error("worker failure: {0}")]
-    Internal(String),
 }

@@ -1,27 +1,24 @@
-//! Building a worker: [`WorkerBuilder`] collects the app name, handlers and tuning, and checks
-//! them in [`WorkerBuilder::build`].
+//! A worker's settings: [`WorkerBuilder`] collects the app name, handlers and tuning, and
+//! checks them into a [`Config`], which the runtime (`worker.rs`) consumes. This module knows
+//! nothing of the runtime: [`WorkerBuilder::build`] lives with [`crate::Worker`].
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use krest_schemas::names::{is_token, sanitize_token};
 
-use crate::context::{JobContext, JobError, Output};
-use crate::worker::Worker;
+use crate::context::{HandlerFn, JobContext, JobError, Output};
 use crate::Error;
-
-pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Output, JobError>> + Send>>;
-pub(crate) type HandlerFn = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
 
 /// Delay before retrying a failed attempt (shared with the scheduler: see
 /// [`krest_schemas::backoff`]).
 pub use krest_schemas::Backoff;
 
-/// Collects a worker's configuration. Start with [`Worker::builder`].
+/// Collects a worker's configuration. Start with [`Worker::builder`](crate::Worker::builder),
+/// end with [`WorkerBuilder::build`].
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), krest_worker::Error> {
@@ -39,9 +36,15 @@ pub use krest_schemas::Backoff;
 /// # }
 /// ```
 pub struct WorkerBuilder {
+    cfg: Config,
+    instance: Option<String>,
+}
+
+/// A worker's settings (checked once they come out of [`WorkerBuilder::checked`]).
+#[derive(Clone)]
+pub(crate) struct Config {
     pub(crate) app: String,
     pub(crate) nats_url: String,
-    pub(crate) instance: Option<String>,
     pub(crate) weight: u32,
     pub(crate) slots: u32,
     pub(crate) handlers: BTreeMap<String, HandlerFn>,
@@ -54,12 +57,11 @@ pub struct WorkerBuilder {
     pub(crate) version: String,
 }
 
-impl fmt::Debug for WorkerBuilder {
+impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WorkerBuilder")
+        f.debug_struct("Config")
             .field("app", &self.app)
             .field("nats_url", &redact(&self.nats_url))
-            .field("instance", &self.instance)
             .field("weight", &self.weight)
             .field("slots", &self.slots)
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
@@ -67,6 +69,15 @@ impl fmt::Debug for WorkerBuilder {
             .field("ack_wait", &self.ack_wait)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("instance", &self.instance)
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -79,25 +90,27 @@ pub(crate) fn redact(urls: &str) -> String {
 impl WorkerBuilder {
     pub(crate) fn new(app: impl Into<String>) -> WorkerBuilder {
         WorkerBuilder {
-            app: app.into(),
-            nats_url: "nats://127.0.0.1:4222".to_string(),
+            cfg: Config {
+                app: app.into(),
+                nats_url: "nats://127.0.0.1:4222".to_string(),
+                weight: 1,
+                slots: 4,
+                handlers: BTreeMap::new(),
+                backoff: Backoff::default(),
+                ack_wait: Duration::from_secs(30),
+                shutdown_timeout: Duration::from_secs(30),
+                cancel_grace: Duration::from_secs(5),
+                heartbeat_interval: Duration::from_secs(3),
+                pull_expiry: Duration::from_secs(2),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
             instance: None,
-            weight: 1,
-            slots: 4,
-            handlers: BTreeMap::new(),
-            backoff: Backoff::default(),
-            ack_wait: Duration::from_secs(30),
-            shutdown_timeout: Duration::from_secs(30),
-            cancel_grace: Duration::from_secs(5),
-            heartbeat_interval: Duration::from_secs(3),
-            pull_expiry: Duration::from_secs(2),
-            version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 
     /// NATS server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
-        self.nats_url = url.into();
+        self.cfg.nats_url = url.into();
         self
     }
 
@@ -111,13 +124,13 @@ impl WorkerBuilder {
     /// Relative capacity. The instance holds at most `weight × slots` runs at once, so under
     /// load it takes `weight` times the share of an instance of weight 1. Default 1.
     pub fn weight(mut self, weight: u32) -> Self {
-        self.weight = weight;
+        self.cfg.weight = weight;
         self
     }
 
     /// Concurrent runs per unit of weight. Default 4.
     pub fn slots(mut self, slots: u32) -> Self {
-        self.slots = slots;
+        self.cfg.slots = slots;
         self
     }
 
@@ -132,80 +145,84 @@ impl WorkerBuilder {
             let fut = handler(ctx);
             Box::pin(async move { fut.await.map(Into::into) })
         });
-        self.handlers.insert(path.into(), f);
+        self.cfg.handlers.insert(path.into(), f);
         self
     }
 
-    /// Delay between attempts of a failed run. Default 1 s doubling to 60 s.
+    /// Delay between attempts of a failed run, for jobs that set no `retryBackoff` (a job's
+    /// own backoff wins). Default 1 s doubling to 60 s.
     pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.cfg.backoff = backoff;
         self
     }
 
     /// How long the server waits for an ack before redelivering a run elsewhere, used when this
-    /// worker creates its app's consumer (an existing consumer keeps its setting). The worker
-    /// sends progress acks every third of it while a handler runs. Default 30 s.
+    /// worker creates a consumer (an existing consumer keeps its setting). While a handler
+    /// runs, the worker sends progress acks every third of the ack wait *of the consumer the
+    /// run came from*, as the server reports it. Default 30 s.
     pub fn ack_wait(mut self, d: Duration) -> Self {
-        self.ack_wait = d;
+        self.cfg.ack_wait = d;
         self
     }
 
     /// How long a graceful shutdown waits for running handlers before cancelling them.
     /// Default 30 s.
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
-        self.shutdown_timeout = d;
+        self.cfg.shutdown_timeout = d;
         self
     }
 
     /// How long a cancelled handler may take to return before it is aborted. Default 5 s.
     pub fn cancel_grace(mut self, d: Duration) -> Self {
-        self.cancel_grace = d;
+        self.cfg.cancel_grace = d;
         self
     }
 
     /// Heartbeat period. Default 3 s.
     pub fn heartbeat_interval(mut self, d: Duration) -> Self {
-        self.heartbeat_interval = d;
+        self.cfg.heartbeat_interval = d;
         self
     }
 
     /// Version reported in heartbeats. Default: the SDK's version.
     pub fn version(mut self, v: impl Into<String>) -> Self {
-        self.version = v.into();
+        self.cfg.version = v.into();
         self
     }
 
-    /// Checks the configuration.
-    pub fn build(self) -> Result<Worker, Error> {
-        if !is_token(&self.app) {
-            return Err(Error::Config(format!(
+    /// Checks the configuration; returns it with the instance id (the default one when none
+    /// was set).
+    pub(crate) fn checked(self) -> Result<(Config, String), Error> {
+        let WorkerBuilder { cfg, instance } = self;
+        if !is_token(&cfg.app) {
+            return Err(Error::config(format!(
                 "app name `{}` is invalid: use 1 to 64 letters, digits, `-` or `_`",
-                self.app
+                cfg.app
             )));
         }
-        if let Some(id) = &self.instance {
+        if let Some(id) = &instance {
             if !is_token(id) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "instance id `{id}` is invalid: use 1 to 64 letters, digits, `-` or `_`"
                 )));
             }
         }
-        if self.handlers.is_empty() {
-            return Err(Error::Config(
-                "no handlers registered: call .handler(path, fn) at least once".into(),
+        if cfg.handlers.is_empty() {
+            return Err(Error::config(
+                "no handlers registered: call .handler(path, fn) at least once",
             ));
         }
-        if self.weight == 0 || self.slots == 0 {
-            return Err(Error::Config("weight and slots must be at least 1".into()));
+        if cfg.weight == 0 || cfg.slots == 0 {
+            return Err(Error::config("weight and slots must be at least 1"));
         }
-        if self.weight.saturating_mul(self.slots) > 10_000 {
-            return Err(Error::Config("weight × slots must be at most 10000".into()));
+        if cfg.weight.saturating_mul(cfg.slots) > 10_000 {
+            return Err(Error::config("weight × slots must be at most 10000"));
         }
-        if self.ack_wait < Duration::from_secs(1) {
-            return Err(Error::Config("ack_wait must be at least 1 s".into()));
+        if cfg.ack_wait < Duration::from_secs(1) {
+            return Err(Error::config("ack_wait must be at least 1 s"));
         }
-        let instance = self.instance.clone().unwrap_or_else(default_instance);
-        Ok(Worker::new(self, instance))
+        let instance = instance.unwrap_or_else(default_instance);
+        Ok((cfg, instance))
     }
 }
 
@@ -256,30 +273,38 @@ mod tests {
     }
 
     #[test]
-    fn build_checks_configuration() {
+    fn checks_the_configuration() {
         let ok = |b: WorkerBuilder| b.handler("p", |_ctx| async { Ok(()) });
-        assert!(ok(Worker::builder("app")).build().is_ok());
-        assert!(matches!(
-            ok(Worker::builder("my app")).build(),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            Worker::builder("app").build(),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            ok(Worker::builder("app")).weight(0).build(),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            ok(Worker::builder("app")).instance("a.b").build(),
-            Err(Error::Config(_))
-        ));
-        let w = ok(Worker::builder("app")).build().unwrap();
-        assert!(
-            krest_schemas::names::is_token(w.instance()),
-            "{}",
-            w.instance()
-        );
+        let builder = || ok(WorkerBuilder::new("app"));
+        assert!(builder().checked().is_ok());
+        let bad = [
+            ok(WorkerBuilder::new("my app")),
+            WorkerBuilder::new("app"),
+            builder().weight(0),
+            builder().slots(0),
+            builder().weight(101).slots(100),
+            builder().instance("a.b"),
+            builder().ack_wait(Duration::from_millis(999)),
+        ];
+        for b in bad {
+            let shown = format!("{b:?}");
+            let e = b
+                .checked()
+                .err()
+                .unwrap_or_else(|| panic!("accepted {shown}"));
+            assert_eq!(e.kind(), crate::ErrorKind::Config, "{shown}");
+        }
+        let (cfg, instance) = builder().instance("w-1").checked().unwrap();
+        assert_eq!((cfg.app.as_str(), instance.as_str()), ("app", "w-1"));
+        let (_, instance) = builder().checked().unwrap();
+        assert!(krest_schemas::names::is_token(&instance), "{instance}");
+    }
+
+    #[test]
+    fn debug_output_hides_url_credentials() {
+        let b = WorkerBuilder::new("app").nats_url("nats://u:secret@h:4222");
+        let shown = format!("{b:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }

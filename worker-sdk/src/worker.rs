@@ -1,7 +1,7 @@
-//! The worker runtime: connect, heartbeat, pull runs within capacity, execute handlers, report
-//! results, retry through redelivery, shut down gracefully.
+//! The worker runtime: connect, wait for the streams and buckets, heartbeat, pull runs within
+//! capacity (each handled by [`crate::attempt::process`]), listen for cancellations, shut down
+//! gracefully.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -10,21 +10,19 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
-use krest_schemas::deadletter::{parked_copy, Origin};
 use krest_schemas::names::{
-    app_consumer, cancel_subject, dlq_subject, instance_consumer, parked_work_id, retry_msg_id,
-    server_list, work_instance_filter, work_queue_filter, work_router_subject, worker_key,
-    CANCELS_BUCKET, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, cancel_subject, instance_consumer, server_list, work_instance_filter,
+    work_queue_filter, worker_key, CANCELS_BUCKET, EVENTS_STREAM, WORKERS_BUCKET, WORK_STREAM,
 };
-use krest_schemas::{AttemptOutcome, Finished, JobType, RunEvent, RunMessage, Started, WorkerInfo};
+use krest_schemas::{Backoff, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{truncate, JobContext, JobError, MAX_OUTPUT};
-use crate::events::{spawn_publisher, EventSink};
-use crate::options::{host_name, redact, Backoff, HandlerFn, WorkerBuilder};
-use crate::Error;
+use crate::attempt::{process, Cancellable, Shared};
+use crate::error::{ConsumerKind, Error, ErrorKind, WaitKind};
+use crate::events::spawn_publisher;
+use crate::options::{host_name, redact, Config, WorkerBuilder};
 
 /// Deliveries after which the server stops redelivering a run (a backstop for workers that
 /// crash on a message; `retryTimes` normally ends a run far earlier).
@@ -35,7 +33,7 @@ const CLEANUP_STEP: Duration = Duration::from_secs(3);
 
 /// A configured worker. [`Worker::run`] it until a shutdown signal, or [`Worker::spawn`] it.
 pub struct Worker {
-    cfg: WorkerBuilder,
+    cfg: Config,
     instance: String,
 }
 
@@ -62,13 +60,16 @@ impl RunningWorker {
         &self.instance
     }
 
-    /// Graceful shutdown: stop pulling, let running handlers finish (up to the shutdown
-    /// timeout), remove the heartbeat; returns the worker's result.
+    /// Graceful shutdown as in [`Worker::run`]; returns the worker's result ([`ErrorKind::Task`]
+    /// if its task panicked).
     pub async fn stop(self) -> Result<(), Error> {
         self.stop.cancel();
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(Error::Internal(format!("worker task failed: {e}"))),
+            Err(e) => Err(Error::new(
+                ErrorKind::Task,
+                format!("worker failure: worker task failed: {e}"),
+            )),
         }
     }
 
@@ -79,82 +80,19 @@ impl RunningWorker {
     }
 }
 
-/// Runs executing here that a cancellation can reach: run id → the shards being executed
-/// (registration id, token) and the reason once cancelled.
-#[derive(Default)]
-struct Cancellable {
-    next: std::sync::atomic::AtomicU64,
-    runs: std::sync::Mutex<CancelMap>,
-}
-
-type CancelMap = std::collections::HashMap<String, (Vec<(u64, CancellationToken)>, Option<String>)>;
-
-impl Cancellable {
-    fn register(&self, run_id: &str) -> (u64, CancellationToken) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        if let Ok(mut runs) = self.runs.lock() {
-            runs.entry(run_id.to_string())
-                .or_default()
-                .0
-                .push((id, token.clone()));
-        }
-        (id, token)
+impl WorkerBuilder {
+    /// Checks the configuration and makes the worker. Every error has kind
+    /// [`ErrorKind::Config`].
+    pub fn build(self) -> Result<Worker, Error> {
+        let (cfg, instance) = self.checked()?;
+        Ok(Worker { cfg, instance })
     }
-
-    fn unregister(&self, run_id: &str, id: u64) {
-        if let Ok(mut runs) = self.runs.lock() {
-            if let Some(entry) = runs.get_mut(run_id) {
-                entry.0.retain(|(i, _)| *i != id);
-                if entry.0.is_empty() {
-                    runs.remove(run_id);
-                }
-            }
-        }
-    }
-
-    fn cancel(&self, run_id: &str, reason: &str) {
-        if let Ok(mut runs) = self.runs.lock() {
-            if let Some((tokens, why)) = runs.get_mut(run_id) {
-                *why = Some(reason.to_string());
-                for (_, t) in tokens.iter() {
-                    t.cancel();
-                }
-            }
-        }
-    }
-
-    fn reason(&self, run_id: &str) -> Option<String> {
-        self.runs
-            .lock()
-            .ok()?
-            .get(run_id)
-            .and_then(|(_, why)| why.clone())
-    }
-}
-
-struct Shared {
-    js: jetstream::Context,
-    cancels: jetstream::kv::Store,
-    cancellable: Cancellable,
-    app: String,
-    instance: String,
-    handlers: BTreeMap<String, HandlerFn>,
-    backoff: Backoff,
-    events: EventSink,
-    in_flight: AtomicU32,
-    progress_every: Duration,
-    cancel_grace: Duration,
 }
 
 impl Worker {
     /// Starts configuring a worker of `app` (Krest-Job's `appName`).
     pub fn builder(app: impl Into<String>) -> WorkerBuilder {
         WorkerBuilder::new(app)
-    }
-
-    pub(crate) fn new(cfg: WorkerBuilder, instance: String) -> Worker {
-        Worker { cfg, instance }
     }
 
     /// This instance's id.
@@ -175,12 +113,17 @@ impl Worker {
         }
     }
 
-    /// Connects and works until `shutdown` completes, then shuts down gracefully: stops pulling,
-    /// lets running handlers finish up to the shutdown timeout, cancels and naks the rest (so
-    /// another instance picks them up at once) and removes its heartbeat.
+    /// Connects and works until `shutdown` completes, then shuts down gracefully: stops pulling
+    /// (runs still arriving on the open pull request are handed back unexecuted: `-NAK`), keeps
+    /// heartbeating while running handlers finish up to the shutdown timeout, cancels the rest
+    /// and hands them back for another attempt at once (reporting the attempt FAILED with
+    /// `willRetry` first; runs addressed to this instance go to the leader's router), then
+    /// removes its heartbeat.
     ///
-    /// NATS being unreachable at start is not an error: the worker logs and keeps trying until
-    /// `shutdown`.
+    /// NATS being unreachable, or the streams and buckets a scheduler node creates not existing
+    /// yet, is not an error at start: the worker logs what it waits for and keeps trying until
+    /// `shutdown`. Errors: [`ErrorKind::Config`] for an unusable NATS URL, [`ErrorKind::Nats`]
+    /// when the cancellation subscription is refused.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         let stop = CancellationToken::new();
         let runner = self.run_inner(stop.clone());
@@ -202,26 +145,31 @@ impl Worker {
             return Ok(());
         };
         let js = jetstream::new(client.clone());
-        let Some(stream) = wait_for(&stop, "work stream", || async {
-            js.get_stream(WORK_STREAM).await.map_err(|e| e.to_string())
+        // What a scheduler node creates at start: until then there is nothing to do.
+        let Some(stream) = wait_for(&stop, &format!("stream {WORK_STREAM}"), || {
+            find_stream(&js, WORK_STREAM)
         })
         .await
         else {
             return Ok(());
         };
-        let Some(registry) = wait_for(&stop, "workers bucket", || async {
-            js.get_key_value(WORKERS_BUCKET)
-                .await
-                .map_err(|e| e.to_string())
+        if wait_for(&stop, &format!("stream {EVENTS_STREAM}"), || {
+            find_stream(&js, EVENTS_STREAM)
+        })
+        .await
+        .is_none()
+        {
+            return Ok(());
+        }
+        let Some(registry) = wait_for(&stop, &format!("bucket {WORKERS_BUCKET}"), || {
+            find_bucket(&js, WORKERS_BUCKET)
         })
         .await
         else {
             return Ok(());
         };
-        let Some(cancels) = wait_for(&stop, "cancellations bucket", || async {
-            js.get_key_value(CANCELS_BUCKET)
-                .await
-                .map_err(|e| e.to_string())
+        let Some(cancels) = wait_for(&stop, &format!("bucket {CANCELS_BUCKET}"), || {
+            find_bucket(&js, CANCELS_BUCKET)
         })
         .await
         else {
@@ -230,19 +178,19 @@ impl Worker {
         let mut cancel_sub = match client.subscribe(cancel_subject(&cfg.app)).await {
             Ok(s) => s,
             Err(e) => {
-                return Err(Error::Internal(format!(
-                    "cannot subscribe to cancellations: {e}"
-                )))
+                return Err(Error::new(
+                    ErrorKind::Nats,
+                    format!("worker failure: cannot subscribe to cancellations: {e}"),
+                ))
             }
         };
-        let Some(consumer) = wait_for(&stop, "app consumer", || async {
-            consumer_for(&stream, Source::App, &cfg.app, cfg.ack_wait).await
+        let Some(consumer) = wait_for(&stop, "the app's consumer", || {
+            consumer_for(&stream, Source::App, &cfg.app, cfg.ack_wait)
         })
         .await
         else {
             return Ok(());
         };
-        let ack_wait = consumer.cached_info().config.ack_wait;
         let (events, publisher) = spawn_publisher(js.clone());
         let mut publisher = AbortOnDrop(Some(publisher));
         let shared = Arc::new(Shared {
@@ -255,7 +203,6 @@ impl Worker {
             backoff: cfg.backoff,
             events: events.clone(),
             in_flight: AtomicU32::new(0),
-            progress_every: (ack_wait / 3).max(Duration::from_millis(500)),
             cancel_grace: cfg.cancel_grace,
         });
         let capacity = cfg.weight.saturating_mul(cfg.slots) as usize;
@@ -268,14 +215,13 @@ impl Worker {
         // This instance's own consumer exists before its first heartbeat: the leader addresses
         // runs to instances it sees heartbeating, and treats one without a consumer as
         // unreachable.
-        let Some(instance_consumer) = wait_for(&stop, "instance consumer", || async {
+        let Some(instance_consumer) = wait_for(&stop, "this instance's consumer", || {
             consumer_for(
                 &stream,
                 Source::Instance(&self.instance),
                 &cfg.app,
                 cfg.ack_wait,
             )
-            .await
         })
         .await
         else {
@@ -369,7 +315,7 @@ impl Worker {
     }
 }
 
-impl WorkerBuilder {
+impl Config {
     fn info_template(&self) -> InfoTemplate {
         InfoTemplate {
             handlers: self.handlers.keys().cloned().collect(),
@@ -457,7 +403,7 @@ async fn connect(
         } {
             Ok(c) => return Ok(Some(c)),
             Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "invalid NATS URL {}: {e}",
                     redact(url)
                 )));
@@ -465,7 +411,7 @@ async fn connect(
             Err(e) => {
                 failures += 1;
                 tracing::warn!(url = %redact(url), error = %krest_schemas::redact::text(&e.to_string()), "cannot connect to NATS; retrying");
-                if !pause(stop, failures).await {
+                if !pause(stop, Backoff::RECONNECT, failures).await {
                     return Ok(None);
                 }
             }
@@ -473,39 +419,95 @@ async fn connect(
     }
 }
 
-/// Sleeps with exponential backoff (0.5 s doubling to 10 s); false if `stop` fired meanwhile.
-async fn pause(stop: &CancellationToken, failures: u32) -> bool {
-    let d = Duration::from_millis(500u64 << failures.min(5)).min(Duration::from_secs(10));
+/// Sleeps `backoff`'s delay after `failures` consecutive failures; false if `stop` fired
+/// meanwhile.
+async fn pause(stop: &CancellationToken, backoff: Backoff, failures: u32) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(d) => true,
+        _ = tokio::time::sleep(backoff.delay(failures)) => true,
         _ = stop.cancelled() => false,
     }
 }
 
-/// Retries `f` until it succeeds or `stop` fires, logging what it waits for.
-async fn wait_for<T, F, Fut>(stop: &CancellationToken, what: &str, mut f: F) -> Option<T>
+/// Retries `f` until it succeeds or `stop` fires (`None`), waiting [`Backoff::RECONNECT`]
+/// between tries. Logs a warning `waiting for <what>` with the error at the first failure and
+/// every tenth, and when it recovers.
+async fn wait_for<T, K, F, Fut>(stop: &CancellationToken, what: &str, mut f: F) -> Option<T>
 where
+    K: std::fmt::Debug + Copy,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
+    Fut: Future<Output = Result<T, Error<K>>>,
 {
-    let mut failures = 0;
+    let mut failures = 0u32;
     loop {
-        match f().await {
-            Ok(v) => return Some(v),
+        let tried = tokio::select! {
+            r = f() => r,
+            _ = stop.cancelled() => return None,
+        };
+        match tried {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(failures, "{what} is ready");
+                }
+                return Some(v);
+            }
             Err(e) => {
                 failures += 1;
                 if failures == 1 || failures % 10 == 0 {
-                    tracing::warn!(
-                        error = %e,
-                        "waiting for the {what}: is a `krest scheduler` running against this NATS?"
-                    );
+                    tracing::warn!(error = %e, kind = ?e.kind(), failures, "waiting for {what}");
                 }
-                if !pause(stop, failures).await {
+                if !pause(stop, Backoff::RECONNECT, failures).await {
                     return None;
                 }
             }
         }
     }
+}
+
+/// The stream `name`, if it exists.
+async fn find_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::stream::Stream, Error<WaitKind>> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    js.get_stream(name).await.map_err(|e| match e.kind() {
+        GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            Error::new(
+                WaitKind::NotFound,
+                format!(
+                    "stream {name} does not exist yet: is a `krest scheduler` running against this NATS?"
+                ),
+            )
+        }
+        _ => Error::new(
+            WaitKind::Unavailable,
+            format!("cannot look up stream {name} ({e}): is JetStream enabled on this NATS server?"),
+        ),
+    })
+}
+
+/// The KV bucket `name`, if it exists.
+async fn find_bucket(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::kv::Store, Error<WaitKind>> {
+    find_stream(js, &format!("KV_{name}"))
+        .await
+        .map_err(|e| match e.kind() {
+            WaitKind::NotFound => Error::new(
+                WaitKind::NotFound,
+                format!(
+                    "bucket {name} does not exist yet: is a `krest scheduler` running against this NATS?"
+                ),
+            ),
+            WaitKind::Unavailable => e,
+        })?;
+    js.get_key_value(name).await.map_err(|e| {
+        Error::new(
+            WaitKind::Unavailable,
+            format!("cannot open bucket {name}: {e}"),
+        )
+    })
 }
 
 /// Which consumer a pull loop reads.
@@ -517,13 +519,15 @@ enum Source<'a> {
     Instance(&'a str),
 }
 
-/// The durable consumer for `source`, created if missing (an existing one keeps its settings).
+/// The durable consumer for `source`, created if missing (an existing one keeps its settings,
+/// ack wait included).
 async fn consumer_for(
     stream: &jetstream::stream::Stream,
     source: Source<'_>,
     app: &str,
     ack_wait: Duration,
-) -> Result<consumer::Consumer<consumer::pull::Config>, String> {
+) -> Result<consumer::Consumer<consumer::pull::Config>, Error<ConsumerKind>> {
+    use async_nats::jetstream::stream::ConsumerErrorKind;
     let (name, filter, description, inactive) = match source {
         Source::App => (
             app_consumer(app),
@@ -552,10 +556,17 @@ async fn consumer_for(
         inactive_threshold: inactive,
         ..Default::default()
     };
+    let create_failed = |e: async_nats::jetstream::stream::ConsumerError| {
+        let kind = match e.kind() {
+            ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => ConsumerKind::Unavailable,
+            _ => ConsumerKind::Refused,
+        };
+        Error::new(kind, format!("cannot create consumer {name}: {e}"))
+    };
     let existing = stream
         .get_or_create_consumer(&name, config.clone())
         .await
-        .map_err(|e| format!("cannot create consumer {name}: {e}"))?;
+        .map_err(create_failed)?;
     let found = existing.cached_info().config.filter_subject.clone();
     if found == filter {
         return Ok(existing);
@@ -563,14 +574,23 @@ async fn consumer_for(
     // A consumer of another protocol version (or someone else's) under our name: it would
     // never deliver our runs.
     tracing::warn!(consumer = %name, found = %found, expected = %filter, "replacing a consumer whose filter is not Krest's");
-    stream
-        .delete_consumer(&name)
-        .await
-        .map_err(|e| format!("cannot replace consumer {name}: {e}"))?;
+    stream.delete_consumer(&name).await.map_err(|e| {
+        Error::new(
+            ConsumerKind::Foreign,
+            format!("cannot replace consumer {name} (its filter is {found}): {e}"),
+        )
+    })?;
     stream
         .get_or_create_consumer(&name, config)
         .await
-        .map_err(|e| format!("cannot create consumer {name}: {e}"))
+        .map_err(create_failed)
+}
+
+/// How often to send progress acks for runs from `consumer`: a third of its ack wait as the
+/// server reports it (an existing consumer keeps the ack wait it was created with, which may
+/// not be this worker's setting).
+fn progress_interval(consumer: &consumer::Consumer<consumer::pull::Config>) -> Duration {
+    (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(500))
 }
 
 /// What a pull loop works with.
@@ -612,6 +632,9 @@ async fn pull_loop(
             .expires(cx.expiry)
             .messages()
             .await;
+        // Progress acks follow the ack wait of the consumer as it is now (it may have been
+        // recreated since the last batch).
+        let progress_every = progress_interval(&consumer);
         let mut batch = match batch {
             Ok(b) => {
                 failures = 0;
@@ -621,7 +644,7 @@ async fn pull_loop(
                 failures += 1;
                 drop(held);
                 tracing::warn!(error = %e, "pulling runs failed; retrying");
-                pause(cx.stop, failures).await;
+                pause(cx.stop, Backoff::RECONNECT, failures).await;
                 // The consumer may have been removed (an instance's, by the leader): recreate.
                 if failures % 3 == 0 {
                     if let Ok(c) = consumer_for(cx.stream, source, cx.app, cx.ack_wait).await {
@@ -651,6 +674,7 @@ async fn pull_loop(
                         cx.shared.clone(),
                         msg,
                         permit,
+                        progress_every,
                         cx.hard_stop.clone(),
                     ));
                 }
@@ -685,426 +709,89 @@ impl Drop for AbortOnDrop {
     }
 }
 
-struct InFlight<'a>(&'a AtomicU32);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::stream;
+    use krest_test_support::NatsServer;
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+    async fn jetstream(server: &NatsServer) -> jetstream::Context {
+        jetstream::new(async_nats::connect(server.url()).await.unwrap())
     }
-}
 
-/// Parks a message this worker cannot read on the dead-letter stream (`krest.dlq.work`): a copy
-/// bounded to fit the server's max payload with its headers.
-async fn park(
-    js: &jetstream::Context,
-    seq: u64,
-    reason: &str,
-    msg: &jetstream::Message,
-) -> Result<(), String> {
-    let id = parked_work_id(seq);
-    let copy = parked_copy(
-        msg.payload.len(),
-        reason,
-        &Origin {
-            subject: &msg.subject,
-            seq: Some(seq),
-        },
-        &id,
-        js.client().server_info().max_payload,
-    );
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, value) in &copy.headers {
-        headers.insert(*name, value.as_str());
+    async fn work_stream(js: &jetstream::Context) -> stream::Stream {
+        js.create_stream(stream::Config {
+            name: WORK_STREAM.to_string(),
+            subjects: vec!["krest.work.>".to_string()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
     }
-    js.send_publish(
-        dlq_subject("work"),
-        async_nats::jetstream::message::PublishMessage::build()
-            .payload(msg.payload.slice(..copy.keep))
-            .headers(headers)
-            .message_id(id),
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(())
-}
 
-/// How an attempt ended, before it is reported.
-enum Ending {
-    Done(Result<crate::Output, JobError>),
-    /// The worker shut down before the handler finished.
-    Interrupted,
-    /// The handler ran past the job's timeout and was cancelled.
-    TimedOut,
-    /// The run was cancelled (the reason, once known).
-    Cancelled(String),
-}
+    #[tokio::test]
+    async fn missing_streams_and_buckets_are_told_from_an_unavailable_jetstream() {
+        let server = NatsServer::start();
+        let js = jetstream(&server).await;
+        let e = find_stream(&js, WORK_STREAM).await.err().unwrap();
+        assert_eq!(e.kind(), WaitKind::NotFound, "{e}");
+        let e = find_bucket(&js, WORKERS_BUCKET).await.err().unwrap();
+        assert_eq!(e.kind(), WaitKind::NotFound, "{e}");
+        work_stream(&js).await;
+        assert!(find_stream(&js, WORK_STREAM).await.is_ok());
 
-async fn process(
-    shared: Arc<Shared>,
-    msg: jetstream::Message,
-    _permit: OwnedSemaphorePermit,
-    hard_stop: CancellationToken,
-) {
-    shared.in_flight.fetch_add(1, Ordering::Relaxed);
-    let _guard = InFlight(&shared.in_flight);
-    let delivered = msg
-        .info()
-        .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
-        .unwrap_or(1);
-    let run: RunMessage = match serde_json::from_slice(&msg.payload) {
-        Ok(run) => run,
-        Err(e) => {
-            // serde quotes the offending value: shortened, and URLs redacted.
-            let e =
-                krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
-                    .into_owned();
-            tracing::error!(subject = %msg.subject, error = %e, "malformed run message; parking it");
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-            let reason = format!("malformed run message: {e}");
-            match park(&shared.js, seq, &reason, &msg).await {
-                Ok(()) => {
-                    let _ = msg.double_ack_with(AckKind::Term).await;
-                }
-                // Not parked: leave it for redelivery (and, at worst, the server's max
-                // deliveries, after which the scheduler parks it).
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not park the malformed run message");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(10))))
-                        .await;
-                }
-            }
-            return;
-        }
-    };
-    // Retries and re-routes are new messages: earlier attempts are carried in the offset.
-    let attempt = run.attempt_offset.saturating_add(delivered);
-    let started_at = Utc::now();
-    shared.events.send(RunEvent::Started(Started {
-        run: run.run.clone(),
-        shard: run.shard_index(),
-        shard_total: run.shard_total(),
-        attempt,
-        worker: shared.instance.clone(),
-        at: started_at,
-        scheduled_at: Some(run.scheduled_at),
-    }));
-    let cancel = CancellationToken::new();
-    let ctx = JobContext::new(
-        run.clone(),
-        attempt,
-        shared.instance.clone(),
-        cancel.clone(),
-        shared.events.clone(),
-    );
-    let clock = std::time::Instant::now();
-    // Register before checking the marker, so a cancellation arriving in between is not lost.
-    let (registration, cancel_request) = shared.cancellable.register(&run.run.run_id);
-    let marked = match shared.cancels.get(&run.run.run_id).await {
-        Ok(Some(v)) => Some(
-            serde_json::from_slice::<krest_schemas::CancelRequest>(&v)
-                .map(|c| c.reason)
-                .unwrap_or_else(|_| "cancelled".to_string()),
-        ),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot check for a cancellation; running the run");
-            None
-        }
-    };
-    let ending = match (marked, shared.handlers.get(&run.path)) {
-        (Some(reason), _) => Ending::Cancelled(reason),
-        (None, None) => Ending::Done(Err(JobError::new(format!(
-            "no handler `{}` on worker {}/{} (it has: {})",
-            run.path,
-            shared.app,
-            shared.instance,
-            shared
-                .handlers
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))),
-        (None, Some(handler)) => {
-            execute(
-                handler(ctx.clone()),
-                &msg,
-                shared.progress_every,
-                Stops {
-                    timeout: run.timeout_secs.map(Duration::from_secs),
-                    hard_stop: &hard_stop,
-                    cancel_request: &cancel_request,
-                    cancel: &cancel,
-                    grace: shared.cancel_grace,
-                },
-            )
+        let no_jetstream = NatsServer::start_with_args(&["-js=false"]);
+        let js = jetstream(&no_jetstream).await;
+        let e = find_stream(&js, WORK_STREAM).await.err().unwrap();
+        assert_eq!(e.kind(), WaitKind::Unavailable, "{e}");
+    }
+
+    #[tokio::test]
+    async fn consumers_are_created_replaced_or_refused() {
+        let server = NatsServer::start();
+        let js = jetstream(&server).await;
+        let stream = work_stream(&js).await;
+        let wait = Duration::from_secs(7);
+
+        // Someone else's consumer under our name (another filter) is replaced.
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(app_consumer("app")),
+                filter_subject: "krest.work.app.elsewhere".to_string(),
+                ..Default::default()
+            })
             .await
-        }
-    };
-    let ending = match ending {
-        Ending::Cancelled(why) if why.is_empty() => Ending::Cancelled(
-            shared
-                .cancellable
-                .reason(&run.run.run_id)
-                .unwrap_or_else(|| "cancelled".to_string()),
-        ),
-        other => other,
-    };
-    shared.cancellable.unregister(&run.run.run_id, registration);
-    drop(ctx);
-    let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let max_attempts = run.retry_times.saturating_add(1);
-    // The job's backoff wins over the worker's default.
-    let backoff = run.retry_backoff.map_or(shared.backoff, |b| Backoff {
-        initial: Duration::from_millis(b.initial_ms),
-        factor: b.factor,
-        max: Duration::from_millis(b.max_ms),
-    });
-    let (outcome, will_retry, output, error, ack) = match ending {
-        Ending::Done(Ok(out)) => (
-            AttemptOutcome::Succeeded,
-            false,
-            out.0.map(|s| truncate(s, MAX_OUTPUT)),
-            None,
-            AckKind::Ack,
-        ),
-        Ending::Done(Err(e)) => {
-            let retry = e.is_retryable() && attempt < max_attempts;
-            let ack = if retry {
-                AckKind::Nak(Some(backoff.delay(attempt)))
-            } else {
-                AckKind::Term
-            };
-            (
-                AttemptOutcome::Failed,
-                retry,
-                None,
-                Some(truncate(e.message().to_string(), MAX_OUTPUT)),
-                ack,
-            )
-        }
-        Ending::TimedOut => {
-            let retry = attempt < max_attempts;
-            let ack = if retry {
-                AckKind::Nak(Some(backoff.delay(attempt)))
-            } else {
-                AckKind::Term
-            };
-            (
-                AttemptOutcome::TimedOut,
-                retry,
-                None,
-                Some(format!(
-                    "timed out after {} s (timeoutSecs); the handler was cancelled",
-                    run.timeout_secs.unwrap_or_default()
-                )),
-                ack,
-            )
-        }
-        Ending::Cancelled(reason) => (
-            AttemptOutcome::Cancelled,
-            false,
-            None,
-            Some(format!("cancelled: {reason}")),
-            AckKind::Term,
-        ),
-        Ending::Interrupted => (
-            AttemptOutcome::Failed,
-            true,
-            None,
-            Some(format!(
-                "worker {} shut down before the handler finished; handed back for another attempt",
-                shared.instance
-            )),
-            AckKind::Nak(None),
-        ),
-    };
-    let retry_in_ms = match ack {
-        AckKind::Nak(Some(d)) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        AckKind::Nak(None) => Some(0),
-        _ => None,
-    };
-    // Stored texts never carry a URL's credentials (an HTTP client's error names the URL).
-    let scrub = |s: String| match krest_schemas::redact::text(&s) {
-        std::borrow::Cow::Owned(r) => r,
-        std::borrow::Cow::Borrowed(_) => s,
-    };
-    let (output, error) = (output.map(scrub), error.map(scrub));
-    let finished = RunEvent::Finished(Finished {
-        run: run.run.clone(),
-        shard: run.shard_index(),
-        shard_total: run.shard_total(),
-        attempt,
-        worker: shared.instance.clone(),
-        at: Utc::now(),
-        outcome,
-        will_retry,
-        retry_in_ms,
-        output,
-        error,
-        duration_ms,
-    });
-    match shared.events.send_confirmed(finished).await {
-        Ok(()) => {
-            // A run addressed to this instance is retried through the leader's router, which
-            // prefers another instance (BROADCAST shards stay: this instance is their point).
-            let ack = match ack {
-                AckKind::Nak(delay)
-                    if run.target.is_some() && run.job_type != JobType::Broadcast =>
-                {
-                    match reroute(&shared, &run, attempt, delay.unwrap_or_default()).await {
-                        Ok(()) => AckKind::Term,
-                        Err(e) => {
-                            tracing::warn!(run = %run.run.run_id, error = %e, "could not hand the retry to the router; retrying here");
-                            AckKind::Nak(delay)
-                        }
-                    }
-                }
-                other => other,
-            };
-            let acked = match ack {
-                AckKind::Ack | AckKind::Term => msg.double_ack_with(ack).await,
-                other => msg.ack_with(other).await,
-            };
-            if let Err(e) = acked {
-                tracing::warn!(run = %run.run.run_id, error = %e, "ack failed; the run may be redelivered");
-            }
-        }
-        Err(e) => tracing::error!(
-            run = %run.run.run_id, error = %e,
-            "could not store the attempt's result; leaving the run unacknowledged so it is redelivered"
-        ),
-    }
-}
+            .unwrap();
+        let c = consumer_for(&stream, Source::App, "app", wait)
+            .await
+            .unwrap();
+        assert_eq!(
+            c.cached_info().config.filter_subject,
+            work_queue_filter("app")
+        );
+        assert_eq!(progress_interval(&c), wait / 3);
 
-/// Hands a retry of an instance-addressed run to the leader's router: due after `delay`,
-/// avoiding this instance.
-async fn reroute(
-    shared: &Shared,
-    run: &RunMessage,
-    attempt: u32,
-    delay: Duration,
-) -> Result<(), String> {
-    let mut next = run.clone();
-    next.attempt_offset = attempt;
-    next.target = None;
-    next.retry_at = Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
-    next.avoid = vec![shared.instance.clone()];
-    let body = serde_json::to_vec(&next).map_err(|e| e.to_string())?;
-    shared
-        .js
-        .send_publish(
-            work_router_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
-            async_nats::jetstream::message::PublishMessage::build()
-                .payload(body.into())
-                .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt)),
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
-}
+        // An existing consumer keeps its ack wait: progress follows the consumer, not us.
+        let c = consumer_for(&stream, Source::App, "app", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(c.cached_info().config.ack_wait, wait);
+        assert_eq!(progress_interval(&c), wait / 3);
 
-/// What may stop a handler early, and how long it then has to return.
-struct Stops<'a> {
-    /// The job's timeout.
-    timeout: Option<Duration>,
-    /// The worker's shutdown deadline passed.
-    hard_stop: &'a CancellationToken,
-    /// The run was cancelled.
-    cancel_request: &'a CancellationToken,
-    /// The handler's `ctx.cancelled()`.
-    cancel: &'a CancellationToken,
-    /// Time a cancelled handler gets before it is aborted.
-    grace: Duration,
-}
-
-/// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
-/// acks while it runs and stopping it at the job's timeout, on cancellation, or when the
-/// worker's shutdown deadline passes.
-async fn execute(
-    fut: crate::options::HandlerFuture,
-    msg: &jetstream::Message,
-    progress_every: Duration,
-    stops: Stops<'_>,
-) -> Ending {
-    let Stops {
-        timeout,
-        hard_stop,
-        cancel_request,
-        cancel,
-        grace,
-    } = stops;
-    let mut handle = tokio::spawn(fut);
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    // Why the handler was asked to stop, and until when it may take to return.
-    let mut stopping: Option<(Ending, tokio::time::Instant)> = None;
-    loop {
-        let grace_sleep = async {
-            match &stopping {
-                Some((_, until)) => tokio::time::sleep_until(*until).await,
-                None => std::future::pending().await,
-            }
-        };
-        let deadline_sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            joined = &mut handle => {
-                match stopping {
-                    Some((Ending::TimedOut, _)) => return Ending::TimedOut,
-                    Some((Ending::Cancelled(why), _)) => return Ending::Cancelled(why),
-                    _ => {}
-                }
-                return Ending::Done(match joined {
-                    Ok(r) => r,
-                    Err(e) if e.is_panic() => Err(JobError::new(format!(
-                        "handler panicked: {}",
-                        panic_message(e.into_panic())
-                    ))),
-                    Err(_) => Err(JobError::new("handler task was cancelled")),
-                });
-            }
-            _ = tick.tick() => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    tracing::debug!(error = %e, "progress ack failed");
-                }
-            }
-            _ = deadline_sleep, if stopping.is_none() => {
-                cancel.cancel();
-                stopping = Some((Ending::TimedOut, tokio::time::Instant::now() + grace));
-            }
-            _ = cancel_request.cancelled(), if stopping.is_none() => {
-                cancel.cancel();
-                stopping = Some((Ending::Cancelled(String::new()), tokio::time::Instant::now() + grace));
-            }
-            _ = hard_stop.cancelled(), if stopping.is_none() => {
-                cancel.cancel();
-                stopping = Some((Ending::Interrupted, tokio::time::Instant::now() + grace));
-            }
-            _ = grace_sleep => {
-                handle.abort();
-                return stopping.map_or(Ending::Interrupted, |(why, _)| why);
-            }
-        }
-    }
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
+        // A foreign consumer whose filter overlaps ours on the work-queue stream: refused.
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("intruder".to_string()),
+                filter_subject: "krest.work.other.g.j.q".to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let e = consumer_for(&stream, Source::App, "other", wait)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), ConsumerKind::Refused, "{e}");
     }
 }

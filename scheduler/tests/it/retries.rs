@@ -100,6 +100,8 @@ async fn a_run_failing_twice_succeeds_on_attempt_three() {
     assert_eq!(d.attempts[0].error.as_deref(), Some("transient failure 1"));
     assert_eq!(d.attempts[0].logs[0].line, "failing on purpose (1)");
     assert_eq!(d.run.output.as_deref(), Some("third time lucky"));
+    // The summary keeps the error of the last failed attempt (docs/protocol.md, run summaries).
+    assert_eq!(d.run.error.as_deref(), Some("transient failure 2"));
     assert_eq!(log.of(&run_id).len(), 3);
     w.stop().await.unwrap();
     node.stop().await.unwrap();

@@ -276,3 +276,106 @@ async fn a_run_held_by_a_dead_worker_is_redelivered_to_a_live_one() {
     survivor.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_acks_follow_the_ack_wait_of_the_consumer_a_run_came_from() {
+    use async_nats::jetstream::consumer::{self, AckPolicy};
+    use krest_schemas::names::{app_consumer, work_queue_filter, WORK_STREAM};
+
+    let env = Env::new("progress-per-consumer");
+    let node = env.node("n1");
+    let client = env.client().await;
+    // The app's consumer already exists with a long ack wait (made by another worker):
+    // it keeps it. This worker's own consumer gets the worker's short one.
+    let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    js.get_stream(WORK_STREAM)
+        .await
+        .unwrap()
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(app_consumer("pc")),
+            filter_subject: work_queue_filter("pc"),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: krest_worker::MAX_DELIVER,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let log = Executions::default();
+    let l = log.clone();
+    let w = env
+        .worker("pc", "w1")
+        .ack_wait(Duration::from_secs(1))
+        .handler("long", move |ctx: JobContext| {
+            let l = l.clone();
+            async move {
+                l.record(&ctx);
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    eventually(DEADLINE, "the worker's heartbeat", || async {
+        client
+            .call::<_, Vec<WorkerInfo>>(Op::WorkersList, &json!({}))
+            .await
+            .ok()
+            .filter(|w| !w.is_empty())
+    })
+    .await;
+    // ROUND_ROBIN addresses the run to w1: it comes from w1's own consumer (ack wait 1 s),
+    // so progress acks must come every third of 1 s, not of the app consumer's 60 s.
+    apply(
+        &client,
+        vec![job(
+            "long",
+            "pc",
+            "long",
+            json!({"retryTimes": 3, "loadBalanceType": "ROUND_ROBIN"}),
+        )],
+    )
+    .await;
+    let run_id = trigger(&client, "long").await.run_id;
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let attempts: Vec<(u32, AttemptStatus)> =
+        d.attempts.iter().map(|a| (a.attempt, a.status)).collect();
+    assert_eq!(
+        attempts,
+        [(1, AttemptStatus::Succeeded)],
+        "no redelivery while the handler runs past its consumer's ack wait"
+    );
+    assert_eq!(log.of(&run_id), [(0, 1, "w1".to_string())]);
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_before_any_scheduler_waits_for_its_streams_and_buckets() {
+    let env = Env::new("worker-first");
+    let w = env
+        .worker("early", "w1")
+        .handler("work", |ctx: JobContext| async move {
+            Ok(format!("attempt {}", ctx.attempt()))
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    // Nothing exists yet: the worker waits (logging what for) instead of failing.
+    let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    assert!(js
+        .get_stream(krest_schemas::names::WORK_STREAM)
+        .await
+        .is_err());
+    let node = env.node("n1");
+    let client = env.client().await;
+    apply(&client, vec![job("work", "early", "work", json!({}))]).await;
+    let run_id = trigger(&client, "work").await.run_id;
+    let d = wait_final(&client, &run_id).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(d.run.output.as_deref(), Some("attempt 1"));
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
