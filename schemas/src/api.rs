@@ -414,10 +414,12 @@ pub struct RunSummary {
     /// Fencing epoch of the leader that dispatched it (absent for manual and child runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
-    /// Output of the last successful attempt (unsharded runs).
+    /// The output a successful attempt reported (for a sharded run, that of the highest-numbered
+    /// shard that reported one), as the worker kept it (at most 16 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
-    /// Last error.
+    /// The error of the failed, timed-out or cancelled attempt that ended last, of any shard;
+    /// kept when a later attempt succeeded (a SUCCEEDED run with an error needed a retry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

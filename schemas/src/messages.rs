@@ -183,7 +183,8 @@ impl RunMessage {
 pub enum AttemptOutcome {
     /// The handler returned success.
     Succeeded,
-    /// The handler failed, panicked, or no handler was found.
+    /// The handler failed, panicked, or no handler was found; or the worker shut down before
+    /// the handler finished (then `willRetry`, at once).
     Failed,
     /// The handler ran past the job's `timeoutSecs` and was cancelled.
     TimedOut,
@@ -314,16 +315,18 @@ pub struct Finished {
     pub at: DateTime<Utc>,
     /// How it ended.
     pub outcome: AttemptOutcome,
-    /// True when a failed attempt will be retried (another delivery follows).
+    /// True when another attempt follows: a failure or timeout with retries left, or an attempt
+    /// handed back by a worker shutting down.
     #[serde(default)]
     pub will_retry: bool,
-    /// Delay before the retry, when `willRetry`.
+    /// Delay before that attempt, when `willRetry` (0: at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_in_ms: Option<u64>,
-    /// What the handler returned on success (truncated to 16 KiB by the SDK).
+    /// What the handler returned on success (the SDK keeps at most 16 KiB, ending a cut text in
+    /// `...`, with URL userinfo redacted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
-    /// Why it failed.
+    /// Why the attempt did not succeed (FAILED, TIMED_OUT, CANCELLED), kept like `output`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Handler run time.
