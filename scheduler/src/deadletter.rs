@@ -100,8 +100,13 @@ pub async fn park(
     Ok(())
 }
 
-/// The newest `limit` parked messages, newest first.
-pub async fn list(js: &jetstream::Context, limit: usize) -> Result<Vec<DeadLetter>, String> {
+/// Up to `limit` parked messages, newest first, starting at sequence `start` (inclusive; the
+/// newest if `None`).
+pub async fn list(
+    js: &jetstream::Context,
+    start: Option<u64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, String> {
     let mut stream = js.get_stream(DLQ_STREAM).await.map_err(|e| e.to_string())?;
     let state = stream
         .info()
@@ -110,7 +115,7 @@ pub async fn list(js: &jetstream::Context, limit: usize) -> Result<Vec<DeadLette
         .state
         .clone();
     let mut out = Vec::new();
-    let mut seq = state.last_sequence;
+    let mut seq = start.map_or(state.last_sequence, |s| s.min(state.last_sequence));
     while seq >= state.first_sequence.max(1) && out.len() < limit {
         if let Ok(m) = stream.get_raw_message(seq).await {
             let header = |name: &str| {

@@ -1,7 +1,13 @@
 //! Every node's in-memory copy of the job definitions, kept current by watching the jobs
 //! bucket. The engine learns which keys changed through a channel and re-reads them here.
+//!
+//! The table is ordered by key, so `job.list` reads one page as a range
+//! ([`JobTable::page`]) without copying or sorting the rest, and it remembers the newest
+//! bucket revision its watch applied ([`JobTable::wait_seen`]): a writer that knows the
+//! bucket's last revision can wait until the table shows everything up to it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,9 +31,11 @@ pub struct JobEntry {
 /// The shared job table.
 #[derive(Debug)]
 pub struct JobTable {
-    jobs: RwLock<HashMap<String, Arc<JobEntry>>>,
+    jobs: RwLock<BTreeMap<String, Arc<JobEntry>>>,
     /// Bumped on every change, so writers can wait to read their own writes.
     version: watch::Sender<u64>,
+    /// The newest bucket revision (stream sequence) the watch has applied.
+    seen: watch::Sender<u64>,
 }
 
 impl Default for JobTable {
@@ -35,6 +43,7 @@ impl Default for JobTable {
         JobTable {
             jobs: RwLock::default(),
             version: watch::channel(0).0,
+            seen: watch::channel(0).0,
         }
     }
 }
@@ -61,12 +70,69 @@ impl JobTable {
         self.jobs.read().ok()?.get(key).cloned()
     }
 
-    /// Every entry.
+    /// Every entry, by key.
     pub fn all(&self) -> Vec<(String, Arc<JobEntry>)> {
         self.jobs
             .read()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default()
+    }
+
+    /// Number of jobs.
+    pub fn len(&self) -> usize {
+        self.jobs.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether the table has no job.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `n` entries by key, starting at `start` (inclusive), of group `group` if given,
+    /// that pass `keep`: one page of a listing, read as a range of the ordered table.
+    pub fn page(
+        &self,
+        start: Option<&str>,
+        group: Option<&str>,
+        keep: impl Fn(&JobEntry) -> bool,
+        n: usize,
+    ) -> Vec<(String, Arc<JobEntry>)> {
+        let Ok(jobs) = self.jobs.read() else {
+            return Vec::new();
+        };
+        let prefix = group.map(|g| format!("{g}."));
+        let from = match (start, prefix.as_deref()) {
+            (Some(s), Some(p)) => s.max(p),
+            (Some(s), None) => s,
+            (None, Some(p)) => p,
+            (None, None) => "",
+        };
+        jobs.range::<str, _>((Bound::Included(from), Bound::Unbounded))
+            .take_while(|(k, _)| prefix.as_deref().is_none_or(|p| k.starts_with(p)))
+            .filter(|(_, e)| keep(e))
+            .take(n)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Records that the watch applied bucket revision `revision`.
+    pub fn note_seen(&self, revision: u64) {
+        self.seen.send_if_modified(|seen| {
+            let newer = revision > *seen;
+            if newer {
+                *seen = revision;
+            }
+            newer
+        });
+    }
+
+    /// Waits (up to `timeout`) until the watch has applied bucket revision `revision` or a
+    /// later one; returns whether it has.
+    pub async fn wait_seen(&self, revision: u64, timeout: Duration) -> bool {
+        let mut seen = self.seen.subscribe();
+        tokio::time::timeout(timeout, seen.wait_for(|s| *s >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Resolves `group.name` or a bare `name` unique across groups to a key.
@@ -257,6 +323,7 @@ pub async fn watch_jobs(
                 },
                 kv::Operation::Delete | kv::Operation::Purge => table.remove(&key),
             };
+            table.note_seen(entry.revision);
             if changed {
                 let _ = changes.send(key);
             }

@@ -3,6 +3,11 @@
 //! Each operation is a NATS request on `krest.api.<op>` ([`Op::subject`]) with a JSON body; the
 //! reply is an [`ApiReply`]. Every scheduler node answers (queue group `krest-api`), so a
 //! client needs nothing but a NATS connection.
+//!
+//! No reply is larger than the server's `max_payload`. Listings (`job.list`, `job.history`,
+//! `runs.list`, `workers.list`, `dlq.list`) and `runs.get` come in pages: a page is bounded by
+//! the request's `limit` and by bytes, and [`ApiReply::next`] is the `cursor` to send for the
+//! following page (absent on the last one).
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -18,7 +23,7 @@ use crate::names::api_subject;
 pub enum Op {
     /// [`ApplyRequest`] → [`ApplyResponse`]
     JobApply,
-    /// [`JobListRequest`] → `Vec<JobView>`
+    /// [`JobListRequest`] → `Vec<JobView>`, by key (paged)
     JobList,
     /// [`JobRequest`] → [`JobView`]
     JobGet,
@@ -28,21 +33,21 @@ pub enum Op {
     JobResume,
     /// [`JobRequest`] → [`JobView`] (the deleted job)
     JobDelete,
-    /// [`JobRequest`] → `Vec<JobRevision>`, newest first
+    /// [`JobHistoryRequest`] → `Vec<JobRevision>`, newest first (paged)
     JobHistory,
     /// [`TriggerRequest`] → [`TriggerResponse`]
     JobTrigger,
-    /// [`RunsListRequest`] → `Vec<RunSummary>`
+    /// [`RunsListRequest`] → `Vec<RunSummary>`, newest first (paged)
     RunsList,
-    /// [`RunRequest`] → [`RunDetail`]
+    /// [`RunGetRequest`] → [`RunDetail`] (attempts and log lines paged)
     RunsGet,
     /// [`RunRequest`] → [`CancelResponse`]
     RunsCancel,
-    /// `{}` → `Vec<WorkerInfo>`
+    /// [`WorkersListRequest`] → `Vec<WorkerInfo>`, by app and instance (paged)
     WorkersList,
     /// `{}` → [`ClusterStatus`]
     ClusterStatus,
-    /// [`DlqListRequest`] → `Vec<DeadLetter>`
+    /// [`DlqListRequest`] → `Vec<DeadLetter>`, newest first (paged)
     DlqList,
 }
 
@@ -108,6 +113,10 @@ pub struct ApiReply {
     /// What went wrong, when not `ok`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
+    /// For paged operations: `result` is one page, and this is the `cursor` that asks for the
+    /// next one. Absent on the last page. Opaque: send it back as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// Machine-readable error kinds of the API.
@@ -124,6 +133,9 @@ pub enum ErrorCode {
     Ambiguous,
     /// The node failed (NATS or database error); retrying may help.
     Internal,
+    /// The reply (or one item of it, or the request) would exceed the NATS server's
+    /// `max_payload`; the message says what to do.
+    TooLarge,
 }
 
 /// An API error.
@@ -153,7 +165,9 @@ pub struct InvalidDocument {
 }
 
 /// `job.apply`: create or update job definitions. All are validated first; if any is invalid,
-/// none is written.
+/// none is written. A request (and its reply, about 80 bytes per document) must fit in the
+/// server's `max_payload`: larger sets go in several requests, children before parents
+/// (`krest job apply` does this).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplyRequest {
@@ -193,7 +207,7 @@ pub struct ApplyResult {
     pub revision: u64,
 }
 
-/// `job.list` filter.
+/// `job.list` filter and page.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobListRequest {
@@ -203,6 +217,39 @@ pub struct JobListRequest {
     /// Only jobs of this group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// At most this many per page (default and at most 10000; fewer when they would not fit
+    /// in one reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Where to continue: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `job.history`: the revisions of one job, newest first, a page at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobHistoryRequest {
+    /// `group.name` or `name` (a deleted job's history needs `group.name`).
+    pub job: String,
+    /// At most this many per page (default 64, the revisions the bucket keeps; at most 10000;
+    /// fewer when they would not fit in one reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Where to continue: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+impl JobHistoryRequest {
+    /// The first page of `job`'s history.
+    pub fn new(job: impl Into<String>) -> JobHistoryRequest {
+        JobHistoryRequest {
+            job: job.into(),
+            limit: None,
+            cursor: None,
+        }
+    }
 }
 
 /// Names one job: `group.name`, or a bare name when it is unique across groups.
@@ -358,9 +405,13 @@ pub struct RunsListRequest {
     /// Only runs in this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunStatus>,
-    /// At most this many (default 20, at most 1000).
+    /// At most this many per page (default 20, at most 1000; fewer when they would not fit in
+    /// one reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Where to continue: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// One run, summarized.
@@ -424,12 +475,41 @@ pub struct RunSummary {
     pub error: Option<String>,
 }
 
-/// `runs.get`.
+/// `runs.cancel` (and the first page of `runs.get`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunRequest {
     /// The run id.
     pub run_id: String,
+}
+
+/// `runs.get`: one run with its attempts and log lines, a page at a time. The first page
+/// (no `cursor`) has the run, its args and as many attempts and log lines as fit; each
+/// following page has the run again and continues where the previous one stopped (an attempt
+/// whose log lines continue is repeated, with the remaining lines).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunGetRequest {
+    /// The run id.
+    pub run_id: String,
+    /// At most this many attempts and log lines together per page (default and at most
+    /// 10000; fewer when they would not fit in one reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Where to continue: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+impl RunGetRequest {
+    /// The first page of `run_id`.
+    pub fn new(run_id: impl Into<String>) -> RunGetRequest {
+        RunGetRequest {
+            run_id: run_id.into(),
+            limit: None,
+            cursor: None,
+        }
+    }
 }
 
 /// Result of `runs.cancel`.
@@ -444,17 +524,29 @@ pub struct CancelResponse {
     pub status_before: RunStatus,
 }
 
-/// One run with its shards, attempts and log lines.
+/// One run with its shards, attempts and log lines (one page of them: see
+/// [`RunGetRequest`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunDetail {
     /// The summary.
     pub run: RunSummary,
-    /// The job's arguments as dispatched.
+    /// The job's arguments as dispatched (first page only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
-    /// Every attempt of every shard, by shard then attempt.
+    /// Attempts of the shards, by shard then attempt: all of them, or this page's.
     pub attempts: Vec<AttemptView>,
+    /// Attempts after this page (not in `attempts`); fetch them with the reply's `next`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts_left: u64,
+    /// Log lines after this page (not in any attempt's `logs`); fetch them with the reply's
+    /// `next`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub logs_left: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Status of one attempt as recorded.
@@ -568,9 +660,26 @@ pub type LeaderView = LeaderLease;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DlqListRequest {
-    /// At most this many (default 20, at most 1000).
+    /// At most this many per page (default 20, at most 1000; fewer when they would not fit in
+    /// one reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Where to continue: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `workers.list`: the live worker instances, by app and instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersListRequest {
+    /// At most this many per page (default and at most 10000; fewer when they would not fit
+    /// in one reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Where to continue: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// A message parked on the dead-letter stream.

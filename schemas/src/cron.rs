@@ -27,6 +27,43 @@ pub struct CronError {
     pub reason: String,
 }
 
+/// Checks `expr` in `tz` as [`CronSchedule::new`] does, without keeping the parse.
+///
+/// Parsing costs ~25 µs (croner builds a bitmap of years), and a set of job definitions
+/// usually shares a few expressions, so each thread remembers the next fire time of the
+/// expressions it found valid: while that time is still ahead the expression still fires,
+/// and no new parse is needed. Validating 100,000 definitions that share 60 expressions costs
+/// 60 parses per thread instead of 100,000.
+pub fn check(expr: &str, tz: Tz) -> Result<(), CronError> {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    /// Expressions remembered per thread at most (then forgotten all at once).
+    const REMEMBERED: usize = 4096;
+    thread_local! {
+        static VALID: RefCell<HashMap<Tz, HashMap<String, DateTime<Utc>>>> =
+            RefCell::new(HashMap::new());
+    }
+    let now = Utc::now();
+    let known = VALID.with(|v| {
+        v.borrow()
+            .get(&tz)
+            .and_then(|m| m.get(expr))
+            .is_some_and(|next| *next > now)
+    });
+    if known {
+        return Ok(());
+    }
+    let next = CronSchedule::parse(expr, tz)?.first_after(expr, now)?;
+    VALID.with(|v| {
+        let mut v = v.borrow_mut();
+        if v.values().map(HashMap::len).sum::<usize>() >= REMEMBERED {
+            v.clear();
+        }
+        v.entry(tz).or_default().insert(expr.to_string(), next);
+    });
+    Ok(())
+}
+
 /// A parsed cron expression bound to a time zone.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
@@ -77,15 +114,17 @@ impl CronSchedule {
     /// fire (such as `0 0 0 30 2 ?`, February 30th).
     pub fn new(expr: &str, tz: Tz) -> Result<Self, CronError> {
         let schedule = CronSchedule::parse(expr, tz)?;
-        // A pattern that matches nothing (or only years gone by) would make the scheduler search
-        // in vain at dispatch time; reject it here.
-        if schedule.next_after(Utc::now()).is_none() {
-            return Err(CronError {
-                expr: expr.to_string(),
-                reason: "it never fires (no future date matches all its fields)".into(),
-            });
-        }
+        schedule.first_after(expr, Utc::now())?;
         Ok(schedule)
+    }
+
+    /// The first fire after `now`: a pattern that matches nothing (or only years gone by)
+    /// would make the scheduler search in vain at dispatch time, so it is an error.
+    fn first_after(&self, expr: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, CronError> {
+        self.next_after(now).ok_or_else(|| CronError {
+            expr: expr.to_string(),
+            reason: "it never fires (no future date matches all its fields)".into(),
+        })
     }
 
     /// Parses `expr` without checking that it fires in the future: for expressions that were

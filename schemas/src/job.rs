@@ -683,7 +683,7 @@ impl JobSpec {
         if let Some(expr) = &self.cron {
             if !too_long(&mut problems, "cron", expr, MAX_SHORT_TEXT_BYTES) {
                 if let Some(tz) = tz {
-                    if let Err(e) = CronSchedule::new(expr, tz) {
+                    if let Err(e) = crate::cron::check(expr, tz) {
                         problems.push(problem("cron", e.to_string()));
                     }
                 }
@@ -1537,6 +1537,7 @@ mod tests {
             ok: true,
             result: Some(serde_json::to_value(&view).unwrap()),
             error: None,
+            next: None,
         };
         let bytes = serde_json::to_vec(&reply).unwrap().len();
         assert!(

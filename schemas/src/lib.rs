@@ -104,6 +104,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             render(schemars::schema_for!(api::JobView)),
         ),
         (
+            "api-job-history-request.json",
+            render(schemars::schema_for!(api::JobHistoryRequest)),
+        ),
+        (
             "api-trigger-request.json",
             render(schemars::schema_for!(api::TriggerRequest)),
         ),
@@ -124,8 +128,16 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             render(schemars::schema_for!(api::RunRequest)),
         ),
         (
+            "api-run-get-request.json",
+            render(schemars::schema_for!(api::RunGetRequest)),
+        ),
+        (
             "api-run-detail.json",
             render(schemars::schema_for!(api::RunDetail)),
+        ),
+        (
+            "api-workers-list-request.json",
+            render(schemars::schema_for!(api::WorkersListRequest)),
         ),
         (
             "api-workers-list.json",

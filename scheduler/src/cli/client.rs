@@ -1,5 +1,5 @@
 //! The client side of the API: connect, request, decode the reply, with errors that say what
-//! to do.
+//! to do; follow the pages of listings ([`Client::fetch_all`]).
 
 use std::time::Duration;
 
@@ -79,25 +79,120 @@ impl Client {
         op: Op,
         req: &Req,
     ) -> Result<Resp, ClientError> {
-        let value = self.call_value(op, req).await?;
-        serde_json::from_value(value)
-            .map_err(|e| ClientError::Other(format!("unexpected reply to {}: {e}", op.name())))
+        Ok(self.call_page(op, req).await?.0)
+    }
+
+    /// Sends `req` as operation `op`; returns the decoded result and the reply's `next`
+    /// cursor (for paged operations).
+    pub async fn call_page<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        op: Op,
+        req: &Req,
+    ) -> Result<(Resp, Option<String>), ClientError> {
+        let payload = self.request(op, req).await?;
+        // Decoded straight into `Resp` (no intermediate JSON value: pages are large).
+        let reply: TypedReply<Resp> = match serde_json::from_slice(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                // Tell a malformed reply from a result of an unexpected shape.
+                return Err(match serde_json::from_slice::<ApiReply>(&payload) {
+                    Ok(ApiReply {
+                        ok: false,
+                        error: Some(error),
+                        ..
+                    }) => ClientError::Api(error),
+                    Ok(_) => ClientError::Other(format!("unexpected reply to {}: {e}", op.name())),
+                    Err(e) => ClientError::Other(format!("malformed reply to {}: {e}", op.name())),
+                });
+            }
+        };
+        match (reply.ok, reply.result, reply.error) {
+            (true, Some(result), _) => Ok((result, reply.next)),
+            (true, None, _) => serde_json::from_value(serde_json::Value::Null)
+                .map(|r| (r, reply.next))
+                .map_err(|e| ClientError::Other(format!("unexpected reply to {}: {e}", op.name()))),
+            (false, _, Some(error)) => Err(ClientError::Api(error)),
+            (false, _, None) => Err(ClientError::Other(
+                "the node reported a failure without details".into(),
+            )),
+        }
+    }
+
+    /// Every item of a paged listing, following `next` cursors: `req(cursor, wanted)` builds
+    /// the request for a page (`wanted`: how many items are still wanted, when `max` is
+    /// given). Stops after `max` items.
+    pub async fn fetch_all<Req: Serialize, T: DeserializeOwned>(
+        &self,
+        op: Op,
+        mut req: impl FnMut(Option<String>, Option<usize>) -> Req,
+        max: Option<usize>,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut items: Vec<T> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let wanted = max.map(|m| m.saturating_sub(items.len()));
+            let (page, next): (Vec<T>, Option<String>) =
+                self.call_page(op, &req(cursor.take(), wanted)).await?;
+            let empty = page.is_empty();
+            items.extend(page);
+            if let Some(m) = max {
+                if items.len() >= m {
+                    items.truncate(m);
+                    return Ok(items);
+                }
+            }
+            match next {
+                Some(_) if empty => {
+                    return Err(ClientError::Other(format!(
+                        "the node answered {} with an empty page and a cursor; try again",
+                        op.name()
+                    )))
+                }
+                Some(n) => cursor = Some(n),
+                None => return Ok(items),
+            }
+        }
     }
 
     /// Sends `req` as operation `op` and returns the raw result.
-    ///
-    /// A node that is frozen (stopped, stalled) still holds its place in the queue group until
-    /// the server notices, and a request routed to it gets no answer. So the request is sent
-    /// up to three times within the timeout, each time most likely to another node; every
-    /// operation is idempotent (`job.trigger` through its request id).
     pub async fn call_value<Req: Serialize>(
         &self,
         op: Op,
         req: &Req,
     ) -> Result<serde_json::Value, ClientError> {
+        self.call(op, req).await
+    }
+
+    /// The largest request the connected server takes.
+    pub fn max_payload(&self) -> usize {
+        match self.nats.server_info().max_payload {
+            0 => crate::serve::page::DEFAULT_MAX_PAYLOAD,
+            n => n,
+        }
+    }
+
+    /// Sends `req` as operation `op`; returns the reply's payload.
+    ///
+    /// A node that is frozen (stopped, stalled) still holds its place in the queue group until
+    /// the server notices, and a request routed to it gets no answer. So the request is sent
+    /// up to three times within the timeout, each time most likely to another node; every
+    /// operation is idempotent (`job.trigger` through its request id).
+    async fn request<Req: Serialize>(
+        &self,
+        op: Op,
+        req: &Req,
+    ) -> Result<bytes::Bytes, ClientError> {
         let body = bytes::Bytes::from(
             serde_json::to_vec(req).map_err(|e| ClientError::Other(e.to_string()))?,
         );
+        if body.len() > self.max_payload() {
+            return Err(ClientError::Other(format!(
+                "the {} request is {} bytes, over nats-server's max_payload of {}: send less at once",
+                op.name(),
+                body.len(),
+                self.max_payload()
+            )));
+        }
         let per_attempt = (self.timeout / ATTEMPTS).max(Duration::from_millis(500));
         let mut attempt = 0;
         let reply = loop {
@@ -122,15 +217,15 @@ impl Client {
                 }
             }
         };
-        let reply: ApiReply = serde_json::from_slice(&reply.payload)
-            .map_err(|e| ClientError::Other(format!("malformed reply to {}: {e}", op.name())))?;
-        match (reply.ok, reply.result, reply.error) {
-            (true, Some(result), _) => Ok(result),
-            (true, None, _) => Ok(serde_json::Value::Null),
-            (false, _, Some(error)) => Err(ClientError::Api(error)),
-            (false, _, None) => Err(ClientError::Other(
-                "the node reported a failure without details".into(),
-            )),
-        }
+        Ok(reply.payload)
     }
+}
+
+/// An [`ApiReply`] whose result is decoded as `T`.
+#[derive(serde::Deserialize)]
+struct TypedReply<T> {
+    ok: bool,
+    result: Option<T>,
+    error: Option<ApiError>,
+    next: Option<String>,
 }

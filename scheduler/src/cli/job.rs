@@ -1,81 +1,34 @@
-//! `krest job …`: apply, list, get, history, pause, resume, delete, trigger (with `--wait`).
+//! `krest job …`: apply (in [`super::apply`]), list, get, history, pause, resume, delete,
+//! trigger (with `--wait`). Listings follow the API's pages to the end.
 
-use std::io::Read;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use krest_schemas::api::{
-    ApplyRequest, ApplyResponse, JobListRequest, JobRequest, JobView, Op, RunDetail, RunRequest,
-    RunStatus, TriggerRequest, TriggerResponse,
+    JobHistoryRequest, JobListRequest, JobRequest, JobView, Op, RunDetail, RunRequest, RunStatus,
+    TriggerRequest, TriggerResponse,
 };
 
 use super::args::JobCmd;
 use super::client::{Client, ClientError};
 use super::render::{esc, fmt_time, job_rows, print_json, table, JOB_HEADERS};
 
-/// Reads job documents from files: each file holds one definition or an array of them. Files
-/// are parsed strictly (a UTF-8 BOM is skipped; a key given twice in an object is an error with
-/// its line and column). A job view as `krest job get|list -o json` prints it (`{"key", "spec",
-/// …}`) stands for its `spec`, so saved views apply back (with their redacted secrets kept).
-fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut docs = Vec::new();
-    for f in files {
-        let bytes = if f.as_os_str() == "-" {
-            let mut b = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut b)
-                .context("cannot read stdin")?;
-            b
-        } else {
-            std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
-        };
-        let v = krest_schemas::json::parse(&bytes)
-            .with_context(|| format!("{} is not valid JSON", f.display()))?;
-        match v {
-            serde_json::Value::Array(items) => docs.extend(items.into_iter().map(unview)),
-            other => docs.push(unview(other)),
-        }
-    }
-    Ok(docs)
-}
-
-/// The definition inside a job view (`{"key": …, "spec": {…}, "revision": …}`), else `doc`.
-fn unview(doc: serde_json::Value) -> serde_json::Value {
-    match doc {
-        serde_json::Value::Object(mut m)
-            if m.contains_key("key") && m.get("spec").is_some_and(|s| s.is_object()) =>
-        {
-            m.remove("spec").unwrap_or_default()
-        }
-        other => other,
-    }
-}
-
 pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        JobCmd::Apply { files } => {
-            let documents = read_documents(&files)?;
-            let resp: ApplyResponse = client
-                .call(Op::JobApply, &ApplyRequest { documents })
-                .await?;
-            if json {
-                print_json(&resp)?;
-            } else {
-                for r in &resp.results {
-                    outln!(
-                        "{} {} (revision {})",
-                        r.job,
-                        format!("{:?}", r.outcome).to_lowercase(),
-                        r.revision
-                    );
-                }
-            }
-        }
+        JobCmd::Apply { files } => return super::apply::apply(client, &files, json).await,
         JobCmd::List { app, group } => {
             let jobs: Vec<JobView> = client
-                .call(Op::JobList, &JobListRequest { app, group })
+                .fetch_all(
+                    Op::JobList,
+                    |cursor, _| JobListRequest {
+                        app: app.clone(),
+                        group: group.clone(),
+                        limit: None,
+                        cursor,
+                    },
+                    None,
+                )
                 .await?;
             if json {
                 print_json(&jobs)?;
@@ -84,8 +37,17 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             }
         }
         JobCmd::History { job } => {
-            let revisions: Vec<krest_schemas::api::JobRevision> =
-                client.call(Op::JobHistory, &JobRequest::new(job)).await?;
+            let revisions: Vec<krest_schemas::api::JobRevision> = client
+                .fetch_all(
+                    Op::JobHistory,
+                    |cursor, _| JobHistoryRequest {
+                        job: job.clone(),
+                        limit: None,
+                        cursor,
+                    },
+                    None,
+                )
+                .await?;
             if json {
                 print_json(&revisions)?;
             } else {

@@ -1,7 +1,8 @@
 //! The `krest` command line. Parsing is in two stages: [`args`] holds the flags as close to the
 //! command line as possible; the command modules ([`job`], [`runs`], and the inspections here)
 //! turn them into API requests through [`client`] and print with [`render`]. Data goes to
-//! stdout, messages to stderr.
+//! stdout, messages to stderr. Listings follow the API's pages ([`client::Client::fetch_all`])
+//! and `runs get` fetches every page of a run, so output is whole however large the data.
 
 /// `println!` that reports a closed stdout (`krest … | head`) as an error instead of panicking.
 macro_rules! outln {
@@ -11,6 +12,7 @@ macro_rules! outln {
     }};
 }
 
+mod apply;
 pub mod args;
 pub mod client;
 mod job;
@@ -21,7 +23,7 @@ mod worker;
 use std::process::ExitCode;
 
 use chrono::Utc;
-use krest_schemas::api::{ClusterStatus, Op};
+use krest_schemas::api::{ClusterStatus, DlqListRequest, Op, WorkersListRequest};
 use krest_schemas::cron::parse_time_zone;
 use krest_schemas::{CronSchedule, WorkerInfo};
 
@@ -69,8 +71,16 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(cmd) => job::job(&client, cmd, json).await,
         Command::Runs(cmd) => runs::runs(&client, cmd, json).await,
         Command::Workers(WorkersCmd::List) => {
-            let workers: Vec<WorkerInfo> =
-                client.call(Op::WorkersList, &serde_json::json!({})).await?;
+            let workers: Vec<WorkerInfo> = client
+                .fetch_all(
+                    Op::WorkersList,
+                    |cursor, _| WorkersListRequest {
+                        limit: None,
+                        cursor,
+                    },
+                    None,
+                )
+                .await?;
             if json {
                 print_json(&workers)?;
             } else {
@@ -106,9 +116,13 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dlq(DlqCmd::List { limit }) => {
             let letters: Vec<krest_schemas::api::DeadLetter> = client
-                .call(
+                .fetch_all(
                     Op::DlqList,
-                    &krest_schemas::api::DlqListRequest { limit: Some(limit) },
+                    |cursor, wanted| DlqListRequest {
+                        limit: wanted.map(|w| w.min(1000) as u32),
+                        cursor,
+                    },
+                    Some(limit as usize),
                 )
                 .await?;
             if json {

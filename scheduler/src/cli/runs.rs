@@ -1,10 +1,13 @@
-//! `krest runs …`: list, get, cancel, watch.
+//! `krest runs …`: list, get, cancel, watch. `runs get` fetches every page of a run
+//! ([`run_detail`]).
 
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use futures_util::StreamExt;
-use krest_schemas::api::{Op, RunDetail, RunRequest, RunStatus, RunSummary, RunsListRequest};
+use krest_schemas::api::{
+    Op, RunDetail, RunGetRequest, RunRequest, RunStatus, RunSummary, RunsListRequest,
+};
 use krest_schemas::names::EVENTS_SUBJECTS;
 use krest_schemas::RunEvent;
 
@@ -25,13 +28,15 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 })?),
             };
             let runs: Vec<RunSummary> = client
-                .call(
+                .fetch_all(
                     Op::RunsList,
-                    &RunsListRequest {
-                        job,
+                    |cursor, wanted| RunsListRequest {
+                        job: job.clone(),
                         status,
-                        limit: Some(limit),
+                        limit: wanted.map(|w| w.min(1000) as u32),
+                        cursor,
                     },
+                    Some(limit as usize),
                 )
                 .await?;
             if json {
@@ -72,7 +77,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             }
         }
         RunsCmd::Get { run_id } => {
-            let d: RunDetail = client.call(Op::RunsGet, &RunRequest { run_id }).await?;
+            let d = run_detail(client, &run_id).await?;
             if json {
                 print_json(&d)?;
             } else {
@@ -267,4 +272,33 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A run with all its attempts and log lines, fetched page by page (an attempt whose lines go
+/// on in the next page is repeated there: its lines are joined).
+pub(crate) async fn run_detail(client: &Client, run_id: &str) -> Result<RunDetail, ClientError> {
+    let mut req = RunGetRequest::new(run_id);
+    let (mut detail, mut next): (RunDetail, Option<String>) =
+        client.call_page(Op::RunsGet, &req).await?;
+    while let Some(cursor) = next {
+        req.cursor = Some(cursor);
+        let (page, more): (RunDetail, Option<String>) = client.call_page(Op::RunsGet, &req).await?;
+        if page.attempts.is_empty() && more.is_some() {
+            return Err(ClientError::Other(
+                "the node answered runs.get with an empty page and a cursor; try again".into(),
+            ));
+        }
+        for attempt in page.attempts {
+            match detail.attempts.last_mut() {
+                Some(last) if (last.shard, last.attempt) == (attempt.shard, attempt.attempt) => {
+                    last.logs.extend(attempt.logs);
+                }
+                _ => detail.attempts.push(attempt),
+            }
+        }
+        next = more;
+    }
+    detail.attempts_left = 0;
+    detail.logs_left = 0;
+    Ok(detail)
 }

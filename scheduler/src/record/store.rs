@@ -619,12 +619,14 @@ impl Store {
         Ok(summaries)
     }
 
-    /// Runs matching the filter, newest first.
+    /// Runs matching the filter, newest first (by scheduled time, then run id), starting at
+    /// `start` (`(scheduled ms, run id)` of the first run wanted, inclusive) if given.
     pub async fn list_runs(
         &self,
         job: Option<(&str, Option<&str>)>,
         status: Option<RunStatus>,
         limit: u32,
+        start: Option<(Option<i64>, String)>,
     ) -> Result<Vec<RunSummary>, StoreError> {
         let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
         let mut vals: Vec<Val> = Vec::new();
@@ -640,6 +642,27 @@ impl Store {
             vals.push(status.as_str().into());
             sql.push_str(&format!(" AND status = ${}", vals.len()));
         }
+        // Keyset: the order below puts runs without a scheduled time (NULL: smallest in
+        // SQLite) last.
+        match start {
+            Some((Some(at), id)) => {
+                vals.push(at.into());
+                let at_n = vals.len();
+                vals.push(id.into());
+                let id_n = vals.len();
+                sql.push_str(&format!(
+                    " AND (scheduled_at < ${at_n} OR (scheduled_at = ${at_n} AND run_id <= ${id_n}) OR scheduled_at IS NULL)"
+                ));
+            }
+            Some((None, id)) => {
+                vals.push(id.into());
+                sql.push_str(&format!(
+                    " AND scheduled_at IS NULL AND run_id <= ${}",
+                    vals.len()
+                ));
+            }
+            None => {}
+        }
         vals.push(i64::from(limit).into());
         sql.push_str(&format!(
             " ORDER BY scheduled_at DESC, run_id DESC LIMIT ${}",
@@ -651,8 +674,11 @@ impl Store {
         rows.iter().map(run_summary).collect()
     }
 
-    /// One run with its attempts and log lines.
-    pub async fn get_run(&self, run_id: &str) -> Result<Option<RunDetail>, StoreError> {
+    /// One run's summary and args.
+    pub async fn run_head(
+        &self,
+        run_id: &str,
+    ) -> Result<Option<(RunSummary, Option<serde_json::Value>)>, StoreError> {
         let Some(row) = sqlx::query(&format!(
             "SELECT {RUN_COLUMNS}, args FROM runs WHERE run_id = $1"
         ))
@@ -666,55 +692,133 @@ impl Store {
         let args = row
             .try_get::<Option<String>, _>("args")?
             .and_then(|s| serde_json::from_str(&s).ok());
-        let mut logs: HashMap<(i64, i64), Vec<LogView>> = HashMap::new();
-        for r in sqlx::query("SELECT shard, attempt, seq, at, level, line FROM logs WHERE run_id = $1 ORDER BY shard, attempt, seq")
-            .bind(run_id)
-            .fetch_all(&self.pool)
+        Ok(Some((run, args)))
+    }
+
+    /// Up to `limit` attempts of a run from `(shard, attempt)` on (inclusive), by shard then
+    /// attempt, without their log lines.
+    pub async fn attempts_from(
+        &self,
+        run_id: &str,
+        (shard, attempt): (u32, u32),
+        limit: u32,
+    ) -> Result<Vec<AttemptView>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT shard, attempt, worker, started_at, finished_at, outcome, will_retry, retry_in_ms, output, error FROM attempts \
+             WHERE run_id = $1 AND (shard, attempt) >= ($2, $3) ORDER BY shard, attempt LIMIT $4",
+        )
+        .bind(run_id)
+        .bind(i64::from(shard))
+        .bind(i64::from(attempt))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(attempt_view).collect()
+    }
+
+    /// Up to `limit` log lines of a run from `from` (inclusive) through attempt `until`
+    /// (inclusive), by shard, attempt and seq: `(shard, attempt, line)`.
+    pub async fn logs_between(
+        &self,
+        run_id: &str,
+        from: RunStart,
+        until: (u32, u32),
+        limit: u32,
+    ) -> Result<Vec<(u32, u32, LogView)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT shard, attempt, seq, at, level, line FROM logs WHERE run_id = $1 \
+             AND (shard, attempt, seq) >= ($2, $3, $4) AND (shard, attempt) <= ($5, $6) \
+             ORDER BY shard, attempt, seq LIMIT $7",
+        )
+        .bind(run_id)
+        .bind(i64::from(from.shard))
+        .bind(i64::from(from.attempt))
+        .bind(i64::from(from.seq))
+        .bind(i64::from(until.0))
+        .bind(i64::from(until.1))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    u32_of(r.try_get("shard")?),
+                    u32_of(r.try_get("attempt")?),
+                    log_view(r)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// What of a run comes from `from` on: attempts after it (its own attempt counts when
+    /// `from` starts it, at seq 0) and log lines from it.
+    pub async fn left_from(&self, run_id: &str, from: RunStart) -> Result<(u64, u64), StoreError> {
+        let attempt_min = if from.seq == 0 {
+            i64::from(from.attempt)
+        } else {
+            i64::from(from.attempt) + 1
+        };
+        let attempts: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM attempts WHERE run_id = $1 AND (shard, attempt) >= ($2, $3)",
+        )
+        .bind(run_id)
+        .bind(i64::from(from.shard))
+        .bind(attempt_min)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        let logs: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM logs WHERE run_id = $1 AND (shard, attempt, seq) >= ($2, $3, $4)",
+        )
+        .bind(run_id)
+        .bind(i64::from(from.shard))
+        .bind(i64::from(from.attempt))
+        .bind(i64::from(from.seq))
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok((
+            u64::try_from(attempts).unwrap_or(0),
+            u64::try_from(logs).unwrap_or(0),
+        ))
+    }
+
+    /// One run with all its attempts and log lines (for tests and small runs; the API pages
+    /// with [`Store::attempts_from`] and [`Store::logs_between`]).
+    pub async fn get_run(&self, run_id: &str) -> Result<Option<RunDetail>, StoreError> {
+        let Some((run, args)) = self.run_head(run_id).await? else {
+            return Ok(None);
+        };
+        let mut attempts = self.attempts_from(run_id, (0, 0), u32::MAX).await?;
+        let start = RunStart {
+            shard: 0,
+            attempt: 0,
+            seq: 0,
+        };
+        let mut lines = self
+            .logs_between(run_id, start, (u32::MAX, u32::MAX), u32::MAX)
             .await?
-        {
-            let level: String = r.try_get("level")?;
-            logs.entry((r.try_get("shard")?, r.try_get("attempt")?))
-                .or_default()
-                .push(LogView {
-                    seq: u32_of(r.try_get("seq")?),
-                    at: from_ms(Some(r.try_get("at")?)).unwrap_or_default(),
-                    level: parse_enum(&level).unwrap_or(LogLevel::Info),
-                    line: r.try_get("line")?,
-                });
-        }
-        let mut attempts = Vec::new();
-        for r in sqlx::query("SELECT shard, attempt, worker, started_at, finished_at, outcome, will_retry, retry_in_ms, output, error FROM attempts WHERE run_id = $1 ORDER BY shard, attempt")
-            .bind(run_id)
-            .fetch_all(&self.pool)
-            .await?
-        {
-            let shard: i64 = r.try_get("shard")?;
-            let attempt: i64 = r.try_get("attempt")?;
-            let outcome: Option<String> = r.try_get("outcome")?;
-            let status = match outcome.as_deref().and_then(parse_enum::<AttemptOutcome>) {
-                Some(o) => AttemptStatus::from(o),
-                None => AttemptStatus::Running,
-            };
-            attempts.push(AttemptView {
-                shard: u32_of(shard),
-                attempt: u32_of(attempt),
-                status,
-                will_retry: r.try_get::<i64, _>("will_retry")? != 0,
-                retry_in_ms: r
-                    .try_get::<Option<i64>, _>("retry_in_ms")?
-                    .and_then(|v| u64::try_from(v).ok()),
-                worker: r.try_get("worker")?,
-                started_at: from_ms(r.try_get("started_at")?),
-                finished_at: from_ms(r.try_get("finished_at")?),
-                output: r.try_get("output")?,
-                error: r.try_get("error")?,
-                logs: logs.remove(&(shard, attempt)).unwrap_or_default(),
-            });
+            .into_iter()
+            .peekable();
+        for a in &mut attempts {
+            while let Some((s, n, _)) = lines.peek() {
+                if (*s, *n) < (a.shard, a.attempt) {
+                    lines.next();
+                } else if (*s, *n) == (a.shard, a.attempt) {
+                    if let Some((_, _, l)) = lines.next() {
+                        a.logs.push(l);
+                    }
+                } else {
+                    break;
+                }
+            }
         }
         Ok(Some(RunDetail {
             run,
             args,
             attempts,
+            attempts_left: 0,
+            logs_left: 0,
         }))
     }
 
@@ -764,6 +868,51 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Where a page of a run's attempts and log lines starts: attempt `(shard, attempt)`, its
+/// log lines from `seq` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunStart {
+    /// Shard index.
+    pub shard: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// First log sequence wanted (0: all).
+    pub seq: u32,
+}
+
+fn attempt_view(r: &AnyRow) -> Result<AttemptView, StoreError> {
+    let outcome: Option<String> = r.try_get("outcome")?;
+    let status = match outcome.as_deref().and_then(parse_enum::<AttemptOutcome>) {
+        Some(o) => AttemptStatus::from(o),
+        None => AttemptStatus::Running,
+    };
+    Ok(AttemptView {
+        shard: u32_of(r.try_get("shard")?),
+        attempt: u32_of(r.try_get("attempt")?),
+        status,
+        will_retry: r.try_get::<i64, _>("will_retry")? != 0,
+        retry_in_ms: r
+            .try_get::<Option<i64>, _>("retry_in_ms")?
+            .and_then(|v| u64::try_from(v).ok()),
+        worker: r.try_get("worker")?,
+        started_at: from_ms(r.try_get("started_at")?),
+        finished_at: from_ms(r.try_get("finished_at")?),
+        output: r.try_get("output")?,
+        error: r.try_get("error")?,
+        logs: Vec::new(),
+    })
+}
+
+fn log_view(r: &AnyRow) -> Result<LogView, StoreError> {
+    let level: String = r.try_get("level")?;
+    Ok(LogView {
+        seq: u32_of(r.try_get("seq")?),
+        at: from_ms(Some(r.try_get("at")?)).unwrap_or_default(),
+        level: parse_enum(&level).unwrap_or(LogLevel::Info),
+        line: r.try_get("line")?,
+    })
 }
 
 const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision, parent_run_id, epoch";
@@ -1035,12 +1184,12 @@ mod tests {
         assert!(d.attempts[1].will_retry);
         assert_eq!(d.attempts[2].logs[0].line, "shard 1 attempt 2");
         let listed = store
-            .list_runs(Some(("j", Some("g"))), Some(RunStatus::Succeeded), 10)
+            .list_runs(Some(("j", Some("g"))), Some(RunStatus::Succeeded), 10, None)
             .await
             .unwrap();
         assert_eq!(listed.len(), 1);
         assert!(store
-            .list_runs(Some(("j", Some("other"))), None, 10)
+            .list_runs(Some(("j", Some("other"))), None, 10, None)
             .await
             .unwrap()
             .is_empty());

@@ -1,12 +1,19 @@
 //! The node side of the request/reply API (`krest.api.<op>`, queue group `krest-api`): every
 //! node answers, so clients need only a NATS connection. Reads come from the node's job table
-//! and database; writes go to the jobs bucket with revision checks.
+//! and database; writes go to the jobs bucket with revision checks (bulk applies pipelined, see
+//! [`super::apply`]).
 //!
 //! Request bodies are parsed strictly ([`krest_schemas::json`]: a BOM is skipped, duplicate
 //! keys are refused); user values echoed in errors are shortened ([`krest_schemas::text::echo`]);
 //! every reply is a view with secrets redacted ([`krest_schemas::redact`]), and `job.apply`
 //! resolves the redacted placeholders against the stored definition.
+//!
+//! Every reply fits in one NATS message: listings and `runs.get` are built a page at a time by
+//! [`super::page`], bounded by the request's `limit` and by the server's `max_payload`, with a
+//! `next` cursor when something was left for the next page; [`super::page::guard`] turns any
+//! reply that would still be too large into a `too_large` error.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use async_nats::jetstream::kv;
@@ -14,21 +21,26 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::api::{
-    ApiError, ApiReply, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
-    ClusterStatus, DlqListRequest, ErrorCode, InvalidDocument, JobListRequest, JobRequest,
-    JobRevision, JobView, Op, RunRequest, RunsListRequest, TriggerRequest, TriggerResponse,
+    ApiError, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
+    ClusterStatus, DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest,
+    JobRevision, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary, RunsListRequest,
+    TriggerRequest, TriggerResponse, WorkersListRequest,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
 use krest_schemas::text::{echo, shorten_quoted};
-use krest_schemas::{parse_job, JobSpec, NodeInfo, Problem, StoredJob, Trigger, WorkerInfo};
+use krest_schemas::{JobSpec, NodeInfo, Problem, Schedule, StoredJob, Trigger};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::page::{
+    cap_args, cap_text, error_bytes, guard, result_budget, PageBuilder, PageError, Reply,
+    RunPageBuilder,
+};
 use crate::infra::Infra;
 use crate::jobs::{JobEntry, JobTable, ResolveError};
 use crate::leader::dispatch::{manual_run_id, Fire, Publisher};
-use crate::record::store::Store;
+use crate::record::store::{RunStart, Store};
 
 /// Everything the API reads and writes.
 #[derive(Clone)]
@@ -49,10 +61,10 @@ pub struct ApiServer {
 
 /// An API failure: code and message.
 #[derive(Debug)]
-struct Failure(ApiError);
+pub(super) struct Failure(pub(super) ApiError);
 
 impl Failure {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
         Failure(ApiError {
             code,
             message: message.into(),
@@ -60,8 +72,27 @@ impl Failure {
         })
     }
 
-    fn internal(e: impl std::fmt::Display) -> Failure {
+    pub(super) fn internal(e: impl std::fmt::Display) -> Failure {
         Failure::new(ErrorCode::Internal, e.to_string())
+    }
+
+    fn cursor(cursor: &str) -> Failure {
+        Failure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "malformed cursor `{}`: pass the `next` of the previous page as it is",
+                echo(cursor)
+            ),
+        )
+    }
+}
+
+impl From<PageError> for Failure {
+    fn from(e: PageError) -> Self {
+        match e {
+            PageError::TooLarge { .. } => Failure::new(ErrorCode::TooLarge, e.to_string()),
+            PageError::Encode(_) => Failure::internal(e),
+        }
     }
 }
 
@@ -75,14 +106,23 @@ impl From<ResolveError> for Failure {
     }
 }
 
-type Answer = Result<serde_json::Value, Failure>;
+type Answer = Result<Reply, Failure>;
 
 /// How long a write waits for this node's job table to show it, so the next request (to any
 /// node, usually this one) reads it.
-const READ_YOUR_WRITES: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const READ_YOUR_WRITES: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Jobs (and workers) per page: default and most.
+const MAX_PAGE: u32 = 10_000;
+
+/// Attempts read from the database at a time while filling a `runs.get` page.
+const ATTEMPT_BATCH: u32 = 256;
+
+/// Log lines read from the database at a time while filling a `runs.get` page.
+const LOG_BATCH: u32 = 1024;
 
 fn to_value<T: Serialize>(v: T) -> Answer {
-    serde_json::to_value(v).map_err(Failure::internal)
+    Ok(Reply::of(&v)?)
 }
 
 /// Decodes a request body with the strict parser (a BOM is skipped; duplicate keys are an
@@ -140,17 +180,17 @@ impl ApiServer {
                         format!("unknown operation `{}`", echo(op_name)),
                     )),
                 };
-                let reply_body = match answer {
-                    Ok(result) => ApiReply { ok: true, result: Some(result), error: None },
+                let message = match answer {
+                    Ok(reply) => reply.into_bytes(),
                     Err(Failure(error)) => {
                         if error.code == ErrorCode::Internal {
                             tracing::warn!(op = op_name, error = %error.message, "API request failed");
                         }
-                        ApiReply { ok: false, result: None, error: Some(error) }
+                        error_bytes(error)
                     }
                 };
-                let bytes = serde_json::to_vec(&reply_body).unwrap_or_default();
-                if let Err(e) = server.client.publish(reply, Bytes::from(bytes)).await {
+                let message = guard(message, server.max_payload(), op_name);
+                if let Err(e) = server.client.publish(reply, Bytes::from(message)).await {
                     tracing::warn!(error = %e, "cannot send API reply");
                 }
             });
@@ -159,9 +199,18 @@ impl ApiServer {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// The largest message the connected server takes (requests and replies alike).
+    pub(super) fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
     async fn handle(&self, op: Op, payload: &[u8]) -> Answer {
         match op {
-            Op::JobApply => self.apply(body(payload)?).await,
+            Op::JobApply => {
+                let req: ApplyRequest = body(payload)?;
+                let results = self.apply_documents(&req.documents).await?;
+                to_value(ApplyResponse { results })
+            }
             Op::JobList => self.list(body(payload)?),
             Op::JobGet => {
                 let req: JobRequest = body(payload)?;
@@ -177,47 +226,30 @@ impl ApiServer {
                     Some(revision) => to_value(self.revision(&req.job, revision).await?),
                 }
             }
-            Op::JobHistory => {
-                let req: JobRequest = body(payload)?;
-                to_value(self.history(&req.job).await?)
-            }
+            Op::JobHistory => self.history(body(payload)?).await,
             Op::JobPause => self.set_running(body(payload)?, false).await,
             Op::JobResume => self.set_running(body(payload)?, true).await,
             Op::JobDelete => self.delete(body(payload)?).await,
             Op::JobTrigger => self.trigger(body(payload)?).await,
             Op::RunsList => self.runs_list(body(payload)?).await,
-            Op::RunsGet => {
-                let req: RunRequest = body(payload)?;
-                match self
-                    .store
-                    .get_run(&req.run_id)
-                    .await
-                    .map_err(Failure::internal)?
-                {
-                    Some(mut d) => {
-                        d.redact_secrets();
-                        to_value(d)
-                    }
-                    None => Err(no_run(&req.run_id)),
-                }
-            }
+            Op::RunsGet => self.run_get(body(payload)?).await,
             Op::RunsCancel => {
                 let req: RunRequest = body(payload)?;
-                let Some(d) = self
+                let Some((run, _)) = self
                     .store
-                    .get_run(&req.run_id)
+                    .run_head(&req.run_id)
                     .await
                     .map_err(Failure::internal)?
                 else {
                     return Err(no_run(&req.run_id));
                 };
-                if d.run.status.is_final() {
+                if run.status.is_final() {
                     return Err(Failure::new(
                         ErrorCode::BadRequest,
                         format!(
                             "run {} already ended: {}",
                             echo(&req.run_id),
-                            d.run.status.as_str()
+                            run.status.as_str()
                         ),
                     ));
                 }
@@ -225,166 +257,29 @@ impl ApiServer {
                     &self.infra,
                     &self.client,
                     &req.run_id,
-                    &d.run.app_name,
+                    &run.app_name,
                     "cancelled by request",
                 )
                 .await
                 .map_err(Failure::internal)?;
                 to_value(CancelResponse {
                     run_id: req.run_id,
-                    app_name: d.run.app_name,
-                    status_before: d.run.status,
+                    app_name: run.app_name,
+                    status_before: run.status,
                 })
             }
-            Op::WorkersList => to_value(self.workers().await?),
+            Op::WorkersList => self.workers(body(payload)?).await,
             Op::ClusterStatus => to_value(self.cluster().await?),
-            Op::DlqList => {
-                let req: DlqListRequest = body(payload)?;
-                let limit = req.limit.unwrap_or(20).clamp(1, 1000) as usize;
-                to_value(
-                    crate::deadletter::list(&self.infra.js, limit)
-                        .await
-                        .map_err(Failure::internal)?,
-                )
-            }
+            Op::DlqList => self.dlq(body(payload)?).await,
         }
     }
 
-    async fn apply(&self, req: ApplyRequest) -> Answer {
-        let mut invalid = Vec::new();
-        let mut specs = Vec::new();
-        let now = Utc::now();
-        for (index, doc) in req.documents.iter().enumerate() {
-            // Checked here against this node's table so that nothing is written when any
-            // document is wrong; `put_job` checks again against the revision it replaces.
-            let checked = parse_job(doc).and_then(|spec| {
-                let stored = self.table.get(&spec.key());
-                prepare(&spec, stored.as_ref().map(|e| &e.stored.spec), now).map(|_| spec)
-            });
-            match checked {
-                Ok(spec) => {
-                    let duplicate = specs
-                        .iter()
-                        .find(|(_, s): &&(usize, krest_schemas::JobSpec)| s.key() == spec.key())
-                        .map(|(i, _)| *i);
-                    if let Some(first) = duplicate {
-                        invalid.push(InvalidDocument {
-                            index,
-                            job: Some(spec.key()),
-                            problems: vec![krest_schemas::Problem {
-                                field: String::new(),
-                                message: format!("defines the same job as document {first}"),
-                            }],
-                        });
-                    } else {
-                        specs.push((index, spec));
-                    }
-                }
-                Err(e) => invalid.push(InvalidDocument {
-                    index,
-                    job: e.job,
-                    problems: e.problems,
-                }),
-            }
-        }
-        if req.documents.is_empty() {
-            return Err(Failure::new(
-                ErrorCode::BadRequest,
-                "no job definitions given",
-            ));
-        }
-        invalid.extend(self.check_children(&specs));
-        invalid.sort_by_key(|d| d.index);
-        if !invalid.is_empty() {
-            let n = invalid.len();
-            return Err(Failure(ApiError {
-                code: ErrorCode::InvalidJob,
-                message: format!(
-                    "{n} of {} definitions are invalid; nothing was applied",
-                    req.documents.len()
-                ),
-                invalid,
-            }));
-        }
-        let mut results = Vec::new();
-        for (index, spec) in specs {
-            results.push(self.put_job(index, spec).await?);
-        }
-        to_value(ApplyResponse { results })
-    }
-
-    /// Child jobs must exist (already, or in this apply) and never lead back to their parent.
-    fn check_children(&self, specs: &[(usize, krest_schemas::JobSpec)]) -> Vec<InvalidDocument> {
-        let mut graph: std::collections::HashMap<String, Vec<String>> = self
-            .table
-            .all()
-            .into_iter()
-            .map(|(k, e)| (k, e.stored.spec.child_keys()))
-            .collect();
-        for (_, spec) in specs {
-            graph.insert(spec.key(), spec.child_keys());
-        }
-        let mut invalid = Vec::new();
-        for (index, spec) in specs {
-            let mut problems = Vec::new();
-            for child in spec.child_keys() {
-                if !graph.contains_key(&child) {
-                    problems.push(krest_schemas::Problem {
-                        field: "childJobs".into(),
-                        message: format!("no job `{child}`: apply it first, or in the same file"),
-                    });
-                }
-            }
-            if let Some(cycle) = find_cycle(&graph, &spec.key()) {
-                problems.push(krest_schemas::Problem {
-                    field: "childJobs".into(),
-                    message: format!("child jobs form a cycle: {}", cycle.join(" → ")),
-                });
-            }
-            if !problems.is_empty() {
-                invalid.push(InvalidDocument {
-                    index: *index,
-                    job: Some(spec.key()),
-                    problems,
-                });
-            }
-        }
-        invalid
-    }
-
-    /// Writes one validated spec with a revision check, retrying on a concurrent write. Its
-    /// secret placeholders are resolved, and its `at` checked, against the revision it
-    /// replaces.
-    async fn put_job(
-        &self,
-        index: usize,
-        spec: krest_schemas::JobSpec,
-    ) -> Result<ApplyResult, Failure> {
-        let key = spec.key();
-        let now = Utc::now();
-        self.write_job(&key, |current| {
-            prepare(&spec, current.map(|s| &s.spec), now).map_err(|e| {
-                Failure(ApiError {
-                    code: ErrorCode::InvalidJob,
-                    message: format!(
-                        "job {key} changed while being applied and document {index} no longer fits it; the documents before it were applied, the rest were not"
-                    ),
-                    invalid: vec![InvalidDocument {
-                        index,
-                        job: e.job,
-                        problems: e.problems,
-                    }],
-                })
-            })
-        })
-        .await
-    }
-
-    /// The one write path of job definitions: reads the current revision, asks `next` for the
-    /// new spec (given the current one, if any), writes it revision-checked (retrying when
-    /// another write came in between), and waits until this node's table shows it. Identical
-    /// specs are not written.
-    async fn write_job(
+    /// The one-at-a-time write path of job definitions: reads the current revision, asks
+    /// `next` for the new spec (given the current one, if any), writes it revision-checked
+    /// (retrying when another write came in between), and waits until this node's table shows
+    /// it. Identical specs are not written. (Bulk applies write pipelined and come here only
+    /// for conflicts: [`ApiServer::write_specs`].)
+    pub(super) async fn write_job(
         &self,
         key: &str,
         next: impl Fn(Option<&StoredJob>) -> Result<krest_schemas::JobSpec, Failure>,
@@ -480,17 +375,29 @@ impl ApiServer {
         }
     }
 
-    async fn history(&self, name: &str) -> Result<Vec<JobRevision>, Failure> {
-        let key = self.resolve_any(name)?;
+    /// `job.history`: revisions newest first, from the cursor's revision down.
+    async fn history(&self, req: JobHistoryRequest) -> Answer {
+        let limit = req.limit.unwrap_or(64).clamp(1, MAX_PAGE) as usize;
+        let start = match req.cursor.as_deref() {
+            None => u64::MAX,
+            Some(c) => c.parse::<u64>().map_err(|_| Failure::cursor(c))?,
+        };
+        let key = self.resolve_any(&req.job)?;
         let mut entries = self
             .infra
             .jobs
             .history(&key)
             .await
             .map_err(Failure::internal)?;
-        let mut out = Vec::new();
+        let mut all = Vec::new();
         while let Some(entry) = entries.next().await {
-            let entry = entry.map_err(Failure::internal)?;
+            all.push(entry.map_err(Failure::internal)?);
+        }
+        if all.is_empty() {
+            return Err(ResolveError::NotFound(req.job.clone()).into());
+        }
+        let mut page = PageBuilder::new(limit, self.max_payload());
+        for entry in all.into_iter().rev().filter(|e| e.revision <= start) {
             let (operation, spec) = match entry.operation {
                 kv::Operation::Put => (
                     "PUT",
@@ -501,7 +408,7 @@ impl ApiServer {
                 kv::Operation::Delete => ("DELETE", None),
                 kv::Operation::Purge => ("PURGE", None),
             };
-            out.push(JobRevision {
+            let revision = JobRevision {
                 revision: entry.revision,
                 written_at: chrono::DateTime::from_timestamp(
                     entry.created.unix_timestamp(),
@@ -510,13 +417,22 @@ impl ApiServer {
                 .unwrap_or_default(),
                 operation: operation.to_string(),
                 spec,
-            });
+            };
+            let pushed = page.push(
+                &revision,
+                || entry.revision.to_string(),
+                || {
+                    (
+                        format!("revision {} of job {key}", entry.revision),
+                        String::new(),
+                    )
+                },
+            )?;
+            if !pushed {
+                break;
+            }
         }
-        if out.is_empty() {
-            return Err(ResolveError::NotFound(name.to_string()).into());
-        }
-        out.reverse();
-        Ok(out)
+        Ok(page.finish())
     }
 
     async fn revision(&self, name: &str, revision: u64) -> Result<JobView, Failure> {
@@ -543,25 +459,34 @@ impl ApiServer {
         Ok(v)
     }
 
+    /// `job.list`: jobs by key from the cursor on, read as a range of the job table.
     fn list(&self, req: JobListRequest) -> Answer {
-        let mut jobs: Vec<JobView> = self
-            .table
-            .all()
-            .into_iter()
-            .filter(|(_, e)| {
-                req.app
-                    .as_deref()
-                    .is_none_or(|a| e.stored.spec.app_name == a)
-            })
-            .filter(|(_, e)| {
-                req.group
-                    .as_deref()
-                    .is_none_or(|g| e.stored.spec.job_group == g)
-            })
-            .map(|(k, e)| view(&k, &e))
-            .collect();
-        jobs.sort_by(|a, b| a.key.cmp(&b.key));
-        to_value(jobs)
+        let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
+        let app = req.app.as_deref();
+        let entries = self.table.page(
+            req.cursor.as_deref(),
+            req.group.as_deref(),
+            |e| app.is_none_or(|a| e.stored.spec.app_name == a),
+            limit + 1,
+        );
+        let mut page = PageBuilder::new(limit, self.max_payload());
+        let mut views = Views::new();
+        for (key, entry) in entries {
+            let pushed = page.push(
+                &views.view(&key, &entry),
+                || key.clone(),
+                || {
+                    (
+                        format!("job {key}"),
+                        format!(", or delete the job (`krest job delete {key}`)"),
+                    )
+                },
+            )?;
+            if !pushed {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
     async fn set_running(&self, req: JobRequest, running: bool) -> Answer {
@@ -680,8 +605,10 @@ impl ApiServer {
         })
     }
 
+    /// `runs.list`: newest first, from the cursor's run on.
     async fn runs_list(&self, req: RunsListRequest) -> Answer {
         let limit = req.limit.unwrap_or(20).clamp(1, 1000);
+        let start = req.cursor.as_deref().map(parse_run_cursor).transpose()?;
         let job = match req.job.as_deref() {
             None => None,
             Some(name) => Some(match self.table.resolve(name) {
@@ -695,18 +622,176 @@ impl ApiServer {
             Some((group, name)) => (name, Some(group)),
             None => (k, None),
         });
-        let mut runs = self
+        let runs = self
             .store
-            .list_runs(filter, req.status, limit)
+            .list_runs(filter, req.status, limit + 1, start)
             .await
             .map_err(Failure::internal)?;
-        runs.iter_mut()
-            .for_each(krest_schemas::api::RunSummary::redact_secrets);
-        to_value(runs)
+        let max_payload = self.max_payload();
+        let cap = text_cap(max_payload);
+        let mut page = PageBuilder::new(limit as usize, max_payload);
+        for mut run in runs {
+            run.redact_secrets();
+            cap_summary(&mut run, cap);
+            let pushed = page.push(
+                &run,
+                || run_cursor(&run),
+                || (format!("run {}", run.run_id), String::new()),
+            )?;
+            if !pushed {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
-    async fn workers(&self) -> Result<Vec<WorkerInfo>, Failure> {
-        Ok(self.routing.live_now().await.as_ref().clone())
+    /// `runs.get`: the run, then its attempts and their log lines in (shard, attempt, seq)
+    /// order from the cursor on, as many as fit.
+    async fn run_get(&self, req: RunGetRequest) -> Answer {
+        let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
+        let start = req
+            .cursor
+            .as_deref()
+            .map(parse_run_get_cursor)
+            .transpose()?;
+        let Some((mut run, args)) = self
+            .store
+            .run_head(&req.run_id)
+            .await
+            .map_err(Failure::internal)?
+        else {
+            return Err(no_run(&req.run_id));
+        };
+        let max_payload = self.max_payload();
+        let cap = text_cap(max_payload);
+        run.redact_secrets();
+        cap_summary(&mut run, cap);
+        // Args on the first page only.
+        let args = match start {
+            None => args.map(|a| cap_args(a, 2 * cap)),
+            Some(_) => None,
+        };
+        let mut page = RunPageBuilder::start(&run, args.as_ref(), limit, max_payload)?;
+        let start = start.unwrap_or(RunStart {
+            shard: 0,
+            attempt: 0,
+            seq: 0,
+        });
+        let mut from = (start.shard, start.attempt);
+        'batches: loop {
+            let attempts = self
+                .store
+                .attempts_from(&req.run_id, from, ATTEMPT_BATCH)
+                .await
+                .map_err(Failure::internal)?;
+            let (Some(first), Some(last)) = (attempts.first(), attempts.last()) else {
+                break;
+            };
+            let log_start = if (first.shard, first.attempt) == (start.shard, start.attempt) {
+                start
+            } else {
+                RunStart {
+                    shard: first.shard,
+                    attempt: first.attempt,
+                    seq: 0,
+                }
+            };
+            let mut logs = LogFeed::new(log_start, (last.shard, last.attempt));
+            let full_batch = attempts.len() as u32 == ATTEMPT_BATCH;
+            from = (last.shard, last.attempt.saturating_add(1));
+            for mut attempt in attempts {
+                let (shard, number) = (attempt.shard, attempt.attempt);
+                attempt.redact_secrets();
+                for text in [&mut attempt.output, &mut attempt.error]
+                    .into_iter()
+                    .flatten()
+                {
+                    cap_text(text, cap);
+                }
+                if !page.open_attempt(&attempt, || format!("{shard}.{number}"))? {
+                    break 'batches;
+                }
+                while let Some(mut line) = logs
+                    .next_for(&self.store, &req.run_id, shard, number)
+                    .await?
+                {
+                    if let std::borrow::Cow::Owned(redacted) =
+                        krest_schemas::redact::text(&line.line)
+                    {
+                        line.line = redacted;
+                    }
+                    cap_text(&mut line.line, cap);
+                    let seq = line.seq;
+                    if !page.push_log(&line, || format!("{shard}.{number}.{seq}"))? {
+                        break 'batches;
+                    }
+                }
+            }
+            if !full_batch {
+                break;
+            }
+        }
+        let (attempts_left, logs_left) = match page.next().map(parse_run_get_cursor) {
+            Some(Ok(next)) => self
+                .store
+                .left_from(&req.run_id, next)
+                .await
+                .map_err(Failure::internal)?,
+            _ => (0, 0),
+        };
+        Ok(page.finish(attempts_left, logs_left))
+    }
+
+    /// `workers.list`: by app and instance from the cursor on. The first page reads the
+    /// registry now; the following ones page through the same view.
+    async fn workers(&self, req: WorkersListRequest) -> Answer {
+        let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
+        let live = match &req.cursor {
+            None => self.routing.live_now().await,
+            Some(_) => self.routing.live(),
+        };
+        let start = match req.cursor.as_deref() {
+            None => None,
+            Some(c) => Some(c.split_once('.').ok_or_else(|| Failure::cursor(c))?),
+        };
+        let mut page = PageBuilder::new(limit, self.max_payload());
+        let from = live.iter().filter(|w| {
+            start.is_none_or(|(app, instance)| {
+                (w.app_name.as_str(), w.instance.as_str()) >= (app, instance)
+            })
+        });
+        for worker in from {
+            let key = || format!("{}.{}", worker.app_name, worker.instance);
+            let pushed = page.push(worker, key, || (format!("worker {}", key()), String::new()))?;
+            if !pushed {
+                break;
+            }
+        }
+        Ok(page.finish())
+    }
+
+    /// `dlq.list`: newest first, from the cursor's sequence down.
+    async fn dlq(&self, req: DlqListRequest) -> Answer {
+        let limit = req.limit.unwrap_or(20).clamp(1, 1000) as usize;
+        let start = match req.cursor.as_deref() {
+            None => None,
+            Some(c) => Some(c.parse::<u64>().map_err(|_| Failure::cursor(c))?),
+        };
+        let letters = crate::deadletter::list(&self.infra.js, start, limit + 1)
+            .await
+            .map_err(Failure::internal)?;
+        let mut page = PageBuilder::new(limit, self.max_payload());
+        for letter in &letters {
+            let pushed = page.push(
+                letter,
+                || letter.seq.to_string(),
+                || (format!("dead letter {}", letter.seq), String::new()),
+            )?;
+            if !pushed {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
     async fn cluster(&self) -> Result<ClusterStatus, Failure> {
@@ -728,36 +813,117 @@ impl ApiServer {
     }
 }
 
-/// A path from `start` back to itself through child links, if there is one.
-fn find_cycle(
-    graph: &std::collections::HashMap<String, Vec<String>>,
-    start: &str,
-) -> Option<Vec<String>> {
-    fn visit(
-        graph: &std::collections::HashMap<String, Vec<String>>,
-        start: &str,
-        node: &str,
-        path: &mut Vec<String>,
-        seen: &mut std::collections::HashSet<String>,
-    ) -> bool {
-        for child in graph.get(node).into_iter().flatten() {
-            if child == start {
-                path.push(child.clone());
-                return true;
-            }
-            if seen.insert(child.clone()) {
-                path.push(child.clone());
-                if visit(graph, start, child, path, seen) {
-                    return true;
+/// The longest output, error or log line put in a reply: an eighth of the reply.
+fn text_cap(max_payload: usize) -> usize {
+    result_budget(max_payload) / 8
+}
+
+/// Caps a summary's output and error (the attempts have them too).
+fn cap_summary(run: &mut RunSummary, cap: usize) {
+    for text in [&mut run.output, &mut run.error].into_iter().flatten() {
+        cap_text(text, cap);
+    }
+}
+
+/// `runs.list` cursor of a run: `<scheduled epoch ms>:<run id>` (`-` for no time).
+fn run_cursor(run: &RunSummary) -> String {
+    match run.scheduled_at {
+        Some(t) => format!("{}:{}", t.timestamp_millis(), run.run_id),
+        None => format!("-:{}", run.run_id),
+    }
+}
+
+fn parse_run_cursor(cursor: &str) -> Result<(Option<i64>, String), Failure> {
+    let (at, id) = cursor
+        .split_once(':')
+        .ok_or_else(|| Failure::cursor(cursor))?;
+    let at = match at {
+        "-" => None,
+        ms => Some(ms.parse::<i64>().map_err(|_| Failure::cursor(cursor))?),
+    };
+    Ok((at, id.to_string()))
+}
+
+/// `runs.get` cursor: `<shard>.<attempt>` (the attempt and all its lines) or
+/// `<shard>.<attempt>.<seq>` (the attempt again, its lines from `seq`).
+fn parse_run_get_cursor(cursor: &str) -> Result<RunStart, Failure> {
+    let mut parts = cursor.split('.').map(str::parse::<u32>);
+    let mut next = || {
+        parts
+            .next()
+            .transpose()
+            .map_err(|_| Failure::cursor(cursor))
+    };
+    let (Some(shard), Some(attempt)) = (next()?, next()?) else {
+        return Err(Failure::cursor(cursor));
+    };
+    let seq = next()?.unwrap_or(0);
+    if next()?.is_some() {
+        return Err(Failure::cursor(cursor));
+    }
+    Ok(RunStart {
+        shard,
+        attempt,
+        seq,
+    })
+}
+
+/// The log lines of a batch of attempts, read in key order a thousand at a time and handed
+/// out attempt by attempt.
+struct LogFeed {
+    buf: VecDeque<(u32, u32, LogView)>,
+    from: RunStart,
+    until: (u32, u32),
+    done: bool,
+}
+
+impl LogFeed {
+    fn new(from: RunStart, until: (u32, u32)) -> LogFeed {
+        LogFeed {
+            buf: VecDeque::new(),
+            from,
+            until,
+            done: false,
+        }
+    }
+
+    /// The next line of attempt `(shard, attempt)`; attempts must be asked in order.
+    async fn next_for(
+        &mut self,
+        store: &Store,
+        run_id: &str,
+        shard: u32,
+        attempt: u32,
+    ) -> Result<Option<LogView>, Failure> {
+        loop {
+            match self.buf.front() {
+                Some((s, a, _)) if (*s, *a) < (shard, attempt) => {
+                    // Lines of an attempt with no attempt row: not shown (as before paging).
+                    self.buf.pop_front();
                 }
-                path.pop();
+                Some((s, a, _)) if (*s, *a) == (shard, attempt) => {
+                    return Ok(self.buf.pop_front().map(|(_, _, l)| l));
+                }
+                Some(_) => return Ok(None),
+                None if self.done => return Ok(None),
+                None => {
+                    let lines = store
+                        .logs_between(run_id, self.from, self.until, LOG_BATCH)
+                        .await
+                        .map_err(Failure::internal)?;
+                    self.done = (lines.len() as u32) < LOG_BATCH;
+                    if let Some((s, a, l)) = lines.last() {
+                        self.from = RunStart {
+                            shard: *s,
+                            attempt: *a,
+                            seq: l.seq.saturating_add(1),
+                        };
+                    }
+                    self.buf.extend(lines);
+                }
             }
         }
-        false
     }
-    let mut path = vec![start.to_string()];
-    let mut seen = std::collections::HashSet::new();
-    visit(graph, start, start, &mut path, &mut seen).then_some(path)
 }
 
 /// What `job.apply` requires of a valid definition beyond validation, given the stored one it
@@ -766,7 +932,7 @@ fn find_cycle(
 /// unchanged ([`JobSpec::check_at`]). The `at` check lives here, not in `validate`: it depends
 /// on the stored revision and the clock, and `validate` also re-checks stored definitions and
 /// manual-trigger args, where an `at` gone by is normal.
-fn prepare(
+pub(super) fn prepare(
     spec: &JobSpec,
     stored: Option<&JobSpec>,
     now: chrono::DateTime<Utc>,
@@ -775,6 +941,7 @@ fn prepare(
         job: Some(spec.key()),
         problems,
     };
+    let original = spec;
     let mut spec = spec.clone();
     let mut problems = Vec::new();
     if let Err(p) = spec.check_at(stored, now) {
@@ -785,6 +952,11 @@ fn prepare(
     }
     if !problems.is_empty() {
         return Err(invalid(problems));
+    }
+    if spec == *original {
+        // No placeholder resolved: `original` passed `validate` already (bulk applies check
+        // thousands of definitions; a second validation is measurable).
+        return Ok(spec);
     }
     spec.validate()
 }
@@ -801,26 +973,52 @@ fn no_run(run_id: &str) -> Failure {
 
 /// The API's view of a job, with its next fire time computed now. Secrets are redacted.
 pub fn view(key: &str, entry: &JobEntry) -> JobView {
-    let spec = &entry.stored.spec;
-    let next_fire_at = if spec.running {
-        spec.schedule(entry.stored.created_at)
-            .and_then(Result::ok)
-            .and_then(|s| s.next_after(Utc::now()))
-    } else {
-        None
-    };
-    JobView {
-        key: key.to_string(),
-        spec: spec.redacted(),
-        revision: entry.revision,
-        created_at: entry.stored.created_at,
-        updated_at: entry.stored.updated_at,
-        next_fire_at,
+    Views::new().view(key, entry)
+}
+
+/// Builds the views of many jobs (a page), parsing each distinct cron expression once.
+struct Views {
+    now: chrono::DateTime<Utc>,
+    parsed: HashMap<(String, String), Option<Schedule>>,
+}
+
+impl Views {
+    fn new() -> Views {
+        Views {
+            now: Utc::now(),
+            parsed: HashMap::new(),
+        }
+    }
+
+    fn view(&mut self, key: &str, entry: &JobEntry) -> JobView {
+        let spec = &entry.stored.spec;
+        let next_fire_at = if !spec.running {
+            None
+        } else if let Some(expr) = &spec.cron {
+            let now = self.now;
+            self.parsed
+                .entry((expr.clone(), spec.time_zone.clone()))
+                .or_insert_with(|| spec.schedule(entry.stored.created_at).and_then(Result::ok))
+                .as_ref()
+                .and_then(|s| s.next_after(now))
+        } else {
+            spec.schedule(entry.stored.created_at)
+                .and_then(Result::ok)
+                .and_then(|s| s.next_after(self.now))
+        };
+        JobView {
+            key: key.to_string(),
+            spec: spec.redacted(),
+            revision: entry.revision,
+            created_at: entry.stored.created_at,
+            updated_at: entry.stored.updated_at,
+            next_fire_at,
+        }
     }
 }
 
 /// Now, to the millisecond: stored times are kept at the precision of fire times and run ids.
-fn now_ms() -> chrono::DateTime<Utc> {
+pub(super) fn now_ms() -> chrono::DateTime<Utc> {
     let now = Utc::now();
     chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
 }

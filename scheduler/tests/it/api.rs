@@ -3,8 +3,10 @@
 
 use krest::cli::client::ClientError;
 use krest_schemas::api::{
-    ApiReply, ApplyOutcome, ErrorCode, JobListRequest, JobRequest, JobView, Op,
+    ApiReply, ApplyOutcome, ErrorCode, JobListRequest, JobRequest, JobView, Op, RunDetail,
+    RunGetRequest, RunSummary,
 };
+use krest_test_support::eventually;
 use serde_json::json;
 
 use crate::harness::*;
@@ -282,5 +284,570 @@ async fn hostile_documents_get_short_errors_and_bom_and_duplicate_keys_are_handl
         .unwrap();
     let keys: Vec<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
     assert_eq!(keys, ["t.bom"]);
+    node.stop().await.unwrap();
+}
+
+/// Job documents of about `size` bytes each: `n` jobs `j000`… in groups `g1` (the first half)
+/// and `g2`, apps `app-a` (even) and `app-b` (odd).
+fn sized_jobs(n: usize, size: usize) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let mut d = job(
+                &format!("j{i:03}"),
+                if i % 2 == 0 { "app-a" } else { "app-b" },
+                "p",
+                json!({"args": "x".repeat(size)}),
+            );
+            d["jobGroup"] = json!(if i < n / 2 { "g1" } else { "g2" });
+            d
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_list_and_history_come_in_pages_that_fit_max_payload() {
+    let env = Env::with_max_payload("list-pages", SMALL_PAYLOAD);
+    let node = env.node("n1");
+    let client = env.client().await;
+    // 300 jobs of about 1 KiB: their views are several times max_payload.
+    let file = env.write(
+        "jobs.json",
+        &serde_json::to_string(&sized_jobs(300, 1000)).unwrap(),
+    );
+    let (code, _, err) = env.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    // Pages bounded by bytes: every job once, in key order.
+    let pages: Vec<Vec<JobView>> = all_pages(&client, Op::JobList, |cursor| JobListRequest {
+        cursor,
+        ..Default::default()
+    })
+    .await;
+    assert!(pages.len() >= 5, "{} pages", pages.len());
+    let keys: Vec<String> = pages.concat().into_iter().map(|j| j.key).collect();
+    let mut expected: Vec<String> = (0..300)
+        .map(|i| format!("{}.j{i:03}", if i < 150 { "g1" } else { "g2" }))
+        .collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    // Bounded by count.
+    let pages: Vec<Vec<JobView>> = all_pages(&client, Op::JobList, |cursor| JobListRequest {
+        limit: Some(7),
+        cursor,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(pages.len(), 43);
+    assert_eq!(pages.concat().len(), 300);
+    // Filters page too.
+    let count = |group: Option<&'static str>, app: Option<&'static str>| {
+        let req = move |cursor| JobListRequest {
+            group: group.map(str::to_string),
+            app: app.map(str::to_string),
+            limit: Some(40),
+            cursor,
+        };
+        let client = client.clone();
+        async move {
+            all_pages::<_, JobView>(&client, Op::JobList, req)
+                .await
+                .concat()
+                .len()
+        }
+    };
+    assert_eq!(count(Some("g2"), None).await, 150);
+    assert_eq!(count(None, Some("app-a")).await, 150);
+    assert_eq!(count(Some("g1"), Some("app-b")).await, 75);
+
+    // The CLI follows the pages.
+    let (code, out, err) = env.cli(&["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 301, "header and 300 jobs");
+    let (code, out, err) = env.cli(&["-o", "json", "job", "list", "--group", "g2"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<JobView> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 150);
+
+    // 20 revisions of 8 KiB: the history is larger than max_payload.
+    for r in 0..20 {
+        let doc = job(
+            "h",
+            "app-a",
+            "p",
+            json!({"args": format!("{r:02}-{}", "y".repeat(8000))}),
+        );
+        apply(&client, vec![doc]).await;
+    }
+    let pages: Vec<Vec<krest_schemas::api::JobRevision>> =
+        all_pages(&client, Op::JobHistory, |cursor| {
+            krest_schemas::api::JobHistoryRequest {
+                job: "t.h".into(),
+                limit: None,
+                cursor,
+            }
+        })
+        .await;
+    assert!(pages.len() >= 3, "{} pages", pages.len());
+    let args: Vec<String> = pages
+        .concat()
+        .iter()
+        .map(|r| r.spec.as_ref().unwrap().args.as_str().unwrap()[..2].to_string())
+        .collect();
+    let expected: Vec<String> = (0..20).rev().map(|r| format!("{r:02}")).collect();
+    assert_eq!(args, expected, "newest first, each once");
+    let (code, out, err) = env.cli(&["job", "history", "h"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" PUT ")).count(),
+        20,
+        "{out}"
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_too_large_for_any_reply_is_a_clear_error() {
+    let env = Env::with_max_payload("too-large", SMALL_PAYLOAD);
+    let node = env.node("n1");
+    let client = env.client().await;
+    // A definition written to the bucket directly (`job apply` refuses it): it fits in a
+    // stored message but its view does not fit in a reply.
+    let nats = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut pad = 64_000;
+    let stored = loop {
+        let spec =
+            krest_schemas::parse_job(&job("big", "a", "p", json!({"args": "z".repeat(pad)})))
+                .unwrap();
+        let stored = serde_json::to_vec(&krest_schemas::StoredJob {
+            spec,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        })
+        .unwrap();
+        if stored.len() >= SMALL_PAYLOAD - 600 {
+            break stored;
+        }
+        pad += 100;
+    };
+    js.publish("$KV.krest-jobs.t.big", stored.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(DEADLINE, "the job in the table", || async {
+        client
+            .call::<_, JobView>(Op::JobGet, &JobRequest::new("t.big"))
+            .await
+            .ok()
+    })
+    .await;
+
+    let err = client
+        .call::<_, Vec<JobView>>(Op::JobList, &JobListRequest::default())
+        .await
+        .unwrap_err();
+    let ClientError::Api(api) = err else {
+        panic!("expected an API error, got {err:?}")
+    };
+    assert_eq!(api.code, ErrorCode::TooLarge);
+    assert!(api.message.starts_with("job t.big is 6"), "{}", api.message);
+    assert!(
+        api.message.contains("raise max_payload in the nats-server configuration, or delete the job (`krest job delete t.big`)"),
+        "{}",
+        api.message
+    );
+    let (code, _, err) = env.cli(&["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("error: job t.big is "), "{err}");
+    assert!(!err.contains("no answer"), "{err}");
+    // `job apply` of the same definition names the problem instead.
+    let doc = job("big2", "a", "p", json!({"args": "z".repeat(pad)}));
+    let file = env.write("big.json", &doc.to_string());
+    let (code, _, err) = env.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("document 0 (t.big2)"), "{err}");
+    assert!(err.contains("the definition is "), "{err}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_list_and_runs_get_come_in_pages_with_every_log_line() {
+    let env = Env::with_max_payload("run-pages", SMALL_PAYLOAD);
+    let node = env.node("n1");
+    let client = env.client().await;
+    // One run logs 100 lines of 4 KiB (~400 KiB); the others answer 6 KiB of output.
+    let w = env
+        .worker("runs-app", "w1")
+        .handler("chatty", |ctx: krest_worker::JobContext| async move {
+            if ctx.args() == &json!("chatty") {
+                for i in 1..=100 {
+                    ctx.log(format!("line {i:03} {}", "z".repeat(4000)));
+                }
+            }
+            Ok("o".repeat(6000))
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![job(
+            "chatty",
+            "runs-app",
+            "chatty",
+            json!({"args": "chatty"}),
+        )],
+    )
+    .await;
+    let chatty = trigger(&client, "chatty").await.run_id;
+    wait_final(&client, &chatty).await;
+    apply(
+        &client,
+        vec![job(
+            "chatty",
+            "runs-app",
+            "chatty",
+            json!({"args": "quiet"}),
+        )],
+    )
+    .await;
+    let mut ids = vec![chatty.clone()];
+    for _ in 0..11 {
+        let id = trigger(&client, "chatty").await.run_id;
+        wait_final(&client, &id).await;
+        ids.push(id);
+    }
+
+    // runs.list: 12 runs of 6 KiB output are more than one reply; pages lose none.
+    let pages: Vec<Vec<RunSummary>> = all_pages(&client, Op::RunsList, |cursor| {
+        krest_schemas::api::RunsListRequest {
+            job: Some("chatty".into()),
+            status: None,
+            limit: Some(1000),
+            cursor,
+        }
+    })
+    .await;
+    assert!(pages.len() >= 2, "{} pages", pages.len());
+    let mut listed: Vec<String> = pages.concat().into_iter().map(|r| r.run_id).collect();
+    assert_eq!(listed.len(), 12);
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    let (code, out, err) = env.cli(&[
+        "-o", "json", "runs", "list", "--job", "chatty", "--limit", "100",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Vec<RunSummary>>(&out).unwrap().len(),
+        12
+    );
+    let (code, out, err) = env.cli(&["runs", "list", "--job", "chatty", "--limit", "5"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 6, "header and 5 runs: {out}");
+
+    // runs.get: the first page says what it left out; the pages carry every line once.
+    let (first, next): (RunDetail, Option<String>) = client
+        .call_page(Op::RunsGet, &RunGetRequest::new(chatty.clone()))
+        .await
+        .unwrap();
+    assert!(next.is_some());
+    let shown = first.attempts[0].logs.len() as u64;
+    assert!(shown < 100, "{shown}");
+    assert_eq!(first.logs_left, 100 - shown);
+    assert!(first.args.is_some());
+    let mut req = RunGetRequest::new(chatty.clone());
+    let mut lines = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (page, next): (RunDetail, Option<String>) =
+            client.call_page(Op::RunsGet, &req).await.unwrap();
+        pages += 1;
+        for a in &page.attempts {
+            lines.extend(a.logs.iter().map(|l| l.line.clone()));
+        }
+        match next {
+            Some(n) => req.cursor = Some(n),
+            None => break,
+        }
+    }
+    assert!(pages >= 7, "{pages} pages");
+    let expected: Vec<String> = (1..=100)
+        .map(|i| format!("line {i:03} {}", "z".repeat(4000)))
+        .collect();
+    assert_eq!(lines, expected);
+    let (code, out, err) = env.cli(&["runs", "get", &chatty]);
+    assert_eq!(code, 0, "{err}");
+    let printed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once(" INFO  ").map(|(_, line)| line))
+        .collect();
+    assert_eq!(printed, expected);
+    assert_eq!(
+        out.matches("shard 0 attempt 1:").count(),
+        1,
+        "one attempt, joined"
+    );
+    let (code, out, err) = env.cli(&["-o", "json", "runs", "get", &chatty]);
+    assert_eq!(code, 0, "{err}");
+    let whole: RunDetail = serde_json::from_str(&out).unwrap();
+    assert_eq!(whole.attempts.len(), 1);
+    assert_eq!(whole.attempts[0].logs.len(), 100);
+    assert_eq!(whole.logs_left, 0);
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_thousands_of_shards_comes_in_pages() {
+    use krest_schemas::{AttemptOutcome, Dispatched, Finished, RunEvent, Started, Trigger};
+    let env = Env::with_max_payload("shard-pages", SMALL_PAYLOAD);
+    let node = env.node("n1");
+    let client = env.client().await;
+    // The events of a run of 2,000 shards, the first 10 retried once, as workers report them.
+    let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    let run_id = "t.wide.1000".to_string();
+    let now = chrono::Utc::now();
+    let shards = 2000u32;
+    let mut events = vec![RunEvent::Dispatched(Dispatched {
+        run: krest_schemas::RunRef {
+            run_id: run_id.clone(),
+            job_group: "t".into(),
+            job_name: "wide".into(),
+            app_name: "a".into(),
+        },
+        path: "p".into(),
+        job_type: krest_schemas::JobType::Sharding,
+        trigger: Trigger::Manual,
+        scheduled_at: now,
+        dispatched_at: now,
+        shard_total: shards,
+        args: json!([]),
+        misfired: 0,
+        parent_run_id: None,
+        revision: 1,
+        node: "n1".into(),
+        epoch: None,
+    })];
+    for shard in 0..shards {
+        for attempt in 1..=(if shard < 10 { 2 } else { 1 }) {
+            let ok = shard >= 10 || attempt == 2;
+            events.push(RunEvent::Started(Started {
+                run: krest_schemas::RunRef {
+                    run_id: run_id.clone(),
+                    job_group: "t".into(),
+                    job_name: "wide".into(),
+                    app_name: "a".into(),
+                },
+                shard,
+                shard_total: shards,
+                attempt,
+                worker: "w1".into(),
+                at: now,
+                scheduled_at: Some(now),
+            }));
+            events.push(RunEvent::Finished(Finished {
+                run: krest_schemas::RunRef {
+                    run_id: run_id.clone(),
+                    job_group: "t".into(),
+                    job_name: "wide".into(),
+                    app_name: "a".into(),
+                },
+                shard,
+                shard_total: shards,
+                attempt,
+                worker: "w1".into(),
+                at: now,
+                outcome: if ok {
+                    AttemptOutcome::Succeeded
+                } else {
+                    AttemptOutcome::Failed
+                },
+                will_retry: !ok,
+                retry_in_ms: None,
+                output: ok.then(|| format!("shard {shard} done")),
+                error: (!ok).then(|| "first try fails".to_string()),
+                duration_ms: 1,
+            }));
+        }
+    }
+    let mut acks = Vec::new();
+    for e in &events {
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(e).unwrap().into())
+            .message_id(e.msg_id());
+        acks.push(
+            js.send_publish(krest_schemas::names::events_subject("t", "wide"), msg)
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let done = eventually(DEADLINE, "the run recorded", || async {
+        run(&client, &run_id)
+            .await
+            .filter(|d| d.run.status == krest_schemas::api::RunStatus::Succeeded)
+    })
+    .await;
+    assert_eq!(done.run.shards_succeeded, shards);
+    assert!(done.attempts_left > 0);
+
+    let mut req = RunGetRequest::new(run_id.clone());
+    let mut attempts = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (page, next): (RunDetail, Option<String>) =
+            client.call_page(Op::RunsGet, &req).await.unwrap();
+        pages += 1;
+        if next.is_some() {
+            assert_eq!(
+                page.attempts_left as usize,
+                2010 - attempts.len() - page.attempts.len()
+            );
+        }
+        attempts.extend(
+            page.attempts
+                .into_iter()
+                .map(|a| (a.shard, a.attempt, a.status)),
+        );
+        match next {
+            Some(n) => req.cursor = Some(n),
+            None => break,
+        }
+    }
+    assert!(pages >= 5, "{pages} pages");
+    let expected: Vec<(u32, u32)> = (0..shards)
+        .flat_map(|s| (1..=(if s < 10 { 2 } else { 1 })).map(move |a| (s, a)))
+        .collect();
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|(s, a, _)| (*s, *a))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    let (code, out, err) = env.cli(&["runs", "get", &run_id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches(" attempt 1: Succeeded").count(), 1990);
+    assert_eq!(out.matches(" attempt 2: Succeeded").count(), 10);
+    assert_eq!(out.matches(" attempt 1: Failed, will retry").count(), 10);
+    assert!(
+        out.contains("shard 1999 attempt 1: Succeeded"),
+        "{}",
+        &out[out.len() - 500..]
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_dead_letters_come_in_pages() {
+    use krest_schemas::api::{DeadLetter, DlqListRequest, WorkersListRequest};
+    use krest_schemas::names::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
+    let env = Env::with_max_payload("more-pages", SMALL_PAYLOAD);
+    let node = env.node("n1");
+    let client = env.client().await;
+    let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+
+    // 40 parked messages of 4 KiB: more than one reply.
+    for i in 0..40 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(DLQ_REASON_HEADER, format!("reason {i}").as_str());
+        headers.insert(DLQ_SOURCE_HEADER, "krest.work.a.q");
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(format!("{i:02}{}", "p".repeat(4094)).into())
+            .headers(headers)
+            .message_id(format!("work/{i}"));
+        js.send_publish("krest.dlq.work", msg)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let pages: Vec<Vec<DeadLetter>> = all_pages(&client, Op::DlqList, |cursor| DlqListRequest {
+        limit: Some(1000),
+        cursor,
+    })
+    .await;
+    assert!(pages.len() >= 3, "{} pages", pages.len());
+    let reasons: Vec<String> = pages.concat().into_iter().map(|d| d.reason).collect();
+    let expected: Vec<String> = (0..40).rev().map(|i| format!("reason {i}")).collect();
+    assert_eq!(reasons, expected, "newest first, each once");
+    let pages: Vec<Vec<DeadLetter>> = all_pages(&client, Op::DlqList, |cursor| DlqListRequest {
+        limit: Some(6),
+        cursor,
+    })
+    .await;
+    assert_eq!(pages.len(), 7);
+    let (code, out, err) = env.cli(&["-o", "json", "dlq", "list", "--limit", "1000"]);
+    assert_eq!(code, 0, "{err}");
+    let letters: Vec<DeadLetter> = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.len(), 40);
+    assert!(letters.iter().all(|d| d.payload.len() == 4096));
+    let (code, out, err) = env.cli(&["dlq", "list", "--limit", "25"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 26, "header and 25: {out}");
+
+    // 150 worker instances with long handler lists (~2.5 KiB each), registered as workers do.
+    let now = chrono::Utc::now();
+    let handlers: Vec<String> = (0..40)
+        .map(|h| format!("service/handler-{h:02}-{}", "h".repeat(40)))
+        .collect();
+    for i in 0..150 {
+        let info = krest_schemas::WorkerInfo {
+            app_name: if i % 3 == 0 {
+                "app-b".into()
+            } else {
+                "app-a".into()
+            },
+            instance: format!("inst-{i:03}"),
+            handlers: handlers.clone(),
+            weight: 1,
+            slots: 1,
+            in_flight: 0,
+            version: "1".into(),
+            sdk: "test".into(),
+            host: "h".into(),
+            started_at: now,
+            heartbeat_at: now,
+        };
+        let key = format!("{}.{}", info.app_name, info.instance);
+        js.publish(
+            format!("$KV.krest-workers.{key}"),
+            serde_json::to_vec(&info).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // Heartbeats expire after 10 s: list while they are fresh.
+    let pages: Vec<Vec<krest_schemas::WorkerInfo>> =
+        all_pages(&client, Op::WorkersList, |cursor| WorkersListRequest {
+            limit: None,
+            cursor,
+        })
+        .await;
+    assert!(pages.len() >= 5, "{} pages", pages.len());
+    let listed: Vec<(String, String)> = pages
+        .concat()
+        .into_iter()
+        .map(|w| (w.app_name, w.instance))
+        .collect();
+    let mut expected: Vec<(String, String)> = (0..150)
+        .map(|i| {
+            (
+                if i % 3 == 0 { "app-b" } else { "app-a" }.to_string(),
+                format!("inst-{i:03}"),
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    let (code, out, err) = env.cli(&["workers", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 151, "header and 150 instances");
     node.stop().await.unwrap();
 }

@@ -397,3 +397,115 @@ async fn cli_output_is_inert_and_files_may_have_a_bom_but_no_duplicate_keys() {
     w.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_applies_files_many_times_larger_than_max_payload() {
+    let env = Env::with_max_payload("bulk-apply", SMALL_PAYLOAD);
+    let node = env.node("n1");
+    let _client = env.client().await;
+    let apply_file = |name: &str, docs: &[serde_json::Value]| {
+        let file = env.write(name, &serde_json::to_string(docs).unwrap());
+        env.cli(&["job", "apply", "-f", file.to_str().unwrap()])
+    };
+    // 600 documents of ~1 KiB, about ten times max_payload; the first is the parent of the
+    // last 60 (~2 KiB each: more than one request holds), so the parent comes before its
+    // children in the file and the CLI must send them first, in earlier requests.
+    let mut docs: Vec<serde_json::Value> = (0..600)
+        .map(|i| {
+            job(
+                &format!("b{i:03}"),
+                "bulk",
+                "p",
+                serde_json::json!({"args": "x".repeat(1000)}),
+            )
+        })
+        .collect();
+    docs[0]["childJobs"] = (540..600).map(|i| format!("b{i:03}")).collect();
+    for doc in &mut docs[540..] {
+        doc["args"] = serde_json::json!("x".repeat(2000));
+    }
+    assert!(serde_json::to_string(&docs).unwrap().len() > 9 * SMALL_PAYLOAD);
+    let (code, out, err) = apply_file("bulk.json", &docs);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 600, "{out}");
+    for (i, line) in lines.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("t.b{i:03} created (revision ")),
+            "{line}"
+        );
+    }
+    let (code, out, err) = env.cli(&["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 601);
+    let (code, out, err) = env.cli(&["-o", "json", "job", "get", "b000"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"b599\""), "{out}");
+
+    // Again: every document unchanged; one edited: updated; one deleted meanwhile (its key
+    // has a delete marker, so the pipelined write is refused and retried alone): created.
+    docs[300]["args"] = serde_json::json!("changed");
+    assert_eq!(env.cli(&["job", "delete", "b005"]).0, 0);
+    let (code, out, err) = apply_file("bulk2.json", &docs);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches(" unchanged (revision ").count(), 598, "{out}");
+    assert!(out.contains("t.b300 updated (revision "), "{out}");
+    assert!(out.contains("t.b005 created (revision "), "{out}");
+    let (code, out, err) = {
+        let file = env.write("bulk3.json", &serde_json::to_string(&docs).unwrap());
+        env.cli(&["-o", "json", "job", "apply", "-f", file.to_str().unwrap()])
+    };
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), 600);
+    assert!(v.get("failed").is_none());
+
+    // One invalid document among 400 new ones: nothing is applied.
+    let mut more: Vec<serde_json::Value> = (0..400)
+        .map(|i| {
+            job(
+                &format!("c{i:03}"),
+                "bulk",
+                "p",
+                serde_json::json!({"args": "x".repeat(1000)}),
+            )
+        })
+        .collect();
+    more[250]["cron"] = serde_json::json!("61 * * * * ?");
+    let (code, out, err) = apply_file("bad.json", &more);
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("error: 1 of 400 definitions are invalid; nothing was applied"),
+        "{err}"
+    );
+    assert!(err.contains("document 250 (t.c250):"), "{err}");
+    assert!(
+        err.contains("cron: invalid cron expression `61 * * * * ?`"),
+        "{err}"
+    );
+    // A child that exists nowhere, and a document too large for any request: named too.
+    more[250]["cron"] = serde_json::json!("0 0 * * * ?");
+    more[10]["childJobs"] = serde_json::json!(["nowhere"]);
+    more[20]["args"] = serde_json::json!("d".repeat(65_000));
+    let (code, _, err) = apply_file("bad2.json", &more);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("error: 2 of 400 definitions are invalid"),
+        "{err}"
+    );
+    assert!(err.contains("document 10 (t.c010):"), "{err}");
+    assert!(err.contains("childJobs: no job `t.nowhere`"), "{err}");
+    assert!(err.contains("document 20 (t.c020):"), "{err}");
+    assert!(
+        err.contains("raise max_payload in the nats-server configuration"),
+        "{err}"
+    );
+    let (_, out, _) = env.cli(&["job", "list"]);
+    assert_eq!(
+        out.lines().count(),
+        601,
+        "nothing of the rejected files applied"
+    );
+    node.stop().await.unwrap();
+}

@@ -677,7 +677,13 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
     // Parked: the work messages (by the worker), the events and the definitions (by the nodes).
     let letters: Vec<DeadLetter> = eventually(DEADLINE, "the bad input parked", || async {
         let l: Vec<DeadLetter> = client
-            .call(Op::DlqList, &DlqListRequest { limit: Some(100) })
+            .call(
+                Op::DlqList,
+                &DlqListRequest {
+                    limit: Some(100),
+                    ..Default::default()
+                },
+            )
             .await
             .ok()?;
         let count = |subject: &str, reason: &str| {

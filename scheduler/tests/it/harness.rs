@@ -21,6 +21,10 @@ use serde_json::{json, Value};
 /// Generous deadline for anything that should happen within seconds.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A `max_payload` small enough that size limits are reached with few items (tests of
+/// paging and bulk applies).
+pub const SMALL_PAYLOAD: usize = 64 * 1024;
+
 pub struct Env {
     pub nats: NatsServer,
     pub dir: TestDir,
@@ -32,6 +36,18 @@ impl Env {
         Env {
             nats: NatsServer::start(),
             dir: TestDir::new(name),
+        }
+    }
+
+    /// A test whose nats-server takes messages of at most `max_payload` bytes.
+    pub fn with_max_payload(name: &str, max_payload: usize) -> Env {
+        krest_test_support::init_tracing();
+        let dir = TestDir::new(name);
+        let conf = dir.join("nats.conf");
+        std::fs::write(&conf, format!("max_payload: {max_payload}\n")).unwrap();
+        Env {
+            nats: NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]),
+            dir,
         }
     }
 
@@ -155,6 +171,7 @@ pub async fn runs(client: &Client, job: &str) -> Vec<RunSummary> {
         job: Some(job.into()),
         status: None,
         limit: Some(1000),
+        cursor: None,
     };
     eventually(DEADLINE, "an answer to runs.list", || async {
         client.call(Op::RunsList, &req).await.ok()
@@ -182,6 +199,26 @@ pub async fn wait_final(client: &Client, run_id: &str) -> RunDetail {
             .filter(|d| d.run.status.is_final())
     })
     .await
+}
+
+/// Every page of a paged operation: `req(cursor)` builds each request. Each reply must fit
+/// in the server's `max_payload`.
+pub async fn all_pages<Req: serde::Serialize, T: serde::de::DeserializeOwned>(
+    client: &Client,
+    op: Op,
+    mut req: impl FnMut(Option<String>) -> Req,
+) -> Vec<Vec<T>> {
+    let mut pages = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (page, next): (Vec<T>, Option<String>) =
+            client.call_page(op, &req(cursor.take())).await.unwrap();
+        pages.push(page);
+        match next {
+            Some(n) => cursor = Some(n),
+            None => return pages,
+        }
+    }
 }
 
 pub async fn leader(client: &Client) -> Option<String> {
