@@ -83,6 +83,18 @@ pub fn shorten_quoted(message: &str) -> String {
     out
 }
 
+/// The message of a panic payload (what `panic!` was given), for reporting a task or handler
+/// that panicked.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +133,12 @@ mod tests {
         assert_eq!(shorten_quoted("no quotes here"), "no quotes here");
         assert_eq!(shorten_quoted("open `quote"), "open `quote");
         assert_eq!(shorten_quoted("field `a\u{1b}`"), "field `a\\u{1b}`");
+    }
+
+    #[test]
+    fn panic_payloads_become_messages() {
+        assert_eq!(panic_message(&"boom"), "boom");
+        assert_eq!(panic_message(&"boom".to_string()), "boom");
+        assert_eq!(panic_message(&42), "non-string panic payload");
     }
 }

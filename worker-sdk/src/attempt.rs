@@ -439,7 +439,7 @@ async fn execute(
                     Ok(r) => r,
                     Err(e) if e.is_panic() => Err(JobError::new(format!(
                         "handler panicked: {}",
-                        panic_message(e.into_panic())
+                        krest_schemas::text::panic_message(&*e.into_panic())
                     ))),
                     Err(_) => Err(JobError::new("handler task was cancelled")),
                 });
@@ -466,16 +466,6 @@ async fn execute(
                 return stopping.map_or(Ending::Interrupted, |(why, _)| why);
             }
         }
-    }
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
     }
 }
 
@@ -539,12 +529,5 @@ mod tests {
         assert_eq!(written(1_000_000), "2026-11-29T08:43:40.001Z");
         assert_eq!(written(1_200_000), "2026-11-29T08:43:40.001200Z");
         assert_eq!(written(123_456_789), "2026-11-29T08:43:40.123456789Z");
-    }
-
-    #[test]
-    fn panic_payloads_become_messages() {
-        assert_eq!(panic_message(Box::new("boom")), "boom");
-        assert_eq!(panic_message(Box::new("boom".to_string())), "boom");
-        assert_eq!(panic_message(Box::new(42)), "non-string panic payload");
     }
 }

@@ -101,7 +101,9 @@ impl Supervisor {
         tokio::spawn(async move {
             let exit = match handle.await {
                 Ok(()) => Exit::Returned,
-                Err(e) if e.is_panic() => Exit::Panicked(panic_message(e.into_panic())),
+                Err(e) if e.is_panic() => {
+                    Exit::Panicked(krest_schemas::text::panic_message(&*e.into_panic()))
+                }
                 Err(_) => Exit::Aborted,
             };
             let _ = exits.send((name, exit));
@@ -143,16 +145,6 @@ impl Drop for Task {
         if self.done.is_some() {
             self.abort.abort();
         }
-    }
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
     }
 }
 
