@@ -74,6 +74,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node::run(opts, stop, None).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "krest", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            std::io::Write::write_all(&mut std::io::stdout(), &cli::man_page()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Worker(cmd) => {
             init_logging();
             cli::run_worker(cli.nats_url, cmd).await?;

@@ -21,9 +21,17 @@ pub enum Format {
     Json,
 }
 
+/// `krest --version`: the crate version and the git revision it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("KREST_GIT_REVISION"),
+    ")"
+);
+
 /// Krest: a distributed job scheduler on NATS JetStream.
 #[derive(Debug, Parser)]
-#[command(name = "krest", version, about, long_about = None)]
+#[command(name = "krest", version = VERSION)]
 pub struct Cli {
     /// NATS server URL(s), comma-separated.
     #[arg(
@@ -70,6 +78,14 @@ pub enum Command {
     /// Inspect the dead-letter stream (bad input, runs that exhausted their deliveries).
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Print a shell completion script (`krest completion bash > /etc/bash_completion.d/krest`).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (`krest man | man -l -`).
+    Man,
 }
 
 /// `krest dlq …`

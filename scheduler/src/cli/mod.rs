@@ -65,7 +65,11 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&cli.nats_url, cli.timeout).await?;
     let json = cli.output == Format::Json;
     match cli.command {
-        Command::Scheduler(_) | Command::Cron(_) | Command::Worker(_) => {
+        Command::Scheduler(_)
+        | Command::Cron(_)
+        | Command::Worker(_)
+        | Command::Completion { .. }
+        | Command::Man => {
             unreachable!("handled elsewhere")
         }
         Command::Job(cmd) => job::job(&client, cmd, json).await,
@@ -218,6 +222,14 @@ fn recorder_lag(n: &krest_schemas::NodeInfo) -> String {
         ));
     }
     s
+}
+
+/// The manual page, generated from the command line's definition (roff).
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+    Ok(out)
 }
 
 /// Prints an error for humans, with every invalid document's problems (escaped: errors echo

@@ -218,6 +218,47 @@ fn cron_next_previews_fire_times_in_a_time_zone() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid cron expression `0 0 25 * * ?`"));
 }
 
+#[test]
+fn version_completions_and_man_page_come_from_the_binary() {
+    let krest = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // `krest 0.1.0 (<git revision>)`
+    let version = krest(&["--version"]);
+    let rev = version
+        .trim()
+        .strip_prefix(&format!("krest {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{version}"));
+    assert!(!rev.is_empty(), "{version}");
+    assert!(krest(&["completion", "bash"]).contains("complete -F _krest"));
+    assert!(krest(&["completion", "zsh"]).contains("#compdef krest"));
+    assert!(krest(&["completion", "fish"]).contains("complete -c krest"));
+    let man = krest(&["man"]);
+    assert!(man.contains(".TH krest 1"), "{man}");
+    assert!(man.contains("scheduler"), "subcommands listed");
+    // Writing into a closed pipe (`krest completion bash | head -1`) is not a crash.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(["completion", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Terminal escapes a hostile handler, job or parked message may carry.
 const CLEAR: &str = "\x1b[2J";
 const TITLE: &str = "\x1b]0;pwned\x07";
