@@ -81,6 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Health(args) => cli::health(&args, cli.timeout).await,
         Command::Man => {
             std::io::Write::write_all(&mut std::io::stdout(), &cli::man_page()?)?;
             Ok(ExitCode::SUCCESS)

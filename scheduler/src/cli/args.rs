@@ -86,6 +86,21 @@ pub enum Command {
     },
     /// Print the manual page, in roff (`krest man | man -l -`).
     Man,
+    /// Probe a scheduler node's HTTP endpoint (for container health checks): exits 0 when it
+    /// answers 200, 1 otherwise, printing the answer.
+    Health(HealthArgs),
+}
+
+/// `krest health` flags.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The node's HTTP address (its `--http`).
+    #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722")]
+    pub http: String,
+    /// Ask `/readyz` (connected, database writable, recorder current) instead of `/healthz`
+    /// (the process serves).
+    #[arg(long)]
+    pub ready: bool,
 }
 
 /// `krest dlq …`

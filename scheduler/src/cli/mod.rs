@@ -69,6 +69,7 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Cron(_)
         | Command::Worker(_)
         | Command::Completion { .. }
+        | Command::Health(_)
         | Command::Man => {
             unreachable!("handled elsewhere")
         }
@@ -222,6 +223,35 @@ fn recorder_lag(n: &krest_schemas::NodeInfo) -> String {
         ));
     }
     s
+}
+
+/// `krest health`: GETs `/healthz` (or `/readyz`) on a node's HTTP address; exit code 0 on 200.
+pub async fn health(
+    args: &args::HealthArgs,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    // `0.0.0.0:8722` (what a node in a container listens on) is asked on loopback.
+    let addr = args.http.replace("0.0.0.0", "127.0.0.1");
+    let path = if args.ready { "readyz" } else { "healthz" };
+    let url = format!("http://{addr}/{path}");
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot make an HTTP client: {e}"))?;
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("no answer from {url}: {}", e.without_url()))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    outln!("{}", render::esc(body.trim()));
+    if status.is_success() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{url} answered {status}");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// The manual page, generated from the command line's definition (roff).

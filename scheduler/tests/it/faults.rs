@@ -590,6 +590,17 @@ async fn results_wait_in_the_stream_while_the_database_is_locked() {
         out.contains("events,") && out.contains("stuck: cannot record run events"),
         "{out}"
     );
+    // `krest health` (the container health check) says the same.
+    let health = |ready: bool| {
+        let mut cmd = f.krest();
+        cmd.args(["health", "--http", &http]);
+        if ready {
+            cmd.arg("--ready");
+        }
+        cmd.output().unwrap().status.code()
+    };
+    assert_eq!(health(false), Some(0), "alive");
+    assert_eq!(health(true), Some(1), "not ready");
     let body = http_body(&http, "/readyz").unwrap();
     assert!(
         body.contains("\"lagEvents\"") && body.contains("cannot record run events"),
@@ -615,6 +626,7 @@ async fn results_wait_in_the_stream_while_the_database_is_locked() {
         (http_status(&http, "/readyz") == Some(200)).then_some(())
     })
     .await;
+    assert_eq!(health(true), Some(0), "ready again");
     let before = finished(&client, "f.tick").await.len();
     more_runs(&client, "f.tick", before, 3).await;
     let all = settled(&client, "f.tick").await;
