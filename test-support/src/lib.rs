@@ -107,7 +107,9 @@ impl NatsServer {
     pub fn start_with_args(extra: &[&str]) -> NatsServer {
         let mut server = NatsServer {
             child: None,
-            port: free_port(),
+            // Chosen by the server (`-p -1`) and read from its log: a port picked here and
+            // released could be taken by another test's server before this one binds it.
+            port: 0,
             dir: TestDir::new("nats"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -156,8 +158,16 @@ impl NatsServer {
             .append(true)
             .open(self.dir.join("nats-server.log"))
             .unwrap();
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let log_start = fs::metadata(self.dir.join("nats-server.log"))
+            .map(|m| m.len())
+            .unwrap_or(0);
         let child = Command::new(nats_server_binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js"])
             .arg("-sd")
             .arg(self.dir.join("store"))
             .args(&self.extra_args)
@@ -167,6 +177,29 @@ impl NatsServer {
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        while self.port == 0 {
+            // `Listening for client connections on 127.0.0.1:PORT`, in this start's part of
+            // the log.
+            let log = self.log();
+            let tail = log.get(usize::try_from(log_start).unwrap_or(0)..).unwrap_or("");
+            if let Some(port) = tail
+                .lines()
+                .find_map(|l| l.split("client connections on ").nth(1))
+                .and_then(|a| a.trim().rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+            {
+                self.port = port;
+                break;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nats-server exited with {status} before listening; log:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not say which port it listens on within 20 s; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
