@@ -181,7 +181,9 @@ impl NatsServer {
             // `Listening for client connections on 127.0.0.1:PORT`, in this start's part of
             // the log.
             let log = self.log();
-            let tail = log.get(usize::try_from(log_start).unwrap_or(0)..).unwrap_or("");
+            let tail = log
+                .get(usize::try_from(log_start).unwrap_or(0)..)
+                .unwrap_or("");
             if let Some(port) = tail
                 .lines()
                 .find_map(|l| l.split("client connections on ").nth(1))
