@@ -192,6 +192,18 @@ pub enum AttemptOutcome {
     Cancelled,
 }
 
+impl AttemptOutcome {
+    /// The name as on the wire (`SUCCEEDED`, `TIMED_OUT`, …), the one spelling every view uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Succeeded => "SUCCEEDED",
+            AttemptOutcome::Failed => "FAILED",
+            AttemptOutcome::TimedOut => "TIMED_OUT",
+            AttemptOutcome::Cancelled => "CANCELLED",
+        }
+    }
+}
+
 /// Severity of a handler log line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -108,7 +108,7 @@ pub struct HealthArgs {
 pub enum DlqCmd {
     /// List the newest parked messages.
     List {
-        /// At most this many.
+        /// At most this many (0: all).
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -286,12 +286,16 @@ pub enum RunsCmd {
         /// Only runs of this job.
         #[arg(long)]
         job: Option<String>,
-        /// Only runs in this status (PENDING, RUNNING, SUCCEEDED, FAILED).
+        /// Only runs in this status: PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED or
+        /// CANCELLED.
         #[arg(long)]
         status: Option<String>,
-        /// At most this many.
+        /// At most this many, newest first (0: all).
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Show times in this time zone (an IANA name such as `Europe/Paris`) instead of UTC.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
     },
     /// Show one run with its shards, attempts and log lines.
     Get {

@@ -12,7 +12,7 @@ use krest_schemas::api::{
 
 use super::args::JobCmd;
 use super::client::{Client, ClientError};
-use super::render::{esc, fmt_time, job_rows, print_json, table, JOB_HEADERS};
+use super::render::{esc, jobs_table, print_json, revisions_table};
 
 pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -33,7 +33,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             if json {
                 print_json(&jobs)?;
             } else {
-                table(&JOB_HEADERS, job_rows(&jobs))?;
+                jobs_table(&jobs).print()?;
             }
         }
         JobCmd::History { job } => {
@@ -51,36 +51,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             if json {
                 print_json(&revisions)?;
             } else {
-                table(
-                    &[
-                        "REV",
-                        "WRITTEN (UTC)",
-                        "OP",
-                        "CRON",
-                        "STATE",
-                        "PATH",
-                        "ARGS",
-                    ],
-                    revisions
-                        .iter()
-                        .map(|r| {
-                            let s = r.spec.as_ref();
-                            vec![
-                                r.revision.to_string(),
-                                fmt_time(Some(r.written_at)),
-                                r.operation.clone(),
-                                s.and_then(|s| s.cron.clone()).unwrap_or_else(|| "-".into()),
-                                s.map_or("-", |s| if s.running { "running" } else { "paused" })
-                                    .to_string(),
-                                s.map_or_else(|| "-".into(), |s| s.path.clone()),
-                                s.map_or_else(|| "-".into(), |s| s.args.to_string())
-                                    .chars()
-                                    .take(40)
-                                    .collect(),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                revisions_table(&revisions).print()?;
             }
         }
         JobCmd::Get { job, revision } => {
@@ -90,7 +61,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             if json {
                 print_json(&view)?;
             } else {
-                table(&JOB_HEADERS, job_rows(std::slice::from_ref(&view)))?;
+                jobs_table(std::slice::from_ref(&view)).print()?;
                 outln!();
                 for line in serde_json::to_string_pretty(&view.spec)?.lines() {
                     outln!("{}", esc(line));
@@ -170,7 +141,8 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-/// Polls a run until it ends, drawing its progress on stderr.
+/// Polls a run until it ends, drawing its progress on stderr: a bar on a terminal, a line per
+/// change otherwise (logs, CI).
 async fn follow(
     client: &Client,
     run_id: &str,
@@ -178,7 +150,15 @@ async fn follow(
     timeout: Duration,
 ) -> anyhow::Result<RunDetail> {
     use std::io::IsTerminal as _;
-    let tty = std::io::stderr().is_terminal();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(u64::from(shards.max(1)));
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} shards {msg}")
+        {
+            bar.set_style(style.progress_chars("#>-"));
+        }
+        bar
+    });
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
@@ -205,41 +185,44 @@ async fn follow(
                     d.run.shard_total.max(1),
                 )
             });
-        let width = 30usize;
-        let filled = (done as usize * width) / total.max(1) as usize;
-        let line = format!(
-            "[{}{}] {done}/{total} shards {status}{}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            if failed > 0 {
-                format!(", {failed} failed")
-            } else {
-                String::new()
+        let msg = if failed > 0 {
+            format!("{status}, {failed} failed")
+        } else {
+            status.to_string()
+        };
+        match &bar {
+            Some(bar) => {
+                bar.set_length(u64::from(total));
+                bar.set_position(u64::from(done));
+                bar.set_message(msg);
             }
-        );
-        if line != last {
-            if tty {
-                eprint!("\r{line}");
-            } else {
-                eprintln!("{line}");
+            None => {
+                let line = format!("{done}/{total} shards {msg}");
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
             }
-            last = line;
         }
-        if let Some(d) = detail.filter(|d| d.run.status.is_final()) {
-            if tty {
-                eprintln!();
+        let finish = || {
+            if let Some(bar) = &bar {
+                bar.abandon();
             }
+        };
+        if let Some(d) = detail.filter(|d| d.run.status.is_final()) {
+            finish();
             return Ok(d);
         }
         if tokio::time::Instant::now() > deadline {
-            if tty {
-                eprintln!();
-            }
+            finish();
             bail!("run {run_id} has not ended after {timeout:?}; it goes on (see `krest runs get {run_id}`)");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = tokio::signal::ctrl_c() => bail!("stopped following {run_id}; the run goes on"),
+            _ = tokio::signal::ctrl_c() => {
+                finish();
+                bail!("stopped following {run_id}; the run goes on")
+            }
         }
     }
 }

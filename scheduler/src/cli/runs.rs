@@ -13,17 +13,24 @@ use krest_schemas::RunEvent;
 
 use super::args::RunsCmd;
 use super::client::{Client, ClientError};
-use super::render::{esc, fmt_time, print_json, table};
+use super::render::{esc, fmt_time, print_json, runs_table, Zone};
 
 pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        RunsCmd::List { job, status, limit } => {
+        RunsCmd::List {
+            job,
+            status,
+            limit,
+            tz,
+        } => {
+            let zone = Zone::parse(&tz).context("--tz")?;
             let status = match status {
                 None => None,
                 Some(s) => Some(RunStatus::parse(&s).with_context(|| {
                     format!(
-                        "unknown status `{}`: use PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED or CANCELLED",
-                        krest_schemas::text::echo(&s)
+                        "unknown status `{}`: use one of {}",
+                        krest_schemas::text::echo(&s),
+                        RunStatus::ALL.map(RunStatus::as_str).join(", ")
                     )
                 })?),
             };
@@ -36,44 +43,13 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         limit: wanted.map(|w| w.min(1000) as u32),
                         cursor,
                     },
-                    Some(limit as usize),
+                    (limit > 0).then_some(limit as usize),
                 )
                 .await?;
             if json {
                 print_json(&runs)?;
             } else {
-                table(
-                    &[
-                        "RUN",
-                        "STATUS",
-                        "TRIGGER",
-                        "SCHEDULED (UTC)",
-                        "SHARDS",
-                        "ATTEMPTS",
-                        "FINISHED (UTC)",
-                        "RESULT",
-                    ],
-                    runs.iter()
-                        .map(|r| {
-                            vec![
-                                r.run_id.clone(),
-                                r.status.as_str().to_string(),
-                                r.trigger.map_or("-", |t| t.as_str()).to_string(),
-                                fmt_time(r.scheduled_at),
-                                format!("{}/{}", r.shards_succeeded, r.shard_total),
-                                r.attempts.to_string(),
-                                fmt_time(r.finished_at),
-                                r.error
-                                    .clone()
-                                    .or_else(|| r.output.clone())
-                                    .unwrap_or_default()
-                                    .chars()
-                                    .take(60)
-                                    .collect(),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                runs_table(&runs, zone, chrono::Utc::now()).print()?;
             }
         }
         RunsCmd::Get { run_id } => {
@@ -137,10 +113,11 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 for a in &d.attempts {
                     outln!();
                     outln!(
-                        "shard {} attempt {}: {:?}{} on {} ({} → {})",
+                        "shard {} of {} attempt {}: {}{} on {} ({} → {})",
                         a.shard,
+                        r.shard_total,
                         a.attempt,
-                        a.status,
+                        a.status.as_str(),
                         if a.will_retry { ", will retry" } else { "" },
                         a.worker.as_deref().unwrap_or("-"),
                         fmt_time(a.started_at),
@@ -233,11 +210,11 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         k.reason
                     ),
                     RunEvent::Started(s) => format!(
-                        "{} {:<10} {} shard {}/{} attempt {} on {}",
+                        "{} {:<10} {} shard {} of {} attempt {} on {}",
                         s.at.format("%H:%M:%S%.3f"),
                         "started",
                         s.run.run_id,
-                        s.shard + 1,
+                        s.shard,
                         s.shard_total,
                         s.attempt,
                         s.worker
@@ -247,19 +224,19 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         l.at.format("%H:%M:%S%.3f"),
                         "log",
                         l.run.run_id,
-                        l.shard + 1,
+                        l.shard,
                         l.line
                     ),
                     RunEvent::Finished(f) => format!(
-                        "{} {:<10} {} shard {}/{} attempt {} on {}: {:?}{} {}",
+                        "{} {:<10} {} shard {} of {} attempt {} on {}: {}{} {}",
                         f.at.format("%H:%M:%S%.3f"),
                         "finished",
                         f.run.run_id,
-                        f.shard + 1,
+                        f.shard,
                         f.shard_total,
                         f.attempt,
                         f.worker,
-                        f.outcome,
+                        f.outcome.as_str(),
                         if f.will_retry { " (will retry)" } else { "" },
                         f.error
                             .clone()

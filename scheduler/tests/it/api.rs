@@ -585,7 +585,7 @@ async fn runs_list_and_runs_get_come_in_pages_with_every_log_line() {
         .collect();
     assert_eq!(printed, expected);
     assert_eq!(
-        out.matches("shard 0 attempt 1:").count(),
+        out.matches("shard 0 of 1 attempt 1:").count(),
         1,
         "one attempt, joined"
     );
@@ -731,11 +731,11 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     );
     let (code, out, err) = env.cli(&["runs", "get", &run_id]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.matches(" attempt 1: Succeeded").count(), 1990);
-    assert_eq!(out.matches(" attempt 2: Succeeded").count(), 10);
-    assert_eq!(out.matches(" attempt 1: Failed, will retry").count(), 10);
+    assert_eq!(out.matches(" attempt 1: SUCCEEDED").count(), 1990);
+    assert_eq!(out.matches(" attempt 2: SUCCEEDED").count(), 10);
+    assert_eq!(out.matches(" attempt 1: FAILED, will retry").count(), 10);
     assert!(
-        out.contains("shard 1999 attempt 1: Succeeded"),
+        out.contains("shard 1999 of 2000 attempt 1: SUCCEEDED"),
         "{}",
         &out[out.len() - 500..]
     );
