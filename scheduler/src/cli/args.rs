@@ -223,6 +223,16 @@ pub enum JobCmd {
         /// Files to read (`-` for stdin).
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Check the documents and show what would change (created, updated with each changed
+        /// field before and after, unchanged) without applying anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Edit a job's definition in $VISUAL or $EDITOR (default vi); it is checked and applied
+    /// when the editor exits, and kept in a file when it is invalid.
+    Edit {
+        /// The job (`group.name`, or a name unique across groups).
+        job: String,
     },
     /// List jobs.
     List {
@@ -368,7 +378,7 @@ mod tests {
         let cli =
             Cli::try_parse_from(["krest", "job", "apply", "-f", "a.json", "-f", "b.json"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Job(JobCmd::Apply { ref files }) if files.len() == 2)
+            matches!(cli.command, Command::Job(JobCmd::Apply { ref files, dry_run: false }) if files.len() == 2)
         );
     }
 }

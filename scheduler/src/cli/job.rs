@@ -16,7 +16,10 @@ use super::render::{esc, jobs_table, print_json, revisions_table};
 
 pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        JobCmd::Apply { files } => return super::apply::apply(client, &files, json).await,
+        JobCmd::Apply { files, dry_run } => {
+            return super::apply::apply(client, &files, json, dry_run).await
+        }
+        JobCmd::Edit { job } => return edit(client, &job, json).await,
         JobCmd::List { app, group } => {
             let jobs: Vec<JobView> = client
                 .fetch_all(
@@ -225,6 +228,72 @@ async fn follow(
             }
         }
     }
+}
+
+/// `krest job edit`: the definition in an editor, checked and applied when it exits.
+async fn edit(client: &Client, job: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let view: JobView = client.call(Op::JobGet, &JobRequest::new(job)).await?;
+    let original = format!("{}\n", serde_json::to_string_pretty(&view.spec)?);
+    let path = std::env::temp_dir().join(format!(
+        "krest-edit-{}-{}.json",
+        view.key,
+        std::process::id()
+    ));
+    std::fs::write(&path, &original).with_context(|| format!("cannot write {}", path.display()))?;
+    let editor = ["VISUAL", "EDITOR"]
+        .into_iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| "vi".to_string());
+    // Through the shell, so an editor with arguments (`code --wait`) works.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&path)
+        .status()
+        .with_context(|| format!("cannot run the editor `{editor}` (set VISUAL or EDITOR)"))?;
+    let keep = |why: String| -> anyhow::Result<ExitCode> {
+        eprintln!("error: {why}");
+        eprintln!(
+            "your edit is kept in {p}; fix it and run `krest job apply -f {p}`",
+            p = path.display()
+        );
+        Ok(ExitCode::FAILURE)
+    };
+    if !status.success() {
+        return keep(format!(
+            "the editor `{editor}` exited with {status}; nothing was applied"
+        ));
+    }
+    let edited = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if edited == original.as_bytes() {
+        let _ = std::fs::remove_file(&path);
+        eprintln!("no changes; nothing was applied");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec = match krest_schemas::json::parse(&edited)
+        .map_err(|e| e.to_string())
+        .and_then(|doc| krest_schemas::job::parse_job(&doc).map_err(|e| e.to_string()))
+    {
+        Ok(spec) => spec,
+        Err(e) => return keep(format!("the edited definition is invalid: {e}")),
+    };
+    if spec.key() != view.key {
+        return keep(format!(
+            "the edit changes the job from {} to {}: `job edit` does not rename or copy jobs (apply the file to create {})",
+            view.key,
+            spec.key(),
+            spec.key()
+        ));
+    }
+    let code = super::apply::apply(client, std::slice::from_ref(&path), json, false).await?;
+    if code == ExitCode::SUCCESS {
+        let _ = std::fs::remove_file(&path);
+    } else {
+        eprintln!("your edit is kept in {}", path.display());
+    }
+    Ok(code)
 }
 
 async fn job_change(

@@ -550,3 +550,117 @@ async fn cli_applies_files_many_times_larger_than_max_payload() {
     );
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_shows_changes_and_edit_applies_or_keeps_the_edit() {
+    let env = Env::new("cli-edit");
+    let _node = env.node("n1");
+    let client = env.client().await;
+    let seed = env.write(
+        "seed.json",
+        &serde_json::to_string(&seed_documents()).unwrap(),
+    );
+    let (code, _, err) = env.cli(&["job", "apply", "-f", seed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    // --dry-run: one job changed, one new, one unchanged; nothing applied.
+    let mut docs = seed_documents();
+    let job3 = docs
+        .iter_mut()
+        .find(|d| d["jobName"] == "demo-job3")
+        .unwrap();
+    job3["cron"] = serde_json::json!("0/7 * * * * ?");
+    job3["description"] = serde_json::json!("changed");
+    docs.push(
+        serde_json::json!({"appName": "a", "jobName": "fresh", "path": "p", "cron": "0 0 * * * ?"}),
+    );
+    let changed = env.write("changed.json", &serde_json::to_string(&docs).unwrap());
+    let (code, out, err) = env.cli(&["job", "apply", "--dry-run", "-f", changed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("dry run: nothing was applied"), "{err}");
+    assert!(
+        out.contains("default-jobGroup.demo-job2 would be unchanged"),
+        "{out}"
+    );
+    assert!(
+        out.contains("default-jobGroup.demo-job3 would be updated:\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  - cron: \"0/5 * * * * ?\"\n  + cron: \"0/7 * * * * ?\""),
+        "{out}"
+    );
+    assert!(out.contains("  + description: \"changed\""), "{out}");
+    assert!(!out.contains("- description"), "{out}");
+    assert!(out.contains("default.fresh would be created"), "{out}");
+    let (code, out, _) = env.cli(&[
+        "-o",
+        "json",
+        "job",
+        "apply",
+        "--dry-run",
+        "-f",
+        changed.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    let planned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(planned[1]["action"], "update");
+    assert_eq!(
+        planned[1]["changes"].as_array().unwrap().len(),
+        2,
+        "{planned}"
+    );
+    let view = get_job(&client, "demo-job3").await;
+    assert_eq!(
+        view.spec.cron.as_deref(),
+        Some("0/5 * * * * ?"),
+        "dry run applied nothing"
+    );
+    let (code, _, _) = env.cli(&["job", "get", "fresh"]);
+    assert_ne!(code, 0, "dry run created nothing");
+
+    // `job edit`: the editor's change is checked and applied.
+    let (code, out, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "sed -i -e s#0/5#0/9#"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("default-jobGroup.demo-job3 updated"), "{out}");
+    let view = get_job(&client, "demo-job3").await;
+    assert_eq!(view.spec.cron.as_deref(), Some("0/9 * * * * ?"));
+
+    // An invalid edit is refused, kept in a file, and applies nothing.
+    let (code, _, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "sed -i -e s#0/9#nonsense#"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the edited definition is invalid"), "{err}");
+    assert!(err.contains("cron"), "{err}");
+    let kept = err
+        .split("your edit is kept in ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .to_string();
+    assert!(std::fs::read_to_string(&kept).unwrap().contains("nonsense"));
+    let _ = std::fs::remove_file(&kept);
+    assert_eq!(
+        get_job(&client, "demo-job3").await.spec.cron.as_deref(),
+        Some("0/9 * * * * ?")
+    );
+
+    // Renaming through edit is refused; leaving the editor without a change applies nothing.
+    let (code, _, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "sed -i -e s#demo-job3#other#"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not rename or copy jobs"), "{err}");
+    let (code, _, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "true"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no changes; nothing was applied"), "{err}");
+}

@@ -91,9 +91,15 @@ impl Env {
 
     /// Runs the `krest` CLI with `args`; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Env::cli`] with environment variables set.
+    pub fn cli_env(&self, args: &[&str], vars: &[(&str, &str)]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_krest"))
             .args(["--nats-url", &self.url()])
             .args(args)
+            .envs(vars.iter().copied())
             .output()
             .unwrap();
         (
@@ -142,6 +148,14 @@ pub async fn client_for(urls: &str) -> Client {
     })
     .await;
     client
+}
+
+/// A job's current view.
+pub async fn get_job(client: &Client, name: &str) -> krest_schemas::api::JobView {
+    client
+        .call(Op::JobGet, &krest_schemas::api::JobRequest::new(name))
+        .await
+        .unwrap()
 }
 
 pub async fn apply(client: &Client, documents: Vec<Value>) -> ApplyResponse {
