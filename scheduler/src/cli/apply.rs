@@ -396,6 +396,12 @@ pub(crate) async fn apply(
         return self::dry_run(client, &specs, json).await;
     }
 
+    let apps: Vec<(String, String)> = specs
+        .iter()
+        .filter(|(_, s)| s.running)
+        .map(|(_, s)| (s.app_name.clone(), s.key()))
+        .collect();
+
     // Children first, then split by size.
     let order: Vec<(usize, String, Vec<String>)> = children_first(&specs)
         .into_iter()
@@ -465,6 +471,7 @@ pub(crate) async fn apply(
             );
         }
     }
+    super::warn_without_workers(client, apps).await;
     if not_applied.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }

@@ -90,6 +90,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 })?),
             };
             let request_id = Some(krest_schemas::names::new_request_id(chrono::Utc::now()));
+            let name = job.clone();
             let resp: TriggerResponse = client
                 .call(
                     Op::JobTrigger,
@@ -117,6 +118,12 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 "{} dispatched; following it (ctrl-c stops following, not the run)",
                 resp.run_id
             );
+            if let Ok(view) = client
+                .call::<_, JobView>(Op::JobGet, &JobRequest::new(name.as_str()))
+                .await
+            {
+                super::warn_without_workers(client, [(view.spec.app_name, view.key)]).await;
+            }
             let detail = follow(client, &resp.run_id, resp.shard_total, wait_timeout).await?;
             if json {
                 print_json(&detail)?;

@@ -76,16 +76,7 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(cmd) => job::job(&client, cmd, json).await,
         Command::Runs(cmd) => runs::runs(&client, cmd, json).await,
         Command::Workers(WorkersCmd::List) => {
-            let workers: Vec<WorkerInfo> = client
-                .fetch_all(
-                    Op::WorkersList,
-                    |cursor, _| WorkersListRequest {
-                        limit: None,
-                        cursor,
-                    },
-                    None,
-                )
-                .await?;
+            let workers = live_workers(&client).await?;
             if json {
                 print_json(&workers)?;
             } else {
@@ -131,6 +122,44 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                 render::nodes_table(&status.nodes).print()?;
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Every live worker instance.
+pub(crate) async fn live_workers(client: &Client) -> Result<Vec<WorkerInfo>, ClientError> {
+    client
+        .fetch_all(
+            Op::WorkersList,
+            |cursor, _| WorkersListRequest {
+                limit: None,
+                cursor,
+            },
+            None,
+        )
+        .await
+}
+
+/// Warns on stderr about each app of `apps` (with one of its jobs) that has no live worker:
+/// its runs would wait as PENDING until one starts.
+pub(crate) async fn warn_without_workers(
+    client: &Client,
+    apps: impl IntoIterator<Item = (String, String)>,
+) {
+    let apps: std::collections::BTreeMap<String, String> = apps.into_iter().collect();
+    if apps.is_empty() {
+        return;
+    }
+    let Ok(workers) = live_workers(client).await else {
+        return;
+    };
+    for (app, job) in apps {
+        if !workers.iter().any(|w| w.app_name == app) {
+            eprintln!(
+                "warning: no worker of app {} is running: runs of {} wait as PENDING until one starts (see `krest workers list`)",
+                esc(&app),
+                esc(&job)
+            );
         }
     }
 }

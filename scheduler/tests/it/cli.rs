@@ -562,6 +562,24 @@ async fn dry_run_shows_changes_and_edit_applies_or_keeps_the_edit() {
     );
     let (code, _, err) = env.cli(&["job", "apply", "-f", seed.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
+    // No worker of the seed's app runs here: apply and trigger --wait say so.
+    assert!(
+        err.contains("warning: no worker of app demo-spring-krest-job is running"),
+        "{err}"
+    );
+    let (code, _, err) = env.cli(&[
+        "job",
+        "trigger",
+        "demo-job3",
+        "--wait",
+        "--wait-timeout",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("warning: no worker of app demo-spring-krest-job is running: runs of default-jobGroup.demo-job3 wait as PENDING"),
+        "{err}"
+    );
 
     // --dry-run: one job changed, one new, one unchanged; nothing applied.
     let mut docs = seed_documents();
