@@ -328,6 +328,8 @@ async fn run_supervised(
             leadership: leadership.clone(),
             recorder: recorder_rx.clone(),
             max_lag: opts.recorder.max_lag,
+            table: table.clone(),
+            routing: routing.clone(),
         };
         sup.spawn(
             "http",

@@ -255,6 +255,7 @@ impl Recorder<'_> {
                 self.park(bad).await;
             }
             let ended = self.write(&batch).await?;
+            count(&batch, &ended);
             self.followups.on_ended(&ended).await;
             self.recorded(batch.last_seq);
         }
@@ -405,6 +406,25 @@ impl Recorder<'_> {
 
 /// Measures, every second, how far the recorder is behind the stream: in events, and as the
 /// age of the oldest event it has not recorded.
+/// Counts a recorded batch in the node's metrics: runs ended (by status, with their
+/// durations) and the lateness of first attempts' handler starts.
+fn count(batch: &Batch, ended: &[krest_schemas::api::RunSummary]) {
+    let m = &crate::metrics::METRICS;
+    for (_, event) in &batch.events {
+        if let RunEvent::Started(s) = event {
+            if let (1, Some(due)) = (s.attempt, s.scheduled_at) {
+                m.start_lateness.observe_ms((s.at - due).num_milliseconds());
+            }
+        }
+    }
+    for run in ended {
+        m.runs_ended.add(run.status.as_str(), 1);
+        if let (Some(start), Some(end)) = (run.started_at, run.finished_at) {
+            m.run_duration.observe_ms((end - start).num_milliseconds());
+        }
+    }
+}
+
 async fn measure_lag(
     js: &jetstream::Context,
     status: &watch::Sender<RecorderStatus>,

@@ -932,3 +932,82 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     more_runs(&client, "f.tick", 0, 3).await;
     assert_history(&settled(&client, "f.tick").await, &f.journal());
 }
+
+/// The value of the sample `series` (name with its labels, as printed) in a Prometheus text
+/// exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_fires_runs_lateness_and_workers() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("metrics", nats.url());
+    f.start_node("a", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
+    let http = status.nodes[0].http_addr.clone().unwrap();
+
+    let body = eventually(DEADLINE, "metrics of three recorded runs", || async {
+        let body = http_body(&http, "/metrics")?;
+        let ended = sample(&body, "krest_runs_ended_total{status=\"SUCCEEDED\"}")?;
+        (ended >= 3.0).then_some(body)
+    })
+    .await;
+    let head = http_get(&http, "/metrics").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_eq!(sample(&body, "krest_leader"), Some(1.0), "{body}");
+    assert!(sample(&body, "krest_leader_epoch").unwrap() >= 1.0);
+    assert!(
+        sample(&body, "krest_fires_total{trigger=\"SCHEDULE\"}").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_dispatch_lateness_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_handler_start_lateness_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_run_duration_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "krest_dispatch_errors_total"), Some(0.0));
+    assert_eq!(sample(&body, "krest_jobs"), Some(1.0));
+    assert_eq!(
+        sample(&body, &format!("krest_workers_live{{app=\"{APP}\"}}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(sample(&body, "krest_recorder_failing"), Some(0.0));
+    // Well formed: every sample belongs to a metric declared with HELP and TYPE before it.
+    let mut declared = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            declared.insert(rest.split(' ').next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| declared.contains(*b)))
+            .unwrap_or(name);
+        assert!(declared.contains(base), "undeclared sample: {line}");
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+    }
+}
