@@ -88,6 +88,8 @@ mod error;
 mod events;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "logging")]
+pub mod logging;
 mod options;
 mod worker;
 

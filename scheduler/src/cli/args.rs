@@ -47,6 +47,10 @@ pub struct Cli {
     /// How long to wait for NATS and for a scheduler node's answer.
     #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
+    /// Log lines of `krest scheduler` and `krest worker` on stderr: `text` (coloured only on a
+    /// terminal) or `json` (one object per line, for log collectors).
+    #[arg(long, env = "KREST_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: krest_worker::logging::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

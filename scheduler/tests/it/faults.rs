@@ -945,8 +945,8 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 async fn metrics_count_fires_runs_lateness_and_workers() {
     let nats = NatsServer::start();
     let mut f = Fleet::new("metrics", nats.url());
-    f.start_node("a", &[]);
-    f.start_worker("w1", &[]);
+    f.start_node("a", &["--log-format", "json"]);
+    f.start_worker("w1", &["--log-format", "json"]);
     let client = f.client().await;
     apply(&client, vec![every_second("tick")]).await;
     more_runs(&client, "f.tick", 0, 3).await;
@@ -1010,4 +1010,32 @@ async fn metrics_count_fires_runs_lateness_and_workers() {
         let value = line.rsplit(' ').next().unwrap();
         assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
     }
+
+    // --log-format json: every line of both processes is a JSON object; the worker's lines
+    // about an attempt carry its run, job, shard and attempt.
+    for p in [&f.nodes["a"], &f.workers["w1"]] {
+        for line in p.output().lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", p.name()));
+            assert!(
+                v["level"].is_string() && v["timestamp"].is_string(),
+                "{line}"
+            );
+        }
+    }
+    let ended = f.workers["w1"]
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "attempt ended")
+        .expect("an `attempt ended` line");
+    let run = &ended["spans"][0];
+    assert_eq!(run["name"], "run", "{ended}");
+    assert!(
+        run["run"].as_str().unwrap().starts_with("f.tick."),
+        "{ended}"
+    );
+    assert_eq!(run["job"], "f.tick");
+    assert_eq!(run["attempt"], 1);
+    assert_eq!(ended["fields"]["outcome"], "SUCCEEDED");
 }
