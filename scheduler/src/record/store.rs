@@ -24,7 +24,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use krest_schemas::api::{AttemptStatus, AttemptView, LogView, RunDetail, RunStatus, RunSummary};
 use krest_schemas::{AttemptOutcome, LogLevel, RunEvent, Trigger};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Row};
+use sqlx::{Any, AnyPool, Connection, Row};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +33,12 @@ pub enum StoreError {
     #[error("unsupported database URL `{0}`: use sqlite://PATH (the file is created if missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")]
     BadUrl(String),
     /// The database could not be opened or migrated at start.
-    #[error("cannot open the database at {url}: {source} ({hint})")]
+    #[error("cannot open the database at {url}: {cause} ({hint})")]
     Open {
         /// The URL, password redacted.
         url: String,
-        /// What failed.
-        source: sqlx::Error,
+        /// What failed (shown in the message, not chained: sqlx repeats itself).
+        cause: sqlx::Error,
         /// What to check.
         hint: &'static str,
     },
@@ -372,10 +372,10 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let (backend, normalized) = normalize_url(url)?;
-        let failed = |source: sqlx::Error| StoreError::Open {
+        let failed = |cause: sqlx::Error| StoreError::Open {
             url: redact_db_url(url),
-            hint: open_hint(backend, &source),
-            source,
+            hint: open_hint(backend, &cause),
+            cause,
         };
         let pool = match backend {
             Backend::Sqlite => AnyPoolOptions::new()
@@ -398,12 +398,20 @@ impl Store {
                 .connect(&normalized)
                 .await
                 .map_err(failed)?,
-            Backend::Postgres => AnyPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&normalized)
-                .await
-                .map_err(failed)?,
+            Backend::Postgres => {
+                // One connection first: the pool would retry a refused connection until its
+                // acquire timeout and then only say it timed out.
+                let probe = sqlx::AnyConnection::connect(&normalized)
+                    .await
+                    .map_err(failed)?;
+                let _ = probe.close().await;
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(&normalized)
+                    .await
+                    .map_err(failed)?
+            }
         };
         if backend == Backend::Sqlite {
             sqlx::query("PRAGMA journal_mode = WAL")
@@ -413,9 +421,9 @@ impl Store {
         }
         let store = Store { pool, backend };
         store.migrate().await.map_err(|e| match e {
-            StoreError::Db(source) => StoreError::Open {
+            StoreError::Db(cause) => StoreError::Open {
                 url: redact_db_url(url),
-                source,
+                cause,
                 hint: "the database refused Krest's schema migration: check that this user may create and alter tables",
             },
             e => e,
