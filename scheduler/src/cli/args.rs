@@ -178,8 +178,14 @@ pub struct HttpWorkerArgs {
 /// `krest scheduler` flags.
 #[derive(Debug, Args)]
 pub struct SchedulerArgs {
-    /// Database URL: sqlite://PATH (created if missing).
-    #[arg(long, env = "KREST_DB", default_value = "sqlite://krest.db")]
+    /// Database URL: sqlite://PATH (a file per node, created if missing) or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (one database several nodes may share).
+    #[arg(
+        long,
+        env = "KREST_DB",
+        default_value = "sqlite://krest.db",
+        hide_env_values = true
+    )]
     pub db: String,
     /// Node name (default: host name and process id).
     #[arg(long, env = "KREST_NODE")]

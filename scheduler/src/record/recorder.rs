@@ -266,10 +266,9 @@ impl Recorder<'_> {
         &self,
         batch: &Batch,
     ) -> Result<Vec<krest_schemas::api::RunSummary>, RecordError> {
-        let events: Vec<RunEvent> = batch.events.iter().map(|(_, e)| e.clone()).collect();
         let mut failures = 0u32;
         loop {
-            match self.store.apply(&events, batch.last_seq).await {
+            match self.store.apply(&batch.events, batch.last_seq).await {
                 Ok(ended) => {
                     if failures > 0 {
                         tracing::info!("database available again; recording resumes");
@@ -302,8 +301,9 @@ impl Recorder<'_> {
     ) -> Result<Option<Vec<krest_schemas::api::RunSummary>>, RecordError> {
         let mut ended = Vec::new();
         let mut done = self.status.borrow().recorded_seq;
-        for (seq, event) in &batch.events {
-            match self.store.apply(std::slice::from_ref(event), *seq).await {
+        for item in &batch.events {
+            let (seq, event) = item;
+            match self.store.apply(std::slice::from_ref(item), *seq).await {
                 Ok(e) => {
                     ended.extend(e);
                     done = *seq;

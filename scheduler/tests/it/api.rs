@@ -473,7 +473,16 @@ async fn an_item_too_large_for_any_reply_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_list_and_runs_get_come_in_pages_with_every_log_line() {
-    let env = Env::with_max_payload("run-pages", SMALL_PAYLOAD);
+    runs_in_pages(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_list_and_runs_get_come_in_pages_with_every_log_line_from_postgres() {
+    runs_in_pages(Db::Postgres).await;
+}
+
+async fn runs_in_pages(db: Db) {
+    let env = Env::with_max_payload("run-pages", SMALL_PAYLOAD).on(db);
     let node = env.node("n1");
     let client = env.client().await;
     // One run logs 100 lines of 4 KiB (~400 KiB); the others answer 6 KiB of output.

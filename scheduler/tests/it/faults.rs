@@ -888,10 +888,7 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     let mut nats = NatsServer::start();
     nats.kill();
     let mut f = Fleet::new("nats-late", nats.url());
-    // The database's directory does not exist yet either.
-    let db_dir = f.dir.join("not-yet");
-    let db = format!("sqlite://{}/a.db", db_dir.display());
-    f.start_node("a", &["--db", &db]);
+    f.start_node("a", &[]);
     f.start_worker("w1", &[]);
     eventually(DEADLINE, "the node to report NATS unreachable", || async {
         f.nodes["a"]
@@ -915,18 +912,6 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     )
     .await;
     nats.start_again();
-    eventually(
-        DEADLINE,
-        "the node to report the database unavailable",
-        || async {
-            f.nodes["a"]
-                .output()
-                .contains("cannot open the database; retrying")
-                .then_some(())
-        },
-    )
-    .await;
-    std::fs::create_dir_all(&db_dir).unwrap();
     let client = f.client().await;
     apply(&client, vec![every_second("tick")]).await;
     more_runs(&client, "f.tick", 0, 3).await;
@@ -1038,4 +1023,71 @@ async fn metrics_count_fires_runs_lateness_and_workers() {
     assert_eq!(run["job"], "f.tick");
     assert_eq!(run["attempt"], 1);
     assert_eq!(ended["fields"]["outcome"], "SUCCEEDED");
+}
+
+/// Runs `krest scheduler --db <db>` against a NATS URL where nothing listens and returns its
+/// exit code and stderr once it exits.
+async fn scheduler_exit(db: &str, dir: &std::path::Path) -> (Option<i32>, String) {
+    let nats = format!("nats://127.0.0.1:{}", krest_test_support::free_port());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_krest"));
+    cmd.args([
+        "scheduler",
+        "--nats-url",
+        &nats,
+        "--db",
+        db,
+        "--http",
+        "off",
+    ])
+    .current_dir(dir);
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("the node to exit")
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_unreachable_database_stops_the_node_before_it_connects_to_nats() {
+    let dir = krest_test_support::TestDir::new("bad-db");
+    let server = krest_test_support::postgres_server_url();
+    let base = server.rsplit_once('/').unwrap().0.to_string();
+    let cases = [
+        // Nothing listens on port 1.
+        (
+            "postgres://krest:s3cret@127.0.0.1:1/krest".to_string(),
+            "cannot open the database at postgres://<redacted>@127.0.0.1:1/krest: ",
+            "check that PostgreSQL runs",
+        ),
+        (
+            format!("{base}/krest_no_such_database"),
+            "cannot open the database at ",
+            "the database does not exist",
+        ),
+        (
+            format!("sqlite://{}/missing/dir/a.db", dir.path().display()),
+            "cannot open the database at sqlite://",
+            "check that the file's directory exists",
+        ),
+        (
+            "mysql://root:s3cret@127.0.0.1/krest".to_string(),
+            "unsupported database URL `mysql://<redacted>@127.0.0.1/krest`",
+            "postgres://USER",
+        ),
+    ];
+    for (db, what, hint) in cases {
+        let (code, err) = scheduler_exit(&db, dir.path()).await;
+        assert_eq!(code, Some(1), "{db}: {err}");
+        assert!(err.contains(what), "{db}: {err}");
+        assert!(err.contains(hint), "{db}: {err}");
+        assert!(!err.contains("s3cret"), "{db}: {err}");
+        // Before NATS: the node never tried to connect.
+        assert!(!err.contains("NATS"), "{db}: {err}");
+    }
 }
