@@ -287,6 +287,14 @@ pub struct Started {
     pub scheduled_at: Option<DateTime<Utc>>,
 }
 
+/// Longest log line kept, in bytes; a longer line is cut and ends in `...`.
+pub const MAX_LOG_LINE: usize = 4 * 1024;
+/// Log lines kept per attempt (of one shard). The SDK sends one more, a marker saying the log
+/// was cut, and drops the rest; the recorder stores no line numbered beyond the marker.
+pub const MAX_LOG_LINES_PER_ATTEMPT: u32 = 10_000;
+/// Bytes of log lines kept per attempt; past them the SDK sends the marker and drops the rest.
+pub const MAX_LOG_BYTES_PER_ATTEMPT: usize = 1024 * 1024;
+
 /// A line a handler logged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

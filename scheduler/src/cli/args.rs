@@ -329,9 +329,24 @@ pub enum RunsCmd {
     },
     /// Follow run events as they happen (until ctrl-c).
     Watch {
-        /// Only events of this job (`group.name`).
+        /// Only events of this job.
         #[arg(long)]
         job: Option<String>,
+        /// First replay the events of this last period (`10m`, `1h`) from the events stream.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Print a run's log lines (every shard and attempt, in order); with --follow, then the
+    /// new ones live until the run ends.
+    Logs {
+        /// The run id.
+        run_id: String,
+        /// Keep printing lines as they are logged, until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this shard's lines (shards count from 0).
+        #[arg(long)]
+        shard: Option<u32>,
     },
 }
 

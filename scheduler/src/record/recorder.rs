@@ -22,6 +22,7 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use krest_schemas::deadletter::{header_value, Origin};
+use krest_schemas::messages::{MAX_LOG_LINE, MAX_LOG_LINES_PER_ATTEMPT};
 use krest_schemas::names::{parked_event_id, EVENTS_STREAM, EVENTS_SUBJECTS};
 use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::watch;
@@ -503,6 +504,15 @@ impl Batch {
             .stream_sequence;
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
+            // Past an attempt's log bound (the SDK's cut marker is the last line kept) a line
+            // is not stored: a worker that ignores the bound cannot grow a run's log forever.
+            Ok(RunEvent::Log(l)) if l.seq > MAX_LOG_LINES_PER_ATTEMPT + 1 => {
+                tracing::debug!(seq, run = %l.run.run_id, line = l.seq, "log line past the attempt's bound; not stored");
+            }
+            Ok(RunEvent::Log(mut l)) if l.line.len() > MAX_LOG_LINE => {
+                l.line = krest_schemas::text::truncate(std::mem::take(&mut l.line), MAX_LOG_LINE);
+                self.events.push((seq, RunEvent::Log(l)));
+            }
             Ok(e) => self.events.push((seq, e)),
             Err(e) => {
                 // Serde's message may quote the input: bounded like a header.

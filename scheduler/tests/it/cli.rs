@@ -682,3 +682,141 @@ async fn dry_run_shows_changes_and_edit_applies_or_keeps_the_edit() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("no changes; nothing was applied"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_logs_follows_a_run_and_an_attempts_log_is_bounded() {
+    let env = Env::new("cli-logs");
+    let _node = env.node("n1");
+    let client = env.client().await;
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let w = env
+        .worker("logs", "w1")
+        .handler("slow", move |ctx: JobContext| {
+            let mut go = go_rx.clone();
+            async move {
+                ctx.log("first line");
+                let _ = go.wait_for(|g| *g).await;
+                ctx.warn("second line");
+                Ok("done")
+            }
+        })
+        .handler("chatty", |ctx: JobContext| async move {
+            for i in 0..krest_worker::MAX_LOG_LINES_PER_ATTEMPT + 50 {
+                ctx.log(format!("line {i}"));
+            }
+            Ok(())
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![
+            serde_json::json!({"appName": "logs", "jobGroup": "t", "jobName": "slow", "path": "slow"}),
+            serde_json::json!({"appName": "logs", "jobGroup": "t", "jobName": "chatty", "path": "chatty"}),
+        ],
+    )
+    .await;
+
+    // `runs logs --follow` prints what is stored, then lines as they are logged, and ends
+    // with the run.
+    let run_id = trigger(&client, "slow").await.run_id;
+    let follow = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "--nats-url",
+            &env.url(),
+            "runs",
+            "logs",
+            "--follow",
+            &run_id,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(DEADLINE, "the first line recorded", || async {
+        run(&client, &run_id)
+            .await
+            .filter(|d| d.attempts.iter().any(|a| !a.logs.is_empty()))
+    })
+    .await;
+    go_tx.send(true).unwrap();
+    let out = tokio::task::spawn_blocking(move || follow.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].ends_with("INFO  shard 0 attempt 1 | first line"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].ends_with("WARN  shard 0 attempt 1 | second line"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("run {run_id} ended: SUCCEEDED")),
+        "{stderr}"
+    );
+    let (code, again, _) = env.cli(&["runs", "logs", &run_id]);
+    assert_eq!(code, 0);
+    assert_eq!(again, stdout, "stored lines read back the same");
+
+    // `runs watch --since` replays the events of that run before following.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "--nats-url",
+            &env.url(),
+            "runs",
+            "watch",
+            "--since",
+            "10m",
+            "--job",
+            "slow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let replayed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains(" finished ") && l.contains("SUCCEEDED"))
+    })
+    .await
+    .unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(replayed.unwrap().contains(&run_id));
+
+    // An attempt keeps MAX lines plus a marker saying the log was cut.
+    let chatty = trigger(&client, "chatty").await.run_id;
+    let d = wait_final(&client, &chatty).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let (code, out, err) = env.cli(&["runs", "logs", &chatty]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        krest_worker::MAX_LOG_LINES_PER_ATTEMPT as usize + 1,
+        "{}",
+        lines.last().unwrap()
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .contains("WARN  shard 0 attempt 1 | log cut:"),
+        "{}",
+        lines.last().unwrap()
+    );
+    drop(w);
+}
