@@ -540,6 +540,113 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
     let (s, _) = reader.get("/api/v1/jobs/t.secret").await;
     assert_eq!(s, 404);
 
+    // --- Console sessions: a token exchanged for an HttpOnly SameSite=Strict cookie; writes
+    // with the cookie need the session's CSRF token, writes with a bearer token do not.
+    let (s, v) = nobody
+        .send("POST", "/api/v1/session", Some(json!({"token": "wrong"})))
+        .await;
+    assert_eq!(
+        (s, code(&v), field(&v)),
+        (401, "unauthorized", "token"),
+        "{v}"
+    );
+    let res = nobody
+        .http
+        .post(format!("{base}/api/v1/session"))
+        .body(json!({"token": WRITE}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let set_cookie = res.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    let session: Value = serde_json::from_slice(&res.bytes().await.unwrap()).unwrap();
+    assert_eq!(session["access"], "write");
+    let csrf = session["csrf"].as_str().unwrap().to_string();
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let with_cookie = |method: reqwest::Method, path: &str, csrf: Option<&str>| {
+        let mut req = nobody
+            .http
+            .request(method, format!("{base}{path}"))
+            .header("cookie", &cookie);
+        if let Some(c) = csrf {
+            req = req.header("x-krest-csrf", c);
+        }
+        req.send()
+    };
+    let res = with_cookie(reqwest::Method::GET, "/api/v1/session", None)
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let res = with_cookie(reqwest::Method::GET, "/api/v1/jobs", None)
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let res = with_cookie(reqwest::Method::POST, "/api/v1/jobs/demo-job2/pause", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status().as_u16(),
+        403,
+        "a cookie write without CSRF token"
+    );
+    let res = with_cookie(
+        reqwest::Method::POST,
+        "/api/v1/jobs/demo-job2/pause",
+        Some("forged"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        res.status().as_u16(),
+        403,
+        "a cookie write with a wrong CSRF token"
+    );
+    let res = with_cookie(
+        reqwest::Method::POST,
+        "/api/v1/jobs/demo-job2/pause",
+        Some(&csrf),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let res = with_cookie(reqwest::Method::DELETE, "/api/v1/session", None)
+        .await
+        .unwrap();
+    assert!(res.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let res = with_cookie(reqwest::Method::GET, "/api/v1/jobs", None)
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 401, "the session ended");
+    // A read-only token's session cannot write.
+    let (s, v) = nobody
+        .send("POST", "/api/v1/session", Some(json!({"token": READ})))
+        .await;
+    assert_eq!((s, v["access"].as_str()), (200, Some("read")), "{v}");
+    // The console's page and files, with a restrictive Content-Security-Policy.
+    let res = nobody.http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert!(res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    assert!(res.text().await.unwrap().contains("/console.js"));
+    for asset in ["/console.js", "/console.css"] {
+        let res = nobody
+            .http
+            .get(format!("{base}{asset}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 200, "{asset}");
+    }
+
     gate.add_permits(100);
     demo.stop().await.unwrap();
     gated.stop().await.unwrap();

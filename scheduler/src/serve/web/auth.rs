@@ -1,7 +1,14 @@
 //! Who may call the HTTP API: bearer tokens (a write token, an optional read-only token),
-//! optional anonymous reads, compared in constant time.
+//! optional anonymous reads, compared in constant time; and the console's sessions: a token
+//! exchanged for an `HttpOnly`, `SameSite=Strict` cookie, whose writes must also carry the
+//! session's CSRF token in the `X-Krest-Csrf` header (the bearer path needs none: a browser
+//! never sends a bearer token on its own).
 
-use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::header::{AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use krest_schemas::api::ErrorCode;
 
@@ -51,11 +58,31 @@ impl std::fmt::Debug for WebOptions {
     }
 }
 
-/// Checks requests against [`WebOptions`].
+/// Checks requests against [`WebOptions`] and the console's sessions.
 #[derive(Debug)]
 pub struct Auth {
     opts: WebOptions,
+    sessions: Mutex<HashMap<String, Session>>,
 }
+
+/// A console session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// What its token granted.
+    pub access: Access,
+    /// What its writes must send in [`CSRF_HEADER`].
+    pub csrf: String,
+    expires: Instant,
+}
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "krest_session";
+/// The header carrying a session's CSRF token on writes.
+pub const CSRF_HEADER: &str = "x-krest-csrf";
+/// How long a session lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Most sessions kept at once (the oldest go first).
+const MAX_SESSIONS: usize = 10_000;
 
 /// `WWW-Authenticate` of a request without a token.
 const CHALLENGE: &str = r#"Bearer realm="krest""#;
@@ -70,7 +97,54 @@ impl Auth {
                 *t = None;
             }
         }
-        Auth { opts }
+        Auth {
+            opts,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a session for `token`: its id (the cookie's value) and the session, or `None`
+    /// when the token grants nothing.
+    pub fn login(&self, token: &str) -> Option<(String, Session)> {
+        let access = self.grant(token)?;
+        let id = random_token()?;
+        let session = Session {
+            access,
+            csrf: random_token()?,
+            expires: Instant::now() + SESSION_TTL,
+        };
+        let mut sessions = self.sessions.lock().ok()?;
+        let now = Instant::now();
+        sessions.retain(|_, s| s.expires > now);
+        if sessions.len() >= MAX_SESSIONS {
+            if let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(k, _)| k.clone())
+            {
+                sessions.remove(&oldest);
+            }
+        }
+        sessions.insert(id.clone(), session.clone());
+        Some((id, session))
+    }
+
+    /// The live session of a request's cookie.
+    pub fn session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
+        let id = cookie(headers, SESSION_COOKIE)?;
+        let sessions = self.sessions.lock().ok()?;
+        // Looked up by id; the id is 256 random bits, so a guess cannot be refined by timing.
+        let s = sessions.get(id)?;
+        (s.expires > Instant::now()).then(|| (id.to_string(), s.clone()))
+    }
+
+    /// Ends the session of a request's cookie, if any.
+    pub fn logout(&self, headers: &HeaderMap) {
+        if let (Some(id), Ok(mut sessions)) =
+            (cookie(headers, SESSION_COOKIE), self.sessions.lock())
+        {
+            sessions.remove(id);
+        }
     }
 
     /// What a token grants: `Write`, `Read`, or nothing (`None`).
@@ -116,8 +190,23 @@ impl Auth {
                     )
                 })?
             }
-            None if need == Access::Read && self.opts.anonymous_read => return Ok(()),
-            None => return Err(self.missing(need)),
+            None => match self.session(headers) {
+                Some((_, session)) => {
+                    if need == Access::Write {
+                        let sent = headers.get(CSRF_HEADER).map(HeaderValue::as_bytes);
+                        if !sent.is_some_and(|c| ct_eq(c, session.csrf.as_bytes())) {
+                            return Err(WebError::new(
+                                StatusCode::FORBIDDEN,
+                                ErrorCode::Forbidden,
+                                "missing or wrong CSRF token: writes with the session cookie must send the session's `csrf` in the X-Krest-Csrf header",
+                            ));
+                        }
+                    }
+                    session.access
+                }
+                None if need == Access::Read && self.opts.anonymous_read => return Ok(()),
+                None => return Err(self.missing(need)),
+            },
         };
         allowed(granted, need)
     }
@@ -156,6 +245,25 @@ fn bearer(value: &HeaderValue) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// 256 random bits from the OS, as hex.
+fn random_token() -> Option<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn unauthorized(message: &str, challenge: &'static str) -> WebError {
@@ -243,6 +351,37 @@ mod tests {
         assert_eq!(status(anon.check(&headers(Some("Bearer x")), read)), 401);
         let e = a.check(&headers(None), read).unwrap_err();
         assert!(e.header(WWW_AUTHENTICATE).is_some());
+    }
+
+    #[test]
+    fn sessions_need_csrf_for_writes() {
+        let a = auth(false);
+        assert!(a.login("nope").is_none());
+        let (id, s) = a.login("w-secret").unwrap();
+        assert_eq!(s.access, Access::Write);
+        assert_eq!(id.len(), 64);
+        let mut h = headers(None);
+        h.insert(
+            COOKIE,
+            HeaderValue::from_str(&format!("a=b; {SESSION_COOKIE}={id}")).unwrap(),
+        );
+        assert_eq!(status(a.check(&h, Access::Read)), 200);
+        assert_eq!(status(a.check(&h, Access::Write)), 403);
+        h.insert(CSRF_HEADER, HeaderValue::from_static("wrong"));
+        assert_eq!(status(a.check(&h, Access::Write)), 403);
+        h.insert(CSRF_HEADER, HeaderValue::from_str(&s.csrf).unwrap());
+        assert_eq!(status(a.check(&h, Access::Write)), 200);
+        // A read session cannot write, CSRF or not.
+        let (rid, rs) = a.login("r-secret").unwrap();
+        let mut r = headers(None);
+        r.insert(
+            COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={rid}")).unwrap(),
+        );
+        r.insert(CSRF_HEADER, HeaderValue::from_str(&rs.csrf).unwrap());
+        assert_eq!(status(a.check(&r, Access::Write)), 403);
+        a.logout(&h);
+        assert_eq!(status(a.check(&h, Access::Read)), 401);
     }
 
     #[test]

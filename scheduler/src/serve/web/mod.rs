@@ -1,4 +1,5 @@
-//! The HTTP API under `/api/v1`, served on the node's `--http` address next to the probes.
+//! The HTTP API under `/api/v1` and the web console (`/`, [`console`]), served on the node's
+//! `--http` address next to the probes.
 //!
 //! Every operation goes through the same service layer as the NATS API
 //! ([`ApiServer::answer`](super::api::ApiServer::answer)): the same checks, results, paging
@@ -6,9 +7,10 @@
 //! parsed strictly, status codes, one error shape: [`error`]). What HTTP adds lives here too:
 //! bearer-token access ([`auth`]), live run events as server-sent events ([`events`]), cron
 //! previews, revision diffs, and the OpenAPI document ([`openapi`]) rendered from the route
-//! table ([`routes::ROUTES`]) the router itself is built from, so every route is documented.
+//! table ([`routes::routes`]) the router itself is built from, so every route is documented.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 mod events;
 pub mod openapi;
@@ -40,7 +42,7 @@ pub struct WebState {
     pub stop: CancellationToken,
 }
 
-/// The router of the HTTP API, built from [`routes::ROUTES`].
+/// The router of the HTTP API (built from [`routes::routes`]) and the console's files.
 pub fn router(state: WebState) -> axum::Router {
-    routes::router(state)
+    routes::router(state).merge(console::router())
 }

@@ -27,7 +27,7 @@ use krest_schemas::api::{
 use krest_schemas::text::{echo, shorten_quoted};
 use krest_schemas::web::{
     ClusterHealth, CronPreview, FieldChange, HttpError, ItemsPage, JobDiff, RunDetailPage,
-    TriggerBody,
+    SessionRequest, SessionView, TriggerBody,
 };
 use krest_schemas::{CronSchedule, WorkerInfo};
 use schemars::{Schema, SchemaGenerator};
@@ -197,6 +197,12 @@ pub fn routes() -> Vec<Route> {
     use Method::{Delete, Get, Post, Put};
     vec![
         route(Get, "/api/v1/openapi.json", "openapi", "This document.", Public, openapi_json),
+        route(Post, "/api/v1/session", "login", "Console login: exchanges a token for an HttpOnly, SameSite=Strict session cookie; answers the CSRF token its writes must send in X-Krest-Csrf.", Public, session_login)
+            .body(|g| g.subschema_for::<SessionRequest>())
+            .returns(|g| g.subschema_for::<SessionView>()),
+        route(Get, "/api/v1/session", "session", "The console session of the cookie (401 without one).", Public, session_get)
+            .returns(|g| g.subschema_for::<SessionView>()),
+        route(Delete, "/api/v1/session", "logout", "Ends the console session and clears its cookie.", Public, session_logout),
         route(Get, "/api/v1/jobs", "listJobs", "Jobs by key, with their next fire times.", Read, jobs_list)
             .query(vec![
                 param("search", "Only jobs whose `group.name` contains this text (case-insensitive)."),
@@ -894,6 +900,75 @@ async fn cron_preview(q: Result<Query<CronQuery>, QueryRejection>) -> Result<Res
         StatusCode::OK,
         serde_json::to_vec(&body).unwrap_or_default(),
     ))
+}
+
+fn session_view(session: &super::auth::Session) -> Vec<u8> {
+    serde_json::to_vec(&SessionView {
+        access: session.access.as_str().to_string(),
+        csrf: session.csrf.clone(),
+    })
+    .unwrap_or_default()
+}
+
+fn no_session(message: &str) -> WebError {
+    WebError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+}
+
+async fn session_login(
+    State(s): State<WebState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, WebError> {
+    let req: SessionRequest = match json_body(body)? {
+        Some(v) => serde_json::from_value(v).map_err(|e| {
+            WebError::bad_field(
+                "token",
+                format!("malformed login: {}", shorten_quoted(&e.to_string())),
+            )
+        })?,
+        None => return Err(WebError::bad_field("token", "missing `token`")),
+    };
+    let (id, session) = s
+        .auth
+        .login(&req.token)
+        .ok_or_else(|| no_session("this token is not valid for this node").field("token"))?;
+    let cookie = format!(
+        "{}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        super::auth::SESSION_COOKIE,
+        super::auth::SESSION_TTL.as_secs()
+    );
+    let mut response = json_response(StatusCode::OK, session_view(&session));
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::SET_COOKIE, v);
+    }
+    Ok(response)
+}
+
+async fn session_get(
+    State(s): State<WebState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, WebError> {
+    let (_, session) = s
+        .auth
+        .session(&headers)
+        .ok_or_else(|| no_session("not logged in"))?;
+    Ok(json_response(StatusCode::OK, session_view(&session)))
+}
+
+async fn session_logout(State(s): State<WebState>, headers: axum::http::HeaderMap) -> Response {
+    s.auth.logout(&headers);
+    let mut response = json_response(StatusCode::OK, b"{}".to_vec());
+    let clear = format!(
+        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        super::auth::SESSION_COOKIE
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::SET_COOKIE, v);
+    }
+    response
 }
 
 /// Schemas every route may answer with (errors).
