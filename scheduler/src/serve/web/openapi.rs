@@ -70,7 +70,7 @@ pub fn document() -> Value {
         };
         if let Some(body) = r.body {
             op["requestBody"] = json!({
-                "required": r.method == super::routes::Method::Put,
+                "required": r.body_required,
                 "content": {"application/json": {"schema": Value::from(body(&mut generator))}},
             });
         }

@@ -115,6 +115,8 @@ pub struct Route {
     pub query: Vec<Param>,
     /// Request body schema.
     pub body: Option<SchemaFn>,
+    /// Whether the body must be given.
+    pub body_required: bool,
     /// Success answer.
     pub answer: Answer,
     handler: MethodRouter<WebState>,
@@ -140,6 +142,7 @@ where
         access,
         query: Vec::new(),
         body: None,
+        body_required: false,
         answer: Answer::Json(|g| g.subschema_for::<Value>()),
         handler: on(method.filter(), handler),
     }
@@ -152,6 +155,12 @@ impl Route {
     }
 
     fn body(mut self, body: SchemaFn) -> Route {
+        self.body = Some(body);
+        self.body_required = true;
+        self
+    }
+
+    fn optional_body(mut self, body: SchemaFn) -> Route {
         self.body = Some(body);
         self
     }
@@ -228,7 +237,7 @@ pub fn routes() -> Vec<Route> {
         route(Post, "/api/v1/jobs/{job}/resume", "resumeJob", "Fire the job on its schedule again.", Write, job_resume)
             .returns(|g| g.subschema_for::<JobView>()),
         route(Post, "/api/v1/jobs/{job}/trigger", "triggerJob", "Run the job now, optionally with other args (the body may be empty).", Write, job_trigger)
-            .body(|g| g.subschema_for::<TriggerBody>())
+            .optional_body(|g| g.subschema_for::<TriggerBody>())
             .returns(|g| g.subschema_for::<TriggerResponse>()),
         route(Get, "/api/v1/jobs/{job}/revisions", "listRevisions", "The job's revisions, newest first.", Read, job_revisions)
             .query(vec![LIMIT, CURSOR])
@@ -916,6 +925,7 @@ fn no_session(message: &str) -> WebError {
 
 async fn session_login(
     State(s): State<WebState>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, WebError> {
     let req: SessionRequest = match json_body(body)? {
@@ -931,10 +941,15 @@ async fn session_login(
         .auth
         .login(&req.token)
         .ok_or_else(|| no_session("this token is not valid for this node").field("token"))?;
+    // Behind a TLS-terminating proxy the cookie is also `Secure`.
+    let https = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
     let cookie = format!(
-        "{}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
         super::auth::SESSION_COOKIE,
-        super::auth::SESSION_TTL.as_secs()
+        super::auth::SESSION_TTL.as_secs(),
+        if https { "; Secure" } else { "" }
     );
     let mut response = json_response(StatusCode::OK, session_view(&session));
     if let Ok(v) = HeaderValue::from_str(&cookie) {
