@@ -48,6 +48,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             opts.lease_renew = args.lease_renew;
             opts.http_addr = args.http.0;
+            opts.web = krest::serve::web::WebOptions {
+                api_token: args.api.api_token,
+                read_token: args.api.api_read_token,
+                anonymous_read: args.api.api_anonymous_read,
+            };
             opts.infra = InfraConfig {
                 replicas: args.replicas,
                 lease_ttl: args.lease_ttl,

@@ -7,11 +7,14 @@
 //!   SIGSTOP and SIGCONT helpers and its output captured to a file.
 //! - [`eventually`]: wait for a condition with a deadline instead of sleeping.
 //! - [`PgDatabase`]: a fresh PostgreSQL database per test, dropped at the end.
+//! - [`webdriver::Browser`]: headless Chromium through `chromedriver` (W3C WebDriver over HTTP).
 //!
 //! The `nats-server` binary is taken from `$NATS_SERVER`, else from `PATH`. Set
 //! `KREST_KEEP_TEST_DIRS=1` to keep temporary directories (stores, logs) for inspection.
 
 #![allow(clippy::unwrap_used)]
+
+pub mod webdriver;
 
 use std::fs;
 use std::future::Future;

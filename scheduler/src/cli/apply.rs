@@ -250,10 +250,8 @@ async fn current_specs(
             .fetch_all(
                 Op::JobList,
                 |cursor, _| krest_schemas::api::JobListRequest {
-                    app: None,
-                    group: None,
-                    limit: None,
                     cursor,
+                    ..Default::default()
                 },
                 None,
             )

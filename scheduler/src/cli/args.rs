@@ -210,6 +210,25 @@ pub struct SchedulerArgs {
     /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
     pub http: HttpAddr,
+    /// The HTTP API's access (its own block: other flag groups are flattened beside it).
+    #[command(flatten)]
+    pub api: ApiAccessArgs,
+}
+
+/// Who may use the HTTP API and console (`/api/v1`, on the `--http` address).
+#[derive(Debug, Args)]
+pub struct ApiAccessArgs {
+    /// Bearer token that may read and write through the HTTP API (without it, nothing can
+    /// write over HTTP).
+    #[arg(long, env = "KREST_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Bearer token that may only read.
+    #[arg(long, env = "KREST_API_READ_TOKEN", hide_env_values = true)]
+    pub api_read_token: Option<String>,
+    /// Let anyone who reaches the HTTP address read (jobs, runs, logs, workers) without a
+    /// token.
+    #[arg(long, env = "KREST_API_ANONYMOUS_READ")]
+    pub api_anonymous_read: bool,
 }
 
 /// `--http`: an address or `off`.

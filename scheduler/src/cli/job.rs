@@ -29,6 +29,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                         group: group.clone(),
                         limit: None,
                         cursor,
+                        ..Default::default()
                     },
                     None,
                 )

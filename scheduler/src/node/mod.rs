@@ -48,8 +48,10 @@ pub struct NodeOptions {
     pub recorder: RecorderConfig,
     /// Router.
     pub router: crate::leader::router::RouterConfig,
-    /// Address of the HTTP endpoint (`/healthz`, `/readyz`); `None` disables it.
+    /// Address of the HTTP endpoint (`/healthz`, `/readyz`, the HTTP API); `None` disables it.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Who may use the HTTP API.
+    pub web: crate::serve::web::WebOptions,
 }
 
 impl NodeOptions {
@@ -69,6 +71,7 @@ impl NodeOptions {
             recorder: RecorderConfig::default(),
             router: Default::default(),
             http_addr: None,
+            web: Default::default(),
         }
     }
 }
@@ -85,6 +88,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("recorder", &self.recorder)
             .field("router", &self.router)
             .field("http_addr", &self.http_addr)
+            .field("web", &self.web)
             .finish()
     }
 }
@@ -302,13 +306,14 @@ async fn run_supervised(
         publisher,
         routing: routing.clone(),
     };
+    let web_api = api.clone();
     let api_task = sup.spawn("api", api.run(front.clone()));
     let deadletter_task = sup.spawn(
         "dead-letter",
         crate::deadletter::run_advisories(client.clone(), js.clone(), back.clone()),
     );
     let http_task = http_listener.map(|listener| {
-        tracing::info!(addr = ?http_addr, "serving /healthz and /readyz");
+        tracing::info!(addr = ?http_addr, "serving /healthz, /readyz and the HTTP API (/api/v1)");
         let state = crate::serve::http::HttpState {
             node: opts.node.clone(),
             client: client.clone(),
@@ -319,9 +324,15 @@ async fn run_supervised(
             table: table.clone(),
             routing: routing.clone(),
         };
+        let web = crate::serve::web::WebState {
+            api: web_api,
+            health: state.clone(),
+            auth: std::sync::Arc::new(crate::serve::web::auth::Auth::new(opts.web.clone())),
+            stop: back.clone(),
+        };
         sup.spawn(
             "http",
-            crate::serve::http::serve(listener, state, back.clone()),
+            crate::serve::http::serve(listener, state, Some(web), back.clone()),
         )
     });
     let presence_task = sup.spawn(

@@ -23,8 +23,8 @@ use futures_util::StreamExt;
 use krest_schemas::api::{
     ApiError, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
     ClusterStatus, DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest,
-    JobRevision, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary, RunsListRequest,
-    TriggerRequest, TriggerResponse, WorkersListRequest,
+    JobRevision, JobStatus, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary,
+    RunsListRequest, TriggerRequest, TriggerResponse, WorkersListRequest,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
 use krest_schemas::text::{echo, shorten_quoted};
@@ -202,6 +202,13 @@ impl ApiServer {
     /// The largest message the connected server takes (requests and replies alike).
     pub(super) fn max_payload(&self) -> usize {
         self.client.server_info().max_payload
+    }
+
+    /// Answers one request exactly as the `krest.api.*` responder does (same parsing, checks,
+    /// results and errors): the entry of the HTTP API ([`super::web`]), so both front ends share
+    /// one service layer.
+    pub(crate) async fn answer(&self, op: Op, payload: &[u8]) -> Result<Reply, ApiError> {
+        self.handle(op, payload).await.map_err(|Failure(e)| e)
     }
 
     async fn handle(&self, op: Op, payload: &[u8]) -> Answer {
@@ -463,10 +470,19 @@ impl ApiServer {
     fn list(&self, req: JobListRequest) -> Answer {
         let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
         let app = req.app.as_deref();
+        let search = req.search.as_deref().map(str::to_lowercase);
+        let running = req.status.map(|s| s == JobStatus::Running);
         let entries = self.table.page(
             req.cursor.as_deref(),
             req.group.as_deref(),
-            |e| app.is_none_or(|a| e.stored.spec.app_name == a),
+            |e| {
+                let spec = &e.stored.spec;
+                app.is_none_or(|a| spec.app_name == a)
+                    && running.is_none_or(|r| spec.running == r)
+                    && search
+                        .as_deref()
+                        .is_none_or(|s| spec.key().to_lowercase().contains(s))
+            },
             limit + 1,
         );
         let mut page = PageBuilder::new(limit, self.max_payload());

@@ -1,6 +1,7 @@
 //! The node's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (connected to NATS,
 //! database writable, recorder keeping up with the events stream), for load balancers and
-//! orchestrators; `/metrics` (Prometheus text, [`crate::metrics`]).
+//! orchestrators; `/metrics` (Prometheus text, [`crate::metrics`]); and, on the same address,
+//! the HTTP API and web console ([`super::web`]).
 
 use std::time::Duration;
 
@@ -8,8 +9,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use krest_schemas::web::{NodeHealth, RecorderHealth};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+use super::web::WebState;
 
 use crate::leader::lease::{Leadership, Role};
 use crate::record::recorder::StatusRx;
@@ -66,7 +70,9 @@ async fn healthz(State(s): State<HttpState>) -> Json<Value> {
     Json(json!({"status": "ok", "node": s.node}))
 }
 
-async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
+/// This node's health: NATS connection, database writability (probed now, at most 2 s),
+/// role and the recorder's lag. The body of `/readyz` and part of `GET /api/v1/cluster`.
+pub async fn health(s: &HttpState) -> NodeHealth {
     let nats = s.client.connection_state() == async_nats::connection::State::Connected;
     let db = match tokio::time::timeout(Duration::from_secs(2), s.store.probe_write()).await {
         Ok(Ok(())) => Ok(()),
@@ -79,27 +85,33 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
     };
     let rec = s.recorder.borrow().clone();
     let recorder_ok = rec.lag <= s.max_lag && (rec.failing.is_none() || rec.lag_events == 0);
-    let ready = nats && db.is_ok() && recorder_ok;
-    let body = json!({
-        "ready": ready,
-        "node": s.node,
-        "role": role,
-        "epoch": epoch,
-        "nats": if nats { "connected" } else { "disconnected" },
-        "database": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
-        "recorder": {
-            "ok": recorder_ok,
-            "recordedSeq": rec.recorded_seq,
-            "streamSeq": rec.stream_seq,
-            "lagEvents": rec.lag_events,
-            "lagSeconds": rec.lag.as_secs_f64(),
-            "maxLagSeconds": s.max_lag.as_secs_f64(),
-            "failing": rec.failing,
-            "parked": rec.parked,
-            "dropped": rec.dropped,
+    NodeHealth {
+        ready: nats && db.is_ok() && recorder_ok,
+        node: s.node.clone(),
+        role: role.to_string(),
+        epoch,
+        nats: if nats { "connected" } else { "disconnected" }.to_string(),
+        database: match db {
+            Ok(()) => "writable".to_string(),
+            Err(e) => e,
         },
-    });
-    let code = if ready {
+        recorder: RecorderHealth {
+            ok: recorder_ok,
+            recorded_seq: rec.recorded_seq,
+            stream_seq: rec.stream_seq,
+            lag_events: rec.lag_events,
+            lag_seconds: rec.lag.as_secs_f64(),
+            max_lag_seconds: s.max_lag.as_secs_f64(),
+            failing: rec.failing,
+            parked: rec.parked,
+            dropped: rec.dropped,
+        },
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<NodeHealth>) {
+    let body = health(&s).await;
+    let code = if body.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -107,13 +119,21 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
     (code, Json(body))
 }
 
-/// Serves until `stop`.
-pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stop: CancellationToken) {
-    let app = Router::new()
+/// Serves the probes, and the HTTP API and console when `web` is given, until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    web: Option<WebState>,
+    stop: CancellationToken,
+) {
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
+    if let Some(web) = web {
+        app = app.merge(super::web::router(web));
+    }
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

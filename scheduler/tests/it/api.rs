@@ -346,6 +346,7 @@ async fn job_list_and_history_come_in_pages_that_fit_max_payload() {
             app: app.map(str::to_string),
             limit: Some(40),
             cursor,
+            ..Default::default()
         };
         let client = client.clone();
         async move {
