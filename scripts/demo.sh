@@ -109,6 +109,11 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+# The console's login token: kept with the state, so a restarted demo keeps it.
+if [[ ! -s "$DIR/api-token" ]]; then
+  head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/api-token"
+fi
+export KREST_API_TOKEN="${KREST_API_TOKEN:-$(cat "$DIR/api-token")}"
 start scheduler target/debug/krest scheduler --db "sqlite://$DIR/krest.db" --node demo-scheduler --http "127.0.0.1:$HTTP_PORT"
 start worker-1 target/debug/krest-demo-worker --weight 2 --instance demo-worker-1
 start worker-2 target/debug/krest-demo-worker --weight 1 --instance demo-worker-2
@@ -131,8 +136,9 @@ target/debug/krest job apply -f examples/jobs/demo-job2-sharding.json -f example
 
 cat >&2 <<TIPS
 
-Krest is running: NATS on $NATS_URL, scheduler + 2 workers, health on http://127.0.0.1:$HTTP_PORT/readyz,
-logs in $DIR/. In another terminal:
+Krest is running: NATS on $NATS_URL, scheduler + 2 workers, logs in $DIR/.
+Web console: http://127.0.0.1:$HTTP_PORT/ (log in with the token $KREST_API_TOKEN)
+In another terminal:
   export NATS_URL=$NATS_URL PATH="$PWD/target/debug:\$PATH"
   krest job list           krest runs list           krest runs list --status FAILED
   krest workers list       krest cluster status      krest runs get RUN_ID
