@@ -581,6 +581,27 @@ async fn dry_run_shows_changes_and_edit_applies_or_keeps_the_edit() {
         "{err}"
     );
 
+    // Names resolve the same way everywhere; a typo fails and suggests the closest names.
+    for args in [
+        &["runs", "list", "--job", "demo-jb3"][..],
+        &["job", "get", "demo-jb3"],
+        &["job", "history", "demo-jb3"],
+        &["runs", "watch", "--job", "demo-jb3"],
+    ] {
+        let (code, out, err) = env.cli(args);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("no job named `demo-jb3`; did you mean default-jobGroup.demo-job3 or default-jobGroup.demo-job2?"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, out, err) = env.cli(&["runs", "list", "--job", "demo-job3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("RUN "),
+        "a known job without runs lists none: {out}"
+    );
+
     // --dry-run: one job changed, one new, one unchanged; nothing applied.
     let mut docs = seed_documents();
     let job3 = docs
