@@ -88,6 +88,7 @@ mod error;
 mod events;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod nats;
 mod options;
 mod worker;
 

@@ -1,0 +1,346 @@
+//! NATS logins (user/password, token, nkey, TLS client certificates) for nodes, workers and
+//! the CLI, and what a refused login looks like.
+
+use std::path::Path;
+use std::process::Command;
+
+use krest_test_support::{NatsServer, TestDir};
+use krest_worker::nats::NatsConfig;
+use krest_worker::JobContext;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A nats-server started with `conf` (written into `dir`).
+pub fn server_with(dir: &TestDir, conf: &str) -> NatsServer {
+    let path = dir.join("auth.conf");
+    std::fs::write(&path, conf).unwrap();
+    NatsServer::start_with_args(&["-c", path.to_str().unwrap()])
+}
+
+/// The `krest` flags that log in as `cfg` does.
+pub fn login_flags(cfg: &NatsConfig) -> Vec<String> {
+    let mut args = vec!["--nats-url".to_string(), cfg.url.clone()];
+    let mut flag = |name: &str, v: Option<String>| {
+        if let Some(v) = v {
+            args.push(format!("--{name}"));
+            args.push(v);
+        }
+    };
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    flag("user", cfg.user.clone());
+    flag("password", cfg.password.clone());
+    flag("token", cfg.token.clone());
+    flag("creds", path(&cfg.creds));
+    flag("nkey", cfg.nkey.clone());
+    flag("tlscert", path(&cfg.tls_cert));
+    flag("tlskey", path(&cfg.tls_key));
+    flag("tlsca", path(&cfg.tls_ca));
+    flag("inbox-prefix", cfg.inbox_prefix.clone());
+    args
+}
+
+/// Runs `krest` logged in as `cfg`; returns (exit code, stdout, stderr).
+pub fn cli_as(cfg: &NatsConfig, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_krest"))
+        .env_remove("NATS_URL")
+        .args(login_flags(cfg))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A node, a worker and the CLI, all logged in as `cfg`, run a job end to end; the node and
+/// the worker keep running.
+async fn end_to_end(
+    env: &Env,
+    cfg: &NatsConfig,
+) -> (krest::node::RunningNode, krest_worker::RunningWorker) {
+    let mut opts = env.node_opts("n1");
+    opts.nats = cfg.clone();
+    let node = krest::node::spawn(opts);
+    let worker = env
+        .worker("app", "w1")
+        .nats(cfg.clone())
+        .handler("p", |_ctx: JobContext| async move { Ok("done") })
+        .build()
+        .unwrap()
+        .spawn();
+    let file = env.write(
+        "job.json",
+        &json!({"appName": "app", "jobGroup": "t", "jobName": "j", "path": "p"}).to_string(),
+    );
+    let (code, out, err) =
+        eventually_cli(cfg, &["job", "apply", "-f", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = cli_as(cfg, &["job", "trigger", "j", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}{err}");
+    let (code, out, err) = cli_as(cfg, &["runs", "list", "--job", "j"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    (node, worker)
+}
+
+/// Runs the CLI until a node answers (it may still be starting).
+async fn eventually_cli(cfg: &NatsConfig, args: &[&str]) -> (i32, String, String) {
+    krest_test_support::eventually(DEADLINE, "a node answering the CLI", || async {
+        let r = cli_as(cfg, args);
+        (!r.2.contains("no Krest scheduler node")).then_some(r)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password() {
+    let env = Env::new("auth-user");
+    let nats = server_with(
+        &env.dir,
+        r#"authorization { users = [ { user: krest, password: "s3cr3t-pw" } ] }"#,
+    );
+    let mut cfg = NatsConfig::new(nats.url());
+    cfg.user = Some("krest".into());
+    cfg.password = Some("s3cr3t-pw".into());
+    let _running = end_to_end(&env, &cfg).await;
+    // In the URL too.
+    let url = NatsConfig::new(nats.url().replace("nats://", "nats://krest:s3cr3t-pw@"));
+    let (code, out, err) = cli_as(&url, &["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("t.j"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token() {
+    let env = Env::new("auth-token");
+    let nats = server_with(&env.dir, r#"authorization { token: "t0ken-s3cret" }"#);
+    let mut cfg = NatsConfig::new(nats.url());
+    cfg.token = Some("t0ken-s3cret".into());
+    let _running = end_to_end(&env, &cfg).await;
+    let url = NatsConfig::new(nats.url().replace("nats://", "nats://t0ken-s3cret@"));
+    let (code, _, err) = cli_as(&url, &["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey() {
+    let env = Env::new("auth-nkey");
+    let user = nkeys::KeyPair::new_user();
+    let nats = server_with(
+        &env.dir,
+        &format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}",
+            user.public_key()
+        ),
+    );
+    let seed_file = env.write("user.nk", &format!("{}\n", user.seed().unwrap()));
+    let mut cfg = NatsConfig::new(nats.url());
+    cfg.nkey = Some(seed_file.display().to_string());
+    let _running = end_to_end(&env, &cfg).await;
+    // The seed itself works too.
+    cfg.nkey = Some(user.seed().unwrap());
+    let (code, _, err) = cli_as(&cfg, &["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    // Another key is refused, naming the key (its public part).
+    let other = nkeys::KeyPair::new_user();
+    cfg.nkey = Some(other.seed().unwrap());
+    let (code, _, err) = cli_as(&cfg, &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&other.public_key()), "{err}");
+    assert!(err.contains("authorization violation"), "{err}");
+    assert!(!err.contains(&other.seed().unwrap()), "{err}");
+}
+
+/// A throwaway CA and a server and a client certificate signed by it, made with the `openssl`
+/// command: (ca, server cert, server key, client cert, client key).
+pub fn certificates(dir: &Path) -> [std::path::PathBuf; 5] {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=krest-test-ca"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca);
+    for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        let mut req = vec!["req", "-subj"];
+        let subject = format!("/CN=krest-test-{name}");
+        req.push(&subject);
+        req.extend(ec);
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        req.extend(["-keyout", &key, "-out", &csr]);
+        openssl(&req);
+        let ext = format!("{name}.ext");
+        std::fs::write(
+            dir.join(&ext),
+            format!("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n"),
+        )
+        .unwrap();
+        let pem = format!("{name}.pem");
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ]);
+    }
+    [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+    ]
+    .map(|f| dir.join(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let env = Env::new("auth-tls");
+    let [ca, server_cert, server_key, client_cert, client_key] = certificates(env.dir.path());
+    let nats = server_with(
+        &env.dir,
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true, timeout: 2 }}",
+            server_cert.display().to_string(),
+            server_key.display().to_string(),
+            ca.display().to_string()
+        ),
+    );
+    let mut cfg = NatsConfig::new(nats.url());
+    cfg.tls_ca = Some(ca.clone());
+    cfg.tls_cert = Some(client_cert);
+    cfg.tls_key = Some(client_key);
+    let _running = end_to_end(&env, &cfg).await;
+    // Without the CA, the server's certificate is not trusted: a TLS error, at once.
+    let mut no_ca = cfg.clone();
+    no_ca.tls_ca = None;
+    let (code, _, err) = cli_as(&no_ca, &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("TLS with NATS at"), "{err}");
+    // A CA file that cannot be read is named.
+    let mut bad = cfg.clone();
+    bad.tls_ca = Some(env.dir.join("missing-ca.pem"));
+    let (code, _, err) = cli_as(&bad, &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing-ca.pem"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_fails_at_once_with_what_to_check() {
+    let env = Env::new("auth-refused");
+    let nats = server_with(
+        &env.dir,
+        r#"authorization { users = [ { user: krest, password: "right-pw" } ] }"#,
+    );
+    let mut cfg = NatsConfig::new(nats.url());
+    cfg.user = Some("krest".into());
+    cfg.password = Some("wrong-pw".into());
+
+    // The CLI.
+    let started = std::time::Instant::now();
+    let (code, _, err) = cli_as(&cfg, &["job", "list"]);
+    eprintln!("CLI refused after {:?}", started.elapsed());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "NATS at {} refused user 'krest': authorization violation — check NATS_USER/NATS_PASSWORD",
+            nats.url()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-pw"), "{err}");
+    // No credentials at all.
+    let (code, _, err) = cli_as(&NatsConfig::new(nats.url()), &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("the server requires a login"), "{err}");
+    // A credentials file that cannot be read is named.
+    let mut creds = NatsConfig::new(nats.url());
+    creds.creds = Some(env.dir.join("nope.creds"));
+    let (code, _, err) = cli_as(&creds, &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nope.creds"), "{err}");
+
+    // A node stops with the error instead of retrying.
+    let mut opts = env.node_opts("n1");
+    opts.nats = cfg.clone();
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(DEADLINE, krest::node::spawn(opts).ended())
+        .await
+        .expect("the node gave up")
+        .unwrap_err()
+        .to_string();
+    eprintln!("node refused after {:?}", started.elapsed());
+    assert!(e.contains("refused user 'krest'"), "{e}");
+    assert!(!e.contains("wrong-pw"), "{e}");
+
+    // So does a worker.
+    let started = std::time::Instant::now();
+    let worker = env
+        .worker("app", "w1")
+        .nats(cfg.clone())
+        .handler("p", |_ctx: JobContext| async move { Ok(()) })
+        .build()
+        .unwrap();
+    let e = tokio::time::timeout(DEADLINE, worker.run(std::future::pending()))
+        .await
+        .expect("the worker gave up")
+        .unwrap_err();
+    eprintln!("worker refused after {:?}", started.elapsed());
+    assert_eq!(e.kind(), krest_worker::ErrorKind::Config);
+    assert!(
+        e.to_string().contains("check NATS_USER/NATS_PASSWORD"),
+        "{e}"
+    );
+
+    // And `krest scheduler` exits non-zero saying so.
+    let out = Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(login_flags(&cfg))
+        .args(["scheduler", "--db", &env.db("n2"), "--http", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("refused user 'krest'"), "{err}");
+    assert!(!err.contains("wrong-pw"), "{err}");
+}
