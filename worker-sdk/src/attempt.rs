@@ -125,6 +125,7 @@ pub(crate) async fn process(
         worker: shared.instance.clone(),
         at: Utc::now(),
         scheduled_at: Some(run.scheduled_at),
+        delivery_token: run.delivery_token.clone(),
     }));
     let clock = std::time::Instant::now();
     let ending = attempt_run(&shared, &run, attempt, &msg, progress_every, &hard_stop).await;
@@ -146,6 +147,7 @@ pub(crate) async fn process(
         output: decision.output.clone(),
         error: decision.error.clone(),
         duration_ms,
+        delivery_token: run.delivery_token.clone(),
     });
     // A run message is answered only once its result is stored.
     if let Err(e) = shared.events.send_confirmed(finished).await {

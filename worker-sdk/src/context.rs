@@ -193,6 +193,7 @@ impl JobContext {
                 krest_schemas::redact::text(&line.into()).into_owned(),
                 MAX_LOG_LINE,
             ),
+            delivery_token: run.delivery_token.clone(),
         }));
     }
 }

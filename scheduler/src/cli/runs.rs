@@ -180,7 +180,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
         RunsCmd::Watch { job } => {
             let subject = match &job {
                 Some(j) => match j.split_once('.') {
-                    Some((g, n)) => krest_schemas::names::events_subject(g, n),
+                    Some((g, n)) => krest_schemas::names::events_job_filter(g, n),
                     None => bail!("--job takes `group.name` here"),
                 },
                 None => EVENTS_SUBJECTS.to_string(),

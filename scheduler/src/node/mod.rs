@@ -253,7 +253,7 @@ async fn run_supervised(
     if let Some(out) = &leadership_out {
         let _ = out.send(Some(leadership.clone()));
     }
-    let publisher = Publisher::new(js.clone(), opts.node.clone());
+    let publisher = Publisher::new(js.clone(), opts.node.clone(), infra.delivery.clone());
     let registry = Arc::new(crate::leader::balance::Registry::new(js.clone()));
     let routing = Arc::new(crate::leader::balance::Routing::new(registry.clone()));
     let (recorder_tx, recorder_rx) = watch::channel(RecorderStatus::default());
@@ -307,6 +307,7 @@ async fn run_supervised(
             store.clone(),
             followups,
             opts.recorder.clone(),
+            infra.delivery.clone(),
             recorder_tx,
             back.clone(),
         ),

@@ -1114,6 +1114,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(1002),
                 scheduled_at: Some(at(1000)),
+                delivery_token: String::new(),
             }));
             out.push(RunEvent::Log(LogLine {
                 run: krest_schemas::RunRef {
@@ -1128,6 +1129,7 @@ mod tests {
                 at: at(1003),
                 level: LogLevel::Info,
                 line: format!("shard {shard} attempt {attempt}"),
+                delivery_token: String::new(),
             }));
             out.push(RunEvent::Finished(Finished {
                 run: krest_schemas::RunRef {
@@ -1151,6 +1153,7 @@ mod tests {
                 output: ok.then(|| "done".to_string()),
                 error: (!ok).then(|| "oops".to_string()),
                 duration_ms: 2,
+                delivery_token: String::new(),
             }));
         }
         out

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use std::time::Duration;
+
 use krest_test_support::{NatsServer, TestDir};
 use krest_worker::nats::NatsConfig;
 use krest_worker::JobContext;
@@ -343,4 +345,270 @@ async fn a_refused_login_fails_at_once_with_what_to_check() {
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("refused user 'krest'"), "{err}");
     assert!(!err.contains("wrong-pw"), "{err}");
+}
+
+/// Passwords of the roles in `nats/accounts.conf` (test values).
+const ROLES: [(&str, &str); 6] = [
+    ("KREST_SCHEDULER_PASSWORD", "sched-pw"),
+    ("KREST_OPERATOR_PASSWORD", "oper-pw"),
+    ("KREST_VIEWER_PASSWORD", "view-pw"),
+    ("KREST_BILLING_PASSWORD", "bill-pw"),
+    ("KREST_SHIPPING_PASSWORD", "ship-pw"),
+    ("KREST_SYS_PASSWORD", "sys-pw"),
+];
+
+/// A server with the repository's `nats/accounts.conf` (passwords filled in, a second app
+/// `shipping` added the way its comment says).
+fn server_with_roles(env: &Env) -> NatsServer {
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nats/accounts.conf");
+    let mut conf = std::fs::read_to_string(repo).unwrap();
+    // "To add an app, copy this entry and replace every `billing` with the app's name."
+    let start = conf.find("      { user: billing").unwrap();
+    let end = start + conf[start..].find("\n    ]\n").unwrap();
+    let shipping = conf[start..end]
+        .replace("billing", "shipping")
+        .replace("BILLING", "SHIPPING");
+    conf.insert_str(end, &format!("\n{shipping}"));
+    for (var, pw) in ROLES {
+        conf = conf.replace(&format!("${var}"), &format!("\"{pw}\""));
+    }
+    std::fs::write(env.dir.join("accounts.conf"), conf).unwrap();
+    server_with(&env.dir, "include accounts.conf\n")
+}
+
+fn role(nats: &NatsServer, user: &str) -> NatsConfig {
+    let pw = match user {
+        "scheduler" => "sched-pw",
+        "operator" => "oper-pw",
+        "viewer" => "view-pw",
+        "billing" => "bill-pw",
+        "shipping" => "ship-pw",
+        _ => unreachable!(),
+    };
+    let mut cfg = NatsConfig::new(nats.url());
+    cfg.user = Some(user.into());
+    cfg.password = Some(pw.into());
+    if matches!(user, "billing" | "shipping") {
+        // What the SDK's workers use by default, and all their permissions allow.
+        cfg.inbox_prefix = Some(format!("_INBOX_{user}"));
+    }
+    cfg
+}
+
+/// A raw connection as `cfg` that collects the server's permission violations.
+async fn raw(
+    cfg: &NatsConfig,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = cfg
+        .connect_tuned(krest_worker::nats::ConnectStyle::Service, move |o| {
+            o.event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = tx.send(e.to_string());
+                    }
+                }
+            })
+        })
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Publishes on `subject` and waits for the server to refuse it.
+async fn assert_denied(
+    client: &async_nats::Client,
+    violations: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    subject: &str,
+) {
+    client
+        .publish(subject.to_string(), "{}".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let wanted = format!("Permissions Violation for Publish to \"{subject}\"");
+    loop {
+        let v = tokio::time::timeout(DEADLINE, violations.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no violation for {subject}"))
+            .unwrap();
+        if v.contains(&wanted) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn roles_have_least_privilege() {
+    use krest::cli::client::{Client, ClientError};
+    use krest_schemas::api::{Op, RunStatus};
+    let env = Env::new("auth-roles");
+    let nats = server_with_roles(&env);
+
+    // The full flow with the roles: node as scheduler, worker as billing, CLI as operator.
+    let mut opts = env.node_opts("n1");
+    opts.nats = role(&nats, "scheduler");
+    let node = krest::node::spawn(opts);
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let worker = env
+        .worker("billing", "w1")
+        .nats(role(&nats, "billing"))
+        .handler("bill", move |ctx: JobContext| {
+            let gate = held.clone();
+            async move {
+                if ctx.args() == &json!("wait") {
+                    gate.acquire().await.unwrap().forget();
+                }
+                Ok("billed")
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    let operator = role(&nats, "operator");
+    let file = env.write(
+        "jobs.json",
+        &json!([
+            {"appName": "billing", "jobGroup": "t", "jobName": "bill", "path": "bill"},
+            {"appName": "shipping", "jobGroup": "t", "jobName": "ship", "path": "ship"}
+        ])
+        .to_string(),
+    );
+    let (code, out, err) =
+        eventually_cli(&operator, &["job", "apply", "-f", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = cli_as(&operator, &["job", "trigger", "bill", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}{err}");
+
+    // A viewer reads, and is told clearly that it may not change anything.
+    let viewer = role(&nats, "viewer");
+    let (code, out, err) = cli_as(&viewer, &["job", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("t.bill"), "{out}");
+    let (code, out, err) = cli_as(&viewer, &["runs", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    let (code, _, err) = cli_as(&viewer, &["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("Permissions Violation for Publish to \"krest.api.job.apply\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("permissions do not allow this operation"),
+        "{err}"
+    );
+    let (code, _, err) = cli_as(&viewer, &["job", "trigger", "bill"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("krest.api.job.trigger"), "{err}");
+
+    // A worker of billing may not use the API (apply, delete) ...
+    let as_billing = Client::connect_with(&role(&nats, "billing"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    for (op, req) in [
+        (Op::JobApply, json!({"documents": []})),
+        (Op::JobDelete, json!({"job": "t.ship"})),
+    ] {
+        match as_billing.call_value(op, &req).await {
+            Err(ClientError::Permission { violation, .. }) => {
+                assert!(violation.contains(op.name()), "{violation}")
+            }
+            other => panic!("{} as billing: {other:?}", op.name()),
+        }
+    }
+    // ... nor write definitions, the leader key, another app's heartbeats or events, nor
+    // an advisory that would dead-letter runs.
+    let (billing, mut violations) = raw(&role(&nats, "billing")).await;
+    for subject in [
+        "$KV.krest-jobs.t.ship",
+        "$KV.krest-leader.leader",
+        "$KV.krest-state.t.ship",
+        "$KV.krest-workers.shipping.w9",
+        "krest.events.shipping.t.ship",
+        "krest.work.shipping.t.ship.r",
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.KREST_WORK.krest-app-shipping",
+        "$JS.API.STREAM.MSG.DELETE.KREST_WORK",
+        "$JS.API.STREAM.PURGE.KREST_WORK",
+        "$JS.API.DIRECT.GET.KV_krest-secrets.$KV.krest-secrets.delivery",
+    ] {
+        assert_denied(&billing, &mut violations, subject).await;
+    }
+
+    // A forged early `finished` (billing may publish its own app's events) does not drop or
+    // replace the real result: it lacks the run's delivery token.
+    let client = Client::connect_with(&operator, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let run_id = krest_test_support::eventually(DEADLINE, "a trigger", || async {
+        client
+            .call::<_, krest_schemas::api::TriggerResponse>(
+                Op::JobTrigger,
+                &json!({"job": "t.bill", "args": "wait"}),
+            )
+            .await
+            .ok()
+    })
+    .await
+    .run_id;
+    krest_test_support::eventually(DEADLINE, "the run to start", || async {
+        run(&client, &run_id)
+            .await
+            .filter(|d| d.run.status == RunStatus::Running)
+    })
+    .await;
+    let js = async_nats::jetstream::new(billing.clone());
+    let forged = |token: &str| {
+        krest_schemas::RunEvent::Finished(krest_schemas::Finished {
+            run: krest_schemas::RunRef {
+                run_id: run_id.clone(),
+                job_group: "t".into(),
+                job_name: "bill".into(),
+                app_name: "billing".into(),
+            },
+            shard: 0,
+            shard_total: 1,
+            attempt: 1,
+            worker: "w1".into(),
+            at: chrono::Utc::now(),
+            outcome: krest_schemas::AttemptOutcome::Failed,
+            will_retry: false,
+            retry_in_ms: None,
+            output: None,
+            error: Some("forged".into()),
+            duration_ms: 1,
+            delivery_token: token.into(),
+        })
+    };
+    for e in [forged(""), forged("00000000000000000000000000000000")] {
+        js.publish_with_headers(
+            e.subject(),
+            {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", e.msg_id().as_str());
+                h
+            },
+            serde_json::to_vec(&e).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // The first forgery took the id the real result had before delivery tokens.
+    gate.add_permits(1);
+    let done = wait_final(&client, &run_id).await;
+    assert_eq!(done.run.status, RunStatus::Succeeded, "{done:?}");
+    let (code, out, err) = cli_as(&operator, &["dlq", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("without the run's delivery token"), "{out}");
+
+    worker.stop().await.unwrap();
+    node.stop().await.unwrap();
 }
