@@ -605,9 +605,32 @@ async fn roles_have_least_privilege() {
     gate.add_permits(1);
     let done = wait_final(&client, &run_id).await;
     assert_eq!(done.run.status, RunStatus::Succeeded, "{done:?}");
-    let (code, out, err) = cli_as(&operator, &["dlq", "list"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("without the run's delivery token"), "{out}");
+    assert_eq!(done.attempts.len(), 1, "{done:?}");
+
+    // A hand-off to the router without the token (billing may publish its hand-offs) is
+    // refused too: it would run the job again.
+    let handoff = json!({
+        "runId": "t.bill.m-forged", "jobGroup": "t", "jobName": "bill", "appName": "billing",
+        "path": "bill", "jobType": "NORMAL", "args": null, "scheduledAt": chrono::Utc::now(),
+        "dispatchedAt": chrono::Utc::now(), "trigger": "MANUAL", "retryTimes": 0, "revision": 1
+    });
+    js.publish(
+        krest_schemas::names::work_router_subject("billing", "t", "bill"),
+        serde_json::to_vec(&handoff).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    krest_test_support::eventually(DEADLINE, "both forgeries parked", || async {
+        let (_, out, _) = cli_as(&operator, &["dlq", "list"]);
+        (out.contains("without the run's delivery token")
+            && out.contains("hand-off of run t.bill.m-forged shard 0 refused"))
+        .then_some(())
+    })
+    .await;
+    assert!(!out.contains("forged\""), "{out}");
+    assert!(run(&client, "t.bill.m-forged").await.is_none());
 
     worker.stop().await.unwrap();
     node.stop().await.unwrap();
