@@ -9,13 +9,15 @@
 //!   [`record::store`]), then follows up on ended runs (child jobs, alerts);
 //! - [`serve`]: the `krest.api.*` request/reply API and the HTTP endpoints (health, [`metrics`]);
 //! - [`jobs`] (the node's copy of the job definitions), [`infra`] (streams and buckets),
-//!   [`cancel`] and [`deadletter`] are shared by the roles.
+//!   [`cancel`], [`deadletter`] and [`delivery`] (the delivery tokens that prove an attempt
+//!   event comes from a worker that received the run) are shared by the roles.
 //!
 //! [`cli`] is the command-line side. Only [`record::store`] knows SQL.
 
 pub mod cancel;
 pub mod cli;
 pub mod deadletter;
+pub mod delivery;
 pub mod error;
 pub mod infra;
 pub mod jobs;

@@ -42,10 +42,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scheduler(args) => {
             init_logging(cli.log_format);
             let mut opts = NodeOptions::new(
-                cli.nats_url,
+                cli.nats_url.clone(),
                 args.db,
                 args.node.unwrap_or_else(node::default_node_name),
             );
+            opts.nats = cli.nats.config(&cli.nats_url);
             opts.lease_renew = args.lease_renew;
             opts.http_addr = args.http.0;
             opts.web = krest::serve::web::WebOptions {
@@ -93,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Worker(cmd) => {
             init_logging(cli.log_format);
-            cli::run_worker(cli.nats_url, cmd).await?;
+            cli::run_worker(cli.nats.config(&cli.nats_url), cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
         _ => cli::run_client(cli).await,

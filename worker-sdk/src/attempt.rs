@@ -126,6 +126,7 @@ pub(crate) async fn process(
         worker: shared.instance.clone(),
         at: Utc::now(),
         scheduled_at: Some(run.scheduled_at),
+        delivery_token: run.delivery_token.clone(),
     }));
     // Every log line of the attempt (the SDK's and the handler's own `tracing` calls) carries
     // the run, job, shard and attempt.
@@ -166,6 +167,7 @@ pub(crate) async fn process(
         output: decision.output.clone(),
         error: decision.error.clone(),
         duration_ms,
+        delivery_token: run.delivery_token.clone(),
     });
     // A run message is answered only once its result is stored.
     if let Err(e) = shared.events.send_confirmed(finished).await {

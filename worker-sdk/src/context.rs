@@ -224,6 +224,7 @@ impl JobContext {
             at: Utc::now(),
             level,
             line,
+            delivery_token: run.delivery_token.clone(),
         }));
     }
 }

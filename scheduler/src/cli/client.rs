@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use krest_schemas::api::{ApiError, ApiReply, Op};
+use krest_worker::nats::{ConnectStyle, NatsConfig, NatsError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 
 /// Attempts per request (see [`Client::call_value`]).
 const ATTEMPTS: u32 = 3;
@@ -20,6 +22,18 @@ pub enum ClientError {
         url: String,
         /// Why.
         reason: String,
+    },
+    /// NATS refused the login or the TLS handshake, or the settings are unusable (the message
+    /// says which and what to check).
+    #[error("{0}")]
+    Login(String),
+    /// The NATS user may not do this (the server's permissions refused a subject).
+    #[error("NATS at {url} refused this user: {violation} — the user's permissions do not allow this operation (see docs/security.md for the roles)")]
+    Permission {
+        /// The URL.
+        url: String,
+        /// The server's words (`Permissions Violation for Publish to "krest.api.job.apply"`).
+        violation: String,
     },
     /// No scheduler node subscribes to the API.
     #[error(
@@ -44,27 +58,47 @@ pub struct Client {
     /// The NATS URL(s), redacted (for messages).
     url: String,
     timeout: Duration,
+    /// The last permissions violation the server reported on this connection.
+    violations: watch::Receiver<Option<String>>,
 }
 
 impl Client {
-    /// Connects to NATS at `url`, giving up after `timeout`. Errors show the URL redacted.
+    /// Connects to NATS at `url` without credentials (other than the URL's), giving up after
+    /// `timeout`. Errors show the URL redacted.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Client, ClientError> {
-        let shown = krest_schemas::redact::urls(url);
-        let nats = async_nats::ConnectOptions::new()
-            .name("krest-cli")
-            .connection_timeout(timeout)
-            .request_timeout(Some(timeout))
-            .max_reconnects(Some(1))
-            .connect(krest_schemas::names::server_list(url))
+        Client::connect_with(&NatsConfig::new(url), timeout).await
+    }
+
+    /// Connects with `nats`'s settings, giving up after `timeout`: an unreachable server, a
+    /// refused login or unusable settings fail at once with a message saying which.
+    pub async fn connect_with(nats: &NatsConfig, timeout: Duration) -> Result<Client, ClientError> {
+        let nats = nats.clone().name("krest-cli");
+        let (tx, violations) = watch::channel(None);
+        let client = nats
+            .connect_tuned(ConnectStyle::OneShot { timeout }, move |opts| {
+                opts.event_callback(move |event| {
+                    let tx = tx.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(async_nats::ServerError::Other(e)) =
+                            event
+                        {
+                            if e.to_ascii_lowercase().contains("permissions violation") {
+                                tx.send_replace(Some(e));
+                            }
+                        }
+                    }
+                })
+            })
             .await
-            .map_err(|e| ClientError::Connect {
-                url: shown.clone(),
-                reason: krest_schemas::redact::text(&e.to_string()).into_owned(),
+            .map_err(|e| match e {
+                NatsError::Unreachable { url, reason } => ClientError::Connect { url, reason },
+                e => ClientError::Login(e.to_string()),
             })?;
         Ok(Client {
-            nats,
-            url: shown,
+            nats: client,
+            url: nats.shown_url(),
             timeout,
+            violations,
         })
     }
 
@@ -195,12 +229,23 @@ impl Client {
         }
         let per_attempt = (self.timeout / ATTEMPTS).max(Duration::from_millis(500));
         let mut attempt = 0;
+        let mut violations = self.violations.clone();
+        violations.borrow_and_update();
         let reply = loop {
             attempt += 1;
             let request = async_nats::Request::new()
                 .payload(body.clone())
                 .timeout(Some(per_attempt));
-            match self.nats.send_request(op.subject(), request).await {
+            // A subject this user may not publish to (or an inbox it may not subscribe to) is
+            // dropped by the server, which says so on the connection: fail with that at once.
+            let sent = tokio::select! {
+                r = self.nats.send_request(op.subject(), request) => r,
+                Ok(()) = violations.changed() => {
+                    let violation = violations.borrow().clone().unwrap_or_default();
+                    return Err(ClientError::Permission { url: self.url.clone(), violation });
+                }
+            };
+            match sent {
                 Ok(reply) => break reply,
                 Err(e) => {
                     use async_nats::client::RequestErrorKind;

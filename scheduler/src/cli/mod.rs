@@ -16,6 +16,7 @@ mod apply;
 pub mod args;
 pub mod client;
 mod job;
+pub mod nats_args;
 mod render;
 mod runs;
 mod worker;
@@ -62,7 +63,7 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let client = Client::connect(&cli.nats_url, cli.timeout).await?;
+    let client = Client::connect_with(&cli.nats.config(&cli.nats_url), cli.timeout).await?;
     let json = cli.output == Format::Json;
     match cli.command {
         Command::Scheduler(_)

@@ -375,7 +375,7 @@ pub(crate) fn dead_letters_table(letters: &[DeadLetter]) -> Table<6> {
             fmt_time(Some(d.at)),
             d.subject.trim_start_matches("krest.dlq.").to_string(),
             d.source.clone(),
-            cut(&d.reason, 80),
+            d.reason.clone(),
             cut(&d.payload, 60),
         ]);
     }

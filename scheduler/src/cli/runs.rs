@@ -262,11 +262,12 @@ async fn events_subject_of(client: &Client, job: &str) -> anyhow::Result<String>
         .await
     {
         Ok(view) => Ok(krest_schemas::names::events_subject(
+            &view.spec.app_name,
             &view.spec.job_group,
             &view.spec.job_name,
         )),
         Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => match job.split_once('.') {
-            Some((g, n)) => Ok(krest_schemas::names::events_subject(g, n)),
+            Some((g, n)) => Ok(krest_schemas::names::events_job_filter(g, n)),
             None => Err(ClientError::Api(e).into()),
         },
         Err(e) => Err(e.into()),
@@ -382,7 +383,7 @@ async fn logs(
         }
     };
     let r = &detail.run;
-    let subject = krest_schemas::names::events_subject(&r.job_group, &r.job_name);
+    let subject = krest_schemas::names::events_subject(&r.app_name, &r.job_group, &r.job_name);
     let mut live = event_source(client, subject, None).await?;
     // Lines logged between the first read and the subscription come with this read.
     let mut detail = run_detail(client, run_id).await?;

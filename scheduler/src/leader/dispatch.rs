@@ -8,8 +8,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::names::{
-    self, events_subject, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
-    STATE_BUCKET,
+    self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject, STATE_BUCKET,
 };
 use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
@@ -115,6 +114,8 @@ impl Fire {
 pub struct Publisher {
     js: jetstream::Context,
     node: String,
+    /// Makes each work message's delivery token.
+    key: crate::delivery::DeliveryKey,
 }
 
 /// What went wrong publishing one fire.
@@ -151,8 +152,12 @@ fn count(fires: &[Fire], results: &[Result<(), PublishError>]) {
 
 impl Publisher {
     /// A publisher stamping `node` on dispatched events.
-    pub fn new(js: jetstream::Context, node: String) -> Publisher {
-        Publisher { js, node }
+    pub fn new(
+        js: jetstream::Context,
+        node: String,
+        key: crate::delivery::DeliveryKey,
+    ) -> Publisher {
+        Publisher { js, node, key }
     }
 
     /// Publishes every fire (its `dispatched` event first, then one message per shard), sending
@@ -235,7 +240,7 @@ impl Publisher {
                 epoch: fire.epoch,
             });
             return Ok(vec![(
-                events_subject(&spec.job_group, &spec.job_name),
+                skipped.subject(),
                 skipped.msg_id(),
                 Bytes::from(serde_json::to_vec(&skipped).map_err(|e| e.to_string())?),
             )]);
@@ -264,7 +269,7 @@ impl Publisher {
         });
         let mut out = Vec::with_capacity(items.len() + 1);
         out.push((
-            events_subject(&spec.job_group, &spec.job_name),
+            dispatched.subject(),
             dispatched.msg_id(),
             Bytes::from(serde_json::to_vec(&dispatched).map_err(|e| e.to_string())?),
         ));
@@ -314,6 +319,7 @@ impl Publisher {
                     }),
                 revision: fire.job.revision,
                 epoch: fire.epoch,
+                delivery_token: self.key.token(&fire.run_id, index),
             };
             out.push((
                 subject,

@@ -115,10 +115,12 @@ pub async fn run(
     store: Store,
     followups: crate::record::followup::Followups,
     cfg: RecorderConfig,
+    key: crate::delivery::DeliveryKey,
     status: watch::Sender<RecorderStatus>,
     stop: CancellationToken,
 ) {
     let recorder = Recorder {
+        key: &key,
         js: &js,
         store: &store,
         followups: &followups,
@@ -130,6 +132,8 @@ pub async fn run(
 }
 
 struct Recorder<'a> {
+    /// Checks the delivery tokens of attempt events.
+    key: &'a crate::delivery::DeliveryKey,
     js: &'a jetstream::Context,
     store: &'a Store,
     followups: &'a crate::record::followup::Followups,
@@ -233,14 +237,14 @@ impl Recorder<'_> {
             };
             let mut batch = Batch::default();
             match first {
-                Some(Ok(m)) => batch.push(m)?,
+                Some(Ok(m)) => batch.push(m, self.key)?,
                 Some(Err(e)) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
                 None => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
             }
             let deadline = tokio::time::Instant::now() + self.cfg.linger;
             while batch.events.len() < self.cfg.max_batch {
                 match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m)?,
+                    Ok(Some(Ok(m))) => batch.push(m, self.key)?,
                     Ok(Some(Err(e))) => {
                         return Err(Error::with_source(RecordErrorKind::Consumer, e))
                     }
@@ -315,8 +319,7 @@ impl Recorder<'_> {
                         return Ok(None);
                     }
                     let payload = serde_json::to_vec(event).unwrap_or_default();
-                    let (group, name) = event.job();
-                    let subject = krest_schemas::names::events_subject(group, name);
+                    let subject = event.subject();
                     self.park(&Bad {
                         seq: *seq,
                         subject,
@@ -481,6 +484,31 @@ async fn lag(
     Ok((state.last_sequence, oldest))
 }
 
+/// Why event `e`, found on `subject`, must not be recorded (`None`: it may): it is not on its
+/// run's subject (the app, group and job in the subject are what the server's permissions
+/// check), or it is about an attempt and lacks the run's delivery token (forged by someone who
+/// never received the run, or from a worker too old to copy the token).
+fn refused(e: &RunEvent, subject: &str, key: &crate::delivery::DeliveryKey) -> Option<String> {
+    let expected = e.subject();
+    if subject != expected {
+        return Some(format!(
+            "event about run {} of app {} found on {}, not on its run's subject {}: not recorded",
+            header_value(e.run_id()),
+            header_value(&e.run().app_name),
+            header_value(subject),
+            header_value(&expected)
+        ));
+    }
+    match e.delivery() {
+        Some((shard, token)) if !key.verify(e.run_id(), shard, token) => Some(format!(
+            "attempt event for run {} shard {shard} without the run's delivery token \
+             (forged, or from a worker that does not copy deliveryToken): not recorded",
+            header_value(e.run_id())
+        )),
+        _ => None,
+    }
+}
+
 /// A message that is not a run event.
 struct Bad {
     seq: u64,
@@ -497,23 +525,44 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, m: jetstream::Message) -> Result<(), RecordError> {
+    fn push(
+        &mut self,
+        m: jetstream::Message,
+        key: &crate::delivery::DeliveryKey,
+    ) -> Result<(), RecordError> {
         let seq = m
             .info()
             .map_err(err(RecordErrorKind::Consumer))?
             .stream_sequence;
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
-            // Past an attempt's log bound (the SDK's cut marker is the last line kept) a line
-            // is not stored: a worker that ignores the bound cannot grow a run's log forever.
-            Ok(RunEvent::Log(l)) if l.seq > MAX_LOG_LINES_PER_ATTEMPT + 1 => {
-                tracing::debug!(seq, run = %l.run.run_id, line = l.seq, "log line past the attempt's bound; not stored");
-            }
-            Ok(RunEvent::Log(mut l)) if l.line.len() > MAX_LOG_LINE => {
-                l.line = krest_schemas::text::truncate(std::mem::take(&mut l.line), MAX_LOG_LINE);
-                self.events.push((seq, RunEvent::Log(l)));
-            }
-            Ok(e) => self.events.push((seq, e)),
+            Ok(e) => match refused(&e, &m.subject, key) {
+                Some(reason) => {
+                    tracing::warn!(seq, subject = %header_value(&m.subject), run = %header_value(e.run_id()), %reason, "parking a refused run event");
+                    self.bad.push(Bad {
+                        seq,
+                        subject: m.subject.to_string(),
+                        payload: m.payload.clone(),
+                        reason,
+                    });
+                }
+                // Past an attempt's log bound (the SDK's cut marker is the last line kept) a
+                // line is not stored: a worker that ignores the bound cannot grow a run's log
+                // forever.
+                None => match e {
+                    RunEvent::Log(l) if l.seq > MAX_LOG_LINES_PER_ATTEMPT + 1 => {
+                        tracing::debug!(seq, run = %l.run.run_id, line = l.seq, "log line past the attempt's bound; not stored");
+                    }
+                    RunEvent::Log(mut l) if l.line.len() > MAX_LOG_LINE => {
+                        l.line = krest_schemas::text::truncate(
+                            std::mem::take(&mut l.line),
+                            MAX_LOG_LINE,
+                        );
+                        self.events.push((seq, RunEvent::Log(l)));
+                    }
+                    e => self.events.push((seq, e)),
+                },
+            },
             Err(e) => {
                 // Serde's message may quote the input: bounded like a header.
                 let reason = header_value(&format!("malformed run event: {e}"));

@@ -1302,6 +1302,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(1002),
                 scheduled_at: Some(at(1000)),
+                delivery_token: String::new(),
             }));
             out.push(RunEvent::Log(LogLine {
                 run: krest_schemas::RunRef {
@@ -1316,6 +1317,7 @@ mod tests {
                 at: at(1003),
                 level: LogLevel::Info,
                 line: format!("shard {shard} attempt {attempt}"),
+                delivery_token: String::new(),
             }));
             out.push(RunEvent::Finished(Finished {
                 run: krest_schemas::RunRef {
@@ -1339,6 +1341,7 @@ mod tests {
                 output: ok.then(|| "done".to_string()),
                 error: (!ok).then(|| "oops".to_string()),
                 duration_ms: 2,
+                delivery_token: String::new(),
             }));
         }
         out
@@ -1509,6 +1512,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(1),
                 scheduled_at: None,
+                delivery_token: String::new(),
             });
         }
         RunEvent::Dispatched(Dispatched {
@@ -1595,6 +1599,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(n + 1),
                 scheduled_at: Some(at(n)),
+                delivery_token: String::new(),
             }));
             evs.push(RunEvent::Finished(Finished {
                 run,
@@ -1609,6 +1614,7 @@ mod tests {
                 output: Some("ok".into()),
                 error: None,
                 duration_ms: 1,
+                delivery_token: String::new(),
             }));
         }
         let all = seqd(&evs, 1);

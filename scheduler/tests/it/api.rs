@@ -617,6 +617,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     let client = env.client().await;
     // The events of a run of 2,000 shards, the first 10 retried once, as workers report them.
     let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    let key = delivery_key(&js).await;
     let run_id = "t.wide.1000".to_string();
     let now = chrono::Utc::now();
     let shards = 2000u32;
@@ -656,6 +657,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
                 worker: "w1".into(),
                 at: now,
                 scheduled_at: Some(now),
+                delivery_token: key.token(&run_id, shard),
             }));
             events.push(RunEvent::Finished(Finished {
                 run: krest_schemas::RunRef {
@@ -679,6 +681,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
                 output: ok.then(|| format!("shard {shard} done")),
                 error: (!ok).then(|| "first try fails".to_string()),
                 duration_ms: 1,
+                delivery_token: key.token(&run_id, shard),
             }));
         }
     }
@@ -687,11 +690,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(serde_json::to_vec(e).unwrap().into())
             .message_id(e.msg_id());
-        acks.push(
-            js.send_publish(krest_schemas::names::events_subject("t", "wide"), msg)
-                .await
-                .unwrap(),
-        );
+        acks.push(js.send_publish(e.subject(), msg).await.unwrap());
     }
     for a in acks {
         a.await.unwrap();

@@ -657,7 +657,7 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
         // heartbeats, node presence, job state: all garbage.
         for subject in [
             krest_schemas::names::work_queue_subject(APP, "f", "tick"),
-            "krest.events.f.tick".to_string(),
+            krest_schemas::names::events_subject(APP, "f", "tick"),
             "$KV.krest-jobs.f.garbage".to_string(),
             "$KV.krest-workers.x.y".to_string(),
             "$KV.krest-nodes.zz".to_string(),

@@ -165,6 +165,20 @@ impl Env {
     }
 }
 
+/// The key of delivery tokens (once a node has made it), for tests that publish attempt events
+/// as a worker would.
+pub async fn delivery_key(js: &async_nats::jetstream::Context) -> krest::delivery::DeliveryKey {
+    let secrets = eventually(DEADLINE, "the secrets bucket", || async {
+        js.get_key_value(krest_schemas::names::SECRETS_BUCKET)
+            .await
+            .ok()
+    })
+    .await;
+    krest::delivery::DeliveryKey::load_or_create(&secrets)
+        .await
+        .unwrap()
+}
+
 /// An API client on NATS at `urls`, once a scheduler node answers.
 pub async fn client_for(urls: &str) -> Client {
     let client = Client::connect(urls, Duration::from_secs(5)).await.unwrap();

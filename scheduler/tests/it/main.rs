@@ -2,7 +2,7 @@
 //! server on a free port with a temporary store (see `harness`).
 //!
 //! Modules: `seed` (the seed's demo jobs), `jobs` (definitions, validation, revisions), `api`
-//! (the request/reply API), `cli` (the `krest` binary), `schedules` (every, at, misfire
+//! (the request/reply API), `auth` (NATS logins, roles and permissions), `cli` (the `krest` binary), `schedules` (every, at, misfire
 //! policies), `dispatch` (publishing and de-duplication), `strategies` (load balancing),
 //! `overlap` (overlap policies and cancellation), `retries` (failure handling), `worker` (the
 //! SDK's capacity, shutdown and redelivery), `ha` (leadership and failover), `http` (HTTP jobs,
@@ -13,6 +13,7 @@
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 
 mod api;
+mod auth;
 mod cli;
 mod dispatch;
 mod faults;

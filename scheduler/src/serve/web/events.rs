@@ -78,7 +78,7 @@ pub(super) async fn run_events(
             .map_err(|e| internal(e.to_string()))?;
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: events_subject(&run.job_group, &run.job_name),
+                filter_subject: events_subject(&run.app_name, &run.job_group, &run.job_name),
                 deliver_policy,
                 ..Default::default()
             })
