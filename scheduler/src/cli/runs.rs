@@ -169,6 +169,12 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 Some(j) => events_subject_of(client, j).await?,
                 None => EVENTS_SUBJECTS.to_string(),
             };
+            if job.is_none() && !client.krest_is_there().await {
+                eprintln!(
+                    "warning: {}; nothing may ever come",
+                    client.what_is_there().await
+                );
+            }
             let mut events = event_source(client, subject, since).await?;
             eprintln!("following run events (ctrl-c to stop)");
             loop {

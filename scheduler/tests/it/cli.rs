@@ -841,3 +841,62 @@ async fn runs_logs_follows_a_run_and_an_attempts_log_is_bounded() {
     );
     drop(w);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_nats_is_named_with_what_is_there() {
+    let krest = |url: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+            .args(["--nats-url", url, "--timeout", "2s"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // A NATS where Krest never ran.
+    let other = krest_test_support::NatsServer::start();
+    let (code, err) = krest(&other.url(), &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "no Krest scheduler node is answering on NATS at {}",
+            other.url()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("has no Krest streams"), "{err}");
+    assert!(err.contains("NATS_URL"), "{err}");
+    // `runs watch` there says so instead of waiting silently.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(["--nats-url", &other.url(), "runs", "watch"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = watch.stderr.take().unwrap();
+    let warned = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("warning:"))
+    });
+    let warning = tokio::task::spawn_blocking(move || warned.join().unwrap())
+        .await
+        .unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(warning.unwrap().contains("has no Krest streams"));
+
+    // Krest's NATS with its schedulers stopped.
+    let env = Env::new("cli-stopped");
+    let node = env.node("n1");
+    let _client = env.client().await;
+    node.stop().await.unwrap();
+    let (code, err) = krest(&env.url(), &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("holds Krest's streams"), "{err}");
+    assert!(err.contains("start one with `krest scheduler`"), "{err}");
+}
