@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use krest::cli::{self, Cli, Command};
 use krest::infra::InfraConfig;
 use krest::leader::engine::EngineConfig;
@@ -10,7 +9,7 @@ use krest::node::{self, NodeOptions};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

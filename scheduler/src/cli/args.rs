@@ -54,6 +54,10 @@ pub struct Cli {
     /// terminal) or `json` (one object per line, for log collectors).
     #[arg(long, env = "KREST_LOG_FORMAT", default_value = "text", global = true)]
     pub log_format: krest_worker::logging::LogFormat,
+    /// Read settings from this TOML file (after flags and environment variables; see
+    /// docs/config.md).
+    #[arg(long, env = "KREST_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -210,12 +214,17 @@ pub struct SchedulerArgs {
     /// node not ready.
     #[arg(long, env = "KREST_RECORDER_MAX_LAG", default_value = "30s", value_parser = parse_duration)]
     pub recorder_max_lag: Duration,
-    /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
+    /// Address of the HTTP endpoint: /healthz, /readyz, /metrics, the API and the web console
+    /// (`off` to disable; port 0 picks one).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
     pub http: HttpAddr,
     /// The HTTP API's access (its own block: other flag groups are flattened beside it).
     #[command(flatten)]
     pub api: ApiAccessArgs,
+    /// Print the effective configuration (flags, environment, config file, defaults; secrets
+    /// redacted) as TOML with where each value came from, and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Who may use the HTTP API and console (`/api/v1`, on the `--http` address).

@@ -15,6 +15,7 @@ macro_rules! outln {
 mod apply;
 pub mod args;
 pub mod client;
+pub mod config;
 mod job;
 pub mod nats_args;
 mod render;

@@ -900,3 +900,65 @@ async fn the_wrong_nats_is_named_with_what_is_there() {
     assert!(err.contains("holds Krest's streams"), "{err}");
     assert!(err.contains("start one with `krest scheduler`"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_what_flags_and_environment_do_not() {
+    let env = Env::new("cli-config");
+    let _node = env.node("n1");
+    let _client = env.client().await;
+    let file = env.write(
+        "krest.toml",
+        &format!(
+            "nats-url = \"{}\"\n[scheduler]\nlease-ttl = \"9s\"\n",
+            env.url()
+        ),
+    );
+    let krest = |args: &[&str], vars: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+            .env_remove("NATS_URL")
+            .env_remove("KREST_LEASE_TTL")
+            .envs(vars.iter().copied())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // The file's NATS URL reaches the node.
+    let (code, out, err) = krest(
+        &["--config", file.to_str().unwrap(), "cluster", "status"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("n1"), "{out}");
+    // KREST_CONFIG names the file too; the environment beats the file, a flag beats both.
+    let cfg = file.to_str().unwrap();
+    let (code, out, err) = krest(
+        &["scheduler", "--print-config"],
+        &[("KREST_CONFIG", cfg), ("KREST_LEASE_TTL", "5s")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("lease-ttl = \"5s\"  # environment KREST_LEASE_TTL"),
+        "{out}"
+    );
+    let (_, out, _) = krest(
+        &["scheduler", "--print-config", "--lease-ttl", "4s"],
+        &[("KREST_CONFIG", cfg), ("KREST_LEASE_TTL", "5s")],
+    );
+    assert!(out.contains("lease-ttl = \"4s\"  # flag"), "{out}");
+    let (_, out, _) = krest(&["scheduler", "--print-config"], &[("KREST_CONFIG", cfg)]);
+    assert!(out.contains("lease-ttl = \"9s\"  # config file"), "{out}");
+    assert!(
+        out.contains(&format!("nats-url = \"{}\"  # config file", env.url())),
+        "{out}"
+    );
+    // A typo in the file stops the command with the key named.
+    let bad = env.write("bad.toml", "[scheduler]\nreplica = 3\n");
+    let (code, _, err) = krest(&["--config", bad.to_str().unwrap(), "scheduler"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown setting `scheduler.replica`"), "{err}");
+}
