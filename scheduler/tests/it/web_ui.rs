@@ -1,6 +1,7 @@
 //! The web console in real headless Chromium (through chromedriver, W3C WebDriver) on a real
 //! node, NATS and worker: log in, create a job through the form, see it run and its logs
-//! appear, pause it, see an invalid cron refused as you type, log out. With `KREST_BLESS=1`
+//! appear, pause it, see an invalid cron refused as you type, log out; a read-only login sees
+//! no control that writes. With `KREST_BLESS=1`
 //! the dashboard's screenshot is written to `docs/img/dashboard.png`.
 
 use krest_test_support::webdriver::Browser;
@@ -10,6 +11,7 @@ use serde_json::json;
 use crate::harness::*;
 
 const WRITE: &str = "console-write-token";
+const READ: &str = "console-read-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_logs_in_creates_runs_pauses_and_logs_out() {
@@ -19,7 +21,7 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         "n1",
         krest::serve::web::WebOptions {
             api_token: Some(WRITE.into()),
-            read_token: None,
+            read_token: Some(READ.into()),
             anonymous_read: false,
         },
     )
@@ -156,7 +158,30 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
     })
     .await;
     browser.goto(&format!("{base}/#/jobs")).await;
-    browser.find("#login:not([hidden]) #token").await;
+    let token = browser.find("#login:not([hidden]) #token").await;
+
+    // A read-only login sees the job but no control that writes.
+    browser.fill(&token, READ).await;
+    browser.click(&browser.find("#login-submit").await).await;
+    browser
+        .wait_text("#who", "the read-only session", |t| t == "read only")
+        .await;
+    browser.goto(&format!("{base}/#/jobs/ui.hello")).await;
+    browser
+        .wait_text("#view h1", "the job page", |t| t.contains("ui.hello"))
+        .await;
+    for control in [
+        "#pause-job",
+        "#resume-job",
+        "#trigger-job",
+        "#delete-job",
+        "#edit-job",
+    ] {
+        assert!(
+            browser.try_find(control).await.is_none(),
+            "{control} shown to a reader"
+        );
+    }
 
     browser.close().await;
     worker.stop().await.unwrap();
