@@ -13,6 +13,15 @@ use crate::harness::*;
 const WRITE: &str = "console-write-token";
 const READ: &str = "console-read-token";
 
+/// With `KREST_WEB_SHOTS=<dir>`, saves a screenshot of the page as `<dir>/<name>.png`.
+async fn shot(browser: &Browser, name: &str) {
+    if let Some(dir) = std::env::var_os("KREST_WEB_SHOTS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), browser.screenshot().await).unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_logs_in_creates_runs_pauses_and_logs_out() {
     let env = Env::new("web-ui");
@@ -101,6 +110,7 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         .await;
     let detail = browser.text(&browser.find("#run-detail").await).await;
     assert!(detail.contains("said hello"), "{detail}");
+    shot(&browser, "run").await;
 
     // Pause it from its page.
     browser.goto(&format!("{base}/#/jobs/ui.hello")).await;
@@ -130,6 +140,7 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         .get("/api/v1/cron/preview?expr=0%2061%20*%20*%20*%20%3F&tz=Europe/Berlin")
         .await;
     assert_eq!(shown, api["error"]["message"].as_str().unwrap());
+    shot(&browser, "edit").await;
 
     // The dashboard, with its screenshot.
     browser.goto(&format!("{base}/#/")).await;
