@@ -1,6 +1,6 @@
 //! The web console in real headless Chromium (through chromedriver, W3C WebDriver) on a real
 //! node, NATS and worker: log in, create a job through the form, see it run and its logs
-//! appear, pause it, see an invalid cron refused as you type, log out; a read-only login sees
+//! appear (live, over server-sent events, for a run still running), pause it, see an invalid cron refused as you type, log out; a read-only login sees
 //! no control that writes. With `KREST_BLESS=1`
 //! the dashboard's screenshot is written to `docs/img/dashboard.png`.
 
@@ -35,6 +35,9 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         },
     )
     .await;
+    // Runs of `gated` wait until the test releases them.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
     let worker = env
         .worker("console", "console-1")
         .handler("say-hello", |ctx: JobContext| async move {
@@ -43,6 +46,18 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
                 ctx.shard_index()
             ));
             Ok("said hello".to_string())
+        })
+        .handler("gated", move |ctx: JobContext| {
+            let g = g.clone();
+            async move {
+                ctx.log("waiting at the gate");
+                g.acquire()
+                    .await
+                    .map_err(|_| krest_worker::JobError::fatal("closed"))?
+                    .forget();
+                ctx.log("through the gate");
+                Ok("released".to_string())
+            }
         })
         .build()
         .unwrap()
@@ -112,13 +127,43 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
     assert!(detail.contains("said hello"), "{detail}");
     shot(&browser, "run").await;
 
+    // A run page updates live (server-sent events): a running run's log lines appear, then
+    // its end, without reloading.
+    let web = Web::new(&base, Some(WRITE));
+    let (s, v) = web
+        .send(
+            "POST",
+            "/api/v1/jobs",
+            Some(json!({"appName": "console", "jobGroup": "ui", "jobName": "gated", "path": "gated"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    browser.goto(&format!("{base}/#/jobs/ui.gated")).await;
+    browser.click(&browser.find("#trigger-job").await).await;
+    browser
+        .wait_text("#live-log", "the live log line", |t| {
+            t.contains("waiting at the gate")
+        })
+        .await;
+    browser
+        .wait_text("#run-status", "the run running", |t| t == "RUNNING")
+        .await;
+    gate.add_permits(1);
+    browser
+        .wait_text("#run-status", "the run's end, live", |t| t == "SUCCEEDED")
+        .await;
+    browser
+        .wait_text("#run-detail", "the last log line", |t| {
+            t.contains("through the gate")
+        })
+        .await;
+
     // Pause it from its page.
     browser.goto(&format!("{base}/#/jobs/ui.hello")).await;
     browser.click(&browser.find("#pause-job").await).await;
     browser
         .wait_text("#view h1", "the job paused", |t| t.contains("PAUSED"))
         .await;
-    let web = Web::new(&base, Some(WRITE));
     assert_eq!(
         web.ok("/api/v1/jobs/ui.hello").await["spec"]["running"],
         false
@@ -195,5 +240,6 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
     }
 
     browser.close().await;
+    gate.add_permits(100);
     worker.stop().await.unwrap();
 }
