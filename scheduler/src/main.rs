@@ -40,7 +40,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Scheduler(args) => {
-            init_logging();
+            init_logging(cli.log_format);
             let mut opts = NodeOptions::new(
                 cli.nats_url,
                 args.db,
@@ -92,7 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(cmd) => {
-            init_logging();
+            init_logging(cli.log_format);
             cli::run_worker(cli.nats_url, cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -100,12 +100,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KREST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+fn init_logging(format: krest_worker::logging::LogFormat) {
+    krest_worker::logging::init(format, "info,async_nats=warn,sqlx=warn");
 }

@@ -387,19 +387,22 @@ impl RunStatus {
         }
     }
 
+    /// Every status, in the order a run may pass through them.
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Pending,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::TimedOut,
+        RunStatus::Skipped,
+        RunStatus::Cancelled,
+    ];
+
     /// Parses the canonical name, case-insensitively.
     pub fn parse(s: &str) -> Option<RunStatus> {
-        [
-            RunStatus::Pending,
-            RunStatus::Running,
-            RunStatus::Succeeded,
-            RunStatus::Failed,
-            RunStatus::TimedOut,
-            RunStatus::Skipped,
-            RunStatus::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str().eq_ignore_ascii_case(s))
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
     }
 
     /// True for statuses a run never leaves.
@@ -583,6 +586,19 @@ pub enum AttemptStatus {
     TimedOut,
     /// Cancelled on request.
     Cancelled,
+}
+
+impl AttemptStatus {
+    /// The name as on the wire (`SUCCEEDED`, `TIMED_OUT`, …), the one spelling every view uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Running => "RUNNING",
+            AttemptStatus::Succeeded => "SUCCEEDED",
+            AttemptStatus::Failed => "FAILED",
+            AttemptStatus::TimedOut => "TIMED_OUT",
+            AttemptStatus::Cancelled => "CANCELLED",
+        }
+    }
 }
 
 impl From<AttemptOutcome> for AttemptStatus {

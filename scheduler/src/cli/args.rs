@@ -47,6 +47,10 @@ pub struct Cli {
     /// How long to wait for NATS and for a scheduler node's answer.
     #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
+    /// Log lines of `krest scheduler` and `krest worker` on stderr: `text` (coloured only on a
+    /// terminal) or `json` (one object per line, for log collectors).
+    #[arg(long, env = "KREST_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: krest_worker::logging::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -108,7 +112,7 @@ pub struct HealthArgs {
 pub enum DlqCmd {
     /// List the newest parked messages.
     List {
-        /// At most this many.
+        /// At most this many (0: all).
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -174,8 +178,14 @@ pub struct HttpWorkerArgs {
 /// `krest scheduler` flags.
 #[derive(Debug, Args)]
 pub struct SchedulerArgs {
-    /// Database URL: sqlite://PATH (created if missing).
-    #[arg(long, env = "KREST_DB", default_value = "sqlite://krest.db")]
+    /// Database URL: sqlite://PATH (a file per node, created if missing) or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (one database several nodes may share).
+    #[arg(
+        long,
+        env = "KREST_DB",
+        default_value = "sqlite://krest.db",
+        hide_env_values = true
+    )]
     pub db: String,
     /// Node name (default: host name and process id).
     #[arg(long, env = "KREST_NODE")]
@@ -242,6 +252,16 @@ pub enum JobCmd {
         /// Files to read (`-` for stdin).
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Check the documents and show what would change (created, updated with each changed
+        /// field before and after, unchanged) without applying anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Edit a job's definition in $VISUAL or $EDITOR (default vi); it is checked and applied
+    /// when the editor exits, and kept in a file when it is invalid.
+    Edit {
+        /// The job (`group.name`, or a name unique across groups).
+        job: String,
     },
     /// List jobs.
     List {
@@ -305,12 +325,16 @@ pub enum RunsCmd {
         /// Only runs of this job.
         #[arg(long)]
         job: Option<String>,
-        /// Only runs in this status (PENDING, RUNNING, SUCCEEDED, FAILED).
+        /// Only runs in this status: PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED or
+        /// CANCELLED.
         #[arg(long)]
         status: Option<String>,
-        /// At most this many.
+        /// At most this many, newest first (0: all).
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Show times in this time zone (an IANA name such as `Europe/Paris`) instead of UTC.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
     },
     /// Show one run with its shards, attempts and log lines.
     Get {
@@ -324,9 +348,24 @@ pub enum RunsCmd {
     },
     /// Follow run events as they happen (until ctrl-c).
     Watch {
-        /// Only events of this job (`group.name`).
+        /// Only events of this job.
         #[arg(long)]
         job: Option<String>,
+        /// First replay the events of this last period (`10m`, `1h`) from the events stream.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Print a run's log lines (every shard and attempt, in order); with --follow, then the
+    /// new ones live until the run ends.
+    Logs {
+        /// The run id.
+        run_id: String,
+        /// Keep printing lines as they are logged, until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this shard's lines (shards count from 0).
+        #[arg(long)]
+        shard: Option<u32>,
     },
 }
 
@@ -383,7 +422,7 @@ mod tests {
         let cli =
             Cli::try_parse_from(["krest", "job", "apply", "-f", "a.json", "-f", "b.json"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Job(JobCmd::Apply { ref files }) if files.len() == 2)
+            matches!(cli.command, Command::Job(JobCmd::Apply { ref files, dry_run: false }) if files.len() == 2)
         );
     }
 }

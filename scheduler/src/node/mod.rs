@@ -23,7 +23,7 @@ use crate::leader::engine::EngineConfig;
 use crate::leader::lease::{Election, Leadership, LeaseConfig, Role};
 use crate::leader::state::{Engine, EngineDeps};
 use crate::record::recorder::{self, RecorderConfig, RecorderStatus, StatusRx};
-use crate::record::store::{Store, StoreError};
+use crate::record::store::{redact_db_url, Store};
 use crate::retry::Failure;
 use crate::serve::api::ApiServer;
 use krest_schemas::Backoff;
@@ -34,7 +34,7 @@ use supervisor::{Supervisor, TaskControl};
 pub struct NodeOptions {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
-    /// Database URL (`sqlite://krest.db`).
+    /// Database URL (`sqlite://krest.db`, `postgres://user@host/db`).
     pub db_url: String,
     /// Node name (letters, digits, `-`, `_`).
     pub node: String,
@@ -80,7 +80,7 @@ impl std::fmt::Debug for NodeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeOptions")
             .field("nats_url", &redact::urls(&self.nats_url))
-            .field("db_url", &redact::url(&self.db_url))
+            .field("db_url", &redact_db_url(&self.db_url))
             .field("node", &self.node)
             .field("lease_renew", &self.lease_renew)
             .field("infra", &self.infra)
@@ -183,8 +183,9 @@ pub fn spawn(opts: NodeOptions) -> RunningNode {
     }
 }
 
-/// Runs a node until `stop`. NATS being unreachable at start is waited out with logs; a
-/// database that cannot be opened is retried the same way.
+/// Runs a node until `stop`. The database is opened first: one that cannot be opened ends the
+/// node at once with [`NodeError::Store`]. NATS being unreachable at start is waited out with
+/// logs.
 pub async fn run(
     opts: NodeOptions,
     stop: CancellationToken,
@@ -200,6 +201,10 @@ async fn run_supervised(
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
     control: TaskControl,
 ) -> Result<(), NodeError> {
+    // The database first: a wrong or unreachable one stops the node before it connects to
+    // NATS or takes part in the election.
+    let store = Store::open(&opts.db_url).await?;
+    tracing::info!(db = %redact_db_url(&opts.db_url), backend = store.backend().as_str(), "database open");
     let http_listener = match opts.http_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -219,24 +224,7 @@ async fn run_supervised(
     let Some(infra) = infra::ensure_with_retry(&js, &opts.infra, &stop).await else {
         return Ok(());
     };
-    let store = crate::retry::until_ok(
-        &stop,
-        Backoff::RECONNECT,
-        "cannot open the database",
-        || async {
-            Store::open(&opts.db_url).await.map_err(|e| match e {
-                StoreError::BadUrl(_) => Failure::Fatal(e),
-                e => Failure::Retry(e),
-            })
-        },
-    )
-    .await;
-    let store = match store {
-        Ok(Some(s)) => s,
-        Ok(None) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    tracing::info!(node = %opts.node, db = %redact::url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
+    tracing::info!(node = %opts.node, db = %redact_db_url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
 
     let table = Arc::new(JobTable::default());
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
@@ -333,6 +321,8 @@ async fn run_supervised(
             leadership: leadership.clone(),
             recorder: recorder_rx.clone(),
             max_lag: opts.recorder.max_lag,
+            table: table.clone(),
+            routing: routing.clone(),
         };
         let web = crate::serve::web::WebState {
             api: web_api,

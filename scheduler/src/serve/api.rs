@@ -99,7 +99,7 @@ impl From<PageError> for Failure {
 impl From<ResolveError> for Failure {
     fn from(e: ResolveError) -> Self {
         let code = match e {
-            ResolveError::NotFound(_) => ErrorCode::NotFound,
+            ResolveError::NotFound(_) | ResolveError::Unknown { .. } => ErrorCode::NotFound,
             ResolveError::Ambiguous { .. } => ErrorCode::Ambiguous,
         };
         Failure::new(code, e.to_string())
@@ -375,7 +375,7 @@ impl ApiServer {
     fn resolve_any(&self, name: &str) -> Result<String, Failure> {
         match self.table.resolve(name) {
             Ok(key) => Ok(key),
-            Err(ResolveError::NotFound(_)) if name.contains('.') || name.contains('/') => {
+            Err(ResolveError::Unknown { .. }) if name.contains('.') || name.contains('/') => {
                 Ok(name.replacen('/', ".", 1))
             }
             Err(e) => Err(e.into()),
@@ -625,12 +625,18 @@ impl ApiServer {
     async fn runs_list(&self, req: RunsListRequest) -> Answer {
         let limit = req.limit.unwrap_or(20).clamp(1, 1000);
         let start = req.cursor.as_deref().map(parse_run_cursor).transpose()?;
+        let first_page = start.is_none();
+        // A deleted job's runs are still listed by `group.name` or bare name; a name that is
+        // no job's and has no runs is an error with the closest names, not an empty list.
+        let mut unknown = None;
         let job = match req.job.as_deref() {
             None => None,
             Some(name) => Some(match self.table.resolve(name) {
                 Ok(key) => key,
-                // A deleted job's runs are still listed by `group.name` or bare name.
-                Err(ResolveError::NotFound(_)) => name.to_string(),
+                Err(e @ ResolveError::Unknown { .. }) => {
+                    unknown = Some(e);
+                    name.to_string()
+                }
                 Err(e) => return Err(e.into()),
             }),
         };
@@ -643,6 +649,9 @@ impl ApiServer {
             .list_runs(filter, req.status, limit + 1, start)
             .await
             .map_err(Failure::internal)?;
+        if let Some(e) = unknown.filter(|_| runs.is_empty() && first_page) {
+            return Err(e.into());
+        }
         let max_payload = self.max_payload();
         let cap = text_cap(max_payload);
         let mut page = PageBuilder::new(limit as usize, max_payload);

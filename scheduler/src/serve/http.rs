@@ -1,6 +1,7 @@
 //! The node's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (connected to NATS,
 //! database writable, recorder keeping up with the events stream), for load balancers and
-//! orchestrators; and, on the same address, the HTTP API and web console ([`super::web`]).
+//! orchestrators; `/metrics` (Prometheus text, [`crate::metrics`]); and, on the same address,
+//! the HTTP API and web console ([`super::web`]).
 
 use std::time::Duration;
 
@@ -33,6 +34,36 @@ pub struct HttpState {
     pub recorder: StatusRx,
     /// Recorder lag beyond which the node is not ready.
     pub max_lag: Duration,
+    /// The node's job table.
+    pub table: std::sync::Arc<crate::jobs::JobTable>,
+    /// The worker registry.
+    pub routing: std::sync::Arc<crate::leader::balance::Routing>,
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl axum::response::IntoResponse {
+    let leader_epoch = match s.leadership.role() {
+        Role::Leader { epoch } => Some(epoch),
+        Role::Standby => None,
+    };
+    let recorder = s.recorder.borrow().clone();
+    let mut workers = std::collections::BTreeMap::<String, u64>::new();
+    for w in s.routing.live_now().await.iter() {
+        *workers.entry(w.app_name.clone()).or_default() += 1;
+    }
+    let body = crate::metrics::render(&crate::metrics::Snapshot {
+        node: &s.node,
+        leader_epoch,
+        recorder: &recorder,
+        jobs: s.table.len(),
+        workers,
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 async fn healthz(State(s): State<HttpState>) -> Json<Value> {
@@ -98,6 +129,7 @@ pub async fn serve(
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state);
     if let Some(web) = web {
         app = app.merge(super::web::router(web));

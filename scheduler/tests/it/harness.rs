@@ -14,7 +14,7 @@ use krest_schemas::api::{
     ApplyRequest, ApplyResponse, ClusterStatus, Op, RunDetail, RunRequest, RunSummary,
     RunsListRequest, TriggerRequest, TriggerResponse,
 };
-use krest_test_support::{eventually, NatsServer, Proc, TestDir};
+use krest_test_support::{eventually, NatsServer, PgDatabase, Proc, TestDir};
 use krest_worker::{Backoff, WorkerBuilder};
 use serde_json::{json, Value};
 
@@ -28,6 +28,17 @@ pub const SMALL_PAYLOAD: usize = 64 * 1024;
 pub struct Env {
     pub nats: NatsServer,
     pub dir: TestDir,
+    /// With [`Db::Postgres`], the one database every node of the test shares.
+    pub pg: Option<PgDatabase>,
+}
+
+/// The database backend a test's nodes record into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    /// A SQLite file per node.
+    Sqlite,
+    /// One fresh Postgres database shared by all nodes (dropped at the end of the test).
+    Postgres,
 }
 
 impl Env {
@@ -36,7 +47,21 @@ impl Env {
         Env {
             nats: NatsServer::start(),
             dir: TestDir::new(name),
+            pg: None,
         }
+    }
+
+    /// The same, its nodes recording into `db`.
+    pub fn on(mut self, db: Db) -> Env {
+        if db == Db::Postgres {
+            self.pg = Some(PgDatabase::create());
+        }
+        self
+    }
+
+    /// Runs `sql` in the test's Postgres database (panics without one).
+    pub fn pg_query(&self, sql: &str) -> String {
+        self.pg.as_ref().expect("a test on Postgres").query(sql)
     }
 
     /// A test whose nats-server takes messages of at most `max_payload` bytes.
@@ -48,6 +73,7 @@ impl Env {
         Env {
             nats: NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]),
             dir,
+            pg: None,
         }
     }
 
@@ -55,7 +81,11 @@ impl Env {
         self.nats.url()
     }
 
+    /// The database URL of `node`: its own SQLite file, or the shared Postgres database.
     pub fn db(&self, node: &str) -> String {
+        if let Some(pg) = &self.pg {
+            return pg.url().to_string();
+        }
         format!(
             "sqlite://{}",
             self.dir.join(&format!("{node}.db")).display()
@@ -91,9 +121,15 @@ impl Env {
 
     /// Runs the `krest` CLI with `args`; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Env::cli`] with environment variables set.
+    pub fn cli_env(&self, args: &[&str], vars: &[(&str, &str)]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_krest"))
             .args(["--nats-url", &self.url()])
             .args(args)
+            .envs(vars.iter().copied())
             .output()
             .unwrap();
         (
@@ -142,6 +178,14 @@ pub async fn client_for(urls: &str) -> Client {
     })
     .await;
     client
+}
+
+/// A job's current view.
+pub async fn get_job(client: &Client, name: &str) -> krest_schemas::api::JobView {
+    client
+        .call(Op::JobGet, &krest_schemas::api::JobRequest::new(name))
+        .await
+        .unwrap()
 }
 
 pub async fn apply(client: &Client, documents: Vec<Value>) -> ApplyResponse {
@@ -250,6 +294,12 @@ impl Executions {
     /// Executions of every run.
     pub fn total(&self) -> usize {
         self.0.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    /// `(runs executed, executions)`.
+    pub fn totals(&self) -> (usize, usize) {
+        let all = self.0.lock().unwrap();
+        (all.len(), all.values().map(Vec::len).sum())
     }
 
     pub fn of(&self, run_id: &str) -> Vec<Execution> {
