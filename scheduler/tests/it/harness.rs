@@ -438,7 +438,7 @@ impl Web {
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
         }
-        let res = req.send().await.unwrap();
+        let res = req.send().await.unwrap_or_else(|e| panic!("{path}: {e:?}"));
         let status = res.status().as_u16();
         let headers = res.headers().clone();
         let bytes = res.bytes().await.unwrap();

@@ -39,6 +39,15 @@ fn field(v: &Value) -> &str {
 
 /// Reads server-sent events until `end` (or the deadline); returns (event, data) pairs.
 async fn sse_until_end(web: &Web, path: &str) -> Vec<(String, String)> {
+    sse_until_end_signalling(web, path, None).await
+}
+
+/// [`sse_until_end`], telling `opened` once the first event arrived.
+async fn sse_until_end_signalling(
+    web: &Web,
+    path: &str,
+    mut opened: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Vec<(String, String)> {
     let mut res = web
         .http
         .get(format!("{}{path}", web.base))
@@ -77,6 +86,9 @@ async fn sse_until_end(web: &Web, path: &str) -> Vec<(String, String)> {
             }
             let end = event == "end";
             events.push((event, data));
+            if let Some(tx) = opened.take() {
+                let _ = tx.send(());
+            }
             if end {
                 return events;
             }
@@ -319,7 +331,9 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
         .await;
     assert_eq!((s, code(&v)), (400, "bad_request"), "{v}");
     assert!(message(&v).contains("duplicate"), "{v}");
-    let (s, _, v) = writer
+    // On a connection of its own: the server stops reading at the limit and closes it.
+    let alone = Web::new(&base, Some(WRITE));
+    let (s, _, v) = alone
         .raw(
             reqwest::Method::POST,
             "/api/v1/jobs",
@@ -442,11 +456,14 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
         (s == 200 && v["run"]["status"] == "RUNNING").then_some(())
     })
     .await;
+    let (opened_tx, opened) = tokio::sync::oneshot::channel();
     let stream = tokio::spawn({
         let reader = reader.clone();
         let path = format!("/api/v1/runs/{gated_run}/events");
-        async move { sse_until_end(&reader, &path).await }
+        async move { sse_until_end_signalling(&reader, &path, Some(opened_tx)).await }
     });
+    // Released only once the stream is open on a run still running.
+    opened.await.unwrap();
     gate.add_permits(1);
     let events = stream.await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();

@@ -1,6 +1,7 @@
 //! The web console in real headless Chromium (through chromedriver, W3C WebDriver) on a real
 //! node, NATS and worker: log in, create a job through the form, see it run and its logs
-//! appear, pause it, see an invalid cron refused as you type, log out. With `KREST_BLESS=1`
+//! appear (live, over server-sent events, for a run still running), pause it, see an invalid cron refused as you type, log out; a read-only login sees
+//! no control that writes. With `KREST_BLESS=1`
 //! the dashboard's screenshot is written to `docs/img/dashboard.png`.
 
 use krest_test_support::webdriver::Browser;
@@ -10,6 +11,16 @@ use serde_json::json;
 use crate::harness::*;
 
 const WRITE: &str = "console-write-token";
+const READ: &str = "console-read-token";
+
+/// With `KREST_WEB_SHOTS=<dir>`, saves a screenshot of the page as `<dir>/<name>.png`.
+async fn shot(browser: &Browser, name: &str) {
+    if let Some(dir) = std::env::var_os("KREST_WEB_SHOTS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), browser.screenshot().await).unwrap();
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_logs_in_creates_runs_pauses_and_logs_out() {
@@ -19,11 +30,14 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         "n1",
         krest::serve::web::WebOptions {
             api_token: Some(WRITE.into()),
-            read_token: None,
+            read_token: Some(READ.into()),
             anonymous_read: false,
         },
     )
     .await;
+    // Runs of `gated` wait until the test releases them.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
     let worker = env
         .worker("console", "console-1")
         .handler("say-hello", |ctx: JobContext| async move {
@@ -32,6 +46,18 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
                 ctx.shard_index()
             ));
             Ok("said hello".to_string())
+        })
+        .handler("gated", move |ctx: JobContext| {
+            let g = g.clone();
+            async move {
+                ctx.log("waiting at the gate");
+                g.acquire()
+                    .await
+                    .map_err(|_| krest_worker::JobError::fatal("closed"))?
+                    .forget();
+                ctx.log("through the gate");
+                Ok("released".to_string())
+            }
         })
         .build()
         .unwrap()
@@ -99,6 +125,38 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         .await;
     let detail = browser.text(&browser.find("#run-detail").await).await;
     assert!(detail.contains("said hello"), "{detail}");
+    shot(&browser, "run").await;
+
+    // A run page updates live (server-sent events): a running run's log lines appear, then
+    // its end, without reloading.
+    let web = Web::new(&base, Some(WRITE));
+    let (s, v) = web
+        .send(
+            "POST",
+            "/api/v1/jobs",
+            Some(json!({"appName": "console", "jobGroup": "ui", "jobName": "gated", "path": "gated"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    browser.goto(&format!("{base}/#/jobs/ui.gated")).await;
+    browser.click(&browser.find("#trigger-job").await).await;
+    browser
+        .wait_text("#live-log", "the live log line", |t| {
+            t.contains("waiting at the gate")
+        })
+        .await;
+    browser
+        .wait_text("#run-status", "the run running", |t| t == "RUNNING")
+        .await;
+    gate.add_permits(1);
+    browser
+        .wait_text("#run-status", "the run's end, live", |t| t == "SUCCEEDED")
+        .await;
+    browser
+        .wait_text("#run-detail", "the last log line", |t| {
+            t.contains("through the gate")
+        })
+        .await;
 
     // Pause it from its page.
     browser.goto(&format!("{base}/#/jobs/ui.hello")).await;
@@ -106,7 +164,6 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
     browser
         .wait_text("#view h1", "the job paused", |t| t.contains("PAUSED"))
         .await;
-    let web = Web::new(&base, Some(WRITE));
     assert_eq!(
         web.ok("/api/v1/jobs/ui.hello").await["spec"]["running"],
         false
@@ -128,6 +185,7 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
         .get("/api/v1/cron/preview?expr=0%2061%20*%20*%20*%20%3F&tz=Europe/Berlin")
         .await;
     assert_eq!(shown, api["error"]["message"].as_str().unwrap());
+    shot(&browser, "edit").await;
 
     // The dashboard, with its screenshot.
     browser.goto(&format!("{base}/#/")).await;
@@ -156,8 +214,32 @@ async fn console_logs_in_creates_runs_pauses_and_logs_out() {
     })
     .await;
     browser.goto(&format!("{base}/#/jobs")).await;
-    browser.find("#login:not([hidden]) #token").await;
+    let token = browser.find("#login:not([hidden]) #token").await;
+
+    // A read-only login sees the job but no control that writes.
+    browser.fill(&token, READ).await;
+    browser.click(&browser.find("#login-submit").await).await;
+    browser
+        .wait_text("#who", "the read-only session", |t| t == "read only")
+        .await;
+    browser.goto(&format!("{base}/#/jobs/ui.hello")).await;
+    browser
+        .wait_text("#view h1", "the job page", |t| t.contains("ui.hello"))
+        .await;
+    for control in [
+        "#pause-job",
+        "#resume-job",
+        "#trigger-job",
+        "#delete-job",
+        "#edit-job",
+    ] {
+        assert!(
+            browser.try_find(control).await.is_none(),
+            "{control} shown to a reader"
+        );
+    }
 
     browser.close().await;
+    gate.add_permits(100);
     worker.stop().await.unwrap();
 }

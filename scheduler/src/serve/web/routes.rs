@@ -305,7 +305,12 @@ async fn require(
 ) -> Response {
     match auth.check(req.headers(), need) {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // Read what the client sent (bounded) so the connection stays usable: a body
+            // left unread makes the server close it under the client's next request.
+            let _ = axum::body::to_bytes(req.into_body(), MAX_BODY).await;
+            e.into_response()
+        }
     }
 }
 

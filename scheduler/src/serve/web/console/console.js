@@ -343,7 +343,8 @@ async function runPage(id) {
       d.args !== undefined ? h('p', {}, 'Args: ', JSON.stringify(d.args)) : null,
       canWrite() && !['SUCCEEDED', 'FAILED', 'TIMED_OUT', 'SKIPPED', 'CANCELLED'].includes(r.status)
         ? h('button', { type: 'button', id: 'cancel-run', class: 'danger', onclick: async () => { await api('POST', '/runs/' + enc(id) + '/cancel'); refresh(); } }, 'Cancel run') : null,
-      h('h2', {}, 'Live log'), h('div', { class: 'logs', id: 'live-log' }),
+      h('h2', { id: 'live-title', hidden: r.status === 'SUCCEEDED' || r.status === 'FAILED' || r.status === 'TIMED_OUT' || r.status === 'SKIPPED' || r.status === 'CANCELLED' }, 'Live log'),
+      h('div', { class: 'logs', id: 'live-log' }),
       attempts);
   };
   let current = render(detail);
