@@ -496,6 +496,10 @@ pub struct RunSummary {
     /// kept when a later attempt succeeded (a SUCCEEDED run with an error needed a retry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The run's W3C trace id (a function of its run id, see `krest_schemas::trace`): the
+    /// `traceparent` of its messages, events and HTTP calls carries it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
 }
 
 /// `runs.cancel` (and the first page of `runs.get`).

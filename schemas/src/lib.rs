@@ -41,6 +41,7 @@ pub mod names;
 pub mod redact;
 pub mod schedule;
 pub mod text;
+pub mod trace;
 pub mod web;
 
 pub use backoff::Backoff;

@@ -452,6 +452,24 @@ impl RunEvent {
         }
     }
 
+    /// The W3C `traceparent` of the hop the event reports: the dispatch (`dispatched`,
+    /// `skipped`) or the attempt (`started`, `log`, `finished`); see [`crate::trace`].
+    pub fn traceparent(&self) -> String {
+        match self {
+            RunEvent::Dispatched(e) => crate::trace::dispatch_traceparent(&e.run.run_id, 0),
+            RunEvent::Skipped(e) => crate::trace::dispatch_traceparent(&e.run.run_id, 0),
+            RunEvent::Started(e) => {
+                crate::trace::attempt_traceparent(&e.run.run_id, e.shard, e.attempt)
+            }
+            RunEvent::Log(e) => {
+                crate::trace::attempt_traceparent(&e.run.run_id, e.shard, e.attempt)
+            }
+            RunEvent::Finished(e) => {
+                crate::trace::attempt_traceparent(&e.run.run_id, e.shard, e.attempt)
+            }
+        }
+    }
+
     /// `(group, name)` of the job the event belongs to.
     pub fn job(&self) -> (&str, &str) {
         match self {

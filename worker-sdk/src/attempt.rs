@@ -135,7 +135,8 @@ pub(crate) async fn process(
         run = %run.run.run_id,
         job = %format_args!("{}.{}", run.run.job_group, run.run.job_name),
         shard = run.shard_index(),
-        attempt
+        attempt,
+        trace_id = %krest_schemas::trace::trace_id(&run.run.run_id)
     );
     let clock = std::time::Instant::now();
     let ending = attempt_run(&shared, &run, attempt, &msg, progress_every, &hard_stop)

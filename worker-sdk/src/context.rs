@@ -126,6 +126,23 @@ impl JobContext {
         self.inner.attempt
     }
 
+    /// The W3C `traceparent` of this attempt: the run's trace (its id is a function of the run
+    /// id, the same on every node and worker) with this attempt's span. Pass it on to what the
+    /// handler calls (the HTTP executor sends it as the `traceparent` header) to join the run's
+    /// trace; Krest sends it on the attempt's events.
+    pub fn traceparent(&self) -> String {
+        krest_schemas::trace::attempt_traceparent(
+            &self.inner.run.run.run_id,
+            self.inner.run.shard_index(),
+            self.inner.attempt,
+        )
+    }
+
+    /// The run's trace id (32 hex digits), as in [`JobContext::traceparent`].
+    pub fn trace_id(&self) -> String {
+        krest_schemas::trace::trace_id(&self.inner.run.run.run_id)
+    }
+
     /// Attempts allowed in all (`retryTimes + 1`).
     pub fn max_attempts(&self) -> u32 {
         self.inner.run.retry_times.saturating_add(1)

@@ -138,7 +138,13 @@ async fn publish(
             return;
         }
     };
-    let message = move || Publish::build().payload(payload.clone()).message_id(&id);
+    let traceparent = event.traceparent();
+    let message = move || {
+        Publish::build()
+            .payload(payload.clone())
+            .message_id(&id)
+            .header(krest_schemas::trace::TRACEPARENT, traceparent.as_str())
+    };
     // Send now, in order; await the ack in the background.
     let first = js.send_publish(subject.clone(), message()).await;
     let js = js.clone();

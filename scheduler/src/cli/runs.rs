@@ -83,6 +83,9 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                     r.app_name
                 );
                 outln!("status:     {}", r.status.as_str());
+                if !r.trace_id.is_empty() {
+                    outln!("trace:      {}", r.trace_id);
+                }
                 outln!(
                     "trigger:    {}{}",
                     r.trigger.map_or("-", |t| t.as_str()),

@@ -1057,8 +1057,10 @@ const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigge
 fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     let status: String = r.try_get("status")?;
     let trigger: Option<String> = r.try_get("trigger_kind")?;
+    let run_id: String = r.try_get("run_id")?;
     Ok(RunSummary {
-        run_id: r.try_get("run_id")?,
+        trace_id: krest_schemas::trace::trace_id(&run_id),
+        run_id,
         job_group: r.try_get("job_group")?,
         job_name: r.try_get("job_name")?,
         app_name: r.try_get("app_name")?,
