@@ -622,13 +622,44 @@ async fn roles_have_least_privilege() {
     .unwrap()
     .await
     .unwrap();
-    krest_test_support::eventually(DEADLINE, "both forgeries parked", || async {
+    // Nor is a `dispatched` event (it would make a run appear): only nodes can sign those.
+    let dispatched = krest_schemas::RunEvent::Dispatched(krest_schemas::Dispatched {
+        run: krest_schemas::RunRef {
+            run_id: "t.bill.m-phantom".into(),
+            job_group: "t".into(),
+            job_name: "bill".into(),
+            app_name: "billing".into(),
+        },
+        path: "bill".into(),
+        job_type: krest_schemas::JobType::Normal,
+        trigger: krest_schemas::Trigger::Manual,
+        scheduled_at: chrono::Utc::now(),
+        dispatched_at: chrono::Utc::now(),
+        shard_total: 1,
+        args: json!(null),
+        misfired: 0,
+        parent_run_id: None,
+        revision: 1,
+        node: "n1".into(),
+        epoch: None,
+    });
+    js.publish(
+        dispatched.subject(),
+        serde_json::to_vec(&dispatched).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    krest_test_support::eventually(DEADLINE, "the forgeries parked", || async {
         let (_, out, _) = cli_as(&operator, &["dlq", "list"]);
         (out.contains("without the run's delivery token")
-            && out.contains("hand-off of run t.bill.m-forged shard 0 refused"))
+            && out.contains("hand-off of run t.bill.m-forged shard 0 refused")
+            && out.contains("run t.bill.m-phantom without a scheduler node's token"))
         .then_some(())
     })
     .await;
+    assert!(run(&client, "t.bill.m-phantom").await.is_none());
     assert!(!out.contains("forged\""), "{out}");
     assert!(run(&client, "t.bill.m-forged").await.is_none());
 
