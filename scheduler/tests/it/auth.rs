@@ -530,6 +530,7 @@ async fn roles_have_least_privilege() {
         "$KV.krest-jobs.t.ship",
         "$KV.krest-leader.leader",
         "$KV.krest-state.t.ship",
+        "$KV.krest-cancels.t.ship.1",
         "$KV.krest-workers.shipping.w9",
         "krest.events.shipping.t.ship",
         "krest.work.shipping.t.ship.r",
