@@ -667,3 +667,38 @@ async fn roles_have_least_privilege() {
     worker.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[test]
+fn the_shipped_secure_configs_are_valid() {
+    let nats = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nats");
+    for conf in [
+        "single-secure.conf",
+        "cluster/n1-secure.conf",
+        "cluster/n2-secure.conf",
+        "cluster/n3-secure.conf",
+    ] {
+        let out = Command::new(krest_test_support::nats_server_binary())
+            .args(["-t", "-c"])
+            .arg(nats.join(conf))
+            .envs(ROLES)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{conf}: {text}");
+        assert!(text.contains("is valid"), "{conf}: {text}");
+    }
+    // No password has a default: a variable left unset stops the server.
+    let mut cmd = Command::new(krest_test_support::nats_server_binary());
+    cmd.args(["-t", "-c"]).arg(nats.join("single-secure.conf"));
+    for (var, _) in ROLES {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("KREST_"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
