@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The test suite: formatting, lints, then every test of the workspace. Tests start their own
-# nats-server processes (free ports, temporary stores), so nothing else needs to run.
+# nats-server processes (free ports, temporary stores) and create their own databases on the
+# PostgreSQL server that scripts/ensure-postgres.sh makes sure runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 scripts/ensure-nats-server.sh
+scripts/ensure-postgres.sh
+scripts/ensure-chromium.sh
 scripts/check-deploy.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

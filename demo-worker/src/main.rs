@@ -32,6 +32,9 @@ struct Args {
     /// Simulated work per shard, in milliseconds.
     #[arg(long, env = "KREST_WORK_MS", default_value_t = 300)]
     work_ms: u64,
+    /// Log lines on stderr: `text` or `json` (one object per line).
+    #[arg(long, env = "KREST_LOG_FORMAT", default_value = "text")]
+    log_format: krest_worker::logging::LogFormat,
     /// Append `run_id shard attempt instance` per execution to this file.
     #[arg(long, env = "KREST_JOURNAL")]
     journal: Option<PathBuf>,
@@ -100,14 +103,8 @@ impl Login {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KREST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    krest_worker::logging::init(args.log_format, "info,async_nats=warn");
     let mut builder = Worker::builder(&args.app)
         .nats(args.login.config(&args.nats_url))
         .weight(args.weight)

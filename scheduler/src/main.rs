@@ -40,7 +40,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Scheduler(args) => {
-            init_logging();
+            init_logging(cli.log_format);
             let mut opts = NodeOptions::new(
                 cli.nats_url.clone(),
                 args.db,
@@ -49,6 +49,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.nats = cli.nats.config(&cli.nats_url);
             opts.lease_renew = args.lease_renew;
             opts.http_addr = args.http.0;
+            opts.web = krest::serve::web::WebOptions {
+                api_token: args.api.api_token,
+                read_token: args.api.api_read_token,
+                anonymous_read: args.api.api_anonymous_read,
+            };
             opts.infra = InfraConfig {
                 replicas: args.replicas,
                 lease_ttl: args.lease_ttl,
@@ -88,7 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(cmd) => {
-            init_logging();
+            init_logging(cli.log_format);
             cli::run_worker(cli.nats.config(&cli.nats_url), cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -96,12 +101,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KREST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+fn init_logging(format: krest_worker::logging::LogFormat) {
+    krest_worker::logging::init(format, "info,async_nats=warn,sqlx=warn");
 }

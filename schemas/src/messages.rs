@@ -197,6 +197,18 @@ pub enum AttemptOutcome {
     Cancelled,
 }
 
+impl AttemptOutcome {
+    /// The name as on the wire (`SUCCEEDED`, `TIMED_OUT`, …), the one spelling every view uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Succeeded => "SUCCEEDED",
+            AttemptOutcome::Failed => "FAILED",
+            AttemptOutcome::TimedOut => "TIMED_OUT",
+            AttemptOutcome::Cancelled => "CANCELLED",
+        }
+    }
+}
+
 /// Severity of a handler log line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -282,6 +294,14 @@ pub struct Started {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub delivery_token: String,
 }
+
+/// Longest log line kept, in bytes; a longer line is cut and ends in `...`.
+pub const MAX_LOG_LINE: usize = 4 * 1024;
+/// Log lines kept per attempt (of one shard). The SDK sends one more, a marker saying the log
+/// was cut, and drops the rest; the recorder stores no line numbered beyond the marker.
+pub const MAX_LOG_LINES_PER_ATTEMPT: u32 = 10_000;
+/// Bytes of log lines kept per attempt; past them the SDK sends the marker and drops the rest.
+pub const MAX_LOG_BYTES_PER_ATTEMPT: usize = 1024 * 1024;
 
 /// A line a handler logged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -6,11 +6,15 @@
 //! - [`Proc`]: a child process (a `krest` node, a worker) killed on drop, with SIGKILL, SIGTERM,
 //!   SIGSTOP and SIGCONT helpers and its output captured to a file.
 //! - [`eventually`]: wait for a condition with a deadline instead of sleeping.
+//! - [`PgDatabase`]: a fresh PostgreSQL database per test, dropped at the end.
+//! - [`webdriver::Browser`]: headless Chromium through `chromedriver` (W3C WebDriver over HTTP).
 //!
 //! The `nats-server` binary is taken from `$NATS_SERVER`, else from `PATH`. Set
 //! `KREST_KEEP_TEST_DIRS=1` to keep temporary directories (stores, logs) for inspection.
 
 #![allow(clippy::unwrap_used)]
+
+pub mod webdriver;
 
 use std::fs;
 use std::future::Future;
@@ -424,5 +428,89 @@ mod tests {
         assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
         s.kill();
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+}
+
+/// Where the Postgres tests find a server: `$KREST_TEST_POSTGRES`, a URL of its maintenance
+/// database (the tests create and drop their own databases through it).
+pub fn postgres_server_url() -> String {
+    std::env::var("KREST_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A fresh PostgreSQL database (`krest_test_<random>`) created through the server of
+/// [`postgres_server_url`] with `psql`, dropped (connections forced off) on drop.
+///
+/// A server that cannot be reached fails the test with how to start one: Postgres tests are
+/// never skipped silently.
+#[derive(Debug)]
+pub struct PgDatabase {
+    name: String,
+    server: String,
+    url: String,
+}
+
+impl PgDatabase {
+    /// Creates the database.
+    pub fn create() -> PgDatabase {
+        let server = postgres_server_url();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "krest_test_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+        );
+        psql(&server, &format!("CREATE DATABASE {name}"));
+        let url = match server.rsplit_once('/') {
+            Some((base, last)) if !base.ends_with('/') => {
+                let query = last.split_once('?').map(|(_, q)| format!("?{q}"));
+                format!("{base}/{name}{}", query.unwrap_or_default())
+            }
+            _ => panic!("KREST_TEST_POSTGRES must name a database, like postgres://postgres@127.0.0.1:5432/postgres (got {server})"),
+        };
+        PgDatabase { name, server, url }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs `sql` in it with `psql` and returns the output (unaligned, tuples only).
+    pub fn query(&self, sql: &str) -> String {
+        psql(&self.url, sql)
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                self.server.as_str(),
+                "-Atqc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-Atqc", sql])
+        .output();
+    let how = "start PostgreSQL (scripts/ensure-postgres.sh installs and starts it: apt-get install -y postgresql; pg_ctlcluster 15 main start) or point KREST_TEST_POSTGRES at a server whose user may create databases";
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => panic!(
+            "Postgres test database: `{sql}` failed at {url}: {}; {how}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("Postgres test database: cannot run psql ({e}); {how}"),
     }
 }

@@ -95,11 +95,16 @@ mod error;
 mod events;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod nats;
 mod options;
 mod worker;
 
-pub use context::{JobContext, JobError, Output, MAX_LOG_LINE, MAX_OUTPUT};
+pub use context::{
+    JobContext, JobError, Output, MAX_LOG_BYTES_PER_ATTEMPT, MAX_LOG_LINE,
+    MAX_LOG_LINES_PER_ATTEMPT, MAX_OUTPUT,
+};
 pub use error::{Error, ErrorKind};
 pub use krest_schemas::{LogLevel, RunMessage, ShardInfo, Trigger};
 pub use options::{Backoff, WorkerBuilder};

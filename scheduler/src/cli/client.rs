@@ -35,11 +35,15 @@ pub enum ClientError {
         /// The server's words (`Permissions Violation for Publish to "krest.api.job.apply"`).
         violation: String,
     },
-    /// No scheduler node subscribes to the API.
-    #[error(
-        "no Krest scheduler node is answering on NATS at {0}: start one with `krest scheduler`"
-    )]
-    NoScheduler(String),
+    /// No scheduler node subscribes to the API: NATS at `url` answered; `why` says what was
+    /// found there.
+    #[error("no Krest scheduler node is answering on NATS at {url}: {why}")]
+    NoScheduler {
+        /// The URL used, redacted.
+        url: String,
+        /// What the server holds, and what to do.
+        why: String,
+    },
     /// A node did not answer in time.
     #[error("no answer from a scheduler node within {0:?}; try again or raise --timeout")]
     Timeout(Duration),
@@ -251,7 +255,10 @@ impl Client {
                     use async_nats::client::RequestErrorKind;
                     match e.kind() {
                         RequestErrorKind::NoResponders => {
-                            return Err(ClientError::NoScheduler(self.url.clone()))
+                            return Err(ClientError::NoScheduler {
+                                url: self.url.clone(),
+                                why: self.what_is_there().await,
+                            })
                         }
                         RequestErrorKind::TimedOut if attempt < ATTEMPTS => continue,
                         RequestErrorKind::TimedOut => {
@@ -263,6 +270,50 @@ impl Client {
             }
         };
         Ok(reply.payload)
+    }
+}
+
+impl Client {
+    /// What the connected server holds of Krest, for an error or a warning: whether its
+    /// streams exist (a scheduler ran there) and where the URL came from.
+    pub async fn what_is_there(&self) -> String {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let found = tokio::time::timeout(
+            Duration::from_secs(2),
+            js.get_stream(krest_schemas::names::EVENTS_STREAM),
+        )
+        .await;
+        let url_hint =
+            "check the URL (--nats-url or NATS_URL; the default is nats://127.0.0.1:4222)";
+        match found {
+            Ok(Ok(_)) => "the server answered and holds Krest's streams, so schedulers ran here before: start one with `krest scheduler`".into(),
+            Ok(Err(e)) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    format!("the server answered but has no Krest streams: no scheduler ever ran on it — is it the right server? {url_hint}")
+                }
+                _ if e.to_string().to_lowercase().contains("no responders") => {
+                    format!("the server answered but has no JetStream, so this is not Krest's NATS: {url_hint}")
+                }
+                _ => format!("the server answered; Krest's streams could not be looked up ({e}): {url_hint}"),
+            },
+            Err(_) => format!("the server answered, but not to a JetStream request within 2 s: {url_hint}"),
+        }
+    }
+
+    /// True when the connected server holds Krest's events stream.
+    pub async fn krest_is_there(&self) -> bool {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                js.get_stream(krest_schemas::names::EVENTS_STREAM)
+            )
+            .await,
+            Ok(Ok(_))
+        )
     }
 }
 

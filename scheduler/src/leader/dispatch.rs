@@ -129,6 +129,28 @@ pub struct PublishError {
     pub message: String,
 }
 
+/// Counts published fires in the node's metrics: by trigger, with the due → stored lateness of
+/// scheduled and catch-up fires; failed ones as dispatch errors.
+fn count(fires: &[Fire], results: &[Result<(), PublishError>]) {
+    let m = &crate::metrics::METRICS;
+    let now = Utc::now();
+    for (fire, result) in fires.iter().zip(results) {
+        if result.is_err() {
+            m.dispatch_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        if fire.skip.is_some() {
+            continue;
+        }
+        m.fires.add(fire.trigger.as_str(), 1);
+        if matches!(fire.trigger, Trigger::Schedule | Trigger::CatchUp) {
+            m.dispatch_lateness
+                .observe_ms((now - fire.scheduled_at).num_milliseconds());
+        }
+    }
+}
+
 impl Publisher {
     /// A publisher stamping `node` on dispatched events.
     pub fn new(
@@ -184,6 +206,7 @@ impl Publisher {
                 fail(&mut results, j, e);
             }
         }
+        count(fires, &results);
         results
     }
 

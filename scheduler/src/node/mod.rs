@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use krest_schemas::names::sanitize_token;
-use krest_schemas::redact;
 use krest_schemas::{NodeInfo, NodeRole};
 use krest_worker::nats::{ConnectStyle, NatsConfig};
 use tokio::sync::{mpsc, watch};
@@ -24,7 +23,7 @@ use crate::leader::engine::EngineConfig;
 use crate::leader::lease::{Election, Leadership, LeaseConfig, Role};
 use crate::leader::state::{Engine, EngineDeps};
 use crate::record::recorder::{self, RecorderConfig, RecorderStatus, StatusRx};
-use crate::record::store::{Store, StoreError};
+use crate::record::store::{redact_db_url, Store};
 use crate::retry::Failure;
 use crate::serve::api::ApiServer;
 use krest_schemas::Backoff;
@@ -39,7 +38,7 @@ pub const SCHEDULER_INBOX_PREFIX: &str = "_INBOX_krest";
 pub struct NodeOptions {
     /// Where and how to connect to NATS (URL(s), credentials, TLS).
     pub nats: NatsConfig,
-    /// Database URL (`sqlite://krest.db`).
+    /// Database URL (`sqlite://krest.db`, `postgres://user@host/db`).
     pub db_url: String,
     /// Node name (letters, digits, `-`, `_`).
     pub node: String,
@@ -53,8 +52,10 @@ pub struct NodeOptions {
     pub recorder: RecorderConfig,
     /// Router.
     pub router: crate::leader::router::RouterConfig,
-    /// Address of the HTTP endpoint (`/healthz`, `/readyz`); `None` disables it.
+    /// Address of the HTTP endpoint (`/healthz`, `/readyz`, the HTTP API); `None` disables it.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Who may use the HTTP API.
+    pub web: crate::serve::web::WebOptions,
 }
 
 impl NodeOptions {
@@ -74,6 +75,7 @@ impl NodeOptions {
             recorder: RecorderConfig::default(),
             router: Default::default(),
             http_addr: None,
+            web: Default::default(),
         }
     }
 }
@@ -82,7 +84,7 @@ impl std::fmt::Debug for NodeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeOptions")
             .field("nats", &self.nats)
-            .field("db_url", &redact::url(&self.db_url))
+            .field("db_url", &redact_db_url(&self.db_url))
             .field("node", &self.node)
             .field("lease_renew", &self.lease_renew)
             .field("infra", &self.infra)
@@ -90,6 +92,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("recorder", &self.recorder)
             .field("router", &self.router)
             .field("http_addr", &self.http_addr)
+            .field("web", &self.web)
             .finish()
     }
 }
@@ -184,8 +187,9 @@ pub fn spawn(opts: NodeOptions) -> RunningNode {
     }
 }
 
-/// Runs a node until `stop`. NATS being unreachable at start is waited out with logs; a
-/// database that cannot be opened is retried the same way.
+/// Runs a node until `stop`. The database is opened first: one that cannot be opened ends the
+/// node at once with [`NodeError::Store`]. NATS being unreachable at start is waited out with
+/// logs.
 pub async fn run(
     opts: NodeOptions,
     stop: CancellationToken,
@@ -201,6 +205,10 @@ async fn run_supervised(
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
     control: TaskControl,
 ) -> Result<(), NodeError> {
+    // The database first: a wrong or unreachable one stops the node before it connects to
+    // NATS or takes part in the election.
+    let store = Store::open(&opts.db_url).await?;
+    tracing::info!(db = %redact_db_url(&opts.db_url), backend = store.backend().as_str(), "database open");
     let http_listener = match opts.http_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -220,24 +228,7 @@ async fn run_supervised(
     let Some(infra) = infra::ensure_with_retry(&js, &opts.infra, &stop).await else {
         return Ok(());
     };
-    let store = crate::retry::until_ok(
-        &stop,
-        Backoff::RECONNECT,
-        "cannot open the database",
-        || async {
-            Store::open(&opts.db_url).await.map_err(|e| match e {
-                StoreError::BadUrl(_) => Failure::Fatal(e),
-                e => Failure::Retry(e),
-            })
-        },
-    )
-    .await;
-    let store = match store {
-        Ok(Some(s)) => s,
-        Ok(None) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    tracing::info!(node = %opts.node, db = %redact::url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
+    tracing::info!(node = %opts.node, db = %redact_db_url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
 
     let table = Arc::new(JobTable::default());
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
@@ -320,13 +311,14 @@ async fn run_supervised(
         publisher,
         routing: routing.clone(),
     };
+    let web_api = api.clone();
     let api_task = sup.spawn("api", api.run(front.clone()));
     let deadletter_task = sup.spawn(
         "dead-letter",
         crate::deadletter::run_advisories(client.clone(), js.clone(), back.clone()),
     );
     let http_task = http_listener.map(|listener| {
-        tracing::info!(addr = ?http_addr, "serving /healthz and /readyz");
+        tracing::info!(addr = ?http_addr, "serving /healthz, /readyz and the HTTP API (/api/v1)");
         let state = crate::serve::http::HttpState {
             node: opts.node.clone(),
             client: client.clone(),
@@ -334,10 +326,18 @@ async fn run_supervised(
             leadership: leadership.clone(),
             recorder: recorder_rx.clone(),
             max_lag: opts.recorder.max_lag,
+            table: table.clone(),
+            routing: routing.clone(),
+        };
+        let web = crate::serve::web::WebState {
+            api: web_api,
+            health: state.clone(),
+            auth: std::sync::Arc::new(crate::serve::web::auth::Auth::new(opts.web.clone())),
+            stop: back.clone(),
         };
         sup.spawn(
             "http",
-            crate::serve::http::serve(listener, state, back.clone()),
+            crate::serve::http::serve(listener, state, Some(web), back.clone()),
         )
     });
     let presence_task = sup.spawn(

@@ -22,6 +22,7 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use krest_schemas::deadletter::{header_value, Origin};
+use krest_schemas::messages::{MAX_LOG_LINE, MAX_LOG_LINES_PER_ATTEMPT};
 use krest_schemas::names::{parked_event_id, EVENTS_STREAM, EVENTS_SUBJECTS};
 use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::watch;
@@ -259,6 +260,7 @@ impl Recorder<'_> {
                 self.park(bad).await;
             }
             let ended = self.write(&batch).await?;
+            count(&batch, &ended);
             self.followups.on_ended(&ended).await;
             self.recorded(batch.last_seq);
         }
@@ -269,10 +271,9 @@ impl Recorder<'_> {
         &self,
         batch: &Batch,
     ) -> Result<Vec<krest_schemas::api::RunSummary>, RecordError> {
-        let events: Vec<RunEvent> = batch.events.iter().map(|(_, e)| e.clone()).collect();
         let mut failures = 0u32;
         loop {
-            match self.store.apply(&events, batch.last_seq).await {
+            match self.store.apply(&batch.events, batch.last_seq).await {
                 Ok(ended) => {
                     if failures > 0 {
                         tracing::info!("database available again; recording resumes");
@@ -305,8 +306,9 @@ impl Recorder<'_> {
     ) -> Result<Option<Vec<krest_schemas::api::RunSummary>>, RecordError> {
         let mut ended = Vec::new();
         let mut done = self.status.borrow().recorded_seq;
-        for (seq, event) in &batch.events {
-            match self.store.apply(std::slice::from_ref(event), *seq).await {
+        for item in &batch.events {
+            let (seq, event) = item;
+            match self.store.apply(std::slice::from_ref(item), *seq).await {
                 Ok(e) => {
                     ended.extend(e);
                     done = *seq;
@@ -408,6 +410,25 @@ impl Recorder<'_> {
 
 /// Measures, every second, how far the recorder is behind the stream: in events, and as the
 /// age of the oldest event it has not recorded.
+/// Counts a recorded batch in the node's metrics: runs ended (by status, with their
+/// durations) and the lateness of first attempts' handler starts.
+fn count(batch: &Batch, ended: &[krest_schemas::api::RunSummary]) {
+    let m = &crate::metrics::METRICS;
+    for (_, event) in &batch.events {
+        if let RunEvent::Started(s) = event {
+            if let (1, Some(due)) = (s.attempt, s.scheduled_at) {
+                m.start_lateness.observe_ms((s.at - due).num_milliseconds());
+            }
+        }
+    }
+    for run in ended {
+        m.runs_ended.add(run.status.as_str(), 1);
+        if let (Some(start), Some(end)) = (run.started_at, run.finished_at) {
+            m.run_duration.observe_ms((end - start).num_milliseconds());
+        }
+    }
+}
+
 async fn measure_lag(
     js: &jetstream::Context,
     status: &watch::Sender<RecorderStatus>,
@@ -537,7 +558,6 @@ impl Batch {
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
             Ok(e) => match refused(&e, &m, key) {
-                None => self.events.push((seq, e)),
                 Some(reason) => {
                     tracing::warn!(seq, subject = %header_value(&m.subject), run = %header_value(e.run_id()), %reason, "parking a refused run event");
                     self.bad.push(Bad {
@@ -547,6 +567,22 @@ impl Batch {
                         reason,
                     });
                 }
+                // Past an attempt's log bound (the SDK's cut marker is the last line kept) a
+                // line is not stored: a worker that ignores the bound cannot grow a run's log
+                // forever.
+                None => match e {
+                    RunEvent::Log(l) if l.seq > MAX_LOG_LINES_PER_ATTEMPT + 1 => {
+                        tracing::debug!(seq, run = %l.run.run_id, line = l.seq, "log line past the attempt's bound; not stored");
+                    }
+                    RunEvent::Log(mut l) if l.line.len() > MAX_LOG_LINE => {
+                        l.line = krest_schemas::text::truncate(
+                            std::mem::take(&mut l.line),
+                            MAX_LOG_LINE,
+                        );
+                        self.events.push((seq, RunEvent::Log(l)));
+                    }
+                    e => self.events.push((seq, e)),
+                },
             },
             Err(e) => {
                 // Serde's message may quote the input: bounded like a header.

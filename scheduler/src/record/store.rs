@@ -1,11 +1,19 @@
 //! The SQL view of the events stream: runs, attempts and log lines, written in batches by the
 //! recorder and read by the API. This is the only module that knows SQL.
 //!
-//! The schema is portable (SQLite now, Postgres through the same `sqlx::Any` pool): times are
-//! epoch milliseconds in BIGINT columns, booleans are 0/1, placeholders are `$n`. Every write
-//! is an idempotent upsert keyed by run, shard, attempt and log sequence, and the stream
-//! sequence of the last applied event is stored in the same transaction, so replaying the
-//! stream never duplicates a row and a crash never skips one.
+//! Two backends through one `sqlx::Any` pool: SQLite (a file per node, the default) and
+//! PostgreSQL (one database that several nodes may share). The schema is portable: times are
+//! epoch milliseconds in BIGINT columns, booleans are 0/1, text keys compare bytewise (`COLLATE
+//! "C"` on Postgres, SQLite's default), NULL scheduled times sort last on both. Where SQL
+//! differs, a migration has a Postgres variant. Fixed statements use `$n`; the generated
+//! multi-row statements use anonymous `?` on SQLite (its driver resolves `$n` by name on every
+//! bind, quadratic in the parameters) and `$n` on Postgres.
+//!
+//! Every write is an idempotent upsert keyed by run, shard, attempt and log sequence, and the
+//! stream sequence of the last applied event is stored in the same transaction, so replaying the
+//! stream never duplicates a row and a crash never skips one. A batch first locks the cursor row
+//! (`SELECT … FOR UPDATE` on Postgres, a write on SQLite) and skips the events at or below it:
+//! several nodes recording into one database interleave, and each event is applied once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
@@ -16,14 +24,24 @@ use chrono::{DateTime, TimeZone, Utc};
 use krest_schemas::api::{AttemptStatus, AttemptView, LogView, RunDetail, RunStatus, RunSummary};
 use krest_schemas::{AttemptOutcome, LogLevel, RunEvent, Trigger};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Row};
+use sqlx::{Any, AnyPool, Connection, Row};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database URL is not one Krest understands.
-    #[error("unsupported database URL `{0}`: use sqlite://PATH (created if missing)")]
+    #[error("unsupported database URL `{0}`: use sqlite://PATH (the file is created if missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")]
     BadUrl(String),
+    /// The database could not be opened or migrated at start.
+    #[error("cannot open the database at {url}: {cause} ({hint})")]
+    Open {
+        /// The URL, password redacted.
+        url: String,
+        /// What failed (shown in the message, not chained: sqlx repeats itself).
+        cause: sqlx::Error,
+        /// What to check.
+        hint: &'static str,
+    },
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
@@ -37,6 +55,8 @@ pub enum StoreError {
 pub enum Backend {
     /// Embedded SQLite file, one per node.
     Sqlite,
+    /// PostgreSQL, possibly shared by several nodes.
+    Postgres,
 }
 
 impl Backend {
@@ -44,6 +64,7 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
         }
     }
 }
@@ -55,8 +76,33 @@ pub struct Store {
     backend: Backend,
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (
+/// A schema migration: its SQL (statements separated by `;`) and, where Postgres needs other
+/// SQL, its Postgres variant.
+struct Migration {
+    version: i64,
+    sql: &'static str,
+    postgres: Option<&'static str>,
+}
+
+impl Migration {
+    const fn same(version: i64, sql: &'static str) -> Migration {
+        Migration {
+            version,
+            sql,
+            postgres: None,
+        }
+    }
+
+    fn sql(&self, backend: Backend) -> &'static str {
+        match (backend, self.postgres) {
+            (Backend::Postgres, Some(sql)) => sql,
+            _ => self.sql,
+        }
+    }
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration::same(
         1,
         r#"
 CREATE TABLE runs (
@@ -117,25 +163,32 @@ CREATE TABLE recorder_cursor (
 INSERT INTO recorder_cursor (id, seq) VALUES (1, 0);
 "#,
     ),
-    (
+    Migration::same(
         2,
         r#"
 ALTER TABLE attempts ADD COLUMN retry_in_ms BIGINT;
 CREATE INDEX runs_by_status_job ON runs (job_group, job_name, status)
 "#,
     ),
-    (
+    Migration::same(
         3,
         r#"
 ALTER TABLE runs ADD COLUMN parent_run_id TEXT
 "#,
     ),
-    (
+    Migration::same(
         4,
         r#"
 ALTER TABLE runs ADD COLUMN epoch BIGINT
 "#,
     ),
+    // Run ids order `runs.list` (and its keyset paging): compare them bytewise on Postgres too,
+    // as SQLite does, whatever the database's default collation.
+    Migration {
+        version: 5,
+        sql: "",
+        postgres: Some(r#"ALTER TABLE runs ALTER COLUMN run_id TYPE TEXT COLLATE "C""#),
+    },
 ];
 
 /// Rows per multi-row INSERT (well under every backend's bind-parameter limit).
@@ -199,8 +252,21 @@ fn bind_all<'q>(
     q
 }
 
-/// `($1,$2,$3),($4,$5,$6)` for `rows` rows of `cols` columns.
-fn placeholders(rows: usize, cols: usize) -> String {
+/// One bind parameter of a generated statement: `?` on SQLite (bound by position; its driver
+/// looks `$n` up by name on every bind), `$n` on Postgres.
+fn param(backend: Backend, s: &mut String, n: usize) {
+    match backend {
+        Backend::Sqlite => s.push('?'),
+        Backend::Postgres => {
+            s.push('$');
+            s.push_str(&n.to_string());
+        }
+    }
+}
+
+/// `($1,$2,$3),($4,$5,$6)` (Postgres) or `(?,?,?),(?,?,?)` (SQLite) for `rows` rows of `cols`
+/// columns.
+fn placeholders(backend: Backend, rows: usize, cols: usize) -> String {
     let mut s = String::with_capacity(rows * cols * 5);
     let mut n = 1;
     for r in 0..rows {
@@ -212,8 +278,7 @@ fn placeholders(rows: usize, cols: usize) -> String {
             if c > 0 {
                 s.push(',');
             }
-            s.push('$');
-            s.push_str(&n.to_string());
+            param(backend, &mut s, n);
             n += 1;
         }
         s.push(')');
@@ -221,11 +286,16 @@ fn placeholders(rows: usize, cols: usize) -> String {
     s
 }
 
-fn list_placeholders(n: usize) -> String {
-    (1..=n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(",")
+/// `$1,$2,$3` or `?,?,?`.
+fn list_placeholders(backend: Backend, n: usize) -> String {
+    let mut s = String::with_capacity(n * 4);
+    for i in 1..=n {
+        if i > 1 {
+            s.push(',');
+        }
+        param(backend, &mut s, i);
+    }
+    s
 }
 
 /// `(run, shard, attempt, seq)` of a log line.
@@ -296,40 +366,68 @@ fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
 }
 
 impl Store {
-    /// Opens (creating if missing) the database at `url` and applies pending migrations.
+    /// Opens the database at `url` (a SQLite file is created if missing) and applies pending
+    /// migrations. Any failure is an [`StoreError::Open`] naming the URL (password redacted),
+    /// what failed and what to check.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
-        let (backend, url) = normalize_url(url)?;
+        let (backend, normalized) = normalize_url(url)?;
+        let failed = |cause: sqlx::Error| StoreError::Open {
+            url: redact_db_url(url),
+            hint: open_hint(backend, &cause),
+            cause,
+        };
         let pool = match backend {
-            Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            sqlx::query("PRAGMA busy_timeout = 5000")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous = NORMAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA foreign_keys = ON")
-                                .execute(&mut *conn)
-                                .await?;
-                            Ok(())
-                        })
+            Backend::Sqlite => AnyPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA foreign_keys = ON")
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok(())
                     })
-                    .connect(&url)
-                    .await?
+                })
+                .connect(&normalized)
+                .await
+                .map_err(failed)?,
+            Backend::Postgres => {
+                // One connection first: the pool would retry a refused connection until its
+                // acquire timeout and then only say it timed out.
+                let probe = sqlx::AnyConnection::connect(&normalized)
+                    .await
+                    .map_err(failed)?;
+                let _ = probe.close().await;
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(&normalized)
+                    .await
+                    .map_err(failed)?
             }
         };
         if backend == Backend::Sqlite {
             sqlx::query("PRAGMA journal_mode = WAL")
                 .execute(&pool)
-                .await?;
+                .await
+                .map_err(failed)?;
         }
         let store = Store { pool, backend };
-        store.migrate().await?;
+        store.migrate().await.map_err(|e| match e {
+            StoreError::Db(cause) => StoreError::Open {
+                url: redact_db_url(url),
+                cause,
+                hint: "the database refused Krest's schema migration: check that this user may create and alter tables",
+            },
+            e => e,
+        })?;
         Ok(store)
     }
 
@@ -338,34 +436,46 @@ impl Store {
         self.backend
     }
 
+    /// Applies pending migrations in one transaction. On Postgres the transaction first takes
+    /// an advisory lock, so nodes starting together on one database migrate it once.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock(4733284)) AS l")
+                .fetch_one(&mut *tx)
+                .await?;
+        }
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS krest_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         let applied: HashSet<i64> = sqlx::query("SELECT version FROM krest_migrations")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|r| r.try_get::<i64, _>(0))
             .collect::<Result<_, _>>()?;
-        for (version, sql) in MIGRATIONS {
-            if applied.contains(version) {
+        for m in MIGRATIONS {
+            if applied.contains(&m.version) {
                 continue;
             }
-            let mut tx = self.pool.begin().await?;
-            for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            for stmt in m
+                .sql(self.backend)
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
                 sqlx::query(stmt).execute(&mut *tx).await?;
             }
             sqlx::query("INSERT INTO krest_migrations (version, applied_at) VALUES ($1, $2)")
-                .bind(*version)
+                .bind(m.version)
                 .bind(ms(Utc::now()))
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            tracing::info!(version, "applied database migration");
+            tracing::info!(version = m.version, "applying database migration");
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -378,14 +488,43 @@ impl Store {
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 
-    /// Applies a batch of events, in stream order, in one transaction, and moves the cursor to
-    /// `last_seq`. Returns the runs this batch brought to a final status (for follow-ups such
-    /// as child jobs and alerts); a replayed batch returns none.
+    /// Locks the cursor row for the transaction and returns it: `SELECT … FOR UPDATE` on
+    /// Postgres; on SQLite a no-op write first takes the database's write lock.
+    async fn lock_cursor(&self, tx: &mut sqlx::Transaction<'_, Any>) -> Result<u64, StoreError> {
+        let sql = match self.backend {
+            Backend::Postgres => "SELECT seq FROM recorder_cursor WHERE id = 1 FOR UPDATE",
+            Backend::Sqlite => {
+                sqlx::query("UPDATE recorder_cursor SET seq = seq WHERE id = 1")
+                    .execute(&mut **tx)
+                    .await?;
+                "SELECT seq FROM recorder_cursor WHERE id = 1"
+            }
+        };
+        let seq: i64 = sqlx::query(sql).fetch_one(&mut **tx).await?.try_get(0)?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// Applies a batch of events `(stream sequence, event)`, in stream order, in one transaction,
+    /// and moves the cursor to `last_seq`. The cursor row is locked first and events at or below
+    /// it are skipped (another node sharing the database recorded them), and the cursor never
+    /// moves back. Returns the runs this batch brought to a final status (for follow-ups such as
+    /// child jobs and alerts); a replayed batch returns none.
     pub async fn apply(
         &self,
-        events: &[RunEvent],
+        events: &[(u64, RunEvent)],
         last_seq: u64,
     ) -> Result<Vec<RunSummary>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let stored = self.lock_cursor(&mut tx).await?;
+        if last_seq <= stored {
+            // Everything here is recorded already.
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let events = events
+            .iter()
+            .filter(|(seq, _)| *seq > stored)
+            .map(|(_, e)| e);
         let mut runs: BTreeMap<String, RunRow> = BTreeMap::new();
         let mut attempts: BTreeMap<(String, i64, i64), AttemptRow> = BTreeMap::new();
         let mut logs: BTreeMap<LogKey, (i64, String, String)> = BTreeMap::new();
@@ -479,7 +618,6 @@ impl Store {
         let mut affected: HashSet<String> = runs.keys().cloned().collect();
         affected.extend(attempts.keys().map(|k| k.0.clone()));
 
-        let mut tx = self.pool.begin().await?;
         let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
         for chunk in run_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
@@ -497,7 +635,7 @@ impl Store {
                  shard_total = excluded.shard_total, \
                  parent_run_id = COALESCE(excluded.parent_run_id, runs.parent_run_id), \
                  epoch = COALESCE(excluded.epoch, runs.epoch)",
-                placeholders(chunk.len(), 16)
+                placeholders(self.backend, chunk.len(), 16)
             );
             let mut vals = Vec::with_capacity(chunk.len() * 16);
             for (id, r) in chunk {
@@ -552,7 +690,7 @@ impl Store {
                  error = COALESCE(excluded.error, attempts.error), \
                  duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms), \
                  retry_in_ms = COALESCE(excluded.retry_in_ms, attempts.retry_in_ms)",
-                placeholders(chunk.len(), 12)
+                placeholders(self.backend, chunk.len(), 12)
             );
             let mut vals = Vec::with_capacity(chunk.len() * 12);
             for ((run, shard, attempt), a) in chunk {
@@ -577,7 +715,7 @@ impl Store {
         for chunk in log_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO logs (run_id, shard, attempt, seq, at, level, line) VALUES {} ON CONFLICT DO NOTHING",
-                placeholders(chunk.len(), 7)
+                placeholders(self.backend, chunk.len(), 7)
             );
             let mut vals = Vec::with_capacity(chunk.len() * 7);
             for ((run, shard, attempt, seq), (at, level, line)) in chunk {
@@ -595,14 +733,14 @@ impl Store {
         }
         let affected: Vec<String> = affected.into_iter().collect();
         for chunk in affected.chunks(ROWS_PER_INSERT) {
-            ended.extend(summarize(&mut tx, chunk).await?);
+            ended.extend(summarize(self.backend, &mut tx, chunk).await?);
         }
         let mut summaries = Vec::with_capacity(ended.len());
         for chunk in ended.chunks(ROWS_PER_INSERT) {
             let vals: Vec<Val> = chunk.iter().map(|s| Val::from(s.clone())).collect();
             let sql = format!(
                 "SELECT {RUN_COLUMNS} FROM runs WHERE run_id IN ({})",
-                list_placeholders(chunk.len())
+                list_placeholders(self.backend, chunk.len())
             );
             for row in bind_all(sqlx::query(&sql), vals)
                 .fetch_all(&mut *tx)
@@ -642,8 +780,7 @@ impl Store {
             vals.push(status.as_str().into());
             sql.push_str(&format!(" AND status = ${}", vals.len()));
         }
-        // Keyset: the order below puts runs without a scheduled time (NULL: smallest in
-        // SQLite) last.
+        // Keyset: the order below puts runs without a scheduled time last (on both backends).
         match start {
             Some((Some(at), id)) => {
                 vals.push(at.into());
@@ -665,7 +802,7 @@ impl Store {
         }
         vals.push(i64::from(limit).into());
         sql.push_str(&format!(
-            " ORDER BY scheduled_at DESC, run_id DESC LIMIT ${}",
+            " ORDER BY scheduled_at DESC NULLS LAST, run_id DESC LIMIT ${}",
             vals.len()
         ));
         let rows = bind_all(sqlx::query(&sql), vals)
@@ -953,11 +1090,12 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
 /// Recomputes status and counters of `run_ids` from their attempts.
 /// Returns the runs that reached a final status now.
 async fn summarize(
+    backend: Backend,
     tx: &mut sqlx::Transaction<'_, Any>,
     run_ids: &[String],
 ) -> Result<Vec<String>, StoreError> {
     let mut ended = Vec::new();
-    let list = list_placeholders(run_ids.len());
+    let list = list_placeholders(backend, run_ids.len());
     let vals: Vec<Val> = run_ids.iter().map(|s| Val::from(s.clone())).collect();
     let mut totals: HashMap<String, i64> = HashMap::new();
     let mut skipped: HashSet<String> = HashSet::new();
@@ -1035,9 +1173,14 @@ async fn summarize(
     Ok(ended)
 }
 
-/// Accepts `sqlite://PATH`, `sqlite:PATH` or a bare path ending in `.db`/`.sqlite`; SQLite
-/// files are created if missing.
+/// Accepts `postgres://…`/`postgresql://…` (checked by the Postgres driver's parser), and
+/// `sqlite://PATH`, `sqlite:PATH` or a bare path for SQLite, whose files are created if missing.
 fn normalize_url(url: &str) -> Result<(Backend, String), StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        sqlx::postgres::PgConnectOptions::from_str(url)
+            .map_err(|_| StoreError::BadUrl(redact_db_url(url)))?;
+        return Ok((Backend::Postgres, url.to_string()));
+    }
     let path = if let Some(rest) = url.strip_prefix("sqlite://") {
         rest
     } else if let Some(rest) = url.strip_prefix("sqlite:") {
@@ -1045,14 +1188,14 @@ fn normalize_url(url: &str) -> Result<(Backend, String), StoreError> {
     } else if !url.contains("://") && !url.is_empty() {
         url
     } else {
-        return Err(StoreError::BadUrl(url.to_string()));
+        return Err(StoreError::BadUrl(redact_db_url(url)));
     };
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
     };
     if path.is_empty() {
-        return Err(StoreError::BadUrl(url.to_string()));
+        return Err(StoreError::BadUrl(redact_db_url(url)));
     }
     let mut params: Vec<String> = query
         .map(|q| q.split('&').map(str::to_string).collect())
@@ -1063,8 +1206,53 @@ fn normalize_url(url: &str) -> Result<(Backend, String), StoreError> {
     // Validate early with the real parser for a clear error.
     let normalized = format!("sqlite://{path}?{}", params.join("&"));
     sqlx::sqlite::SqliteConnectOptions::from_str(&normalized)
-        .map_err(|_| StoreError::BadUrl(url.to_string()))?;
+        .map_err(|_| StoreError::BadUrl(redact_db_url(url)))?;
     Ok((Backend::Sqlite, normalized))
+}
+
+/// A database URL as shown in logs and errors: userinfo redacted, and a `password=` query
+/// parameter too.
+pub fn redact_db_url(url: &str) -> String {
+    let shown = krest_schemas::redact::url(url).into_owned();
+    let Some((base, query)) = shown.split_once('?') else {
+        return shown;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=<redacted>"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+/// What to check when opening the database failed.
+fn open_hint(backend: Backend, e: &sqlx::Error) -> &'static str {
+    let code = match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match (backend, code.as_deref(), e) {
+        (Backend::Postgres, Some("3D000"), _) => {
+            "the database does not exist: create it (createdb NAME, or CREATE DATABASE) or fix its name in the URL"
+        }
+        (Backend::Postgres, Some("28P01" | "28000"), _) => {
+            "the server refused this user: check the user name and password in the URL and the server's pg_hba.conf"
+        }
+        (Backend::Postgres, _, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => {
+            "check that PostgreSQL runs and accepts TCP connections at this host and port"
+        }
+        (Backend::Postgres, _, sqlx::Error::Tls(_)) => {
+            "the TLS handshake failed: check sslmode and the server's certificate"
+        }
+        (Backend::Postgres, _, _) => {
+            "check the URL, that PostgreSQL is reachable and that this user may connect"
+        }
+        (Backend::Sqlite, _, _) => {
+            "check that the file's directory exists and is writable by this process"
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1159,21 +1347,83 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn replaying_events_creates_no_duplicates_in_any_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display()))
-            .await
-            .unwrap();
+    /// Numbers events with stream sequences from `first` on.
+    fn seqd(events: &[RunEvent], first: u64) -> Vec<(u64, RunEvent)> {
+        (first..).zip(events.iter().cloned()).collect()
+    }
+
+    /// A fresh database of each backend: a SQLite file, a new Postgres database.
+    enum Db {
+        Sqlite(tempfile::TempDir),
+        Postgres(krest_test_support::PgDatabase),
+    }
+
+    impl Db {
+        fn new(backend: Backend) -> Db {
+            match backend {
+                Backend::Sqlite => Db::Sqlite(tempfile::tempdir().unwrap()),
+                Backend::Postgres => Db::Postgres(krest_test_support::PgDatabase::create()),
+            }
+        }
+
+        fn url(&self) -> String {
+            match self {
+                Db::Sqlite(dir) => format!("sqlite://{}/t.db", dir.path().display()),
+                Db::Postgres(db) => db.url().to_string(),
+            }
+        }
+
+        async fn open(&self) -> Store {
+            Store::open(&self.url()).await.unwrap()
+        }
+    }
+
+    /// `name_sqlite` and `name_postgres` tests running `body(backend)`.
+    macro_rules! on_both {
+        ($($name:ident => $body:ident),* $(,)?) => {
+            mod both {
+                $(
+                    pub(super) mod $name {
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                        async fn sqlite() {
+                            super::super::$body(super::super::Backend::Sqlite).await;
+                        }
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                        async fn postgres() {
+                            super::super::$body(super::super::Backend::Postgres).await;
+                        }
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both! {
+        replaying => replaying_events_creates_no_duplicates_in_any_order,
+        final_failure => a_final_failure_of_one_shard_fails_the_run_once_all_shards_end,
+        paging => runs_page_newest_first_with_unscheduled_runs_last,
+        shared => stores_sharing_a_database_apply_each_event_once,
+        reopen => reopening_migrates_once_and_keeps_the_cursor,
+    }
+
+    async fn replaying_events_creates_no_duplicates_in_any_order(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        assert_eq!(store.backend(), backend);
         let evs = events();
         // Finished before Started, the run's events before its dispatch: order does not matter.
         let mut reversed = evs.clone();
         reversed.reverse();
-        store.apply(&reversed[..5], 5).await.unwrap();
-        store.apply(&evs, 10).await.unwrap();
-        store.apply(&evs, 10).await.unwrap();
+        store.apply(&seqd(&reversed[..5], 1), 5).await.unwrap();
+        store.apply(&seqd(&evs, 6), 15).await.unwrap();
+        // A replay at or below the cursor is skipped; the same content again is harmless.
+        assert!(store.apply(&seqd(&evs, 6), 15).await.unwrap().is_empty());
+        store.apply(&seqd(&evs, 16), 25).await.unwrap();
         assert_eq!(store.counts().await.unwrap(), (1, 3, 3));
-        assert_eq!(store.cursor().await.unwrap(), 10);
+        assert_eq!(store.cursor().await.unwrap(), 25);
+        // The cursor never moves back.
+        store.apply(&[], 3).await.unwrap();
+        assert_eq!(store.cursor().await.unwrap(), 25);
         let d = store.get_run("g.j.1000").await.unwrap().unwrap();
         assert_eq!(d.run.status, RunStatus::Succeeded);
         assert_eq!(
@@ -1182,9 +1432,13 @@ mod tests {
         );
         assert_eq!(d.run.trigger, Some(Trigger::Schedule));
         assert_eq!(d.run.finished_at, Some(at(1006)));
+        assert_eq!(d.run.epoch, Some(7));
+        assert_eq!(d.run.revision, Some(3));
+        assert_eq!(d.args, Some(serde_json::json!(["x", "y"])));
         assert_eq!(d.attempts.len(), 3);
         assert_eq!(d.attempts[1].status, AttemptStatus::Failed);
         assert!(d.attempts[1].will_retry);
+        assert!(!d.attempts[2].will_retry);
         assert_eq!(d.attempts[2].logs[0].line, "shard 1 attempt 2");
         let listed = store
             .list_runs(Some(("j", Some("g"))), Some(RunStatus::Succeeded), 10, None)
@@ -1196,25 +1450,266 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_final_failure_of_one_shard_fails_the_run_once_all_shards_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display()))
+        // Paged reads of one run.
+        let from = RunStart {
+            shard: 1,
+            attempt: 1,
+            seq: 0,
+        };
+        assert_eq!(store.left_from("g.j.1000", from).await.unwrap(), (2, 2));
+        let lines = store
+            .logs_between("g.j.1000", from, (1, 1), 10)
             .await
             .unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].2.line, "shard 1 attempt 1");
+        assert_eq!(
+            store
+                .attempts_from("g.j.1000", (1, 2), 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        store.probe_write().await.unwrap();
+        store.close().await;
+    }
+
+    async fn a_final_failure_of_one_shard_fails_the_run_once_all_shards_end(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
         let mut evs = events();
         // Make shard 1's failure final and drop its retry.
         evs.truncate(7);
         if let Some(RunEvent::Finished(f)) = evs.last_mut() {
             f.will_retry = false;
         }
-        store.apply(&evs, 7).await.unwrap();
+        let ended = store.apply(&seqd(&evs, 1), 7).await.unwrap();
+        assert_eq!(ended.len(), 1);
         let d = store.get_run("g.j.1000").await.unwrap().unwrap();
         assert_eq!(d.run.status, RunStatus::Failed);
         assert_eq!(d.run.error.as_deref(), Some("oops"));
         assert_eq!((d.run.shards_succeeded, d.run.shards_failed), (1, 1));
+        assert_eq!(store.active_runs("g", "j").await.unwrap(), vec![]);
+        store.close().await;
+    }
+
+    /// A dispatched event of run `g.j.<n>` scheduled at `n` ms (or a started one without a
+    /// scheduled time when `n` is negative).
+    fn dispatched(n: i64) -> RunEvent {
+        let run = krest_schemas::RunRef {
+            run_id: format!("g.j.{:05}", n.abs()),
+            job_group: "g".into(),
+            job_name: "j".into(),
+            app_name: "a".into(),
+        };
+        if n < 0 {
+            return RunEvent::Started(Started {
+                run,
+                shard: 0,
+                shard_total: 1,
+                attempt: 1,
+                worker: "w".into(),
+                at: at(1),
+                scheduled_at: None,
+                delivery_token: String::new(),
+            });
+        }
+        RunEvent::Dispatched(Dispatched {
+            run,
+            path: "p".into(),
+            job_type: JobType::Normal,
+            trigger: Trigger::Manual,
+            scheduled_at: at(n),
+            dispatched_at: at(n),
+            shard_total: 1,
+            args: serde_json::json!(null),
+            misfired: 0,
+            parent_run_id: None,
+            revision: 1,
+            node: "n1".into(),
+            epoch: None,
+        })
+    }
+
+    async fn runs_page_newest_first_with_unscheduled_runs_last(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        // Two runs share a scheduled time (ordered by id), two have none (last, by id).
+        let mut evs: Vec<RunEvent> = (1..=5).map(|n| dispatched(n * 10)).collect();
+        evs.push(dispatched(6));
+        if let RunEvent::Dispatched(d) = &mut evs[5] {
+            d.run.run_id = "g.j.00050b".into();
+            d.scheduled_at = at(50);
+        }
+        evs.push(dispatched(-7));
+        evs.push(dispatched(-8));
+        store.apply(&seqd(&evs, 1), 8).await.unwrap();
+        let mut seen = Vec::new();
+        let mut start = None;
+        loop {
+            let page = store.list_runs(None, None, 3, start.clone()).await.unwrap();
+            let more = page.len() == 3;
+            for r in &page {
+                seen.push(r.run_id.clone());
+            }
+            let Some(last) = page.last() else { break };
+            // The next page starts at the last one (inclusive): drop it from the next read.
+            seen.pop();
+            start = Some((last.scheduled_at.map(ms), last.run_id.clone()));
+            if !more {
+                seen.push(last.run_id.clone());
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                "g.j.00050b",
+                "g.j.00050",
+                "g.j.00040",
+                "g.j.00030",
+                "g.j.00020",
+                "g.j.00010",
+                "g.j.00008",
+                "g.j.00007"
+            ]
+        );
+        store.close().await;
+    }
+
+    async fn stores_sharing_a_database_apply_each_event_once(backend: Backend) {
+        let db = Db::new(backend);
+        let a = db.open().await;
+        let b = db.open().await;
+        // 200 runs, each dispatched, started and finished: 600 events, read by both "nodes"
+        // in batches of different sizes, concurrently.
+        let mut evs = Vec::new();
+        for n in 1..=200 {
+            let RunEvent::Dispatched(d) = dispatched(n) else {
+                unreachable!()
+            };
+            let run = d.run.clone();
+            evs.push(RunEvent::Dispatched(d));
+            evs.push(RunEvent::Started(Started {
+                run: run.clone(),
+                shard: 0,
+                shard_total: 1,
+                attempt: 1,
+                worker: "w".into(),
+                at: at(n + 1),
+                scheduled_at: Some(at(n)),
+                delivery_token: String::new(),
+            }));
+            evs.push(RunEvent::Finished(Finished {
+                run,
+                shard: 0,
+                shard_total: 1,
+                attempt: 1,
+                worker: "w".into(),
+                at: at(n + 2),
+                outcome: AttemptOutcome::Succeeded,
+                will_retry: false,
+                retry_in_ms: None,
+                output: Some("ok".into()),
+                error: None,
+                duration_ms: 1,
+                delivery_token: String::new(),
+            }));
+        }
+        let all = seqd(&evs, 1);
+        let record = |store: Store, size: usize, all: Vec<(u64, RunEvent)>| {
+            tokio::spawn(async move {
+                let mut ended = Vec::new();
+                for batch in all.chunks(size) {
+                    let last = batch.last().unwrap().0;
+                    ended.extend(store.apply(batch, last).await.unwrap());
+                }
+                ended
+            })
+        };
+        let ta = record(a.clone(), 7, all.clone());
+        let tb = record(b.clone(), 11, all.clone());
+        let mut ended: Vec<String> = ta.await.unwrap().into_iter().map(|r| r.run_id).collect();
+        ended.extend(tb.await.unwrap().into_iter().map(|r| r.run_id));
+        ended.sort();
+        let before = ended.len();
+        ended.dedup();
+        assert_eq!(
+            before, 200,
+            "each run's end reported once across both stores"
+        );
+        assert_eq!(ended.len(), 200);
+        assert_eq!(a.counts().await.unwrap(), (200, 200, 0));
+        assert_eq!(b.cursor().await.unwrap(), 600);
+        let runs = a.list_runs(None, None, 1000, None).await.unwrap();
+        assert!(runs
+            .iter()
+            .all(|r| r.status == RunStatus::Succeeded && r.attempts == 1));
+        a.close().await;
+        b.close().await;
+    }
+
+    async fn reopening_migrates_once_and_keeps_the_cursor(backend: Backend) {
+        let db = Db::new(backend);
+        // Two stores opening a fresh database at once migrate it once.
+        let url = db.url();
+        let (a, b) = tokio::join!(Store::open(&url), Store::open(&url));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        a.apply(&seqd(&events(), 1), 10).await.unwrap();
+        a.close().await;
+        b.close().await;
+        let again = db.open().await;
+        assert_eq!(again.cursor().await.unwrap(), 10);
+        let versions: i64 = sqlx::query("SELECT COUNT(*) FROM krest_migrations")
+            .fetch_one(&again.pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(versions, i64::try_from(MIGRATIONS.len()).unwrap());
+        again.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_database_that_cannot_be_opened_is_named_with_what_to_check() {
+        // Nothing listens on port 1.
+        let e = Store::open("postgres://krest:s3cret@127.0.0.1:1/krest")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot open the database at postgres://<redacted>@127.0.0.1:1/krest: "),
+            "{e}"
+        );
+        assert!(e.contains("check that PostgreSQL runs"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = Store::open("postgres://127.0.0.1/krest?password=s3cret&port=1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("password=<redacted>&port=1"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        // A database that does not exist on a server that runs.
+        let server = krest_test_support::postgres_server_url();
+        let missing = format!("{}/krest_no_such_db", server.rsplit_once('/').unwrap().0);
+        let e = Store::open(&missing).await.unwrap_err().to_string();
+        assert!(e.contains("the database does not exist"), "{e}");
+        // A SQLite file in a directory that does not exist.
+        let dir = tempfile::tempdir().unwrap();
+        let e = Store::open(&format!("sqlite://{}/no/t.db", dir.path().display()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("directory exists"), "{e}");
+        let e = Store::open("mysql://u:s3cret@h/db")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unsupported database URL `mysql://<redacted>@h/db`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1227,7 +1722,15 @@ mod tests {
             normalize_url("/tmp/x.db").unwrap().1,
             "sqlite:///tmp/x.db?mode=rwc"
         );
+        assert_eq!(
+            normalize_url("postgresql://u@h/db").unwrap(),
+            (Backend::Postgres, "postgresql://u@h/db".to_string())
+        );
         assert!(normalize_url("mysql://x").is_err());
-        assert_eq!(placeholders(2, 2), "($1,$2),($3,$4)");
+        assert!(normalize_url("postgres://h:notaport/db").is_err());
+        assert_eq!(placeholders(Backend::Postgres, 2, 2), "($1,$2),($3,$4)");
+        assert_eq!(placeholders(Backend::Sqlite, 2, 2), "(?,?),(?,?)");
+        assert_eq!(list_placeholders(Backend::Postgres, 3), "$1,$2,$3");
+        assert_eq!(list_placeholders(Backend::Sqlite, 3), "?,?,?");
     }
 }

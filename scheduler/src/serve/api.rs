@@ -23,8 +23,8 @@ use futures_util::StreamExt;
 use krest_schemas::api::{
     ApiError, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
     ClusterStatus, DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest,
-    JobRevision, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary, RunsListRequest,
-    TriggerRequest, TriggerResponse, WorkersListRequest,
+    JobRevision, JobStatus, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary,
+    RunsListRequest, TriggerRequest, TriggerResponse, WorkersListRequest,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
 use krest_schemas::text::{echo, shorten_quoted};
@@ -99,7 +99,7 @@ impl From<PageError> for Failure {
 impl From<ResolveError> for Failure {
     fn from(e: ResolveError) -> Self {
         let code = match e {
-            ResolveError::NotFound(_) => ErrorCode::NotFound,
+            ResolveError::NotFound(_) | ResolveError::Unknown { .. } => ErrorCode::NotFound,
             ResolveError::Ambiguous { .. } => ErrorCode::Ambiguous,
         };
         Failure::new(code, e.to_string())
@@ -202,6 +202,13 @@ impl ApiServer {
     /// The largest message the connected server takes (requests and replies alike).
     pub(super) fn max_payload(&self) -> usize {
         self.client.server_info().max_payload
+    }
+
+    /// Answers one request exactly as the `krest.api.*` responder does (same parsing, checks,
+    /// results and errors): the entry of the HTTP API ([`super::web`]), so both front ends share
+    /// one service layer.
+    pub(crate) async fn answer(&self, op: Op, payload: &[u8]) -> Result<Reply, ApiError> {
+        self.handle(op, payload).await.map_err(|Failure(e)| e)
     }
 
     async fn handle(&self, op: Op, payload: &[u8]) -> Answer {
@@ -368,7 +375,7 @@ impl ApiServer {
     fn resolve_any(&self, name: &str) -> Result<String, Failure> {
         match self.table.resolve(name) {
             Ok(key) => Ok(key),
-            Err(ResolveError::NotFound(_)) if name.contains('.') || name.contains('/') => {
+            Err(ResolveError::Unknown { .. }) if name.contains('.') || name.contains('/') => {
                 Ok(name.replacen('/', ".", 1))
             }
             Err(e) => Err(e.into()),
@@ -463,10 +470,19 @@ impl ApiServer {
     fn list(&self, req: JobListRequest) -> Answer {
         let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
         let app = req.app.as_deref();
+        let search = req.search.as_deref().map(str::to_lowercase);
+        let running = req.status.map(|s| s == JobStatus::Running);
         let entries = self.table.page(
             req.cursor.as_deref(),
             req.group.as_deref(),
-            |e| app.is_none_or(|a| e.stored.spec.app_name == a),
+            |e| {
+                let spec = &e.stored.spec;
+                app.is_none_or(|a| spec.app_name == a)
+                    && running.is_none_or(|r| spec.running == r)
+                    && search
+                        .as_deref()
+                        .is_none_or(|s| spec.key().to_lowercase().contains(s))
+            },
             limit + 1,
         );
         let mut page = PageBuilder::new(limit, self.max_payload());
@@ -609,12 +625,18 @@ impl ApiServer {
     async fn runs_list(&self, req: RunsListRequest) -> Answer {
         let limit = req.limit.unwrap_or(20).clamp(1, 1000);
         let start = req.cursor.as_deref().map(parse_run_cursor).transpose()?;
+        let first_page = start.is_none();
+        // A deleted job's runs are still listed by `group.name` or bare name; a name that is
+        // no job's and has no runs is an error with the closest names, not an empty list.
+        let mut unknown = None;
         let job = match req.job.as_deref() {
             None => None,
             Some(name) => Some(match self.table.resolve(name) {
                 Ok(key) => key,
-                // A deleted job's runs are still listed by `group.name` or bare name.
-                Err(ResolveError::NotFound(_)) => name.to_string(),
+                Err(e @ ResolveError::Unknown { .. }) => {
+                    unknown = Some(e);
+                    name.to_string()
+                }
                 Err(e) => return Err(e.into()),
             }),
         };
@@ -627,6 +649,9 @@ impl ApiServer {
             .list_runs(filter, req.status, limit + 1, start)
             .await
             .map_err(Failure::internal)?;
+        if let Some(e) = unknown.filter(|_| runs.is_empty() && first_page) {
+            return Err(e.into());
+        }
         let max_payload = self.max_payload();
         let cap = text_cap(max_payload);
         let mut page = PageBuilder::new(limit as usize, max_payload);

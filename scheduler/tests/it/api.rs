@@ -346,6 +346,7 @@ async fn job_list_and_history_come_in_pages_that_fit_max_payload() {
             app: app.map(str::to_string),
             limit: Some(40),
             cursor,
+            ..Default::default()
         };
         let client = client.clone();
         async move {
@@ -473,7 +474,16 @@ async fn an_item_too_large_for_any_reply_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_list_and_runs_get_come_in_pages_with_every_log_line() {
-    let env = Env::with_max_payload("run-pages", SMALL_PAYLOAD);
+    runs_in_pages(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_list_and_runs_get_come_in_pages_with_every_log_line_from_postgres() {
+    runs_in_pages(Db::Postgres).await;
+}
+
+async fn runs_in_pages(db: Db) {
+    let env = Env::with_max_payload("run-pages", SMALL_PAYLOAD).on(db);
     let node = env.node("n1");
     let client = env.client().await;
     // One run logs 100 lines of 4 KiB (~400 KiB); the others answer 6 KiB of output.
@@ -585,7 +595,7 @@ async fn runs_list_and_runs_get_come_in_pages_with_every_log_line() {
         .collect();
     assert_eq!(printed, expected);
     assert_eq!(
-        out.matches("shard 0 attempt 1:").count(),
+        out.matches("shard 0 of 1 attempt 1:").count(),
         1,
         "one attempt, joined"
     );
@@ -734,11 +744,11 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     );
     let (code, out, err) = env.cli(&["runs", "get", &run_id]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.matches(" attempt 1: Succeeded").count(), 1990);
-    assert_eq!(out.matches(" attempt 2: Succeeded").count(), 10);
-    assert_eq!(out.matches(" attempt 1: Failed, will retry").count(), 10);
+    assert_eq!(out.matches(" attempt 1: SUCCEEDED").count(), 1990);
+    assert_eq!(out.matches(" attempt 2: SUCCEEDED").count(), 10);
+    assert_eq!(out.matches(" attempt 1: FAILED, will retry").count(), 10);
     assert!(
-        out.contains("shard 1999 attempt 1: Succeeded"),
+        out.contains("shard 1999 of 2000 attempt 1: SUCCEEDED"),
         "{}",
         &out[out.len() - 500..]
     );

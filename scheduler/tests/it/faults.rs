@@ -888,10 +888,7 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     let mut nats = NatsServer::start();
     nats.kill();
     let mut f = Fleet::new("nats-late", nats.url());
-    // The database's directory does not exist yet either.
-    let db_dir = f.dir.join("not-yet");
-    let db = format!("sqlite://{}/a.db", db_dir.display());
-    f.start_node("a", &["--db", &db]);
+    f.start_node("a", &[]);
     f.start_worker("w1", &[]);
     eventually(DEADLINE, "the node to report NATS unreachable", || async {
         f.nodes["a"]
@@ -915,20 +912,182 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     )
     .await;
     nats.start_again();
-    eventually(
-        DEADLINE,
-        "the node to report the database unavailable",
-        || async {
-            f.nodes["a"]
-                .output()
-                .contains("cannot open the database; retrying")
-                .then_some(())
-        },
-    )
-    .await;
-    std::fs::create_dir_all(&db_dir).unwrap();
     let client = f.client().await;
     apply(&client, vec![every_second("tick")]).await;
     more_runs(&client, "f.tick", 0, 3).await;
     assert_history(&settled(&client, "f.tick").await, &f.journal());
+}
+
+/// The value of the sample `series` (name with its labels, as printed) in a Prometheus text
+/// exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_fires_runs_lateness_and_workers() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("metrics", nats.url());
+    f.start_node("a", &["--log-format", "json"]);
+    f.start_worker("w1", &["--log-format", "json"]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
+    let http = status.nodes[0].http_addr.clone().unwrap();
+
+    let body = eventually(DEADLINE, "metrics of three recorded runs", || async {
+        let body = http_body(&http, "/metrics")?;
+        let ended = sample(&body, "krest_runs_ended_total{status=\"SUCCEEDED\"}")?;
+        (ended >= 3.0).then_some(body)
+    })
+    .await;
+    let head = http_get(&http, "/metrics").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_eq!(sample(&body, "krest_leader"), Some(1.0), "{body}");
+    assert!(sample(&body, "krest_leader_epoch").unwrap() >= 1.0);
+    assert!(
+        sample(&body, "krest_fires_total{trigger=\"SCHEDULE\"}").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_dispatch_lateness_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_handler_start_lateness_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_run_duration_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "krest_dispatch_errors_total"), Some(0.0));
+    assert_eq!(sample(&body, "krest_jobs"), Some(1.0));
+    assert_eq!(
+        sample(&body, &format!("krest_workers_live{{app=\"{APP}\"}}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(sample(&body, "krest_recorder_failing"), Some(0.0));
+    // Well formed: every sample belongs to a metric declared with HELP and TYPE before it.
+    let mut declared = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            declared.insert(rest.split(' ').next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| declared.contains(*b)))
+            .unwrap_or(name);
+        assert!(declared.contains(base), "undeclared sample: {line}");
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+    }
+
+    // --log-format json: every line of both processes is a JSON object; the worker's lines
+    // about an attempt carry its run, job, shard and attempt.
+    for p in [&f.nodes["a"], &f.workers["w1"]] {
+        for line in p.output().lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", p.name()));
+            assert!(
+                v["level"].is_string() && v["timestamp"].is_string(),
+                "{line}"
+            );
+        }
+    }
+    let ended = f.workers["w1"]
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "attempt ended")
+        .expect("an `attempt ended` line");
+    let run = &ended["spans"][0];
+    assert_eq!(run["name"], "run", "{ended}");
+    assert!(
+        run["run"].as_str().unwrap().starts_with("f.tick."),
+        "{ended}"
+    );
+    assert_eq!(run["job"], "f.tick");
+    assert_eq!(run["attempt"], 1);
+    assert_eq!(ended["fields"]["outcome"], "SUCCEEDED");
+}
+
+/// Runs `krest scheduler --db <db>` against a NATS URL where nothing listens and returns its
+/// exit code and stderr once it exits.
+async fn scheduler_exit(db: &str, dir: &std::path::Path) -> (Option<i32>, String) {
+    let nats = format!("nats://127.0.0.1:{}", krest_test_support::free_port());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_krest"));
+    cmd.args([
+        "scheduler",
+        "--nats-url",
+        &nats,
+        "--db",
+        db,
+        "--http",
+        "off",
+    ])
+    .current_dir(dir);
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("the node to exit")
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_unreachable_database_stops_the_node_before_it_connects_to_nats() {
+    let dir = krest_test_support::TestDir::new("bad-db");
+    let server = krest_test_support::postgres_server_url();
+    let base = server.rsplit_once('/').unwrap().0.to_string();
+    let cases = [
+        // Nothing listens on port 1.
+        (
+            "postgres://krest:s3cret@127.0.0.1:1/krest".to_string(),
+            "cannot open the database at postgres://<redacted>@127.0.0.1:1/krest: ",
+            "check that PostgreSQL runs",
+        ),
+        (
+            format!("{base}/krest_no_such_database"),
+            "cannot open the database at ",
+            "the database does not exist",
+        ),
+        (
+            format!("sqlite://{}/missing/dir/a.db", dir.path().display()),
+            "cannot open the database at sqlite://",
+            "check that the file's directory exists",
+        ),
+        (
+            "mysql://root:s3cret@127.0.0.1/krest".to_string(),
+            "unsupported database URL `mysql://<redacted>@127.0.0.1/krest`",
+            "postgres://USER",
+        ),
+    ];
+    for (db, what, hint) in cases {
+        let (code, err) = scheduler_exit(&db, dir.path()).await;
+        assert_eq!(code, Some(1), "{db}: {err}");
+        assert!(err.contains(what), "{db}: {err}");
+        assert!(err.contains(hint), "{db}: {err}");
+        assert!(!err.contains("s3cret"), "{db}: {err}");
+        // Before NATS: the node never tried to connect.
+        assert!(!err.contains("NATS"), "{db}: {err}");
+    }
 }

@@ -67,7 +67,16 @@ fn assert_one_run_per_second(runs: &[RunSummary], log: &Executions) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_elect_one_leader_and_never_fire_twice() {
-    let env = Env::new("two-nodes");
+    two_nodes_one_leader(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_sharing_postgres_elect_one_leader_and_record_each_run_once() {
+    two_nodes_one_leader(Db::Postgres).await;
+}
+
+async fn two_nodes_one_leader(db: Db) {
+    let env = Env::new("two-nodes").on(db);
     let n1 = env.node("n1");
     let n2 = env.node("n2");
     let client = env.client().await;
@@ -111,15 +120,49 @@ async fn two_nodes_elect_one_leader_and_never_fire_twice() {
     assert_eq!(leader, expected);
 
     w.stop().await.unwrap();
-    // Both nodes record the same history (each into its own database).
+    // Both nodes record the same history (each into its own database, or both into one).
     assert_one_run_per_second(&runs_seen, &log);
+    if db == Db::Postgres {
+        assert_recorded_once(&env, &log).await;
+    }
     n1.stop().await.unwrap();
     n2.stop().await.unwrap();
 }
 
+/// With one shared Postgres database: once every execution is recorded, there is one attempt
+/// row per execution, one succeeded run row per run executed, and no other run is final.
+async fn assert_recorded_once(env: &Env, log: &Executions) {
+    let count = |sql: &str| -> usize { env.pg_query(sql).parse().unwrap() };
+    let (executed_runs, executions) = log.totals();
+    eventually(DEADLINE, "every execution recorded", || async {
+        (count("SELECT COUNT(*) FROM attempts WHERE finished_at IS NOT NULL") == executions)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(count("SELECT COUNT(*) FROM attempts"), executions);
+    // (The job keeps firing: runs dispatched since the worker stopped are pending.)
+    assert_eq!(
+        env.pg_query(
+            "SELECT COUNT(*) FILTER (WHERE status = 'SUCCEEDED') || ' ' || \
+             COUNT(*) FILTER (WHERE status NOT IN ('SUCCEEDED', 'PENDING')) FROM runs"
+        ),
+        format!("{executed_runs} 0")
+    );
+    assert_eq!(count("SELECT COALESCE(MAX(attempts), 0) FROM runs"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_the_leader_fails_over_and_catches_up_each_missed_fire_once() {
-    let env = Env::new("failover");
+    failover(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_the_leader_sharing_postgres_fails_over_and_records_each_run_once() {
+    failover(Db::Postgres).await;
+}
+
+async fn failover(db: Db) {
+    let env = Env::new("failover").on(db);
     let mut a = env.node_process("a");
     let mut b = env.node_process("b");
     let client = env.client().await;
@@ -191,6 +234,10 @@ async fn sigkill_of_the_leader_fails_over_and_catches_up_each_missed_fire_once()
     );
     w.stop().await.unwrap();
     assert_one_run_per_second(&all, &log);
+    if db == Db::Postgres {
+        // Both nodes' recorders wrote into the database until one was killed.
+        assert_recorded_once(&env, &log).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

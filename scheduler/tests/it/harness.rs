@@ -14,7 +14,7 @@ use krest_schemas::api::{
     ApplyRequest, ApplyResponse, ClusterStatus, Op, RunDetail, RunRequest, RunSummary,
     RunsListRequest, TriggerRequest, TriggerResponse,
 };
-use krest_test_support::{eventually, NatsServer, Proc, TestDir};
+use krest_test_support::{eventually, NatsServer, PgDatabase, Proc, TestDir};
 use krest_worker::{Backoff, WorkerBuilder};
 use serde_json::{json, Value};
 
@@ -28,6 +28,17 @@ pub const SMALL_PAYLOAD: usize = 64 * 1024;
 pub struct Env {
     pub nats: NatsServer,
     pub dir: TestDir,
+    /// With [`Db::Postgres`], the one database every node of the test shares.
+    pub pg: Option<PgDatabase>,
+}
+
+/// The database backend a test's nodes record into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    /// A SQLite file per node.
+    Sqlite,
+    /// One fresh Postgres database shared by all nodes (dropped at the end of the test).
+    Postgres,
 }
 
 impl Env {
@@ -36,7 +47,21 @@ impl Env {
         Env {
             nats: NatsServer::start(),
             dir: TestDir::new(name),
+            pg: None,
         }
+    }
+
+    /// The same, its nodes recording into `db`.
+    pub fn on(mut self, db: Db) -> Env {
+        if db == Db::Postgres {
+            self.pg = Some(PgDatabase::create());
+        }
+        self
+    }
+
+    /// Runs `sql` in the test's Postgres database (panics without one).
+    pub fn pg_query(&self, sql: &str) -> String {
+        self.pg.as_ref().expect("a test on Postgres").query(sql)
     }
 
     /// A test whose nats-server takes messages of at most `max_payload` bytes.
@@ -48,6 +73,7 @@ impl Env {
         Env {
             nats: NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]),
             dir,
+            pg: None,
         }
     }
 
@@ -55,7 +81,11 @@ impl Env {
         self.nats.url()
     }
 
+    /// The database URL of `node`: its own SQLite file, or the shared Postgres database.
     pub fn db(&self, node: &str) -> String {
+        if let Some(pg) = &self.pg {
+            return pg.url().to_string();
+        }
         format!(
             "sqlite://{}",
             self.dir.join(&format!("{node}.db")).display()
@@ -91,9 +121,15 @@ impl Env {
 
     /// Runs the `krest` CLI with `args`; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Env::cli`] with environment variables set.
+    pub fn cli_env(&self, args: &[&str], vars: &[(&str, &str)]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_krest"))
             .args(["--nats-url", &self.url()])
             .args(args)
+            .envs(vars.iter().copied())
             .output()
             .unwrap();
         (
@@ -156,6 +192,14 @@ pub async fn client_for(urls: &str) -> Client {
     })
     .await;
     client
+}
+
+/// A job's current view.
+pub async fn get_job(client: &Client, name: &str) -> krest_schemas::api::JobView {
+    client
+        .call(Op::JobGet, &krest_schemas::api::JobRequest::new(name))
+        .await
+        .unwrap()
 }
 
 pub async fn apply(client: &Client, documents: Vec<Value>) -> ApplyResponse {
@@ -266,6 +310,12 @@ impl Executions {
         self.0.lock().unwrap().values().map(Vec::len).sum()
     }
 
+    /// `(runs executed, executions)`.
+    pub fn totals(&self) -> (usize, usize) {
+        let all = self.0.lock().unwrap();
+        (all.len(), all.values().map(Vec::len).sum())
+    }
+
     pub fn of(&self, run_id: &str) -> Vec<Execution> {
         self.0
             .lock()
@@ -324,4 +374,95 @@ pub async fn sqlx_lock(db: &std::path::Path) -> sqlx::AnyConnection {
         .await
         .unwrap();
     c
+}
+
+/// Starts an in-process node serving HTTP on a free loopback port with the HTTP API's access
+/// `web`; returns it and its base URL (`http://127.0.0.1:port`), once it is published.
+pub async fn web_node(
+    env: &Env,
+    node: &str,
+    web: krest::serve::web::WebOptions,
+) -> (RunningNode, String) {
+    let mut opts = env.node_opts(node);
+    opts.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    opts.web = web;
+    let running = krest::node::spawn(opts);
+    let client = env.client().await;
+    let addr = eventually(DEADLINE, &format!("node {node}'s HTTP address"), || async {
+        let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.ok()?;
+        status
+            .nodes
+            .into_iter()
+            .find(|n| n.node == node)
+            .and_then(|n| n.http_addr)
+    })
+    .await;
+    (running, format!("http://{addr}"))
+}
+
+/// A small HTTP client for the HTTP API: every answer as (status, headers, JSON body).
+#[derive(Clone)]
+pub struct Web {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Web {
+    pub fn new(base: &str, token: Option<&str>) -> Web {
+        Web {
+            base: base.to_string(),
+            http: reqwest::Client::new(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    /// The same node with another token.
+    pub fn with_token(&self, token: Option<&str>) -> Web {
+        Web {
+            token: token.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let bytes = res.bytes().await.unwrap();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).to_string()));
+        (status, headers, value)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (s, _, v) = self.raw(reqwest::Method::GET, path, None).await;
+        (s, v)
+    }
+
+    pub async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let (s, _, v) = self.raw(method, path, body).await;
+        (s, v)
+    }
+
+    /// GET that must succeed.
+    pub async fn ok(&self, path: &str) -> Value {
+        let (s, v) = self.get(path).await;
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
 }

@@ -7,7 +7,8 @@
 //! `overlap` (overlap policies and cancellation), `retries` (failure handling), `worker` (the
 //! SDK's capacity, shutdown and redelivery), `ha` (leadership and failover), `http` (HTTP jobs,
 //! alert webhooks, secrets kept out of views and logs), `faults` (the fault suite behind
-//! docs/guarantees.md). Add to these rather than adding modules.
+//! docs/guarantees.md), `web_api` (the HTTP API), `web_ui` (the console in
+//! headless Chromium). Add to these rather than adding modules.
 
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 
@@ -25,4 +26,6 @@ mod retries;
 mod schedules;
 mod seed;
 mod strategies;
+mod web_api;
+mod web_ui;
 mod worker;

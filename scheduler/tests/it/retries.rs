@@ -69,7 +69,16 @@ async fn consumer_idle(env: &Env) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_failing_twice_succeeds_on_attempt_three() {
-    let env = Env::new("retry-ok");
+    failing_twice_then_succeeding(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_failing_twice_succeeds_on_attempt_three_recorded_in_postgres() {
+    failing_twice_then_succeeding(Db::Postgres).await;
+}
+
+async fn failing_twice_then_succeeding(db: Db) {
+    let env = Env::new("retry-ok").on(db);
     let node = env.node("n1");
     let client = env.client().await;
     let log = Executions::default();

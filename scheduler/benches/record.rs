@@ -1,0 +1,149 @@
+//! Recording throughput: run events applied by `Store::apply` in the recorder's batches (1,000
+//! events per transaction), into SQLite and into PostgreSQL. Run with
+//! `cargo bench -p krest --bench record`; results go into BENCHMARKS.md.
+//!
+//! Each run is 6 events (dispatched, started, 3 log lines, finished), as a worker reports a
+//! short job. Postgres is the server of `$KREST_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created and dropped.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use krest::record::store::Store;
+use krest_schemas::{
+    AttemptOutcome, Dispatched, Finished, JobType, LogLevel, LogLine, RunEvent, RunRef, Started,
+    Trigger,
+};
+use krest_test_support::{PgDatabase, TestDir};
+
+const RUNS: usize = 10_000;
+const BATCH: usize = 1_000;
+
+fn events(runs: usize) -> Vec<(u64, RunEvent)> {
+    let at = |ms: i64| Utc.timestamp_millis_opt(1_800_000_000_000 + ms).unwrap();
+    let mut out = Vec::with_capacity(runs * 6);
+    for n in 0..runs {
+        let n = i64::try_from(n).unwrap();
+        let run = RunRef {
+            run_id: format!("bench.job{}.{}", n % 100, 1_800_000_000_000 + n * 1000),
+            job_group: "bench".into(),
+            job_name: format!("job{}", n % 100),
+            app_name: "bench-app".into(),
+        };
+        out.push(RunEvent::Dispatched(Dispatched {
+            run: run.clone(),
+            path: "bench.handler".into(),
+            job_type: JobType::Normal,
+            trigger: Trigger::Schedule,
+            scheduled_at: at(n * 1000),
+            dispatched_at: at(n * 1000 + 1),
+            shard_total: 1,
+            args: serde_json::json!({"n": n}),
+            misfired: 0,
+            parent_run_id: None,
+            revision: 1,
+            node: "bench-node".into(),
+            epoch: Some(1),
+        }));
+        out.push(RunEvent::Started(Started {
+            run: run.clone(),
+            shard: 0,
+            shard_total: 1,
+            attempt: 1,
+            worker: "bench-worker".into(),
+            at: at(n * 1000 + 2),
+            scheduled_at: Some(at(n * 1000)),
+            delivery_token: String::new(),
+        }));
+        for seq in 1..=3 {
+            out.push(RunEvent::Log(LogLine {
+                run: run.clone(),
+                shard: 0,
+                attempt: 1,
+                seq,
+                at: at(n * 1000 + 3),
+                level: LogLevel::Info,
+                line: format!("step {seq} of the benchmark job, a line of ordinary length"),
+                delivery_token: String::new(),
+            }));
+        }
+        out.push(RunEvent::Finished(Finished {
+            run,
+            shard: 0,
+            shard_total: 1,
+            attempt: 1,
+            worker: "bench-worker".into(),
+            at: at(n * 1000 + 10),
+            outcome: AttemptOutcome::Succeeded,
+            will_retry: false,
+            retry_in_ms: None,
+            output: Some("done".into()),
+            error: None,
+            duration_ms: 8,
+            delivery_token: String::new(),
+        }));
+    }
+    (1..).zip(out).collect()
+}
+
+/// Applies `events` in batches; returns the wall time.
+async fn record(store: &Store, events: &[(u64, RunEvent)]) -> Duration {
+    let start = Instant::now();
+    for batch in events.chunks(BATCH) {
+        let last = batch.last().unwrap().0;
+        store.apply(batch, last).await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn report(what: &str, n: usize, took: Duration) {
+    println!(
+        "{what}: {n} events in {:.2} s = {:.0} events/s",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let evs = events(RUNS);
+    let n = evs.len();
+
+    let dir = TestDir::new("bench-record");
+    let sqlite = Store::open(&format!("sqlite://{}", dir.join("bench.db").display()))
+        .await
+        .unwrap();
+    report("sqlite", n, record(&sqlite, &evs).await);
+    assert_eq!(
+        sqlite.counts().await.unwrap(),
+        (RUNS as i64, RUNS as i64, 3 * RUNS as i64)
+    );
+    sqlite.close().await;
+
+    let db = PgDatabase::create();
+    let pg = Store::open(db.url()).await.unwrap();
+    report("postgres", n, record(&pg, &evs).await);
+    assert_eq!(
+        pg.counts().await.unwrap(),
+        (RUNS as i64, RUNS as i64, 3 * RUNS as i64)
+    );
+    pg.close().await;
+
+    // Two nodes sharing one database, each reading the whole stream: every event is applied
+    // once; the time is until both have gone through it.
+    let db = PgDatabase::create();
+    let a = Store::open(db.url()).await.unwrap();
+    let b = Store::open(db.url()).await.unwrap();
+    let start = Instant::now();
+    let (ta, tb) = tokio::join!(record(&a, &evs), record(&b, &evs));
+    let took = start.elapsed().max(ta).max(tb);
+    report("postgres, two nodes sharing it", n, took);
+    assert_eq!(
+        a.counts().await.unwrap(),
+        (RUNS as i64, RUNS as i64, 3 * RUNS as i64)
+    );
+    a.close().await;
+    b.close().await;
+}
