@@ -261,7 +261,11 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
         }
         let msg = PublishMessage::build()
             .payload(serde_json::to_vec(e).unwrap().into())
-            .message_id(e.msg_id());
+            .message_id(e.msg_id())
+            .header(
+                krest_schemas::names::SCHEDULER_TOKEN_HEADER,
+                key.scheduler_token(run_id).as_str(),
+            );
         let ack = js.send_publish(subject.clone(), msg).await.unwrap();
         inflight.push(Box::pin(async move { ack.await }));
     }

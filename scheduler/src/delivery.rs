@@ -85,24 +85,45 @@ impl DeliveryKey {
 
     /// The token of shard `shard` of run `run_id`.
     pub fn token(&self, run_id: &str, shard: u32) -> String {
-        let tag = hmac::sign(&self.0, format!("{run_id}/{shard}").as_bytes());
-        tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        self.tag(&format!("{run_id}/{shard}"))
     }
 
     /// True when `token` is the token of shard `shard` of run `run_id` (compared in constant
     /// time).
     pub fn verify(&self, run_id: &str, shard: u32, token: &str) -> bool {
-        let expected = self.token(run_id, shard);
-        expected.len() == token.len()
-            && expected
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        same(&self.token(run_id, shard), token)
     }
+
+    /// The proof that a scheduler node wrote an event about run `run_id` (`dispatched`,
+    /// `skipped`), sent in the [`SCHEDULER_TOKEN_HEADER`] header: workers never see it.
+    ///
+    /// [`SCHEDULER_TOKEN_HEADER`]: krest_schemas::names::SCHEDULER_TOKEN_HEADER
+    pub fn scheduler_token(&self, run_id: &str) -> String {
+        self.tag(&format!("{run_id}/scheduler"))
+    }
+
+    /// True when `token` is [`DeliveryKey::scheduler_token`] of `run_id`.
+    pub fn verify_scheduler(&self, run_id: &str, token: &str) -> bool {
+        same(&self.scheduler_token(run_id), token)
+    }
+
+    /// HMAC-SHA256 of `input`, first 128 bits in hex.
+    fn tag(&self, input: &str) -> String {
+        let tag = hmac::sign(&self.0, input.as_bytes());
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// `a == b` in time independent of where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]
@@ -120,6 +141,10 @@ mod tests {
         assert!(!k.verify("g.j.1001", 0, &t));
         assert!(!k.verify("g.j.1000", 0, ""));
         assert!(!DeliveryKey::from_bytes(&[8; 32]).verify("g.j.1000", 0, &t));
+        let s = k.scheduler_token("g.j.1000");
+        assert!(k.verify_scheduler("g.j.1000", &s));
+        assert!(!k.verify_scheduler("g.j.1001", &s));
+        assert!(!k.verify("g.j.1000", 0, &s));
         assert_eq!(format!("{k:?}"), "DeliveryKey(<redacted>)");
     }
 }

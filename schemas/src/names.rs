@@ -227,6 +227,9 @@ pub fn events_job_filter(group: &str, name: &str) -> String {
 
 /// KV bucket of secrets only scheduler nodes read: the key of delivery tokens.
 pub const SECRETS_BUCKET: &str = "krest-secrets";
+/// Header of the `dispatched` and `skipped` events a scheduler node publishes: proof that a
+/// node wrote it (HMAC of `<runId>/scheduler` with the delivery-token key).
+pub const SCHEDULER_TOKEN_HEADER: &str = "Krest-Scheduler-Token";
 /// Key in [`SECRETS_BUCKET`] of the delivery-token key (32 random bytes).
 pub const DELIVERY_KEY: &str = "delivery";
 

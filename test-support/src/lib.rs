@@ -74,7 +74,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn nats_server_binary() -> PathBuf {
+/// The nats-server to run: `NATS_SERVER`, else the one on `PATH` or in the usual places.
+pub fn nats_server_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NATS_SERVER") {
         return PathBuf::from(p);
     }

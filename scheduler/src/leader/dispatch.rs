@@ -8,7 +8,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::names::{
-    self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject, STATE_BUCKET,
+    self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
+    SCHEDULER_TOKEN_HEADER, STATE_BUCKET,
 };
 use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
@@ -182,7 +183,7 @@ impl Publisher {
                     continue;
                 }
             };
-            for (subject, id, payload) in msgs {
+            for (subject, message) in msgs {
                 // Keep a bounded window of unacknowledged publishes: the context holds a permit
                 // per pending ack, and acks must be consumed for permits to come back.
                 while inflight.len() >= MAX_INFLIGHT {
@@ -190,14 +191,7 @@ impl Publisher {
                         fail(&mut results, j, e);
                     }
                 }
-                match self
-                    .js
-                    .send_publish(
-                        subject,
-                        PublishMessage::build().payload(payload).message_id(id),
-                    )
-                    .await
-                {
+                match self.js.send_publish(subject, message).await {
                     Ok(ack) => inflight
                         .push(async move { (i, ack.await.map(|_| ()).map_err(|e| e.to_string())) }),
                     Err(e) => {
@@ -220,7 +214,18 @@ impl Publisher {
         &self,
         fire: &Fire,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(String, String, Bytes)>, String> {
+    ) -> Result<Vec<(String, PublishMessage)>, String> {
+        let event = |e: &RunEvent| -> Result<(String, PublishMessage), String> {
+            let payload = Bytes::from(serde_json::to_vec(e).map_err(|e| e.to_string())?);
+            let token = self.key.scheduler_token(e.run_id());
+            Ok((
+                e.subject(),
+                PublishMessage::build()
+                    .payload(payload)
+                    .message_id(e.msg_id())
+                    .header(SCHEDULER_TOKEN_HEADER, token.as_str()),
+            ))
+        };
         let spec = &fire.job.stored.spec;
         if let Some(reason) = &fire.skip {
             let skipped = RunEvent::Skipped(Skipped {
@@ -239,11 +244,7 @@ impl Publisher {
                 node: self.node.clone(),
                 epoch: fire.epoch,
             });
-            return Ok(vec![(
-                skipped.subject(),
-                skipped.msg_id(),
-                Bytes::from(serde_json::to_vec(&skipped).map_err(|e| e.to_string())?),
-            )]);
+            return Ok(vec![event(&skipped)?]);
         }
         let items = fire.shard_plans();
         let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
@@ -268,11 +269,7 @@ impl Publisher {
             epoch: fire.epoch,
         });
         let mut out = Vec::with_capacity(items.len() + 1);
-        out.push((
-            dispatched.subject(),
-            dispatched.msg_id(),
-            Bytes::from(serde_json::to_vec(&dispatched).map_err(|e| e.to_string())?),
-        ));
+        out.push(event(&dispatched)?);
         for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
             let subject = match &target {
                 Some(instance) => {
@@ -323,8 +320,11 @@ impl Publisher {
             };
             out.push((
                 subject,
-                work_msg_id(&fire.run_id, index),
-                Bytes::from(serde_json::to_vec(&msg).map_err(|e| e.to_string())?),
+                PublishMessage::build()
+                    .payload(Bytes::from(
+                        serde_json::to_vec(&msg).map_err(|e| e.to_string())?,
+                    ))
+                    .message_id(work_msg_id(&fire.run_id, index)),
             ));
         }
         Ok(out)

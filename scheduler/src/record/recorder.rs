@@ -484,11 +484,17 @@ async fn lag(
     Ok((state.last_sequence, oldest))
 }
 
-/// Why event `e`, found on `subject`, must not be recorded (`None`: it may): it is not on its
-/// run's subject (the app, group and job in the subject are what the server's permissions
-/// check), or it is about an attempt and lacks the run's delivery token (forged by someone who
-/// never received the run, or from a worker too old to copy the token).
-fn refused(e: &RunEvent, subject: &str, key: &crate::delivery::DeliveryKey) -> Option<String> {
+/// Why event `e`, found in `m`, must not be recorded (`None`: it may): it is not on its run's
+/// subject (the app, group and job in the subject are what the server's permissions check);
+/// it is about an attempt and lacks the run's delivery token (forged by someone who never
+/// received the run, or from a worker too old to copy the token); or it is a `dispatched` or
+/// `skipped` event without a scheduler node's token.
+fn refused(
+    e: &RunEvent,
+    m: &jetstream::Message,
+    key: &crate::delivery::DeliveryKey,
+) -> Option<String> {
+    let subject = m.subject.as_str();
     let expected = e.subject();
     if subject != expected {
         return Some(format!(
@@ -505,7 +511,22 @@ fn refused(e: &RunEvent, subject: &str, key: &crate::delivery::DeliveryKey) -> O
              (forged, or from a worker that does not copy deliveryToken): not recorded",
             header_value(e.run_id())
         )),
-        _ => None,
+        Some(_) => None,
+        None => {
+            let token = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(krest_schemas::names::SCHEDULER_TOKEN_HEADER))
+                .map(|v| v.as_str())
+                .unwrap_or_default();
+            (!key.verify_scheduler(e.run_id(), token)).then(|| {
+                format!(
+                    "run event about run {} without a scheduler node's token \
+                     (Krest-Scheduler-Token; forged?): not recorded",
+                    header_value(e.run_id())
+                )
+            })
+        }
     }
 }
 
@@ -536,7 +557,7 @@ impl Batch {
             .stream_sequence;
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
-            Ok(e) => match refused(&e, &m.subject, key) {
+            Ok(e) => match refused(&e, &m, key) {
                 Some(reason) => {
                     tracing::warn!(seq, subject = %header_value(&m.subject), run = %header_value(e.run_id()), %reason, "parking a refused run event");
                     self.bad.push(Bad {

@@ -689,7 +689,11 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     for e in &events {
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(serde_json::to_vec(e).unwrap().into())
-            .message_id(e.msg_id());
+            .message_id(e.msg_id())
+            .header(
+                krest_schemas::names::SCHEDULER_TOKEN_HEADER,
+                key.scheduler_token(&run_id).as_str(),
+            );
         acks.push(js.send_publish(e.subject(), msg).await.unwrap());
     }
     for a in acks {

@@ -567,6 +567,7 @@ async fn roles_have_least_privilege() {
         "$KV.krest-jobs.t.ship",
         "$KV.krest-leader.leader",
         "$KV.krest-state.t.ship",
+        "$KV.krest-cancels.t.ship.1",
         "$KV.krest-workers.shipping.w9",
         "krest.events.shipping.t.ship",
         "krest.work.shipping.t.ship.r",
@@ -659,16 +660,82 @@ async fn roles_have_least_privilege() {
     .unwrap()
     .await
     .unwrap();
-    krest_test_support::eventually(DEADLINE, "both forgeries parked", || async {
+    // Nor is a `dispatched` event (it would make a run appear): only nodes can sign those.
+    let dispatched = krest_schemas::RunEvent::Dispatched(krest_schemas::Dispatched {
+        run: krest_schemas::RunRef {
+            run_id: "t.bill.m-phantom".into(),
+            job_group: "t".into(),
+            job_name: "bill".into(),
+            app_name: "billing".into(),
+        },
+        path: "bill".into(),
+        job_type: krest_schemas::JobType::Normal,
+        trigger: krest_schemas::Trigger::Manual,
+        scheduled_at: chrono::Utc::now(),
+        dispatched_at: chrono::Utc::now(),
+        shard_total: 1,
+        args: json!(null),
+        misfired: 0,
+        parent_run_id: None,
+        revision: 1,
+        node: "n1".into(),
+        epoch: None,
+    });
+    js.publish(
+        dispatched.subject(),
+        serde_json::to_vec(&dispatched).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    krest_test_support::eventually(DEADLINE, "the forgeries parked", || async {
         let (_, out, _) = cli_as(&operator, &["dlq", "list"]);
         (out.contains("without the run's delivery token")
-            && out.contains("hand-off of run t.bill.m-forged shard 0 refused"))
+            && out.contains("hand-off of run t.bill.m-forged shard 0 refused")
+            && out.contains("run t.bill.m-phantom without a scheduler node's token"))
         .then_some(())
     })
     .await;
+    assert!(run(&client, "t.bill.m-phantom").await.is_none());
     assert!(!out.contains("forged\""), "{out}");
     assert!(run(&client, "t.bill.m-forged").await.is_none());
 
     worker.stop().await.unwrap();
     node.stop().await.unwrap();
+}
+
+#[test]
+fn the_shipped_secure_configs_are_valid() {
+    let nats = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nats");
+    for conf in [
+        "single-secure.conf",
+        "cluster/n1-secure.conf",
+        "cluster/n2-secure.conf",
+        "cluster/n3-secure.conf",
+    ] {
+        let out = Command::new(krest_test_support::nats_server_binary())
+            .args(["-t", "-c"])
+            .arg(nats.join(conf))
+            .envs(ROLES)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{conf}: {text}");
+        assert!(text.contains("is valid"), "{conf}: {text}");
+    }
+    // No password has a default: a variable left unset stops the server.
+    let mut cmd = Command::new(krest_test_support::nats_server_binary());
+    cmd.args(["-t", "-c"]).arg(nats.join("single-secure.conf"));
+    for (var, _) in ROLES {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("KREST_"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
