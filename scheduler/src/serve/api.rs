@@ -223,7 +223,7 @@ impl ApiServer {
                 let req: JobRequest = body(payload)?;
                 match req.revision {
                     None => {
-                        let key = self.table.resolve(&req.job)?;
+                        let key = self.resolve(&req.job).await?;
                         let entry = self
                             .table
                             .get(&key)
@@ -371,9 +371,21 @@ impl ApiServer {
         )))
     }
 
-    /// The key of a job, current or deleted (a deleted one by `group.name` only).
-    fn resolve_any(&self, name: &str) -> Result<String, Failure> {
+    /// The key of a job named `group.name` or by a name unique across groups. A name this
+    /// node does not know is looked up again once its table has caught up with the jobs
+    /// bucket: a job just applied through another node is found.
+    async fn resolve(&self, name: &str) -> Result<String, ResolveError> {
         match self.table.resolve(name) {
+            Err(ResolveError::Unknown { .. }) if self.table_is_fresh().await => {
+                self.table.resolve(name)
+            }
+            other => other,
+        }
+    }
+
+    /// The key of a job, current or deleted (a deleted one by `group.name` only).
+    async fn resolve_any(&self, name: &str) -> Result<String, Failure> {
+        match self.resolve(name).await {
             Ok(key) => Ok(key),
             Err(ResolveError::Unknown { .. }) if name.contains('.') || name.contains('/') => {
                 Ok(name.replacen('/', ".", 1))
@@ -389,7 +401,7 @@ impl ApiServer {
             None => u64::MAX,
             Some(c) => c.parse::<u64>().map_err(|_| Failure::cursor(c))?,
         };
-        let key = self.resolve_any(&req.job)?;
+        let key = self.resolve_any(&req.job).await?;
         let mut entries = self
             .infra
             .jobs
@@ -443,7 +455,7 @@ impl ApiServer {
     }
 
     async fn revision(&self, name: &str, revision: u64) -> Result<JobView, Failure> {
-        let key = self.resolve_any(name)?;
+        let key = self.resolve_any(name).await?;
         let entry = self
             .infra
             .jobs
@@ -506,7 +518,7 @@ impl ApiServer {
     }
 
     async fn set_running(&self, req: JobRequest, running: bool) -> Answer {
-        let key = self.table.resolve(&req.job)?;
+        let key = self.resolve(&req.job).await?;
         // Pause and resume are revisions: `updatedAt` moves, so a resumed job does not catch
         // up the fires of its pause.
         self.write_job(&key, |current| {
@@ -526,7 +538,7 @@ impl ApiServer {
     }
 
     async fn delete(&self, req: JobRequest) -> Answer {
-        let key = self.table.resolve(&req.job)?;
+        let key = self.resolve(&req.job).await?;
         let entry = self
             .table
             .get(&key)
@@ -545,7 +557,7 @@ impl ApiServer {
     }
 
     async fn trigger(&self, req: TriggerRequest) -> Answer {
-        let key = self.table.resolve(&req.job)?;
+        let key = self.resolve(&req.job).await?;
         let entry = self
             .table
             .get(&key)
@@ -631,7 +643,7 @@ impl ApiServer {
         let mut unknown = None;
         let job = match req.job.as_deref() {
             None => None,
-            Some(name) => Some(match self.table.resolve(name) {
+            Some(name) => Some(match self.resolve(name).await {
                 Ok(key) => key,
                 Err(e @ ResolveError::Unknown { .. }) => {
                     unknown = Some(e);
