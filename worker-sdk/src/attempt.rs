@@ -349,7 +349,16 @@ async fn hand_off(
         work_router_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
         Publish::build()
             .payload(body.into())
-            .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt)),
+            .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt))
+            .header(
+                krest_schemas::trace::TRACEPARENT,
+                krest_schemas::trace::attempt_traceparent(
+                    &run.run.run_id,
+                    run.shard_index(),
+                    attempt,
+                )
+                .as_str(),
+            ),
     )
     .await
 }

@@ -11,6 +11,7 @@ use krest_schemas::names::{
     self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
     SCHEDULER_TOKEN_HEADER, STATE_BUCKET,
 };
+use krest_schemas::trace::{dispatch_traceparent, TRACEPARENT};
 use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
 use std::sync::Arc;
@@ -223,7 +224,8 @@ impl Publisher {
                 PublishMessage::build()
                     .payload(payload)
                     .message_id(e.msg_id())
-                    .header(SCHEDULER_TOKEN_HEADER, token.as_str()),
+                    .header(SCHEDULER_TOKEN_HEADER, token.as_str())
+                    .header(TRACEPARENT, e.traceparent().as_str()),
             ))
         };
         let spec = &fire.job.stored.spec;
@@ -324,7 +326,11 @@ impl Publisher {
                     .payload(Bytes::from(
                         serde_json::to_vec(&msg).map_err(|e| e.to_string())?,
                     ))
-                    .message_id(work_msg_id(&fire.run_id, index)),
+                    .message_id(work_msg_id(&fire.run_id, index))
+                    .header(
+                        TRACEPARENT,
+                        dispatch_traceparent(&fire.run_id, index).as_str(),
+                    ),
             ));
         }
         Ok(out)

@@ -119,10 +119,24 @@ async fn http_jobs_call_their_url_and_fail_on_non_2xx() {
         .get_stream(krest_schemas::names::EVENTS_STREAM)
         .await
         .unwrap();
+    let subject = krest_schemas::names::events_subject("web", "t", "traced");
+    let dispatched = events
+        .get_first_raw_message_by_subject(&subject, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        dispatched
+            .headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_string()),
+        Some(krest_schemas::trace::dispatch_traceparent(
+            &traced.run.run_id,
+            0
+        )),
+        "the leader's dispatched event"
+    );
     let finished = events
-        .get_last_raw_message_by_subject(&krest_schemas::names::events_subject(
-            "web", "t", "traced",
-        ))
+        .get_last_raw_message_by_subject(&subject)
         .await
         .unwrap();
     let headers = finished.headers;
