@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use krest_demo_worker::{register, DemoOptions, APP};
-use krest_worker::nats::NatsConfig;
 use krest_worker::Worker;
 
 /// Runs the seed's demo handlers as a Krest worker.
@@ -40,65 +39,7 @@ struct Args {
     journal: Option<PathBuf>,
     /// NATS login, like the `nats` CLI's flags and variables.
     #[command(flatten)]
-    login: Login,
-}
-
-/// NATS credentials and TLS (the same flags as `krest`'s).
-#[derive(clap::Args)]
-struct Login {
-    /// NATS user name (with --password).
-    #[arg(long, env = "NATS_USER")]
-    user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    /// NATS authentication token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// NATS credentials file (user JWT and seed).
-    #[arg(long, env = "NATS_CREDS")]
-    creds: Option<PathBuf>,
-    /// NATS nkey: a file holding the user seed, or the seed itself.
-    #[arg(long, env = "NATS_NKEY", hide_env_values = true)]
-    nkey: Option<String>,
-    /// TLS client certificate (PEM).
-    #[arg(long, env = "NATS_CERT")]
-    tlscert: Option<PathBuf>,
-    /// TLS client key (PEM).
-    #[arg(long, env = "NATS_KEY")]
-    tlskey: Option<PathBuf>,
-    /// CA certificate(s) (PEM) to verify the server with.
-    #[arg(long, env = "NATS_CA")]
-    tlsca: Option<PathBuf>,
-    /// Prefix of reply subjects (default `_INBOX_<app>`).
-    #[arg(long, env = "NATS_INBOX_PREFIX")]
-    inbox_prefix: Option<String>,
-}
-
-impl std::fmt::Debug for Login {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&self.config(""), f)
-    }
-}
-
-impl Login {
-    fn config(&self, url: &str) -> NatsConfig {
-        let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
-        let path = |v: &Option<PathBuf>| v.clone().filter(|v| !v.as_os_str().is_empty());
-        NatsConfig {
-            url: url.to_string(),
-            user: set(&self.user),
-            password: set(&self.password),
-            token: set(&self.token),
-            creds: path(&self.creds),
-            nkey: set(&self.nkey),
-            tls_cert: path(&self.tlscert),
-            tls_key: path(&self.tlskey),
-            tls_ca: path(&self.tlsca),
-            inbox_prefix: set(&self.inbox_prefix),
-            name: String::new(),
-        }
-    }
+    login: krest_worker::nats_args::NatsArgs,
 }
 
 #[tokio::main]

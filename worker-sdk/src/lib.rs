@@ -98,6 +98,8 @@ pub mod http;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod nats;
+#[cfg(feature = "cli")]
+pub mod nats_args;
 mod options;
 mod worker;
 

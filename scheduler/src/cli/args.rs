@@ -41,9 +41,9 @@ pub struct Cli {
         global = true
     )]
     pub nats_url: String,
-    /// NATS credentials and TLS (`cli/nats_args.rs`).
+    /// NATS credentials and TLS (`krest_worker::nats_args`).
     #[command(flatten)]
-    pub nats: super::nats_args::NatsArgs,
+    pub nats: krest_worker::nats_args::NatsArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table", global = true)]
     pub output: Format,

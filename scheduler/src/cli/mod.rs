@@ -17,7 +17,6 @@ pub mod args;
 pub mod client;
 pub mod config;
 mod job;
-pub mod nats_args;
 mod render;
 mod runs;
 mod worker;

@@ -1,13 +1,14 @@
-//! The NATS login flags every `krest` command takes, named like the `nats` CLI's and read from
-//! the same environment variables (`NATS_USER`, `NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CREDS`,
+//! The NATS login flags (feature `cli`, with clap) that every `krest` command and the demo
+//! worker take — and any worker binary may flatten into its own — named like the `nats` CLI's
+//! and read from the same environment variables (`NATS_USER`, `NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CREDS`,
 //! `NATS_NKEY`, `NATS_CERT`, `NATS_KEY`, `NATS_CA`, `NATS_INBOX_PREFIX`). `Debug` hides the
 //! secrets.
 
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::nats::NatsConfig;
 use clap::Args;
-use krest_worker::nats::NatsConfig;
 
 /// NATS credentials and TLS (global flags).
 #[derive(Clone, Default, Args)]
