@@ -180,7 +180,7 @@ pub struct SessionRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
-    /// `read` or `write`.
+    /// `read` or `write`; `anonymous` for a node with anonymous reads and no login.
     pub access: String,
     /// Send it back in the `X-Krest-Csrf` header of every write made with the session cookie.
     pub csrf: String,

@@ -182,6 +182,11 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
     // Anonymous reads where allowed; writes there are disabled (no write token).
     let anon = Web::new(&anon_base, None);
     assert_eq!(anon.get("/api/v1/jobs").await.0, 200);
+    // The console there opens read-only without a login.
+    let (s, v) = anon.get("/api/v1/session").await;
+    assert_eq!((s, v["access"].as_str()), (200, Some("anonymous")), "{v}");
+    let (s, _) = Web::new(&base, None).get("/api/v1/session").await;
+    assert_eq!(s, 401, "no anonymous session where reads need a token");
     let (s, v) = anon.send("POST", "/api/v1/jobs/x/pause", None).await;
     assert_eq!((s, code(&v)), (401, "unauthorized"), "{v}");
     assert!(message(&v).contains("--api-token"), "{v}");

@@ -90,6 +90,11 @@ const CHALLENGE: &str = r#"Bearer realm="krest""#;
 const CHALLENGE_INVALID: &str = r#"Bearer realm="krest", error="invalid_token""#;
 
 impl Auth {
+    /// Whether reads need no token (`--api-anonymous-read`).
+    pub fn anonymous_read(&self) -> bool {
+        self.opts.anonymous_read
+    }
+
     /// Access settings `opts`; empty tokens count as not set.
     pub fn new(mut opts: WebOptions) -> Auth {
         for t in [&mut opts.api_token, &mut opts.read_token] {

@@ -209,7 +209,7 @@ pub fn routes() -> Vec<Route> {
         route(Post, "/api/v1/session", "login", "Console login: exchanges a token for an HttpOnly, SameSite=Strict session cookie; answers the CSRF token its writes must send in X-Krest-Csrf.", Public, session_login)
             .body(|g| g.subschema_for::<SessionRequest>())
             .returns(|g| g.subschema_for::<SessionView>()),
-        route(Get, "/api/v1/session", "session", "The console session of the cookie (401 without one).", Public, session_get)
+        route(Get, "/api/v1/session", "session", "The console session of the cookie (401 without one; with anonymous reads, access `anonymous`).", Public, session_get)
             .returns(|g| g.subschema_for::<SessionView>()),
         route(Delete, "/api/v1/session", "logout", "Ends the console session and clears its cookie.", Public, session_logout),
         route(Get, "/api/v1/jobs", "listJobs", "Jobs by key, with their next fire times.", Read, jobs_list)
@@ -969,11 +969,19 @@ async fn session_get(
     State(s): State<WebState>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, WebError> {
-    let (_, session) = s
-        .auth
-        .session(&headers)
-        .ok_or_else(|| no_session("not logged in"))?;
-    Ok(json_response(StatusCode::OK, session_view(&session)))
+    match s.auth.session(&headers) {
+        Some((_, session)) => Ok(json_response(StatusCode::OK, session_view(&session))),
+        // With anonymous reads the console opens read-only, without a login.
+        None if s.auth.anonymous_read() => Ok(json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&krest_schemas::web::SessionView {
+                access: "anonymous".into(),
+                csrf: String::new(),
+            })
+            .unwrap_or_default(),
+        )),
+        None => Err(no_session("not logged in")),
+    }
 }
 
 async fn session_logout(State(s): State<WebState>, headers: axum::http::HeaderMap) -> Response {

@@ -86,7 +86,10 @@ function loggedIn(session) {
   csrf = session.csrf; access = session.access;
   document.getElementById('login').hidden = true;
   document.getElementById('nav').hidden = false;
-  document.getElementById('who').textContent = access === 'write' ? 'read & write' : 'read only';
+  document.getElementById('who').textContent =
+    access === 'write' ? 'read & write' : access === 'anonymous' ? 'anonymous, read only' : 'read only';
+  // Anonymous: the button logs in (for writes) instead of out.
+  document.getElementById('logout').textContent = access === 'anonymous' ? 'Log in' : 'Log out';
 }
 
 async function login(ev) {
