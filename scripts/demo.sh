@@ -59,8 +59,9 @@ watch_pid=""
 watchdog_pid=""
 cleanup() {
   trap - EXIT INT TERM
-  [[ -n $watchdog_pid ]] && kill "$watchdog_pid" 2>/dev/null
-  [[ -n $watch_pid ]] && kill "$watch_pid" 2>/dev/null
+  # (A process that is gone already is fine: nothing here may stop the cleanup.)
+  if [[ -n $watchdog_pid ]]; then kill "$watchdog_pid" 2>/dev/null || true; fi
+  if [[ -n $watch_pid ]]; then kill "$watch_pid" 2>/dev/null || true; fi
   echo >&2
   echo "stopping workers, scheduler and NATS..." >&2
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
@@ -153,7 +154,7 @@ watch_pid=$!
   until service_stopped 2>/dev/null; do
     sleep 1
   done
-  kill "$watch_pid" 2>/dev/null
+  kill "$watch_pid" 2>/dev/null || true
 ) &
 watchdog_pid=$!
 wait "$watch_pid" || true
