@@ -49,11 +49,15 @@ pub enum Op {
     ClusterStatus,
     /// [`DlqListRequest`] → `Vec<DeadLetter>`, newest first (paged)
     DlqList,
+    /// [`JobStatsRequest`] → [`JobStats`]
+    JobStats,
+    /// [`RunCountsRequest`] → [`RunCounts`]
+    RunsCounts,
 }
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 16] = [
         Op::JobApply,
         Op::JobList,
         Op::JobGet,
@@ -68,6 +72,8 @@ impl Op {
         Op::WorkersList,
         Op::ClusterStatus,
         Op::DlqList,
+        Op::JobStats,
+        Op::RunsCounts,
     ];
 
     /// The operation's name, e.g. `job.apply`.
@@ -87,6 +93,8 @@ impl Op {
             Op::WorkersList => "workers.list",
             Op::ClusterStatus => "cluster.status",
             Op::DlqList => "dlq.list",
+            Op::JobStats => "job.stats",
+            Op::RunsCounts => "runs.counts",
         }
     }
 
@@ -755,4 +763,62 @@ mod tests {
         }
         assert_eq!(Op::from_name("nope"), None);
     }
+}
+
+/// `job.stats`: how a job's recent runs went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobStatsRequest {
+    /// `group.name` or `name` (a deleted job by `group.name`).
+    pub job: String,
+    /// How many of the newest ended runs to look at (default 100, at most 10,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<u32>,
+}
+
+/// A job's recent runs in figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobStats {
+    /// `group.name`.
+    pub job: String,
+    /// The newest run, ended or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RunSummary>,
+    /// Ended runs looked at (the newest, at most the request's `recent`).
+    pub ended: u32,
+    /// Of those, SUCCEEDED.
+    pub succeeded: u32,
+    /// Of those, FAILED or TIMED_OUT.
+    pub failed: u32,
+    /// `succeeded / (succeeded + failed)`, when there is one of either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    /// Median duration (first start to end) of the ended runs that started, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<i64>,
+    /// 95th percentile of the same durations, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_ms: Option<i64>,
+    /// Longest of the same durations, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<i64>,
+}
+
+/// `runs.counts`: runs by status since a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunCountsRequest {
+    /// Runs scheduled (or dispatched, for manual runs) at or after this time.
+    pub since: DateTime<Utc>,
+}
+
+/// Runs by status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunCounts {
+    /// The request's `since`.
+    pub since: DateTime<Utc>,
+    /// Status (`SUCCEEDED`, …) → runs; statuses without runs are absent.
+    pub counts: std::collections::BTreeMap<String, u64>,
 }

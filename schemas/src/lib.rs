@@ -175,5 +175,21 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             "api-dead-letter.json",
             render(schemars::schema_for!(api::DeadLetter)),
         ),
+        (
+            "api-job-stats-request.json",
+            render(schemars::schema_for!(api::JobStatsRequest)),
+        ),
+        (
+            "api-job-stats.json",
+            render(schemars::schema_for!(api::JobStats)),
+        ),
+        (
+            "api-run-counts-request.json",
+            render(schemars::schema_for!(api::RunCountsRequest)),
+        ),
+        (
+            "api-run-counts.json",
+            render(schemars::schema_for!(api::RunCounts)),
+        ),
     ]
 }

@@ -292,6 +292,14 @@ pub enum JobCmd {
         #[arg(long)]
         revision: Option<u64>,
     },
+    /// How a job's recent runs went: the last run, success rate and p50/p95 durations.
+    Stats {
+        /// The job (`group.name` also finds deleted jobs).
+        job: String,
+        /// How many of the newest ended runs to look at.
+        #[arg(long, default_value_t = 100)]
+        recent: u32,
+    },
     /// List the revisions of a job's definition, newest first.
     History {
         /// The job (`group.name` also finds deleted jobs).

@@ -40,6 +40,22 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 jobs_table(&jobs).print()?;
             }
         }
+        JobCmd::Stats { job, recent } => {
+            let stats: krest_schemas::api::JobStats = client
+                .call(
+                    Op::JobStats,
+                    &krest_schemas::api::JobStatsRequest {
+                        job,
+                        recent: Some(recent),
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&stats)?;
+            } else {
+                super::render::print_job_stats(&stats)?;
+            }
+        }
         JobCmd::History { job } => {
             let revisions: Vec<krest_schemas::api::JobRevision> = client
                 .fetch_all(

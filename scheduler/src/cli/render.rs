@@ -382,6 +382,48 @@ pub(crate) fn dead_letters_table(letters: &[DeadLetter]) -> Table<6> {
     t
 }
 
+/// `krest job stats` as `key: value` lines.
+pub(crate) fn job_stats_text(s: &krest_schemas::api::JobStats) -> String {
+    let ms = |v: Option<i64>| v.map_or_else(|| "-".to_string(), fmt_duration);
+    let last = s.last_run.as_ref().map_or_else(
+        || "none".to_string(),
+        |r| {
+            format!(
+                "{} {} (scheduled {})",
+                r.run_id,
+                r.status.as_str(),
+                fmt_time(r.scheduled_at.or(r.dispatched_at))
+            )
+        },
+    );
+    let rate = s
+        .success_rate
+        .map_or_else(|| "-".to_string(), |r| format!("{:.1} %", r * 100.0));
+    [
+        format!("job:           {}", s.job),
+        format!("last run:      {last}"),
+        format!(
+            "ended runs:    {} (newest), {} succeeded, {} failed or timed out",
+            s.ended, s.succeeded, s.failed
+        ),
+        format!("success rate:  {rate}"),
+        format!(
+            "duration:      p50 {}, p95 {}, max {}",
+            ms(s.p50_ms),
+            ms(s.p95_ms),
+            ms(s.max_ms)
+        ),
+    ]
+    .map(|l| esc(&l).into_owned())
+    .join("\n")
+}
+
+/// Prints [`job_stats_text`].
+pub(crate) fn print_job_stats(s: &krest_schemas::api::JobStats) -> std::io::Result<()> {
+    use std::io::Write as _;
+    writeln!(std::io::stdout(), "{}", job_stats_text(s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

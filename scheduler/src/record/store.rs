@@ -811,6 +811,56 @@ impl Store {
         rows.iter().map(run_summary).collect()
     }
 
+    /// A job's newest run, and the status and duration (ms, `None` if it never started) of
+    /// its newest `recent` ended runs (uses the `runs_by_job` index).
+    pub async fn job_runs_ended(
+        &self,
+        group: &str,
+        name: &str,
+        recent: u32,
+    ) -> Result<(Option<RunSummary>, Vec<(RunStatus, Option<i64>)>), StoreError> {
+        let last = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE job_group = $1 AND job_name = $2 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC LIMIT 1"
+        ))
+        .bind(group)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| run_summary(&r))
+        .transpose()?;
+        let rows = sqlx::query(
+            "SELECT status, started_at, finished_at FROM runs WHERE job_group = $1 AND job_name = $2 AND finished_at IS NOT NULL ORDER BY scheduled_at DESC NULLS LAST, run_id DESC LIMIT $3",
+        )
+        .bind(group)
+        .bind(name)
+        .bind(i64::from(recent))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ended = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let status: String = r.try_get("status")?;
+            let status = RunStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown run status `{status}`")))?;
+            let started: Option<i64> = r.try_get("started_at")?;
+            let finished: Option<i64> = r.try_get("finished_at")?;
+            ended.push((status, started.zip(finished).map(|(s, f)| f - s)));
+        }
+        Ok((last, ended))
+    }
+
+    /// Runs by status among those scheduled at or after `since_ms` (uses `runs_by_time`).
+    pub async fn run_counts_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM runs WHERE scheduled_at >= $1 GROUP BY status",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
+            .collect()
+    }
+
     /// One run's summary and args.
     pub async fn run_head(
         &self,

@@ -23,8 +23,9 @@ use futures_util::StreamExt;
 use krest_schemas::api::{
     ApiError, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
     ClusterStatus, DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest,
-    JobRevision, JobStatus, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary,
-    RunsListRequest, TriggerRequest, TriggerResponse, WorkersListRequest,
+    JobRevision, JobStats, JobStatsRequest, JobStatus, JobView, LogView, Op, RunCounts,
+    RunCountsRequest, RunGetRequest, RunRequest, RunStatus, RunSummary, RunsListRequest,
+    TriggerRequest, TriggerResponse, WorkersListRequest,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
 use krest_schemas::text::{echo, shorten_quoted};
@@ -278,7 +279,44 @@ impl ApiServer {
             Op::WorkersList => self.workers(body(payload)?).await,
             Op::ClusterStatus => to_value(self.cluster().await?),
             Op::DlqList => self.dlq(body(payload)?).await,
+            Op::JobStats => to_value(self.job_stats(body(payload)?).await?),
+            Op::RunsCounts => to_value(self.run_counts(body(payload)?).await?),
         }
+    }
+
+    /// `job.stats`: the newest run and figures over the newest ended ones.
+    async fn job_stats(&self, req: JobStatsRequest) -> Result<JobStats, Failure> {
+        let key = self.resolve_any(&req.job).await?;
+        let (group, name) = key
+            .split_once('.')
+            .ok_or_else(|| Failure::new(ErrorCode::BadRequest, "a job is `group.name`"))?;
+        let recent = req.recent.unwrap_or(100).clamp(1, 10_000);
+        let (mut last, ended) = self
+            .store
+            .job_runs_ended(group, name, recent)
+            .await
+            .map_err(Failure::internal)?;
+        if let Some(run) = last.as_mut() {
+            run.redact_secrets();
+            cap_summary(run, text_cap(self.max_payload()));
+        }
+        Ok(job_stats(key, last, &ended))
+    }
+
+    /// `runs.counts`: runs by status since a time.
+    async fn run_counts(&self, req: RunCountsRequest) -> Result<RunCounts, Failure> {
+        let counts = self
+            .store
+            .run_counts_since(req.since.timestamp_millis())
+            .await
+            .map_err(Failure::internal)?;
+        Ok(RunCounts {
+            since: req.since,
+            counts: counts
+                .into_iter()
+                .map(|(status, n)| (status, u64::try_from(n).unwrap_or(0)))
+                .collect(),
+        })
     }
 
     /// The one-at-a-time write path of job definitions: reads the current revision, asks
@@ -998,6 +1036,37 @@ pub(super) fn prepare(
     spec.validate()
 }
 
+/// Figures over ended runs (status, duration in ms if the run started), newest first.
+fn job_stats(
+    job: String,
+    last_run: Option<RunSummary>,
+    ended: &[(RunStatus, Option<i64>)],
+) -> JobStats {
+    let count = |f: &dyn Fn(RunStatus) -> bool| {
+        u32::try_from(ended.iter().filter(|(s, _)| f(*s)).count()).unwrap_or(u32::MAX)
+    };
+    let succeeded = count(&|s| s == RunStatus::Succeeded);
+    let failed = count(&|s| matches!(s, RunStatus::Failed | RunStatus::TimedOut));
+    let mut durations: Vec<i64> = ended.iter().filter_map(|(_, d)| *d).collect();
+    durations.sort_unstable();
+    // Nearest-rank percentile.
+    let pct = |p: usize| {
+        (!durations.is_empty()).then(|| durations[(durations.len() * p).div_ceil(100).max(1) - 1])
+    };
+    JobStats {
+        job,
+        last_run,
+        ended: u32::try_from(ended.len()).unwrap_or(u32::MAX),
+        succeeded,
+        failed,
+        success_rate: (succeeded + failed > 0)
+            .then(|| f64::from(succeeded) / f64::from(succeeded + failed)),
+        p50_ms: pct(50),
+        p95_ms: pct(95),
+        max_ms: durations.last().copied(),
+    }
+}
+
 fn no_run(run_id: &str) -> Failure {
     Failure::new(
         ErrorCode::NotFound,
@@ -1058,4 +1127,36 @@ impl Views {
 pub(super) fn now_ms() -> chrono::DateTime<Utc> {
     let now = Utc::now();
     chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_stats_count_rates_and_percentiles() {
+        let ended: Vec<(RunStatus, Option<i64>)> = (1..=20)
+            .map(|i| {
+                let status = match i % 10 {
+                    0 => RunStatus::Failed,
+                    5 => RunStatus::TimedOut,
+                    7 => RunStatus::Cancelled,
+                    _ => RunStatus::Succeeded,
+                };
+                (status, Some(i * 100))
+            })
+            .chain([(RunStatus::Skipped, None)])
+            .collect();
+        let s = job_stats("g.j".into(), None, &ended);
+        assert_eq!((s.ended, s.succeeded, s.failed), (21, 14, 4));
+        assert_eq!(s.success_rate, Some(14.0 / 18.0));
+        assert_eq!(s.p50_ms, Some(1000));
+        assert_eq!(s.p95_ms, Some(1900));
+        assert_eq!(s.max_ms, Some(2000));
+        let none = job_stats("g.j".into(), None, &[]);
+        assert_eq!(
+            (none.success_rate, none.p50_ms, none.max_ms),
+            (None, None, None)
+        );
+    }
 }

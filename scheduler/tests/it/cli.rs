@@ -92,6 +92,18 @@ async fn cli_applies_lists_triggers_and_reports_errors() {
     ]);
     assert_eq!(code, 0);
     assert!(out.contains(&run_id), "{out}");
+    let (code, out, err) = env.cli(&["job", "stats", "demo-job3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("job:           default-jobGroup.demo-job3"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("last run:      {run_id} SUCCEEDED")),
+        "{out}"
+    );
+    assert!(out.contains("success rate:  100.0 %"), "{out}");
+    assert!(out.contains("duration:      p50 "), "{out}");
 
     // --wait follows a run and reflects its end in the exit code.
     let (code, out, err) = env.cli(&["job", "trigger", "demo-job3", "--wait"]);

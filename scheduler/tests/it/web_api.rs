@@ -413,6 +413,16 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
         (s == 200 && v["run"]["status"] == "SUCCEEDED").then_some(v)
     })
     .await;
+    // Figures: runs by status since an hour ago, and the job's stats.
+    let v = reader.ok("/api/v1/runs/counts?since=1h").await;
+    assert!(v["counts"]["SUCCEEDED"].as_u64().unwrap() >= 1, "{v}");
+    let (s, v) = reader.get("/api/v1/runs/counts?since=yesterday").await;
+    assert_eq!((s, field(&v)), (400, "since"), "{v}");
+    let v = reader.ok("/api/v1/jobs/demo-job3/stats?recent=10").await;
+    assert_eq!(v["job"], "default-jobGroup.demo-job3");
+    assert!(v["succeeded"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["p50Ms"].is_number(), "{v}");
+    assert!(v["lastRun"]["runId"].is_string(), "{v}");
     assert_eq!(detail["args"], "from the web");
     assert_eq!(detail["run"]["output"], "post ok: from the web");
     let logs = &detail["attempts"][0]["logs"];

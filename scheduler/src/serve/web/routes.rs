@@ -250,6 +250,12 @@ pub fn routes() -> Vec<Route> {
                 int("to", "The newer revision (default: the current one)."),
             ])
             .returns(|g| g.subschema_for::<JobDiff>()),
+        route(Get, "/api/v1/jobs/{job}/stats", "jobStats", "How the job's recent runs went: the newest run, success rate, p50/p95/max durations (as `krest job stats`).", Read, job_stats)
+            .query(vec![int("recent", "How many of the newest ended runs to look at (default 100, at most 10,000).")])
+            .returns(|g| g.subschema_for::<krest_schemas::api::JobStats>()),
+        route(Get, "/api/v1/runs/counts", "countRuns", "Runs by status among those scheduled since a time.", Read, run_counts)
+            .query(vec![Param { required: true, ..param("since", "An RFC 3339 time, or a period back from now (`1h`, `30m`).") }])
+            .returns(|g| g.subschema_for::<krest_schemas::api::RunCounts>()),
         route(Get, "/api/v1/runs", "listRuns", "Runs, newest first.", Read, runs_list)
             .query(vec![
                 param("job", "Only runs of this job (`group.name` or a unique name)."),
@@ -831,6 +837,63 @@ async fn workers_list(
         cursor: q.cursor,
     };
     Ok(page(s.call(Op::WorkersList, &req).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    recent: Option<u32>,
+}
+
+async fn job_stats(
+    State(s): State<WebState>,
+    Path(job): Path<String>,
+    q: Result<Query<StatsQuery>, QueryRejection>,
+) -> Result<Response, WebError> {
+    let q = query(q)?;
+    let req = krest_schemas::api::JobStatsRequest {
+        job,
+        recent: q.recent,
+    };
+    Ok(result(s.call(Op::JobStats, &req).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountsQuery {
+    since: Option<String>,
+}
+
+async fn run_counts(
+    State(s): State<WebState>,
+    q: Result<Query<CountsQuery>, QueryRejection>,
+) -> Result<Response, WebError> {
+    let q = query(q)?;
+    let since = q.since.ok_or_else(|| {
+        WebError::bad_field(
+            "since",
+            "missing `since`: an RFC 3339 time or a period such as `1h`",
+        )
+    })?;
+    let since = match crate::cli::args::parse_duration(&since) {
+        Ok(d) => chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),
+        Err(_) => chrono::DateTime::parse_from_rfc3339(&since)
+            .map_err(|_| {
+                WebError::bad_field(
+                    "since",
+                    format!(
+                        "`{}` is neither an RFC 3339 time nor a period such as `1h`",
+                        krest_schemas::text::echo(&since)
+                    ),
+                )
+            })?
+            .with_timezone(&chrono::Utc),
+    };
+    let req = krest_schemas::api::RunCountsRequest { since };
+    Ok(result(s.call(Op::RunsCounts, &req).await?))
 }
 
 async fn dlq_list(
