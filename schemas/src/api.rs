@@ -436,6 +436,15 @@ pub struct RunsListRequest {
     /// Only runs in this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunStatus>,
+    /// Only runs of this app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// Only runs scheduled at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// Only runs scheduled before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
     /// At most this many per page (default 20, at most 1000; fewer when they would not fit in
     /// one reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,6 +6,25 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Parses a point in time: an RFC 3339 time (`2026-12-03T08:00:00Z`) or a period back from
+/// now (`90m`, `1h`, `2d`: any duration [`parse_duration`] takes).
+pub fn parse_time_or_ago(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(d) = parse_duration(s) {
+        return Ok(chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC));
+    }
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| {
+            format!(
+                "`{}` is neither an RFC 3339 time (2026-12-03T08:00:00Z) nor a period back from now (1h, 30m)",
+                krest_schemas::text::echo(s)
+            )
+        })
+}
+
 /// Parses a duration flag: `500ms`, `3s`, `2m`, `1h30m`, `1d` or a bare number of seconds
 /// (the same syntax as job definitions).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -355,6 +374,15 @@ pub enum RunsCmd {
         /// Show times in this time zone (an IANA name such as `Europe/Paris`) instead of UTC.
         #[arg(long, default_value = "UTC")]
         tz: String,
+        /// Only runs of this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only runs scheduled since: an RFC 3339 time or a period back (`1h`, `2d`).
+        #[arg(long, value_parser = parse_time_or_ago)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only runs scheduled before: an RFC 3339 time or a period back (`30m`).
+        #[arg(long, value_parser = parse_time_or_ago)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Show one run with its shards, attempts and log lines.
     Get {

@@ -27,6 +27,9 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             status,
             limit,
             tz,
+            app,
+            since,
+            until,
         } => {
             let zone = Zone::parse(&tz).context("--tz")?;
             let status = match status {
@@ -45,6 +48,9 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                     |cursor, wanted| RunsListRequest {
                         job: job.clone(),
                         status,
+                        app: app.clone(),
+                        since,
+                        until,
                         limit: wanted.map(|w| w.min(1000) as u32),
                         cursor,
                     },

@@ -189,7 +189,29 @@ ALTER TABLE runs ADD COLUMN epoch BIGINT
         sql: "",
         postgres: Some(r#"ALTER TABLE runs ALTER COLUMN run_id TYPE TEXT COLLATE "C""#),
     },
+    // `runs.list --app`.
+    Migration::same(
+        6,
+        r#"
+CREATE INDEX runs_by_app ON runs (app_name, scheduled_at)
+"#,
+    ),
 ];
+
+/// Which runs `runs.list` wants.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter<'a> {
+    /// The job: its name, and its group when known.
+    pub job: Option<(&'a str, Option<&'a str>)>,
+    /// The app.
+    pub app: Option<&'a str>,
+    /// The status.
+    pub status: Option<RunStatus>,
+    /// Scheduled at or after (ms).
+    pub since_ms: Option<i64>,
+    /// Scheduled before (ms).
+    pub until_ms: Option<i64>,
+}
 
 /// Rows per multi-row INSERT (well under every backend's bind-parameter limit).
 const ROWS_PER_INSERT: usize = 400;
@@ -761,14 +783,26 @@ impl Store {
     /// `start` (`(scheduled ms, run id)` of the first run wanted, inclusive) if given.
     pub async fn list_runs(
         &self,
-        job: Option<(&str, Option<&str>)>,
-        status: Option<RunStatus>,
+        filter: &RunFilter<'_>,
         limit: u32,
         start: Option<(Option<i64>, String)>,
     ) -> Result<Vec<RunSummary>, StoreError> {
         let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
         let mut vals: Vec<Val> = Vec::new();
-        if let Some((name, group)) = job {
+        let status = filter.status;
+        if let Some(app) = filter.app {
+            vals.push(app.into());
+            sql.push_str(&format!(" AND app_name = ${}", vals.len()));
+        }
+        if let Some(since) = filter.since_ms {
+            vals.push(since.into());
+            sql.push_str(&format!(" AND scheduled_at >= ${}", vals.len()));
+        }
+        if let Some(until) = filter.until_ms {
+            vals.push(until.into());
+            sql.push_str(&format!(" AND scheduled_at < ${}", vals.len()));
+        }
+        if let Some((name, group)) = filter.job {
             vals.push(name.into());
             sql.push_str(&format!(" AND job_name = ${}", vals.len()));
             if let Some(group) = group {
@@ -1493,12 +1527,27 @@ mod tests {
         assert!(!d.attempts[2].will_retry);
         assert_eq!(d.attempts[2].logs[0].line, "shard 1 attempt 2");
         let listed = store
-            .list_runs(Some(("j", Some("g"))), Some(RunStatus::Succeeded), 10, None)
+            .list_runs(
+                &RunFilter {
+                    job: Some(("j", Some("g"))),
+                    status: Some(RunStatus::Succeeded),
+                    ..RunFilter::default()
+                },
+                10,
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(listed.len(), 1);
         assert!(store
-            .list_runs(Some(("j", Some("other"))), None, 10, None)
+            .list_runs(
+                &RunFilter {
+                    job: Some(("j", Some("other"))),
+                    ..RunFilter::default()
+                },
+                10,
+                None,
+            )
             .await
             .unwrap()
             .is_empty());
@@ -1600,7 +1649,10 @@ mod tests {
         let mut seen = Vec::new();
         let mut start = None;
         loop {
-            let page = store.list_runs(None, None, 3, start.clone()).await.unwrap();
+            let page = store
+                .list_runs(&RunFilter::default(), 3, start.clone())
+                .await
+                .unwrap();
             let more = page.len() == 3;
             for r in &page {
                 seen.push(r.run_id.clone());
@@ -1694,7 +1746,10 @@ mod tests {
         assert_eq!(ended.len(), 200);
         assert_eq!(a.counts().await.unwrap(), (200, 200, 0));
         assert_eq!(b.cursor().await.unwrap(), 600);
-        let runs = a.list_runs(None, None, 1000, None).await.unwrap();
+        let runs = a
+            .list_runs(&RunFilter::default(), 1000, None)
+            .await
+            .unwrap();
         assert!(runs
             .iter()
             .all(|r| r.status == RunStatus::Succeeded && r.attempts == 1));

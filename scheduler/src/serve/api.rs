@@ -696,7 +696,17 @@ impl ApiServer {
         });
         let runs = self
             .store
-            .list_runs(filter, req.status, limit + 1, start)
+            .list_runs(
+                &crate::record::store::RunFilter {
+                    job: filter,
+                    app: req.app.as_deref(),
+                    status: req.status,
+                    since_ms: req.since.map(|t| t.timestamp_millis()),
+                    until_ms: req.until.map(|t| t.timestamp_millis()),
+                },
+                limit + 1,
+                start,
+            )
             .await
             .map_err(Failure::internal)?;
         if let Some(e) = unknown.filter(|_| runs.is_empty() && first_page) {

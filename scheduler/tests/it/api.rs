@@ -533,9 +533,9 @@ async fn runs_in_pages(db: Db) {
     let pages: Vec<Vec<RunSummary>> = all_pages(&client, Op::RunsList, |cursor| {
         krest_schemas::api::RunsListRequest {
             job: Some("chatty".into()),
-            status: None,
             limit: Some(1000),
             cursor,
+            ..Default::default()
         }
     })
     .await;

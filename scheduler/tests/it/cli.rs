@@ -104,6 +104,26 @@ async fn cli_applies_lists_triggers_and_reports_errors() {
     );
     assert!(out.contains("success rate:  100.0 %"), "{out}");
     assert!(out.contains("duration:      p50 "), "{out}");
+    // Filters by app and time range.
+    let listed = |args: &[&str]| {
+        let mut all = vec!["runs", "list"];
+        all.extend_from_slice(args);
+        let (code, out, err) = env.cli(&all);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out.contains(&run_id)
+    };
+    assert!(listed(&["--app", "demo-spring-krest-job", "--since", "1h"]));
+    assert!(!listed(&["--app", "another-app"]));
+    assert!(!listed(&["--until", "1h"]));
+    assert!(listed(&[
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--until",
+        "2100-01-01T00:00:00Z"
+    ]));
+    let (code, _, err) = env.cli(&["runs", "list", "--since", "last tuesday"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("neither an RFC 3339 time"), "{err}");
 
     // --wait follows a run and reflects its end in the exit code.
     let (code, out, err) = env.cli(&["job", "trigger", "demo-job3", "--wait"]);

@@ -227,9 +227,8 @@ pub async fn trigger(client: &Client, job: &str) -> TriggerResponse {
 pub async fn runs(client: &Client, job: &str) -> Vec<RunSummary> {
     let req = RunsListRequest {
         job: Some(job.into()),
-        status: None,
         limit: Some(1000),
-        cursor: None,
+        ..Default::default()
     };
     eventually(DEADLINE, "an answer to runs.list", || async {
         client.call(Op::RunsList, &req).await.ok()

@@ -260,6 +260,9 @@ pub fn routes() -> Vec<Route> {
             .query(vec![
                 param("job", "Only runs of this job (`group.name` or a unique name)."),
                 param("status", "Only runs in this status (`FAILED`, `RUNNING`, …; any case)."),
+                param("app", "Only runs of this app."),
+                param("since", "Only runs scheduled since: an RFC 3339 time or a period back (`1h`)."),
+                param("until", "Only runs scheduled before: an RFC 3339 time or a period back."),
                 LIMIT,
                 CURSOR,
             ])
@@ -766,6 +769,9 @@ fn pointer(path: &str, key: &str) -> String {
 struct RunsQuery {
     job: Option<String>,
     status: Option<String>,
+    app: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
 }
@@ -787,9 +793,19 @@ async fn runs_list(
             )
         })?),
     };
+    let time = |field: &'static str, v: Option<String>| {
+        v.filter(|v| !v.is_empty())
+            .map(|v| {
+                crate::cli::args::parse_time_or_ago(&v).map_err(|e| WebError::bad_field(field, e))
+            })
+            .transpose()
+    };
     let req = RunsListRequest {
         job: q.job.filter(|j| !j.is_empty()),
         status,
+        app: q.app.filter(|a| !a.is_empty()),
+        since: time("since", q.since)?,
+        until: time("until", q.until)?,
         limit: parse_limit(q.limit)?,
         cursor: q.cursor,
     };
@@ -875,23 +891,8 @@ async fn run_counts(
             "missing `since`: an RFC 3339 time or a period such as `1h`",
         )
     })?;
-    let since = match crate::cli::args::parse_duration(&since) {
-        Ok(d) => chrono::Duration::from_std(d)
-            .ok()
-            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
-            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),
-        Err(_) => chrono::DateTime::parse_from_rfc3339(&since)
-            .map_err(|_| {
-                WebError::bad_field(
-                    "since",
-                    format!(
-                        "`{}` is neither an RFC 3339 time nor a period such as `1h`",
-                        krest_schemas::text::echo(&since)
-                    ),
-                )
-            })?
-            .with_timezone(&chrono::Utc),
-    };
+    let since =
+        crate::cli::args::parse_time_or_ago(&since).map_err(|e| WebError::bad_field("since", e))?;
     let req = krest_schemas::api::RunCountsRequest { since };
     Ok(result(s.call(Op::RunsCounts, &req).await?))
 }
