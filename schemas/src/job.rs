@@ -1534,6 +1534,7 @@ mod tests {
             next_fire_at: Some(Utc::now()),
         };
         let reply = crate::api::ApiReply {
+            catching_up: None,
             ok: true,
             result: Some(serde_json::to_value(&view).unwrap()),
             error: None,

@@ -301,6 +301,8 @@ async fn run_supervised(
         store: store.clone(),
         publisher,
         routing: routing.clone(),
+        node: opts.node.clone(),
+        recorder: recorder_rx.clone(),
     };
     let api_task = sup.spawn("api", api.run(front.clone()));
     let deadletter_task = sup.spawn(

@@ -69,6 +69,16 @@ impl Backend {
     }
 }
 
+/// What [`Store::apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The runs the batch brought to a final status.
+    pub ended: Vec<RunSummary>,
+    /// The cursor after the batch: the last stream sequence recorded in the database, by this
+    /// node or another sharing it.
+    pub cursor: u64,
+}
+
 /// A connection pool with Krest's schema.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -508,18 +518,21 @@ impl Store {
     /// and moves the cursor to `last_seq`. The cursor row is locked first and events at or below
     /// it are skipped (another node sharing the database recorded them), and the cursor never
     /// moves back. Returns the runs this batch brought to a final status (for follow-ups such as
-    /// child jobs and alerts); a replayed batch returns none.
+    /// child jobs and alerts; a replayed batch has none) and the cursor.
     pub async fn apply(
         &self,
         events: &[(u64, RunEvent)],
         last_seq: u64,
-    ) -> Result<Vec<RunSummary>, StoreError> {
+    ) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
         let stored = self.lock_cursor(&mut tx).await?;
         if last_seq <= stored {
             // Everything here is recorded already.
             tx.commit().await?;
-            return Ok(Vec::new());
+            return Ok(Applied {
+                ended: Vec::new(),
+                cursor: stored,
+            });
         }
         let events = events
             .iter()
@@ -754,7 +767,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(summaries)
+        Ok(Applied {
+            ended: summaries,
+            cursor: last_seq,
+        })
     }
 
     /// Runs matching the filter, newest first (by scheduled time, then run id), starting at
@@ -1414,7 +1430,9 @@ mod tests {
         store.apply(&seqd(&reversed[..5], 1), 5).await.unwrap();
         store.apply(&seqd(&evs, 6), 15).await.unwrap();
         // A replay at or below the cursor is skipped; the same content again is harmless.
-        assert!(store.apply(&seqd(&evs, 6), 15).await.unwrap().is_empty());
+        let replayed = store.apply(&seqd(&evs, 6), 15).await.unwrap();
+        assert!(replayed.ended.is_empty());
+        assert_eq!(replayed.cursor, 15);
         store.apply(&seqd(&evs, 16), 25).await.unwrap();
         assert_eq!(store.counts().await.unwrap(), (1, 3, 3));
         assert_eq!(store.cursor().await.unwrap(), 25);
@@ -1481,8 +1499,9 @@ mod tests {
         if let Some(RunEvent::Finished(f)) = evs.last_mut() {
             f.will_retry = false;
         }
-        let ended = store.apply(&seqd(&evs, 1), 7).await.unwrap();
-        assert_eq!(ended.len(), 1);
+        let applied = store.apply(&seqd(&evs, 1), 7).await.unwrap();
+        assert_eq!(applied.ended.len(), 1);
+        assert_eq!(applied.cursor, 7);
         let d = store.get_run("g.j.1000").await.unwrap().unwrap();
         assert_eq!(d.run.status, RunStatus::Failed);
         assert_eq!(d.run.error.as_deref(), Some("oops"));
@@ -1617,7 +1636,7 @@ mod tests {
                 let mut ended = Vec::new();
                 for batch in all.chunks(size) {
                     let last = batch.last().unwrap().0;
-                    ended.extend(store.apply(batch, last).await.unwrap());
+                    ended.extend(store.apply(batch, last).await.unwrap().ended);
                 }
                 ended
             })

@@ -65,6 +65,7 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
             "lagSeconds": rec.lag.as_secs_f64(),
             "maxLagSeconds": s.max_lag.as_secs_f64(),
             "failing": rec.failing,
+            "catchingUp": crate::record::recorder::catching_up(&s.node, &rec).is_some(),
             "parked": rec.parked,
             "dropped": rec.dropped,
         },
