@@ -1157,6 +1157,10 @@ async fn summarize(
             error: r.try_get("error")?,
         });
     }
+    // One multi-row UPDATE … FROM (VALUES …) for the chunk (a statement per run costs a round
+    // trip each on Postgres). VALUES columns are `column1…` on both backends.
+    let mut vals: Vec<Val> = Vec::with_capacity(run_ids.len() * 9);
+    let mut rows = 0;
     for run_id in run_ids {
         if skipped.contains(run_id) {
             continue;
@@ -1164,20 +1168,18 @@ async fn summarize(
         let total = totals.get(run_id).copied().unwrap_or(1);
         let folded = fold::fold(total, by_run.get(run_id).map_or(&[][..], Vec::as_slice));
         let status = folded.status;
-        sqlx::query(
-            "UPDATE runs SET status = $1, shards_succeeded = $2, shards_failed = $3, attempts = $4, started_at = $5, finished_at = $6, output = $7, error = $8 WHERE run_id = $9",
-        )
-        .bind(status.as_str())
-        .bind(folded.shards_succeeded)
-        .bind(folded.shards_failed)
-        .bind(folded.attempts)
-        .bind(folded.started_at)
-        .bind(folded.finished_at)
-        .bind(folded.output)
-        .bind(folded.error)
-        .bind(run_id.as_str())
-        .execute(&mut **tx)
-        .await?;
+        vals.extend([
+            Val::from(run_id.as_str()),
+            status.as_str().into(),
+            folded.shards_succeeded.into(),
+            folded.shards_failed.into(),
+            folded.attempts.into(),
+            folded.started_at.into(),
+            folded.finished_at.into(),
+            folded.output.into(),
+            folded.error.into(),
+        ]);
+        rows += 1;
         let was_final = before
             .get(run_id)
             .and_then(|s| RunStatus::parse(s))
@@ -1185,6 +1187,15 @@ async fn summarize(
         if status.is_final() && !was_final {
             ended.push(run_id.clone());
         }
+    }
+    if rows > 0 {
+        let sql = format!(
+            "UPDATE runs SET status = v.column2, shards_succeeded = v.column3, shards_failed = v.column4, attempts = v.column5, \
+             started_at = v.column6, finished_at = v.column7, output = v.column8, error = v.column9 \
+             FROM (VALUES {}) AS v WHERE runs.run_id = v.column1",
+            placeholders(backend, rows, 9)
+        );
+        bind_all(sqlx::query(&sql), vals).execute(&mut **tx).await?;
     }
     Ok(ended)
 }
