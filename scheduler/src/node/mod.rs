@@ -50,6 +50,8 @@ pub struct NodeOptions {
     pub router: crate::leader::router::RouterConfig,
     /// Address of the HTTP endpoint (`/healthz`, `/readyz`); `None` disables it.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Which ended runs the database keeps.
+    pub retention: crate::record::retention::RetentionConfig,
 }
 
 impl NodeOptions {
@@ -69,6 +71,7 @@ impl NodeOptions {
             recorder: RecorderConfig::default(),
             router: Default::default(),
             http_addr: None,
+            retention: Default::default(),
         }
     }
 }
@@ -85,6 +88,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("recorder", &self.recorder)
             .field("router", &self.router)
             .field("http_addr", &self.http_addr)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -294,6 +298,10 @@ async fn run_supervised(
             back.clone(),
         ),
     );
+    let retention_task = sup.spawn(
+        "retention",
+        crate::record::retention::run(store.clone(), opts.retention.clone(), back.clone()),
+    );
     let api = ApiServer {
         client: client.clone(),
         infra: infra.clone(),
@@ -359,6 +367,7 @@ async fn run_supervised(
     back.cancel();
     watcher.join().await;
     recorder_task.join().await;
+    retention_task.join().await;
     presence_task.join().await;
     deadletter_task.join().await;
     registry_task.join().await;

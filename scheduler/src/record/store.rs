@@ -994,6 +994,75 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// Deletes up to `batch` ended runs (with their attempts and log lines) that retention no
+    /// longer keeps: ended before `ended_before` (epoch ms), or beyond the newest `keep_runs`
+    /// runs of their job. One short transaction; returns how many runs it deleted (less than
+    /// `batch`: nothing more to prune now). Runs that have not ended are always kept.
+    pub async fn prune(
+        &self,
+        ended_before: Option<i64>,
+        keep_runs: Option<u32>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        const ENDED: &str =
+            "status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'SKIPPED', 'CANCELLED')";
+        let mut ids: Vec<String> = Vec::new();
+        if let Some(before) = ended_before {
+            let rows = sqlx::query(&format!(
+                "SELECT run_id FROM runs WHERE {ENDED} AND COALESCE(finished_at, scheduled_at) < $1 LIMIT $2"
+            ))
+            .bind(before)
+            .bind(i64::from(batch))
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                ids.push(r.try_get(0)?);
+            }
+        }
+        if let (Some(keep), true) = (keep_runs, ids.len() < batch as usize) {
+            let rows = sqlx::query(&format!(
+                "SELECT run_id FROM (SELECT run_id, status, ROW_NUMBER() OVER (PARTITION BY job_group, job_name \
+                 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC) AS n FROM runs) AS ranked \
+                 WHERE n > $1 AND {ENDED} LIMIT $2"
+            ))
+            .bind(i64::from(keep))
+            .bind(i64::from(batch) - ids.len() as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                ids.push(r.try_get(0)?);
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let list = list_placeholders(self.backend, ids.len());
+        let vals: Vec<Val> = ids.iter().map(|s| Val::from(s.as_str())).collect();
+        let mut tx = self.pool.begin().await?;
+        for table in ["logs", "attempts"] {
+            bind_all(
+                sqlx::query(&format!("DELETE FROM {table} WHERE run_id IN ({list})")),
+                vals.clone(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Re-checked: a run that came back to life since the select is kept.
+        let deleted = bind_all(
+            sqlx::query(&format!(
+                "DELETE FROM runs WHERE run_id IN ({list}) AND {ENDED}"
+            )),
+            vals,
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// Checks that the database accepts a write (a no-op update of the cursor row).
     pub async fn probe_write(&self) -> Result<(), StoreError> {
         sqlx::query("UPDATE recorder_cursor SET seq = seq WHERE id = 1")
@@ -1428,6 +1497,60 @@ mod tests {
         paging => runs_page_newest_first_with_unscheduled_runs_last,
         shared => stores_sharing_a_database_apply_each_event_once,
         reopen => reopening_migrates_once_and_keeps_the_cursor,
+        prune => retention_prunes_ended_runs_by_age_and_count_in_batches,
+    }
+
+    async fn retention_prunes_ended_runs_by_age_and_count_in_batches(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        // Runs at 10, 20, … 100 ms of job g.j (dispatched only: pending), and the full run
+        // g.j.1000 (ended at 1006, with attempts and logs).
+        let mut evs: Vec<RunEvent> = (1..=10).map(|n| dispatched(n * 10)).collect();
+        evs.extend(events());
+        store.apply(&seqd(&evs, 1), 20).await.unwrap();
+        assert_eq!(store.counts().await.unwrap(), (11, 3, 3));
+        // Pending runs are never pruned, however old.
+        assert_eq!(store.prune(Some(i64::MAX), None, 100).await.unwrap(), 1);
+        assert_eq!(store.counts().await.unwrap(), (10, 0, 0));
+        // End the runs at 10..50 (skipped: final), then keep the newest 7 of the job: the
+        // three oldest go, two per batch.
+        let skipped: Vec<RunEvent> = (1..=5)
+            .map(|n| {
+                RunEvent::Skipped(krest_schemas::Skipped {
+                    run: krest_schemas::RunRef {
+                        run_id: format!("g.j.{:05}", n * 10),
+                        job_group: "g".into(),
+                        job_name: "j".into(),
+                        app_name: "a".into(),
+                    },
+                    trigger: Trigger::Schedule,
+                    scheduled_at: at(n * 10),
+                    misfired: 0,
+                    revision: 1,
+                    node: "n1".into(),
+                    epoch: None,
+                    reason: "overlap".into(),
+                    at: at(n * 10 + 1),
+                })
+            })
+            .collect();
+        store.apply(&seqd(&skipped, 21), 25).await.unwrap();
+        assert_eq!(store.prune(None, Some(7), 2).await.unwrap(), 2);
+        assert_eq!(store.prune(None, Some(7), 2).await.unwrap(), 1);
+        assert_eq!(store.prune(None, Some(7), 2).await.unwrap(), 0);
+        let left: Vec<String> = store
+            .list_runs(None, None, 100, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect();
+        assert_eq!(left.len(), 7);
+        assert!(left.contains(&"g.j.00040".to_string()), "{left:?}");
+        // By age: ended before 45 ms: 40 goes; pending 60..100 stay.
+        assert_eq!(store.prune(Some(45), None, 100).await.unwrap(), 1);
+        assert_eq!(store.counts().await.unwrap().0, 6);
+        store.close().await;
     }
 
     async fn replaying_events_creates_no_duplicates_in_any_order(backend: Backend) {
