@@ -300,7 +300,12 @@ async fn run_supervised(
     );
     let retention_task = sup.spawn(
         "retention",
-        crate::record::retention::run(store.clone(), opts.retention.clone(), back.clone()),
+        crate::record::retention::run(
+            store.clone(),
+            table.clone(),
+            opts.retention.clone(),
+            back.clone(),
+        ),
     );
     let api = ApiServer {
         client: client.clone(),

@@ -79,6 +79,31 @@ pub struct Applied {
     pub cursor: u64,
 }
 
+/// Which ended runs [`Store::prune`] deletes.
+#[derive(Debug, Clone)]
+pub struct PruneRule<'a> {
+    /// Runs that ended before this (epoch ms).
+    pub ended_before: Option<i64>,
+    /// Runs beyond the newest this many of their job.
+    pub keep_runs: Option<u32>,
+    /// Whose runs.
+    pub scope: PruneScope<'a>,
+}
+
+/// The runs a [`PruneRule`] applies to.
+#[derive(Debug, Clone, Copy)]
+pub enum PruneScope<'a> {
+    /// One job's.
+    Job {
+        /// Its group.
+        group: &'a str,
+        /// Its name.
+        name: &'a str,
+    },
+    /// Every job's but these `(group, name)` (which have their own rules).
+    Except(&'a [(String, String)]),
+}
+
 /// A connection pool with Krest's schema.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -994,42 +1019,62 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Deletes up to `batch` ended runs (with their attempts and log lines) that retention no
-    /// longer keeps: ended before `ended_before` (epoch ms), or beyond the newest `keep_runs`
-    /// runs of their job. One short transaction; returns how many runs it deleted (less than
-    /// `batch`: nothing more to prune now). Runs that have not ended are always kept.
-    pub async fn prune(
-        &self,
-        ended_before: Option<i64>,
-        keep_runs: Option<u32>,
-        batch: u32,
-    ) -> Result<u64, StoreError> {
+    /// Deletes up to `batch` ended runs (with their attempts and log lines) of `rule`'s scope
+    /// that it no longer keeps: ended before `ended_before` (epoch ms), or beyond the newest
+    /// `keep_runs` runs of their job. One short transaction; returns how many runs it deleted
+    /// (less than `batch`: nothing more to prune now). Runs that have not ended are always kept.
+    pub async fn prune(&self, rule: &PruneRule<'_>, batch: u32) -> Result<u64, StoreError> {
         const ENDED: &str =
             "status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'SKIPPED', 'CANCELLED')";
+        // The scope as `$1…` placeholders; the query's own parameters follow.
+        let mut scope_vals: Vec<Val> = Vec::new();
+        let scope = match rule.scope {
+            PruneScope::Job { group, name } => {
+                scope_vals.extend([Val::from(group), Val::from(name)]);
+                "job_group = $1 AND job_name = $2".to_string()
+            }
+            PruneScope::Except([]) => "1 = 1".to_string(),
+            PruneScope::Except(jobs) => {
+                let mut rows = Vec::with_capacity(jobs.len());
+                for (group, name) in jobs {
+                    scope_vals.extend([Val::from(group.as_str()), Val::from(name.as_str())]);
+                    rows.push(format!("(${},${})", scope_vals.len() - 1, scope_vals.len()));
+                }
+                format!("NOT ((job_group, job_name) IN (VALUES {}))", rows.join(","))
+            }
+        };
+        let next = scope_vals.len() + 1;
         let mut ids: Vec<String> = Vec::new();
-        if let Some(before) = ended_before {
-            let rows = sqlx::query(&format!(
-                "SELECT run_id FROM runs WHERE {ENDED} AND COALESCE(finished_at, scheduled_at) < $1 LIMIT $2"
-            ))
-            .bind(before)
-            .bind(i64::from(batch))
-            .fetch_all(&self.pool)
-            .await?;
-            for r in &rows {
+        if let Some(before) = rule.ended_before {
+            let sql = format!(
+                "SELECT run_id FROM runs WHERE {scope} AND {ENDED} AND COALESCE(finished_at, scheduled_at) < ${next} LIMIT ${}",
+                next + 1
+            );
+            let mut vals = scope_vals.clone();
+            vals.extend([Val::from(before), Val::from(i64::from(batch))]);
+            for r in &bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 ids.push(r.try_get(0)?);
             }
         }
-        if let (Some(keep), true) = (keep_runs, ids.len() < batch as usize) {
-            let rows = sqlx::query(&format!(
+        if let (Some(keep), true) = (rule.keep_runs, ids.len() < batch as usize) {
+            let sql = format!(
                 "SELECT run_id FROM (SELECT run_id, status, ROW_NUMBER() OVER (PARTITION BY job_group, job_name \
-                 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC) AS n FROM runs) AS ranked \
-                 WHERE n > $1 AND {ENDED} LIMIT $2"
-            ))
-            .bind(i64::from(keep))
-            .bind(i64::from(batch) - ids.len() as i64)
-            .fetch_all(&self.pool)
-            .await?;
-            for r in &rows {
+                 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC) AS n FROM runs WHERE {scope}) AS ranked \
+                 WHERE n > ${next} AND {ENDED} LIMIT ${}",
+                next + 1
+            );
+            let mut vals = scope_vals.clone();
+            vals.extend([
+                Val::from(i64::from(keep)),
+                Val::from(i64::from(batch) - ids.len() as i64),
+            ]);
+            for r in &bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 ids.push(r.try_get(0)?);
             }
         }
@@ -1510,7 +1555,32 @@ mod tests {
         store.apply(&seqd(&evs, 1), 20).await.unwrap();
         assert_eq!(store.counts().await.unwrap(), (11, 3, 3));
         // Pending runs are never pruned, however old.
-        assert_eq!(store.prune(Some(i64::MAX), None, 100).await.unwrap(), 1);
+        let rule = |ended_before: Option<i64>, keep_runs: Option<u32>| PruneRule {
+            ended_before,
+            keep_runs,
+            scope: PruneScope::Except(&[]),
+        };
+        // Jobs with their own rules are left to them; another job's rule leaves g.j alone.
+        let own = [("g".to_string(), "j".to_string())];
+        let others = PruneRule {
+            ended_before: Some(i64::MAX),
+            keep_runs: Some(1),
+            scope: PruneScope::Except(&own),
+        };
+        assert_eq!(store.prune(&others, 100).await.unwrap(), 0);
+        let other_job = PruneRule {
+            ended_before: Some(i64::MAX),
+            keep_runs: Some(1),
+            scope: PruneScope::Job {
+                group: "g",
+                name: "other",
+            },
+        };
+        assert_eq!(store.prune(&other_job, 100).await.unwrap(), 0);
+        assert_eq!(
+            store.prune(&rule(Some(i64::MAX), None), 100).await.unwrap(),
+            1
+        );
         assert_eq!(store.counts().await.unwrap(), (10, 0, 0));
         // End the runs at 10..50 (skipped: final), then keep the newest 7 of the job: the
         // three oldest go, two per batch.
@@ -1535,9 +1605,17 @@ mod tests {
             })
             .collect();
         store.apply(&seqd(&skipped, 21), 25).await.unwrap();
-        assert_eq!(store.prune(None, Some(7), 2).await.unwrap(), 2);
-        assert_eq!(store.prune(None, Some(7), 2).await.unwrap(), 1);
-        assert_eq!(store.prune(None, Some(7), 2).await.unwrap(), 0);
+        let seven = PruneRule {
+            ended_before: None,
+            keep_runs: Some(7),
+            scope: PruneScope::Job {
+                group: "g",
+                name: "j",
+            },
+        };
+        assert_eq!(store.prune(&seven, 2).await.unwrap(), 2);
+        assert_eq!(store.prune(&seven, 2).await.unwrap(), 1);
+        assert_eq!(store.prune(&seven, 2).await.unwrap(), 0);
         let left: Vec<String> = store
             .list_runs(None, None, 100, None)
             .await
@@ -1548,7 +1626,7 @@ mod tests {
         assert_eq!(left.len(), 7);
         assert!(left.contains(&"g.j.00040".to_string()), "{left:?}");
         // By age: ended before 45 ms: 40 goes; pending 60..100 stay.
-        assert_eq!(store.prune(Some(45), None, 100).await.unwrap(), 1);
+        assert_eq!(store.prune(&rule(Some(45), None), 100).await.unwrap(), 1);
         assert_eq!(store.counts().await.unwrap().0, 6);
         store.close().await;
     }

@@ -888,7 +888,21 @@ async fn retention_keeps_newest(db: Db) {
         .build()
         .unwrap()
         .spawn();
-    apply(&client, vec![job("keep", "ret-app", "ok", json!({}))]).await;
+    // "own" keeps its newest run only (its own retention instead of the node's two).
+    apply(
+        &client,
+        vec![
+            job("keep", "ret-app", "ok", json!({})),
+            job("own", "ret-app", "ok", json!({"retention": {"runs": 1}})),
+        ],
+    )
+    .await;
+    let mut own = Vec::new();
+    for _ in 0..3 {
+        let id = trigger(&client, "own").await.run_id;
+        wait_final(&client, &id).await;
+        own.push(id);
+    }
     let mut ids = Vec::new();
     for _ in 0..5 {
         let id = trigger(&client, "keep").await.run_id;
@@ -904,6 +918,12 @@ async fn retention_keeps_newest(db: Db) {
     let mut newest = ids[3..].to_vec();
     newest.sort();
     assert_eq!(kept, newest);
+    let kept_own = eventually(DEADLINE, "the newest run of `own` kept", || async {
+        let r = runs(&client, "own").await;
+        (r.len() == 1).then(|| r[0].run_id.clone())
+    })
+    .await;
+    assert_eq!(kept_own, own[2]);
     // A pruned run is gone with its attempts and log lines; a kept one is whole.
     let err = client
         .call::<_, RunDetail>(Op::RunsGet, &RunGetRequest::new(ids[0].clone()))
