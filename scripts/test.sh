@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 scripts/ensure-nats-server.sh
 scripts/ensure-postgres.sh
+scripts/ensure-chromium.sh
 scripts/check-deploy.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -4,7 +4,10 @@
 //!
 //! - `service/demo-krestjob-post` (NORMAL): logs its args, returns `post ok: <args>`.
 //! - `service/demo-krestjob/sharding` (SHARDING): logs its shard, works for `work` (honouring
-//!   cancellation), returns `shard i/n done`.
+//!   cancellation), returns `shard i of n done` (shards count from 0, as everywhere in Krest).
+//! - `service/demo-krestjob/flaky` (not in the seed; `examples/demo/flaky.json` and
+//!   `broken.json` use it): fails its first `failures` attempts (from its args, default 1),
+//!   then succeeds — so the demo shows retries, and FAILED runs when retries run out.
 //!
 //! With a journal file set, every handler execution appends `run_id shard attempt instance`
 //! as one line — an audit trail that tells executions apart even when a run is executed
@@ -23,6 +26,8 @@ pub const APP: &str = "demo-spring-krest-job";
 pub const POST_HANDLER: &str = "service/demo-krestjob-post";
 /// Handler of the seed's SHARDING job.
 pub const SHARDING_HANDLER: &str = "service/demo-krestjob/sharding";
+/// Handler that fails its first attempts (the demo's retries and failures).
+pub const FLAKY_HANDLER: &str = "service/demo-krestjob/flaky";
 
 /// How the demo handlers behave.
 #[derive(Debug, Clone)]
@@ -77,8 +82,8 @@ pub fn register(builder: WorkerBuilder, opts: DemoOptions) -> WorkerBuilder {
                     .cloned()
                     .ok_or_else(|| JobError::fatal("this handler expects a SHARDING job"))?;
                 ctx.log(format!(
-                    "shard {}/{} processing item {item}",
-                    ctx.shard_index() + 1,
+                    "shard {} of {} processing item {item}",
+                    ctx.shard_index(),
                     ctx.shard_total()
                 ));
                 tokio::select! {
@@ -86,10 +91,28 @@ pub fn register(builder: WorkerBuilder, opts: DemoOptions) -> WorkerBuilder {
                     _ = ctx.cancelled() => return Err(JobError::new("cancelled")),
                 }
                 Ok(format!(
-                    "shard {}/{} done",
-                    ctx.shard_index() + 1,
+                    "shard {} of {} done",
+                    ctx.shard_index(),
                     ctx.shard_total()
                 ))
             }
+        })
+        .handler(FLAKY_HANDLER, |ctx: JobContext| async move {
+            let failures = ctx
+                .args()
+                .get("failures")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(1);
+            if u64::from(ctx.attempt()) <= failures {
+                ctx.log(format!(
+                    "attempt {} of a flaky call: the upstream answered 503",
+                    ctx.attempt()
+                ));
+                return Err(JobError::new(format!(
+                    "upstream unavailable (attempt {}; this job fails its first {failures})",
+                    ctx.attempt()
+                )));
+            }
+            Ok(format!("succeeded at attempt {}", ctx.attempt()))
         })
 }

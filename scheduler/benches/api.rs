@@ -180,6 +180,13 @@ fn main() {
 /// Publishes the events of a run of [`SHARDS`] shards, each started and succeeded once.
 async fn publish_run(url: &str, run_id: &str) -> Duration {
     let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let secrets = js
+        .get_key_value(krest_schemas::names::SECRETS_BUCKET)
+        .await
+        .unwrap();
+    let key = krest::delivery::DeliveryKey::load_or_create(&secrets)
+        .await
+        .unwrap();
     let now = chrono::Utc::now();
     let (group, name) = ("g00", "wide");
     let mut events = vec![RunEvent::Dispatched(Dispatched {
@@ -216,6 +223,7 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
             worker: "w1".into(),
             at: now,
             scheduled_at: Some(now),
+            delivery_token: key.token(run_id, shard),
         }));
         events.push(RunEvent::Finished(Finished {
             run: krest_schemas::RunRef {
@@ -235,10 +243,11 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
             output: Some(format!("shard {shard} done")),
             error: None,
             duration_ms: 1,
+            delivery_token: key.token(run_id, shard),
         }));
     }
     let start = Instant::now();
-    let subject = krest_schemas::names::events_subject(group, name);
+    let subject = krest_schemas::names::events_subject("bench", group, name);
     type Acked = Result<
         async_nats::jetstream::publish::PublishAck,
         async_nats::jetstream::context::PublishError,
@@ -252,7 +261,11 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
         }
         let msg = PublishMessage::build()
             .payload(serde_json::to_vec(e).unwrap().into())
-            .message_id(e.msg_id());
+            .message_id(e.msg_id())
+            .header(
+                krest_schemas::names::SCHEDULER_TOKEN_HEADER,
+                key.scheduler_token(run_id).as_str(),
+            );
         let ack = js.send_publish(subject.clone(), msg).await.unwrap();
         inflight.push(Box::pin(async move { ack.await }));
     }

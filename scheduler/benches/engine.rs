@@ -152,8 +152,8 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
     rt.block_on(async {
         let client = async_nats::connect(nats.url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        infra::ensure(&js, &InfraConfig::default()).await.unwrap();
-        let publisher = Publisher::new(js.clone(), "bench".into());
+        let infra = infra::ensure(&js, &InfraConfig::default()).await.unwrap();
+        let publisher = Publisher::new(js.clone(), "bench".into(), infra.delivery);
         let t0 = Utc::now();
         let job = if shards > 1 {
             let items: Vec<String> = (0..shards).map(|i| i.to_string()).collect();

@@ -55,6 +55,7 @@ fn events(runs: usize) -> Vec<(u64, RunEvent)> {
             worker: "bench-worker".into(),
             at: at(n * 1000 + 2),
             scheduled_at: Some(at(n * 1000)),
+            delivery_token: String::new(),
         }));
         for seq in 1..=3 {
             out.push(RunEvent::Log(LogLine {
@@ -65,6 +66,7 @@ fn events(runs: usize) -> Vec<(u64, RunEvent)> {
                 at: at(n * 1000 + 3),
                 level: LogLevel::Info,
                 line: format!("step {seq} of the benchmark job, a line of ordinary length"),
+                delivery_token: String::new(),
             }));
         }
         out.push(RunEvent::Finished(Finished {
@@ -80,6 +82,7 @@ fn events(runs: usize) -> Vec<(u64, RunEvent)> {
             output: Some("done".into()),
             error: None,
             duration_ms: 8,
+            delivery_token: String::new(),
         }));
     }
     (1..).zip(out).collect()

@@ -19,8 +19,7 @@ use futures_util::StreamExt;
 use krest_schemas::api::DeadLetter;
 use krest_schemas::deadletter::{header_value, parked_copy, Origin};
 use krest_schemas::names::{
-    dlq_subject, events_subject, parked_work_id, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, DLQ_STREAM,
-    WORK_STREAM,
+    dlq_subject, parked_work_id, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, DLQ_STREAM, WORK_STREAM,
 };
 use krest_schemas::{redact, AttemptOutcome, Finished, RunEvent, RunMessage};
 use serde::Deserialize;
@@ -208,12 +207,13 @@ pub async fn record_failure(
         output: None,
         error: Some(error.to_string()),
         duration_ms: 0,
+        delivery_token: run.delivery_token.clone(),
     });
     let body = serde_json::to_vec(&finished)
         .map_err(|e| Error::with_source(DeadLetterErrorKind::RecordFailure, e))?;
     publish_acked(
         js,
-        events_subject(&run.run.job_group, &run.run.job_name),
+        finished.subject(),
         PublishMessage::build()
             .payload(body.into())
             .message_id(finished.msg_id()),

@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use krest_schemas::names::{
     CANCELS_BUCKET, DLQ_STREAM, DLQ_SUBJECTS, EVENTS_STREAM, EVENTS_SUBJECTS, JOBS_BUCKET,
-    LEADER_BUCKET, NODES_BUCKET, ONCE_BUCKET, STATE_BUCKET, WORKERS_BUCKET, WORK_STREAM,
-    WORK_SUBJECTS,
+    LEADER_BUCKET, NODES_BUCKET, ONCE_BUCKET, SECRETS_BUCKET, STATE_BUCKET, WORKERS_BUCKET,
+    WORK_STREAM, WORK_SUBJECTS,
 };
 
 /// Sizes and lifetimes of what [`ensure`] creates. Existing streams keep their settings.
@@ -65,6 +65,8 @@ pub struct Infra {
     pub once: kv::Store,
     /// The lease TTL actually configured on the leader bucket.
     pub lease_ttl: Duration,
+    /// The key of delivery tokens (from the `krest-secrets` bucket).
+    pub delivery: crate::delivery::DeliveryKey,
 }
 
 /// Errors creating or opening streams and buckets.
@@ -161,6 +163,10 @@ async fn ensure_configured(
     let cancels =
         ensure_bucket(js, CANCELS_BUCKET, 1, Duration::from_secs(86400), replicas).await?;
     let once = ensure_bucket(js, ONCE_BUCKET, 1, Duration::from_secs(7 * 86400), replicas).await?;
+    let secrets = ensure_bucket(js, SECRETS_BUCKET, 1, Duration::ZERO, replicas).await?;
+    let delivery = crate::delivery::DeliveryKey::load_or_create(&secrets)
+        .await
+        .map_err(|e| err(SECRETS_BUCKET, e))?;
     let lease_ttl = js
         .get_stream(format!("KV_{LEADER_BUCKET}"))
         .await
@@ -184,6 +190,7 @@ async fn ensure_configured(
         cancels,
         once,
         lease_ttl,
+        delivery,
     })
 }
 

@@ -51,9 +51,17 @@ impl Default for JobTable {
 /// Why a job name could not be resolved to a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
-    /// No such job.
+    /// No such job (it went away meanwhile).
     #[error("no job named `{}`: see `krest job list`", echo(.0))]
     NotFound(String),
+    /// No job has this name; `suggestions` are the closest names there are.
+    #[error("no job named `{}`{}", echo(.name), did_you_mean(.suggestions))]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// Up to three existing `group.name` keys close to it, closest first.
+        suggestions: Vec<String>,
+    },
     /// The bare name exists in several groups.
     #[error("`{}` names jobs in several groups: use one of {candidates:?}", echo(.name))]
     Ambiguous {
@@ -62,6 +70,60 @@ pub enum ResolveError {
         /// The matching `group.name` keys.
         candidates: Vec<String>,
     },
+}
+
+/// `; did you mean a.b or c.d?`, or a pointer to the job list.
+fn did_you_mean(suggestions: &[String]) -> String {
+    match suggestions {
+        [] => ": see `krest job list`".into(),
+        [one] => format!("; did you mean {one}?"),
+        [init @ .., last] => format!("; did you mean {} or {last}?", init.join(", ")),
+    }
+}
+
+/// The edit distance between `a` and `b` if it is at most `max` (a banded Levenshtein, so a
+/// far-off name costs little).
+fn distance_within(a: &str, b: &str, max: usize) -> Option<usize> {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    if a.len().abs_diff(b.len()) > max {
+        return None;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        let mut row_min = cur[0];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+            row_min = row_min.min(cur[j + 1]);
+        }
+        if row_min > max {
+            return None;
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    Some(prev[b.len()]).filter(|d| *d <= max)
+}
+
+/// Existing keys close to `name` (a bare name or `group.name`): within a few edits of the
+/// key or of its job name, or containing it; closest first, at most three.
+fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a String, &'a str)>) -> Vec<String> {
+    let lower = name.to_lowercase();
+    let max = (name.chars().count() / 4).clamp(1, 3);
+    let mut found: Vec<(usize, &String)> = keys
+        .filter_map(|(key, job_name)| {
+            let d = distance_within(&lower, &key.to_lowercase(), max)
+                .or_else(|| distance_within(&lower, &job_name.to_lowercase(), max))
+                .or_else(|| {
+                    (lower.len() >= 3 && key.to_lowercase().contains(&lower)).then_some(max + 1)
+                })?;
+            Some((d, key))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().take(3).map(|(_, k)| k.clone()).collect()
 }
 
 impl JobTable {
@@ -157,7 +219,14 @@ impl JobTable {
             .collect();
         candidates.sort();
         match candidates.len() {
-            0 => Err(ResolveError::NotFound(name.to_string())),
+            0 => Err(ResolveError::Unknown {
+                name: name.to_string(),
+                suggestions: suggestions(
+                    name,
+                    jobs.iter()
+                        .map(|(k, e)| (k, e.stored.spec.job_name.as_str())),
+                ),
+            }),
             1 => Ok(candidates.remove(0)),
             _ => Err(ResolveError::Ambiguous {
                 name: name.to_string(),
@@ -331,5 +400,45 @@ pub async fn watch_jobs(
                 let _ = ready.send(true);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    #[test]
+    fn close_names_are_suggested() {
+        let keys: Vec<(String, String)> = [
+            ("default-jobGroup.demo-job3", "demo-job3"),
+            ("default-jobGroup.demo-job2", "demo-job2"),
+            ("billing.invoices", "invoices"),
+            ("billing.reports", "reports"),
+        ]
+        .iter()
+        .map(|(k, n)| (k.to_string(), n.to_string()))
+        .collect();
+        let s = |name: &str| suggestions(name, keys.iter().map(|(k, n)| (k, n.as_str())));
+        assert_eq!(
+            s("demo-jb3"),
+            ["default-jobGroup.demo-job3", "default-jobGroup.demo-job2"]
+        );
+        assert_eq!(s("invoice"), ["billing.invoices"]);
+        assert_eq!(s("billing.invoces"), ["billing.invoices"]);
+        assert_eq!(s("Reports"), ["billing.reports"]);
+        assert!(s("zzzzzzzz").is_empty());
+        assert_eq!(
+            did_you_mean(&s("demo-jb3")),
+            "; did you mean default-jobGroup.demo-job3 or default-jobGroup.demo-job2?"
+        );
+        assert_eq!(did_you_mean(&[]), ": see `krest job list`");
+    }
+
+    #[test]
+    fn banded_distance() {
+        assert_eq!(distance_within("kitten", "sitting", 3), Some(3));
+        assert_eq!(distance_within("kitten", "sitting", 2), None);
+        assert_eq!(distance_within("", "ab", 2), Some(2));
+        assert_eq!(distance_within("abc", "abc", 0), Some(0));
     }
 }

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use krest::cli::{self, Cli, Command};
 use krest::infra::InfraConfig;
 use krest::leader::engine::EngineConfig;
@@ -10,7 +9,7 @@ use krest::node::{self, NodeOptions};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,14 +39,20 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Scheduler(args) => {
-            init_logging();
+            init_logging(cli.log_format);
             let mut opts = NodeOptions::new(
-                cli.nats_url,
+                cli.nats_url.clone(),
                 args.db,
                 args.node.unwrap_or_else(node::default_node_name),
             );
+            opts.nats = cli.nats.config(&cli.nats_url);
             opts.lease_renew = args.lease_renew;
             opts.http_addr = args.http.0;
+            opts.web = krest::serve::web::WebOptions {
+                api_token: args.api.api_token,
+                read_token: args.api.api_read_token,
+                anonymous_read: args.api.api_anonymous_read,
+            };
             opts.infra = InfraConfig {
                 replicas: args.replicas,
                 lease_ttl: args.lease_ttl,
@@ -91,20 +96,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(cmd) => {
-            init_logging();
-            cli::run_worker(cli.nats_url, cmd).await?;
+            init_logging(cli.log_format);
+            cli::run_worker(cli.nats.config(&cli.nats_url), cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
         _ => cli::run_client(cli).await,
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KREST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+fn init_logging(format: krest_worker::logging::LogFormat) {
+    krest_worker::logging::init(format, "info,async_nats=warn,sqlx=warn");
 }

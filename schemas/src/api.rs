@@ -171,6 +171,10 @@ pub enum ErrorCode {
     /// The reply (or one item of it, or the request) would exceed the NATS server's
     /// `max_payload`; the message says what to do.
     TooLarge,
+    /// HTTP API: no token, or a token that is not the node's (HTTP 401).
+    Unauthorized,
+    /// HTTP API: the token may read but not write (HTTP 403).
+    Forbidden,
 }
 
 /// An API error.
@@ -252,6 +256,12 @@ pub struct JobListRequest {
     /// Only jobs of this group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Only jobs whose `group.name` contains this text (case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<String>,
+    /// Only running (or only paused) jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<JobStatus>,
     /// At most this many per page (default and at most 10000; fewer when they would not fit
     /// in one reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,6 +269,16 @@ pub struct JobListRequest {
     /// Where to continue: the `next` of the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+}
+
+/// Whether a job fires on its schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    /// `running: true`.
+    Running,
+    /// `running: false` (paused).
+    Paused,
 }
 
 /// `job.history`: the revisions of one job, newest first, a page at a time.
@@ -402,19 +422,22 @@ impl RunStatus {
         }
     }
 
+    /// Every status, in the order a run may pass through them.
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Pending,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::TimedOut,
+        RunStatus::Skipped,
+        RunStatus::Cancelled,
+    ];
+
     /// Parses the canonical name, case-insensitively.
     pub fn parse(s: &str) -> Option<RunStatus> {
-        [
-            RunStatus::Pending,
-            RunStatus::Running,
-            RunStatus::Succeeded,
-            RunStatus::Failed,
-            RunStatus::TimedOut,
-            RunStatus::Skipped,
-            RunStatus::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str().eq_ignore_ascii_case(s))
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
     }
 
     /// True for statuses a run never leaves.
@@ -508,6 +531,10 @@ pub struct RunSummary {
     /// kept when a later attempt succeeded (a SUCCEEDED run with an error needed a retry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The run's W3C trace id (a function of its run id, see `krest_schemas::trace`): the
+    /// `traceparent` of its messages, events and HTTP calls carries it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
 }
 
 /// `runs.cancel` (and the first page of `runs.get`).
@@ -598,6 +625,19 @@ pub enum AttemptStatus {
     TimedOut,
     /// Cancelled on request.
     Cancelled,
+}
+
+impl AttemptStatus {
+    /// The name as on the wire (`SUCCEEDED`, `TIMED_OUT`, …), the one spelling every view uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Running => "RUNNING",
+            AttemptStatus::Succeeded => "SUCCEEDED",
+            AttemptStatus::Failed => "FAILED",
+            AttemptStatus::TimedOut => "TIMED_OUT",
+            AttemptStatus::Cancelled => "CANCELLED",
+        }
+    }
 }
 
 impl From<AttemptOutcome> for AttemptStatus {

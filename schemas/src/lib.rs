@@ -14,6 +14,8 @@
 //! - [`json`]: the strict JSON parser for user input (BOM skipped, duplicate keys refused).
 //! - [`redact`]: what is secret and how views hide it; restoring secrets on apply.
 //! - [`text`]: [`text::echo`], how user values are echoed in errors.
+//! - [`web`]: what the HTTP API (`/api/v1`) adds: its error body, pages, cron previews,
+//!   revision diffs, node health.
 //!
 //! This crate does no IO and knows nothing of NATS clients or SQL; everything here is data that
 //! crosses a process boundary. [`json_schemas`] renders the JSON Schema of each wire message;
@@ -39,6 +41,8 @@ pub mod names;
 pub mod redact;
 pub mod schedule;
 pub mod text;
+pub mod trace;
+pub mod web;
 
 pub use backoff::Backoff;
 pub use cron::{CronError, CronSchedule};

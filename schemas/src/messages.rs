@@ -136,6 +136,11 @@ pub struct RunMessage {
     /// absent for runs a node dispatched without leading (manual and child runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// Proof of delivery for this shard of the run (set by the node that dispatched it): the
+    /// worker copies it into the attempt's `started`, `log` and `finished` events and into
+    /// hand-offs; events and hand-offs without the right token are refused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub delivery_token: String,
 }
 
 /// The request an HTTP job makes. It carries the real header values and URL (the worker needs
@@ -190,6 +195,18 @@ pub enum AttemptOutcome {
     TimedOut,
     /// The run was cancelled (`krest runs cancel`, or replaced by the overlap policy).
     Cancelled,
+}
+
+impl AttemptOutcome {
+    /// The name as on the wire (`SUCCEEDED`, `TIMED_OUT`, …), the one spelling every view uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Succeeded => "SUCCEEDED",
+            AttemptOutcome::Failed => "FAILED",
+            AttemptOutcome::TimedOut => "TIMED_OUT",
+            AttemptOutcome::Cancelled => "CANCELLED",
+        }
+    }
 }
 
 /// Severity of a handler log line.
@@ -273,7 +290,18 @@ pub struct Started {
     /// The fire time the run belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// The run message's `deliveryToken`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub delivery_token: String,
 }
+
+/// Longest log line kept, in bytes; a longer line is cut and ends in `...`.
+pub const MAX_LOG_LINE: usize = 4 * 1024;
+/// Log lines kept per attempt (of one shard). The SDK sends one more, a marker saying the log
+/// was cut, and drops the rest; the recorder stores no line numbered beyond the marker.
+pub const MAX_LOG_LINES_PER_ATTEMPT: u32 = 10_000;
+/// Bytes of log lines kept per attempt; past them the SDK sends the marker and drops the rest.
+pub const MAX_LOG_BYTES_PER_ATTEMPT: usize = 1024 * 1024;
 
 /// A line a handler logged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -294,6 +322,9 @@ pub struct LogLine {
     pub level: LogLevel,
     /// The text (truncated to 4 KiB by the SDK).
     pub line: String,
+    /// The run message's `deliveryToken`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub delivery_token: String,
 }
 
 /// An attempt ended.
@@ -331,6 +362,9 @@ pub struct Finished {
     pub error: Option<String>,
     /// Handler run time.
     pub duration_ms: u64,
+    /// The run message's `deliveryToken`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub delivery_token: String,
 }
 
 /// A fire the leader decided not to run (misfire policy, overlap policy), recorded as a
@@ -362,7 +396,7 @@ pub struct Skipped {
     pub epoch: Option<u64>,
 }
 
-/// Everything on the events stream (`krest.events.<group>.<name>`), tagged by `type`.
+/// Everything on the events stream (`krest.events.<app>.<group>.<name>`), tagged by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum RunEvent {
@@ -390,6 +424,52 @@ impl RunEvent {
         }
     }
 
+    /// The run the event is about.
+    pub fn run(&self) -> &RunRef {
+        match self {
+            RunEvent::Dispatched(e) => &e.run,
+            RunEvent::Skipped(e) => &e.run,
+            RunEvent::Started(e) => &e.run,
+            RunEvent::Log(e) => &e.run,
+            RunEvent::Finished(e) => &e.run,
+        }
+    }
+
+    /// The subject the event is published on (`krest.events.<app>.<group>.<name>`).
+    pub fn subject(&self) -> String {
+        let run = self.run();
+        crate::names::events_subject(&run.app_name, &run.job_group, &run.job_name)
+    }
+
+    /// For events about an attempt (`started`, `log`, `finished`): the shard and the delivery
+    /// token the event carries.
+    pub fn delivery(&self) -> Option<(u32, &str)> {
+        match self {
+            RunEvent::Dispatched(_) | RunEvent::Skipped(_) => None,
+            RunEvent::Started(e) => Some((e.shard, &e.delivery_token)),
+            RunEvent::Log(e) => Some((e.shard, &e.delivery_token)),
+            RunEvent::Finished(e) => Some((e.shard, &e.delivery_token)),
+        }
+    }
+
+    /// The W3C `traceparent` of the hop the event reports: the dispatch (`dispatched`,
+    /// `skipped`) or the attempt (`started`, `log`, `finished`); see [`crate::trace`].
+    pub fn traceparent(&self) -> String {
+        match self {
+            RunEvent::Dispatched(e) => crate::trace::dispatch_traceparent(&e.run.run_id, 0),
+            RunEvent::Skipped(e) => crate::trace::dispatch_traceparent(&e.run.run_id, 0),
+            RunEvent::Started(e) => {
+                crate::trace::attempt_traceparent(&e.run.run_id, e.shard, e.attempt)
+            }
+            RunEvent::Log(e) => {
+                crate::trace::attempt_traceparent(&e.run.run_id, e.shard, e.attempt)
+            }
+            RunEvent::Finished(e) => {
+                crate::trace::attempt_traceparent(&e.run.run_id, e.shard, e.attempt)
+            }
+        }
+    }
+
     /// `(group, name)` of the job the event belongs to.
     pub fn job(&self) -> (&str, &str) {
         match self {
@@ -406,15 +486,27 @@ impl RunEvent {
         match self {
             RunEvent::Dispatched(e) => run_event_msg_id(&e.run.run_id, "dispatched"),
             RunEvent::Skipped(e) => run_event_msg_id(&e.run.run_id, "skipped"),
-            RunEvent::Started(e) => {
-                attempt_event_msg_id(&e.run.run_id, e.shard, e.attempt, "started")
-            }
-            RunEvent::Log(e) => {
-                attempt_event_msg_id(&e.run.run_id, e.shard, e.attempt, &format!("log/{}", e.seq))
-            }
-            RunEvent::Finished(e) => {
-                attempt_event_msg_id(&e.run.run_id, e.shard, e.attempt, "finished")
-            }
+            RunEvent::Started(e) => attempt_event_msg_id(
+                &e.run.run_id,
+                e.shard,
+                e.attempt,
+                &e.delivery_token,
+                "started",
+            ),
+            RunEvent::Log(e) => attempt_event_msg_id(
+                &e.run.run_id,
+                e.shard,
+                e.attempt,
+                &e.delivery_token,
+                &format!("log/{}", e.seq),
+            ),
+            RunEvent::Finished(e) => attempt_event_msg_id(
+                &e.run.run_id,
+                e.shard,
+                e.attempt,
+                &e.delivery_token,
+                "finished",
+            ),
         }
     }
 }
@@ -571,6 +663,7 @@ mod tests {
             at: DateTime::<Utc>::from_timestamp(0, 0).unwrap(),
             level: LogLevel::Warn,
             line: "hello".into(),
+            delivery_token: String::new(),
         });
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["type"], "log");

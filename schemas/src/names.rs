@@ -214,10 +214,24 @@ pub fn instance_consumer(app: &str, instance: &str) -> String {
 /// Durable consumer name of the router.
 pub const ROUTER_CONSUMER: &str = "krest-router";
 
-/// Subject run events of one job are published on.
-pub fn events_subject(group: &str, name: &str) -> String {
-    format!("krest.events.{group}.{name}")
+/// Subject run events of one job of app `app` are published on: the app in the subject
+/// lets the server's permissions keep each app's workers to their own runs' events.
+pub fn events_subject(app: &str, group: &str, name: &str) -> String {
+    format!("krest.events.{app}.{group}.{name}")
 }
+
+/// Every event subject of job `group.name`, whatever its app.
+pub fn events_job_filter(group: &str, name: &str) -> String {
+    format!("krest.events.*.{group}.{name}")
+}
+
+/// KV bucket of secrets only scheduler nodes read: the key of delivery tokens.
+pub const SECRETS_BUCKET: &str = "krest-secrets";
+/// Header of the `dispatched` and `skipped` events a scheduler node publishes: proof that a
+/// node wrote it (HMAC of `<runId>/scheduler` with the delivery-token key).
+pub const SCHEDULER_TOKEN_HEADER: &str = "Krest-Scheduler-Token";
+/// Key in [`SECRETS_BUCKET`] of the delivery-token key (32 random bytes).
+pub const DELIVERY_KEY: &str = "delivery";
 
 /// Subject of one API operation, e.g. `api_subject("job.apply")`.
 pub fn api_subject(op: &str) -> String {
@@ -320,9 +334,21 @@ pub fn run_event_msg_id(run_id: &str, kind: &str) -> String {
 }
 
 /// `Nats-Msg-Id` of an event about one attempt of a shard: `kind` is `started`, `finished` or
-/// `log/<n>`.
-pub fn attempt_event_msg_id(run_id: &str, shard: u32, attempt: u32, kind: &str) -> String {
-    format!("{run_id}/{shard}/{attempt}/{kind}")
+/// `log/<n>`; `token` is the run message's delivery token (`<runId>/<shard>/<attempt>/<token>/
+/// <kind>`), so an event published without it cannot take the real event's id. Without a
+/// token (workers before 0.2), `<runId>/<shard>/<attempt>/<kind>`.
+pub fn attempt_event_msg_id(
+    run_id: &str,
+    shard: u32,
+    attempt: u32,
+    token: &str,
+    kind: &str,
+) -> String {
+    if token.is_empty() {
+        format!("{run_id}/{shard}/{attempt}/{kind}")
+    } else {
+        format!("{run_id}/{shard}/{attempt}/{token}/{kind}")
+    }
 }
 
 /// `Nats-Msg-Id` of the parked copy of work-stream message `seq` (whoever parks it: a worker,

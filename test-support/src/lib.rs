@@ -7,11 +7,14 @@
 //!   SIGSTOP and SIGCONT helpers and its output captured to a file.
 //! - [`eventually`]: wait for a condition with a deadline instead of sleeping.
 //! - [`PgDatabase`]: a fresh PostgreSQL database per test, dropped at the end.
+//! - [`webdriver::Browser`]: headless Chromium through `chromedriver` (W3C WebDriver over HTTP).
 //!
 //! The `nats-server` binary is taken from `$NATS_SERVER`, else from `PATH`. Set
 //! `KREST_KEEP_TEST_DIRS=1` to keep temporary directories (stores, logs) for inspection.
 
 #![allow(clippy::unwrap_used)]
+
+pub mod webdriver;
 
 use std::fs;
 use std::future::Future;
@@ -71,7 +74,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn nats_server_binary() -> PathBuf {
+/// The nats-server to run: `NATS_SERVER`, else the one on `PATH` or in the usual places.
+pub fn nats_server_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NATS_SERVER") {
         return PathBuf::from(p);
     }

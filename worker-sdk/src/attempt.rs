@@ -14,6 +14,7 @@ use krest_schemas::names::{dlq_subject, parked_work_id, retry_msg_id, work_route
 use krest_schemas::{Backoff, CancelRequest, Finished, RunEvent, RunMessage, Started};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::context::{HandlerFn, HandlerFuture, JobContext, JobError};
 use crate::decide::{decide, Decision, Ending, Facts, Reply};
@@ -125,14 +126,35 @@ pub(crate) async fn process(
         worker: shared.instance.clone(),
         at: Utc::now(),
         scheduled_at: Some(run.scheduled_at),
+        delivery_token: run.delivery_token.clone(),
     }));
+    // Every log line of the attempt (the SDK's and the handler's own `tracing` calls) carries
+    // the run, job, shard and attempt.
+    let span = tracing::info_span!(
+        "run",
+        run = %run.run.run_id,
+        job = %format_args!("{}.{}", run.run.job_group, run.run.job_name),
+        shard = run.shard_index(),
+        attempt,
+        trace_id = %krest_schemas::trace::trace_id(&run.run.run_id)
+    );
     let clock = std::time::Instant::now();
-    let ending = attempt_run(&shared, &run, attempt, &msg, progress_every, &hard_stop).await;
+    let ending = attempt_run(&shared, &run, attempt, &msg, progress_every, &hard_stop)
+        .instrument(span.clone())
+        .await;
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let decision = decide(
         ending,
         &Facts::of(&run, attempt, shared.backoff, &shared.instance),
     );
+    span.in_scope(|| {
+        tracing::debug!(
+            outcome = decision.outcome.as_str(),
+            will_retry = decision.will_retry,
+            duration_ms,
+            "attempt ended"
+        );
+    });
     let finished = RunEvent::Finished(Finished {
         run: run.run.clone(),
         shard: run.shard_index(),
@@ -146,16 +168,19 @@ pub(crate) async fn process(
         output: decision.output.clone(),
         error: decision.error.clone(),
         duration_ms,
+        delivery_token: run.delivery_token.clone(),
     });
     // A run message is answered only once its result is stored.
     if let Err(e) = shared.events.send_confirmed(finished).await {
         tracing::error!(
-            run = %run.run.run_id, error = %e,
+            run = %run.run.run_id, attempt, error = %e,
             "could not store the attempt's result; leaving the run unacknowledged so it is redelivered"
         );
         return;
     }
-    acknowledge(&shared, &msg, &run, attempt, &decision).await;
+    acknowledge(&shared, &msg, &run, attempt, &decision)
+        .instrument(span)
+        .await;
 }
 
 /// The run in `msg`; a payload that is not a RunMessage is parked and terminated (`None`).
@@ -324,7 +349,16 @@ async fn hand_off(
         work_router_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
         Publish::build()
             .payload(body.into())
-            .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt)),
+            .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt))
+            .header(
+                krest_schemas::trace::TRACEPARENT,
+                krest_schemas::trace::attempt_traceparent(
+                    &run.run.run_id,
+                    run.shard_index(),
+                    attempt,
+                )
+                .as_str(),
+            ),
     )
     .await
 }
@@ -409,7 +443,7 @@ async fn execute(
         cancel,
         grace,
     } = stops;
-    let mut handle = tokio::spawn(fut);
+    let mut handle = tokio::spawn(fut.in_current_span());
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);

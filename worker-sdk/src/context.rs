@@ -19,8 +19,9 @@ pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Output, JobEr
 /// A registered handler (see [`crate::WorkerBuilder::handler`]).
 pub(crate) type HandlerFn = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
 
-/// Longest log line kept; longer lines are truncated.
-pub const MAX_LOG_LINE: usize = 4 * 1024;
+pub use krest_schemas::messages::{
+    MAX_LOG_BYTES_PER_ATTEMPT, MAX_LOG_LINE, MAX_LOG_LINES_PER_ATTEMPT,
+};
 /// Longest output or error text stored with an attempt, in bytes; a longer text is cut on a
 /// character boundary and ends in `...`.
 pub const MAX_OUTPUT: usize = 16 * 1024;
@@ -37,6 +38,8 @@ struct Inner {
     worker: String,
     cancel: CancellationToken,
     log_seq: AtomicU32,
+    /// Bytes of the lines sent so far.
+    log_bytes: std::sync::atomic::AtomicUsize,
     events: EventSink,
 }
 
@@ -65,6 +68,7 @@ impl JobContext {
                 worker,
                 cancel,
                 log_seq: AtomicU32::new(0),
+                log_bytes: std::sync::atomic::AtomicUsize::new(0),
                 events,
             }),
         }
@@ -120,6 +124,23 @@ impl JobContext {
     /// by one shutting down, is delivered again whatever its count.
     pub fn attempt(&self) -> u32 {
         self.inner.attempt
+    }
+
+    /// The W3C `traceparent` of this attempt: the run's trace (its id is a function of the run
+    /// id, the same on every node and worker) with this attempt's span. Pass it on to what the
+    /// handler calls (the HTTP executor sends it as the `traceparent` header) to join the run's
+    /// trace; Krest sends it on the attempt's events.
+    pub fn traceparent(&self) -> String {
+        krest_schemas::trace::attempt_traceparent(
+            &self.inner.run.run.run_id,
+            self.inner.run.shard_index(),
+            self.inner.attempt,
+        )
+    }
+
+    /// The run's trace id (32 hex digits), as in [`JobContext::traceparent`].
+    pub fn trace_id(&self) -> String {
+        krest_schemas::trace::trace_id(&self.inner.run.run.run_id)
     }
 
     /// Attempts allowed in all (`retryTimes + 1`).
@@ -179,35 +200,55 @@ impl JobContext {
     /// Logs a line at `level` into the run's history. Lines are sent in order, without waiting;
     /// they are stored before the attempt's result. The userinfo of URLs in the line is stored
     /// as `<redacted>` (`krest_schemas::redact::text`).
+    ///
+    /// An attempt keeps at most [`MAX_LOG_LINES_PER_ATTEMPT`] lines and
+    /// [`MAX_LOG_BYTES_PER_ATTEMPT`] bytes: the first line past either limit is replaced by a
+    /// WARN marker saying the log was cut, and later lines are dropped.
     pub fn log_at(&self, level: LogLevel, line: impl Into<String>) {
-        let seq = self.inner.log_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let run = &self.inner.run;
-        self.inner.events.send(RunEvent::Log(LogLine {
+        let inner = &self.inner;
+        if inner.log_seq.load(Ordering::Relaxed) > MAX_LOG_LINES_PER_ATTEMPT {
+            return;
+        }
+        let line = truncate(
+            krest_schemas::redact::text(&line.into()).into_owned(),
+            MAX_LOG_LINE,
+        );
+        let bytes = inner.log_bytes.fetch_add(line.len(), Ordering::Relaxed) + line.len();
+        let seq = inner.log_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let (level, line) = match seq {
+            s if s > MAX_LOG_LINES_PER_ATTEMPT + 1 => return,
+            s if s == MAX_LOG_LINES_PER_ATTEMPT + 1 || bytes > MAX_LOG_BYTES_PER_ATTEMPT => {
+                // The marker takes this line's place; nothing is logged after it.
+                inner
+                    .log_seq
+                    .store(MAX_LOG_LINES_PER_ATTEMPT + 1, Ordering::Relaxed);
+                (
+                    LogLevel::Warn,
+                    format!(
+                        "log cut: an attempt keeps at most {MAX_LOG_LINES_PER_ATTEMPT} lines and {} KiB; later lines were dropped",
+                        MAX_LOG_BYTES_PER_ATTEMPT / 1024
+                    ),
+                )
+            }
+            _ => (level, line),
+        };
+        let run = &inner.run;
+        inner.events.send(RunEvent::Log(LogLine {
             run: run.run.clone(),
             shard: run.shard_index(),
-            attempt: self.inner.attempt,
+            attempt: inner.attempt,
             seq,
             at: Utc::now(),
             level,
-            line: truncate(
-                krest_schemas::redact::text(&line.into()).into_owned(),
-                MAX_LOG_LINE,
-            ),
+            line,
+            delivery_token: run.delivery_token.clone(),
         }));
     }
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
-pub(crate) fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max.saturating_sub(3);
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
+pub(crate) fn truncate(s: String, max: usize) -> String {
+    krest_schemas::text::truncate(s, max)
 }
 
 /// What a successful handler returns: an optional text recorded as the run's output.

@@ -5,7 +5,6 @@
 
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use async_nats::Subject;
-use krest_schemas::names::events_subject;
 use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -123,8 +122,7 @@ async fn publish(
     event: RunEvent,
     done: Option<Done>,
 ) {
-    let (group, name) = event.job();
-    let subject = events_subject(group, name);
+    let subject = event.subject();
     let id = event.msg_id();
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => bytes::Bytes::from(p),
@@ -140,7 +138,13 @@ async fn publish(
             return;
         }
     };
-    let message = move || Publish::build().payload(payload.clone()).message_id(&id);
+    let traceparent = event.traceparent();
+    let message = move || {
+        Publish::build()
+            .payload(payload.clone())
+            .message_id(&id)
+            .header(krest_schemas::trace::TRACEPARENT, traceparent.as_str())
+    };
     // Send now, in order; await the ack in the background.
     let first = js.send_publish(subject.clone(), message()).await;
     let js = js.clone();

@@ -69,6 +69,14 @@ async fn call(client: &reqwest::Client, ctx: &JobContext) -> Result<String, JobE
     for (name, value) in &http.headers {
         req = req.header(name.as_str(), value.as_str());
     }
+    // The run's trace goes on to the called service, unless the job sets its own.
+    if !http
+        .headers
+        .keys()
+        .any(|h| h.eq_ignore_ascii_case(krest_schemas::trace::TRACEPARENT))
+    {
+        req = req.header(krest_schemas::trace::TRACEPARENT, ctx.traceparent());
+    }
     req = match ctx.args() {
         Value::Null => req,
         Value::String(s) => req.body(s.clone()),

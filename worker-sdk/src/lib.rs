@@ -26,6 +26,13 @@
 //! ```
 //!
 //! What the worker does for you:
+//! - **Logs in to NATS** with what you give it ([`WorkerBuilder::user_and_password`],
+//!   [`WorkerBuilder::token`], [`WorkerBuilder::credentials_file`], [`WorkerBuilder::nkey`],
+//!   TLS with [`WorkerBuilder::tls_client_cert`] and [`WorkerBuilder::tls_ca`], or all at once
+//!   from the `NATS_*` environment with [`nats::NatsConfig::from_env`]); a refused login ends
+//!   [`Worker::run`] at once with [`ErrorKind::Config`] saying what to check. Replies use the
+//!   prefix `_INBOX_<app>`, which the worker role of `nats/accounts.conf` allows
+//!   (docs/security.md).
 //! - **Waits for Krest** at start: NATS (reconnecting), then the streams `KREST_WORK` and
 //!   `KREST_EVENTS` and the buckets `krest-workers` and `krest-cancels` that scheduler nodes
 //!   create, then its two consumers; meanwhile it logs a warning `waiting for <what>` with the
@@ -88,10 +95,16 @@ mod error;
 mod events;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "logging")]
+pub mod logging;
+pub mod nats;
 mod options;
 mod worker;
 
-pub use context::{JobContext, JobError, Output, MAX_LOG_LINE, MAX_OUTPUT};
+pub use context::{
+    JobContext, JobError, Output, MAX_LOG_BYTES_PER_ATTEMPT, MAX_LOG_LINE,
+    MAX_LOG_LINES_PER_ATTEMPT, MAX_OUTPUT,
+};
 pub use error::{Error, ErrorKind};
 pub use krest_schemas::{LogLevel, RunMessage, ShardInfo, Trigger};
 pub use options::{Backoff, WorkerBuilder};

@@ -11,6 +11,7 @@ use std::time::Duration;
 use krest_schemas::names::{is_token, sanitize_token};
 
 use crate::context::{HandlerFn, JobContext, JobError, Output};
+use crate::nats::NatsConfig;
 use crate::Error;
 
 /// Delay before retrying a failed attempt (shared with the scheduler: see
@@ -44,7 +45,7 @@ pub struct WorkerBuilder {
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) app: String,
-    pub(crate) nats_url: String,
+    pub(crate) nats: NatsConfig,
     pub(crate) weight: u32,
     pub(crate) slots: u32,
     pub(crate) handlers: BTreeMap<String, HandlerFn>,
@@ -61,7 +62,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("app", &self.app)
-            .field("nats_url", &redact(&self.nats_url))
+            .field("nats", &self.nats)
             .field("weight", &self.weight)
             .field("slots", &self.slots)
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
@@ -81,18 +82,12 @@ impl fmt::Debug for WorkerBuilder {
     }
 }
 
-/// Hides credentials in NATS URLs (`nats://user:pass@host` → `nats://<redacted>@host`), for
-/// every URL of a comma-separated list.
-pub(crate) fn redact(urls: &str) -> String {
-    krest_schemas::redact::urls(urls)
-}
-
 impl WorkerBuilder {
     pub(crate) fn new(app: impl Into<String>) -> WorkerBuilder {
         WorkerBuilder {
             cfg: Config {
                 app: app.into(),
-                nats_url: "nats://127.0.0.1:4222".to_string(),
+                nats: NatsConfig::new(crate::nats::DEFAULT_URL),
                 weight: 1,
                 slots: 4,
                 handlers: BTreeMap::new(),
@@ -110,7 +105,76 @@ impl WorkerBuilder {
 
     /// NATS server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
-        self.cfg.nats_url = url.into();
+        self.cfg.nats.url = url.into();
+        self
+    }
+
+    /// Every NATS setting at once: URL(s), credentials, TLS (e.g.
+    /// [`NatsConfig::from_env`], which reads `NATS_URL`, `NATS_USER`, … like the `nats` CLI).
+    /// The connection name is set by the worker.
+    ///
+    /// ```no_run
+    /// # fn demo() -> krest_worker::WorkerBuilder {
+    /// use krest_worker::{nats::NatsConfig, Worker};
+    /// Worker::builder("billing").nats(NatsConfig::from_env())
+    /// # }
+    /// ```
+    pub fn nats(mut self, nats: NatsConfig) -> Self {
+        self.cfg.nats = nats;
+        self
+    }
+
+    /// Logs in with a user and password (`NATS_USER`/`NATS_PASSWORD`).
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.cfg.nats.user = Some(user.into());
+        self.cfg.nats.password = Some(password.into());
+        self
+    }
+
+    /// Logs in with a token (`NATS_TOKEN`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.cfg.nats.token = Some(token.into());
+        self
+    }
+
+    /// Logs in with a credentials file: a user JWT and its seed (`NATS_CREDS`).
+    pub fn credentials_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.cfg.nats.creds = Some(path.into());
+        self
+    }
+
+    /// Logs in with an nkey: a file holding the user seed, or the seed itself (`NATS_NKEY`).
+    pub fn nkey(mut self, seed_or_file: impl Into<String>) -> Self {
+        self.cfg.nats.nkey = Some(seed_or_file.into());
+        self
+    }
+
+    /// Presents a TLS client certificate and its key (PEM files; `NATS_CERT`, `NATS_KEY`).
+    pub fn tls_client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.cfg.nats.tls_cert = Some(cert.into());
+        self.cfg.nats.tls_key = Some(key.into());
+        self
+    }
+
+    /// Trusts the CA certificate(s) in this PEM file for the server's certificate, instead of
+    /// the system's (`NATS_CA`). Any TLS setting makes the worker require TLS.
+    pub fn tls_ca(mut self, ca: impl Into<std::path::PathBuf>) -> Self {
+        self.cfg.nats.tls_ca = Some(ca.into());
+        self
+    }
+
+    /// Prefix of the worker's reply subjects. Default `_INBOX_<app>`, so a restricted worker
+    /// user may subscribe to its own replies only (see docs/security.md).
+    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.cfg.nats.inbox_prefix = Some(prefix.into());
         self
     }
 
@@ -263,16 +327,6 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact("nats://u:p@h:4222"), "nats://<redacted>@h:4222");
-        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
-        assert_eq!(
-            redact("nats://tok@h1,nats://u:p@h2"),
-            "nats://<redacted>@h1,nats://<redacted>@h2"
-        );
-    }
-
-    #[test]
     fn checks_the_configuration() {
         let ok = |b: WorkerBuilder| b.handler("p", |_ctx| async { Ok(()) });
         let builder = || ok(WorkerBuilder::new("app"));
@@ -302,7 +356,10 @@ mod tests {
 
     #[test]
     fn debug_output_hides_url_credentials() {
-        let b = WorkerBuilder::new("app").nats_url("nats://u:secret@h:4222");
+        let b = WorkerBuilder::new("app")
+            .nats_url("nats://u:secret@h:4222")
+            .user_and_password("u", "pw-secret")
+            .token("tok-secret");
         let shown = format!("{b:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");

@@ -11,8 +11,8 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    app_consumer, cancel_subject, instance_consumer, server_list, work_instance_filter,
-    work_queue_filter, worker_key, CANCELS_BUCKET, EVENTS_STREAM, WORKERS_BUCKET, WORK_STREAM,
+    app_consumer, cancel_subject, instance_consumer, work_instance_filter, work_queue_filter,
+    worker_key, CANCELS_BUCKET, EVENTS_STREAM, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{Backoff, WorkerInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::attempt::{process, Cancellable, Shared};
 use crate::error::{ConsumerKind, Error, ErrorKind, WaitKind};
 use crate::events::spawn_publisher;
-use crate::options::{host_name, redact, Config, WorkerBuilder};
+use crate::nats::{ConnectStyle, NatsConfig};
+use crate::options::{host_name, Config, WorkerBuilder};
 
 /// Deliveries after which the server stops redelivering a run (a backstop for workers that
 /// crash on a message; `retryTimes` normally ends a run far earlier).
@@ -141,7 +142,7 @@ impl Worker {
 
     async fn run_inner(&self, stop: CancellationToken) -> Result<(), Error> {
         let cfg = &self.cfg;
-        let Some(client) = connect(&cfg.nats_url, &self.instance, &cfg.app, &stop).await? else {
+        let Some(client) = connect(&cfg.nats, &self.instance, &cfg.app, &stop).await? else {
             return Ok(());
         };
         let js = jetstream::new(client.clone());
@@ -379,38 +380,34 @@ async fn heartbeat_loop(
     }
 }
 
+/// Connects with the worker's NATS settings (named `krest-worker <app>/<instance>`, replies
+/// under `_INBOX_<app>` unless set), waiting out an unreachable server; a refused login, a TLS
+/// failure or unusable settings end the worker with [`ErrorKind::Config`].
 async fn connect(
-    url: &str,
+    nats: &NatsConfig,
     instance: &str,
     app: &str,
     stop: &CancellationToken,
 ) -> Result<Option<async_nats::Client>, Error> {
+    let mut nats = nats.clone().name(format!("krest-worker {app}/{instance}"));
+    if nats.inbox_prefix.is_none() {
+        nats.inbox_prefix = Some(format!("_INBOX_{app}"));
+    }
     let mut failures = 0;
     loop {
-        let opts = async_nats::ConnectOptions::new()
-            .name(format!("krest-worker {app}/{instance}"))
-            .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
-            });
         match tokio::select! {
-            r = opts.connect(server_list(url)) => r,
+            r = nats.connect(ConnectStyle::Service) => r,
             _ = stop.cancelled() => return Ok(None),
         } {
             Ok(c) => return Ok(Some(c)),
-            Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
-                return Err(Error::config(format!(
-                    "invalid NATS URL {}: {e}",
-                    redact(url)
-                )));
+            Err(e) if !e.is_retryable() => {
+                return Err(Error::new(ErrorKind::Config, e.to_string()))
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(url = %redact(url), error = %krest_schemas::redact::text(&e.to_string()), "cannot connect to NATS; retrying");
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(error = %e, failures, "cannot connect to NATS; retrying");
+                }
                 if !pause(stop, Backoff::RECONNECT, failures).await {
                     return Ok(None);
                 }

@@ -197,10 +197,165 @@ fn record(
     }
 }
 
+/// What a document would do to its job (`job apply --dry-run`).
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct Planned {
+    job: String,
+    /// `create`, `update` or `unchanged`.
+    action: &'static str,
+    /// For an update: the fields that change, with their values before and after (secrets
+    /// redacted on both sides).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    changes: Vec<FieldChange>,
+}
+
+/// One top-level field of a definition that an apply changes.
+#[derive(Debug, Serialize, PartialEq)]
+struct FieldChange {
+    field: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    before: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<serde_json::Value>,
+}
+
+/// The top-level fields in which two definitions (as JSON objects) differ, in field order.
+fn field_changes(before: &serde_json::Value, after: &serde_json::Value) -> Vec<FieldChange> {
+    let empty = serde_json::Map::new();
+    let b = before.as_object().unwrap_or(&empty);
+    let a = after.as_object().unwrap_or(&empty);
+    let fields: BTreeSet<&String> = b.keys().chain(a.keys()).collect();
+    fields
+        .into_iter()
+        .filter(|f| b.get(*f) != a.get(*f))
+        .map(|f| FieldChange {
+            field: f.clone(),
+            before: b.get(f).cloned(),
+            after: a.get(f).cloned(),
+        })
+        .collect()
+}
+
+/// Jobs asked one by one up to this many; more are read with one listing.
+const DRY_RUN_LOOKUPS: usize = 200;
+
+/// The current (redacted) definitions of `keys`, where they exist.
+async fn current_specs(
+    client: &Client,
+    keys: &[String],
+) -> Result<HashMap<String, krest_schemas::JobSpec>, ClientError> {
+    if keys.len() > DRY_RUN_LOOKUPS {
+        let all: Vec<JobView> = client
+            .fetch_all(
+                Op::JobList,
+                |cursor, _| krest_schemas::api::JobListRequest {
+                    cursor,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await?;
+        let wanted: HashSet<&String> = keys.iter().collect();
+        return Ok(all
+            .into_iter()
+            .filter(|v| wanted.contains(&v.key))
+            .map(|v| (v.key, v.spec))
+            .collect());
+    }
+    let mut out = HashMap::new();
+    for key in keys {
+        match client
+            .call::<_, JobView>(Op::JobGet, &JobRequest::new(key.clone()))
+            .await
+        {
+            Ok(view) => {
+                out.insert(view.key, view.spec);
+            }
+            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// `--dry-run`: prints what applying `specs` would do, changing nothing.
+async fn dry_run(
+    client: &Client,
+    specs: &[(usize, krest_schemas::JobSpec)],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let keys: Vec<String> = specs.iter().map(|(_, s)| s.key()).collect();
+    let current = current_specs(client, &keys).await?;
+    let mut planned: Vec<(usize, Planned)> = specs
+        .iter()
+        .map(|(i, spec)| {
+            let key = spec.key();
+            let after = serde_json::to_value(spec.redacted()).unwrap_or_default();
+            let p = match current.get(&key) {
+                None => Planned {
+                    job: key,
+                    action: "create",
+                    changes: Vec::new(),
+                },
+                Some(stored) => {
+                    let before = serde_json::to_value(stored).unwrap_or_default();
+                    let changes = field_changes(&before, &after);
+                    Planned {
+                        job: key,
+                        action: if changes.is_empty() {
+                            "unchanged"
+                        } else {
+                            "update"
+                        },
+                        changes,
+                    }
+                }
+            };
+            (*i, p)
+        })
+        .collect();
+    planned.sort_by_key(|(i, _)| *i);
+    let planned: Vec<Planned> = planned.into_iter().map(|(_, p)| p).collect();
+    if json {
+        print_json(&planned)?;
+    } else {
+        let compact = |v: &Option<serde_json::Value>| {
+            v.as_ref().map_or_else(String::new, |v| {
+                super::render::cut(&serde_json::to_string(v).unwrap_or_default(), 200)
+            })
+        };
+        for p in &planned {
+            outln!(
+                "{} would be {}",
+                esc(&p.job),
+                match p.action {
+                    "create" => "created",
+                    "update" => "updated:",
+                    _ => "unchanged",
+                }
+            );
+            for c in &p.changes {
+                if c.before.is_some() {
+                    outln!("  - {}: {}", c.field, esc(&compact(&c.before)));
+                }
+                if c.after.is_some() {
+                    outln!("  + {}: {}", c.field, esc(&compact(&c.after)));
+                }
+            }
+        }
+    }
+    eprintln!("dry run: nothing was applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `krest job apply`: every document of `files` checked, then applied (or, with `dry_run`,
+/// compared with what is stored).
 pub(crate) async fn apply(
     client: &Client,
     files: &[PathBuf],
     json: bool,
+    dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
     let documents = read_documents(files)?;
     if documents.is_empty() {
@@ -235,6 +390,15 @@ pub(crate) async fn apply(
         })
         .into());
     }
+    if dry_run {
+        return self::dry_run(client, &specs, json).await;
+    }
+
+    let apps: Vec<(String, String)> = specs
+        .iter()
+        .filter(|(_, s)| s.running)
+        .map(|(_, s)| (s.app_name.clone(), s.key()))
+        .collect();
 
     // Children first, then split by size.
     let order: Vec<(usize, String, Vec<String>)> = children_first(&specs)
@@ -305,6 +469,7 @@ pub(crate) async fn apply(
             );
         }
     }
+    super::warn_without_workers(client, apps).await;
     if not_applied.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }

@@ -41,12 +41,23 @@ pub struct Cli {
         global = true
     )]
     pub nats_url: String,
+    /// NATS credentials and TLS (`cli/nats_args.rs`).
+    #[command(flatten)]
+    pub nats: super::nats_args::NatsArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table", global = true)]
     pub output: Format,
     /// How long to wait for NATS and for a scheduler node's answer.
     #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
+    /// Log lines of `krest scheduler` and `krest worker` on stderr: `text` (coloured only on a
+    /// terminal) or `json` (one object per line, for log collectors).
+    #[arg(long, env = "KREST_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: krest_worker::logging::LogFormat,
+    /// Read settings from this TOML file (after flags and environment variables; see
+    /// docs/config.md).
+    #[arg(long, env = "KREST_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -108,7 +119,7 @@ pub struct HealthArgs {
 pub enum DlqCmd {
     /// List the newest parked messages.
     List {
-        /// At most this many.
+        /// At most this many (0: all).
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -209,9 +220,33 @@ pub struct SchedulerArgs {
     /// Keep at most this many runs per job (older ended ones are deleted).
     #[arg(long, env = "KREST_KEEP_RUNS", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_runs: Option<u32>,
-    /// Address of the /healthz and /readyz endpoint (`off` to disable; port 0 picks one).
+    /// Address of the HTTP endpoint: /healthz, /readyz, /metrics, the API and the web console
+    /// (`off` to disable; port 0 picks one).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]
     pub http: HttpAddr,
+    /// The HTTP API's access (its own block: other flag groups are flattened beside it).
+    #[command(flatten)]
+    pub api: ApiAccessArgs,
+    /// Print the effective configuration (flags, environment, config file, defaults; secrets
+    /// redacted) as TOML with where each value came from, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// Who may use the HTTP API and console (`/api/v1`, on the `--http` address).
+#[derive(Debug, Args)]
+pub struct ApiAccessArgs {
+    /// Bearer token that may read and write through the HTTP API (without it, nothing can
+    /// write over HTTP).
+    #[arg(long, env = "KREST_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Bearer token that may only read.
+    #[arg(long, env = "KREST_API_READ_TOKEN", hide_env_values = true)]
+    pub api_read_token: Option<String>,
+    /// Let anyone who reaches the HTTP address read (jobs, runs, logs, workers) without a
+    /// token.
+    #[arg(long, env = "KREST_API_ANONYMOUS_READ")]
+    pub api_anonymous_read: bool,
 }
 
 /// `--http`: an address or `off`.
@@ -235,6 +270,16 @@ pub enum JobCmd {
         /// Files to read (`-` for stdin).
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Check the documents and show what would change (created, updated with each changed
+        /// field before and after, unchanged) without applying anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Edit a job's definition in $VISUAL or $EDITOR (default vi); it is checked and applied
+    /// when the editor exits, and kept in a file when it is invalid.
+    Edit {
+        /// The job (`group.name`, or a name unique across groups).
+        job: String,
     },
     /// List jobs.
     List {
@@ -298,12 +343,16 @@ pub enum RunsCmd {
         /// Only runs of this job.
         #[arg(long)]
         job: Option<String>,
-        /// Only runs in this status (PENDING, RUNNING, SUCCEEDED, FAILED).
+        /// Only runs in this status: PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED or
+        /// CANCELLED.
         #[arg(long)]
         status: Option<String>,
-        /// At most this many.
+        /// At most this many, newest first (0: all).
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Show times in this time zone (an IANA name such as `Europe/Paris`) instead of UTC.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
     },
     /// Show one run with its shards, attempts and log lines.
     Get {
@@ -317,9 +366,24 @@ pub enum RunsCmd {
     },
     /// Follow run events as they happen (until ctrl-c).
     Watch {
-        /// Only events of this job (`group.name`).
+        /// Only events of this job.
         #[arg(long)]
         job: Option<String>,
+        /// First replay the events of this last period (`10m`, `1h`) from the events stream.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Print a run's log lines (every shard and attempt, in order); with --follow, then the
+    /// new ones live until the run ends.
+    Logs {
+        /// The run id.
+        run_id: String,
+        /// Keep printing lines as they are logged, until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this shard's lines (shards count from 0).
+        #[arg(long)]
+        shard: Option<u32>,
     },
 }
 
@@ -376,7 +440,7 @@ mod tests {
         let cli =
             Cli::try_parse_from(["krest", "job", "apply", "-f", "a.json", "-f", "b.json"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Job(JobCmd::Apply { ref files }) if files.len() == 2)
+            matches!(cli.command, Command::Job(JobCmd::Apply { ref files, dry_run: false }) if files.len() == 2)
         );
     }
 }

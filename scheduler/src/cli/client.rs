@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use krest_schemas::api::{ApiError, ApiReply, CatchingUp, Op};
+use krest_worker::nats::{ConnectStyle, NatsConfig, NatsError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 
 /// Attempts per request (see [`Client::call_value`]).
 const ATTEMPTS: u32 = 3;
@@ -21,11 +23,27 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// No scheduler node subscribes to the API.
-    #[error(
-        "no Krest scheduler node is answering on NATS at {0}: start one with `krest scheduler`"
-    )]
-    NoScheduler(String),
+    /// NATS refused the login or the TLS handshake, or the settings are unusable (the message
+    /// says which and what to check).
+    #[error("{0}")]
+    Login(String),
+    /// The NATS user may not do this (the server's permissions refused a subject).
+    #[error("NATS at {url} refused this user: {violation} — the user's permissions do not allow this operation (see docs/security.md for the roles)")]
+    Permission {
+        /// The URL.
+        url: String,
+        /// The server's words (`Permissions Violation for Publish to "krest.api.job.apply"`).
+        violation: String,
+    },
+    /// No scheduler node subscribes to the API: NATS at `url` answered; `why` says what was
+    /// found there.
+    #[error("no Krest scheduler node is answering on NATS at {url}: {why}")]
+    NoScheduler {
+        /// The URL used, redacted.
+        url: String,
+        /// What the server holds, and what to do.
+        why: String,
+    },
     /// A node did not answer in time.
     #[error("no answer from a scheduler node within {0:?}; try again or raise --timeout")]
     Timeout(Duration),
@@ -46,28 +64,48 @@ pub struct Client {
     timeout: Duration,
     /// The last `catchingUp` notice a node sent with a reply.
     catching_up: std::sync::Arc<std::sync::Mutex<Option<CatchingUp>>>,
+    /// The last permissions violation the server reported on this connection.
+    violations: watch::Receiver<Option<String>>,
 }
 
 impl Client {
-    /// Connects to NATS at `url`, giving up after `timeout`. Errors show the URL redacted.
+    /// Connects to NATS at `url` without credentials (other than the URL's), giving up after
+    /// `timeout`. Errors show the URL redacted.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Client, ClientError> {
-        let shown = krest_schemas::redact::urls(url);
-        let nats = async_nats::ConnectOptions::new()
-            .name("krest-cli")
-            .connection_timeout(timeout)
-            .request_timeout(Some(timeout))
-            .max_reconnects(Some(1))
-            .connect(krest_schemas::names::server_list(url))
+        Client::connect_with(&NatsConfig::new(url), timeout).await
+    }
+
+    /// Connects with `nats`'s settings, giving up after `timeout`: an unreachable server, a
+    /// refused login or unusable settings fail at once with a message saying which.
+    pub async fn connect_with(nats: &NatsConfig, timeout: Duration) -> Result<Client, ClientError> {
+        let nats = nats.clone().name("krest-cli");
+        let (tx, violations) = watch::channel(None);
+        let client = nats
+            .connect_tuned(ConnectStyle::OneShot { timeout }, move |opts| {
+                opts.event_callback(move |event| {
+                    let tx = tx.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(async_nats::ServerError::Other(e)) =
+                            event
+                        {
+                            if e.to_ascii_lowercase().contains("permissions violation") {
+                                tx.send_replace(Some(e));
+                            }
+                        }
+                    }
+                })
+            })
             .await
-            .map_err(|e| ClientError::Connect {
-                url: shown.clone(),
-                reason: krest_schemas::redact::text(&e.to_string()).into_owned(),
+            .map_err(|e| match e {
+                NatsError::Unreachable { url, reason } => ClientError::Connect { url, reason },
+                e => ClientError::Login(e.to_string()),
             })?;
         Ok(Client {
-            nats,
-            url: shown,
+            nats: client,
+            url: nats.shown_url(),
             timeout,
             catching_up: Default::default(),
+            violations,
         })
     }
 
@@ -209,18 +247,32 @@ impl Client {
         }
         let per_attempt = (self.timeout / ATTEMPTS).max(Duration::from_millis(500));
         let mut attempt = 0;
+        let mut violations = self.violations.clone();
+        violations.borrow_and_update();
         let reply = loop {
             attempt += 1;
             let request = async_nats::Request::new()
                 .payload(body.clone())
                 .timeout(Some(per_attempt));
-            match self.nats.send_request(op.subject(), request).await {
+            // A subject this user may not publish to (or an inbox it may not subscribe to) is
+            // dropped by the server, which says so on the connection: fail with that at once.
+            let sent = tokio::select! {
+                r = self.nats.send_request(op.subject(), request) => r,
+                Ok(()) = violations.changed() => {
+                    let violation = violations.borrow().clone().unwrap_or_default();
+                    return Err(ClientError::Permission { url: self.url.clone(), violation });
+                }
+            };
+            match sent {
                 Ok(reply) => break reply,
                 Err(e) => {
                     use async_nats::client::RequestErrorKind;
                     match e.kind() {
                         RequestErrorKind::NoResponders => {
-                            return Err(ClientError::NoScheduler(self.url.clone()))
+                            return Err(ClientError::NoScheduler {
+                                url: self.url.clone(),
+                                why: self.what_is_there().await,
+                            })
                         }
                         RequestErrorKind::TimedOut if attempt < ATTEMPTS => continue,
                         RequestErrorKind::TimedOut => {
@@ -232,6 +284,50 @@ impl Client {
             }
         };
         Ok(reply.payload)
+    }
+}
+
+impl Client {
+    /// What the connected server holds of Krest, for an error or a warning: whether its
+    /// streams exist (a scheduler ran there) and where the URL came from.
+    pub async fn what_is_there(&self) -> String {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let found = tokio::time::timeout(
+            Duration::from_secs(2),
+            js.get_stream(krest_schemas::names::EVENTS_STREAM),
+        )
+        .await;
+        let url_hint =
+            "check the URL (--nats-url or NATS_URL; the default is nats://127.0.0.1:4222)";
+        match found {
+            Ok(Ok(_)) => "the server answered and holds Krest's streams, so schedulers ran here before: start one with `krest scheduler`".into(),
+            Ok(Err(e)) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    format!("the server answered but has no Krest streams: no scheduler ever ran on it — is it the right server? {url_hint}")
+                }
+                _ if e.to_string().to_lowercase().contains("no responders") => {
+                    format!("the server answered but has no JetStream, so this is not Krest's NATS: {url_hint}")
+                }
+                _ => format!("the server answered; Krest's streams could not be looked up ({e}): {url_hint}"),
+            },
+            Err(_) => format!("the server answered, but not to a JetStream request within 2 s: {url_hint}"),
+        }
+    }
+
+    /// True when the connected server holds Krest's events stream.
+    pub async fn krest_is_there(&self) -> bool {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                js.get_stream(krest_schemas::names::EVENTS_STREAM)
+            )
+            .await,
+            Ok(Ok(_))
+        )
     }
 }
 

@@ -12,11 +12,14 @@ use krest_schemas::api::{
 
 use super::args::JobCmd;
 use super::client::{Client, ClientError};
-use super::render::{esc, fmt_time, job_rows, print_json, table, JOB_HEADERS};
+use super::render::{esc, jobs_table, print_json, revisions_table};
 
 pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        JobCmd::Apply { files } => return super::apply::apply(client, &files, json).await,
+        JobCmd::Apply { files, dry_run } => {
+            return super::apply::apply(client, &files, json, dry_run).await
+        }
+        JobCmd::Edit { job } => return edit(client, &job, json).await,
         JobCmd::List { app, group } => {
             let jobs: Vec<JobView> = client
                 .fetch_all(
@@ -26,6 +29,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                         group: group.clone(),
                         limit: None,
                         cursor,
+                        ..Default::default()
                     },
                     None,
                 )
@@ -33,7 +37,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             if json {
                 print_json(&jobs)?;
             } else {
-                table(&JOB_HEADERS, job_rows(&jobs))?;
+                jobs_table(&jobs).print()?;
             }
         }
         JobCmd::History { job } => {
@@ -51,36 +55,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             if json {
                 print_json(&revisions)?;
             } else {
-                table(
-                    &[
-                        "REV",
-                        "WRITTEN (UTC)",
-                        "OP",
-                        "CRON",
-                        "STATE",
-                        "PATH",
-                        "ARGS",
-                    ],
-                    revisions
-                        .iter()
-                        .map(|r| {
-                            let s = r.spec.as_ref();
-                            vec![
-                                r.revision.to_string(),
-                                fmt_time(Some(r.written_at)),
-                                r.operation.clone(),
-                                s.and_then(|s| s.cron.clone()).unwrap_or_else(|| "-".into()),
-                                s.map_or("-", |s| if s.running { "running" } else { "paused" })
-                                    .to_string(),
-                                s.map_or_else(|| "-".into(), |s| s.path.clone()),
-                                s.map_or_else(|| "-".into(), |s| s.args.to_string())
-                                    .chars()
-                                    .take(40)
-                                    .collect(),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                revisions_table(&revisions).print()?;
             }
         }
         JobCmd::Get { job, revision } => {
@@ -90,7 +65,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
             if json {
                 print_json(&view)?;
             } else {
-                table(&JOB_HEADERS, job_rows(std::slice::from_ref(&view)))?;
+                jobs_table(std::slice::from_ref(&view)).print()?;
                 outln!();
                 for line in serde_json::to_string_pretty(&view.spec)?.lines() {
                     outln!("{}", esc(line));
@@ -116,6 +91,7 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 })?),
             };
             let request_id = Some(krest_schemas::names::new_request_id(chrono::Utc::now()));
+            let name = job.clone();
             let resp: TriggerResponse = client
                 .call(
                     Op::JobTrigger,
@@ -143,6 +119,12 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 "{} dispatched; following it (ctrl-c stops following, not the run)",
                 resp.run_id
             );
+            if let Ok(view) = client
+                .call::<_, JobView>(Op::JobGet, &JobRequest::new(name.as_str()))
+                .await
+            {
+                super::warn_without_workers(client, [(view.spec.app_name, view.key)]).await;
+            }
             let detail = follow(client, &resp.run_id, resp.shard_total, wait_timeout).await?;
             if json {
                 print_json(&detail)?;
@@ -170,7 +152,8 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-/// Polls a run until it ends, drawing its progress on stderr.
+/// Polls a run until it ends, drawing its progress on stderr: a bar on a terminal, a line per
+/// change otherwise (logs, CI).
 async fn follow(
     client: &Client,
     run_id: &str,
@@ -178,7 +161,15 @@ async fn follow(
     timeout: Duration,
 ) -> anyhow::Result<RunDetail> {
     use std::io::IsTerminal as _;
-    let tty = std::io::stderr().is_terminal();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(u64::from(shards.max(1)));
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} shards {msg}")
+        {
+            bar.set_style(style.progress_chars("#>-"));
+        }
+        bar
+    });
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
@@ -205,43 +196,112 @@ async fn follow(
                     d.run.shard_total.max(1),
                 )
             });
-        let width = 30usize;
-        let filled = (done as usize * width) / total.max(1) as usize;
-        let line = format!(
-            "[{}{}] {done}/{total} shards {status}{}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            if failed > 0 {
-                format!(", {failed} failed")
-            } else {
-                String::new()
+        let msg = if failed > 0 {
+            format!("{status}, {failed} failed")
+        } else {
+            status.to_string()
+        };
+        match &bar {
+            Some(bar) => {
+                bar.set_length(u64::from(total));
+                bar.set_position(u64::from(done));
+                bar.set_message(msg);
             }
-        );
-        if line != last {
-            if tty {
-                eprint!("\r{line}");
-            } else {
-                eprintln!("{line}");
+            None => {
+                let line = format!("{done}/{total} shards {msg}");
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
             }
-            last = line;
         }
-        if let Some(d) = detail.filter(|d| d.run.status.is_final()) {
-            if tty {
-                eprintln!();
+        let finish = || {
+            if let Some(bar) = &bar {
+                bar.abandon();
             }
+        };
+        if let Some(d) = detail.filter(|d| d.run.status.is_final()) {
+            finish();
             return Ok(d);
         }
         if tokio::time::Instant::now() > deadline {
-            if tty {
-                eprintln!();
-            }
+            finish();
             bail!("run {run_id} has not ended after {timeout:?}; it goes on (see `krest runs get {run_id}`)");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = tokio::signal::ctrl_c() => bail!("stopped following {run_id}; the run goes on"),
+            _ = tokio::signal::ctrl_c() => {
+                finish();
+                bail!("stopped following {run_id}; the run goes on")
+            }
         }
     }
+}
+
+/// `krest job edit`: the definition in an editor, checked and applied when it exits.
+async fn edit(client: &Client, job: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let view: JobView = client.call(Op::JobGet, &JobRequest::new(job)).await?;
+    let original = format!("{}\n", serde_json::to_string_pretty(&view.spec)?);
+    let path = std::env::temp_dir().join(format!(
+        "krest-edit-{}-{}.json",
+        view.key,
+        std::process::id()
+    ));
+    std::fs::write(&path, &original).with_context(|| format!("cannot write {}", path.display()))?;
+    let editor = ["VISUAL", "EDITOR"]
+        .into_iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| "vi".to_string());
+    // Through the shell, so an editor with arguments (`code --wait`) works.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&path)
+        .status()
+        .with_context(|| format!("cannot run the editor `{editor}` (set VISUAL or EDITOR)"))?;
+    let keep = |why: String| -> anyhow::Result<ExitCode> {
+        eprintln!("error: {why}");
+        eprintln!(
+            "your edit is kept in {p}; fix it and run `krest job apply -f {p}`",
+            p = path.display()
+        );
+        Ok(ExitCode::FAILURE)
+    };
+    if !status.success() {
+        return keep(format!(
+            "the editor `{editor}` exited with {status}; nothing was applied"
+        ));
+    }
+    let edited = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if edited == original.as_bytes() {
+        let _ = std::fs::remove_file(&path);
+        eprintln!("no changes; nothing was applied");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec = match krest_schemas::json::parse(&edited)
+        .map_err(|e| e.to_string())
+        .and_then(|doc| krest_schemas::job::parse_job(&doc).map_err(|e| e.to_string()))
+    {
+        Ok(spec) => spec,
+        Err(e) => return keep(format!("the edited definition is invalid: {e}")),
+    };
+    if spec.key() != view.key {
+        return keep(format!(
+            "the edit changes the job from {} to {}: `job edit` does not rename or copy jobs (apply the file to create {})",
+            view.key,
+            spec.key(),
+            spec.key()
+        ));
+    }
+    let code = super::apply::apply(client, std::slice::from_ref(&path), json, false).await?;
+    if code == ExitCode::SUCCESS {
+        let _ = std::fs::remove_file(&path);
+    } else {
+        eprintln!("your edit is kept in {}", path.display());
+    }
+    Ok(code)
 }
 
 async fn job_change(

@@ -15,7 +15,9 @@ macro_rules! outln {
 mod apply;
 pub mod args;
 pub mod client;
+pub mod config;
 mod job;
+pub mod nats_args;
 mod render;
 mod runs;
 mod worker;
@@ -30,7 +32,7 @@ use krest_schemas::{CronSchedule, WorkerInfo};
 pub use args::{Cli, Command, Format};
 use args::{ClusterCmd, CronCmd, DlqCmd, WorkersCmd};
 use client::{Client, ClientError};
-use render::{esc, fmt_time, print_json, table};
+use render::{esc, fmt_time, print_json};
 pub use worker::run_worker;
 
 /// Runs a client command; returns the exit code.
@@ -62,7 +64,7 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let client = Client::connect(&cli.nats_url, cli.timeout).await?;
+    let client = Client::connect_with(&cli.nats.config(&cli.nats_url), cli.timeout).await?;
     let json = cli.output == Format::Json;
     match cli.command {
         Command::Scheduler(_)
@@ -76,46 +78,11 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(cmd) => job::job(&client, cmd, json).await,
         Command::Runs(cmd) => runs::runs(&client, cmd, json).await,
         Command::Workers(WorkersCmd::List) => {
-            let workers: Vec<WorkerInfo> = client
-                .fetch_all(
-                    Op::WorkersList,
-                    |cursor, _| WorkersListRequest {
-                        limit: None,
-                        cursor,
-                    },
-                    None,
-                )
-                .await?;
+            let workers = live_workers(&client).await?;
             if json {
                 print_json(&workers)?;
             } else {
-                table(
-                    &[
-                        "APP",
-                        "INSTANCE",
-                        "WEIGHT",
-                        "SLOTS",
-                        "IN-FLIGHT",
-                        "HANDLERS",
-                        "HOST",
-                        "HEARTBEAT",
-                    ],
-                    workers
-                        .iter()
-                        .map(|w| {
-                            vec![
-                                w.app_name.clone(),
-                                w.instance.clone(),
-                                w.weight.to_string(),
-                                w.slots.to_string(),
-                                w.in_flight.to_string(),
-                                w.handlers.join(","),
-                                w.host.clone(),
-                                fmt_time(Some(w.heartbeat_at)),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                render::workers_table(&workers, Utc::now()).print()?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -127,28 +94,13 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                         limit: wanted.map(|w| w.min(1000) as u32),
                         cursor,
                     },
-                    Some(limit as usize),
+                    (limit > 0).then_some(limit as usize),
                 )
                 .await?;
             if json {
                 print_json(&letters)?;
             } else {
-                table(
-                    &["SEQ", "PARKED (UTC)", "KIND", "SOURCE", "REASON", "PAYLOAD"],
-                    letters
-                        .iter()
-                        .map(|d| {
-                            vec![
-                                d.seq.to_string(),
-                                fmt_time(Some(d.at)),
-                                d.subject.trim_start_matches("krest.dlq.").to_string(),
-                                d.source.clone(),
-                                d.reason.clone(),
-                                d.payload.chars().take(60).collect(),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                render::dead_letters_table(&letters).print()?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -169,60 +121,49 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => outln!("leader: none"),
                 }
                 outln!("nats-server: {}", status.nats_server);
-                table(
-                    &[
-                        "NODE",
-                        "ROLE",
-                        "VERSION",
-                        "DATABASE",
-                        "RECORDED-SEQ",
-                        "LAG",
-                        "NATS-SERVER",
-                        "HTTP",
-                        "STARTED (UTC)",
-                    ],
-                    status
-                        .nodes
-                        .iter()
-                        .map(|n| {
-                            vec![
-                                n.node.clone(),
-                                format!("{:?}", n.role).to_uppercase(),
-                                n.version.clone(),
-                                n.database.clone(),
-                                n.recorded_seq.to_string(),
-                                recorder_lag(n),
-                                n.nats_server.clone(),
-                                n.http_addr.clone().unwrap_or_else(|| "-".into()),
-                                fmt_time(Some(n.started_at)),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                render::nodes_table(&status.nodes).print()?;
             }
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// A node's recorder lag: events and age of the oldest unrecorded one, and why it is stuck.
-fn recorder_lag(n: &krest_schemas::NodeInfo) -> String {
-    let mut s = if n.recorder_lag_events == 0 {
-        "0".to_string()
-    } else {
-        format!(
-            "{} events, {:.1} s",
-            n.recorder_lag_events,
-            n.recorder_lag_ms as f64 / 1000.0
+/// Every live worker instance.
+pub(crate) async fn live_workers(client: &Client) -> Result<Vec<WorkerInfo>, ClientError> {
+    client
+        .fetch_all(
+            Op::WorkersList,
+            |cursor, _| WorkersListRequest {
+                limit: None,
+                cursor,
+            },
+            None,
         )
-    };
-    if let Some(why) = &n.recorder_failing {
-        s.push_str(&format!(
-            " (stuck: {})",
-            why.chars().take(80).collect::<String>()
-        ));
+        .await
+}
+
+/// Warns on stderr about each app of `apps` (with one of its jobs) that has no live worker:
+/// its runs would wait as PENDING until one starts.
+pub(crate) async fn warn_without_workers(
+    client: &Client,
+    apps: impl IntoIterator<Item = (String, String)>,
+) {
+    let apps: std::collections::BTreeMap<String, String> = apps.into_iter().collect();
+    if apps.is_empty() {
+        return;
     }
-    s
+    let Ok(workers) = live_workers(client).await else {
+        return;
+    };
+    for (app, job) in apps {
+        if !workers.iter().any(|w| w.app_name == app) {
+            eprintln!(
+                "warning: no worker of app {} is running: runs of {} wait as PENDING until one starts (see `krest workers list`)",
+                esc(&app),
+                esc(&job)
+            );
+        }
+    }
 }
 
 /// `krest health`: GETs `/healthz` (or `/readyz`) on a node's HTTP address; exit code 0 on 200.

@@ -3,27 +3,39 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use krest_schemas::api::{
-    Op, RunDetail, RunGetRequest, RunRequest, RunStatus, RunSummary, RunsListRequest,
+    ErrorCode, JobRequest, JobView, Op, RunDetail, RunGetRequest, RunRequest, RunStatus,
+    RunSummary, RunsListRequest,
 };
 use krest_schemas::names::EVENTS_SUBJECTS;
 use krest_schemas::RunEvent;
 
 use super::args::RunsCmd;
 use super::client::{Client, ClientError};
-use super::render::{esc, fmt_time, print_json, table};
+use super::render::{esc, fmt_time, print_json, runs_table, Zone};
 
 pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        RunsCmd::List { job, status, limit } => {
+        RunsCmd::List {
+            job,
+            status,
+            limit,
+            tz,
+        } => {
+            let zone = Zone::parse(&tz).context("--tz")?;
             let status = match status {
                 None => None,
                 Some(s) => Some(RunStatus::parse(&s).with_context(|| {
                     format!(
-                        "unknown status `{}`: use PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED or CANCELLED",
-                        krest_schemas::text::echo(&s)
+                        "unknown status `{}`: use one of {}",
+                        krest_schemas::text::echo(&s),
+                        RunStatus::ALL.map(RunStatus::as_str).join(", ")
                     )
                 })?),
             };
@@ -36,7 +48,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         limit: wanted.map(|w| w.min(1000) as u32),
                         cursor,
                     },
-                    Some(limit as usize),
+                    (limit > 0).then_some(limit as usize),
                 )
                 .await?;
             if let Some(c) = client.take_catching_up() {
@@ -45,38 +57,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             if json {
                 print_json(&runs)?;
             } else {
-                table(
-                    &[
-                        "RUN",
-                        "STATUS",
-                        "TRIGGER",
-                        "SCHEDULED (UTC)",
-                        "SHARDS",
-                        "ATTEMPTS",
-                        "FINISHED (UTC)",
-                        "RESULT",
-                    ],
-                    runs.iter()
-                        .map(|r| {
-                            vec![
-                                r.run_id.clone(),
-                                r.status.as_str().to_string(),
-                                r.trigger.map_or("-", |t| t.as_str()).to_string(),
-                                fmt_time(r.scheduled_at),
-                                format!("{}/{}", r.shards_succeeded, r.shard_total),
-                                r.attempts.to_string(),
-                                fmt_time(r.finished_at),
-                                r.error
-                                    .clone()
-                                    .or_else(|| r.output.clone())
-                                    .unwrap_or_default()
-                                    .chars()
-                                    .take(60)
-                                    .collect(),
-                            ]
-                        })
-                        .collect(),
-                )?;
+                runs_table(&runs, zone, chrono::Utc::now()).print()?;
             }
         }
         RunsCmd::Get { run_id } => {
@@ -108,6 +89,9 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                     r.app_name
                 );
                 outln!("status:     {}", r.status.as_str());
+                if !r.trace_id.is_empty() {
+                    outln!("trace:      {}", r.trace_id);
+                }
                 outln!(
                     "trigger:    {}{}",
                     r.trigger.map_or("-", |t| t.as_str()),
@@ -143,10 +127,11 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 for a in &d.attempts {
                     outln!();
                     outln!(
-                        "shard {} attempt {}: {:?}{} on {} ({} → {})",
+                        "shard {} of {} attempt {}: {}{} on {} ({} → {})",
                         a.shard,
+                        r.shard_total,
                         a.attempt,
-                        a.status,
+                        a.status.as_str(),
                         if a.will_retry { ", will retry" } else { "" },
                         a.worker.as_deref().unwrap_or("-"),
                         fmt_time(a.started_at),
@@ -169,6 +154,11 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 }
             }
         }
+        RunsCmd::Logs {
+            run_id,
+            follow,
+            shard,
+        } => return logs(client, &run_id, follow, shard, json).await,
         RunsCmd::Cancel { run_id } => {
             let resp: krest_schemas::api::CancelResponse =
                 client.call(Op::RunsCancel, &RunRequest { run_id }).await?;
@@ -183,26 +173,25 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 );
             }
         }
-        RunsCmd::Watch { job } => {
+        RunsCmd::Watch { job, since } => {
             let subject = match &job {
-                Some(j) => match j.split_once('.') {
-                    Some((g, n)) => krest_schemas::names::events_subject(g, n),
-                    None => bail!("--job takes `group.name` here"),
-                },
+                Some(j) => events_subject_of(client, j).await?,
                 None => EVENTS_SUBJECTS.to_string(),
             };
-            let mut sub = client
-                .nats()
-                .subscribe(subject)
-                .await
-                .map_err(|e| ClientError::Other(e.to_string()))?;
+            if job.is_none() && !client.krest_is_there().await {
+                eprintln!(
+                    "warning: {}; nothing may ever come",
+                    client.what_is_there().await
+                );
+            }
+            let mut events = event_source(client, subject, since).await?;
             eprintln!("following run events (ctrl-c to stop)");
             loop {
-                let msg = tokio::select! {
-                    m = sub.next() => match m { Some(m) => m, None => break },
+                let payload = tokio::select! {
+                    m = events.next() => match m { Some(m) => m, None => break },
                     _ = tokio::signal::ctrl_c() => break,
                 };
-                let Ok(event) = serde_json::from_slice::<RunEvent>(&msg.payload) else {
+                let Ok(event) = serde_json::from_slice::<RunEvent>(&payload) else {
                     continue;
                 };
                 // Events come straight from NATS, not through the API: redact here.
@@ -239,11 +228,11 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         k.reason
                     ),
                     RunEvent::Started(s) => format!(
-                        "{} {:<10} {} shard {}/{} attempt {} on {}",
+                        "{} {:<10} {} shard {} of {} attempt {} on {}",
                         s.at.format("%H:%M:%S%.3f"),
                         "started",
                         s.run.run_id,
-                        s.shard + 1,
+                        s.shard,
                         s.shard_total,
                         s.attempt,
                         s.worker
@@ -253,19 +242,19 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                         l.at.format("%H:%M:%S%.3f"),
                         "log",
                         l.run.run_id,
-                        l.shard + 1,
+                        l.shard,
                         l.line
                     ),
                     RunEvent::Finished(f) => format!(
-                        "{} {:<10} {} shard {}/{} attempt {} on {}: {:?}{} {}",
+                        "{} {:<10} {} shard {} of {} attempt {} on {}: {}{} {}",
                         f.at.format("%H:%M:%S%.3f"),
                         "finished",
                         f.run.run_id,
-                        f.shard + 1,
+                        f.shard,
                         f.shard_total,
                         f.attempt,
                         f.worker,
-                        f.outcome,
+                        f.outcome.as_str(),
                         if f.will_retry { " (will retry)" } else { "" },
                         f.error
                             .clone()
@@ -277,6 +266,173 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The events subject of a job named as every command names jobs (`group.name`, or a name
+/// unique across groups); a deleted job by `group.name`.
+async fn events_subject_of(client: &Client, job: &str) -> anyhow::Result<String> {
+    match client
+        .call::<_, JobView>(Op::JobGet, &JobRequest::new(job))
+        .await
+    {
+        Ok(view) => Ok(krest_schemas::names::events_subject(
+            &view.spec.app_name,
+            &view.spec.job_group,
+            &view.spec.job_name,
+        )),
+        Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => match job.split_once('.') {
+            Some((g, n)) => Ok(krest_schemas::names::events_job_filter(g, n)),
+            None => Err(ClientError::Api(e).into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Run events on `subject` as they are published; with `since`, first those stored in the
+/// last `since` (replayed from the events stream), then the new ones.
+async fn event_source(
+    client: &Client,
+    subject: String,
+    since: Option<Duration>,
+) -> anyhow::Result<BoxStream<'static, bytes::Bytes>> {
+    let Some(since) = since else {
+        let sub = client
+            .nats()
+            .subscribe(subject)
+            .await
+            .map_err(|e| ClientError::Other(e.to_string()))?;
+        return Ok(sub.map(|m| m.payload).boxed());
+    };
+    use async_nats::jetstream::consumer;
+    let start_time =
+        chrono::Utc::now() - chrono::Duration::from_std(since).context("--since is too long")?;
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(start_time.timestamp_millis()) * 1_000_000,
+    )
+    .context("--since is too long")?;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let stream = js
+        .get_stream(krest_schemas::names::EVENTS_STREAM)
+        .await
+        .map_err(|e| ClientError::Other(format!("cannot read the events stream: {e}")))?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClientError::Other(format!("cannot replay the events stream: {e}")))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| ClientError::Other(format!("cannot replay the events stream: {e}")))?;
+    Ok(messages
+        .filter_map(|m| async move { m.ok().map(|m| m.message.payload) })
+        .boxed())
+}
+
+/// One log line for people: `08:00:01.234 INFO  shard 0 attempt 1 | text`.
+fn log_line(shard: u32, attempt: u32, l: &krest_schemas::api::LogView) -> String {
+    format!(
+        "{} {:<5} shard {shard} attempt {attempt} | {}",
+        l.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+        l.level.as_str(),
+        l.line
+    )
+}
+
+/// `krest runs logs`: a run's log lines from the database; with `follow`, then live until the
+/// run ends.
+async fn logs(
+    client: &Client,
+    run_id: &str,
+    follow: bool,
+    shard: Option<u32>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut printed: HashSet<(u32, u32, u32)> = HashSet::new();
+    let print = |printed: &mut HashSet<(u32, u32, u32)>,
+                 s: u32,
+                 a: u32,
+                 l: &krest_schemas::api::LogView|
+     -> anyhow::Result<()> {
+        if shard.is_some_and(|want| want != s) || !printed.insert((s, a, l.seq)) {
+            return Ok(());
+        }
+        if json {
+            outln!(
+                "{}",
+                serde_json::json!({"shard": s, "attempt": a, "seq": l.seq, "at": l.at, "level": l.level, "line": l.line})
+            );
+        } else {
+            outln!("{}", esc(&log_line(s, a, l)));
+        }
+        Ok(())
+    };
+    let print_detail = |printed: &mut HashSet<(u32, u32, u32)>, d: &RunDetail| {
+        for a in &d.attempts {
+            for l in &a.logs {
+                print(printed, a.shard, a.attempt, l)?;
+            }
+        }
+        anyhow::Ok(())
+    };
+    if !follow {
+        let d = run_detail(client, run_id).await?;
+        print_detail(&mut printed, &d)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Following: the run may not be recorded yet (just triggered).
+    let detail = loop {
+        match run_detail(client, run_id).await {
+            Ok(d) => break d,
+            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let r = &detail.run;
+    let subject = krest_schemas::names::events_subject(&r.app_name, &r.job_group, &r.job_name);
+    let mut live = event_source(client, subject, None).await?;
+    // Lines logged between the first read and the subscription come with this read.
+    let mut detail = run_detail(client, run_id).await?;
+    print_detail(&mut printed, &detail)?;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    while !detail.run.status.is_final() {
+        tokio::select! {
+            m = live.next() => {
+                let Some(payload) = m else { break };
+                match serde_json::from_slice::<RunEvent>(&payload) {
+                    Ok(RunEvent::Log(l)) if l.run.run_id == run_id => {
+                        let mut v = krest_schemas::api::LogView {
+                            seq: l.seq,
+                            at: l.at,
+                            level: l.level,
+                            line: l.line,
+                        };
+                        v.line = krest_schemas::redact::text(&v.line).into_owned();
+                        print(&mut printed, l.shard, l.attempt, &v)?;
+                        continue;
+                    }
+                    Ok(RunEvent::Finished(f)) if f.run.run_id == run_id => {}
+                    _ => continue,
+                }
+            }
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+        detail = run_detail(client, run_id).await?;
+    }
+    // The stored lines again: any the subscription missed.
+    let detail = run_detail(client, run_id).await?;
+    print_detail(&mut printed, &detail)?;
+    eprintln!("run {run_id} ended: {}", detail.run.status.as_str());
     Ok(ExitCode::SUCCESS)
 }
 

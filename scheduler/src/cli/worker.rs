@@ -1,11 +1,13 @@
 //! `krest worker demo|http`: the built-in workers (see ARCHITECTURE.md for why the CLI links
 //! the worker runtime).
 
+use krest_worker::nats::NatsConfig;
+
 use super::args::{WorkerArgs, WorkerRunCmd};
 
-fn worker_builder(nats_url: String, app: &str, args: &WorkerArgs) -> krest_worker::WorkerBuilder {
+fn worker_builder(nats: NatsConfig, app: &str, args: &WorkerArgs) -> krest_worker::WorkerBuilder {
     let mut builder = krest_worker::Worker::builder(app)
-        .nats_url(nats_url)
+        .nats(nats)
         .weight(args.weight)
         .slots(args.slots)
         .ack_wait(args.ack_wait)
@@ -18,19 +20,18 @@ fn worker_builder(nats_url: String, app: &str, args: &WorkerArgs) -> krest_worke
 }
 
 /// Runs `krest worker …` until SIGTERM or ctrl-c.
-pub async fn run_worker(nats_url: String, cmd: WorkerRunCmd) -> anyhow::Result<()> {
+pub async fn run_worker(nats: NatsConfig, cmd: WorkerRunCmd) -> anyhow::Result<()> {
     let worker = match cmd {
         WorkerRunCmd::Demo(args) => {
             let opts = krest_demo_worker::DemoOptions {
                 work: args.work,
                 journal: args.journal,
             };
-            krest_demo_worker::register(worker_builder(nats_url, &args.app, &args.worker), opts)
+            krest_demo_worker::register(worker_builder(nats, &args.app, &args.worker), opts)
                 .build()?
         }
         WorkerRunCmd::Http(args) => {
-            krest_worker::http::register(worker_builder(nats_url, &args.app, &args.worker))?
-                .build()?
+            krest_worker::http::register(worker_builder(nats, &args.app, &args.worker))?.build()?
         }
     };
     tracing::info!(instance = worker.instance(), "worker starting");

@@ -8,9 +8,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::names::{
-    self, events_subject, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
-    STATE_BUCKET,
+    self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
+    SCHEDULER_TOKEN_HEADER, STATE_BUCKET,
 };
+use krest_schemas::trace::{dispatch_traceparent, TRACEPARENT};
 use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
 use serde_json::Value;
 use std::sync::Arc;
@@ -115,6 +116,8 @@ impl Fire {
 pub struct Publisher {
     js: jetstream::Context,
     node: String,
+    /// Makes each work message's delivery token.
+    key: crate::delivery::DeliveryKey,
 }
 
 /// What went wrong publishing one fire.
@@ -127,10 +130,36 @@ pub struct PublishError {
     pub message: String,
 }
 
+/// Counts published fires in the node's metrics: by trigger, with the due → stored lateness of
+/// scheduled and catch-up fires; failed ones as dispatch errors.
+fn count(fires: &[Fire], results: &[Result<(), PublishError>]) {
+    let m = &crate::metrics::METRICS;
+    let now = Utc::now();
+    for (fire, result) in fires.iter().zip(results) {
+        if result.is_err() {
+            m.dispatch_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        if fire.skip.is_some() {
+            continue;
+        }
+        m.fires.add(fire.trigger.as_str(), 1);
+        if matches!(fire.trigger, Trigger::Schedule | Trigger::CatchUp) {
+            m.dispatch_lateness
+                .observe_ms((now - fire.scheduled_at).num_milliseconds());
+        }
+    }
+}
+
 impl Publisher {
     /// A publisher stamping `node` on dispatched events.
-    pub fn new(js: jetstream::Context, node: String) -> Publisher {
-        Publisher { js, node }
+    pub fn new(
+        js: jetstream::Context,
+        node: String,
+        key: crate::delivery::DeliveryKey,
+    ) -> Publisher {
+        Publisher { js, node, key }
     }
 
     /// Publishes every fire (its `dispatched` event first, then one message per shard), sending
@@ -155,7 +184,7 @@ impl Publisher {
                     continue;
                 }
             };
-            for (subject, id, payload) in msgs {
+            for (subject, message) in msgs {
                 // Keep a bounded window of unacknowledged publishes: the context holds a permit
                 // per pending ack, and acks must be consumed for permits to come back.
                 while inflight.len() >= MAX_INFLIGHT {
@@ -163,14 +192,7 @@ impl Publisher {
                         fail(&mut results, j, e);
                     }
                 }
-                match self
-                    .js
-                    .send_publish(
-                        subject,
-                        PublishMessage::build().payload(payload).message_id(id),
-                    )
-                    .await
-                {
+                match self.js.send_publish(subject, message).await {
                     Ok(ack) => inflight
                         .push(async move { (i, ack.await.map(|_| ()).map_err(|e| e.to_string())) }),
                     Err(e) => {
@@ -185,6 +207,7 @@ impl Publisher {
                 fail(&mut results, j, e);
             }
         }
+        count(fires, &results);
         results
     }
 
@@ -192,7 +215,19 @@ impl Publisher {
         &self,
         fire: &Fire,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(String, String, Bytes)>, String> {
+    ) -> Result<Vec<(String, PublishMessage)>, String> {
+        let event = |e: &RunEvent| -> Result<(String, PublishMessage), String> {
+            let payload = Bytes::from(serde_json::to_vec(e).map_err(|e| e.to_string())?);
+            let token = self.key.scheduler_token(e.run_id());
+            Ok((
+                e.subject(),
+                PublishMessage::build()
+                    .payload(payload)
+                    .message_id(e.msg_id())
+                    .header(SCHEDULER_TOKEN_HEADER, token.as_str())
+                    .header(TRACEPARENT, e.traceparent().as_str()),
+            ))
+        };
         let spec = &fire.job.stored.spec;
         if let Some(reason) = &fire.skip {
             let skipped = RunEvent::Skipped(Skipped {
@@ -211,11 +246,7 @@ impl Publisher {
                 node: self.node.clone(),
                 epoch: fire.epoch,
             });
-            return Ok(vec![(
-                events_subject(&spec.job_group, &spec.job_name),
-                skipped.msg_id(),
-                Bytes::from(serde_json::to_vec(&skipped).map_err(|e| e.to_string())?),
-            )]);
+            return Ok(vec![event(&skipped)?]);
         }
         let items = fire.shard_plans();
         let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
@@ -240,11 +271,7 @@ impl Publisher {
             epoch: fire.epoch,
         });
         let mut out = Vec::with_capacity(items.len() + 1);
-        out.push((
-            events_subject(&spec.job_group, &spec.job_name),
-            dispatched.msg_id(),
-            Bytes::from(serde_json::to_vec(&dispatched).map_err(|e| e.to_string())?),
-        ));
+        out.push(event(&dispatched)?);
         for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
             let subject = match &target {
                 Some(instance) => {
@@ -291,11 +318,19 @@ impl Publisher {
                     }),
                 revision: fire.job.revision,
                 epoch: fire.epoch,
+                delivery_token: self.key.token(&fire.run_id, index),
             };
             out.push((
                 subject,
-                work_msg_id(&fire.run_id, index),
-                Bytes::from(serde_json::to_vec(&msg).map_err(|e| e.to_string())?),
+                PublishMessage::build()
+                    .payload(Bytes::from(
+                        serde_json::to_vec(&msg).map_err(|e| e.to_string())?,
+                    ))
+                    .message_id(work_msg_id(&fire.run_id, index))
+                    .header(
+                        TRACEPARENT,
+                        dispatch_traceparent(&fire.run_id, index).as_str(),
+                    ),
             ));
         }
         Ok(out)

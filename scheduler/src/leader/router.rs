@@ -87,9 +87,10 @@ const MOVER_DESCRIPTION: &str = "Krest router: moving runs of a departed instanc
 
 /// Routes while this node leads in `epoch` (restarting after errors), until the epoch ends or
 /// `stop`. Part of the leadership state: the leader spawns it at takeover and drops it when
-/// leadership ends; `balancer` is the leader's.
+/// leadership ends; `balancer` is the leader's. From `infra`: the JetStream context and the
+/// key hand-offs' delivery tokens are checked with.
 pub async fn run(
-    js: jetstream::Context,
+    infra: crate::infra::Infra,
     routing: Arc<Routing>,
     leadership: Leadership,
     epoch: u64,
@@ -97,6 +98,7 @@ pub async fn run(
     balancer: Arc<tokio::sync::Mutex<Balancer>>,
     stop: CancellationToken,
 ) {
+    let (js, key) = (infra.js, infra.delivery);
     let leading = || leadership.valid_epoch() == Some(epoch) && !stop.is_cancelled();
     let mut sweeper = Sweeper::default();
     let mut failures = 0u32;
@@ -107,6 +109,7 @@ pub async fn run(
             leading: &leading,
             cfg: &cfg,
             balancer: &balancer,
+            key: &key,
         };
         if let Err(e) = lead(ctx, &mut sweeper).await {
             failures += 1;
@@ -127,6 +130,8 @@ struct Ctx<'a> {
     leading: &'a (dyn Fn() -> bool + Sync),
     cfg: &'a RouterConfig,
     balancer: &'a tokio::sync::Mutex<Balancer>,
+    /// Checks the delivery tokens of hand-offs.
+    key: &'a crate::delivery::DeliveryKey,
 }
 
 async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), RouterError> {
@@ -136,6 +141,7 @@ async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), RouterError> {
         leading,
         cfg,
         balancer,
+        key,
     } = cx;
     let stream = js
         .get_stream(WORK_STREAM)
@@ -185,7 +191,7 @@ async fn lead(cx: Ctx<'_>, sweeper: &mut Sweeper) -> Result<(), RouterError> {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
             }
-            route(js, routing, balancer, msg).await;
+            route(js, routing, balancer, key, msg).await;
         }
     }
     Ok(())
@@ -196,6 +202,7 @@ async fn route(
     js: &jetstream::Context,
     routing: &Routing,
     balancer: &tokio::sync::Mutex<Balancer>,
+    key: &crate::delivery::DeliveryKey,
     msg: jetstream::Message,
 ) {
     let mut run: RunMessage = match serde_json::from_slice(&msg.payload) {
@@ -207,6 +214,27 @@ async fn route(
             return;
         }
     };
+    // A hand-off comes from a worker that received the run: on its run's subject (the app in
+    // the subject is what the server's permissions check) and with its delivery token.
+    let on_own_subject = parse_work_subject(&msg.subject).is_some_and(|s| {
+        s.app == run.run.app_name && s.group == run.run.job_group && s.name == run.run.job_name
+    });
+    if !on_own_subject || !key.verify(&run.run.run_id, run.shard_index(), &run.delivery_token) {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let reason = format!(
+            "hand-off of run {} shard {} refused: {}",
+            krest_schemas::text::echo(&run.run.run_id),
+            run.shard_index(),
+            if on_own_subject {
+                "without the run's delivery token (forged, or from a worker that does not copy deliveryToken)"
+            } else {
+                "not on its run's work subject"
+            }
+        );
+        tracing::warn!(seq, %reason, "parking a refused hand-off");
+        park_or_retry(js, msg, seq, reason).await;
+        return;
+    }
     if let Some(due) = run.retry_at {
         let wait = (due - Utc::now()).to_std().unwrap_or_default();
         if wait > Duration::from_millis(20) {

@@ -193,7 +193,7 @@ impl Leader {
         }
         let balancer = Arc::new(tokio::sync::Mutex::new(Balancer::default()));
         let router = tokio::spawn(crate::leader::router::run(
-            engine.deps.infra.js.clone(),
+            engine.deps.infra.clone(),
             engine.deps.routing.clone(),
             engine.leadership.clone(),
             epoch,

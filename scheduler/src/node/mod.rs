@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use krest_schemas::names::{sanitize_token, server_list};
-use krest_schemas::redact;
+use krest_schemas::names::sanitize_token;
 use krest_schemas::{NodeInfo, NodeRole};
+use krest_worker::nats::{ConnectStyle, NatsConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -29,11 +29,15 @@ use crate::serve::api::ApiServer;
 use krest_schemas::Backoff;
 use supervisor::{Supervisor, TaskControl};
 
+/// Prefix of a node's reply subjects: restricted users are not allowed to read it (see
+/// docs/security.md).
+pub const SCHEDULER_INBOX_PREFIX: &str = "_INBOX_krest";
+
 /// Everything a node needs to start. `Debug` shows the URLs redacted.
 #[derive(Clone)]
 pub struct NodeOptions {
-    /// NATS server URL(s), comma-separated.
-    pub nats_url: String,
+    /// Where and how to connect to NATS (URL(s), credentials, TLS).
+    pub nats: NatsConfig,
     /// Database URL (`sqlite://krest.db`, `postgres://user@host/db`).
     pub db_url: String,
     /// Node name (letters, digits, `-`, `_`).
@@ -48,10 +52,12 @@ pub struct NodeOptions {
     pub recorder: RecorderConfig,
     /// Router.
     pub router: crate::leader::router::RouterConfig,
-    /// Address of the HTTP endpoint (`/healthz`, `/readyz`); `None` disables it.
+    /// Address of the HTTP endpoint (`/healthz`, `/readyz`, the HTTP API); `None` disables it.
     pub http_addr: Option<std::net::SocketAddr>,
     /// Which ended runs the database keeps.
     pub retention: crate::record::retention::RetentionConfig,
+    /// Who may use the HTTP API.
+    pub web: crate::serve::web::WebOptions,
 }
 
 impl NodeOptions {
@@ -62,7 +68,7 @@ impl NodeOptions {
         node: impl Into<String>,
     ) -> NodeOptions {
         NodeOptions {
-            nats_url: nats_url.into(),
+            nats: NatsConfig::new(nats_url),
             db_url: db_url.into(),
             node: sanitize_token(&node.into()),
             lease_renew: Duration::from_secs(1),
@@ -72,6 +78,7 @@ impl NodeOptions {
             router: Default::default(),
             http_addr: None,
             retention: Default::default(),
+            web: Default::default(),
         }
     }
 }
@@ -79,7 +86,7 @@ impl NodeOptions {
 impl std::fmt::Debug for NodeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeOptions")
-            .field("nats_url", &redact::urls(&self.nats_url))
+            .field("nats", &self.nats)
             .field("db_url", &redact_db_url(&self.db_url))
             .field("node", &self.node)
             .field("lease_renew", &self.lease_renew)
@@ -89,6 +96,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("router", &self.router)
             .field("http_addr", &self.http_addr)
             .field("retention", &self.retention)
+            .field("web", &self.web)
             .finish()
     }
 }
@@ -125,9 +133,9 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
-    /// The NATS URL cannot be parsed.
-    #[error("invalid NATS URL {0}")]
-    NatsUrl(String),
+    /// NATS cannot be used: an invalid URL, unusable credentials, a refused login or TLS.
+    #[error(transparent)]
+    Nats(krest_worker::nats::NatsError),
     /// A critical task ended while the node ran: the node stopped.
     #[error("the node's {task} task {exit}; the node stopped (restart it)")]
     TaskEnded {
@@ -240,7 +248,7 @@ async fn run_supervised(
     if let Some(out) = &leadership_out {
         let _ = out.send(Some(leadership.clone()));
     }
-    let publisher = Publisher::new(js.clone(), opts.node.clone());
+    let publisher = Publisher::new(js.clone(), opts.node.clone(), infra.delivery.clone());
     let registry = Arc::new(crate::leader::balance::Registry::new(js.clone()));
     let routing = Arc::new(crate::leader::balance::Routing::new(registry.clone()));
     let (recorder_tx, recorder_rx) = watch::channel(RecorderStatus::default());
@@ -294,6 +302,7 @@ async fn run_supervised(
             store.clone(),
             followups,
             opts.recorder.clone(),
+            infra.delivery.clone(),
             recorder_tx,
             back.clone(),
         ),
@@ -317,13 +326,14 @@ async fn run_supervised(
         node: opts.node.clone(),
         recorder: recorder_rx.clone(),
     };
+    let web_api = api.clone();
     let api_task = sup.spawn("api", api.run(front.clone()));
     let deadletter_task = sup.spawn(
         "dead-letter",
         crate::deadletter::run_advisories(client.clone(), js.clone(), back.clone()),
     );
     let http_task = http_listener.map(|listener| {
-        tracing::info!(addr = ?http_addr, "serving /healthz and /readyz");
+        tracing::info!(addr = ?http_addr, "serving /healthz, /readyz and the HTTP API (/api/v1)");
         let state = crate::serve::http::HttpState {
             node: opts.node.clone(),
             client: client.clone(),
@@ -331,10 +341,18 @@ async fn run_supervised(
             leadership: leadership.clone(),
             recorder: recorder_rx.clone(),
             max_lag: opts.recorder.max_lag,
+            table: table.clone(),
+            routing: routing.clone(),
+        };
+        let web = crate::serve::web::WebState {
+            api: web_api,
+            health: state.clone(),
+            auth: std::sync::Arc::new(crate::serve::web::auth::Auth::new(opts.web.clone())),
+            stop: back.clone(),
         };
         sup.spawn(
             "http",
-            crate::serve::http::serve(listener, state, back.clone()),
+            crate::serve::http::serve(listener, state, Some(web), back.clone()),
         )
     });
     let presence_task = sup.spawn(
@@ -393,35 +411,31 @@ async fn run_supervised(
     }
 }
 
+/// Connects with the node's NATS settings (replies under `_INBOX_krest` unless set), waiting
+/// out an unreachable server; a refused login, a TLS failure or unusable settings end the node.
 async fn connect(
     opts: &NodeOptions,
     stop: &CancellationToken,
 ) -> Result<Option<async_nats::Client>, NodeError> {
-    let what = format!("cannot connect to NATS at {}", redact::urls(&opts.nats_url));
+    let mut nats = opts
+        .nats
+        .clone()
+        .name(format!("krest-scheduler {}", opts.node));
+    if nats.inbox_prefix.is_none() {
+        nats.inbox_prefix = Some(SCHEDULER_INBOX_PREFIX.to_string());
+    }
+    let what = format!("cannot connect to NATS at {}", nats.shown_url());
     let connected = crate::retry::until_ok(stop, Backoff::RECONNECT, &what, || async {
-        async_nats::ConnectOptions::new()
-            .name(format!("krest-scheduler {}", opts.node))
-            .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
-            })
-            .connect(server_list(&opts.nats_url))
-            .await
-            .map_err(|e| {
-                let text = redact::text(&e.to_string()).to_string();
-                if e.kind() == async_nats::ConnectErrorKind::ServerParse {
-                    Failure::Fatal(format!("{}: {text}", redact::urls(&opts.nats_url)))
-                } else {
-                    Failure::Retry(text)
-                }
-            })
+        nats.connect(ConnectStyle::Service).await.map_err(|e| {
+            if e.is_retryable() {
+                Failure::Retry(e)
+            } else {
+                Failure::Fatal(e)
+            }
+        })
     })
     .await;
-    connected.map_err(NodeError::NatsUrl)
+    connected.map_err(NodeError::Nats)
 }
 
 /// The fixed part of a node's presence.

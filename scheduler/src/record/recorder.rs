@@ -22,6 +22,7 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use krest_schemas::deadletter::{header_value, Origin};
+use krest_schemas::messages::{MAX_LOG_LINE, MAX_LOG_LINES_PER_ATTEMPT};
 use krest_schemas::names::{parked_event_id, EVENTS_STREAM, EVENTS_SUBJECTS};
 use krest_schemas::{Backoff, RunEvent};
 use tokio::sync::watch;
@@ -130,10 +131,12 @@ pub async fn run(
     store: Store,
     followups: crate::record::followup::Followups,
     cfg: RecorderConfig,
+    key: crate::delivery::DeliveryKey,
     status: watch::Sender<RecorderStatus>,
     stop: CancellationToken,
 ) {
     let recorder = Recorder {
+        key: &key,
         js: &js,
         store: &store,
         followups: &followups,
@@ -145,6 +148,8 @@ pub async fn run(
 }
 
 struct Recorder<'a> {
+    /// Checks the delivery tokens of attempt events.
+    key: &'a crate::delivery::DeliveryKey,
     js: &'a jetstream::Context,
     store: &'a Store,
     followups: &'a crate::record::followup::Followups,
@@ -251,14 +256,14 @@ impl Recorder<'_> {
             };
             let mut batch = Batch::default();
             match first {
-                Some(Ok(m)) => batch.push(m)?,
+                Some(Ok(m)) => batch.push(m, self.key)?,
                 Some(Err(e)) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
                 None => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
             }
             let deadline = tokio::time::Instant::now() + self.cfg.linger;
             while batch.events.len() < self.cfg.max_batch {
                 match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m)?,
+                    Ok(Some(Ok(m))) => batch.push(m, self.key)?,
                     Ok(Some(Err(e))) => {
                         return Err(Error::with_source(RecordErrorKind::Consumer, e))
                     }
@@ -274,6 +279,7 @@ impl Recorder<'_> {
                 self.park(bad).await;
             }
             let applied = self.write(&batch).await?;
+            count(&batch, &applied.ended);
             self.followups.on_ended(&applied.ended).await;
             self.recorded(batch.last_seq.max(applied.cursor));
         }
@@ -326,8 +332,7 @@ impl Recorder<'_> {
                         return Ok(None);
                     }
                     let payload = serde_json::to_vec(event).unwrap_or_default();
-                    let (group, name) = event.job();
-                    let subject = krest_schemas::names::events_subject(group, name);
+                    let subject = event.subject();
                     self.park(&Bad {
                         seq: *seq,
                         subject,
@@ -422,6 +427,25 @@ impl Recorder<'_> {
 
 /// Measures, every second, how far the recorder is behind the stream: in events, and as the
 /// age of the oldest event it has not recorded.
+/// Counts a recorded batch in the node's metrics: runs ended (by status, with their
+/// durations) and the lateness of first attempts' handler starts.
+fn count(batch: &Batch, ended: &[krest_schemas::api::RunSummary]) {
+    let m = &crate::metrics::METRICS;
+    for (_, event) in &batch.events {
+        if let RunEvent::Started(s) = event {
+            if let (1, Some(due)) = (s.attempt, s.scheduled_at) {
+                m.start_lateness.observe_ms((s.at - due).num_milliseconds());
+            }
+        }
+    }
+    for run in ended {
+        m.runs_ended.add(run.status.as_str(), 1);
+        if let (Some(start), Some(end)) = (run.started_at, run.finished_at) {
+            m.run_duration.observe_ms((end - start).num_milliseconds());
+        }
+    }
+}
+
 async fn measure_lag(
     js: &jetstream::Context,
     status: &watch::Sender<RecorderStatus>,
@@ -477,6 +501,52 @@ async fn lag(
     Ok((state.last_sequence, oldest))
 }
 
+/// Why event `e`, found in `m`, must not be recorded (`None`: it may): it is not on its run's
+/// subject (the app, group and job in the subject are what the server's permissions check);
+/// it is about an attempt and lacks the run's delivery token (forged by someone who never
+/// received the run, or from a worker too old to copy the token); or it is a `dispatched` or
+/// `skipped` event without a scheduler node's token.
+fn refused(
+    e: &RunEvent,
+    m: &jetstream::Message,
+    key: &crate::delivery::DeliveryKey,
+) -> Option<String> {
+    let subject = m.subject.as_str();
+    let expected = e.subject();
+    if subject != expected {
+        return Some(format!(
+            "event about run {} of app {} found on {}, not on its run's subject {}: not recorded",
+            header_value(e.run_id()),
+            header_value(&e.run().app_name),
+            header_value(subject),
+            header_value(&expected)
+        ));
+    }
+    match e.delivery() {
+        Some((shard, token)) if !key.verify(e.run_id(), shard, token) => Some(format!(
+            "attempt event for run {} shard {shard} without the run's delivery token \
+             (forged, or from a worker that does not copy deliveryToken): not recorded",
+            header_value(e.run_id())
+        )),
+        Some(_) => None,
+        None => {
+            let token = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(krest_schemas::names::SCHEDULER_TOKEN_HEADER))
+                .map(|v| v.as_str())
+                .unwrap_or_default();
+            (!key.verify_scheduler(e.run_id(), token)).then(|| {
+                format!(
+                    "run event about run {} without a scheduler node's token \
+                     (Krest-Scheduler-Token; forged?): not recorded",
+                    header_value(e.run_id())
+                )
+            })
+        }
+    }
+}
+
 /// A message that is not a run event.
 struct Bad {
     seq: u64,
@@ -493,14 +563,44 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, m: jetstream::Message) -> Result<(), RecordError> {
+    fn push(
+        &mut self,
+        m: jetstream::Message,
+        key: &crate::delivery::DeliveryKey,
+    ) -> Result<(), RecordError> {
         let seq = m
             .info()
             .map_err(err(RecordErrorKind::Consumer))?
             .stream_sequence;
         self.last_seq = seq;
         match serde_json::from_slice::<RunEvent>(&m.payload) {
-            Ok(e) => self.events.push((seq, e)),
+            Ok(e) => match refused(&e, &m, key) {
+                Some(reason) => {
+                    tracing::warn!(seq, subject = %header_value(&m.subject), run = %header_value(e.run_id()), %reason, "parking a refused run event");
+                    self.bad.push(Bad {
+                        seq,
+                        subject: m.subject.to_string(),
+                        payload: m.payload.clone(),
+                        reason,
+                    });
+                }
+                // Past an attempt's log bound (the SDK's cut marker is the last line kept) a
+                // line is not stored: a worker that ignores the bound cannot grow a run's log
+                // forever.
+                None => match e {
+                    RunEvent::Log(l) if l.seq > MAX_LOG_LINES_PER_ATTEMPT + 1 => {
+                        tracing::debug!(seq, run = %l.run.run_id, line = l.seq, "log line past the attempt's bound; not stored");
+                    }
+                    RunEvent::Log(mut l) if l.line.len() > MAX_LOG_LINE => {
+                        l.line = krest_schemas::text::truncate(
+                            std::mem::take(&mut l.line),
+                            MAX_LOG_LINE,
+                        );
+                        self.events.push((seq, RunEvent::Log(l)));
+                    }
+                    e => self.events.push((seq, e)),
+                },
+            },
             Err(e) => {
                 // Serde's message may quote the input: bounded like a header.
                 let reason = header_value(&format!("malformed run event: {e}"));

@@ -1187,8 +1187,10 @@ const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigge
 fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     let status: String = r.try_get("status")?;
     let trigger: Option<String> = r.try_get("trigger_kind")?;
+    let run_id: String = r.try_get("run_id")?;
     Ok(RunSummary {
-        run_id: r.try_get("run_id")?,
+        trace_id: krest_schemas::trace::trace_id(&run_id),
+        run_id,
         job_group: r.try_get("job_group")?,
         job_name: r.try_get("job_name")?,
         app_name: r.try_get("app_name")?,
@@ -1443,6 +1445,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(1002),
                 scheduled_at: Some(at(1000)),
+                delivery_token: String::new(),
             }));
             out.push(RunEvent::Log(LogLine {
                 run: krest_schemas::RunRef {
@@ -1457,6 +1460,7 @@ mod tests {
                 at: at(1003),
                 level: LogLevel::Info,
                 line: format!("shard {shard} attempt {attempt}"),
+                delivery_token: String::new(),
             }));
             out.push(RunEvent::Finished(Finished {
                 run: krest_schemas::RunRef {
@@ -1480,6 +1484,7 @@ mod tests {
                 output: ok.then(|| "done".to_string()),
                 error: (!ok).then(|| "oops".to_string()),
                 duration_ms: 2,
+                delivery_token: String::new(),
             }));
         }
         out
@@ -1740,6 +1745,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(1),
                 scheduled_at: None,
+                delivery_token: String::new(),
             });
         }
         RunEvent::Dispatched(Dispatched {
@@ -1826,6 +1832,7 @@ mod tests {
                 worker: "w".into(),
                 at: at(n + 1),
                 scheduled_at: Some(at(n)),
+                delivery_token: String::new(),
             }));
             evs.push(RunEvent::Finished(Finished {
                 run,
@@ -1840,6 +1847,7 @@ mod tests {
                 output: Some("ok".into()),
                 error: None,
                 duration_ms: 1,
+                delivery_token: String::new(),
             }));
         }
         let all = seqd(&evs, 1);

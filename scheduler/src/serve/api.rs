@@ -23,8 +23,8 @@ use futures_util::StreamExt;
 use krest_schemas::api::{
     ApiError, ApplyOutcome, ApplyRequest, ApplyResponse, ApplyResult, CancelResponse,
     ClusterStatus, DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest,
-    JobRevision, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary, RunsListRequest,
-    TriggerRequest, TriggerResponse, WorkersListRequest,
+    JobRevision, JobStatus, JobView, LogView, Op, RunGetRequest, RunRequest, RunSummary,
+    RunsListRequest, TriggerRequest, TriggerResponse, WorkersListRequest,
 };
 use krest_schemas::names::{API_PREFIX, API_QUEUE_GROUP, NODES_BUCKET};
 use krest_schemas::text::{echo, shorten_quoted};
@@ -103,7 +103,7 @@ impl From<PageError> for Failure {
 impl From<ResolveError> for Failure {
     fn from(e: ResolveError) -> Self {
         let code = match e {
-            ResolveError::NotFound(_) => ErrorCode::NotFound,
+            ResolveError::NotFound(_) | ResolveError::Unknown { .. } => ErrorCode::NotFound,
             ResolveError::Ambiguous { .. } => ErrorCode::Ambiguous,
         };
         Failure::new(code, e.to_string())
@@ -208,6 +208,13 @@ impl ApiServer {
         self.client.server_info().max_payload
     }
 
+    /// Answers one request exactly as the `krest.api.*` responder does (same parsing, checks,
+    /// results and errors): the entry of the HTTP API ([`super::web`]), so both front ends share
+    /// one service layer.
+    pub(crate) async fn answer(&self, op: Op, payload: &[u8]) -> Result<Reply, ApiError> {
+        self.handle(op, payload).await.map_err(|Failure(e)| e)
+    }
+
     async fn handle(&self, op: Op, payload: &[u8]) -> Answer {
         match op {
             Op::JobApply => {
@@ -220,7 +227,7 @@ impl ApiServer {
                 let req: JobRequest = body(payload)?;
                 match req.revision {
                     None => {
-                        let key = self.table.resolve(&req.job)?;
+                        let key = self.resolve(&req.job).await?;
                         let entry = self
                             .table
                             .get(&key)
@@ -374,11 +381,23 @@ impl ApiServer {
         )))
     }
 
-    /// The key of a job, current or deleted (a deleted one by `group.name` only).
-    fn resolve_any(&self, name: &str) -> Result<String, Failure> {
+    /// The key of a job named `group.name` or by a name unique across groups. A name this
+    /// node does not know is looked up again once its table has caught up with the jobs
+    /// bucket: a job just applied through another node is found.
+    async fn resolve(&self, name: &str) -> Result<String, ResolveError> {
         match self.table.resolve(name) {
+            Err(ResolveError::Unknown { .. }) if self.table_is_fresh().await => {
+                self.table.resolve(name)
+            }
+            other => other,
+        }
+    }
+
+    /// The key of a job, current or deleted (a deleted one by `group.name` only).
+    async fn resolve_any(&self, name: &str) -> Result<String, Failure> {
+        match self.resolve(name).await {
             Ok(key) => Ok(key),
-            Err(ResolveError::NotFound(_)) if name.contains('.') || name.contains('/') => {
+            Err(ResolveError::Unknown { .. }) if name.contains('.') || name.contains('/') => {
                 Ok(name.replacen('/', ".", 1))
             }
             Err(e) => Err(e.into()),
@@ -392,7 +411,7 @@ impl ApiServer {
             None => u64::MAX,
             Some(c) => c.parse::<u64>().map_err(|_| Failure::cursor(c))?,
         };
-        let key = self.resolve_any(&req.job)?;
+        let key = self.resolve_any(&req.job).await?;
         let mut entries = self
             .infra
             .jobs
@@ -446,7 +465,7 @@ impl ApiServer {
     }
 
     async fn revision(&self, name: &str, revision: u64) -> Result<JobView, Failure> {
-        let key = self.resolve_any(name)?;
+        let key = self.resolve_any(name).await?;
         let entry = self
             .infra
             .jobs
@@ -473,10 +492,19 @@ impl ApiServer {
     fn list(&self, req: JobListRequest) -> Answer {
         let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
         let app = req.app.as_deref();
+        let search = req.search.as_deref().map(str::to_lowercase);
+        let running = req.status.map(|s| s == JobStatus::Running);
         let entries = self.table.page(
             req.cursor.as_deref(),
             req.group.as_deref(),
-            |e| app.is_none_or(|a| e.stored.spec.app_name == a),
+            |e| {
+                let spec = &e.stored.spec;
+                app.is_none_or(|a| spec.app_name == a)
+                    && running.is_none_or(|r| spec.running == r)
+                    && search
+                        .as_deref()
+                        .is_none_or(|s| spec.key().to_lowercase().contains(s))
+            },
             limit + 1,
         );
         let mut page = PageBuilder::new(limit, self.max_payload());
@@ -500,7 +528,7 @@ impl ApiServer {
     }
 
     async fn set_running(&self, req: JobRequest, running: bool) -> Answer {
-        let key = self.table.resolve(&req.job)?;
+        let key = self.resolve(&req.job).await?;
         // Pause and resume are revisions: `updatedAt` moves, so a resumed job does not catch
         // up the fires of its pause.
         self.write_job(&key, |current| {
@@ -520,7 +548,7 @@ impl ApiServer {
     }
 
     async fn delete(&self, req: JobRequest) -> Answer {
-        let key = self.table.resolve(&req.job)?;
+        let key = self.resolve(&req.job).await?;
         let entry = self
             .table
             .get(&key)
@@ -539,7 +567,7 @@ impl ApiServer {
     }
 
     async fn trigger(&self, req: TriggerRequest) -> Answer {
-        let key = self.table.resolve(&req.job)?;
+        let key = self.resolve(&req.job).await?;
         let entry = self
             .table
             .get(&key)
@@ -626,12 +654,18 @@ impl ApiServer {
     async fn runs_list(&self, req: RunsListRequest) -> Answer {
         let limit = req.limit.unwrap_or(20).clamp(1, 1000);
         let start = req.cursor.as_deref().map(parse_run_cursor).transpose()?;
+        let first_page = start.is_none();
+        // A deleted job's runs are still listed by `group.name` or bare name; a name that is
+        // no job's and has no runs is an error with the closest names, not an empty list.
+        let mut unknown = None;
         let job = match req.job.as_deref() {
             None => None,
-            Some(name) => Some(match self.table.resolve(name) {
+            Some(name) => Some(match self.resolve(name).await {
                 Ok(key) => key,
-                // A deleted job's runs are still listed by `group.name` or bare name.
-                Err(ResolveError::NotFound(_)) => name.to_string(),
+                Err(e @ ResolveError::Unknown { .. }) => {
+                    unknown = Some(e);
+                    name.to_string()
+                }
                 Err(e) => return Err(e.into()),
             }),
         };
@@ -644,6 +678,9 @@ impl ApiServer {
             .list_runs(filter, req.status, limit + 1, start)
             .await
             .map_err(Failure::internal)?;
+        if let Some(e) = unknown.filter(|_| runs.is_empty() && first_page) {
+            return Err(e.into());
+        }
         let max_payload = self.max_payload();
         let cap = text_cap(max_payload);
         let mut page = PageBuilder::new(limit as usize, max_payload);

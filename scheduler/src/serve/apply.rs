@@ -393,11 +393,12 @@ impl ApiServer {
 
     /// Waits until this node's job table has applied everything the jobs bucket holds now;
     /// false if that cannot be told or takes too long.
-    async fn table_is_fresh(&self) -> bool {
-        match self.infra.jobs.status().await {
-            Ok(status) => {
+    pub(super) async fn table_is_fresh(&self) -> bool {
+        // The bucket's state now (a `kv::Store`'s own status is cached from when it opened).
+        match crate::infra::bucket_state(&self.infra.js, JOBS_BUCKET).await {
+            Ok(state) => {
                 self.table
-                    .wait_seen(status.info.state.last_sequence, READ_YOUR_WRITES)
+                    .wait_seen(state.last_sequence, READ_YOUR_WRITES)
                     .await
             }
             Err(e) => {

@@ -346,6 +346,7 @@ async fn job_list_and_history_come_in_pages_that_fit_max_payload() {
             app: app.map(str::to_string),
             limit: Some(40),
             cursor,
+            ..Default::default()
         };
         let client = client.clone();
         async move {
@@ -594,7 +595,7 @@ async fn runs_in_pages(db: Db) {
         .collect();
     assert_eq!(printed, expected);
     assert_eq!(
-        out.matches("shard 0 attempt 1:").count(),
+        out.matches("shard 0 of 1 attempt 1:").count(),
         1,
         "one attempt, joined"
     );
@@ -616,6 +617,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     let client = env.client().await;
     // The events of a run of 2,000 shards, the first 10 retried once, as workers report them.
     let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    let key = delivery_key(&js).await;
     let run_id = "t.wide.1000".to_string();
     let now = chrono::Utc::now();
     let shards = 2000u32;
@@ -655,6 +657,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
                 worker: "w1".into(),
                 at: now,
                 scheduled_at: Some(now),
+                delivery_token: key.token(&run_id, shard),
             }));
             events.push(RunEvent::Finished(Finished {
                 run: krest_schemas::RunRef {
@@ -678,6 +681,7 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
                 output: ok.then(|| format!("shard {shard} done")),
                 error: (!ok).then(|| "first try fails".to_string()),
                 duration_ms: 1,
+                delivery_token: key.token(&run_id, shard),
             }));
         }
     }
@@ -685,12 +689,12 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     for e in &events {
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(serde_json::to_vec(e).unwrap().into())
-            .message_id(e.msg_id());
-        acks.push(
-            js.send_publish(krest_schemas::names::events_subject("t", "wide"), msg)
-                .await
-                .unwrap(),
-        );
+            .message_id(e.msg_id())
+            .header(
+                krest_schemas::names::SCHEDULER_TOKEN_HEADER,
+                key.scheduler_token(&run_id).as_str(),
+            );
+        acks.push(js.send_publish(e.subject(), msg).await.unwrap());
     }
     for a in acks {
         a.await.unwrap();
@@ -740,11 +744,11 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
     );
     let (code, out, err) = env.cli(&["runs", "get", &run_id]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.matches(" attempt 1: Succeeded").count(), 1990);
-    assert_eq!(out.matches(" attempt 2: Succeeded").count(), 10);
-    assert_eq!(out.matches(" attempt 1: Failed, will retry").count(), 10);
+    assert_eq!(out.matches(" attempt 1: SUCCEEDED").count(), 1990);
+    assert_eq!(out.matches(" attempt 2: SUCCEEDED").count(), 10);
+    assert_eq!(out.matches(" attempt 1: FAILED, will retry").count(), 10);
     assert!(
-        out.contains("shard 1999 attempt 1: Succeeded"),
+        out.contains("shard 1999 of 2000 attempt 1: SUCCEEDED"),
         "{}",
         &out[out.len() - 500..]
     );

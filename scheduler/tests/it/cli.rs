@@ -550,3 +550,415 @@ async fn cli_applies_files_many_times_larger_than_max_payload() {
     );
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_shows_changes_and_edit_applies_or_keeps_the_edit() {
+    let env = Env::new("cli-edit");
+    let _node = env.node("n1");
+    let client = env.client().await;
+    let seed = env.write(
+        "seed.json",
+        &serde_json::to_string(&seed_documents()).unwrap(),
+    );
+    let (code, _, err) = env.cli(&["job", "apply", "-f", seed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // No worker of the seed's app runs here: apply and trigger --wait say so.
+    assert!(
+        err.contains("warning: no worker of app demo-spring-krest-job is running"),
+        "{err}"
+    );
+    let (code, _, err) = env.cli(&[
+        "job",
+        "trigger",
+        "demo-job3",
+        "--wait",
+        "--wait-timeout",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("warning: no worker of app demo-spring-krest-job is running: runs of default-jobGroup.demo-job3 wait as PENDING"),
+        "{err}"
+    );
+
+    // Names resolve the same way everywhere; a typo fails and suggests the closest names.
+    for args in [
+        &["runs", "list", "--job", "demo-jb3"][..],
+        &["job", "get", "demo-jb3"],
+        &["job", "history", "demo-jb3"],
+        &["runs", "watch", "--job", "demo-jb3"],
+    ] {
+        let (code, out, err) = env.cli(args);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("no job named `demo-jb3`; did you mean default-jobGroup.demo-job3 or default-jobGroup.demo-job2?"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, out, err) = env.cli(&["runs", "list", "--job", "demo-job3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("RUN "),
+        "a known job without runs lists none: {out}"
+    );
+
+    // --dry-run: one job changed, one new, one unchanged; nothing applied.
+    let mut docs = seed_documents();
+    let job3 = docs
+        .iter_mut()
+        .find(|d| d["jobName"] == "demo-job3")
+        .unwrap();
+    job3["cron"] = serde_json::json!("0/7 * * * * ?");
+    job3["description"] = serde_json::json!("changed");
+    docs.push(
+        serde_json::json!({"appName": "a", "jobName": "fresh", "path": "p", "cron": "0 0 * * * ?"}),
+    );
+    let changed = env.write("changed.json", &serde_json::to_string(&docs).unwrap());
+    let (code, out, err) = env.cli(&["job", "apply", "--dry-run", "-f", changed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("dry run: nothing was applied"), "{err}");
+    assert!(
+        out.contains("default-jobGroup.demo-job2 would be unchanged"),
+        "{out}"
+    );
+    assert!(
+        out.contains("default-jobGroup.demo-job3 would be updated:\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  - cron: \"0/5 * * * * ?\"\n  + cron: \"0/7 * * * * ?\""),
+        "{out}"
+    );
+    assert!(out.contains("  + description: \"changed\""), "{out}");
+    assert!(!out.contains("- description"), "{out}");
+    assert!(out.contains("default.fresh would be created"), "{out}");
+    let (code, out, _) = env.cli(&[
+        "-o",
+        "json",
+        "job",
+        "apply",
+        "--dry-run",
+        "-f",
+        changed.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    let planned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(planned[1]["action"], "update");
+    assert_eq!(
+        planned[1]["changes"].as_array().unwrap().len(),
+        2,
+        "{planned}"
+    );
+    let view = get_job(&client, "demo-job3").await;
+    assert_eq!(
+        view.spec.cron.as_deref(),
+        Some("0/5 * * * * ?"),
+        "dry run applied nothing"
+    );
+    let (code, _, _) = env.cli(&["job", "get", "fresh"]);
+    assert_ne!(code, 0, "dry run created nothing");
+
+    // `job edit`: the editor's change is checked and applied.
+    let (code, out, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "sed -i -e s#0/5#0/9#"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("default-jobGroup.demo-job3 updated"), "{out}");
+    let view = get_job(&client, "demo-job3").await;
+    assert_eq!(view.spec.cron.as_deref(), Some("0/9 * * * * ?"));
+
+    // An invalid edit is refused, kept in a file, and applies nothing.
+    let (code, _, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "sed -i -e s#0/9#nonsense#"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the edited definition is invalid"), "{err}");
+    assert!(err.contains("cron"), "{err}");
+    let kept = err
+        .split("your edit is kept in ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .to_string();
+    assert!(std::fs::read_to_string(&kept).unwrap().contains("nonsense"));
+    let _ = std::fs::remove_file(&kept);
+    assert_eq!(
+        get_job(&client, "demo-job3").await.spec.cron.as_deref(),
+        Some("0/9 * * * * ?")
+    );
+
+    // Renaming through edit is refused; leaving the editor without a change applies nothing.
+    let (code, _, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "sed -i -e s#demo-job3#other#"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not rename or copy jobs"), "{err}");
+    let (code, _, err) = env.cli_env(
+        &["job", "edit", "demo-job3"],
+        &[("EDITOR", "true"), ("VISUAL", "")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no changes; nothing was applied"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_logs_follows_a_run_and_an_attempts_log_is_bounded() {
+    let env = Env::new("cli-logs");
+    let _node = env.node("n1");
+    let client = env.client().await;
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let w = env
+        .worker("logs", "w1")
+        .handler("slow", move |ctx: JobContext| {
+            let mut go = go_rx.clone();
+            async move {
+                ctx.log("first line");
+                let _ = go.wait_for(|g| *g).await;
+                ctx.warn("second line");
+                Ok("done")
+            }
+        })
+        .handler("chatty", |ctx: JobContext| async move {
+            for i in 0..krest_worker::MAX_LOG_LINES_PER_ATTEMPT + 50 {
+                ctx.log(format!("line {i}"));
+            }
+            Ok(())
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![
+            serde_json::json!({"appName": "logs", "jobGroup": "t", "jobName": "slow", "path": "slow"}),
+            serde_json::json!({"appName": "logs", "jobGroup": "t", "jobName": "chatty", "path": "chatty"}),
+        ],
+    )
+    .await;
+
+    // `runs logs --follow` prints what is stored, then lines as they are logged, and ends
+    // with the run.
+    let run_id = trigger(&client, "slow").await.run_id;
+    let follow = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "--nats-url",
+            &env.url(),
+            "runs",
+            "logs",
+            "--follow",
+            &run_id,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(DEADLINE, "the first line recorded", || async {
+        run(&client, &run_id)
+            .await
+            .filter(|d| d.attempts.iter().any(|a| !a.logs.is_empty()))
+    })
+    .await;
+    go_tx.send(true).unwrap();
+    let out = tokio::task::spawn_blocking(move || follow.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].ends_with("INFO  shard 0 attempt 1 | first line"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].ends_with("WARN  shard 0 attempt 1 | second line"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("run {run_id} ended: SUCCEEDED")),
+        "{stderr}"
+    );
+    let (code, again, _) = env.cli(&["runs", "logs", &run_id]);
+    assert_eq!(code, 0);
+    assert_eq!(again, stdout, "stored lines read back the same");
+
+    // `runs watch --since` replays the events of that run before following.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "--nats-url",
+            &env.url(),
+            "runs",
+            "watch",
+            "--since",
+            "10m",
+            "--job",
+            "slow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let replayed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains(" finished ") && l.contains("SUCCEEDED"))
+    })
+    .await
+    .unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(replayed.unwrap().contains(&run_id));
+
+    // An attempt keeps MAX lines plus a marker saying the log was cut.
+    let chatty = trigger(&client, "chatty").await.run_id;
+    let d = wait_final(&client, &chatty).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let (code, out, err) = env.cli(&["runs", "logs", &chatty]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        krest_worker::MAX_LOG_LINES_PER_ATTEMPT as usize + 1,
+        "{}",
+        lines.last().unwrap()
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .contains("WARN  shard 0 attempt 1 | log cut:"),
+        "{}",
+        lines.last().unwrap()
+    );
+    drop(w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_nats_is_named_with_what_is_there() {
+    let krest = |url: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+            .args(["--nats-url", url, "--timeout", "2s"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // A NATS where Krest never ran.
+    let other = krest_test_support::NatsServer::start();
+    let (code, err) = krest(&other.url(), &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "no Krest scheduler node is answering on NATS at {}",
+            other.url()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("has no Krest streams"), "{err}");
+    assert!(err.contains("NATS_URL"), "{err}");
+    // `runs watch` there says so instead of waiting silently.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args(["--nats-url", &other.url(), "runs", "watch"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = watch.stderr.take().unwrap();
+    let warned = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("warning:"))
+    });
+    let warning = tokio::task::spawn_blocking(move || warned.join().unwrap())
+        .await
+        .unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(warning.unwrap().contains("has no Krest streams"));
+
+    // Krest's NATS with its schedulers stopped.
+    let env = Env::new("cli-stopped");
+    let node = env.node("n1");
+    let _client = env.client().await;
+    node.stop().await.unwrap();
+    let (code, err) = krest(&env.url(), &["job", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("holds Krest's streams"), "{err}");
+    assert!(err.contains("start one with `krest scheduler`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_what_flags_and_environment_do_not() {
+    let env = Env::new("cli-config");
+    let _node = env.node("n1");
+    let _client = env.client().await;
+    let file = env.write(
+        "krest.toml",
+        &format!(
+            "nats-url = \"{}\"\n[scheduler]\nlease-ttl = \"9s\"\n",
+            env.url()
+        ),
+    );
+    let krest = |args: &[&str], vars: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+            .env_remove("NATS_URL")
+            .env_remove("KREST_LEASE_TTL")
+            .envs(vars.iter().copied())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // The file's NATS URL reaches the node.
+    let (code, out, err) = krest(
+        &["--config", file.to_str().unwrap(), "cluster", "status"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("n1"), "{out}");
+    // KREST_CONFIG names the file too; the environment beats the file, a flag beats both.
+    let cfg = file.to_str().unwrap();
+    let (code, out, err) = krest(
+        &["scheduler", "--print-config"],
+        &[("KREST_CONFIG", cfg), ("KREST_LEASE_TTL", "5s")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("lease-ttl = \"5s\"  # environment KREST_LEASE_TTL"),
+        "{out}"
+    );
+    let (_, out, _) = krest(
+        &["scheduler", "--print-config", "--lease-ttl", "4s"],
+        &[("KREST_CONFIG", cfg), ("KREST_LEASE_TTL", "5s")],
+    );
+    assert!(out.contains("lease-ttl = \"4s\"  # flag"), "{out}");
+    let (_, out, _) = krest(&["scheduler", "--print-config"], &[("KREST_CONFIG", cfg)]);
+    assert!(out.contains("lease-ttl = \"9s\"  # config file"), "{out}");
+    assert!(
+        out.contains(&format!("nats-url = \"{}\"  # config file", env.url())),
+        "{out}"
+    );
+    // A typo in the file stops the command with the key named.
+    let bad = env.write("bad.toml", "[scheduler]\nreplica = 3\n");
+    let (code, _, err) = krest(&["--config", bad.to_str().unwrap(), "scheduler"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown setting `scheduler.replica`"), "{err}");
+}

@@ -19,7 +19,7 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
     let env = Env::new("dispatch");
     let client = async_nats::connect(env.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    infra::ensure(&js, &InfraConfig::default()).await.unwrap();
+    let infra = infra::ensure(&js, &InfraConfig::default()).await.unwrap();
     let items: Vec<u32> = (0..1000).collect();
     let spec = parse_job(&json!({"appName": "a", "jobName": "big", "path": "p", "jobType": "SHARDING", "args": items})).unwrap();
     let now = Utc::now();
@@ -42,7 +42,7 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
             )
         })
         .collect();
-    let publisher = Publisher::new(js.clone(), "n1".into());
+    let publisher = Publisher::new(js.clone(), "n1".into(), infra.delivery.clone());
     assert!(publisher.publish(&fires).await.iter().all(Result::is_ok));
     let stream = js.get_stream(WORK_STREAM).await.unwrap();
     assert_eq!(stream.get_info().await.unwrap().state.messages, 7000);

@@ -657,7 +657,7 @@ async fn poison_input_is_parked_and_disturbs_nothing() {
         // heartbeats, node presence, job state: all garbage.
         for subject in [
             krest_schemas::names::work_queue_subject(APP, "f", "tick"),
-            "krest.events.f.tick".to_string(),
+            krest_schemas::names::events_subject(APP, "f", "tick"),
             "$KV.krest-jobs.f.garbage".to_string(),
             "$KV.krest-workers.x.y".to_string(),
             "$KV.krest-nodes.zz".to_string(),
@@ -916,6 +916,113 @@ async fn nodes_and_workers_started_before_nats_wait_for_it() {
     apply(&client, vec![every_second("tick")]).await;
     more_runs(&client, "f.tick", 0, 3).await;
     assert_history(&settled(&client, "f.tick").await, &f.journal());
+}
+
+/// The value of the sample `series` (name with its labels, as printed) in a Prometheus text
+/// exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_fires_runs_lateness_and_workers() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("metrics", nats.url());
+    f.start_node("a", &["--log-format", "json"]);
+    f.start_worker("w1", &["--log-format", "json"]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
+    let http = status.nodes[0].http_addr.clone().unwrap();
+
+    let body = eventually(DEADLINE, "metrics of three recorded runs", || async {
+        let body = http_body(&http, "/metrics")?;
+        let ended = sample(&body, "krest_runs_ended_total{status=\"SUCCEEDED\"}")?;
+        (ended >= 3.0).then_some(body)
+    })
+    .await;
+    let head = http_get(&http, "/metrics").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_eq!(sample(&body, "krest_leader"), Some(1.0), "{body}");
+    assert!(sample(&body, "krest_leader_epoch").unwrap() >= 1.0);
+    assert!(
+        sample(&body, "krest_fires_total{trigger=\"SCHEDULE\"}").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_dispatch_lateness_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_handler_start_lateness_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "krest_run_duration_seconds_count").unwrap() >= 3.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "krest_dispatch_errors_total"), Some(0.0));
+    assert_eq!(sample(&body, "krest_jobs"), Some(1.0));
+    assert_eq!(
+        sample(&body, &format!("krest_workers_live{{app=\"{APP}\"}}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(sample(&body, "krest_recorder_failing"), Some(0.0));
+    // Well formed: every sample belongs to a metric declared with HELP and TYPE before it.
+    let mut declared = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            declared.insert(rest.split(' ').next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| declared.contains(*b)))
+            .unwrap_or(name);
+        assert!(declared.contains(base), "undeclared sample: {line}");
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+    }
+
+    // --log-format json: every line of both processes is a JSON object; the worker's lines
+    // about an attempt carry its run, job, shard and attempt.
+    for p in [&f.nodes["a"], &f.workers["w1"]] {
+        for line in p.output().lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", p.name()));
+            assert!(
+                v["level"].is_string() && v["timestamp"].is_string(),
+                "{line}"
+            );
+        }
+    }
+    let ended = f.workers["w1"]
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "attempt ended")
+        .expect("an `attempt ended` line");
+    let run = &ended["spans"][0];
+    assert_eq!(run["name"], "run", "{ended}");
+    assert!(
+        run["run"].as_str().unwrap().starts_with("f.tick."),
+        "{ended}"
+    );
+    assert_eq!(run["job"], "f.tick");
+    assert_eq!(run["attempt"], 1);
+    assert_eq!(ended["fields"]["outcome"], "SUCCEEDED");
 }
 
 /// Runs `krest scheduler --db <db>` against a NATS URL where nothing listens and returns its

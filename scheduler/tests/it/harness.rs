@@ -121,9 +121,15 @@ impl Env {
 
     /// Runs the `krest` CLI with `args`; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Env::cli`] with environment variables set.
+    pub fn cli_env(&self, args: &[&str], vars: &[(&str, &str)]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_krest"))
             .args(["--nats-url", &self.url()])
             .args(args)
+            .envs(vars.iter().copied())
             .output()
             .unwrap();
         (
@@ -159,6 +165,20 @@ impl Env {
     }
 }
 
+/// The key of delivery tokens (once a node has made it), for tests that publish attempt events
+/// as a worker would.
+pub async fn delivery_key(js: &async_nats::jetstream::Context) -> krest::delivery::DeliveryKey {
+    let secrets = eventually(DEADLINE, "the secrets bucket", || async {
+        js.get_key_value(krest_schemas::names::SECRETS_BUCKET)
+            .await
+            .ok()
+    })
+    .await;
+    krest::delivery::DeliveryKey::load_or_create(&secrets)
+        .await
+        .unwrap()
+}
+
 /// An API client on NATS at `urls`, once a scheduler node answers.
 pub async fn client_for(urls: &str) -> Client {
     let client = Client::connect(urls, Duration::from_secs(5)).await.unwrap();
@@ -172,6 +192,14 @@ pub async fn client_for(urls: &str) -> Client {
     })
     .await;
     client
+}
+
+/// A job's current view.
+pub async fn get_job(client: &Client, name: &str) -> krest_schemas::api::JobView {
+    client
+        .call(Op::JobGet, &krest_schemas::api::JobRequest::new(name))
+        .await
+        .unwrap()
 }
 
 pub async fn apply(client: &Client, documents: Vec<Value>) -> ApplyResponse {
@@ -346,4 +374,95 @@ pub async fn sqlx_lock(db: &std::path::Path) -> sqlx::AnyConnection {
         .await
         .unwrap();
     c
+}
+
+/// Starts an in-process node serving HTTP on a free loopback port with the HTTP API's access
+/// `web`; returns it and its base URL (`http://127.0.0.1:port`), once it is published.
+pub async fn web_node(
+    env: &Env,
+    node: &str,
+    web: krest::serve::web::WebOptions,
+) -> (RunningNode, String) {
+    let mut opts = env.node_opts(node);
+    opts.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    opts.web = web;
+    let running = krest::node::spawn(opts);
+    let client = env.client().await;
+    let addr = eventually(DEADLINE, &format!("node {node}'s HTTP address"), || async {
+        let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.ok()?;
+        status
+            .nodes
+            .into_iter()
+            .find(|n| n.node == node)
+            .and_then(|n| n.http_addr)
+    })
+    .await;
+    (running, format!("http://{addr}"))
+}
+
+/// A small HTTP client for the HTTP API: every answer as (status, headers, JSON body).
+#[derive(Clone)]
+pub struct Web {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Web {
+    pub fn new(base: &str, token: Option<&str>) -> Web {
+        Web {
+            base: base.to_string(),
+            http: reqwest::Client::new(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    /// The same node with another token.
+    pub fn with_token(&self, token: Option<&str>) -> Web {
+        Web {
+            token: token.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let res = req.send().await.unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let bytes = res.bytes().await.unwrap();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).to_string()));
+        (status, headers, value)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (s, _, v) = self.raw(reqwest::Method::GET, path, None).await;
+        (s, v)
+    }
+
+    pub async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let (s, _, v) = self.raw(method, path, body).await;
+        (s, v)
+    }
+
+    /// GET that must succeed.
+    pub async fn ok(&self, path: &str) -> Value {
+        let (s, v) = self.get(path).await;
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
 }

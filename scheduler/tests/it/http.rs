@@ -36,6 +36,15 @@ async fn echo(headers: HeaderMap, body: String) -> String {
     format!("ct={ct} token={token} body={body}")
 }
 
+/// Answers with the `traceparent` header it got.
+async fn trace(headers: HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
 async fn fail() -> (StatusCode, &'static str) {
     (StatusCode::INTERNAL_SERVER_ERROR, "boom")
 }
@@ -56,6 +65,7 @@ async fn start_server(state: Server) -> String {
     let app = Router::new()
         .route("/echo", post(echo))
         .route("/fail", post(fail))
+        .route("/trace", post(trace))
         .route("/hook", post(hook))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -85,9 +95,59 @@ async fn http_jobs_call_their_url_and_fail_on_non_2xx() {
                    "url": format!("{base}/echo"), "args": "raw text"}),
             json!({"appName": "web", "jobGroup": "t", "jobName": "broken", "jobType": "HTTP",
                    "url": format!("{base}/fail"), "retryTimes": 1}),
+            json!({"appName": "web", "jobGroup": "t", "jobName": "traced", "jobType": "HTTP",
+                   "url": format!("{base}/trace")}),
         ],
     )
     .await;
+    // The run's W3C trace context reaches the called service, and the run's events carry it.
+    let traced = wait_final(&client, &trigger(&client, "traced").await.run_id).await;
+    let trace_id = krest_schemas::trace::trace_id(&traced.run.run_id);
+    assert_eq!(traced.run.trace_id, trace_id);
+    assert_eq!(
+        traced.run.output.as_deref(),
+        Some(format!(
+            "HTTP 200 OK: {}",
+            krest_schemas::trace::attempt_traceparent(&traced.run.run_id, 0, 1)
+        ))
+        .as_deref()
+    );
+    let (_, out, _) = env.cli(&["runs", "get", &traced.run.run_id]);
+    assert!(out.contains(&format!("trace:      {trace_id}")), "{out}");
+    let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    let events = js
+        .get_stream(krest_schemas::names::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let subject = krest_schemas::names::events_subject("web", "t", "traced");
+    let dispatched = events
+        .get_first_raw_message_by_subject(&subject, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        dispatched
+            .headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_string()),
+        Some(krest_schemas::trace::dispatch_traceparent(
+            &traced.run.run_id,
+            0
+        )),
+        "the leader's dispatched event"
+    );
+    let finished = events
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    let headers = finished.headers;
+    assert!(
+        headers
+            .get("traceparent")
+            .is_some_and(
+                |v| krest_schemas::trace::parse_trace_id(v.as_str()) == Some(trace_id.as_str())
+            ),
+        "{headers:?}"
+    );
     let ok = wait_final(&client, &trigger(&client, "call").await.run_id).await;
     assert_eq!(ok.run.status, RunStatus::Succeeded);
     assert_eq!(

@@ -2,16 +2,18 @@
 //! server on a free port with a temporary store (see `harness`).
 //!
 //! Modules: `seed` (the seed's demo jobs), `jobs` (definitions, validation, revisions), `api`
-//! (the request/reply API), `cli` (the `krest` binary), `schedules` (every, at, misfire
+//! (the request/reply API), `auth` (NATS logins, roles and permissions), `cli` (the `krest` binary), `schedules` (every, at, misfire
 //! policies), `dispatch` (publishing and de-duplication), `strategies` (load balancing),
 //! `overlap` (overlap policies and cancellation), `retries` (failure handling), `worker` (the
 //! SDK's capacity, shutdown and redelivery), `ha` (leadership and failover), `http` (HTTP jobs,
 //! alert webhooks, secrets kept out of views and logs), `faults` (the fault suite behind
-//! docs/guarantees.md). Add to these rather than adding modules.
+//! docs/guarantees.md), `web_api` (the HTTP API), `web_ui` (the console in
+//! headless Chromium). Add to these rather than adding modules.
 
 #![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
 
 mod api;
+mod auth;
 mod cli;
 mod dispatch;
 mod faults;
@@ -24,4 +26,6 @@ mod retries;
 mod schedules;
 mod seed;
 mod strategies;
+mod web_api;
+mod web_ui;
 mod worker;
