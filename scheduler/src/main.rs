@@ -59,6 +59,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..InfraConfig::default()
             };
             opts.recorder.max_lag = args.recorder_max_lag;
+            opts.retention.keep_for = args
+                .keep_days
+                .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
+            opts.retention.keep_runs = args.keep_runs;
             opts.engine = EngineConfig {
                 misfire_threshold: args.misfire_threshold,
                 ..EngineConfig::default()

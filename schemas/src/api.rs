@@ -125,6 +125,41 @@ pub struct ApiReply {
     /// next one. Absent on the last page. Opaque: send it back as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// On `runs.list` and `runs.get`: set when the answering node's database is behind the
+    /// events stream (a new or restarted node replaying it): the answer may miss recent runs or
+    /// show them in an older state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catching_up: Option<CatchingUp>,
+}
+
+/// How far behind the events stream the database of the node that answered is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CatchingUp {
+    /// The node that answered.
+    pub node: String,
+    /// Events in the stream it has not recorded yet.
+    pub lag_events: u64,
+    /// Age of the oldest of them, in milliseconds.
+    pub lag_ms: u64,
+    /// Stream sequence of the last event recorded.
+    pub recorded_seq: u64,
+    /// Last sequence of the events stream.
+    pub stream_seq: u64,
+}
+
+impl std::fmt::Display for CatchingUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} is catching up on the events stream: {} events ({} s) behind (recorded up to {} of {}); recent runs may be missing or out of date",
+            self.node,
+            self.lag_events,
+            self.lag_ms / 1000,
+            self.recorded_seq,
+            self.stream_seq
+        )
+    }
 }
 
 /// Machine-readable error kinds of the API.

@@ -139,6 +139,10 @@ pub struct JobSpec {
     /// attempt TIMED_OUT (retried like a failure). Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<i64>,
+    /// How long this job's ended runs stay in the run history, instead of the scheduler's
+    /// `--keep-days`/`--keep-runs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
     /// Free-form id carried over from Krest-Job documents (not used for identity).
     #[serde(
         default,
@@ -194,6 +198,24 @@ pub enum JobType {
     /// One execution on every live instance of the app that has the handler.
     Broadcast,
 }
+
+/// `retention`: which ended runs of the job the run history keeps (a run goes when either limit
+/// says so; runs that have not ended are always kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retention {
+    /// Days a run is kept after it ended (1 to 36500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<i64>,
+    /// Most runs kept, newest first (1 to 1000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<i64>,
+}
+
+/// Largest `retention.days`.
+pub const MAX_RETENTION_DAYS: i64 = 36_500;
+/// Largest `retention.runs`.
+pub const MAX_RETENTION_RUNS: i64 = 1_000_000;
 
 /// `retryBackoff`: the delay after failed attempt n is `initial × factor^(n-1)`, at most `max`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -742,6 +764,26 @@ impl JobSpec {
                 ),
             ));
         }
+        if let Some(r) = &self.retention {
+            if r.days.is_none() && r.runs.is_none() {
+                problems.push(problem(
+                    "retention",
+                    "give `days` (keep runs that many days after they ended), `runs` (keep the newest that many), or both",
+                ));
+            }
+            if let Some(d) = r.days.filter(|d| !(1..=MAX_RETENTION_DAYS).contains(d)) {
+                problems.push(problem(
+                    "retention.days",
+                    format!("{d} is out of range: use 1 to {MAX_RETENTION_DAYS}"),
+                ));
+            }
+            if let Some(n) = r.runs.filter(|n| !(1..=MAX_RETENTION_RUNS).contains(n)) {
+                problems.push(problem(
+                    "retention.runs",
+                    format!("{n} is out of range: use 1 to {MAX_RETENTION_RUNS}"),
+                ));
+            }
+        }
         if let Some(t) = self.timeout_secs {
             if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
                 problems.push(problem(
@@ -1167,6 +1209,28 @@ mod tests {
     }
 
     #[test]
+    fn retention_is_checked() {
+        let doc = |r: Value| json!({"appName": "a", "jobName": "j", "path": "p", "retention": r});
+        let spec = parse_job(&doc(json!({"days": 30, "runs": 100}))).unwrap();
+        assert_eq!(
+            spec.retention,
+            Some(Retention {
+                days: Some(30),
+                runs: Some(100)
+            })
+        );
+        assert!(problems_of(doc(json!({})))[0].starts_with("retention: give `days`"));
+        assert_eq!(
+            problems_of(doc(json!({"days": 0, "runs": 2_000_000}))),
+            [
+                "retention.days: 0 is out of range: use 1 to 36500",
+                "retention.runs: 2000000 is out of range: use 1 to 1000000"
+            ]
+        );
+        assert!(problems_of(doc(json!({"weeks": 1})))[0].contains("weeks"));
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let mut doc = seed_sharding();
         doc["retryTime"] = json!(3);
@@ -1534,6 +1598,7 @@ mod tests {
             next_fire_at: Some(Utc::now()),
         };
         let reply = crate::api::ApiReply {
+            catching_up: None,
             ok: true,
             result: Some(serde_json::to_value(&view).unwrap()),
             error: None,

@@ -48,7 +48,7 @@ pub use backoff::Backoff;
 pub use cron::{CronError, CronSchedule};
 pub use job::{
     parse_job, Alert, AlertOn, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
-    MisfirePolicy, OverlapPolicy, Problem, RetryBackoff, StoredJob,
+    MisfirePolicy, OverlapPolicy, Problem, Retention, RetryBackoff, StoredJob,
 };
 pub use messages::{
     AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, HttpCall, JobState,

@@ -150,6 +150,10 @@ pub struct RecorderHealth {
     pub max_lag_seconds: f64,
     /// Why the recorder is not progressing, while it is not.
     pub failing: Option<String>,
+    /// The node's database is behind the events stream (a node replaying it): its answers to
+    /// run queries may miss recent runs.
+    #[serde(default)]
+    pub catching_up: bool,
     /// Bad events parked since the node started.
     pub parked: u64,
     /// Bad events dropped since the node started.

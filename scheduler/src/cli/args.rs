@@ -233,6 +233,12 @@ pub struct SchedulerArgs {
     /// node not ready.
     #[arg(long, env = "KREST_RECORDER_MAX_LAG", default_value = "30s", value_parser = parse_duration)]
     pub recorder_max_lag: Duration,
+    /// Delete ended runs (with attempts and logs) this many days after they ended.
+    #[arg(long, env = "KREST_KEEP_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_days: Option<u32>,
+    /// Keep at most this many runs per job (older ended ones are deleted).
+    #[arg(long, env = "KREST_KEEP_RUNS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_runs: Option<u32>,
     /// Address of the HTTP endpoint: /healthz, /readyz, /metrics, the API and the web console
     /// (`off` to disable; port 0 picks one).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722", value_parser = parse_http_addr)]

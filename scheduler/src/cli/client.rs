@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use krest_schemas::api::{ApiError, ApiReply, Op};
+use krest_schemas::api::{ApiError, ApiReply, CatchingUp, Op};
 use krest_worker::nats::{ConnectStyle, NatsConfig, NatsError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -62,6 +62,8 @@ pub struct Client {
     /// The NATS URL(s), redacted (for messages).
     url: String,
     timeout: Duration,
+    /// The last `catchingUp` notice a node sent with a reply.
+    catching_up: std::sync::Arc<std::sync::Mutex<Option<CatchingUp>>>,
     /// The last permissions violation the server reported on this connection.
     violations: watch::Receiver<Option<String>>,
 }
@@ -102,8 +104,15 @@ impl Client {
             nats: client,
             url: nats.shown_url(),
             timeout,
+            catching_up: Default::default(),
             violations,
         })
+    }
+
+    /// Takes the last notice that the answering node's database is behind the events stream
+    /// (sent with `runs.list` and `runs.get` replies).
+    pub fn take_catching_up(&self) -> Option<CatchingUp> {
+        self.catching_up.lock().ok().and_then(|mut c| c.take())
     }
 
     /// The underlying NATS client.
@@ -144,6 +153,11 @@ impl Client {
                 });
             }
         };
+        if let Some(c) = reply.catching_up {
+            if let Ok(mut last) = self.catching_up.lock() {
+                *last = Some(c);
+            }
+        }
         match (reply.ok, reply.result, reply.error) {
             (true, Some(result), _) => Ok((result, reply.next)),
             (true, None, _) => serde_json::from_value(serde_json::Value::Null)
@@ -319,9 +333,12 @@ impl Client {
 
 /// An [`ApiReply`] whose result is decoded as `T`.
 #[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct TypedReply<T> {
     ok: bool,
     result: Option<T>,
     error: Option<ApiError>,
     next: Option<String>,
+    #[serde(default)]
+    catching_up: Option<CatchingUp>,
 }

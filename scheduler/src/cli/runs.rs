@@ -57,6 +57,9 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                     (limit > 0).then_some(limit as usize),
                 )
                 .await?;
+            if let Some(c) = client.take_catching_up() {
+                eprintln!("notice: {}", esc(&c.to_string()));
+            }
             if json {
                 print_json(&runs)?;
             } else {
@@ -65,6 +68,9 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
         }
         RunsCmd::Get { run_id } => {
             let d = run_detail(client, &run_id).await?;
+            if let Some(c) = client.take_catching_up() {
+                eprintln!("notice: {}", esc(&c.to_string()));
+            }
             if json {
                 print_json(&d)?;
             } else {

@@ -54,6 +54,8 @@ pub struct NodeOptions {
     pub router: crate::leader::router::RouterConfig,
     /// Address of the HTTP endpoint (`/healthz`, `/readyz`, the HTTP API); `None` disables it.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Which ended runs the database keeps.
+    pub retention: crate::record::retention::RetentionConfig,
     /// Who may use the HTTP API.
     pub web: crate::serve::web::WebOptions,
 }
@@ -75,6 +77,7 @@ impl NodeOptions {
             recorder: RecorderConfig::default(),
             router: Default::default(),
             http_addr: None,
+            retention: Default::default(),
             web: Default::default(),
         }
     }
@@ -92,6 +95,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("recorder", &self.recorder)
             .field("router", &self.router)
             .field("http_addr", &self.http_addr)
+            .field("retention", &self.retention)
             .field("web", &self.web)
             .finish()
     }
@@ -303,6 +307,15 @@ async fn run_supervised(
             back.clone(),
         ),
     );
+    let retention_task = sup.spawn(
+        "retention",
+        crate::record::retention::run(
+            store.clone(),
+            table.clone(),
+            opts.retention.clone(),
+            back.clone(),
+        ),
+    );
     let api = ApiServer {
         client: client.clone(),
         infra: infra.clone(),
@@ -310,6 +323,8 @@ async fn run_supervised(
         store: store.clone(),
         publisher,
         routing: routing.clone(),
+        node: opts.node.clone(),
+        recorder: recorder_rx.clone(),
     };
     let web_api = api.clone();
     let api_task = sup.spawn("api", api.run(front.clone()));
@@ -375,6 +390,7 @@ async fn run_supervised(
     back.cancel();
     watcher.join().await;
     recorder_task.join().await;
+    retention_task.join().await;
     presence_task.join().await;
     deadletter_task.join().await;
     registry_task.join().await;

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{error_kinds, Error};
-use crate::record::store::Store;
+use crate::record::store::{Applied, Store};
 
 /// How long the recorder waits for an event before checking that it is not stalled.
 const STALL_CHECK: Duration = Duration::from_secs(5);
@@ -42,6 +42,22 @@ const PARK_ATTEMPTS: u32 = 3;
 
 /// Consecutive failures of a whole batch after which it is applied event by event.
 const ISOLATE_AFTER: u32 = 3;
+
+/// Age of the oldest unrecorded event from which a node says it is catching up (events a
+/// current node has not written yet are younger than this).
+pub const CATCHING_UP_AFTER: Duration = Duration::from_secs(1);
+
+/// What a node tells with its answers to run queries when its database is behind the events
+/// stream (its oldest unrecorded event older than [`CATCHING_UP_AFTER`]); `None` when current.
+pub fn catching_up(node: &str, s: &RecorderStatus) -> Option<krest_schemas::api::CatchingUp> {
+    (s.lag_events > 0 && s.lag >= CATCHING_UP_AFTER).then(|| krest_schemas::api::CatchingUp {
+        node: node.to_string(),
+        lag_events: s.lag_events,
+        lag_ms: u64::try_from(s.lag.as_millis()).unwrap_or(u64::MAX),
+        recorded_seq: s.recorded_seq,
+        stream_seq: s.stream_seq,
+    })
+}
 
 error_kinds! {
     /// What interrupted recording (the recorder restarts from the database's cursor).
@@ -172,8 +188,11 @@ impl Recorder<'_> {
         });
     }
 
+    /// The database holds the stream up to `seq` (recorded by this node, or by another sharing
+    /// the database: it never goes back).
     fn recorded(&self, seq: u64) {
         self.status.send_modify(|s| {
+            let seq = s.recorded_seq.max(seq);
             s.recorded_seq = seq;
             s.failing = None;
             if s.stream_seq <= seq {
@@ -259,26 +278,23 @@ impl Recorder<'_> {
             for bad in &batch.bad {
                 self.park(bad).await;
             }
-            let ended = self.write(&batch).await?;
-            count(&batch, &ended);
-            self.followups.on_ended(&ended).await;
-            self.recorded(batch.last_seq);
+            let applied = self.write(&batch).await?;
+            count(&batch, &applied.ended);
+            self.followups.on_ended(&applied.ended).await;
+            self.recorded(batch.last_seq.max(applied.cursor));
         }
     }
 
     /// Writes a batch; a batch the database keeps rejecting is isolated event by event.
-    async fn write(
-        &self,
-        batch: &Batch,
-    ) -> Result<Vec<krest_schemas::api::RunSummary>, RecordError> {
+    async fn write(&self, batch: &Batch) -> Result<Applied, RecordError> {
         let mut failures = 0u32;
         loop {
             match self.store.apply(&batch.events, batch.last_seq).await {
-                Ok(ended) => {
+                Ok(applied) => {
                     if failures > 0 {
                         tracing::info!("database available again; recording resumes");
                     }
-                    return Ok(ended);
+                    return Ok(applied);
                 }
                 Err(e) => {
                     failures += 1;
@@ -287,8 +303,8 @@ impl Recorder<'_> {
                     }
                     self.failing(Some(format!("cannot record run events: {e}")));
                     if failures % ISOLATE_AFTER == 0 {
-                        if let Some(ended) = self.isolate(batch).await? {
-                            return Ok(ended);
+                        if let Some(applied) = self.isolate(batch).await? {
+                            return Ok(applied);
                         }
                     }
                     self.pause(failures).await?;
@@ -300,17 +316,14 @@ impl Recorder<'_> {
     /// Applies the batch one event at a time. An event the database rejects while a write
     /// without it succeeds is parked and skipped. Returns `None` when the database accepts no
     /// write at all (it is down: the caller waits and retries the batch).
-    async fn isolate(
-        &self,
-        batch: &Batch,
-    ) -> Result<Option<Vec<krest_schemas::api::RunSummary>>, RecordError> {
+    async fn isolate(&self, batch: &Batch) -> Result<Option<Applied>, RecordError> {
         let mut ended = Vec::new();
         let mut done = self.status.borrow().recorded_seq;
         for item in &batch.events {
             let (seq, event) = item;
             match self.store.apply(std::slice::from_ref(item), *seq).await {
-                Ok(e) => {
-                    ended.extend(e);
+                Ok(a) => {
+                    ended.extend(a.ended);
                     done = *seq;
                 }
                 Err(e) => {
@@ -330,11 +343,15 @@ impl Recorder<'_> {
                 }
             }
         }
-        self.store
+        let last = self
+            .store
             .apply(&[], batch.last_seq)
             .await
             .map_err(err(RecordErrorKind::Database))?;
-        Ok(Some(ended))
+        Ok(Some(Applied {
+            ended,
+            cursor: last.cursor,
+        }))
     }
 
     /// Parks a bad event, trying a few times; then drops the copy with an error log.

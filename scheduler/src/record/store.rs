@@ -69,6 +69,41 @@ impl Backend {
     }
 }
 
+/// What [`Store::apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The runs the batch brought to a final status.
+    pub ended: Vec<RunSummary>,
+    /// The cursor after the batch: the last stream sequence recorded in the database, by this
+    /// node or another sharing it.
+    pub cursor: u64,
+}
+
+/// Which ended runs [`Store::prune`] deletes.
+#[derive(Debug, Clone)]
+pub struct PruneRule<'a> {
+    /// Runs that ended before this (epoch ms).
+    pub ended_before: Option<i64>,
+    /// Runs beyond the newest this many of their job.
+    pub keep_runs: Option<u32>,
+    /// Whose runs.
+    pub scope: PruneScope<'a>,
+}
+
+/// The runs a [`PruneRule`] applies to.
+#[derive(Debug, Clone, Copy)]
+pub enum PruneScope<'a> {
+    /// One job's.
+    Job {
+        /// Its group.
+        group: &'a str,
+        /// Its name.
+        name: &'a str,
+    },
+    /// Every job's but these `(group, name)` (which have their own rules).
+    Except(&'a [(String, String)]),
+}
+
 /// A connection pool with Krest's schema.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -530,18 +565,21 @@ impl Store {
     /// and moves the cursor to `last_seq`. The cursor row is locked first and events at or below
     /// it are skipped (another node sharing the database recorded them), and the cursor never
     /// moves back. Returns the runs this batch brought to a final status (for follow-ups such as
-    /// child jobs and alerts); a replayed batch returns none.
+    /// child jobs and alerts; a replayed batch has none) and the cursor.
     pub async fn apply(
         &self,
         events: &[(u64, RunEvent)],
         last_seq: u64,
-    ) -> Result<Vec<RunSummary>, StoreError> {
+    ) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
         let stored = self.lock_cursor(&mut tx).await?;
         if last_seq <= stored {
             // Everything here is recorded already.
             tx.commit().await?;
-            return Ok(Vec::new());
+            return Ok(Applied {
+                ended: Vec::new(),
+                cursor: stored,
+            });
         }
         let events = events
             .iter()
@@ -776,7 +814,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(summaries)
+        Ok(Applied {
+            ended: summaries,
+            cursor: last_seq,
+        })
     }
 
     /// Runs matching the filter, newest first (by scheduled time, then run id), starting at
@@ -1062,6 +1103,95 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// Deletes up to `batch` ended runs (with their attempts and log lines) of `rule`'s scope
+    /// that it no longer keeps: ended before `ended_before` (epoch ms), or beyond the newest
+    /// `keep_runs` runs of their job. One short transaction; returns how many runs it deleted
+    /// (less than `batch`: nothing more to prune now). Runs that have not ended are always kept.
+    pub async fn prune(&self, rule: &PruneRule<'_>, batch: u32) -> Result<u64, StoreError> {
+        const ENDED: &str =
+            "status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'SKIPPED', 'CANCELLED')";
+        // The scope as `$1…` placeholders; the query's own parameters follow.
+        let mut scope_vals: Vec<Val> = Vec::new();
+        let scope = match rule.scope {
+            PruneScope::Job { group, name } => {
+                scope_vals.extend([Val::from(group), Val::from(name)]);
+                "job_group = $1 AND job_name = $2".to_string()
+            }
+            PruneScope::Except([]) => "1 = 1".to_string(),
+            PruneScope::Except(jobs) => {
+                let mut rows = Vec::with_capacity(jobs.len());
+                for (group, name) in jobs {
+                    scope_vals.extend([Val::from(group.as_str()), Val::from(name.as_str())]);
+                    rows.push(format!("(${},${})", scope_vals.len() - 1, scope_vals.len()));
+                }
+                format!("NOT ((job_group, job_name) IN (VALUES {}))", rows.join(","))
+            }
+        };
+        let next = scope_vals.len() + 1;
+        let mut ids: Vec<String> = Vec::new();
+        if let Some(before) = rule.ended_before {
+            let sql = format!(
+                "SELECT run_id FROM runs WHERE {scope} AND {ENDED} AND COALESCE(finished_at, scheduled_at) < ${next} LIMIT ${}",
+                next + 1
+            );
+            let mut vals = scope_vals.clone();
+            vals.extend([Val::from(before), Val::from(i64::from(batch))]);
+            for r in &bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&self.pool)
+                .await?
+            {
+                ids.push(r.try_get(0)?);
+            }
+        }
+        if let (Some(keep), true) = (rule.keep_runs, ids.len() < batch as usize) {
+            let sql = format!(
+                "SELECT run_id FROM (SELECT run_id, status, ROW_NUMBER() OVER (PARTITION BY job_group, job_name \
+                 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC) AS n FROM runs WHERE {scope}) AS ranked \
+                 WHERE n > ${next} AND {ENDED} LIMIT ${}",
+                next + 1
+            );
+            let mut vals = scope_vals.clone();
+            vals.extend([
+                Val::from(i64::from(keep)),
+                Val::from(i64::from(batch) - ids.len() as i64),
+            ]);
+            for r in &bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&self.pool)
+                .await?
+            {
+                ids.push(r.try_get(0)?);
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let list = list_placeholders(self.backend, ids.len());
+        let vals: Vec<Val> = ids.iter().map(|s| Val::from(s.as_str())).collect();
+        let mut tx = self.pool.begin().await?;
+        for table in ["logs", "attempts"] {
+            bind_all(
+                sqlx::query(&format!("DELETE FROM {table} WHERE run_id IN ({list})")),
+                vals.clone(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Re-checked: a run that came back to life since the select is kept.
+        let deleted = bind_all(
+            sqlx::query(&format!(
+                "DELETE FROM runs WHERE run_id IN ({list}) AND {ENDED}"
+            )),
+            vals,
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// Checks that the database accepts a write (a no-op update of the cursor row).
     pub async fn probe_write(&self) -> Result<(), StoreError> {
         sqlx::query("UPDATE recorder_cursor SET seq = seq WHERE id = 1")
@@ -1227,6 +1357,10 @@ async fn summarize(
             error: r.try_get("error")?,
         });
     }
+    // One multi-row UPDATE … FROM (VALUES …) for the chunk (a statement per run costs a round
+    // trip each on Postgres). VALUES columns are `column1…` on both backends.
+    let mut vals: Vec<Val> = Vec::with_capacity(run_ids.len() * 9);
+    let mut rows = 0;
     for run_id in run_ids {
         if skipped.contains(run_id) {
             continue;
@@ -1234,20 +1368,18 @@ async fn summarize(
         let total = totals.get(run_id).copied().unwrap_or(1);
         let folded = fold::fold(total, by_run.get(run_id).map_or(&[][..], Vec::as_slice));
         let status = folded.status;
-        sqlx::query(
-            "UPDATE runs SET status = $1, shards_succeeded = $2, shards_failed = $3, attempts = $4, started_at = $5, finished_at = $6, output = $7, error = $8 WHERE run_id = $9",
-        )
-        .bind(status.as_str())
-        .bind(folded.shards_succeeded)
-        .bind(folded.shards_failed)
-        .bind(folded.attempts)
-        .bind(folded.started_at)
-        .bind(folded.finished_at)
-        .bind(folded.output)
-        .bind(folded.error)
-        .bind(run_id.as_str())
-        .execute(&mut **tx)
-        .await?;
+        vals.extend([
+            Val::from(run_id.as_str()),
+            status.as_str().into(),
+            folded.shards_succeeded.into(),
+            folded.shards_failed.into(),
+            folded.attempts.into(),
+            folded.started_at.into(),
+            folded.finished_at.into(),
+            folded.output.into(),
+            folded.error.into(),
+        ]);
+        rows += 1;
         let was_final = before
             .get(run_id)
             .and_then(|s| RunStatus::parse(s))
@@ -1255,6 +1387,15 @@ async fn summarize(
         if status.is_final() && !was_final {
             ended.push(run_id.clone());
         }
+    }
+    if rows > 0 {
+        let sql = format!(
+            "UPDATE runs SET status = v.column2, shards_succeeded = v.column3, shards_failed = v.column4, attempts = v.column5, \
+             started_at = v.column6, finished_at = v.column7, output = v.column8, error = v.column9 \
+             FROM (VALUES {}) AS v WHERE runs.run_id = v.column1",
+            placeholders(backend, rows, 9)
+        );
+        bind_all(sqlx::query(&sql), vals).execute(&mut **tx).await?;
     }
     Ok(ended)
 }
@@ -1490,6 +1631,93 @@ mod tests {
         paging => runs_page_newest_first_with_unscheduled_runs_last,
         shared => stores_sharing_a_database_apply_each_event_once,
         reopen => reopening_migrates_once_and_keeps_the_cursor,
+        prune => retention_prunes_ended_runs_by_age_and_count_in_batches,
+    }
+
+    async fn retention_prunes_ended_runs_by_age_and_count_in_batches(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        // Runs at 10, 20, … 100 ms of job g.j (dispatched only: pending), and the full run
+        // g.j.1000 (ended at 1006, with attempts and logs).
+        let mut evs: Vec<RunEvent> = (1..=10).map(|n| dispatched(n * 10)).collect();
+        evs.extend(events());
+        store.apply(&seqd(&evs, 1), 20).await.unwrap();
+        assert_eq!(store.counts().await.unwrap(), (11, 3, 3));
+        // Pending runs are never pruned, however old.
+        let rule = |ended_before: Option<i64>, keep_runs: Option<u32>| PruneRule {
+            ended_before,
+            keep_runs,
+            scope: PruneScope::Except(&[]),
+        };
+        // Jobs with their own rules are left to them; another job's rule leaves g.j alone.
+        let own = [("g".to_string(), "j".to_string())];
+        let others = PruneRule {
+            ended_before: Some(i64::MAX),
+            keep_runs: Some(1),
+            scope: PruneScope::Except(&own),
+        };
+        assert_eq!(store.prune(&others, 100).await.unwrap(), 0);
+        let other_job = PruneRule {
+            ended_before: Some(i64::MAX),
+            keep_runs: Some(1),
+            scope: PruneScope::Job {
+                group: "g",
+                name: "other",
+            },
+        };
+        assert_eq!(store.prune(&other_job, 100).await.unwrap(), 0);
+        assert_eq!(
+            store.prune(&rule(Some(i64::MAX), None), 100).await.unwrap(),
+            1
+        );
+        assert_eq!(store.counts().await.unwrap(), (10, 0, 0));
+        // End the runs at 10..50 (skipped: final), then keep the newest 7 of the job: the
+        // three oldest go, two per batch.
+        let skipped: Vec<RunEvent> = (1..=5)
+            .map(|n| {
+                RunEvent::Skipped(krest_schemas::Skipped {
+                    run: krest_schemas::RunRef {
+                        run_id: format!("g.j.{:05}", n * 10),
+                        job_group: "g".into(),
+                        job_name: "j".into(),
+                        app_name: "a".into(),
+                    },
+                    trigger: Trigger::Schedule,
+                    scheduled_at: at(n * 10),
+                    misfired: 0,
+                    revision: 1,
+                    node: "n1".into(),
+                    epoch: None,
+                    reason: "overlap".into(),
+                    at: at(n * 10 + 1),
+                })
+            })
+            .collect();
+        store.apply(&seqd(&skipped, 21), 25).await.unwrap();
+        let seven = PruneRule {
+            ended_before: None,
+            keep_runs: Some(7),
+            scope: PruneScope::Job {
+                group: "g",
+                name: "j",
+            },
+        };
+        assert_eq!(store.prune(&seven, 2).await.unwrap(), 2);
+        assert_eq!(store.prune(&seven, 2).await.unwrap(), 1);
+        assert_eq!(store.prune(&seven, 2).await.unwrap(), 0);
+        let left: Vec<String> = store
+            .list_runs(None, None, 100, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect();
+        assert_eq!(left.len(), 7);
+        assert!(left.contains(&"g.j.00040".to_string()), "{left:?}");
+        // By age: ended before 45 ms: 40 goes; pending 60..100 stay.
+        assert_eq!(store.prune(&rule(Some(45), None), 100).await.unwrap(), 1);
+        assert_eq!(store.counts().await.unwrap().0, 6);
+        store.close().await;
     }
 
     async fn replaying_events_creates_no_duplicates_in_any_order(backend: Backend) {
@@ -1503,7 +1731,9 @@ mod tests {
         store.apply(&seqd(&reversed[..5], 1), 5).await.unwrap();
         store.apply(&seqd(&evs, 6), 15).await.unwrap();
         // A replay at or below the cursor is skipped; the same content again is harmless.
-        assert!(store.apply(&seqd(&evs, 6), 15).await.unwrap().is_empty());
+        let replayed = store.apply(&seqd(&evs, 6), 15).await.unwrap();
+        assert!(replayed.ended.is_empty());
+        assert_eq!(replayed.cursor, 15);
         store.apply(&seqd(&evs, 16), 25).await.unwrap();
         assert_eq!(store.counts().await.unwrap(), (1, 3, 3));
         assert_eq!(store.cursor().await.unwrap(), 25);
@@ -1585,8 +1815,9 @@ mod tests {
         if let Some(RunEvent::Finished(f)) = evs.last_mut() {
             f.will_retry = false;
         }
-        let ended = store.apply(&seqd(&evs, 1), 7).await.unwrap();
-        assert_eq!(ended.len(), 1);
+        let applied = store.apply(&seqd(&evs, 1), 7).await.unwrap();
+        assert_eq!(applied.ended.len(), 1);
+        assert_eq!(applied.cursor, 7);
         let d = store.get_run("g.j.1000").await.unwrap().unwrap();
         assert_eq!(d.run.status, RunStatus::Failed);
         assert_eq!(d.run.error.as_deref(), Some("oops"));
@@ -1727,7 +1958,7 @@ mod tests {
                 let mut ended = Vec::new();
                 for batch in all.chunks(size) {
                     let last = batch.last().unwrap().0;
-                    ended.extend(store.apply(batch, last).await.unwrap());
+                    ended.extend(store.apply(batch, last).await.unwrap().ended);
                 }
                 ended
             })

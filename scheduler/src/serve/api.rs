@@ -58,6 +58,10 @@ pub struct ApiServer {
     pub publisher: Publisher,
     /// Addresses manual runs to instances.
     pub routing: Arc<crate::leader::balance::Routing>,
+    /// This node's name.
+    pub node: String,
+    /// The recorder's progress (run queries say when the database is behind).
+    pub recorder: crate::record::recorder::StatusRx,
 }
 
 /// An API failure: code and message.
@@ -239,8 +243,14 @@ impl ApiServer {
             Op::JobResume => self.set_running(body(payload)?, true).await,
             Op::JobDelete => self.delete(body(payload)?).await,
             Op::JobTrigger => self.trigger(body(payload)?).await,
-            Op::RunsList => self.runs_list(body(payload)?).await,
-            Op::RunsGet => self.run_get(body(payload)?).await,
+            Op::RunsList => self
+                .runs_list(body(payload)?)
+                .await
+                .map(|r| self.noting_lag(r)),
+            Op::RunsGet => self
+                .run_get(body(payload)?)
+                .await
+                .map(|r| self.noting_lag(r)),
             Op::RunsCancel => {
                 let req: RunRequest = body(payload)?;
                 let Some((run, _)) = self
@@ -669,6 +679,13 @@ impl ApiServer {
             run_id: fire.run_id,
             shard_total,
         })
+    }
+
+    /// A run query's reply, saying so when this node's database is behind the events stream.
+    fn noting_lag(&self, mut reply: Reply) -> Reply {
+        reply.catching_up =
+            crate::record::recorder::catching_up(&self.node, &self.recorder.borrow());
+        reply
     }
 
     /// `runs.list`: newest first, from the cursor's run on.

@@ -102,6 +102,7 @@ pub async fn health(s: &HttpState) -> NodeHealth {
             lag_events: rec.lag_events,
             lag_seconds: rec.lag.as_secs_f64(),
             max_lag_seconds: s.max_lag.as_secs_f64(),
+            catching_up: crate::record::recorder::catching_up(&s.node, &rec).is_some(),
             failing: rec.failing,
             parked: rec.parked,
             dropped: rec.dropped,

@@ -13,7 +13,7 @@
 //! with [`cap_text`] and [`cap_args`] before it goes into a page, with a visible marker, so one
 //! item always fits and paging always makes progress.
 
-use krest_schemas::api::{ApiError, ApiReply, ErrorCode};
+use krest_schemas::api::{ApiError, ApiReply, CatchingUp, ErrorCode};
 use serde::Serialize;
 
 /// Bytes of every reply kept for the envelope (`{"ok":true,"result":…,"next":…}`) around the
@@ -65,6 +65,8 @@ pub struct Reply {
     pub result: Vec<u8>,
     /// The `next` cursor.
     pub next: Option<String>,
+    /// Set on run queries answered while the node's database is behind the events stream.
+    pub catching_up: Option<CatchingUp>,
 }
 
 impl Reply {
@@ -73,6 +75,7 @@ impl Reply {
         Ok(Reply {
             result: serde_json::to_vec(value)?,
             next: None,
+            catching_up: None,
         })
     }
 
@@ -86,6 +89,12 @@ impl Reply {
             // A string always serializes.
             out.extend_from_slice(&serde_json::to_vec(next).unwrap_or_else(|_| b"null".to_vec()));
         }
+        if let Some(c) = &self.catching_up {
+            if let Ok(c) = serde_json::to_vec(c) {
+                out.extend_from_slice(br#","catchingUp":"#);
+                out.extend_from_slice(&c);
+            }
+        }
         out.push(b'}');
         out
     }
@@ -94,6 +103,7 @@ impl Reply {
 /// The message of an error reply.
 pub fn error_bytes(error: ApiError) -> Vec<u8> {
     let reply = ApiReply {
+        catching_up: None,
         ok: false,
         result: None,
         error: Some(error),
@@ -238,6 +248,7 @@ impl PageBuilder {
     pub fn finish(mut self) -> Reply {
         self.buf.push(b']');
         Reply {
+            catching_up: None,
             result: self.buf,
             next: self.next,
         }
@@ -431,6 +442,7 @@ impl RunPageBuilder {
         }
         self.buf.push(b'}');
         Reply {
+            catching_up: None,
             result: self.buf,
             next: self.next,
         }

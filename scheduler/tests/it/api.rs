@@ -864,3 +864,81 @@ async fn workers_and_dead_letters_come_in_pages() {
     assert_eq!(out.lines().count(), 151, "header and 150 instances");
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_runs_of_each_job() {
+    retention_keeps_newest(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_runs_of_each_job_in_postgres() {
+    retention_keeps_newest(Db::Postgres).await;
+}
+
+async fn retention_keeps_newest(db: Db) {
+    let env = Env::new("retention").on(db);
+    let mut opts = env.node_opts("n1");
+    opts.retention.keep_runs = Some(2);
+    opts.retention.every = std::time::Duration::from_millis(200);
+    opts.retention.batch = 1;
+    let node = krest::node::spawn(opts);
+    let client = env.client().await;
+    let w = env
+        .worker("ret-app", "w1")
+        .handler("ok", |ctx: krest_worker::JobContext| async move {
+            ctx.log("a line");
+            Ok(())
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    // "own" keeps its newest run only (its own retention instead of the node's two).
+    apply(
+        &client,
+        vec![
+            job("keep", "ret-app", "ok", json!({})),
+            job("own", "ret-app", "ok", json!({"retention": {"runs": 1}})),
+        ],
+    )
+    .await;
+    let mut own = Vec::new();
+    for _ in 0..3 {
+        let id = trigger(&client, "own").await.run_id;
+        wait_final(&client, &id).await;
+        own.push(id);
+    }
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = trigger(&client, "keep").await.run_id;
+        wait_final(&client, &id).await;
+        ids.push(id);
+    }
+    let mut kept: Vec<String> = eventually(DEADLINE, "the newest two runs kept", || async {
+        let r = runs(&client, "keep").await;
+        (r.len() == 2).then(|| r.into_iter().map(|r| r.run_id).collect())
+    })
+    .await;
+    kept.sort();
+    let mut newest = ids[3..].to_vec();
+    newest.sort();
+    assert_eq!(kept, newest);
+    let kept_own = eventually(DEADLINE, "the newest run of `own` kept", || async {
+        let r = runs(&client, "own").await;
+        (r.len() == 1).then(|| r[0].run_id.clone())
+    })
+    .await;
+    assert_eq!(kept_own, own[2]);
+    // A pruned run is gone with its attempts and log lines; a kept one is whole.
+    let err = client
+        .call::<_, RunDetail>(Op::RunsGet, &RunGetRequest::new(ids[0].clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Api(ref e) if e.code == ErrorCode::NotFound),
+        "{err}"
+    );
+    let d = wait_final(&client, &ids[4]).await;
+    assert_eq!(d.attempts[0].logs[0].line, "a line");
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}

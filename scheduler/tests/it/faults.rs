@@ -1091,3 +1091,73 @@ async fn a_wrong_or_unreachable_database_stops_the_node_before_it_connects_to_na
         assert!(!err.contains("NATS"), "{db}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_late_says_it_is_catching_up_until_it_is_current() {
+    let nats = NatsServer::start();
+    let mut f = Fleet::new("catching-up", nats.url());
+    f.start_node("a", &[]);
+    f.start_worker("w1", &[]);
+    let client = f.client().await;
+    apply(&client, vec![every_second("tick")]).await;
+    more_runs(&client, "f.tick", 0, 3).await;
+    // Node a stops: the node started late answers alone.
+    assert!(f.nodes.get_mut("a").unwrap().terminate(DEADLINE));
+    assert!(f.workers.get_mut("w1").unwrap().terminate(DEADLINE));
+    // Node b's database exists, and another process holds its write lock: b starts, replays
+    // nothing until the lock is released, and says so meanwhile.
+    let db = f.dir.join("b.db");
+    krest::record::store::Store::open(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let mut lock = sqlx_lock(&db).await;
+    f.start_node("b", &[]);
+    // (stdout, stderr) of a successful `krest` command.
+    let cli = |args: &[&str]| {
+        let out = f.krest().args(args).output().unwrap();
+        out.status.success().then(|| {
+            (
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        })
+    };
+    let notice = eventually(DEADLINE, "runs list to say b is catching up", || async {
+        let (_, err) = cli(&["runs", "list", "--job", "f.tick"])?;
+        err.contains("notice: node b is catching up on the events stream: ")
+            .then_some(err)
+    })
+    .await;
+    assert!(notice.contains("recent runs may be missing"), "{notice}");
+    let (_, err) = cli(&["-o", "json", "runs", "list"]).unwrap();
+    assert!(err.contains("notice: node b is catching up"), "{err}");
+    let http = eventually(DEADLINE, "b's presence", || async {
+        let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.ok()?;
+        status.nodes.into_iter().find(|n| n.node == "b")?.http_addr
+    })
+    .await;
+    let body = http_body(&http, "/readyz").unwrap();
+    assert!(body.contains(r#""catchingUp":true"#), "{body}");
+
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    drop(lock);
+    let out = eventually(DEADLINE, "b to be current", || async {
+        let (out, err) = cli(&["runs", "list", "--job", "f.tick"])?;
+        (!err.contains("catching up")).then_some(out)
+    })
+    .await;
+    assert!(out.lines().count() > 3, "the runs recorded by b: {out}");
+    let run_id = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let (_, err) = cli(&["runs", "get", run_id]).unwrap();
+    assert!(!err.contains("catching up"), "{err}");
+    let body = http_body(&http, "/readyz").unwrap();
+    assert!(body.contains(r#""catchingUp":false"#), "{body}");
+}

@@ -317,7 +317,8 @@ async fn a_node_whose_task_dies_stops_and_a_standby_takes_over() {
             "job-watcher",
             "presence",
             "recorder",
-            "registry"
+            "registry",
+            "retention"
         ]
     );
 
