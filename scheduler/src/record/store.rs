@@ -1706,7 +1706,7 @@ mod tests {
         assert_eq!(store.prune(&seven, 2).await.unwrap(), 1);
         assert_eq!(store.prune(&seven, 2).await.unwrap(), 0);
         let left: Vec<String> = store
-            .list_runs(None, None, 100, None)
+            .list_runs(&RunFilter::default(), 100, None)
             .await
             .unwrap()
             .into_iter()
