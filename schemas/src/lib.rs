@@ -55,7 +55,7 @@ pub use messages::{
     LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage, RunRef,
     ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
-pub use schedule::{parse_duration, Schedule};
+pub use schedule::{parse_duration, parse_time_or_ago, Schedule};
 
 /// The JSON Schema of every wire message, as `(file name, pretty JSON)` pairs, in the order
 /// they are documented in `docs/protocol.md`.

@@ -11,6 +11,26 @@ use chrono::{DateTime, Utc};
 use crate::cron::CronSchedule;
 use crate::text::echo;
 
+/// Parses a point in time: an RFC 3339 time (`2026-12-03T08:00:00Z`) or a period back from
+/// `now` (`90m`, `1h`, `2d`: any [`parse_duration`] syntax). A period longer than history
+/// gives the earliest representable time.
+pub fn parse_time_or_ago(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Ok(d) = parse_duration(s) {
+        return Ok(chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC));
+    }
+    DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            format!(
+                "`{}` is neither an RFC 3339 time (2026-12-03T08:00:00Z) nor a period back from now (1h, 30m)",
+                echo(s)
+            )
+        })
+}
+
 /// Parses `500ms`, `30s`, `5m`, `2h`, `1d`, combinations such as `1h30m`, or a bare number
 /// of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -205,5 +225,25 @@ mod tests {
             [t("2026-06-01T12:00:00Z")]
         );
         assert_eq!(s.prev_at_or_before(t("2026-06-01T11:59:59Z")), None);
+    }
+}
+
+#[cfg(test)]
+mod time_or_ago_tests {
+    use super::*;
+
+    #[test]
+    fn times_and_periods_back() {
+        let now: DateTime<Utc> = "2026-12-03T08:00:00Z".parse().unwrap();
+        assert_eq!(
+            parse_time_or_ago("1h30m", now).unwrap(),
+            "2026-12-03T06:30:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert_eq!(
+            parse_time_or_ago("2026-12-01T10:00:00+02:00", now).unwrap(),
+            "2026-12-01T08:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        let e = parse_time_or_ago("last tuesday", now).unwrap_err();
+        assert!(e.contains("neither an RFC 3339 time"), "{e}");
     }
 }

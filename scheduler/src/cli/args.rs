@@ -6,23 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Parses a point in time: an RFC 3339 time (`2026-12-03T08:00:00Z`) or a period back from
-/// now (`90m`, `1h`, `2d`: any duration [`parse_duration`] takes).
+/// Parses a point in time flag: an RFC 3339 time or a period back from now
+/// ([`krest_schemas::parse_time_or_ago`]).
 pub fn parse_time_or_ago(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(d) = parse_duration(s) {
-        return Ok(chrono::Duration::from_std(d)
-            .ok()
-            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
-            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC));
-    }
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|_| {
-            format!(
-                "`{}` is neither an RFC 3339 time (2026-12-03T08:00:00Z) nor a period back from now (1h, 30m)",
-                krest_schemas::text::echo(s)
-            )
-        })
+    krest_schemas::parse_time_or_ago(s, chrono::Utc::now())
 }
 
 /// Parses a duration flag: `500ms`, `3s`, `2m`, `1h30m`, `1d` or a bare number of seconds

@@ -271,7 +271,10 @@ impl Client {
                         RequestErrorKind::NoResponders => {
                             return Err(ClientError::NoScheduler {
                                 url: self.url.clone(),
-                                why: self.what_is_there().await,
+                                why: match self.krest_is_there().await {
+                                    Ok(()) => "the server answered and holds Krest's streams, so schedulers ran here before: start one with `krest scheduler`".into(),
+                                    Err(why) => why,
+                                },
                             })
                         }
                         RequestErrorKind::TimedOut if attempt < ATTEMPTS => continue,
@@ -288,9 +291,9 @@ impl Client {
 }
 
 impl Client {
-    /// What the connected server holds of Krest, for an error or a warning: whether its
-    /// streams exist (a scheduler ran there) and where the URL came from.
-    pub async fn what_is_there(&self) -> String {
+    /// What the connected server holds of Krest: `Ok(())` when its events stream exists,
+    /// else why not (for an error or a warning), with where the URL came from.
+    pub async fn krest_is_there(&self) -> Result<(), String> {
         use async_nats::jetstream::context::GetStreamErrorKind;
         let js = async_nats::jetstream::new(self.nats.clone());
         let found = tokio::time::timeout(
@@ -301,8 +304,8 @@ impl Client {
         let url_hint =
             "check the URL (--nats-url or NATS_URL; the default is nats://127.0.0.1:4222)";
         match found {
-            Ok(Ok(_)) => "the server answered and holds Krest's streams, so schedulers ran here before: start one with `krest scheduler`".into(),
-            Ok(Err(e)) => match e.kind() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(match e.kind() {
                 GetStreamErrorKind::JetStream(j)
                     if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
                 {
@@ -311,23 +314,14 @@ impl Client {
                 _ if e.to_string().to_lowercase().contains("no responders") => {
                     format!("the server answered but has no JetStream, so this is not Krest's NATS: {url_hint}")
                 }
-                _ => format!("the server answered; Krest's streams could not be looked up ({e}): {url_hint}"),
-            },
-            Err(_) => format!("the server answered, but not to a JetStream request within 2 s: {url_hint}"),
+                _ => format!(
+                    "the server answered; Krest's streams could not be looked up ({e}): {url_hint}"
+                ),
+            }),
+            Err(_) => Err(format!(
+                "the server answered, but not to a JetStream request within 2 s: {url_hint}"
+            )),
         }
-    }
-
-    /// True when the connected server holds Krest's events stream.
-    pub async fn krest_is_there(&self) -> bool {
-        let js = async_nats::jetstream::new(self.nats.clone());
-        matches!(
-            tokio::time::timeout(
-                Duration::from_secs(2),
-                js.get_stream(krest_schemas::names::EVENTS_STREAM)
-            )
-            .await,
-            Ok(Ok(_))
-        )
     }
 }
 

@@ -163,20 +163,19 @@ fn apply_file(mut cmd: Command, path: &Path) -> Result<(Command, BTreeSet<String
                     key: key.clone(),
                 });
             };
+            let known: BTreeSet<String> = paths
+                .iter()
+                .filter_map(|p| find(&cmd, p))
+                .flat_map(settings)
+                .collect();
             for (k, v) in inner {
                 let long = k.replace('_', "-");
                 let full = format!("{section}.{k}");
-                let mut known = BTreeSet::new();
-                for p in *paths {
-                    if let Some(sc) = find(&cmd, p) {
-                        known.extend(settings(sc));
-                    }
-                }
                 if !known.contains(&long) {
                     return Err(ConfigError::Unknown {
                         path: path.to_path_buf(),
                         key: full,
-                        known: known.into_iter().collect::<Vec<_>>().join(", "),
+                        known: known.iter().cloned().collect::<Vec<_>>().join(", "),
                     });
                 }
                 let value = as_arg(v).ok_or_else(|| ConfigError::BadValue {

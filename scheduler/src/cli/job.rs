@@ -263,7 +263,13 @@ async fn edit(client: &Client, job: &str, json: bool) -> anyhow::Result<ExitCode
         view.key,
         std::process::id()
     ));
-    std::fs::write(&path, &original).with_context(|| format!("cannot write {}", path.display()))?;
+    // A new file (never one already there, such as a link planted in a shared /tmp).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, original.as_bytes()))
+        .with_context(|| format!("cannot create {} for editing", path.display()))?;
     let editor = ["VISUAL", "EDITOR"]
         .into_iter()
         .filter_map(|v| std::env::var(v).ok())

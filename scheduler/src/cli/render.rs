@@ -53,49 +53,29 @@ pub(crate) fn cut(s: &str, max: usize) -> String {
     out
 }
 
-/// Where times are shown: UTC (the default), or a time zone asked for with `--tz`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Zone {
-    /// UTC.
-    #[default]
-    Utc,
-    /// An IANA zone.
-    Named(Tz),
-}
-
-impl Zone {
-    /// Parses `--tz`: `UTC` or an IANA name (`Europe/Paris`).
-    pub(crate) fn parse(s: &str) -> anyhow::Result<Zone> {
-        if s.eq_ignore_ascii_case("utc") {
-            return Ok(Zone::Utc);
-        }
-        krest_schemas::cron::parse_time_zone(s)
-            .map(Zone::Named)
-            .map_err(anyhow::Error::msg)
+/// `--tz`: `UTC` (any case) or an IANA name (`Europe/Paris`).
+pub(crate) fn parse_zone(s: &str) -> anyhow::Result<Tz> {
+    if s.eq_ignore_ascii_case("utc") {
+        return Ok(Tz::UTC);
     }
-
-    /// The zone's name for a header: `UTC`, `Europe/Paris`.
-    pub(crate) fn label(self) -> String {
-        match self {
-            Zone::Utc => "UTC".into(),
-            Zone::Named(tz) => tz.name().into(),
-        }
-    }
+    krest_schemas::cron::parse_time_zone(s).map_err(anyhow::Error::msg)
 }
 
 /// A time in UTC with milliseconds, `-` when absent.
 pub(crate) fn fmt_time(t: Option<DateTime<Utc>>) -> String {
-    fmt_time_in(t, Zone::Utc)
+    fmt_time_in(t, Tz::UTC)
 }
 
 /// A time in `zone` with milliseconds, `-` when absent.
-pub(crate) fn fmt_time_in(t: Option<DateTime<Utc>>, zone: Zone) -> String {
-    const F: &str = "%Y-%m-%d %H:%M:%S%.3f";
-    match (t, zone) {
-        (None, _) => "-".to_string(),
-        (Some(t), Zone::Utc) => t.format(F).to_string(),
-        (Some(t), Zone::Named(tz)) => t.with_timezone(&tz).format(F).to_string(),
-    }
+pub(crate) fn fmt_time_in(t: Option<DateTime<Utc>>, zone: Tz) -> String {
+    t.map_or_else(
+        || "-".to_string(),
+        |t| {
+            t.with_timezone(&zone)
+                .format("%Y-%m-%d %H:%M:%S%.3f")
+                .to_string()
+        },
+    )
 }
 
 /// A time in a job's own time zone, with the zone's abbreviation: `2026-12-03 09:00:00 CET`.
@@ -264,9 +244,9 @@ fn run_duration(r: &RunSummary, now: DateTime<Utc>) -> String {
 }
 
 /// `krest runs list`: times in `zone`.
-pub(crate) fn runs_table(runs: &[RunSummary], zone: Zone, now: DateTime<Utc>) -> Table<9> {
-    let scheduled = format!("SCHEDULED ({})", zone.label());
-    let finished = format!("FINISHED ({})", zone.label());
+pub(crate) fn runs_table(runs: &[RunSummary], zone: Tz, now: DateTime<Utc>) -> Table<9> {
+    let scheduled = format!("SCHEDULED ({})", zone.name());
+    let finished = format!("FINISHED ({})", zone.name());
     let mut t = Table::new([
         "RUN", "STATUS", "TRIGGER", &scheduled, "SHARDS", "ATTEMPTS", &finished, "DURATION",
         "RESULT",
@@ -559,13 +539,13 @@ REV  WRITTEN (UTC)            OP      SCHEDULE     STATE    PATH          ARGS
         ];
         let now = at("2026-12-03T08:04:05Z");
         assert_eq!(
-            runs_table(&runs, Zone::Utc, now).render(),
+            runs_table(&runs, Tz::UTC, now).render(),
             "\
 RUN  STATUS   TRIGGER   SCHEDULED (UTC)          SHARDS  ATTEMPTS  FINISHED (UTC)           DURATION  RESULT
 r1   FAILED   SCHEDULE  2026-12-03 08:00:00.000  1/2     3         2026-12-03 08:00:12.355  12.3s     shard 1: connection refused by the invoice service at https…
 r2   RUNNING  SCHEDULE  2026-12-03 08:00:00.000  1/2     3         -                        4m05s…    shard 1: connection refused by the invoice service at https…"
         );
-        let paris = Zone::parse("Europe/Paris").unwrap();
+        let paris = parse_zone("Europe/Paris").unwrap();
         let text = runs_table(&runs[..1], paris, now).render();
         assert!(text.contains("  SCHEDULED (Europe/Paris)  "), "{text}");
         assert!(text.contains("2026-12-03 09:00:00.000"), "{text}");

@@ -18,7 +18,7 @@ use krest_schemas::RunEvent;
 
 use super::args::RunsCmd;
 use super::client::{Client, ClientError};
-use super::render::{esc, fmt_time, print_json, runs_table, Zone};
+use super::render::{esc, fmt_time, parse_zone, print_json, runs_table};
 
 pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -31,7 +31,7 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
             since,
             until,
         } => {
-            let zone = Zone::parse(&tz).context("--tz")?;
+            let zone = parse_zone(&tz).context("--tz")?;
             let status = match status {
                 None => None,
                 Some(s) => Some(RunStatus::parse(&s).with_context(|| {
@@ -184,11 +184,10 @@ pub(crate) async fn runs(client: &Client, cmd: RunsCmd, json: bool) -> anyhow::R
                 Some(j) => events_subject_of(client, j).await?,
                 None => EVENTS_SUBJECTS.to_string(),
             };
-            if job.is_none() && !client.krest_is_there().await {
-                eprintln!(
-                    "warning: {}; nothing may ever come",
-                    client.what_is_there().await
-                );
+            if job.is_none() {
+                if let Err(why) = client.krest_is_there().await {
+                    eprintln!("warning: {why}; nothing may ever come");
+                }
             }
             let mut events = event_source(client, subject, since).await?;
             eprintln!("following run events (ctrl-c to stop)");
@@ -407,22 +406,22 @@ async fn logs(
     let subject = krest_schemas::names::events_subject(&r.app_name, &r.job_group, &r.job_name);
     let mut live = event_source(client, subject, None).await?;
     // Lines logged between the first read and the subscription come with this read.
-    let mut detail = run_detail(client, run_id).await?;
+    let detail = run_detail(client, run_id).await?;
     print_detail(&mut printed, &detail)?;
+    let mut status = detail.run.status;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    while !detail.run.status.is_final() {
+    while !status.is_final() {
         tokio::select! {
             m = live.next() => {
                 let Some(payload) = m else { break };
                 match serde_json::from_slice::<RunEvent>(&payload) {
                     Ok(RunEvent::Log(l)) if l.run.run_id == run_id => {
-                        let mut v = krest_schemas::api::LogView {
+                        let v = krest_schemas::api::LogView {
                             seq: l.seq,
                             at: l.at,
                             level: l.level,
-                            line: l.line,
+                            line: krest_schemas::redact::text(&l.line).into_owned(),
                         };
-                        v.line = krest_schemas::redact::text(&v.line).into_owned();
                         print(&mut printed, l.shard, l.attempt, &v)?;
                         continue;
                     }
@@ -433,13 +432,21 @@ async fn logs(
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         }
-        detail = run_detail(client, run_id).await?;
+        status = run_status(client, run_id).await?;
     }
     // The stored lines again: any the subscription missed.
     let detail = run_detail(client, run_id).await?;
     print_detail(&mut printed, &detail)?;
     eprintln!("run {run_id} ended: {}", detail.run.status.as_str());
     Ok(ExitCode::SUCCESS)
+}
+
+/// A run's status, from the first page of `runs.get` cut to one attempt (not the whole run).
+async fn run_status(client: &Client, run_id: &str) -> Result<RunStatus, ClientError> {
+    let mut req = RunGetRequest::new(run_id);
+    req.limit = Some(1);
+    let (head, _): (RunDetail, Option<String>) = client.call_page(Op::RunsGet, &req).await?;
+    Ok(head.run.status)
 }
 
 /// A run with all its attempts and log lines, fetched page by page (an attempt whose lines go

@@ -821,34 +821,22 @@ async fn runs_logs_follows_a_run_and_an_attempts_log_is_bounded() {
     assert_eq!(again, stdout, "stored lines read back the same");
 
     // `runs watch --since` replays the events of that run before following.
-    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
-        .args([
-            "--nats-url",
-            &env.url(),
-            "runs",
-            "watch",
-            "--since",
-            "10m",
-            "--job",
-            "slow",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let replayed = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead as _;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.contains(" finished ") && l.contains("SUCCEEDED"))
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"));
+    watch.args([
+        "--nats-url",
+        &env.url(),
+        "runs",
+        "watch",
+        "--since",
+        "10m",
+        "--job",
+        "slow",
+    ]);
+    let replayed = first_line(watch, Output::Stdout, |l| {
+        l.contains(" finished ") && l.contains("SUCCEEDED")
     })
-    .await
-    .unwrap();
-    let _ = watch.kill();
-    let _ = watch.wait();
-    assert!(replayed.unwrap().contains(&run_id));
+    .await;
+    assert!(replayed.contains(&run_id), "{replayed}");
 
     // An attempt keeps MAX lines plus a marker saying the log was cut.
     let chatty = trigger(&client, "chatty").await.run_id;
@@ -901,26 +889,10 @@ async fn the_wrong_nats_is_named_with_what_is_there() {
     assert!(err.contains("has no Krest streams"), "{err}");
     assert!(err.contains("NATS_URL"), "{err}");
     // `runs watch` there says so instead of waiting silently.
-    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
-        .args(["--nats-url", &other.url(), "runs", "watch"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = watch.stderr.take().unwrap();
-    let warned = std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.starts_with("warning:"))
-    });
-    let warning = tokio::task::spawn_blocking(move || warned.join().unwrap())
-        .await
-        .unwrap();
-    let _ = watch.kill();
-    let _ = watch.wait();
-    assert!(warning.unwrap().contains("has no Krest streams"));
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_krest"));
+    watch.args(["--nats-url", &other.url(), "runs", "watch"]);
+    let warning = first_line(watch, Output::Stderr, |l| l.starts_with("warning:")).await;
+    assert!(warning.contains("has no Krest streams"), "{warning}");
 
     // Krest's NATS with its schedulers stopped.
     let env = Env::new("cli-stopped");

@@ -194,6 +194,59 @@ pub async fn client_for(urls: &str) -> Client {
     client
 }
 
+/// Which output of a process [`first_line`] reads.
+pub enum Output {
+    Stdout,
+    Stderr,
+}
+
+/// Starts `cmd` (a process that runs until stopped, like `runs watch`) and returns the first
+/// line it prints on `output` that satisfies `wanted`, then kills it. Fails the test when no
+/// such line comes within [`DEADLINE`] or the process exits first, with what it printed.
+pub async fn first_line(
+    mut cmd: Command,
+    output: Output,
+    wanted: impl Fn(&str) -> bool + Send + 'static,
+) -> String {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+    let (out, err) = match output {
+        Output::Stdout => (Stdio::piped(), Stdio::null()),
+        Output::Stderr => (Stdio::null(), Stdio::piped()),
+    };
+    let mut child = cmd.stdout(out).stderr(err).spawn().unwrap();
+    let pipe: Box<dyn std::io::Read + Send> = match output {
+        Output::Stdout => Box::new(child.stdout.take().unwrap()),
+        Output::Stderr => Box::new(child.stderr.take().unwrap()),
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let found = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if wanted(&line) => break Ok(line),
+                Ok(line) => seen.push(line),
+                // Timed out, or the process closed its output (it exited).
+                Err(_) => break Err(seen.join("\n")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    found.unwrap_or_else(|seen| panic!("no wanted line within {DEADLINE:?}; it printed:\n{seen}"))
+}
+
 /// A job's current view.
 pub async fn get_job(client: &Client, name: &str) -> krest_schemas::api::JobView {
     client

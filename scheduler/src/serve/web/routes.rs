@@ -796,7 +796,8 @@ async fn runs_list(
     let time = |field: &'static str, v: Option<String>| {
         v.filter(|v| !v.is_empty())
             .map(|v| {
-                crate::cli::args::parse_time_or_ago(&v).map_err(|e| WebError::bad_field(field, e))
+                krest_schemas::parse_time_or_ago(&v, chrono::Utc::now())
+                    .map_err(|e| WebError::bad_field(field, e))
             })
             .transpose()
     };
@@ -891,8 +892,8 @@ async fn run_counts(
             "missing `since`: an RFC 3339 time or a period such as `1h`",
         )
     })?;
-    let since =
-        crate::cli::args::parse_time_or_ago(&since).map_err(|e| WebError::bad_field("since", e))?;
+    let since = krest_schemas::parse_time_or_ago(&since, chrono::Utc::now())
+        .map_err(|e| WebError::bad_field("since", e))?;
     let req = krest_schemas::api::RunCountsRequest { since };
     Ok(result(s.call(Op::RunsCounts, &req).await?))
 }
