@@ -177,6 +177,12 @@ impl JobTable {
             .collect()
     }
 
+    /// The newest bucket revision the watch has applied: every change up to it is in the
+    /// table, and its key was sent on the watch's change channel before this says so.
+    pub fn seen(&self) -> u64 {
+        *self.seen.borrow()
+    }
+
     /// Records that the watch applied bucket revision `revision`.
     pub fn note_seen(&self, revision: u64) {
         self.seen.send_if_modified(|seen| {
@@ -297,13 +303,14 @@ fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
     Ok(stored)
 }
 
-/// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`.
-/// `ready` turns true once the bucket's current content is loaded.
+/// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`
+/// with the bucket revision that changed it, in bucket order. `ready` turns true once the
+/// bucket's current content is loaded.
 pub async fn watch_jobs(
     js: async_nats::jetstream::Context,
     bucket: kv::Store,
     table: Arc<JobTable>,
-    changes: mpsc::UnboundedSender<String>,
+    changes: mpsc::UnboundedSender<(String, u64)>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
@@ -392,10 +399,12 @@ pub async fn watch_jobs(
                 },
                 kv::Operation::Delete | kv::Operation::Purge => table.remove(&key),
             };
-            table.note_seen(entry.revision);
+            // Sent before the table says it has seen the revision: whoever reads `seen()` and
+            // then drains the channel has every change up to it.
             if changed {
-                let _ = changes.send(key);
+                let _ = changes.send((key, entry.revision));
             }
+            table.note_seen(entry.revision);
             if entry.delta == 0 {
                 let _ = ready.send(true);
             }

@@ -51,9 +51,9 @@ pub use job::{
     MisfirePolicy, OverlapPolicy, Problem, Retention, RetryBackoff, StoredJob,
 };
 pub use messages::{
-    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, HttpCall, JobState,
-    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage, RunRef,
-    ShardInfo, Skipped, Started, Trigger, WorkerInfo,
+    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, FireWatermark, HttpCall,
+    JobState, LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage,
+    RunRef, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, parse_time_or_ago, Schedule};
 
@@ -83,6 +83,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             render(schemars::schema_for!(LeaderLease)),
         ),
         ("job-state.json", render(schemars::schema_for!(JobState))),
+        (
+            "fire-watermark.json",
+            render(schemars::schema_for!(FireWatermark)),
+        ),
         (
             "api-reply.json",
             render(schemars::schema_for!(api::ApiReply)),

@@ -613,8 +613,10 @@ pub struct LeaderLease {
     pub renewed_at: DateTime<Utc>,
 }
 
-/// Per-job scheduling state (`krest-state` key `<group>.<name>`), written by the leader after
-/// a fire's messages are stored.
+/// Per-job scheduling state (`krest-state` key `<group>.<name>`), written by the leader when
+/// the fire a job holds queued (overlap policy QUEUE_ONE) changes; the progress of ordinary
+/// fires is the [`FireWatermark`]. (Earlier versions wrote it after every fire; a new leader
+/// still reads it.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobState {
@@ -627,6 +629,25 @@ pub struct JobState {
     /// leader restores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<QueuedFire>,
+}
+
+/// How far the leader's schedule as a whole has been handed over (`krest-state` key
+/// [`crate::names::STATE_WATERMARK_KEY`]), written once per round of fires after their messages
+/// are stored — instead of one [`JobState`] per fire. It claims that every scheduled fire due at
+/// or before `through`, of every job whose jobs-bucket revision is at most `jobs_revision`, has
+/// been handed over; a new leader starts each such job after it (jobs changed later fall back
+/// to their own [`JobState`] and last apply time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FireWatermark {
+    /// Every fire due at or before this instant is handed over.
+    pub through: DateTime<Utc>,
+    /// The newest jobs-bucket revision the writing leader had applied to its schedule.
+    pub jobs_revision: u64,
+    /// The writing leader's epoch.
+    pub epoch: u64,
+    /// The writing node.
+    pub node: String,
 }
 
 /// A fire waiting behind the previous run of its job (overlap policy QUEUE_ONE).

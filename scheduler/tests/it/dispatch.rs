@@ -55,7 +55,7 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
         queued: None,
     };
     publisher
-        .write_states(&[("default.big", &last)])
+        .write_states(&[("default.big", &last)], None)
         .await
         .unwrap();
     let state = js
