@@ -597,21 +597,39 @@ impl ApiServer {
             .get(&key)
             .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
         let mut deleted = None;
+        // The marker last published, with the definition it replaced: a publish whose
+        // acknowledgement was lost may have been written all the same.
+        let mut tried: Option<(StoredJob, u64)> = None;
         for _ in 0..5 {
             let current = self
                 .infra
                 .jobs
                 .entry(key.as_str())
                 .await
-                .map_err(Failure::internal)?
-                .filter(|e| e.operation == kv::Operation::Put)
-                .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
+                .map_err(Failure::internal)?;
+            let current = match current {
+                Some(e) if e.operation == kv::Operation::Put => e,
+                Some(e)
+                    if e.operation == kv::Operation::Delete
+                        && tried.as_ref().is_some_and(|(_, n)| {
+                            Some(*n) == crate::jobs::recorded_number(&e.value)
+                        }) =>
+                {
+                    deleted = tried;
+                    break;
+                }
+                _ => return Err(ResolveError::NotFound(req.job.clone()).into()),
+            };
             let number = crate::jobs::number_of(&self.infra.jobs, &key, &current)
                 .await
                 .map_err(Failure::internal)?;
             let marker = krest_schemas::job::DeletedJob {
                 version: number + 1,
             };
+            // What is deleted: the definition the marker replaces.
+            let stored = serde_json::from_slice::<StoredJob>(&current.value)
+                .unwrap_or_else(|_| entry.stored.clone());
+            tried = Some((stored, marker.version));
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("KV-Operation", "DEL");
             headers.insert(
@@ -635,10 +653,7 @@ impl ApiServer {
             };
             match written {
                 Ok(()) => {
-                    // What was deleted: the definition the marker replaced.
-                    let stored = serde_json::from_slice::<StoredJob>(&current.value)
-                        .unwrap_or_else(|_| entry.stored.clone());
-                    deleted = Some((stored, marker.version));
+                    deleted = tried;
                     break;
                 }
                 Err(e) => {
