@@ -1004,6 +1004,44 @@ async fn concurrent_writers_get_distinct_revision_numbers() {
         Some(&view.spec.args),
         history[0].spec.as_ref().map(|s| &s.args)
     );
+
+    // A deletion racing a change: whichever comes first, each takes its own number.
+    let deleting = {
+        let client = env.client().await;
+        tokio::spawn(async move {
+            client
+                .call::<_, JobView>(Op::JobDelete, &JobRequest::new("t.j"))
+                .await
+        })
+    };
+    let changed = apply(&client, vec![job("j", "app", "p", json!({"args": "last"}))])
+        .await
+        .results[0]
+        .clone();
+    let deleted = deleting.await.unwrap().unwrap();
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.j"))
+        .await
+        .unwrap();
+    let numbers: Vec<u64> = history.iter().map(|r| r.revision).collect();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as u64).rev().collect::<Vec<u64>>()
+    );
+    let ops: Vec<(u64, &str)> = history[..2]
+        .iter()
+        .map(|r| (r.revision, r.operation.as_str()))
+        .collect();
+    let n = writers + 1;
+    if changed.outcome == ApplyOutcome::Created {
+        // Deleted first, then created again.
+        assert_eq!(ops, [(n + 2, "PUT"), (n + 1, "DELETE")]);
+        assert_eq!((deleted.revision, changed.revision), (n + 1, n + 2));
+    } else {
+        assert_eq!(changed.outcome, ApplyOutcome::Updated);
+        assert_eq!(ops, [(n + 2, "DELETE"), (n + 1, "PUT")]);
+        assert_eq!((deleted.revision, changed.revision), (n + 2, n + 1));
+    }
     n1.stop().await.unwrap();
     n2.stop().await.unwrap();
 }
