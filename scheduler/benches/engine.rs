@@ -38,8 +38,10 @@ fn entry(i: usize, cron: &str, t0: DateTime<Utc>) -> Arc<JobEntry> {
             spec,
             created_at: t0,
             updated_at: t0,
+            version: 1,
         },
         revision: i as u64 + 1,
+        version: 1,
     })
 }
 
@@ -167,7 +169,7 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
         let job = if shards > 1 {
             let items: Vec<String> = (0..shards).map(|i| i.to_string()).collect();
             let spec = parse_job(&json!({"appName": "bench", "jobGroup": "bench", "jobName": "sharded", "path": "noop", "jobType": "SHARDING", "args": items})).unwrap();
-            Some(Arc::new(JobEntry { stored: StoredJob { spec, created_at: t0, updated_at: t0 }, revision: 1 }))
+            Some(Arc::new(JobEntry { stored: StoredJob { spec, created_at: t0, updated_at: t0, version: 1 }, revision: 1, version: 1 }))
         } else {
             None
         };

@@ -47,7 +47,7 @@ pub mod web;
 pub use backoff::Backoff;
 pub use cron::{CronError, CronSchedule};
 pub use job::{
-    parse_job, Alert, AlertOn, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
+    parse_job, Alert, AlertOn, DeletedJob, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
     MisfirePolicy, OverlapPolicy, Problem, Retention, RetryBackoff, StoredJob,
 };
 pub use messages::{
@@ -68,6 +68,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
     vec![
         ("job-spec.json", render(schemars::schema_for!(JobSpec))),
         ("stored-job.json", render(schemars::schema_for!(StoredJob))),
+        (
+            "deleted-job.json",
+            render(schemars::schema_for!(DeletedJob)),
+        ),
         (
             "run-message.json",
             render(schemars::schema_for!(RunMessage)),

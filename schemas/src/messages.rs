@@ -130,7 +130,8 @@ pub struct RunMessage {
     /// Seconds an attempt may run before the worker cancels it (TIMED_OUT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
-    /// Revision of the job definition the run was made from.
+    /// Revision number of the job definition the run was made from (the job's own numbers,
+    /// as `krest job history` shows them).
     pub revision: u64,
     /// Fencing epoch of the leader that dispatched it (the lease revision at its takeover);
     /// absent for runs a node dispatched without leading (manual and child runs).
@@ -260,7 +261,7 @@ pub struct Dispatched {
     /// For CHILD runs: the parent job's run that triggered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
-    /// Revision of the job definition.
+    /// Revision number of the job definition (the job's own numbers).
     pub revision: u64,
     /// The scheduler node that published it.
     pub node: String,
@@ -386,7 +387,7 @@ pub struct Skipped {
     /// Further missed fire times this entry stands for.
     #[serde(default)]
     pub misfired: u32,
-    /// Revision of the job definition.
+    /// Revision number of the job definition (the job's own numbers).
     pub revision: u64,
     /// The scheduler node that decided.
     pub node: String,

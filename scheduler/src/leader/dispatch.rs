@@ -293,7 +293,7 @@ impl Publisher {
                 at: now,
                 reason: reason.clone(),
                 misfired: fire.misfired,
-                revision: fire.job.revision,
+                revision: fire.job.version,
                 node: self.node.clone(),
                 epoch: fire.epoch,
             });
@@ -317,7 +317,7 @@ impl Publisher {
             args: fire.args.clone(),
             misfired: fire.misfired,
             parent_run_id: fire.parent_run_id.clone(),
-            revision: fire.job.revision,
+            revision: fire.job.version,
             node: self.node.clone(),
             epoch: fire.epoch,
         });
@@ -367,7 +367,7 @@ impl Publisher {
                         factor,
                         max_ms,
                     }),
-                revision: fire.job.revision,
+                revision: fire.job.version,
                 epoch: fire.epoch,
                 delivery_token: self.key.token(&fire.run_id, index),
             };
