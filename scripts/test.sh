@@ -12,3 +12,6 @@ scripts/check-deploy.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --quiet
+# Every benchmark once at a tiny size, so its code cannot rot (the figures are in
+# BENCHMARKS.md, from release builds at full size).
+KREST_BENCH_TINY=1 cargo test -p krest --benches --quiet

@@ -10,6 +10,9 @@
 //! Around daylight-saving changes a fire time that falls into a skipped hour runs once at the
 //! first valid instant after it, and one in a repeated hour runs once (croner's behaviour).
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
@@ -36,7 +39,6 @@ pub struct CronError {
 /// 60 parses per thread instead of 100,000.
 pub fn check(expr: &str, tz: Tz) -> Result<(), CronError> {
     use std::cell::RefCell;
-    use std::collections::HashMap;
     /// Expressions remembered per thread at most (then forgotten all at once).
     const REMEMBERED: usize = 4096;
     thread_local! {
@@ -64,11 +66,60 @@ pub fn check(expr: &str, tz: Tz) -> Result<(), CronError> {
     Ok(())
 }
 
-/// A parsed cron expression bound to a time zone.
+/// A valid cron expression bound to a time zone.
+///
+/// It holds the expression, not its parse: croner keeps ~5 KiB per parsed expression (a bitmap
+/// of years), which made 100,000 distinct expressions cost ~600 MiB. Parses live in a cache
+/// shared by the process ([`PARSES_KEPT`] at most, the least recently used forgotten first), so
+/// a leader with any number of distinct expressions holds a bounded amount of them, and
+/// re-parses (~25 µs) only expressions it has not evaluated for a while.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
-    cron: Cron,
+    expr: Arc<str>,
     tz: Tz,
+}
+
+/// Most parsed expressions kept by the process (~5 KiB each).
+pub const PARSES_KEPT: usize = 4096;
+
+/// Parsed expressions by text, with when each was last used.
+#[derive(Default)]
+struct Parses {
+    map: HashMap<Arc<str>, (Arc<Cron>, u64)>,
+    clock: u64,
+}
+
+static PARSES: LazyLock<Mutex<Parses>> = LazyLock::new(Mutex::default);
+
+/// The parse of `expr` (valid: checked when its [`CronSchedule`] was made), from the cache or
+/// made now; `None` only if it no longer parses.
+fn parsed(expr: &Arc<str>) -> Option<Arc<Cron>> {
+    {
+        let mut parses = PARSES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        parses.clock += 1;
+        let clock = parses.clock;
+        if let Some((cron, used)) = parses.map.get_mut(expr) {
+            *used = clock;
+            return Some(cron.clone());
+        }
+    }
+    let cron = Arc::new(parse_cron(expr).ok()?);
+    let mut parses = PARSES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if parses.map.len() >= PARSES_KEPT {
+        // Forget the older half at once: amortized O(1) per parse.
+        let mut used: Vec<u64> = parses.map.values().map(|(_, u)| *u).collect();
+        let mid = used.len() / 2;
+        let (_, cut, _) = used.select_nth_unstable(mid);
+        let cut = *cut;
+        parses.map.retain(|_, (_, u)| *u > cut);
+    }
+    let clock = parses.clock;
+    parses.map.insert(expr.clone(), (cron.clone(), clock));
+    Some(cron)
 }
 
 /// Parses an IANA time zone name such as `UTC` or `America/New_York`.
@@ -130,17 +181,19 @@ impl CronSchedule {
     /// Parses `expr` without checking that it fires in the future: for expressions that were
     /// validated with [`CronSchedule::new`] already (stored job definitions).
     pub fn parse(expr: &str, tz: Tz) -> Result<Self, CronError> {
-        Ok(CronSchedule {
-            cron: parse_cron(expr)?,
-            tz,
-        })
+        let expr: Arc<str> = Arc::from(expr);
+        if parsed(&expr).is_none() {
+            // Not kept: report why it does not parse.
+            parse_cron(&expr)?;
+        }
+        Ok(CronSchedule { expr, tz })
     }
 
     /// The first fire time strictly after `t`, or `None` if there is none (years out of range).
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let cron = parsed(&self.expr)?;
         let local = t.with_timezone(&self.tz);
-        self.cron
-            .find_next_occurrence(&local, false)
+        cron.find_next_occurrence(&local, false)
             .ok()
             .map(|d| d.with_timezone(&Utc))
             // croner works in whole seconds; never return a time that is not after `t`.
@@ -148,8 +201,7 @@ impl CronSchedule {
                 if d > t {
                     Some(d)
                 } else {
-                    self.cron
-                        .find_next_occurrence(&(local + chrono::Duration::seconds(1)), false)
+                    cron.find_next_occurrence(&(local + chrono::Duration::seconds(1)), false)
                         .ok()
                         .map(|d| d.with_timezone(&Utc))
                 }
@@ -158,9 +210,9 @@ impl CronSchedule {
 
     /// The latest fire time at or before `t`, or `None` if there is none.
     pub fn prev_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let cron = parsed(&self.expr)?;
         let local = t.with_timezone(&self.tz);
-        self.cron
-            .find_previous_occurrence(&local, true)
+        cron.find_previous_occurrence(&local, true)
             .ok()
             .map(|d| d.with_timezone(&Utc))
             .filter(|d| *d <= t)
@@ -172,6 +224,32 @@ mod tests {
     use super::*;
     use crate::schedule::Schedule;
     use chrono::TimeZone;
+
+    #[test]
+    fn parses_are_kept_within_a_bound_and_made_again_when_needed() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 3, 0, 0, 0).unwrap();
+        let schedules: Vec<(usize, CronSchedule)> = (0..PARSES_KEPT + 1000)
+            .map(|i| {
+                let expr = format!("{} {} {} * * ?", i % 60, (i / 60) % 60, (i / 3600) % 24);
+                (i, CronSchedule::parse(&expr, Tz::UTC).unwrap())
+            })
+            .collect();
+        let expected = |i: usize| {
+            t + chrono::Duration::seconds(
+                ((i / 3600) % 24 * 3600 + (i / 60) % 60 * 60 + i % 60) as i64,
+            )
+        };
+        for (i, s) in &schedules {
+            if *i > 0 {
+                assert_eq!(s.next_after(t), Some(expected(*i)), "{i}");
+            }
+        }
+        let kept = PARSES.lock().unwrap().map.len();
+        assert!(kept <= PARSES_KEPT, "{kept} parses kept");
+        // The first ones were forgotten long ago: evaluated again, they are parsed again.
+        assert_eq!(schedules[1].1.next_after(t), Some(expected(1)));
+        assert!(std::mem::size_of::<CronSchedule>() <= 32);
+    }
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -161,8 +161,9 @@ type ScheduleKey = (String, String);
 /// key)`; entries whose generation is no longer the job's current one are stale and skipped
 /// (lazy deletion), so an update costs O(log n) and nothing is ever searched.
 ///
-/// Parsed cron expressions are interned: parsing costs ~25 µs and a parsed expression ~5 KiB
-/// (croner keeps a bitmap of years), so jobs sharing an expression share one copy.
+/// Cron schedules are interned, so jobs sharing an expression share one schedule (and one
+/// validation: building a schedule parses its expression, ~25 µs). A schedule holds only its
+/// text; the parses themselves are kept in a bounded cache ([`krest_schemas::cron::PARSES_KEPT`]).
 #[derive(Default)]
 pub struct Schedules {
     jobs: HashMap<String, JobSched>,
