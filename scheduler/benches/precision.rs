@@ -3,6 +3,10 @@
 //! `cargo bench -p krest --bench precision [-- --jobs N --seconds S --workers W]`; results go
 //! into BENCHMARKS.md. `KREST_BENCH_TINY=1` runs it at a tiny size (CI does, so it cannot rot).
 //!
+//! `--per-minute` makes each job fire once a minute instead (job i at second i mod 60: N/60
+//! fires a second); `--cron EXPR` gives every job that expression and checks no fires (for the
+//! memory of many registered jobs).
+//!
 //! Starts its own nats-server, one `krest scheduler` node (SQLite) and W worker processes (this
 //! binary again, with a no-op handler that notes when it started), applies the jobs with the
 //! `krest` CLI, and prints: lateness percentiles (due → dispatched, dispatched → handler
@@ -35,8 +39,19 @@ fn main() {
     let warmup: i64 = common::flag("--warmup").unwrap_or(if tiny() { 2 } else { 5 });
     let workers: usize = common::flag("--workers").unwrap_or(1);
     let slots: u32 = common::flag("--slots").unwrap_or(256);
+    let per_minute = std::env::args().any(|a| a == "--per-minute");
+    let fixed_cron: Option<String> = common::flag("--cron");
+    // Whether job `i` fires at second `sec` (epoch seconds).
+    let fires_at = |i: usize, sec: i64| -> bool {
+        fixed_cron.is_none() && (!per_minute || (i % 60) as i64 == sec.rem_euclid(60))
+    };
+    let every = match (&fixed_cron, per_minute) {
+        (Some(c), _) => format!("on `{c}`"),
+        (None, true) => "every minute".to_string(),
+        (None, false) => "every second".to_string(),
+    };
     println!(
-        "precision: {jobs} jobs every second, {seconds} s window after {warmup} s warm-up, \
+        "precision: {jobs} jobs {every}, {seconds} s window after {warmup} s warm-up, \
          {workers} worker(s) × {slots} slots"
     );
     let nats = NatsServer::start();
@@ -51,7 +66,12 @@ fn main() {
         .map(|i| {
             json!({
                 "appName": APP, "jobGroup": GROUP, "jobName": format!("j{i:06}"),
-                "path": "noop", "cron": "* * * * * ?"
+                "path": "noop",
+                "cron": match (&fixed_cron, per_minute) {
+                    (Some(c), _) => c.clone(),
+                    (None, true) => format!("{} * * * * ?", i % 60),
+                    (None, false) => "* * * * * ?".to_string(),
+                }
             })
         })
         .collect();
@@ -77,7 +97,9 @@ fn main() {
 
     // Recording: how many of the window's runs are recorded 1 s after its last fire, then how
     // long the rest take (the SQLite file is read directly).
-    let expected = jobs * seconds as usize;
+    let expected = (0..jobs)
+        .map(|i| (from_s..until_s).filter(|s| fires_at(i, *s)).count())
+        .sum::<usize>();
     let db = dir.join("n1.db");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let recorded = || -> usize {
@@ -127,7 +149,7 @@ fn main() {
     }
     let mut missed = 0;
     for i in 0..jobs {
-        for sec in from_s..until_s {
+        for sec in (from_s..until_s).filter(|s| fires_at(i, *s)) {
             let id = krest_schemas::names::scheduled_run_id(GROUP, &format!("j{i:06}"), sec * 1000);
             if !by_run.contains_key(&id) {
                 missed += 1;
