@@ -12,3 +12,6 @@ scripts/check-deploy.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --quiet
+# The Python worker SDK: mypy --strict, unit tests, and end-to-end tests against the `krest`
+# binary the workspace tests just built (a venv with nats-py and pytest from PyPI).
+worker-sdk/python/tests/run.sh

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The Python worker SDK's checks: a venv with nats-py, pytest, pytest-asyncio and mypy from
+# PyPI and the package installed from this directory, then `mypy --strict` on the package and
+# the example, then pytest (end-to-end tests against a real nats-server and `krest scheduler`).
+#
+# The `krest` binary is $KREST_BIN, default $CARGO_TARGET_DIR/debug/krest (built with
+# `cargo build -p krest` when missing). The venv is $KREST_PY_VENV, default
+# $CARGO_TARGET_DIR/python-venv (kept between runs). Extra arguments go to pytest.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+export KREST_BIN="${KREST_BIN:-$CARGO_TARGET_DIR/debug/krest}"
+export PATH="$PATH:/usr/sbin"
+venv="${KREST_PY_VENV:-$CARGO_TARGET_DIR/python-venv}"
+if [ ! -x "$KREST_BIN" ]; then
+  (cd "$repo" && cargo build --quiet -p krest)
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check nats-py pytest pytest-asyncio mypy
+# A fresh install of the package as users get it (not editable).
+"$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$here"
+"$venv/bin/mypy" --strict --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
+cd "$here"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
