@@ -87,12 +87,14 @@ class Proc:
 class Krest:
     """nats-server + one scheduler node, and the `krest` CLI against them."""
 
-    def __init__(self, dir: Path):
+    def __init__(self, dir: Path, nats_args: list[str] = [], env: dict[str, str] = {}):
         self.dir = dir
+        #: The environment of the scheduler and the CLI (NATS credentials).
+        self.env = env
         log = dir / "nats-server.log"
         self.nats = Proc(
             "nats-server",
-            [nats_server_bin(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(dir / "store")],
+            [nats_server_bin(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(dir / "store"), *nats_args],
             log,
         )
 
@@ -117,13 +119,13 @@ class Krest:
                 "127.0.0.1:0",
             ],
             dir / "scheduler.log",
-            {"KREST_LOG": "info"},
+            {"KREST_LOG": "info", **env},
         )
         eventually("the scheduler answering", lambda: self.cli_rc("cluster", "status") == 0)
 
     def cli_rc(self, *args: str) -> int:
         return subprocess.run(
-            [krest_bin(), "--nats-url", self.url, *args], capture_output=True
+            [krest_bin(), "--nats-url", self.url, *args], capture_output=True, env={**os.environ, **self.env}
         ).returncode
 
     def cli(self, *args: str) -> Any:
@@ -132,6 +134,7 @@ class Krest:
             [krest_bin(), "--nats-url", self.url, "-o", "json", *args],
             capture_output=True,
             text=True,
+            env={**os.environ, **self.env},
         )
         assert out.returncode == 0, f"krest {' '.join(args)}: {out.stderr}{out.stdout}"
         return json.loads(out.stdout) if out.stdout.strip() else None
@@ -150,6 +153,7 @@ class Krest:
             [krest_bin(), "--nats-url", self.url, "-o", "json", "runs", "get", run_id],
             capture_output=True,
             text=True,
+            env={**os.environ, **self.env},
         )
         if out.returncode != 0 and "recorded (yet)" in out.stderr:
             return {"run": {"status": None}, "attempts": []}
@@ -187,9 +191,9 @@ def krest() -> Iterator[Krest]:
 class Workers:
     """Worker processes of one test (stopped at its end)."""
 
-    def __init__(self, krest: Krest, name: str):
+    def __init__(self, krest: Krest, name: str, app: str | None = None):
         self.krest = krest
-        self.app = re.sub(r"[^A-Za-z0-9_-]", "-", name)[:50] + f"-{next(_ids)}"
+        self.app = app or re.sub(r"[^A-Za-z0-9_-]", "-", name)[:50] + f"-{next(_ids)}"
         self.procs: list[Proc] = []
         self.journal = krest.dir / f"{self.app}.journal"
 

@@ -535,7 +535,10 @@ class _Run:
         settings, ack wait included); one with another filter is replaced."""
         js = self.js
         assert js is not None
+        # Named, so the create request carries the filter in its subject
+        # (`$JS.API.CONSUMER.CREATE.KREST_WORK.<name>.<filter>`): what worker users may send.
         config = ConsumerConfig(
+            name=name,
             durable_name=name,
             description=description,
             filter_subject=filter_subject,
@@ -601,7 +604,9 @@ class _Run:
         counts as none (the run executes; a broadcast still reaches it)."""
         assert self.js is not None
         try:
-            m = await self.js.get_last_msg(f"KV_{CANCELS_BUCKET}", f"$KV.{CANCELS_BUCKET}.{run_id}")
+            m = await self.js.get_last_msg(
+                f"KV_{CANCELS_BUCKET}", f"$KV.{CANCELS_BUCKET}.{run_id}", direct=True
+            )
         except NotFoundError:
             return None
         except Exception as e:  # noqa: BLE001
