@@ -980,7 +980,12 @@ class _Run:
                 if task.done():
                     if stopping is not None and stopping[0] in (Kind.TIMED_OUT, Kind.CANCELLED):
                         return Ending(stopping[0])
-                    return _ending_of(task)
+                    ending = _ending_of(task)
+                    if stopping is not None and ending.kind is not Kind.SUCCEEDED:
+                        # Interrupted by the shutdown deadline: a handler that stopped as asked
+                        # (typically by raising) hands its run back; a success stays one.
+                        return Ending(Kind.INTERRUPTED)
+                    return ending
                 now = time.monotonic()
                 if stopping is None:
                     why: Kind | None = None
