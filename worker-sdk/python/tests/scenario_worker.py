@@ -1,7 +1,7 @@
 """The Python worker the end-to-end tests run as a process: one handler per scenario.
 
 Settings from the environment: NATS_URL, KREST_APP, KREST_INSTANCE, KREST_SHUTDOWN_TIMEOUT,
-KREST_CANCEL_GRACE (seconds), KREST_JOURNAL (a file each execution appends
+KREST_CANCEL_GRACE, KREST_ACK_WAIT (seconds), KREST_WEIGHT, KREST_SLOTS, KREST_JOURNAL (a file each execution appends
 ``run_id shard attempt instance`` to)."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ worker = Worker(
     os.environ["KREST_APP"],
     instance=os.environ.get("KREST_INSTANCE"),
     heartbeat_interval=0.5,
-    ack_wait=5.0,
+    ack_wait=float(os.environ.get("KREST_ACK_WAIT", "5")),
+    weight=int(os.environ.get("KREST_WEIGHT", "1")),
+    slots=int(os.environ.get("KREST_SLOTS", "4")),
     shutdown_timeout=float(os.environ.get("KREST_SHUTDOWN_TIMEOUT", "30")),
     cancel_grace=float(os.environ.get("KREST_CANCEL_GRACE", "5")),
     retry_backoff=Backoff(0.1, 2.0, 1.0),
@@ -72,10 +74,13 @@ def raising(ctx: JobContext) -> None:
 
 @worker.handler("py/wait")
 async def wait(ctx: JobContext) -> str:
-    """Waits until cancelled, or args.seconds (default 60)."""
+    """Waits until cancelled, or args.seconds (a shard: its item; default 60)."""
     journal(ctx)
     ctx.log("waiting")
-    seconds = float((ctx.args or {}).get("seconds", 60))
+    if isinstance(ctx.shard_item, (int, float)):
+        seconds = float(ctx.shard_item)
+    else:
+        seconds = float((ctx.args or {}).get("seconds", 60))
     try:
         await asyncio.wait_for(ctx.wait_cancelled(), seconds)
     except asyncio.TimeoutError:

@@ -212,3 +212,25 @@ def test_malformed_message_is_parked(krest: Krest, workers: Workers) -> None:
 
     [d] = eventually("the message parked", parked)
     assert "malformed run message: missing field `runId`" in json.dumps(d), d
+
+
+def test_long_handlers_keep_their_run_with_progress_acks(krest: Krest, workers: Workers) -> None:
+    # The consumer's ack wait is 1 s; the handler takes 2.5 s: without progress acks the server
+    # would redeliver the run meanwhile (a second execution in the journal).
+    workers.start("w1", KREST_ACK_WAIT="1")
+    job = workers.job("long", "py/wait", args={"seconds": 2.5})
+    d = krest.wait_run(krest.trigger(job))
+    assert d["run"]["status"] == "SUCCEEDED", d
+    assert len(workers.journal_lines()) == 1, workers.journal_lines()
+    assert [a["attempt"] for a in d["attempts"]] == [1]
+
+
+def test_weight_times_slots_bounds_runs_in_flight(krest: Krest, workers: Workers) -> None:
+    workers.start("w1", KREST_WEIGHT="1", KREST_SLOTS="1")
+    job = workers.job("one-at-a-time", "py/wait", jobType="SHARDING", args=[0.5, 0.5, 0.5])
+    d = krest.wait_run(krest.trigger(job))
+    assert d["run"]["status"] == "SUCCEEDED", d
+    spans = sorted((a["startedAt"], a["finishedAt"]) for a in d["attempts"])
+    assert len(spans) == 3
+    for (_, finished), (started, _) in zip(spans, spans[1:]):
+        assert started >= finished, f"two runs at once on a capacity of 1: {spans}"

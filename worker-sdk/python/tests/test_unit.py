@@ -150,3 +150,50 @@ def test_nats_settings_like_rust() -> None:
         NatsConfig(creds="/nonexistent.creds").connect_options("n")
     assert "p@ss" not in repr(NatsConfig(url="nats://h", user="u", password="p@ss"))
     assert NatsConfig(url="nats://u:pw@h").shown_url() == "nats://<redacted>@h"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def send(self, event: dict[str, object]) -> None:
+        self.events.append(event)
+
+
+def _ctx(sink: _Sink) -> object:
+    from krest_worker import JobContext
+
+    run = {"runId": "g.j.1", "jobGroup": "g", "jobName": "j", "appName": "a", "path": "p",
+           "retryTimes": 2, "deliveryToken": "tok", "shard": {"index": 1, "total": 3, "item": "b"}}
+    return JobContext(run, 2, "w1", sink)  # type: ignore[arg-type]
+
+
+def test_log_lines_are_bounded_per_attempt() -> None:
+    from krest_worker import JobContext
+
+    sink = _Sink()
+    ctx = _ctx(sink)
+    assert isinstance(ctx, JobContext)
+    assert (ctx.shard_index, ctx.shard_total, ctx.shard_item, ctx.max_attempts) == (1, 3, "b", 3)
+    ctx.log("see https://u:pw@h/x")
+    ctx.log("x" * 5000)
+    first, long = sink.events
+    assert first["line"] == "see https://<redacted>@h/x" and first["seq"] == 1
+    assert (first["shard"], first["attempt"], first["deliveryToken"], first["level"]) == (1, 2, "tok", "INFO")
+    assert len(str(long["line"]).encode()) == 4096 and str(long["line"]).endswith("...")
+    for _ in range(10_100):
+        ctx.warn("y")
+    assert len(sink.events) == 10_001
+    cut = sink.events[-1]
+    assert cut["seq"] == 10_001 and cut["level"] == "WARN"
+    assert str(cut["line"]).startswith("log cut: an attempt keeps at most 10000 lines and 1024 KiB")
+
+
+def test_log_bytes_are_bounded_per_attempt() -> None:
+    sink = _Sink()
+    ctx = _ctx(sink)
+    for _ in range(300):
+        ctx.log("z" * 4000)  # type: ignore[attr-defined]
+    assert sink.events[-1]["line"].startswith("log cut:")  # type: ignore[union-attr]
+    assert sum(len(str(e["line"])) for e in sink.events[:-1]) <= 1024 * 1024
+    assert len(sink.events) == 263

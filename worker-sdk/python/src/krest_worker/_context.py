@@ -198,7 +198,7 @@ class JobContext:
             self._log_bytes += len(line.encode("utf-8", "replace"))
             seq = self._log_seq
             if seq == limit + 1 or self._log_bytes > _text.MAX_LOG_BYTES_PER_ATTEMPT:
-                self._log_seq = seq = min(seq, limit + 1)
+                # The marker takes this line's place; nothing is logged after it.
                 self._log_seq = limit + 1
                 level = "WARN"
                 line = (
