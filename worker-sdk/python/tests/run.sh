@@ -17,6 +17,14 @@ if [ ! -x "$KREST_BIN" ]; then
   (cd "$repo" && cargo build --quiet -p krest)
 fi
 if [ ! -x "$venv/bin/python" ]; then
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    # Debian splits venv support out of python3.
+    echo "python3 cannot make venvs: installing python3-venv with apt-get" >&2
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
   python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check nats-py pytest pytest-asyncio mypy
