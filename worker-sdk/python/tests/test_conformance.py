@@ -227,7 +227,26 @@ def poison_message(krest: Krest, sdk: Sdk) -> dict[str, Any]:
     }
 
 
+def addressed_retry(krest: Krest, sdk: Sdk) -> dict[str, Any]:
+    sdk.start("w1")
+    sdk.start("w2")
+    job = sdk.job("rr", FLAKY, args={"failures": 1}, retryTimes=2, loadBalanceType="ROUND_ROBIN", retryBackoff=FAST)
+    h = trigger_and_wait(krest, sdk, job)
+    # Which instance the strategy picks first is its own; that the retry went to the other is
+    # the point.
+    first = h["attempts"][0][5]
+    h["attempts"] = [a[:5] + ("first" if a[5] == first else "other",) + a[6:] for a in h["attempts"]]
+    return h
+
+
+def broadcast(krest: Krest, sdk: Sdk) -> dict[str, Any]:
+    sdk.start("w1")
+    sdk.start("w2")
+    return trigger_and_wait(krest, sdk, sdk.job("all", POST, jobType="BROADCAST", args="to all"))
+
+
 SCENARIOS: list[Scenario] = [
+    addressed_retry, broadcast,
     normal, sharded, retried_then_succeeded, always_failing, fatal, missing_handler, timed_out,
     cancelled, killed_mid_run, shutdown_drains, poison_message,
     pytest.param(shutdown_deadline_hands_back, marks=pytest.mark.xfail(strict=True, reason=(
@@ -248,3 +267,28 @@ def test_same_history_from_every_sdk(krest: Krest, scenario: Scenario) -> None:
         for side in sides.values():
             side.stop()
     assert got["python"] == got["rust"]
+
+
+def test_one_app_with_workers_of_both_sdks(krest: Krest) -> None:
+    """The SDKs of one app agree: a retry handed off by one SDK's instance is taken by the
+    other's, with the attempt numbers, backoff and history continuing."""
+    rust = Sdk(krest, "rust", "mixed")
+    python = Sdk(krest, "python", "mixed")
+    python.app = rust.app
+    python.journal = rust.journal
+    try:
+        rust.start("rs")
+        python.start("py")
+        job = rust.job("rr", FLAKY, args={"failures": 1}, retryTimes=2, loadBalanceType="ROUND_ROBIN", retryBackoff=FAST)
+        for _ in range(2):
+            run_id = krest.trigger(job)
+            d = krest.wait_run(run_id)
+            assert d["run"]["status"] == "SUCCEEDED", d
+            first, second = sorted(d["attempts"], key=lambda a: a["attempt"])
+            assert (first["attempt"], first["status"], second["attempt"]) == (1, "FAILED", 2)
+            assert {first["worker"], second["worker"]} == {"rs", "py"}, d["attempts"]
+            assert first["retryInMs"] == 100
+            assert second["output"] == "succeeded at attempt 2"
+    finally:
+        rust.stop()
+        python.stop()
