@@ -116,7 +116,10 @@ def test_cancelled_while_running(krest: Krest, workers: Workers) -> None:
     workers.start("w1")
     job = workers.job("wait", "py/wait", retryTimes=3)
     run_id = krest.trigger(job)
-    eventually("the handler running", lambda: krest.run(run_id)["attempts"])
+    eventually(
+        "the handler running",
+        lambda: any(a.get("logs") for a in krest.run(run_id)["attempts"]),
+    )
     krest.cli("runs", "cancel", run_id)
     d = krest.wait_run(run_id)
     assert d["run"]["status"] == "CANCELLED", d
