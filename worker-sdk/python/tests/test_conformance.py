@@ -242,7 +242,14 @@ def addressed_retry(krest: Krest, sdk: Sdk) -> dict[str, Any]:
 def broadcast(krest: Krest, sdk: Sdk) -> dict[str, Any]:
     sdk.start("w1")
     sdk.start("w2")
-    return trigger_and_wait(krest, sdk, sdk.job("all", POST, jobType="BROADCAST", args="to all"))
+    h = trigger_and_wait(krest, sdk, sdk.job("all", POST, jobType="BROADCAST", args="to all"))
+    # One shard per live instance, each executed where it was addressed. How many instances the
+    # leader saw is the scheduler's affair (under load it may address from a registry view a
+    # moment old), so the sides are compared shard by shard.
+    assert h["shardTotal"] == len(h["attempts"]) == len({a[5] for a in h["attempts"]}) >= 1, h
+    h["attempts"] = sorted({(a[1], a[2], a[3], a[4]) + a[6:] for a in h["attempts"]})
+    h["shardTotal"] = "n"
+    return h
 
 
 SCENARIOS: list[Scenario] = [
