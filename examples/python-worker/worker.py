@@ -16,6 +16,7 @@ from krest_worker import JobContext, JobError, Worker
 
 worker = Worker(
     "demo-python",  # the jobs' appName
+    instance=os.environ.get("KREST_INSTANCE"),  # default: host name, pid and a random suffix
     weight=int(os.environ.get("KREST_WEIGHT", "1")),
     slots=int(os.environ.get("KREST_SLOTS", "2")),
 )

@@ -237,3 +237,21 @@ def test_weight_times_slots_bounds_runs_in_flight(krest: Krest, workers: Workers
     assert len(spans) == 3
     for (_, finished), (started, _) in zip(spans, spans[1:]):
         assert started >= finished, f"two runs at once on a capacity of 1: {spans}"
+
+
+def test_the_example_worker_runs_its_jobs(krest: Krest, workers: Workers) -> None:
+    from conftest import REPO
+
+    example = REPO / "examples" / "python-worker"
+    workers.app = "demo-python"  # the example's app
+    workers.start("example", script=example / "worker.py")
+    jobs = json.loads((example / "jobs.json").read_text())
+    for job in jobs:
+        job.pop("cron", None)  # triggered here instead
+    krest.apply(*jobs)
+    post = krest.wait_run(krest.trigger("python.post"))
+    assert (post["run"]["status"], post["run"]["output"]) == ("SUCCEEDED", "post ok: {'customer': 42}"), post
+    shards = krest.wait_run(krest.trigger("python.sharding"))
+    assert shards["run"]["status"] == "SUCCEEDED" and shards["run"]["shardTotal"] == 3, shards
+    flaky = krest.wait_run(krest.trigger("python.flaky"))
+    assert flaky["run"]["status"] == "SUCCEEDED" and flaky["run"]["attempts"] == 3, flaky

@@ -134,3 +134,19 @@ def test_tls_with_a_ca_and_a_client_certificate() -> None:
         workers.stop_all()
         k.stop()
         shutil.rmtree(dir, ignore_errors=True)
+
+
+def test_token_login_from_the_url() -> None:
+    dir = Path(tempfile.mkdtemp(prefix="krest-py-token-"))
+    k = Krest(dir, nats_args=["--auth", "s3cret-token"], env={"NATS_TOKEN": "s3cret-token"})
+    workers = Workers(k, "token")
+    try:
+        host = k.url.removeprefix("nats://")
+        w = workers.start("w1", NATS_URL=f"nats://s3cret-token@{host}")
+        d = k.wait_run(k.trigger(workers.job("echo", "py/echo", args={"say": "token"})))
+        assert (d["run"]["status"], d["run"]["output"]) == ("SUCCEEDED", "echo token"), d
+        assert "s3cret" not in w.log()
+    finally:
+        workers.stop_all()
+        k.stop()
+        shutil.rmtree(dir, ignore_errors=True)
