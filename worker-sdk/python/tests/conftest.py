@@ -58,6 +58,7 @@ class Proc:
         self.name = name
         self.log_path = log
         self._log = open(log, "ab")
+        self.signalled = False
         self.p = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
@@ -65,10 +66,16 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def signal_stop(self) -> None:
+        """SIGTERM (once), without waiting (see `terminate`)."""
+        if self.p.poll() is None and not self.signalled:
+            self.p.send_signal(signal.SIGTERM)
+            self.signalled = True
+
     def terminate(self, wait: float = 30.0) -> int:
         """SIGTERM, then waits (SIGKILL past `wait`); the exit code."""
         if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
+            self.signal_stop()
             try:
                 self.p.wait(wait)
             except subprocess.TimeoutExpired:
@@ -82,6 +89,14 @@ class Proc:
             self.p.kill()
             self.p.wait()
         self._log.close()
+
+
+def stop_all(procs: list[Proc]) -> None:
+    """Stops processes together (each graceful stop reads its open pull request to its end)."""
+    for p in procs:
+        p.signal_stop()
+    for p in procs:
+        p.terminate()
 
 
 class Krest:
@@ -231,8 +246,7 @@ class Workers:
         return self.journal.read_text().splitlines() if self.journal.exists() else []
 
     def stop_all(self) -> None:
-        for p in self.procs:
-            p.terminate()
+        stop_all(self.procs)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ worker = Worker(
     shutdown_timeout=float(os.environ.get("KREST_SHUTDOWN_TIMEOUT", "30")),
     cancel_grace=float(os.environ.get("KREST_CANCEL_GRACE", "5")),
     retry_backoff=Backoff(0.1, 2.0, 1.0),
+    pull_expiry=0.5,  # a quicker stop: a graceful stop reads its open pull request to its end
 )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import nats
 import pytest
 
-from conftest import HERE, Krest, Proc, eventually, krest_bin
+from conftest import HERE, Krest, Proc, eventually, krest_bin, stop_all
 
 SDKS = ("rust", "python")
 FAST = {"initial": "100ms", "factor": 1, "max": "100ms"}
@@ -85,8 +85,7 @@ class Sdk:
         )
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            p.terminate()
+        stop_all(list(self.procs.values()))
 
 
 def history(d: dict[str, Any], sdk: Sdk, run_id: str) -> dict[str, Any]:
@@ -271,8 +270,7 @@ def test_same_history_from_every_sdk(krest: Krest, scenario: Scenario) -> None:
             futures = {name: pool.submit(scenario, krest, side) for name, side in sides.items()}
             got = {name: f.result() for name, f in futures.items()}
     finally:
-        for side in sides.values():
-            side.stop()
+        stop_all([p for side in sides.values() for p in side.procs.values()])
     assert got["python"] == got["rust"]
 
 
@@ -297,5 +295,4 @@ def test_one_app_with_workers_of_both_sdks(krest: Krest) -> None:
             assert first["retryInMs"] == 100
             assert second["output"] == "succeeded at attempt 2"
     finally:
-        rust.stop()
-        python.stop()
+        stop_all([*rust.procs.values(), *python.procs.values()])
