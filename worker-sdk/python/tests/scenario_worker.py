@@ -103,6 +103,14 @@ def wait_thread(ctx: JobContext) -> str:
     return f"waited {seconds} s"
 
 
+@worker.handler("py/stubborn-thread")
+def stubborn_thread(ctx: JobContext) -> str:
+    """Ignores ctx.cancelled for an hour: the worker must stop anyway."""
+    journal(ctx)
+    time.sleep(3600)
+    return "never"
+
+
 @worker.handler("py/hold-first")
 async def hold_first(ctx: JobContext) -> str:
     """Holds its first attempt until cancelled (ignoring it: the worker must give up on it);

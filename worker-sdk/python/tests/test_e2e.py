@@ -255,3 +255,17 @@ def test_the_example_worker_runs_its_jobs(krest: Krest, workers: Workers) -> Non
     assert shards["run"]["status"] == "SUCCEEDED" and shards["run"]["shardTotal"] == 3, shards
     flaky = krest.wait_run(krest.trigger("python.flaky"))
     assert flaky["run"]["status"] == "SUCCEEDED" and flaky["run"]["attempts"] == 3, flaky
+
+
+def test_a_thread_ignoring_cancellation_does_not_keep_the_worker_from_stopping(krest: Krest, workers: Workers) -> None:
+    a = workers.start("w1", KREST_SHUTDOWN_TIMEOUT="0.5", KREST_CANCEL_GRACE="0.5")
+    run_id = krest.trigger(workers.job("stubborn", "py/stubborn-thread"))
+    eventually("the handler running", lambda: workers.journal_lines())
+    assert a.terminate() == 0, a.log()
+
+    def first_attempt_ended() -> Any:
+        return [x for x in krest.run(run_id)["attempts"] if x["attempt"] == 1 and x["status"] != "RUNNING"]
+
+    [attempt] = eventually("the attempt reported", first_attempt_ended)
+    assert (attempt["status"], attempt.get("willRetry")) == ("FAILED", True), attempt
+    assert "shut down before the handler finished" in attempt["error"]

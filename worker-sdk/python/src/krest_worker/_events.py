@@ -71,7 +71,10 @@ class EventSink:
         if threading.get_ident() == self._loop_thread:
             self._queue.put_nowait((event, None))
         else:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (event, None))
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, (event, None))
+            except RuntimeError:
+                pass  # the worker has stopped (a thread abandoned past its grace logs on)
 
     async def send_confirmed(self, event: dict[str, Any]) -> None:
         """Queues an event and waits until the events stream has stored it (after everything

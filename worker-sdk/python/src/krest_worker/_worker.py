@@ -14,9 +14,9 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
@@ -250,7 +250,7 @@ class Worker:
 
     def handler(self, path: str) -> Callable[[H], H]:
         """Registers the decorated function under `path`, the name jobs refer to. ``async def``
-        handlers run on the worker's event loop; plain ``def`` handlers in a thread pool. The
+        handlers run on the worker's event loop; plain ``def`` handlers in threads. The
         return value is the run's output (``None``: none; a ``str`` as is; anything else as
         JSON); an exception fails the attempt (retried, unless it is `JobError.fatal`)."""
 
@@ -336,9 +336,6 @@ class _Run:
         self.closing = False
         self.js: JetStreamContext | None = None
         self.events: EventSink | None = None
-        self.pool = ThreadPoolExecutor(
-            max_workers=2 * w.capacity + 4, thread_name_prefix="krest-handler"
-        )
 
     # -- start -------------------------------------------------------------------------------
 
@@ -398,7 +395,6 @@ class _Run:
             await self.drain(running)
             await self.finish(heartbeat)
         finally:
-            self.pool.shutdown(wait=False, cancel_futures=True)
             if self.nc is not None and not self.nc.is_closed:
                 self.closing = True
                 try:
@@ -953,7 +949,7 @@ class _Run:
         if inspect.iscoroutinefunction(handler):
             task = asyncio.ensure_future(handler(ctx))
         else:
-            task = loop.run_in_executor(self.pool, _call_sync, handler, ctx)
+            task = _in_thread(loop, handler, ctx)
         task.add_done_callback(_retrieve)
         timeout = run.get("timeoutSecs")
         now = time.monotonic()
@@ -1055,8 +1051,34 @@ class _Run:
         )
 
 
-def _call_sync(handler: Handler, ctx: JobContext) -> Any:
-    return handler(ctx)
+def _in_thread(loop: asyncio.AbstractEventLoop, handler: Handler, ctx: JobContext) -> asyncio.Future[Any]:
+    """Runs a plain handler in a thread of its own (at most `weight × slots` per consumer run
+    at once). Daemon threads: one that ignores ``ctx.cancelled`` is abandoned past the grace
+    and cannot keep the process from exiting."""
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = handler(ctx)
+        except BaseException as e:  # noqa: BLE001 - reported as the attempt's failure
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: the worker has stopped
+
+    threading.Thread(target=run, name=f"krest-handler-{ctx.run_id}", daemon=True).start()
+    return fut
 
 
 def _retrieve(f: asyncio.Future[Any]) -> None:
