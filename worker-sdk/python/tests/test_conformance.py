@@ -179,6 +179,8 @@ def killed_mid_run(krest: Krest, sdk: Sdk) -> dict[str, Any]:
     sdk.start("w1", work_ms=2000)
     run_id = krest.trigger(sdk.job("killed", SHARDING, jobType="SHARDING", args=["x"]))
     sdk.executing("w1")
+    # Killed once its attempt is on record (the `started` event is sent without waiting).
+    eventually("the attempt recorded", lambda: krest.run(run_id)["attempts"])
     sdk.procs["w1"].kill()
     sdk.start("w2", work_ms=100)  # redelivered to it after the ack wait (3 s)
     return history(krest.wait_run(run_id), sdk, run_id)
