@@ -36,13 +36,13 @@ cd "$here"
 # wait on runs, so this halves the wall time.
 conformance_log="$(mktemp)"
 trap 'rm -f "$conformance_log"' EXIT
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" tests/test_conformance.py >"$conformance_log" 2>&1 &
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" tests/test_conformance.py tests/test_secure.py >"$conformance_log" 2>&1 &
 conformance=$!
 status=0
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" --ignore=tests/test_conformance.py tests || status=$?
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" --ignore=tests/test_conformance.py --ignore=tests/test_secure.py tests || status=$?
 conformance_status=0
 wait "$conformance" || conformance_status=$?
-echo "--- conformance suite (tests/test_conformance.py)"
+echo "--- the conformance suite and the login tests (tests/test_conformance.py, tests/test_secure.py)"
 cat "$conformance_log"
 # pytest exits 5 when a -k selects nothing in one of the two.
 for s in "$status" "$conformance_status"; do
