@@ -19,8 +19,15 @@ use krest_schemas::{AttemptOutcome, Dispatched, Finished, RunEvent, Started, Tri
 use krest_test_support::{NatsServer, Proc, TestDir};
 use serde_json::json;
 
-const JOBS: usize = 100_000;
-const SHARDS: u32 = 100_000;
+/// Jobs applied and listed, and shards of the run shown (1,000 at the tiny size CI runs:
+/// `KREST_BENCH_TINY`).
+fn size() -> usize {
+    if std::env::var_os("KREST_BENCH_TINY").is_some() {
+        1_000
+    } else {
+        100_000
+    }
+}
 
 struct Cli {
     url: String,
@@ -50,6 +57,8 @@ fn per_sec(n: usize, d: Duration) -> String {
 }
 
 fn main() {
+    let jobs = size();
+    let shards = u32::try_from(size()).unwrap();
     let nats = NatsServer::start();
     let dir = TestDir::new("bench-api");
     let mut node_cmd = Command::new(env!("CARGO_BIN_EXE_krest"));
@@ -87,7 +96,7 @@ fn main() {
     }
 
     // 1. Apply 100,000 cron jobs (100 groups, 60 distinct schedules) from one file.
-    let docs: Vec<serde_json::Value> = (0..JOBS)
+    let docs: Vec<serde_json::Value> = (0..jobs)
         .map(|i| {
             json!({
                 "appName": "bench", "jobGroup": format!("g{:02}", i % 100),
@@ -100,33 +109,33 @@ fn main() {
     std::fs::write(&file, serde_json::to_vec(&docs).unwrap()).unwrap();
     let bytes = std::fs::metadata(&file).unwrap().len();
     let (took, out) = cli.run(&["job", "apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(out.matches(" created (revision ").count(), JOBS);
+    assert_eq!(out.matches(" created (revision ").count(), jobs);
     println!(
-        "api/apply: {JOBS} jobs from one file ({:.1} MiB) created in {took:?} ({})",
+        "api/apply: {jobs} jobs from one file ({:.1} MiB) created in {took:?} ({})",
         bytes as f64 / (1024.0 * 1024.0),
-        per_sec(JOBS, took)
+        per_sec(jobs, took)
     );
     let (took, out) = cli.run(&["job", "apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(out.matches(" unchanged (revision ").count(), JOBS);
+    assert_eq!(out.matches(" unchanged (revision ").count(), jobs);
     println!(
-        "api/apply-again: {JOBS} jobs unchanged in {took:?} ({})",
-        per_sec(JOBS, took)
+        "api/apply-again: {jobs} jobs unchanged in {took:?} ({})",
+        per_sec(jobs, took)
     );
 
     // 2. List them.
     let (took, out) = cli.run(&["job", "list"]);
-    assert_eq!(out.lines().count(), JOBS + 1);
+    assert_eq!(out.lines().count(), jobs + 1);
     println!(
-        "api/list: {JOBS} jobs listed (table) in {took:?} ({}), {:.1} MiB of output",
-        per_sec(JOBS, took),
+        "api/list: {jobs} jobs listed (table) in {took:?} ({}), {:.1} MiB of output",
+        per_sec(jobs, took),
         out.len() as f64 / (1024.0 * 1024.0)
     );
     let (took, out) = cli.run(&["-o", "json", "job", "list"]);
     let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    assert_eq!(listed.len(), JOBS);
+    assert_eq!(listed.len(), jobs);
     println!(
-        "api/list-json: {JOBS} jobs listed (JSON) in {took:?} ({})",
-        per_sec(JOBS, took)
+        "api/list-json: {jobs} jobs listed (JSON) in {took:?} ({})",
+        per_sec(jobs, took)
     );
 
     // 3. A run with 100,000 shards.
@@ -136,8 +145,8 @@ fn main() {
         .build()
         .unwrap();
     let run_id = "g00.wide.1000";
-    let took = rt.block_on(publish_run(&nats.url(), run_id));
-    println!("api/shards: events of a {SHARDS}-shard run published in {took:?}");
+    let took = rt.block_on(publish_run(&nats.url(), run_id, shards));
+    println!("api/shards: events of a {shards}-shard run published in {took:?}");
     let start = Instant::now();
     loop {
         let out = Command::new(env!("CARGO_BIN_EXE_krest"))
@@ -169,16 +178,16 @@ fn main() {
     let (took, out) = cli.run(&["runs", "get", run_id]);
     assert_eq!(
         out.matches(" attempt 1: Succeeded").count(),
-        SHARDS as usize
+        shards as usize
     );
     println!(
-        "api/runs-get: a run with {SHARDS} shards shown (every attempt) in {took:?}, {:.1} MiB of output",
+        "api/runs-get: a run with {shards} shards shown (every attempt) in {took:?}, {:.1} MiB of output",
         out.len() as f64 / (1024.0 * 1024.0)
     );
 }
 
-/// Publishes the events of a run of [`SHARDS`] shards, each started and succeeded once.
-async fn publish_run(url: &str, run_id: &str) -> Duration {
+/// Publishes the events of a run of `shards` shards, each started and succeeded once.
+async fn publish_run(url: &str, run_id: &str, shards: u32) -> Duration {
     let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
     let secrets = js
         .get_key_value(krest_schemas::names::SECRETS_BUCKET)
@@ -201,7 +210,7 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
         trigger: Trigger::Manual,
         scheduled_at: now,
         dispatched_at: now,
-        shard_total: SHARDS,
+        shard_total: shards,
         args: json!([]),
         misfired: 0,
         parent_run_id: None,
@@ -209,7 +218,7 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
         node: "n1".into(),
         epoch: None,
     })];
-    for shard in 0..SHARDS {
+    for shard in 0..shards {
         events.push(RunEvent::Started(Started {
             run: krest_schemas::RunRef {
                 run_id: run_id.into(),
@@ -218,7 +227,7 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
                 app_name: "bench".into(),
             },
             shard,
-            shard_total: SHARDS,
+            shard_total: shards,
             attempt: 1,
             worker: "w1".into(),
             at: now,
@@ -233,7 +242,7 @@ async fn publish_run(url: &str, run_id: &str) -> Duration {
                 app_name: "bench".into(),
             },
             shard,
-            shard_total: SHARDS,
+            shard_total: shards,
             attempt: 1,
             worker: "w1".into(),
             at: now,

@@ -18,7 +18,14 @@ use krest::leader::engine::Schedules;
 use krest_schemas::{parse_job, StoredJob, Trigger};
 use serde_json::json;
 
-const JOBS: usize = 100_000;
+/// Jobs in the large scenarios (1,000 at the tiny size CI runs: `KREST_BENCH_TINY`).
+fn jobs() -> usize {
+    if std::env::var_os("KREST_BENCH_TINY").is_some() {
+        1_000
+    } else {
+        100_000
+    }
+}
 
 fn entry(i: usize, cron: &str, t0: DateTime<Utc>) -> Arc<JobEntry> {
     let spec = parse_job(&json!({
@@ -31,8 +38,10 @@ fn entry(i: usize, cron: &str, t0: DateTime<Utc>) -> Arc<JobEntry> {
             spec,
             created_at: t0,
             updated_at: t0,
+            version: 1,
         },
         revision: i as u64 + 1,
+        version: 1,
     })
 }
 
@@ -54,8 +63,9 @@ fn per_sec(n: usize, d: Duration) -> String {
 }
 
 fn spread_hour() {
+    let jobs = jobs();
     let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-    let entries: Vec<_> = (0..JOBS)
+    let entries: Vec<_> = (0..jobs)
         .map(|i| entry(i, &format!("{} {} * * * ?", i % 60, (i / 60) % 60), t0))
         .collect();
     let mut s = Schedules::default();
@@ -65,9 +75,9 @@ fn spread_hour() {
     }
     let build = start.elapsed();
     println!(
-        "engine/spread-hour: {JOBS} jobs ({} distinct expressions) scheduled in {build:?} ({}), RSS {:.0} MiB",
+        "engine/spread-hour: {jobs} jobs ({} distinct expressions) scheduled in {build:?} ({}), RSS {:.0} MiB",
         s.distinct_schedules(),
-        per_sec(JOBS, build),
+        per_sec(jobs, build),
         rss_mib()
     );
     let mut fires = Vec::new();
@@ -88,7 +98,7 @@ fn spread_hour() {
         per_sec(fires.len(), run),
         run.as_secs_f64() * 1e6 / fires.len() as f64
     );
-    assert_eq!(fires.len(), JOBS);
+    assert_eq!(fires.len(), jobs);
 }
 
 fn distinct(n: usize) {
@@ -119,15 +129,16 @@ fn distinct(n: usize) {
 }
 
 fn same_instant() {
+    let jobs = jobs();
     let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-    let entries: Vec<_> = (0..JOBS).map(|i| entry(i, "0/5 * * * * ?", t0)).collect();
+    let entries: Vec<_> = (0..jobs).map(|i| entry(i, "0/5 * * * * ?", t0)).collect();
     let mut s = Schedules::default();
     let start = Instant::now();
     for (i, e) in entries.iter().enumerate() {
         s.set(&format!("bench.job-{i}"), Some(e.clone()), None);
     }
     println!(
-        "engine/same-instant: {JOBS} jobs sharing one expression scheduled in {:?}",
+        "engine/same-instant: {jobs} jobs sharing one expression scheduled in {:?}",
         start.elapsed()
     );
     let mut fires = Vec::new();
@@ -144,7 +155,7 @@ fn same_instant() {
         fires.len(),
         per_sec(fires.len(), tick)
     );
-    assert_eq!(fires.len(), JOBS);
+    assert_eq!(fires.len(), jobs);
 }
 
 fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
@@ -158,7 +169,7 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
         let job = if shards > 1 {
             let items: Vec<String> = (0..shards).map(|i| i.to_string()).collect();
             let spec = parse_job(&json!({"appName": "bench", "jobGroup": "bench", "jobName": "sharded", "path": "noop", "jobType": "SHARDING", "args": items})).unwrap();
-            Some(Arc::new(JobEntry { stored: StoredJob { spec, created_at: t0, updated_at: t0 }, revision: 1 }))
+            Some(Arc::new(JobEntry { stored: StoredJob { spec, created_at: t0, updated_at: t0, version: 1 }, revision: 1, version: 1 }))
         } else {
             None
         };
@@ -172,20 +183,20 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
         for chunk in fires.chunks(2000) {
             let results = publisher.publish(chunk).await;
             assert!(results.iter().all(Result::is_ok));
-            // The leader's per-job state of the chunk's newest fire of each job.
-            let mut latest: std::collections::BTreeMap<String, krest_schemas::JobState> = Default::default();
-            for f in chunk {
-                latest.insert(f.key(), krest_schemas::JobState { last_fire_at: f.scheduled_at, last_run_id: f.run_id.clone(), queued: None });
-            }
-            let states: Vec<(&str, &krest_schemas::JobState)> = latest.iter().map(|(k, s)| (k.as_str(), s)).collect();
-            publisher.write_states(&states).await.unwrap();
+            // The leader's fire watermark after the round.
+            let watermark = krest_schemas::FireWatermark {
+                through: chunk[chunk.len() - 1].scheduled_at,
+                jobs_revision: 1,
+                epoch: 1,
+                node: "bench".into(),
+            };
+            publisher.write_states(&[], Some(&watermark)).await.unwrap();
         }
         let took = start.elapsed();
-        // Per fire: one work message per shard and a dispatched event; per job: a state put.
-        let jobs = if shards > 1 { fires_n.div_ceil(2000) } else { fires_n };
-        let msgs = fires_n * (shards + 1) + jobs;
+        // Per fire: one work message per shard and a dispatched event; per round: the watermark.
+        let msgs = fires_n * (shards + 1) + fires_n.div_ceil(2000);
         println!(
-            "dispatch/{}: {fires_n} fires × {shards} shard(s) = {msgs} messages (work, dispatched events, state) stored in {took:?}: {} fires, {} messages (nats-server {})",
+            "dispatch/{}: {fires_n} fires × {shards} shard(s) = {msgs} messages (work, dispatched events, watermark) stored in {took:?}: {} fires, {} messages (nats-server {})",
             if shards > 1 { "sharded" } else { "normal" },
             per_sec(fires_n, took),
             per_sec(msgs, took),
@@ -205,13 +216,14 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
 fn main() {
     krest_test_support::init_tracing();
     // First, while the process is fresh, so its RSS growth is the schedules' memory.
-    distinct(20_000);
+    let tiny = std::env::var_os("KREST_BENCH_TINY").is_some();
+    distinct(if tiny { 200 } else { 20_000 });
     spread_hour();
     same_instant();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    dispatch(&rt, 20_000, 1);
-    dispatch(&rt, 2_000, 10);
+    dispatch(&rt, if tiny { 200 } else { 20_000 }, 1);
+    dispatch(&rt, if tiny { 20 } else { 2_000 }, 10);
 }

@@ -18,7 +18,14 @@ use krest_schemas::{
 };
 use krest_test_support::{PgDatabase, TestDir};
 
-const RUNS: usize = 10_000;
+/// Runs recorded (100 at the tiny size CI runs: `KREST_BENCH_TINY`).
+fn runs() -> usize {
+    if std::env::var_os("KREST_BENCH_TINY").is_some() {
+        100
+    } else {
+        10_000
+    }
+}
 const BATCH: usize = 1_000;
 
 fn events(runs: usize) -> Vec<(u64, RunEvent)> {
@@ -108,7 +115,8 @@ fn report(what: &str, n: usize, took: Duration) {
 
 #[tokio::main]
 async fn main() {
-    let evs = events(RUNS);
+    let runs = runs();
+    let evs = events(runs);
     let n = evs.len();
 
     let dir = TestDir::new("bench-record");
@@ -118,7 +126,7 @@ async fn main() {
     report("sqlite", n, record(&sqlite, &evs).await);
     assert_eq!(
         sqlite.counts().await.unwrap(),
-        (RUNS as i64, RUNS as i64, 3 * RUNS as i64)
+        (runs as i64, runs as i64, 3 * runs as i64)
     );
     sqlite.close().await;
 
@@ -127,7 +135,7 @@ async fn main() {
     report("postgres", n, record(&pg, &evs).await);
     assert_eq!(
         pg.counts().await.unwrap(),
-        (RUNS as i64, RUNS as i64, 3 * RUNS as i64)
+        (runs as i64, runs as i64, 3 * runs as i64)
     );
     pg.close().await;
 
@@ -142,7 +150,7 @@ async fn main() {
     report("postgres, two nodes sharing it", n, took);
     assert_eq!(
         a.counts().await.unwrap(),
-        (RUNS as i64, RUNS as i64, 3 * RUNS as i64)
+        (runs as i64, runs as i64, 3 * runs as i64)
     );
     a.close().await;
     b.close().await;

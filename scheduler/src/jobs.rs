@@ -24,8 +24,87 @@ use tokio_util::sync::CancellationToken;
 pub struct JobEntry {
     /// The stored definition.
     pub stored: StoredJob,
-    /// Its revision in the jobs bucket.
+    /// Its revision in the jobs bucket (shared by all jobs): what writes are checked against.
     pub revision: u64,
+    /// Its revision number among the job's own revisions ([`number_history`]): what users see.
+    pub version: u64,
+}
+
+/// Why a job's revision numbers could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the history of job {key}: {reason}")]
+pub struct HistoryError {
+    /// The job's key.
+    pub key: String,
+    /// What failed.
+    pub reason: String,
+}
+
+/// The revision number an entry of the jobs bucket carries: a definition's `version`, a
+/// deletion marker's ([`krest_schemas::job::DeletedJob`]); `None` for definitions written
+/// before jobs were numbered, deletions without a body and purges.
+pub fn recorded_number(value: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Numbered {
+        #[serde(default)]
+        version: u64,
+    }
+    serde_json::from_slice::<Numbered>(value)
+        .ok()
+        .map(|n| n.version)
+        .filter(|n| *n > 0)
+}
+
+/// Numbers a key's history, oldest first, from what each entry carries
+/// ([`recorded_number`]): an entry with a number keeps it, one without takes one more than
+/// the entry before it (the first, 1). Definitions written before jobs were numbered are so
+/// numbered by their place in the history the bucket keeps.
+pub fn number_history(recorded: impl IntoIterator<Item = Option<u64>>) -> Vec<u64> {
+    let mut last = 0u64;
+    recorded
+        .into_iter()
+        .map(|n| {
+            last = n.unwrap_or(last.saturating_add(1));
+            last
+        })
+        .collect()
+}
+
+/// The history of `key` the bucket keeps, oldest first, each entry with its revision number.
+pub async fn numbered_history(
+    bucket: &kv::Store,
+    key: &str,
+) -> Result<Vec<(kv::Entry, u64)>, HistoryError> {
+    let failed = |e: &dyn std::fmt::Display| HistoryError {
+        key: key.to_string(),
+        reason: e.to_string(),
+    };
+    let mut entries = bucket.history(key).await.map_err(|e| failed(&e))?;
+    let mut all = Vec::new();
+    while let Some(entry) = entries.next().await {
+        all.push(entry.map_err(|e| failed(&e))?);
+    }
+    let numbers = number_history(all.iter().map(|e| recorded_number(&e.value)));
+    Ok(all.into_iter().zip(numbers).collect())
+}
+
+/// The revision number of `entry`, the bucket's entry for `key`: the number it carries, or
+/// (for an entry written before jobs were numbered) the one its place in the key's history
+/// gives it — the only case that reads the history.
+pub async fn number_of(
+    bucket: &kv::Store,
+    key: &str,
+    entry: &kv::Entry,
+) -> Result<u64, HistoryError> {
+    if let Some(n) = recorded_number(&entry.value) {
+        return Ok(n);
+    }
+    let history = numbered_history(bucket, key).await?;
+    Ok(history
+        .iter()
+        .take_while(|(e, _)| e.revision <= entry.revision)
+        .last()
+        .map_or(1, |(_, n)| *n))
 }
 
 /// The shared job table.
@@ -177,6 +256,12 @@ impl JobTable {
             .collect()
     }
 
+    /// The newest bucket revision the watch has applied: every change up to it is in the
+    /// table, and its key was sent on the watch's change channel before this says so.
+    pub fn seen(&self) -> u64 {
+        *self.seen.borrow()
+    }
+
     /// Records that the watch applied bucket revision `revision`.
     pub fn note_seen(&self, revision: u64) {
         self.seen.send_if_modified(|seen| {
@@ -297,13 +382,14 @@ fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
     Ok(stored)
 }
 
-/// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`.
-/// `ready` turns true once the bucket's current content is loaded.
+/// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`
+/// with the bucket revision that changed it, in bucket order. `ready` turns true once the
+/// bucket's current content is loaded.
 pub async fn watch_jobs(
     js: async_nats::jetstream::Context,
     bucket: kv::Store,
     table: Arc<JobTable>,
-    changes: mpsc::UnboundedSender<String>,
+    changes: mpsc::UnboundedSender<(String, u64)>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
@@ -359,13 +445,23 @@ pub async fn watch_jobs(
             let key = entry.key.clone();
             let changed = match entry.operation {
                 kv::Operation::Put => match parse_stored(&entry.value) {
-                    Ok(stored) => table.upsert(
-                        key.clone(),
-                        JobEntry {
-                            stored,
-                            revision: entry.revision,
-                        },
-                    ),
+                    Ok(stored) => {
+                        let version = match stored.version {
+                            0 => number_of(&bucket, &key, &entry).await.unwrap_or_else(|e| {
+                                tracing::warn!(error = %e, "numbering a definition by the one before it");
+                                table.get(&key).map_or(1, |e| e.version + 1)
+                            }),
+                            n => n,
+                        };
+                        table.upsert(
+                            key.clone(),
+                            JobEntry {
+                                stored,
+                                revision: entry.revision,
+                                version,
+                            },
+                        )
+                    }
                     Err(reason) => {
                         tracing::error!(job = %key, revision = entry.revision, error = %reason, "ignoring a bad job definition in the jobs bucket (write definitions with `krest job apply`)");
                         let id = krest_schemas::names::parked_job_id(&key, entry.revision);
@@ -392,10 +488,12 @@ pub async fn watch_jobs(
                 },
                 kv::Operation::Delete | kv::Operation::Purge => table.remove(&key),
             };
-            table.note_seen(entry.revision);
+            // Sent before the table says it has seen the revision: whoever reads `seen()` and
+            // then drains the channel has every change up to it.
             if changed {
-                let _ = changes.send(key);
+                let _ = changes.send((key, entry.revision));
             }
+            table.note_seen(entry.revision);
             if entry.delta == 0 {
                 let _ = ready.send(true);
             }
@@ -406,6 +504,24 @@ pub async fn watch_jobs(
 #[cfg(test)]
 mod resolve_tests {
     use super::*;
+
+    #[test]
+    fn histories_are_numbered_per_job() {
+        assert_eq!(number_history([]), Vec::<u64>::new());
+        // Written before jobs were numbered: by place.
+        assert_eq!(number_history([None, None, None]), [1, 2, 3]);
+        // Numbered entries keep their number; a purge (no number) follows the one before.
+        assert_eq!(
+            number_history([Some(4), Some(5), None, Some(7)]),
+            [4, 5, 6, 7]
+        );
+        // Older entries numbered by place, then numbered ones continuing.
+        assert_eq!(number_history([None, None, Some(3)]), [1, 2, 3]);
+        assert_eq!(recorded_number(br#"{"version":3}"#), Some(3));
+        assert_eq!(recorded_number(br#"{"spec":{},"version":0}"#), None);
+        assert_eq!(recorded_number(b""), None);
+        assert_eq!(recorded_number(b"not json"), None);
+    }
 
     #[test]
     fn close_names_are_suggested() {

@@ -250,7 +250,7 @@ pub struct ApplyResult {
     pub job: String,
     /// Created, updated or unchanged.
     pub outcome: ApplyOutcome,
-    /// The job's revision after the apply.
+    /// The job's revision number after the apply (its own numbers: 1 for a new job).
     pub revision: u64,
 }
 
@@ -321,7 +321,8 @@ impl JobHistoryRequest {
 pub struct JobRequest {
     /// `group.name` or `name` (a deleted job's history needs `group.name`).
     pub job: String,
-    /// For `job.get`: an earlier revision instead of the current one.
+    /// For `job.get`: an earlier revision (its number, as `job.history` lists it) instead
+    /// of the current one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
 }
@@ -340,7 +341,8 @@ impl JobRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRevision {
-    /// Revision in the jobs bucket.
+    /// The revision's number among the job's own: 1 for its first definition, one more for
+    /// each change and for a deletion; a job applied again after its deletion continues.
     pub revision: u64,
     /// When it was written (server time).
     pub written_at: DateTime<Utc>,
@@ -359,7 +361,8 @@ pub struct JobView {
     pub key: String,
     /// The definition (normalized).
     pub spec: JobSpec,
-    /// Revision in the jobs bucket.
+    /// The definition's revision number among the job's own (as `job.history` lists them);
+    /// in the reply of `job.delete`, the deletion's.
     pub revision: u64,
     /// When first applied.
     pub created_at: DateTime<Utc>,
@@ -531,7 +534,8 @@ pub struct RunSummary {
     /// The scheduler node that dispatched it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// Revision of the job definition it ran with.
+    /// Revision number of the job definition it ran with (the job's own numbers; runs
+    /// recorded before jobs were numbered carry the jobs bucket's revision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
     /// For CHILD runs: the parent job's run that triggered it.

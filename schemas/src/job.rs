@@ -1126,6 +1126,27 @@ pub struct StoredJob {
     /// When this revision was applied (a pause or resume is a revision too). Fires before it
     /// are never caught up.
     pub updated_at: DateTime<Utc>,
+    /// The job's own revision number: 1 for its first definition, one more for each change,
+    /// and a definition applied after a deletion continues after the deletion's number
+    /// ([`DeletedJob`]). The jobs bucket's revision (shared by all jobs) is only used to
+    /// check writes. 0 (absent) in definitions written before jobs were numbered: their
+    /// number is then their place in the key's history.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The body of a job's deletion marker in the jobs bucket (a `KV-Operation: DEL` message):
+/// the number the deletion takes in the job's revisions, so a job applied again continues
+/// after it without reading the key's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletedJob {
+    /// The deletion's revision number (the deleted definition's plus one).
+    pub version: u64,
 }
 
 #[cfg(test)]

@@ -47,13 +47,13 @@ pub mod web;
 pub use backoff::Backoff;
 pub use cron::{CronError, CronSchedule};
 pub use job::{
-    parse_job, Alert, AlertOn, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
+    parse_job, Alert, AlertOn, DeletedJob, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
     MisfirePolicy, OverlapPolicy, Problem, Retention, RetryBackoff, StoredJob,
 };
 pub use messages::{
-    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, HttpCall, JobState,
-    LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage, RunRef,
-    ShardInfo, Skipped, Started, Trigger, WorkerInfo,
+    AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, FireWatermark, HttpCall,
+    JobState, LeaderLease, LogLevel, LogLine, NodeInfo, NodeRole, QueuedFire, RunEvent, RunMessage,
+    RunRef, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, parse_time_or_ago, Schedule};
 
@@ -69,6 +69,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
         ("job-spec.json", render(schemars::schema_for!(JobSpec))),
         ("stored-job.json", render(schemars::schema_for!(StoredJob))),
         (
+            "deleted-job.json",
+            render(schemars::schema_for!(DeletedJob)),
+        ),
+        (
             "run-message.json",
             render(schemars::schema_for!(RunMessage)),
         ),
@@ -83,6 +87,10 @@ pub fn json_schemas() -> Vec<(&'static str, String)> {
             render(schemars::schema_for!(LeaderLease)),
         ),
         ("job-state.json", render(schemars::schema_for!(JobState))),
+        (
+            "fire-watermark.json",
+            render(schemars::schema_for!(FireWatermark)),
+        ),
         (
             "api-reply.json",
             render(schemars::schema_for!(api::ApiReply)),

@@ -130,7 +130,8 @@ pub struct RunMessage {
     /// Seconds an attempt may run before the worker cancels it (TIMED_OUT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
-    /// Revision of the job definition the run was made from.
+    /// Revision number of the job definition the run was made from (the job's own numbers,
+    /// as `krest job history` shows them).
     pub revision: u64,
     /// Fencing epoch of the leader that dispatched it (the lease revision at its takeover);
     /// absent for runs a node dispatched without leading (manual and child runs).
@@ -260,7 +261,7 @@ pub struct Dispatched {
     /// For CHILD runs: the parent job's run that triggered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
-    /// Revision of the job definition.
+    /// Revision number of the job definition (the job's own numbers).
     pub revision: u64,
     /// The scheduler node that published it.
     pub node: String,
@@ -386,7 +387,7 @@ pub struct Skipped {
     /// Further missed fire times this entry stands for.
     #[serde(default)]
     pub misfired: u32,
-    /// Revision of the job definition.
+    /// Revision number of the job definition (the job's own numbers).
     pub revision: u64,
     /// The scheduler node that decided.
     pub node: String,
@@ -613,8 +614,10 @@ pub struct LeaderLease {
     pub renewed_at: DateTime<Utc>,
 }
 
-/// Per-job scheduling state (`krest-state` key `<group>.<name>`), written by the leader after
-/// a fire's messages are stored.
+/// Per-job scheduling state (`krest-state` key `<group>.<name>`), written by the leader when
+/// the fire a job holds queued (overlap policy QUEUE_ONE) changes; the progress of ordinary
+/// fires is the [`FireWatermark`]. (Earlier versions wrote it after every fire; a new leader
+/// still reads it.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobState {
@@ -627,6 +630,25 @@ pub struct JobState {
     /// leader restores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<QueuedFire>,
+}
+
+/// How far the leader's schedule as a whole has been handed over (`krest-state` key
+/// [`crate::names::STATE_WATERMARK_KEY`]), written once per round of fires after their messages
+/// are stored — instead of one [`JobState`] per fire. It claims that every scheduled fire due at
+/// or before `through`, of every job whose jobs-bucket revision is at most `jobs_revision`, has
+/// been handed over; a new leader starts each such job after it (jobs changed later fall back
+/// to their own [`JobState`] and last apply time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FireWatermark {
+    /// Every fire due at or before this instant is handed over.
+    pub through: DateTime<Utc>,
+    /// The newest jobs-bucket revision the writing leader had applied to its schedule.
+    pub jobs_revision: u64,
+    /// The writing leader's epoch.
+    pub epoch: u64,
+    /// The writing node.
+    pub node: String,
 }
 
 /// A fire waiting behind the previous run of its job (overlap policy QUEUE_ONE).

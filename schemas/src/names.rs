@@ -46,6 +46,9 @@ pub const LEADER_KEY: &str = "leader";
 pub const JOBS_BUCKET: &str = "krest-jobs";
 /// KV bucket of per-job scheduling state (last fire time), keyed by [`job_key`].
 pub const STATE_BUCKET: &str = "krest-state";
+/// Key of the leader's [`crate::FireWatermark`] in [`STATE_BUCKET`] (job keys always hold a
+/// dot, so it cannot be one).
+pub const STATE_WATERMARK_KEY: &str = "watermark";
 /// KV bucket of worker heartbeats (max age = heartbeat TTL), keyed by [`worker_key`].
 pub const WORKERS_BUCKET: &str = "krest-workers";
 /// KV bucket of "done once" markers (max age 7 days): a node that creates a key first does the

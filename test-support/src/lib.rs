@@ -224,6 +224,11 @@ impl NatsServer {
         }
     }
 
+    /// The server's OS process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -372,6 +377,45 @@ impl Drop for Proc {
                 tail(&self.output(), 200)
             );
         }
+    }
+}
+
+/// CPU time and memory of a running process, read from `/proc` (Linux).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcStats {
+    /// User plus system CPU time so far, in seconds.
+    pub cpu_secs: f64,
+    /// Peak resident set size so far (`VmHWM`), in bytes.
+    pub peak_rss: u64,
+    /// Resident set size now (`VmRSS`), in bytes.
+    pub rss: u64,
+}
+
+impl ProcStats {
+    /// Reads the stats of process `pid`; `None` if it is gone or `/proc` is unreadable.
+    pub fn of(pid: u32) -> Option<ProcStats> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may contain spaces) start after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the full line: 11 and 12 here (0-based).
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |key: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Some(ProcStats {
+            // The kernel's USER_HZ is 100 on every Linux this runs on.
+            cpu_secs: ticks / 100.0,
+            peak_rss: kib("VmHWM:") * 1024,
+            rss: kib("VmRSS:") * 1024,
+        })
     }
 }
 

@@ -20,12 +20,14 @@ use crate::context::{HandlerFn, HandlerFuture, JobContext, JobError};
 use crate::decide::{decide, Decision, Ending, Facts, Reply};
 use crate::error::{Error, PublishKind};
 use crate::events::{store, EventSink};
+use crate::markers::{Lookup, Markers};
 
 /// What every attempt on this worker shares.
 pub(crate) struct Shared {
     pub(crate) js: jetstream::Context,
     pub(crate) cancels: jetstream::kv::Store,
     pub(crate) cancellable: Cancellable,
+    pub(crate) markers: Arc<Markers>,
     pub(crate) app: String,
     pub(crate) instance: String,
     pub(crate) handlers: BTreeMap<String, HandlerFn>,
@@ -36,12 +38,21 @@ pub(crate) struct Shared {
 }
 
 /// Runs executing here that a cancellation can reach: run id → the shards being executed
-/// (registration id, token) and the reason once cancelled.
+/// (registration id, token) and the reason once cancelled. A cancellation of a run not
+/// executing here is remembered for a while ([`EARLY_KEPT`], at most [`EARLY_MAX`] of them): its
+/// run may arrive an instant later, before the marker mirror has seen the marker.
 #[derive(Default)]
 pub(crate) struct Cancellable {
     next: AtomicU64,
     runs: Mutex<CancelMap>,
+    early: Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
 }
+
+/// How long a cancellation of a run not executing here is remembered.
+const EARLY_KEPT: Duration = Duration::from_secs(60);
+
+/// Most cancellations of runs not executing here remembered at once.
+const EARLY_MAX: usize = 10_000;
 
 type CancelMap = std::collections::HashMap<String, (Vec<(u64, CancellationToken)>, Option<String>)>;
 
@@ -69,7 +80,8 @@ impl Cancellable {
         }
     }
 
-    /// Cancels every shard of `run_id` executing here.
+    /// Cancels every shard of `run_id` executing here; remembers the cancellation of a run
+    /// that is not.
     pub(crate) fn cancel(&self, run_id: &str, reason: &str) {
         if let Ok(mut runs) = self.runs.lock() {
             if let Some((tokens, why)) = runs.get_mut(run_id) {
@@ -77,8 +89,25 @@ impl Cancellable {
                 for (_, t) in tokens.iter() {
                     t.cancel();
                 }
+                return;
             }
         }
+        if let Ok(mut early) = self.early.lock() {
+            let now = std::time::Instant::now();
+            early.retain(|_, (_, at)| now.duration_since(*at) < EARLY_KEPT);
+            if early.len() < EARLY_MAX {
+                early.insert(run_id.to_string(), (reason.to_string(), now));
+            }
+        }
+    }
+
+    /// The reason of a recent cancellation of `run_id` received before it arrived here.
+    fn cancelled_early(&self, run_id: &str) -> Option<String> {
+        let early = self.early.lock().ok()?;
+        early
+            .get(run_id)
+            .filter(|(_, at)| at.elapsed() < EARLY_KEPT)
+            .map(|(reason, _)| reason.clone())
     }
 
     fn reason(&self, run_id: &str) -> Option<String> {
@@ -224,10 +253,15 @@ async fn attempt_run(
     let run_id = &run.run.run_id;
     // Register before checking the marker, so a cancellation arriving in between is not lost.
     let (registration, cancel_request) = shared.cancellable.register(run_id);
-    let ending = match (
-        cancel_marker(shared, run_id).await,
-        shared.handlers.get(&run.path),
-    ) {
+    let marker = match shared.cancellable.cancelled_early(run_id) {
+        Some(reason) => Some(reason),
+        None => match shared.markers.lookup(run_id) {
+            Lookup::Cancelled(reason) => Some(reason),
+            Lookup::None => None,
+            Lookup::Unknown => cancel_marker(shared, run_id).await,
+        },
+    };
+    let ending = match (marker, shared.handlers.get(&run.path)) {
         (Some(reason), _) => Ending::Cancelled(reason),
         (None, None) => Ending::Done(Err(JobError::new(format!(
             "no handler `{}` on worker {}/{} (it has: {})",

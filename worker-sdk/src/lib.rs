@@ -97,6 +97,7 @@ mod events;
 pub mod http;
 #[cfg(feature = "logging")]
 pub mod logging;
+mod markers;
 pub mod nats;
 #[cfg(feature = "cli")]
 pub mod nats_args;

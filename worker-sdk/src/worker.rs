@@ -194,10 +194,18 @@ impl Worker {
         };
         let (events, publisher) = spawn_publisher(js.clone());
         let mut publisher = AbortOnDrop(Some(publisher));
+        let markers = Arc::new(crate::markers::Markers::default());
+        let _mirror = AbortOnDrop(Some(tokio::spawn(crate::markers::mirror(
+            js.clone(),
+            cancels.clone(),
+            markers.clone(),
+            stop.child_token(),
+        ))));
         let shared = Arc::new(Shared {
             js: js.clone(),
             cancels,
             cancellable: Cancellable::default(),
+            markers,
             app: cfg.app.clone(),
             instance: self.instance.clone(),
             handlers: cfg.handlers.clone(),

@@ -9,10 +9,12 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::names::{
     self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
-    SCHEDULER_TOKEN_HEADER, STATE_BUCKET,
+    SCHEDULER_TOKEN_HEADER, STATE_BUCKET, STATE_WATERMARK_KEY,
 };
 use krest_schemas::trace::{dispatch_traceparent, TRACEPARENT};
-use krest_schemas::{Dispatched, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger};
+use krest_schemas::{
+    Dispatched, FireWatermark, JobState, RunEvent, RunMessage, ShardInfo, Skipped, Trigger,
+};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -152,6 +154,59 @@ fn count(fires: &[Fire], results: &[Result<(), PublishError>]) {
     }
 }
 
+/// A waiting ack: the fire it belongs to, and whether the message was stored.
+type Acked =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (usize, Result<(), String>)> + Send>>;
+
+/// One pipelined publish of a list of fires: what each fire's messages came to.
+struct Round<'a> {
+    js: &'a jetstream::Context,
+    fires: &'a [Fire],
+    results: Vec<Result<(), PublishError>>,
+    inflight: FuturesUnordered<Acked>,
+}
+
+impl Round<'_> {
+    fn fail(&mut self, i: usize, message: String) {
+        if self.results[i].is_ok() {
+            self.results[i] = Err(PublishError {
+                run_id: self.fires[i].run_id.clone(),
+                message,
+            });
+        }
+    }
+
+    /// Sends one message of fire `i`, keeping at most [`MAX_INFLIGHT`] acks waiting (the
+    /// context holds a permit per waiting ack, and acks must be consumed for permits to come
+    /// back). A fire with a failed message is published again whole: the rest of it is skipped.
+    async fn send(&mut self, i: usize, (subject, message): (String, PublishMessage)) {
+        while self.inflight.len() >= MAX_INFLIGHT {
+            if let Some((j, Err(e))) = self.inflight.next().await {
+                self.fail(j, e);
+            }
+        }
+        if self.results[i].is_err() {
+            return;
+        }
+        match self.js.send_publish(subject, message).await {
+            Ok(ack) => self.inflight.push(Box::pin(async move {
+                (i, ack.await.map(|_| ()).map_err(|e| e.to_string()))
+            })),
+            Err(e) => self.fail(i, e.to_string()),
+        }
+    }
+
+    /// Awaits every ack; the result of each fire.
+    async fn finish(mut self) -> Vec<Result<(), PublishError>> {
+        while let Some((j, r)) = self.inflight.next().await {
+            if let Err(e) = r {
+                self.fail(j, e);
+            }
+        }
+        self.results
+    }
+}
+
 impl Publisher {
     /// A publisher stamping `node` on dispatched events.
     pub fn new(
@@ -162,55 +217,51 @@ impl Publisher {
         Publisher { js, node, key }
     }
 
-    /// Publishes every fire (its `dispatched` event first, then one message per shard), sending
-    /// all before awaiting any ack. Returns, per fire, whether all its messages were stored.
+    /// The node it stamps on what it publishes.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Publishes every fire (one message per shard, and its `dispatched` event), sending all
+    /// before awaiting any ack: the work messages of every fire first, so the last run of a
+    /// large round reaches its worker after as few messages as possible, then the events.
+    /// Returns, per fire, whether all its messages were stored.
     pub async fn publish(&self, fires: &[Fire]) -> Vec<Result<(), PublishError>> {
         let now = Utc::now();
-        let mut results: Vec<Result<(), PublishError>> = fires.iter().map(|_| Ok(())).collect();
-        let mut inflight = FuturesUnordered::new();
-        let fail = |results: &mut Vec<Result<(), PublishError>>, i: usize, message: String| {
-            if results[i].is_ok() {
-                results[i] = Err(PublishError {
-                    run_id: fires[i].run_id.clone(),
-                    message,
-                });
-            }
+        let mut round = Round {
+            js: &self.js,
+            fires,
+            results: fires.iter().map(|_| Ok(())).collect(),
+            inflight: FuturesUnordered::new(),
         };
+        // Each fire's work messages are sent as soon as they are built (the first leave before
+        // the last fire is built); its event waits until every work message is sent.
+        let mut events = Vec::with_capacity(fires.len());
         for (i, fire) in fires.iter().enumerate() {
-            let msgs = match self.messages(fire, now) {
-                Ok(msgs) => msgs,
+            let mut msgs = match self.messages(fire, now) {
+                Ok(msgs) => msgs.into_iter(),
                 Err(message) => {
-                    fail(&mut results, i, message);
+                    round.fail(i, message);
                     continue;
                 }
             };
-            for (subject, message) in msgs {
-                // Keep a bounded window of unacknowledged publishes: the context holds a permit
-                // per pending ack, and acks must be consumed for permits to come back.
-                while inflight.len() >= MAX_INFLIGHT {
-                    if let Some((j, Err(e))) = inflight.next().await {
-                        fail(&mut results, j, e);
-                    }
-                }
-                match self.js.send_publish(subject, message).await {
-                    Ok(ack) => inflight
-                        .push(async move { (i, ack.await.map(|_| ()).map_err(|e| e.to_string())) }),
-                    Err(e) => {
-                        fail(&mut results, i, e.to_string());
-                        break;
-                    }
-                }
+            if let Some(event) = msgs.next() {
+                events.push((i, event));
+            }
+            for msg in msgs {
+                round.send(i, msg).await;
             }
         }
-        while let Some((j, r)) = inflight.next().await {
-            if let Err(e) = r {
-                fail(&mut results, j, e);
-            }
+        for (i, event) in events {
+            round.send(i, event).await;
         }
+        let results = round.finish().await;
         count(fires, &results);
         results
     }
 
+    /// The fire's messages: its event (`dispatched` or `skipped`) first, then its work
+    /// messages.
     fn messages(
         &self,
         fire: &Fire,
@@ -242,7 +293,7 @@ impl Publisher {
                 at: now,
                 reason: reason.clone(),
                 misfired: fire.misfired,
-                revision: fire.job.revision,
+                revision: fire.job.version,
                 node: self.node.clone(),
                 epoch: fire.epoch,
             });
@@ -266,7 +317,7 @@ impl Publisher {
             args: fire.args.clone(),
             misfired: fire.misfired,
             parent_run_id: fire.parent_run_id.clone(),
-            revision: fire.job.revision,
+            revision: fire.job.version,
             node: self.node.clone(),
             epoch: fire.epoch,
         });
@@ -316,7 +367,7 @@ impl Publisher {
                         factor,
                         max_ms,
                     }),
-                revision: fire.job.revision,
+                revision: fire.job.version,
                 epoch: fire.epoch,
                 delivery_token: self.key.token(&fire.run_id, index),
             };
@@ -336,13 +387,26 @@ impl Publisher {
         Ok(out)
     }
 
-    /// Writes job states into the state bucket, pipelined. Only the leader calls it, for fires
-    /// whose messages are stored (or that it holds queued).
-    pub async fn write_states(&self, states: &[(&str, &JobState)]) -> Result<(), String> {
+    /// Writes job states and the fire watermark into the state bucket, pipelined. Only the
+    /// leader calls it, for fires whose messages are stored (or that it holds queued).
+    pub async fn write_states(
+        &self,
+        states: &[(&str, &JobState)],
+        watermark: Option<&FireWatermark>,
+    ) -> Result<(), String> {
         let mut inflight = FuturesUnordered::new();
         let mut first_error = None;
+        let mut values = Vec::with_capacity(states.len() + 1);
         for (key, state) in states {
-            let payload = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+            values.push((*key, serde_json::to_vec(state).map_err(|e| e.to_string())?));
+        }
+        if let Some(w) = watermark {
+            values.push((
+                STATE_WATERMARK_KEY,
+                serde_json::to_vec(w).map_err(|e| e.to_string())?,
+            ));
+        }
+        for (key, payload) in values {
             while inflight.len() >= MAX_INFLIGHT {
                 if let Some(Err(e)) = inflight.next().await {
                     first_error.get_or_insert(e);

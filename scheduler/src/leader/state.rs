@@ -3,8 +3,10 @@
 //! while the lease is valid, and drops it when leadership ends, so nothing of one leadership
 //! survives into the next:
 //!
-//! - the cron heap ([`Schedules`]), from the job table (the jobs bucket) and each job's state
-//!   (`krest-state`: the last fire handed over);
+//! - the cron heap ([`Schedules`]), from the job table (the jobs bucket), the fire watermark
+//!   (`krest-state` key `watermark`: how far the previous leader handed every fire over) and
+//!   each job's own state (`krest-state`: the last fire handed over, as earlier versions wrote
+//!   it after every fire);
 //! - fires held by the QUEUE_ONE overlap policy, restored from `krest-state` (a queued fire is
 //!   written there when it is queued, so it survives failover);
 //! - fires to publish again after a failed publish;
@@ -21,7 +23,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use krest_schemas::{JobState, OverlapPolicy, QueuedFire, Trigger};
+use krest_schemas::{FireWatermark, JobState, OverlapPolicy, QueuedFire, Trigger};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +61,7 @@ enum Ended {
 /// The engine task: idle while standby; while leader, runs a [`Leader`].
 pub struct Engine {
     table: Arc<JobTable>,
-    changes: mpsc::UnboundedReceiver<String>,
+    changes: mpsc::UnboundedReceiver<(String, u64)>,
     leadership: Leadership,
     deps: EngineDeps,
     outstanding: Outstanding,
@@ -70,7 +72,7 @@ impl Engine {
     /// Assembles an engine.
     pub fn new(
         table: Arc<JobTable>,
-        changes: mpsc::UnboundedReceiver<String>,
+        changes: mpsc::UnboundedReceiver<(String, u64)>,
         leadership: Leadership,
         deps: EngineDeps,
         cfg: EngineConfig,
@@ -129,6 +131,9 @@ struct Leader {
     /// Per job, the last fire handed over and the fire it holds queued (as written to
     /// `krest-state`).
     states: HashMap<String, JobState>,
+    /// The newest jobs-bucket revision whose change the schedule has applied (every earlier
+    /// one is applied too): what the fire watermark claims.
+    jobs_revision: u64,
     /// Fires whose publish failed, to publish again.
     retry: Vec<Fire>,
     /// Fires held by QUEUE_ONE, one per job.
@@ -154,9 +159,8 @@ impl Leader {
         stop: &CancellationToken,
     ) -> Result<Leader, Ended> {
         let took_over_at = Utc::now();
-        while engine.changes.try_recv().is_ok() {}
         let mut failures = 0u32;
-        let states = loop {
+        let (states, watermark) = loop {
             // Bounded: a watch on a clustered stream that is changing leader can stall.
             let loaded = tokio::time::timeout(
                 Duration::from_secs(15),
@@ -178,11 +182,16 @@ impl Leader {
                 }
             }
         };
+        // Every change up to `jobs_revision` was sent on the channel before the table said it
+        // had seen it, so draining the channel and then reading the table applies all of them.
+        let jobs_revision = engine.table.seen();
+        while engine.changes.try_recv().is_ok() {}
         let mut schedules = Schedules::default();
         let mut queued = HashMap::new();
         for (key, entry) in engine.table.all() {
             let state = states.get(&key);
-            schedules.set(&key, Some(entry.clone()), state.map(|s| s.last_fire_at));
+            let floor = anchor_floor(state, watermark.as_ref(), entry.revision);
+            schedules.set(&key, Some(entry.clone()), floor);
             if let Some(q) = state.and_then(|s| s.queued.as_ref()) {
                 if entry.stored.spec.running {
                     let mut fire = Fire::scheduled(entry, q.scheduled_at, q.trigger, q.misfired);
@@ -212,6 +221,7 @@ impl Leader {
             took_over_at,
             schedules,
             states,
+            jobs_revision,
             retry: Vec::new(),
             queued,
             balancer,
@@ -248,7 +258,8 @@ impl Leader {
                         return ended;
                     }
                 }
-                Some(key) = engine.changes.recv() => {
+                Some((key, revision)) = engine.changes.recv() => {
+                    self.jobs_revision = self.jobs_revision.max(revision);
                     let entry = engine.table.get(&key);
                     if !entry.as_ref().is_some_and(|e| e.stored.spec.running) {
                         // Deleted or paused: what it held queued is dropped with it.
@@ -291,8 +302,10 @@ impl Leader {
         let busy: HashSet<String> = released.iter().map(Fire::key).collect();
         fires.extend(released);
         let mut due = Vec::new();
+        let now = Utc::now();
+        let jobs_revision = self.jobs_revision;
         self.schedules.pop_due(
-            Utc::now(),
+            now,
             engine.cfg.misfire_threshold,
             self.took_over_at,
             &mut due,
@@ -330,12 +343,27 @@ impl Leader {
         }
         let published = self.dispatch(engine, fires).await?;
         changed.extend(published);
-        self.write_states(engine, &changed).await;
+        // Every scheduled fire due by `now` is handed over, except those to publish again.
+        let through = self
+            .retry
+            .iter()
+            .filter(|f| f.trigger != Trigger::Manual)
+            .map(|f| f.scheduled_at - chrono::Duration::milliseconds(1))
+            .min()
+            .map_or(now, |t| t.min(now));
+        let watermark = FireWatermark {
+            through,
+            jobs_revision,
+            epoch: self.epoch,
+            node: engine.deps.publisher.node().to_string(),
+        };
+        self.write_states(engine, &changed, Some(&watermark)).await;
         Ok(())
     }
 
-    /// Notes `fire` as handed over in its job's state.
-    fn handed(&mut self, fire: &Fire) {
+    /// Notes `fire` as handed over in its job's state; returns whether the job's queued fire
+    /// changed (only then is the state written: ordinary progress is the watermark's).
+    fn handed(&mut self, fire: &Fire) -> bool {
         let key = fire.key();
         let queued = self.queued.get(&key).map(|q| QueuedFire {
             run_id: q.run_id.clone(),
@@ -352,11 +380,13 @@ impl Leader {
             state.last_fire_at = fire.scheduled_at;
             state.last_run_id = fire.run_id.clone();
         }
+        let changed = state.queued != queued;
         state.queued = queued;
+        changed
     }
 
     /// Publishes fires in batches; keeps those that failed for the next round. Returns the
-    /// keys of jobs whose state changed.
+    /// keys of jobs whose queued fire changed.
     async fn dispatch(&mut self, engine: &Engine, fires: Vec<Fire>) -> Result<Vec<String>, Ended> {
         let mut changed = Vec::new();
         for chunk in fires.chunks(engine.cfg.batch_size.max(1)) {
@@ -369,8 +399,9 @@ impl Leader {
                 match result {
                     Ok(()) => {
                         tracing::debug!(run = %fire.run_id, trigger = fire.trigger.as_str(), "dispatched");
-                        self.handed(fire);
-                        changed.push(fire.key());
+                        if self.handed(fire) {
+                            changed.push(fire.key());
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "will retry");
@@ -382,14 +413,19 @@ impl Leader {
         Ok(changed)
     }
 
-    /// Writes the states of `keys` (pipelined). A failure is logged: the runs are stored, and
-    /// a later leader that re-publishes them is de-duplicated by JetStream.
-    async fn write_states(&self, engine: &Engine, keys: &BTreeSet<String>) {
+    /// Writes the states of `keys` and the watermark (pipelined). A failure is logged: the runs
+    /// are stored, and a later leader that re-publishes them is de-duplicated by JetStream.
+    async fn write_states(
+        &self,
+        engine: &Engine,
+        keys: &BTreeSet<String>,
+        watermark: Option<&FireWatermark>,
+    ) {
         let states: Vec<(&str, &JobState)> = keys
             .iter()
             .filter_map(|k| self.states.get(k).map(|s| (k.as_str(), s)))
             .collect();
-        if let Err(e) = engine.deps.publisher.write_states(&states).await {
+        if let Err(e) = engine.deps.publisher.write_states(&states, watermark).await {
             tracing::warn!(error = %e, "could not record job state");
         }
     }
@@ -399,7 +435,7 @@ impl Leader {
         if let Some(state) = self.states.get_mut(key) {
             state.queued = None;
             let keys = BTreeSet::from([key.to_string()]);
-            self.write_states(engine, &keys).await;
+            self.write_states(engine, &keys, None).await;
         }
     }
 
@@ -533,19 +569,34 @@ impl Leader {
     }
 }
 
-/// Reads every job's state.
+/// Where a new leader starts a job's schedule (besides the job's last apply time): after the
+/// job's own last fire, and after the watermark if the watermark's writer had the job's
+/// current definition.
+fn anchor_floor(
+    state: Option<&JobState>,
+    watermark: Option<&FireWatermark>,
+    job_revision: u64,
+) -> Option<DateTime<Utc>> {
+    let by_watermark = watermark
+        .filter(|w| job_revision <= w.jobs_revision)
+        .map(|w| w.through);
+    state.map(|s| s.last_fire_at).max(by_watermark)
+}
+
+/// Reads every job's state and the fire watermark.
 async fn load_states(
     js: &async_nats::jetstream::Context,
     state: &kv::Store,
-) -> Result<HashMap<String, JobState>, String> {
+) -> Result<(HashMap<String, JobState>, Option<FireWatermark>), String> {
     let mut out = HashMap::new();
+    let mut watermark = None;
     // An empty bucket's watch would wait forever for a first entry.
     if crate::infra::bucket_state(js, krest_schemas::names::STATE_BUCKET)
         .await?
         .messages
         == 0
     {
-        return Ok(out);
+        return Ok((out, watermark));
     }
     let mut watch = state
         .watch_with_history(">")
@@ -553,7 +604,14 @@ async fn load_states(
         .map_err(|e| e.to_string())?;
     while let Some(entry) = watch.next().await {
         let entry = entry.map_err(|e| e.to_string())?;
-        if entry.operation == kv::Operation::Put {
+        if entry.operation == kv::Operation::Put
+            && entry.key == krest_schemas::names::STATE_WATERMARK_KEY
+        {
+            match serde_json::from_slice::<FireWatermark>(&entry.value) {
+                Ok(w) => watermark = Some(w),
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed fire watermark"),
+            }
+        } else if entry.operation == kv::Operation::Put {
             match serde_json::from_slice::<JobState>(&entry.value) {
                 Ok(s) => {
                     out.insert(entry.key.clone(), s);
@@ -567,5 +625,55 @@ async fn load_states(
             break;
         }
     }
-    Ok(out)
+    Ok((out, watermark))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn state(at: &str) -> JobState {
+        JobState {
+            last_fire_at: t(at),
+            last_run_id: "g.j.1".into(),
+            queued: None,
+        }
+    }
+
+    fn watermark(through: &str, jobs_revision: u64) -> FireWatermark {
+        FireWatermark {
+            through: t(through),
+            jobs_revision,
+            epoch: 1,
+            node: "n1".into(),
+        }
+    }
+
+    #[test]
+    fn the_watermark_covers_only_jobs_its_writer_had() {
+        let w = watermark("2026-01-01T00:10:00Z", 50);
+        // The writer had this definition: its fires up to the watermark are handed over.
+        assert_eq!(
+            anchor_floor(None, Some(&w), 50),
+            Some(t("2026-01-01T00:10:00Z"))
+        );
+        // Changed after the writer's last applied revision: the watermark says nothing of it.
+        assert_eq!(anchor_floor(None, Some(&w), 51), None);
+        let s = state("2026-01-01T00:05:00Z");
+        assert_eq!(
+            anchor_floor(Some(&s), Some(&w), 51),
+            Some(t("2026-01-01T00:05:00Z"))
+        );
+        // The later of the two wins.
+        let s = state("2026-01-01T00:11:00Z");
+        assert_eq!(
+            anchor_floor(Some(&s), Some(&w), 10),
+            Some(t("2026-01-01T00:11:00Z"))
+        );
+        assert_eq!(anchor_floor(None, None, 10), None);
+    }
 }

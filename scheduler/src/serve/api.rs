@@ -350,34 +350,41 @@ impl ApiServer {
             let existing = current
                 .as_ref()
                 .filter(|e| e.operation == kv::Operation::Put)
-                .and_then(|e| {
-                    serde_json::from_slice::<StoredJob>(&e.value)
-                        .ok()
-                        .map(|s| (s, e.revision))
-                });
-            let spec = next(existing.as_ref().map(|(s, _)| s))?;
-            if let Some((stored, revision)) = &existing {
+                .and_then(|e| serde_json::from_slice::<StoredJob>(&e.value).ok());
+            let spec = next(existing.as_ref())?;
+            // The number of what is there now — a definition or a deletion marker — so the
+            // new definition takes the next one (a job applied again after its deletion
+            // continues its numbers).
+            let number = match &current {
+                Some(entry) => crate::jobs::number_of(&self.infra.jobs, key, entry)
+                    .await
+                    .map_err(Failure::internal)?,
+                None => 0,
+            };
+            if let Some(stored) = &existing {
                 if stored.spec == spec {
                     return Ok(ApplyResult {
                         job: key.to_string(),
                         outcome: ApplyOutcome::Unchanged,
-                        revision: *revision,
+                        revision: number,
                     });
                 }
             }
             let created_at = existing
                 .as_ref()
-                .map(|(s, _)| s.created_at)
+                .map(|s| s.created_at)
                 .or_else(|| {
                     spec.create_time
                         .as_deref()
                         .and_then(krest_schemas::job::parse_create_time)
                 })
                 .unwrap_or(now);
+            let version = number + 1;
             let stored = StoredJob {
                 spec,
                 created_at,
                 updated_at: now,
+                version,
             };
             let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
             let written = match &current {
@@ -404,11 +411,11 @@ impl ApiServer {
                     } else {
                         ApplyOutcome::Created
                     };
-                    tracing::info!(job = %key, revision, ?outcome, "job written");
+                    tracing::info!(job = %key, revision = version, ?outcome, "job written");
                     return Ok(ApplyResult {
                         job: key.to_string(),
                         outcome,
-                        revision,
+                        revision: version,
                     });
                 }
                 Err(e) => tracing::debug!(job = %key, error = %e, "concurrent write; retrying"),
@@ -442,7 +449,7 @@ impl ApiServer {
         }
     }
 
-    /// `job.history`: revisions newest first, from the cursor's revision down.
+    /// `job.history`: revisions newest first, from the cursor's revision number down.
     async fn history(&self, req: JobHistoryRequest) -> Answer {
         let limit = req.limit.unwrap_or(64).clamp(1, MAX_PAGE) as usize;
         let start = match req.cursor.as_deref() {
@@ -450,21 +457,14 @@ impl ApiServer {
             Some(c) => c.parse::<u64>().map_err(|_| Failure::cursor(c))?,
         };
         let key = self.resolve_any(&req.job).await?;
-        let mut entries = self
-            .infra
-            .jobs
-            .history(&key)
+        let all = crate::jobs::numbered_history(&self.infra.jobs, &key)
             .await
             .map_err(Failure::internal)?;
-        let mut all = Vec::new();
-        while let Some(entry) = entries.next().await {
-            all.push(entry.map_err(Failure::internal)?);
-        }
         if all.is_empty() {
             return Err(ResolveError::NotFound(req.job.clone()).into());
         }
         let mut page = PageBuilder::new(limit, self.max_payload());
-        for entry in all.into_iter().rev().filter(|e| e.revision <= start) {
+        for (entry, number) in all.into_iter().rev().filter(|(_, n)| *n <= start) {
             let (operation, spec) = match entry.operation {
                 kv::Operation::Put => (
                     "PUT",
@@ -476,7 +476,7 @@ impl ApiServer {
                 kv::Operation::Purge => ("PURGE", None),
             };
             let revision = JobRevision {
-                revision: entry.revision,
+                revision: number,
                 written_at: chrono::DateTime::from_timestamp(
                     entry.created.unix_timestamp(),
                     entry.created.nanosecond(),
@@ -487,13 +487,8 @@ impl ApiServer {
             };
             let pushed = page.push(
                 &revision,
-                || entry.revision.to_string(),
-                || {
-                    (
-                        format!("revision {} of job {key}", entry.revision),
-                        String::new(),
-                    )
-                },
+                || number.to_string(),
+                || (format!("revision {number} of job {key}"), String::new()),
             )?;
             if !pushed {
                 break;
@@ -502,15 +497,15 @@ impl ApiServer {
         Ok(page.finish())
     }
 
+    /// `job.get` with a revision number: that definition, found in the key's history.
     async fn revision(&self, name: &str, revision: u64) -> Result<JobView, Failure> {
         let key = self.resolve_any(name).await?;
-        let entry = self
-            .infra
-            .jobs
-            .entry_for_revision(&key, revision)
+        let (entry, version) = crate::jobs::numbered_history(&self.infra.jobs, &key)
             .await
             .map_err(Failure::internal)?
-            .filter(|e| e.operation == kv::Operation::Put)
+            .into_iter()
+            .rev()
+            .find(|(e, n)| *n == revision && e.operation == kv::Operation::Put)
             .ok_or_else(|| {
                 Failure::new(
                     ErrorCode::NotFound,
@@ -521,7 +516,14 @@ impl ApiServer {
                 )
             })?;
         let stored: StoredJob = serde_json::from_slice(&entry.value).map_err(Failure::internal)?;
-        let mut v = view(&key, &JobEntry { stored, revision });
+        let mut v = view(
+            &key,
+            &JobEntry {
+                stored,
+                revision: entry.revision,
+                version,
+            },
+        );
         v.next_fire_at = None;
         Ok(v)
     }
@@ -585,23 +587,100 @@ impl ApiServer {
         to_value(view(&key, &entry))
     }
 
+    /// `job.delete`: writes a deletion marker carrying the deletion's revision number
+    /// ([`krest_schemas::job::DeletedJob`]), checked against the definition's bucket revision
+    /// like any write, and answers the deleted definition's view with that number.
     async fn delete(&self, req: JobRequest) -> Answer {
         let key = self.resolve(&req.job).await?;
         let entry = self
             .table
             .get(&key)
             .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
-        self.infra
-            .jobs
-            .delete(&key)
-            .await
-            .map_err(Failure::internal)?;
+        let mut deleted = None;
+        // The marker last published, with the definition it replaced: a publish whose
+        // acknowledgement was lost may have been written all the same.
+        let mut tried: Option<(StoredJob, u64)> = None;
+        for _ in 0..5 {
+            let current = self
+                .infra
+                .jobs
+                .entry(key.as_str())
+                .await
+                .map_err(Failure::internal)?;
+            let current = match current {
+                Some(e) if e.operation == kv::Operation::Put => e,
+                Some(e)
+                    if e.operation == kv::Operation::Delete
+                        && tried.as_ref().is_some_and(|(_, n)| {
+                            Some(*n) == crate::jobs::recorded_number(&e.value)
+                        }) =>
+                {
+                    deleted = tried;
+                    break;
+                }
+                _ => return Err(ResolveError::NotFound(req.job.clone()).into()),
+            };
+            let number = crate::jobs::number_of(&self.infra.jobs, &key, &current)
+                .await
+                .map_err(Failure::internal)?;
+            let marker = krest_schemas::job::DeletedJob {
+                version: number + 1,
+            };
+            // What is deleted: the definition the marker replaces.
+            let stored = serde_json::from_slice::<StoredJob>(&current.value)
+                .unwrap_or_else(|_| entry.stored.clone());
+            tried = Some((stored, marker.version));
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("KV-Operation", "DEL");
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                current.revision.to_string().as_str(),
+            );
+            let body = Bytes::from(serde_json::to_vec(&marker).map_err(Failure::internal)?);
+            let written = match self
+                .infra
+                .js
+                .send_publish(
+                    format!("$KV.{}.{key}", krest_schemas::names::JOBS_BUCKET),
+                    async_nats::jetstream::message::PublishMessage::build()
+                        .payload(body)
+                        .headers(headers),
+                )
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match written {
+                Ok(()) => {
+                    deleted = tried;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(job = %key, error = %e, "concurrent write; retrying the delete")
+                }
+            }
+        }
+        let Some((stored, number)) = deleted else {
+            return Err(Failure::internal(format!(
+                "job {key} is being changed concurrently; try again"
+            )));
+        };
         self.table.wait_for(&key, None, READ_YOUR_WRITES).await;
         if let Err(e) = self.infra.state.purge(&key).await {
             tracing::warn!(job = %key, error = %e, "could not purge job state");
         }
-        tracing::info!(job = %key, "job deleted");
-        to_value(view(&key, &entry))
+        tracing::info!(job = %key, revision = number, "job deleted");
+        let mut v = view(
+            &key,
+            &JobEntry {
+                stored,
+                revision: 0,
+                version: number,
+            },
+        );
+        v.next_fire_at = None;
+        to_value(v)
     }
 
     async fn trigger(&self, req: TriggerRequest) -> Answer {
@@ -1142,7 +1221,7 @@ impl Views {
         JobView {
             key: key.to_string(),
             spec: spec.redacted(),
-            revision: entry.revision,
+            revision: entry.version,
             created_at: entry.stored.created_at,
             updated_at: entry.stored.updated_at,
             next_fire_at,

@@ -427,29 +427,38 @@ impl ApiServer {
         let now = now_ms();
         let mut results: Vec<Option<ApplyResult>> = vec![None; specs.len()];
         let mut retry: Vec<usize> = Vec::new();
+        // The newest bucket revision written, for one wait on the job table at the end.
+        let mut newest = 0u64;
         let mut inflight = FuturesUnordered::new();
-        let finish =
-            |results: &mut Vec<Option<ApplyResult>>,
-             retry: &mut Vec<usize>,
-             (i, key, update, acked): (usize, String, bool, Result<u64, String>)| {
-                match acked {
-                    Ok(revision) => {
-                        results[i] = Some(ApplyResult {
-                            job: key,
-                            outcome: if update {
-                                ApplyOutcome::Updated
-                            } else {
-                                ApplyOutcome::Created
-                            },
-                            revision,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::debug!(job = %key, error = %e, "pipelined write refused; retrying it alone");
-                        retry.push(i);
-                    }
+        let finish = |results: &mut Vec<Option<ApplyResult>>,
+                      retry: &mut Vec<usize>,
+                      newest: &mut u64,
+                      (i, key, update, version, acked): (
+            usize,
+            String,
+            bool,
+            u64,
+            Result<u64, String>,
+        )| {
+            match acked {
+                Ok(sequence) => {
+                    *newest = (*newest).max(sequence);
+                    results[i] = Some(ApplyResult {
+                        job: key,
+                        outcome: if update {
+                            ApplyOutcome::Updated
+                        } else {
+                            ApplyOutcome::Created
+                        },
+                        revision: version,
+                    });
                 }
-            };
+                Err(e) => {
+                    tracing::debug!(job = %key, error = %e, "pipelined write refused; retrying it alone");
+                    retry.push(i);
+                }
+            }
+        };
         for (i, p) in specs.iter().enumerate() {
             let key = p.key.clone();
             // The table was fresh when the request was checked; a write since then makes the
@@ -460,7 +469,7 @@ impl ApiServer {
                     results[i] = Some(ApplyResult {
                         job: key,
                         outcome: ApplyOutcome::Unchanged,
-                        revision: entry.revision,
+                        revision: entry.version,
                     });
                     continue;
                 }
@@ -475,10 +484,15 @@ impl ApiServer {
                         .and_then(krest_schemas::job::parse_create_time)
                 })
                 .unwrap_or(now);
+            // A key the table does not hold is written as new (1): if the bucket has a
+            // deletion marker there, the publish is refused and the one-at-a-time path
+            // numbers it after the deletion.
+            let version = current.as_ref().map_or(1, |e| e.version + 1);
             let stored = StoredJob {
                 spec: p.write.clone(),
                 created_at,
                 updated_at: now,
+                version,
             };
             let value = Bytes::from(serde_json::to_vec(&stored).map_err(Failure::internal)?);
             let expected = current.as_ref().map_or(0, |e| e.revision);
@@ -489,7 +503,7 @@ impl ApiServer {
             );
             while inflight.len() >= MAX_INFLIGHT {
                 if let Some(done) = inflight.next().await {
-                    finish(&mut results, &mut retry, done);
+                    finish(&mut results, &mut retry, &mut newest, done);
                 }
             }
             let update = current.is_some();
@@ -504,17 +518,18 @@ impl ApiServer {
             {
                 Ok(ack) => inflight.push(async move {
                     let acked = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
-                    (i, key, update, acked)
+                    (i, key, update, version, acked)
                 }),
                 Err(e) => finish(
                     &mut results,
                     &mut retry,
-                    (i, key, update, Err(e.to_string())),
+                    &mut newest,
+                    (i, key, update, version, Err(e.to_string())),
                 ),
             }
         }
         while let Some(done) = inflight.next().await {
-            finish(&mut results, &mut retry, done);
+            finish(&mut results, &mut retry, &mut newest, done);
         }
         // Conflicts (a concurrent write, a key deleted before) go through the one-at-a-time
         // path, which reads the key and retries on a revision mismatch.
@@ -523,15 +538,9 @@ impl ApiServer {
             results[i] = Some(self.write_one(&specs[i]).await?);
         }
         let results: Vec<ApplyResult> = results.into_iter().flatten().collect();
-        let newest = results
-            .iter()
-            .filter(|r| r.outcome != ApplyOutcome::Unchanged)
-            .map(|r| r.revision)
-            .max();
-        if let Some(newest) = newest {
-            if !self.table.wait_seen(newest, READ_YOUR_WRITES).await {
-                tracing::warn!(revision = newest, "job table did not show an apply in time");
-            }
+        // (Jobs written alone were waited for by `write_job`.)
+        if newest > 0 && !self.table.wait_seen(newest, READ_YOUR_WRITES).await {
+            tracing::warn!(revision = newest, "job table did not show an apply in time");
         }
         let count = |o: ApplyOutcome| results.iter().filter(|r| r.outcome == o).count();
         tracing::info!(

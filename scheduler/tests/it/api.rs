@@ -101,7 +101,7 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
     changed["cron"] = json!("0 30 * * * ?");
     let updated = apply(&client, vec![changed]).await.results[0].clone();
     assert_eq!(updated.outcome, ApplyOutcome::Updated);
-    assert!(updated.revision > again.revision);
+    assert_eq!((again.revision, updated.revision), (1, 2));
 
     // Pause and resume are revisions too; get shows the state.
     let paused: JobView = client
@@ -114,7 +114,7 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
         .call(Op::JobGet, &JobRequest::new("t.j"))
         .await
         .unwrap();
-    assert_eq!(view.revision, paused.revision);
+    assert_eq!((view.revision, paused.revision), (3, 3));
     let resumed: JobView = client
         .call(Op::JobResume, &JobRequest::new("t/j"))
         .await
@@ -139,7 +139,7 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
         .call(Op::JobDelete, &JobRequest::new("u.j"))
         .await
         .unwrap();
-    assert_eq!(deleted.key, "u.j");
+    assert_eq!((deleted.key.as_str(), deleted.revision), ("u.j", 2));
     // The history keeps every revision, newest first; earlier ones can be read back.
     let history: Vec<krest_schemas::api::JobRevision> = client
         .call(Op::JobHistory, &JobRequest::new("t.j"))
@@ -175,12 +175,28 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
         .unwrap();
     assert_eq!(first.spec.cron.as_deref(), Some("0 0 * * * ?"));
     assert_eq!(first.revision, history[3].revision);
+    assert_eq!(
+        history.iter().map(|r| r.revision).collect::<Vec<_>>(),
+        [4, 3, 2, 1]
+    );
     let deleted_history: Vec<krest_schemas::api::JobRevision> = client
         .call(Op::JobHistory, &JobRequest::new("u.j"))
         .await
         .unwrap();
-    assert_eq!(deleted_history[0].operation, "DELETE");
-    assert_eq!(deleted_history[1].operation, "PUT");
+    assert_eq!(
+        (
+            deleted_history[0].operation.as_str(),
+            deleted_history[0].revision
+        ),
+        ("DELETE", 2)
+    );
+    assert_eq!(
+        (
+            deleted_history[1].operation.as_str(),
+            deleted_history[1].revision
+        ),
+        ("PUT", 1)
+    );
     // Reads see the API's own writes at once.
     let r = client
         .call::<_, JobView>(Op::JobGet, &JobRequest::new("u.j"))
@@ -424,6 +440,7 @@ async fn an_item_too_large_for_any_reply_is_a_clear_error() {
             spec,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
+            version: 1,
         })
         .unwrap();
         if stored.len() >= SMALL_PAYLOAD - 600 {
@@ -940,5 +957,178 @@ async fn retention_keeps_newest(db: Db) {
     let d = wait_final(&client, &ids[4]).await;
     assert_eq!(d.attempts[0].logs[0].line, "a line");
     w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+/// Writers racing on one job through two nodes: every write is checked against the bucket
+/// revision it read, so each change gets its own number and none is lost — the numbers in
+/// the history are 1, 2, … without gaps or repeats, and the last one is the job's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_get_distinct_revision_numbers() {
+    let env = Env::new("revisions-race");
+    let n1 = env.node("n1");
+    let n2 = env.node("n2");
+    let client = env.client().await;
+    apply(&client, vec![job("j", "app", "p", json!({"args": 0}))]).await;
+    // (Few enough that each gets through the write path's five attempts.)
+    let writers = 4;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 1..=writers {
+        let client = env.client().await;
+        tasks.spawn(async move {
+            apply(&client, vec![job("j", "app", "p", json!({"args": i}))])
+                .await
+                .results[0]
+                .clone()
+        });
+    }
+    let mut numbers = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let result = result.unwrap();
+        assert_eq!(result.outcome, ApplyOutcome::Updated);
+        numbers.push(result.revision);
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (2..=writers + 1).collect::<Vec<u64>>());
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.j"))
+        .await
+        .unwrap();
+    assert_eq!(
+        history.iter().map(|r| r.revision).collect::<Vec<_>>(),
+        (1..=writers + 1).rev().collect::<Vec<u64>>()
+    );
+    let view = get_job(&client, "t.j").await;
+    assert_eq!(view.revision, writers + 1);
+    assert_eq!(
+        Some(&view.spec.args),
+        history[0].spec.as_ref().map(|s| &s.args)
+    );
+
+    // A deletion racing a change: whichever comes first, each takes its own number.
+    let deleting = {
+        let client = env.client().await;
+        tokio::spawn(async move {
+            client
+                .call::<_, JobView>(Op::JobDelete, &JobRequest::new("t.j"))
+                .await
+        })
+    };
+    let changed = apply(&client, vec![job("j", "app", "p", json!({"args": "last"}))])
+        .await
+        .results[0]
+        .clone();
+    let deleted = deleting.await.unwrap().unwrap();
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.j"))
+        .await
+        .unwrap();
+    let numbers: Vec<u64> = history.iter().map(|r| r.revision).collect();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as u64).rev().collect::<Vec<u64>>()
+    );
+    let ops: Vec<(u64, &str)> = history[..2]
+        .iter()
+        .map(|r| (r.revision, r.operation.as_str()))
+        .collect();
+    let n = writers + 1;
+    if changed.outcome == ApplyOutcome::Created {
+        // Deleted first, then created again.
+        assert_eq!(ops, [(n + 2, "PUT"), (n + 1, "DELETE")]);
+        assert_eq!((deleted.revision, changed.revision), (n + 1, n + 2));
+    } else {
+        assert_eq!(changed.outcome, ApplyOutcome::Updated);
+        assert_eq!(ops, [(n + 2, "DELETE"), (n + 1, "PUT")]);
+        assert_eq!((deleted.revision, changed.revision), (n + 2, n + 1));
+    }
+    n1.stop().await.unwrap();
+    n2.stop().await.unwrap();
+}
+
+/// Definitions written before jobs were numbered (no `version`) are numbered by their place
+/// in the key's history, and the next write continues from there and records its number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_without_a_number_are_numbered_by_history() {
+    let env = Env::new("revisions-legacy");
+    let node = env.node("n1");
+    let client = env.client().await;
+    let nats = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    for args in [1, 2] {
+        let spec = krest_schemas::parse_job(&job("old", "a", "p", json!({"args": args}))).unwrap();
+        // As Krest wrote it before: no `version`.
+        let mut stored = serde_json::to_value(krest_schemas::StoredJob {
+            spec,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            version: 0,
+        })
+        .unwrap();
+        assert!(stored.as_object_mut().unwrap().remove("version").is_none());
+        js.publish("$KV.krest-jobs.t.old", stored.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let view = eventually(DEADLINE, "the second definition in the table", || async {
+        client
+            .call::<_, JobView>(Op::JobGet, &JobRequest::new("t.old"))
+            .await
+            .ok()
+            .filter(|v| v.spec.args == json!(2))
+    })
+    .await;
+    assert_eq!(view.revision, 2);
+    let first: JobView = client
+        .call(
+            Op::JobGet,
+            &JobRequest {
+                job: "t.old".into(),
+                revision: Some(1),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.spec.args, json!(1));
+    let result = apply(&client, vec![job("old", "a", "p", json!({"args": 3}))])
+        .await
+        .results[0]
+        .clone();
+    assert_eq!(
+        (result.outcome, result.revision),
+        (ApplyOutcome::Updated, 3)
+    );
+    let kv = js.get_key_value("krest-jobs").await.unwrap();
+    let stored: krest_schemas::StoredJob =
+        serde_json::from_slice(&kv.get("t.old").await.unwrap().unwrap()).unwrap();
+    assert_eq!(stored.version, 3);
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.old"))
+        .await
+        .unwrap();
+    assert_eq!(
+        history.iter().map(|r| r.revision).collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+    // A deletion written without a number (`nats kv del`) takes the next one too.
+    kv.delete("t.old").await.unwrap();
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.old"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (history[0].operation.as_str(), history[0].revision),
+        ("DELETE", 4)
+    );
+    let result = apply(&client, vec![job("old", "a", "p", json!({"args": 3}))])
+        .await
+        .results[0]
+        .clone();
+    assert_eq!(
+        (result.outcome, result.revision),
+        (ApplyOutcome::Created, 5)
+    );
     node.stop().await.unwrap();
 }

@@ -503,10 +503,7 @@ async fn cli_applies_files_many_times_larger_than_max_payload() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 600, "{out}");
     for (i, line) in lines.iter().enumerate() {
-        assert!(
-            line.starts_with(&format!("t.b{i:03} created (revision ")),
-            "{line}"
-        );
+        assert!(line == &format!("t.b{i:03} created (revision 1)"), "{line}");
     }
     let (code, out, err) = env.cli(&["job", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -521,9 +518,10 @@ async fn cli_applies_files_many_times_larger_than_max_payload() {
     assert_eq!(env.cli(&["job", "delete", "b005"]).0, 0);
     let (code, out, err) = apply_file("bulk2.json", &docs);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.matches(" unchanged (revision ").count(), 598, "{out}");
-    assert!(out.contains("t.b300 updated (revision "), "{out}");
-    assert!(out.contains("t.b005 created (revision "), "{out}");
+    assert_eq!(out.matches(" unchanged (revision 1)").count(), 598, "{out}");
+    assert!(out.contains("t.b300 updated (revision 2)"), "{out}");
+    // b005's deletion took revision 2.
+    assert!(out.contains("t.b005 created (revision 3)"), "{out}");
     let (code, out, err) = {
         let file = env.write("bulk3.json", &serde_json::to_string(&docs).unwrap());
         env.cli(&["-o", "json", "job", "apply", "-f", file.to_str().unwrap()])
@@ -965,4 +963,108 @@ async fn a_config_file_sets_what_flags_and_environment_do_not() {
     let (code, _, err) = krest(&["--config", bad.to_str().unwrap(), "scheduler"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown setting `scheduler.replica`"), "{err}");
+}
+
+/// Revisions are numbered per job: every job starts at 1, each change and the deletion take
+/// the next number, a job applied again after its deletion continues; `job history`,
+/// `job get --revision`, `job delete` and `job apply` show the same numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_are_numbered_per_job() {
+    let env = Env::new("cli-revisions");
+    let node = env.node("n1");
+    env.client().await;
+    let apply_file = |name: &str, docs: &[serde_json::Value]| {
+        let file = env.write(name, &serde_json::to_string(docs).unwrap());
+        env.cli(&["job", "apply", "-f", file.to_str().unwrap()])
+    };
+    let a = job("a", "app", "p", serde_json::json!({"cron": "0 0 * * * ?"}));
+    let b = job("b", "app", "p", serde_json::json!({"cron": "0 0 * * * ?"}));
+    let (code, out, err) = apply_file("two.json", &[a.clone(), b]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out, "t.a created (revision 1)\nt.b created (revision 1)\n",
+        "each job starts at 1"
+    );
+    let mut a2 = a.clone();
+    a2["cron"] = serde_json::json!("0 30 * * * ?");
+    let (code, out, err) = apply_file("a2.json", std::slice::from_ref(&a2));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "t.a updated (revision 2)\n");
+    let (code, out, err) = apply_file("a2.json", std::slice::from_ref(&a2));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "t.a unchanged (revision 2)\n");
+
+    let history = |name: &str| -> Vec<(u64, String)> {
+        let (code, out, err) = env.cli(&["-o", "json", "job", "history", name]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["revision"].as_u64().unwrap(),
+                    r["operation"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let put = |n: u64| (n, "PUT".to_string());
+    assert_eq!(history("t.a"), [put(2), put(1)]);
+    assert_eq!(history("t.b"), [put(1)]);
+    let (code, out, _) = env.cli(&["job", "history", "t.a"]);
+    assert_eq!(code, 0);
+    let revs: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(revs, ["2", "1"], "{out}");
+
+    let (code, out, err) = env.cli(&["-o", "json", "job", "get", "t.a", "--revision", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["revision"].as_u64(), v["spec"]["cron"].as_str()),
+        (Some(1), Some("0 0 * * * ?"))
+    );
+    let (code, _, err) = env.cli(&["job", "get", "t.a", "--revision", "3"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("job t.a has no revision 3"), "{err}");
+
+    // Pause: a revision; the job and its view agree.
+    let (code, out, err) = env.cli(&["job", "pause", "a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "t.a paused (revision 3)\n");
+    let (code, out, err) = env.cli(&["-o", "json", "job", "get", "a"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["revision"].as_u64(), Some(3));
+
+    // Delete prints the number the history then shows for the deletion.
+    let (code, out, err) = env.cli(&["job", "delete", "t.a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "t.a deleted (revision 4)\n");
+    let delete = |n: u64| (n, "DELETE".to_string());
+    assert_eq!(history("t.a"), [delete(4), put(3), put(2), put(1)]);
+    let (code, _, err) = env.cli(&["job", "get", "t.a", "--revision", "4"]);
+    assert_eq!(code, 1, "a deletion has no definition");
+    assert!(err.contains("no revision 4"), "{err}");
+
+    // Applied again: the numbers continue after the deletion (a fresh node reads them from
+    // the bucket alike).
+    let (code, out, err) = apply_file("a.json", std::slice::from_ref(&a));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "t.a created (revision 5)\n");
+    node.stop().await.unwrap();
+    let node = env.node("n2");
+    env.client().await;
+    assert_eq!(history("t.a"), [put(5), delete(4), put(3), put(2), put(1)]);
+    let (code, out, err) = env.cli(&["-o", "json", "job", "get", "t.a"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["revision"].as_u64(), Some(5));
+    let (code, out, err) = env.cli(&["job", "delete", "t.b"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "t.b deleted (revision 2)\n");
+    node.stop().await.unwrap();
 }

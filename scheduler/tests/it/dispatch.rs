@@ -28,8 +28,10 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
             spec,
             created_at: now,
             updated_at: now,
+            version: 1,
         },
         revision: 1,
+        version: 1,
     });
     // 7 fires × 1000 shards: 7007 messages in one call, more than the context's 5000 permits.
     let fires: Vec<Fire> = (0..7)
@@ -55,7 +57,7 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
         queued: None,
     };
     publisher
-        .write_states(&[("default.big", &last)])
+        .write_states(&[("default.big", &last)], None)
         .await
         .unwrap();
     let state = js

@@ -184,6 +184,22 @@ async fn failover(db: Db) {
             .then_some(())
     })
     .await;
+    // The leader records its progress as one fire watermark per round, not a state per job.
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    let state = js.get_key_value("krest-state").await.unwrap();
+    let jobs = js.get_key_value("krest-jobs").await.unwrap();
+    let watermark = || async {
+        let w = state.get("watermark").await.unwrap()?;
+        Some(serde_json::from_slice::<krest_schemas::FireWatermark>(&w).unwrap())
+    };
+    let job_revision = jobs.entry("t.tick").await.unwrap().unwrap().revision;
+    let before = watermark().await.expect("a fire watermark");
+    assert!(before.jobs_revision >= job_revision, "{before:?}");
+    assert!(
+        state.get("t.tick").await.unwrap().is_none(),
+        "no per-job state"
+    );
     let first_leader = leader(&client).await.unwrap();
     let (dead, survivor) = if first_leader == "a" {
         (&mut a, "b")
@@ -231,6 +247,12 @@ async fn failover(db: Db) {
         all.iter()
             .map(|r| (r.scheduled_at, r.trigger))
             .collect::<Vec<_>>()
+    );
+    // The new leader writes the watermark from now on.
+    let after = watermark().await.unwrap();
+    assert!(
+        after.epoch > before.epoch && after.node == survivor && after.through > before.through,
+        "{before:?} → {after:?}"
     );
     w.stop().await.unwrap();
     assert_one_run_per_second(&all, &log);

@@ -382,7 +382,8 @@ async fn a_queued_fire_survives_the_failover_of_its_leader() {
     )
     .await;
     // The first run holds; the next fire is queued behind it, and the leader has written it
-    // into the job's state; fires after it are skipped (one already waits).
+    // into the job's state; fires after it are skipped (one already waits), which the fire
+    // watermark says.
     let raw = async_nats::connect(env.url()).await.unwrap();
     let kv = async_nats::jetstream::new(raw)
         .get_key_value("krest-state")
@@ -395,7 +396,9 @@ async fn a_queued_fire_survives_the_failover_of_its_leader() {
             let v = kv.get("t.q").await.ok()??;
             let s: krest_schemas::JobState = serde_json::from_slice(&v).ok()?;
             let q = s.queued.as_ref()?;
-            (s.last_fire_at >= q.scheduled_at + chrono::Duration::seconds(2)).then_some(s)
+            let w = kv.get("watermark").await.ok()??;
+            let w: krest_schemas::FireWatermark = serde_json::from_slice(&w).ok()?;
+            (w.through >= q.scheduled_at + chrono::Duration::seconds(2)).then_some(s)
         },
     )
     .await;

@@ -355,6 +355,7 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
     assert_eq!(revisions.len(), 2);
     assert_eq!(revisions[0]["revision"].as_u64(), Some(rev2));
     let rev1 = revisions[1]["revision"].as_u64().unwrap();
+    assert_eq!((rev1, rev2), (1, 2), "numbered per job");
     let v = reader
         .ok(&format!("/api/v1/jobs/t.secret/revisions/{rev1}"))
         .await;
@@ -682,4 +683,94 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
     gate.add_permits(100);
     demo.stop().await.unwrap();
     gated.stop().await.unwrap();
+}
+
+/// The revision routes use the job's own numbers: a new job is at 1, a change and a
+/// deletion take the next, a job created again continues; a diff may span the deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_and_diffs_use_per_job_numbers() {
+    let env = Env::new("web-revisions");
+    let (node, base) = web_node(&env, "n1", access()).await;
+    let writer = Web::new(&base, Some(WRITE));
+    let doc = job("r", "app", "p", json!({"cron": "0 0 3 * * ?"}));
+    let other = job("other", "app", "p", json!({"cron": "0 0 3 * * ?"}));
+    for d in [&doc, &other] {
+        let (s, v) = writer.send("POST", "/api/v1/jobs", Some(d.clone())).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (
+                v["results"][0]["outcome"].as_str(),
+                v["results"][0]["revision"].as_u64()
+            ),
+            (Some("CREATED"), Some(1)),
+            "{v}"
+        );
+    }
+    let mut changed = doc.clone();
+    changed["cron"] = json!("0 0 4 * * ?");
+    let (s, v) = writer.send("PUT", "/api/v1/jobs/t.r", Some(changed)).await;
+    assert_eq!((s, v["revision"].as_u64()), (200, Some(2)), "{v}");
+    let (s, v) = writer.send("DELETE", "/api/v1/jobs/t.r", None).await;
+    assert_eq!((s, v["revision"].as_u64()), (200, Some(3)), "{v}");
+    let (s, v) = writer.send("PUT", "/api/v1/jobs/t.r", Some(doc)).await;
+    assert_eq!(
+        (s, v["outcome"].as_str(), v["revision"].as_u64()),
+        (200, Some("CREATED"), Some(4)),
+        "{v}"
+    );
+
+    let v = writer.ok("/api/v1/jobs/t.r/revisions").await;
+    let listed: Vec<(u64, &str)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["revision"].as_u64().unwrap(),
+                r["operation"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [(4, "PUT"), (3, "DELETE"), (2, "PUT"), (1, "PUT")]);
+    // Paged by number: the cursor is a revision number.
+    let v = writer.ok("/api/v1/jobs/t.r/revisions?limit=2").await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
+    let next = v["next"].as_str().unwrap().to_string();
+    let v = writer
+        .ok(&format!("/api/v1/jobs/t.r/revisions?limit=2&cursor={next}"))
+        .await;
+    let rest: Vec<u64> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rest, [2, 1], "{v}");
+    assert_eq!(
+        writer.ok("/api/v1/jobs/t.r").await["revision"].as_u64(),
+        Some(4)
+    );
+    assert_eq!(
+        writer.ok("/api/v1/jobs/t.r/revisions/2").await["spec"]["cron"],
+        "0 0 4 * * ?"
+    );
+    let (s, v) = writer.get("/api/v1/jobs/t.r/revisions/3").await;
+    assert_eq!(
+        (s, code(&v)),
+        (404, "not_found"),
+        "a deletion has no definition: {v}"
+    );
+    let v = writer.ok("/api/v1/jobs/t.r/diff?from=2").await;
+    assert_eq!((v["from"].as_u64(), v["to"].as_u64()), (Some(2), Some(4)));
+    assert_eq!(
+        v["changes"],
+        json!([{"path": "/cron", "before": "0 0 4 * * ?", "after": "0 0 3 * * ?"}])
+    );
+    let v = writer.ok("/api/v1/jobs/t.r/diff?from=1&to=4").await;
+    assert_eq!(v["changes"], json!([]), "{v}");
+    assert_eq!(
+        writer.ok("/api/v1/jobs/t.other").await["revision"].as_u64(),
+        Some(1)
+    );
+    node.stop().await.unwrap();
 }

@@ -1,0 +1,180 @@
+//! Fire precision end to end: N jobs each firing every second, for a window of S seconds;
+//! lateness = handler start − scheduled fire time, as the handler sees it. Run with
+//! `cargo bench -p krest --bench precision [-- --jobs N --seconds S --workers W]`; results go
+//! into BENCHMARKS.md. `KREST_BENCH_TINY=1` runs it at a tiny size (CI does, so it cannot rot).
+//!
+//! Starts its own nats-server, one `krest scheduler` node (SQLite) and W worker processes (this
+//! binary again, with a no-op handler that notes when it started), applies the jobs with the
+//! `krest` CLI, and prints: lateness percentiles (due → dispatched, dispatched → handler
+//! start, due → handler start), missed and doubled fires, CPU seconds in the window and peak
+//! RSS of each process, and how far recording lags behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::{
+    apply, mib, pcts, run_worker_if_asked, sleep_until, start_node, tiny, wait_for_api,
+    BenchWorker, Start, APP,
+};
+use krest_test_support::{NatsServer, ProcStats, TestDir};
+use serde_json::json;
+
+const GROUP: &str = "bench";
+
+fn main() {
+    if run_worker_if_asked() {
+        return;
+    }
+    let jobs: usize = common::flag("--jobs").unwrap_or(if tiny() { 10 } else { 1000 });
+    let seconds: i64 = common::flag("--seconds").unwrap_or(if tiny() { 2 } else { 30 });
+    let warmup: i64 = common::flag("--warmup").unwrap_or(if tiny() { 2 } else { 5 });
+    let workers: usize = common::flag("--workers").unwrap_or(1);
+    let slots: u32 = common::flag("--slots").unwrap_or(256);
+    println!(
+        "precision: {jobs} jobs every second, {seconds} s window after {warmup} s warm-up, \
+         {workers} worker(s) × {slots} slots"
+    );
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = TestDir::new("bench-precision");
+    let node = start_node("n1", &url, dir.path());
+    wait_for_api(&url);
+    let ws: Vec<BenchWorker> = (0..workers)
+        .map(|i| BenchWorker::start(&format!("worker{i}"), &url, dir.path(), slots))
+        .collect();
+    let docs: Vec<serde_json::Value> = (0..jobs)
+        .map(|i| {
+            json!({
+                "appName": APP, "jobGroup": GROUP, "jobName": format!("j{i:06}"),
+                "path": "noop", "cron": "* * * * * ?"
+            })
+        })
+        .collect();
+    apply(&url, dir.path(), &docs);
+    let applied = Utc::now().timestamp_millis();
+    // The window: whole seconds, starting after the warm-up.
+    let from_s = applied / 1000 + 1 + warmup;
+    let until_s = from_s + seconds; // exclusive
+    let mut pids = vec![
+        ("nats-server".to_string(), nats.pid().unwrap()),
+        ("scheduler".to_string(), node.pid()),
+    ];
+    pids.extend(ws.iter().map(|w| (w.proc.name().to_string(), w.proc.pid())));
+    let stats = || -> Vec<ProcStats> {
+        pids.iter()
+            .map(|(n, p)| ProcStats::of(*p).unwrap_or_else(|| panic!("{n} is gone")))
+            .collect()
+    };
+    sleep_until(from_s * 1000 - 100);
+    let before = stats();
+    sleep_until(until_s * 1000 - 100);
+    let after = stats();
+
+    // Recording: how many of the window's runs are recorded 1 s after its last fire, then how
+    // long the rest take (the SQLite file is read directly).
+    let expected = jobs * seconds as usize;
+    let db = dir.join("n1.db");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let recorded = || -> usize {
+        rt.block_on(async {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&db)
+                .read_only(true);
+            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&opts)
+                .await
+                .unwrap();
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM runs WHERE job_group = ? AND status = 'SUCCEEDED' \
+                 AND scheduled_at >= ? AND scheduled_at < ?",
+            )
+            .bind(GROUP)
+            .bind(from_s * 1000)
+            .bind(until_s * 1000)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            n as usize
+        })
+    };
+    sleep_until(until_s * 1000 + 1000);
+    let at_1s = recorded();
+    let mut all_recorded_after = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if recorded() >= expected {
+            all_recorded_after = Some(Utc::now().timestamp_millis() - until_s * 1000);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let peaks: Vec<u64> = pids
+        .iter()
+        .map(|(_, p)| ProcStats::of(*p).map_or(0, |st| st.peak_rss))
+        .collect();
+
+    let mut by_run: HashMap<String, Vec<Start>> = HashMap::new();
+    for w in ws {
+        for start in w.stop() {
+            if start.scheduled_ms >= from_s * 1000 && start.scheduled_ms < until_s * 1000 {
+                by_run.entry(start.run_id.clone()).or_default().push(start);
+            }
+        }
+    }
+    let mut missed = 0;
+    for i in 0..jobs {
+        for sec in from_s..until_s {
+            let id = krest_schemas::names::scheduled_run_id(GROUP, &format!("j{i:06}"), sec * 1000);
+            if !by_run.contains_key(&id) {
+                missed += 1;
+            }
+        }
+    }
+    let doubled: usize = by_run.values().map(|v| v.len() - 1).sum();
+    let firsts: Vec<&Start> = by_run.values().map(|v| &v[0]).collect();
+    let lateness = |f: &dyn Fn(&Start) -> i64| -> String {
+        let mut v: Vec<i64> = firsts.iter().map(|s| f(s)).collect();
+        pcts(&mut v)
+    };
+    println!(
+        "precision/lateness due → handler start: {}",
+        lateness(&|s| s.start_ms - s.scheduled_ms)
+    );
+    println!(
+        "precision/lateness due → dispatched: {}",
+        lateness(&|s| s.dispatched_ms - s.scheduled_ms)
+    );
+    println!(
+        "precision/lateness dispatched → handler start: {}",
+        lateness(&|s| s.start_ms - s.dispatched_ms)
+    );
+    println!(
+        "precision/fires: {expected} expected, {} ran, {missed} missed, {doubled} ran twice",
+        by_run.len()
+    );
+    for (i, (name, _)) in pids.iter().enumerate() {
+        println!(
+            "precision/process {name}: {:.2} CPU-s in the {seconds} s window, peak RSS {}",
+            after[i].cpu_secs - before[i].cpu_secs,
+            mib(peaks[i])
+        );
+    }
+    match all_recorded_after {
+        Some(_) if at_1s >= expected => println!(
+            "precision/recording: all {expected} runs recorded 1 s after the window's last fire"
+        ),
+        Some(ms) => println!(
+            "precision/recording: {at_1s} of {expected} recorded 1 s after the window's last fire, all after {ms} ms"
+        ),
+        None => println!(
+            "precision/recording: {at_1s} of {expected} recorded 1 s after the window's last fire, {} after 2 min",
+            recorded()
+        ),
+    }
+    assert_eq!(missed, 0, "fires were missed");
+    assert_eq!(doubled, 0, "fires ran twice");
+}
