@@ -357,15 +357,8 @@ class _Run:
                 if await self.wait_for(what, functools.partial(self.find_stream, stream, what)) is None:
                     return
             await nc.subscribe(f"krest.cancel.{w.app}", cb=self.on_cancel)
-            app_consumer = await self.wait_for(
-                "the app's consumer",
-                lambda: self.consumer(
-                    f"krest-app-{w.app}",
-                    f"krest.work.{w.app}.*.*.q",
-                    f"Krest work queue of app {w.app}",
-                    None,
-                ),
-            )
+            app_source = self.app_source()
+            app_consumer = await self.wait_for("the app's consumer", app_source)
             if app_consumer is None:
                 return
             self.events = EventSink(nc, js)
@@ -384,9 +377,6 @@ class _Run:
                 await self.finish(None)
                 return
             heartbeat = asyncio.create_task(self.heartbeat_loop(), name="krest-heartbeat")
-            app_source: Callable[[], Awaitable[ConsumerInfo]] = lambda: self.consumer(  # noqa: E731
-                f"krest-app-{w.app}", f"krest.work.{w.app}.*.*.q", f"Krest work queue of app {w.app}", None
-            )
             tasks = await asyncio.gather(
                 self.pull_loop(app_consumer, app_source),
                 self.pull_loop(inst_consumer, inst),
@@ -403,7 +393,19 @@ class _Run:
                     pass
             log.info("worker %s stopped", w.instance)
 
+    def app_source(self) -> Callable[[], Awaitable[ConsumerInfo]]:
+        """Finds or creates the app's shared consumer."""
+        w = self.w
+        return lambda: self.consumer(
+            f"krest-app-{w.app}",
+            f"krest.work.{w.app}.*.*.q",
+            f"Krest work queue of app {w.app}",
+            None,
+        )
+
     def instance_source(self) -> Callable[[], Awaitable[ConsumerInfo]]:
+        """Finds or creates this instance's own consumer (removed by the server after an hour
+        without the instance; the leader normally drains and deletes it first)."""
         w = self.w
         return lambda: self.consumer(
             f"krest-inst-{w.app}-{w.instance}",
