@@ -15,3 +15,6 @@ cargo test --workspace --quiet
 # Every benchmark once at a tiny size, so its code cannot rot (the figures are in
 # BENCHMARKS.md, from release builds at full size).
 KREST_BENCH_TINY=1 cargo test -p krest --benches --quiet
+# The Python worker SDK: mypy --strict, unit tests, and end-to-end tests against the `krest`
+# binary the workspace tests just built (a venv with nats-py and pytest from PyPI).
+worker-sdk/python/tests/run.sh

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The Python worker SDK's checks: a venv with nats-py, pytest, pytest-asyncio and mypy from
+# PyPI and the package installed from this directory, then `mypy --strict` on the package and
+# the example, then pytest (end-to-end tests against a real nats-server and `krest scheduler`).
+#
+# The `krest` binary is $KREST_BIN, default $CARGO_TARGET_DIR/debug/krest (built with
+# `cargo build -p krest` when missing). The venv is $KREST_PY_VENV, default
+# $CARGO_TARGET_DIR/python-venv (kept between runs). Extra arguments go to pytest.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+export KREST_BIN="${KREST_BIN:-$CARGO_TARGET_DIR/debug/krest}"
+export PATH="$PATH:/usr/sbin"
+venv="${KREST_PY_VENV:-$CARGO_TARGET_DIR/python-venv}"
+if [ ! -x "$KREST_BIN" ]; then
+  (cd "$repo" && cargo build --quiet -p krest)
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    # Debian splits venv support out of python3.
+    echo "python3 cannot make venvs: installing python3-venv with apt-get" >&2
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check nats-py pytest pytest-asyncio mypy
+# A fresh install of the package as users get it (not editable).
+"$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$here"
+"$venv/bin/mypy" --strict --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
+cd "$here"
+# Two pytest processes at once (each with its own nats-server and scheduler): the tests mostly
+# wait on runs, so this halves the wall time.
+conformance_log="$(mktemp)"
+trap 'rm -f "$conformance_log"' EXIT
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" tests/test_conformance.py tests/test_secure.py >"$conformance_log" 2>&1 &
+conformance=$!
+status=0
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" --ignore=tests/test_conformance.py --ignore=tests/test_secure.py tests || status=$?
+conformance_status=0
+wait "$conformance" || conformance_status=$?
+echo "--- the conformance suite and the login tests (tests/test_conformance.py, tests/test_secure.py)"
+cat "$conformance_log"
+# pytest exits 5 when a -k selects nothing in one of the two.
+for s in "$status" "$conformance_status"; do
+  if [ "$s" != 0 ] && [ "$s" != 5 ]; then exit "$s"; fi
+done

@@ -1,0 +1,152 @@
+"""The Python worker as a least-privilege NATS user: Krest's own nats/accounts.conf (the
+`billing` entry made for this test's app), the scheduler as user `scheduler`, the worker as
+the app's user with a password. Every subject the SDK uses must be one the config allows."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Krest, Workers, eventually
+
+APP = "pysecure"
+
+
+@pytest.fixture(scope="module")
+def secure() -> Iterator[Krest]:
+    dir = Path(tempfile.mkdtemp(prefix="krest-py-secure-"))
+    accounts = (REPO / "nats" / "accounts.conf").read_text().replace("billing", APP)
+    (dir / "accounts.conf").write_text(accounts)
+    (dir / "nats.conf").write_text("include accounts.conf\n")
+    passwords = {
+        f"KREST_{role}_PASSWORD": f"pw-{role.lower()}"
+        for role in ["SCHEDULER", "OPERATOR", "VIEWER", "BILLING", "SYS"]
+    }
+    import os
+
+    os.environ.update(passwords)  # read by nats-server for the config's $VARIABLES
+    k = Krest(
+        dir,
+        nats_args=["-c", str(dir / "nats.conf")],
+        env={"NATS_USER": "scheduler", "NATS_PASSWORD": passwords["KREST_SCHEDULER_PASSWORD"]},
+    )
+    try:
+        yield k
+    finally:
+        k.stop()
+        shutil.rmtree(dir, ignore_errors=True)
+
+
+def test_a_least_privilege_worker_runs_retries_hands_off_and_sees_cancellations(secure: Krest) -> None:
+    workers = Workers(secure, "secure", app=APP)
+    env = {"NATS_USER": APP, "NATS_PASSWORD": "pw-billing"}
+    try:
+        # A cancel marker, found before executing (a direct get on KV_krest-cancels).
+        waiting = workers.job("wait", "py/wait")
+        cancelled = secure.trigger(waiting)
+        eventually("the run recorded", lambda: secure.run(cancelled)["run"]["status"] == "PENDING")
+        secure.cli("runs", "cancel", cancelled)
+        w = workers.start("w1", **env)
+        assert secure.wait_run(cancelled)["run"]["status"] == "CANCELLED"
+        # A run, with a log line and an output.
+        d = secure.wait_run(secure.trigger(workers.job("echo", "py/echo", args={"say": "hi"})))
+        assert (d["run"]["status"], d["run"]["output"]) == ("SUCCEEDED", "echo hi"), d
+        # An addressed run's retry, handed to the router.
+        job = workers.job(
+            "rr",
+            "py/flaky",
+            args={"failures": 1},
+            retryTimes=1,
+            loadBalanceType="ROUND_ROBIN",
+            retryBackoff={"initial": "100ms", "factor": 1, "max": "100ms"},
+        )
+        d = secure.wait_run(secure.trigger(job))
+        assert d["run"]["status"] == "SUCCEEDED", d
+        assert sorted((a["attempt"], a["status"]) for a in d["attempts"]) == [(1, "FAILED"), (2, "SUCCEEDED")]
+        assert "Permissions Violation" not in w.log() and "permission" not in w.log().lower(), w.log()
+    finally:
+        workers.stop_all()
+
+
+def test_a_refused_login_ends_the_worker_naming_it(secure: Krest) -> None:
+    import subprocess
+    import sys
+
+    from conftest import HERE
+
+    out = subprocess.run(
+        [sys.executable, str(HERE / "scenario_worker.py")],
+        env={
+            **__import__("os").environ,
+            "NATS_URL": secure.url,
+            "KREST_APP": APP,
+            "NATS_USER": APP,
+            "NATS_PASSWORD": "wrong",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "refused the login" in out.stderr, out.stderr
+    assert "wrong" not in out.stderr, "no secret in the message"
+
+
+def certificates(dir: Path) -> dict[str, Path]:
+    """A throwaway CA and a server and a client certificate signed by it (openssl), as in
+    scheduler/tests/it/auth.rs."""
+    import subprocess
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=dir, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", "-days", "2", "-subj", "/CN=krest-test-ca", *ec, "-keyout", "ca.key",
+            "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, usage in [("server", "serverAuth"), ("client", "clientAuth")]:
+        openssl("req", "-subj", f"/CN=krest-test-{name}", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (dir / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n")
+        openssl("x509", "-req", "-days", "2", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    return {n: dir / n for n in ["ca.pem", "server.pem", "server.key", "client.pem", "client.key"]}
+
+
+def test_tls_with_a_ca_and_a_client_certificate() -> None:
+    dir = Path(tempfile.mkdtemp(prefix="krest-py-tls-"))
+    c = certificates(dir)
+    (dir / "nats.conf").write_text(
+        f'tls {{ cert_file: "{c["server.pem"]}", key_file: "{c["server.key"]}", '
+        f'ca_file: "{c["ca.pem"]}", verify: true, timeout: 2 }}\n'
+    )
+    tls = {"NATS_CA": str(c["ca.pem"]), "NATS_CERT": str(c["client.pem"]), "NATS_KEY": str(c["client.key"])}
+    k = Krest(dir, nats_args=["-c", str(dir / "nats.conf")], env=tls)
+    workers = Workers(k, "tls")
+    try:
+        workers.start("w1", **tls)
+        d = k.wait_run(k.trigger(workers.job("echo", "py/echo", args={"say": "over tls"})))
+        assert (d["run"]["status"], d["run"]["output"]) == ("SUCCEEDED", "echo over tls"), d
+    finally:
+        workers.stop_all()
+        k.stop()
+        shutil.rmtree(dir, ignore_errors=True)
+
+
+def test_token_login_from_the_url() -> None:
+    dir = Path(tempfile.mkdtemp(prefix="krest-py-token-"))
+    k = Krest(dir, nats_args=["--auth", "s3cret-token"], env={"NATS_TOKEN": "s3cret-token"})
+    workers = Workers(k, "token")
+    try:
+        host = k.url.removeprefix("nats://")
+        w = workers.start("w1", NATS_URL=f"nats://s3cret-token@{host}")
+        d = k.wait_run(k.trigger(workers.job("echo", "py/echo", args={"say": "token"})))
+        assert (d["run"]["status"], d["run"]["output"]) == ("SUCCEEDED", "echo token"), d
+        assert "s3cret" not in w.log()
+    finally:
+        workers.stop_all()
+        k.stop()
+        shutil.rmtree(dir, ignore_errors=True)

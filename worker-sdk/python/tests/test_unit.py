@@ -1,0 +1,199 @@
+"""The SDK's pure parts, against the Rust SDK's expectations (decide.rs, backoff.rs, redact.rs,
+text.rs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from krest_worker._backoff import RECONNECT, Backoff
+from krest_worker._decide import Ending, Facts, Kind, Reply, Route, decide
+from krest_worker._nats import ConfigError, NatsConfig
+from krest_worker._text import MAX_OUTPUT, redact, truncate
+from krest_worker._worker import ack_info, read_run
+
+S = 1_000_000_000
+
+
+def facts(attempt: int, retry_times: int, route: Route, job: Backoff | None = None, default: Backoff = Backoff()) -> Facts:
+    return Facts(attempt, retry_times, job, default, route, 7, "w1")
+
+
+Q, A, B = Route.QUEUE, Route.ADDRESSED, Route.BROADCAST
+ok = Ending(Kind.SUCCEEDED, "fine")
+fail = Ending(Kind.FAILED, "x")
+fatal = Ending(Kind.FATAL, "bad args")
+timeout = Ending(Kind.TIMED_OUT)
+cancelled = Ending(Kind.CANCELLED, "replaced")
+interrupted = Ending(Kind.INTERRUPTED)
+job_backoff = Backoff(0.3, 3.0, 5.0)
+worker_backoff = Backoff(0.1, 2.0, 1.0)
+
+# (name, ending, facts, (outcome, will_retry, retry_in_ms, hand_off, reply, delay_ns))
+CASES = [
+    ("success", ok, facts(1, 3, Q), ("SUCCEEDED", False, None, False, Reply.ACK, None)),
+    ("success, addressed", ok, facts(2, 3, A), ("SUCCEEDED", False, None, False, Reply.ACK, None)),
+    ("success beyond retryTimes + 1", ok, facts(9, 2, Q), ("SUCCEEDED", False, None, False, Reply.ACK, None)),
+    ("failure, retries left", fail, facts(1, 3, Q), ("FAILED", True, 1000, False, Reply.NAK, S)),
+    ("failure, attempt 3", fail, facts(3, 3, Q), ("FAILED", True, 4000, False, Reply.NAK, 4 * S)),
+    ("failure, last attempt", fail, facts(4, 3, Q), ("FAILED", False, None, False, Reply.TERM, None)),
+    ("failure beyond retryTimes + 1", fail, facts(6, 3, Q), ("FAILED", False, None, False, Reply.TERM, None)),
+    ("failure, no retries", fail, facts(1, 0, Q), ("FAILED", False, None, False, Reply.TERM, None)),
+    ("fatal", fatal, facts(1, 3, Q), ("FAILED", False, None, False, Reply.TERM, None)),
+    ("fatal, addressed", fatal, facts(1, 3, A), ("FAILED", False, None, False, Reply.TERM, None)),
+    ("timeout, retries left", timeout, facts(2, 3, Q), ("TIMED_OUT", True, 2000, False, Reply.NAK, 2 * S)),
+    ("timeout, none left", timeout, facts(4, 3, Q), ("TIMED_OUT", False, None, False, Reply.TERM, None)),
+    ("cancelled", cancelled, facts(1, 3, Q), ("CANCELLED", False, None, False, Reply.TERM, None)),
+    ("cancelled, addressed", cancelled, facts(1, 3, A), ("CANCELLED", False, None, False, Reply.TERM, None)),
+    ("interrupted", interrupted, facts(1, 3, Q), ("FAILED", True, 0, False, Reply.NAK, 0)),
+    ("interrupted, last attempt", interrupted, facts(4, 3, Q), ("FAILED", True, 0, False, Reply.NAK, 0)),
+    ("interrupted, addressed", interrupted, facts(1, 3, A), ("FAILED", True, 0, True, Reply.NAK, 0)),
+    ("interrupted, broadcast", interrupted, facts(1, 3, B), ("FAILED", True, 0, False, Reply.NAK, 0)),
+    ("failure, addressed", fail, facts(1, 3, A), ("FAILED", True, 1000, True, Reply.NAK, S)),
+    ("timeout, addressed", timeout, facts(2, 3, A), ("TIMED_OUT", True, 2000, True, Reply.NAK, 2 * S)),
+    ("failure, addressed, none left", fail, facts(4, 3, A), ("FAILED", False, None, False, Reply.TERM, None)),
+    ("failure, broadcast", fail, facts(1, 3, B), ("FAILED", True, 1000, False, Reply.NAK, S)),
+    ("job backoff, attempt 1", fail, facts(1, 5, Q, job_backoff), ("FAILED", True, 300, False, Reply.NAK, 300_000_000)),
+    ("job backoff, attempt 2", fail, facts(2, 5, Q, job_backoff), ("FAILED", True, 900, False, Reply.NAK, 900_000_000)),
+    ("job backoff, capped", fail, facts(4, 5, Q, job_backoff), ("FAILED", True, 5000, False, Reply.NAK, 5 * S)),
+    ("worker backoff", fail, facts(3, 5, Q, None, worker_backoff), ("FAILED", True, 400, False, Reply.NAK, 400_000_000)),
+    ("worker backoff, capped", fail, facts(5, 5, Q, None, worker_backoff), ("FAILED", True, 1000, False, Reply.NAK, S)),
+]
+
+
+@pytest.mark.parametrize("name,ending,f,expected", CASES, ids=[c[0] for c in CASES])
+def test_the_decision_table(name: str, ending: Ending, f: Facts, expected: tuple[object, ...]) -> None:
+    d = decide(ending, f)
+    assert (d.outcome, d.will_retry, d.retry_in_ms, d.hand_off, d.reply, d.delay_ns) == expected
+
+
+def test_replies_and_texts() -> None:
+    f = facts(1, 3, Q)
+    assert decide(fail, f).payload() == b'-NAK {"delay": 1000000000}'
+    assert decide(interrupted, f).payload() == b"-NAK"
+    assert decide(ok, f).payload() == b"+ACK"
+    assert decide(fatal, f).payload() == b"+TERM"
+    assert decide(timeout, f).error == "timed out after 7 s (timeoutSecs); the handler was cancelled"
+    assert decide(cancelled, f).error == "cancelled: replaced"
+    assert decide(interrupted, f).error == (
+        "worker w1 shut down before the handler finished; handed back for another attempt"
+    )
+    d = decide(Ending(Kind.FAILED, "GET https://user:secret@example.com/x failed"), f)
+    assert d.error == "GET https://<redacted>@example.com/x failed"
+    long = "x" * (MAX_OUTPUT - 20) + " https://user:secret@example.com/"
+    out = decide(Ending(Kind.SUCCEEDED, long), f).output
+    assert out is not None and len(out.encode()) <= MAX_OUTPUT and out.endswith("...")
+    assert "secret" not in out and "user:" not in out
+
+
+def test_routes() -> None:
+    assert Route.of({}) is Q
+    assert Route.of({"target": "w1", "jobType": "NORMAL"}) is A
+    assert Route.of({"target": "w1", "jobType": "BROADCAST"}) is B
+    assert Route.of({"jobType": "BROADCAST"}) is Q
+
+
+def test_backoff_like_rust() -> None:
+    ms = lambda b, n: int(round(b.delay(n) * 1000))  # noqa: E731
+    assert [ms(Backoff(), n) for n in [0, 1, 2, 3, 7, 2**32 - 1]] == [1000, 1000, 2000, 4000, 60000, 60000]
+    assert [ms(RECONNECT, n) for n in [0, 1, 2, 3, 7]] == [250, 250, 500, 1000, 5000]
+    assert Backoff(3, 0.5, 10).delay(5) == 3
+    assert Backoff.from_run({"initialMs": 500, "factor": 3.0, "maxMs": 4000}) == Backoff(0.5, 3.0, 4.0)
+
+
+def test_redaction_and_truncation_like_rust() -> None:
+    assert redact("request to https://u:pw@h/x failed (https://u:pw@h/x)") == (
+        "request to https://<redacted>@h/x failed (https://<redacted>@h/x)"
+    )
+    assert redact("nats://a@h1,nats://b@h2") == "nats://<redacted>@h1,nats://<redacted>@h2"
+    assert redact("https://h/p@x") == "https://h/p@x"
+    assert truncate("abc", 10) == "abc"
+    assert truncate("abcdefghij", 6) == "abc..."
+    s = truncate("ééééé", 6)
+    assert s.endswith("...") and len(s.encode()) <= 6
+
+
+def test_run_messages_are_read_strictly() -> None:
+    good = (
+        b'{"runId":"g.j.1","jobGroup":"g","jobName":"j","appName":"a","path":"p","jobType":"NORMAL",'
+        b'"args":null,"scheduledAt":"2026-11-29T08:43:40Z","dispatchedAt":"2026-11-29T08:43:40.001Z",'
+        b'"trigger":"SCHEDULE","retryTimes":3,"revision":1,"someFutureField":true}'
+    )
+    assert read_run(good)["runId"] == "g.j.1"
+    for bad, why in [
+        (b"nope", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"not":"a run"}', "missing field `runId`"),
+        (good.replace(b'"retryTimes":3', b'"retryTimes":"3"'), "field `retryTimes` is not a int"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            read_run(bad)
+
+
+def test_ack_subjects() -> None:
+    assert ack_info("$JS.ACK.KREST_WORK.krest-app-a.3.17.9.1700000000000000000.0") == (3, 17)
+    assert ack_info("$JS.ACK.dom.acchash.KREST_WORK.krest-app-a.2.18.9.1700000000000000000.0.tok") == (2, 18)
+    assert ack_info("_INBOX.x") == (1, 0)
+
+
+def test_nats_settings_like_rust() -> None:
+    o = NatsConfig(url="nats://u:p%40ss@h1:4222,nats://h2").connect_options("n")
+    assert (o["servers"], o["user"], o["password"]) == (["nats://h1:4222", "nats://h2"], "u", "p@ss")
+    o = NatsConfig(url="nats://tok@h").connect_options("n")
+    assert (o["servers"], o["token"]) == (["nats://h"], "tok")
+    o = NatsConfig(url="nats://u:p@h", user="x", password="y").connect_options("n")
+    assert (o["user"], o["password"]) == ("x", "y"), "explicit settings win over the URL"
+    with pytest.raises(ConfigError, match="conflicting NATS credentials: user/password, token"):
+        NatsConfig(user="u", token="t").connect_options("n")
+    with pytest.raises(ConfigError, match="password is set without a user"):
+        NatsConfig(password="p").connect_options("n")
+    with pytest.raises(ConfigError, match="cannot read the NATS credentials file"):
+        NatsConfig(creds="/nonexistent.creds").connect_options("n")
+    assert "p@ss" not in repr(NatsConfig(url="nats://h", user="u", password="p@ss"))
+    assert NatsConfig(url="nats://u:pw@h").shown_url() == "nats://<redacted>@h"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def send(self, event: dict[str, object]) -> None:
+        self.events.append(event)
+
+
+def _ctx(sink: _Sink) -> object:
+    from krest_worker import JobContext
+
+    run = {"runId": "g.j.1", "jobGroup": "g", "jobName": "j", "appName": "a", "path": "p",
+           "retryTimes": 2, "deliveryToken": "tok", "shard": {"index": 1, "total": 3, "item": "b"}}
+    return JobContext(run, 2, "w1", sink)  # type: ignore[arg-type]
+
+
+def test_log_lines_are_bounded_per_attempt() -> None:
+    from krest_worker import JobContext
+
+    sink = _Sink()
+    ctx = _ctx(sink)
+    assert isinstance(ctx, JobContext)
+    assert (ctx.shard_index, ctx.shard_total, ctx.shard_item, ctx.max_attempts) == (1, 3, "b", 3)
+    ctx.log("see https://u:pw@h/x")
+    ctx.log("x" * 5000)
+    first, long = sink.events
+    assert first["line"] == "see https://<redacted>@h/x" and first["seq"] == 1
+    assert (first["shard"], first["attempt"], first["deliveryToken"], first["level"]) == (1, 2, "tok", "INFO")
+    assert len(str(long["line"]).encode()) == 4096 and str(long["line"]).endswith("...")
+    for _ in range(10_100):
+        ctx.warn("y")
+    assert len(sink.events) == 10_001
+    cut = sink.events[-1]
+    assert cut["seq"] == 10_001 and cut["level"] == "WARN"
+    assert str(cut["line"]).startswith("log cut: an attempt keeps at most 10000 lines and 1024 KiB")
+
+
+def test_log_bytes_are_bounded_per_attempt() -> None:
+    sink = _Sink()
+    ctx = _ctx(sink)
+    for _ in range(300):
+        ctx.log("z" * 4000)  # type: ignore[attr-defined]
+    assert sink.events[-1]["line"].startswith("log cut:")  # type: ignore[union-attr]
+    assert sum(len(str(e["line"])) for e in sink.events[:-1]) <= 1024 * 1024
+    assert len(sink.events) == 263
