@@ -501,6 +501,11 @@ async fn execute(
                 match stopping {
                     Some((Ending::TimedOut, _)) => return Ending::TimedOut,
                     Some((Ending::Cancelled(why), _)) => return Ending::Cancelled(why),
+                    // Stopped by the shutdown deadline: unless it finished its work anyway,
+                    // the run is handed back, not failed.
+                    Some((Ending::Interrupted, _)) if !matches!(joined, Ok(Ok(_))) => {
+                        return Ending::Interrupted
+                    }
                     _ => {}
                 }
                 return Ending::Done(match joined {

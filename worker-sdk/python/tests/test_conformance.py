@@ -256,10 +256,7 @@ SCENARIOS: list[Scenario] = [
     addressed_retry, broadcast,
     normal, sharded, retried_then_succeeded, always_failing, fatal, missing_handler, timed_out,
     cancelled, killed_mid_run, shutdown_drains, poison_message,
-    pytest.param(shutdown_deadline_hands_back, marks=pytest.mark.xfail(strict=True, reason=(
-        "the Rust SDK reports the error of a handler that stops when the shutdown deadline asks "
-        "it to (FAILED, retried only per retryTimes) instead of handing the run back"
-    ))),  # type: ignore[list-item]
+    shutdown_deadline_hands_back,
 ]
 
 
