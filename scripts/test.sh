@@ -12,3 +12,6 @@ scripts/check-deploy.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --quiet
+# The run-query benchmark (benches run only by `cargo bench`) at a tiny size, unoptimized: it
+# keeps compiling, and its answers are checked against its generator on both backends.
+KREST_BENCH_N=1000 cargo test --quiet -p krest --bench queries
