@@ -11,11 +11,11 @@
 //! apps, every status (96 % succeeded, 1 % failed, …, a few pending) and a year of scheduled
 //! times; one run in 100,000 has no scheduled time (the recorder saw its start before its
 //! dispatch). Each query runs 5 times (once if it takes over a second); the table shows the
-//! median. A query slower than 50 ms
-//! has its plan printed (`EXPLAIN QUERY PLAN` / `EXPLAIN`).
+//! median. A query slower than 50 ms has its plan printed (`EXPLAIN QUERY PLAN` / `EXPLAIN`).
+//! Retention passes are timed too (`Store::prune` with nothing to prune: what each pass costs).
 //!
-//! Every answer is also checked against the generator (filters, order, the cursor's run first),
-//! so CI runs this at a tiny size (`KREST_BENCH_N=1000 cargo test -p krest --bench queries`,
+//! Up to 100,000 runs every answer is also checked against the generator (filters, order, the
+//! cursor's run first, totals), so CI runs this at a tiny size (`KREST_BENCH_N=1000 cargo test -p krest --bench queries`,
 //! in scripts/test.sh) and it cannot rot. Postgres is the server of `$KREST_TEST_POSTGRES`
 //! (default `postgres://postgres@127.0.0.1:5432/postgres`).
 

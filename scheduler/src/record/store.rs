@@ -2093,6 +2093,17 @@ mod tests {
                 "g.j.00007"
             ]
         );
+        // The same order for a job's newest run; counts only of scheduled runs, statuses
+        // without runs left out.
+        let (last, ended) = store.job_runs_ended("g", "j", 10).await.unwrap();
+        assert_eq!(last.unwrap().run_id, "g.j.00050b");
+        assert!(ended.is_empty());
+        assert_eq!(
+            store.run_counts_since(0).await.unwrap(),
+            [("PENDING".to_string(), 6)]
+        );
+        assert_eq!(store.run_counts_since(ms(at(41))).await.unwrap().len(), 1);
+        assert!(store.run_counts_since(ms(at(51))).await.unwrap().is_empty());
         store.close().await;
     }
 
