@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{ClusterStatus, ErrorCode, InvalidDocument, RunDetail};
+use crate::api::{CatchingUp, ClusterStatus, ErrorCode, InvalidDocument, RunDetail, RunSummary};
 
 /// The body of every HTTP API error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -47,6 +47,22 @@ pub struct ItemsPage<T> {
     pub next: Option<String>,
 }
 
+/// `GET /api/v1/runs`: one page of runs, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunsPage {
+    /// The runs of this page.
+    pub items: Vec<RunSummary>,
+    /// The `cursor` query parameter that asks for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// Set when the answering node's database is behind the events stream (a new or
+    /// restarted node replaying it): the page may miss recent runs or show them in an older
+    /// state. The same notice as the NATS API's `runs.list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catching_up: Option<CatchingUp>,
+}
+
 /// `GET /api/v1/runs/{run}`: one page of a run's attempts and log lines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -57,6 +73,10 @@ pub struct RunDetailPage {
     /// The `cursor` query parameter of the next page; absent on the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// Set when the answering node's database is behind the events stream: the run may be
+    /// shown in an older state (as the NATS API's `runs.get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catching_up: Option<CatchingUp>,
 }
 
 /// `GET /api/v1/cron/preview`: the next fire times of a cron expression.

@@ -231,6 +231,20 @@ ALTER TABLE runs ADD COLUMN epoch BIGINT
 CREATE INDEX runs_by_app ON runs (app_name, scheduled_at)
 "#,
     ),
+    // Ten million runs (BENCHMARKS.md, run queries): `runs.counts` (the console's last hour)
+    // reads its time range of `runs_by_time_status` alone (it replaces `runs_by_time`), and
+    // `runs.list --job … --status …` one range of `runs_by_job_status` in order (it replaces
+    // `runs_by_status_job`, which had no `scheduled_at`: Postgres sorted the job's runs in
+    // that status, 31 ms for 100 of them).
+    Migration::same(
+        7,
+        r#"
+CREATE INDEX runs_by_time_status ON runs (scheduled_at, status);
+DROP INDEX runs_by_time;
+CREATE INDEX runs_by_job_status ON runs (job_group, job_name, status, scheduled_at);
+DROP INDEX runs_by_status_job
+"#,
+    ),
 ];
 
 /// Which runs `runs.list` wants.
@@ -821,96 +835,129 @@ impl Store {
     }
 
     /// Runs matching the filter, newest first (by scheduled time, then run id), starting at
-    /// `start` (`(scheduled ms, run id)` of the first run wanted, inclusive) if given.
+    /// `start` (`(scheduled ms, run id)` of the first run wanted, inclusive) if given. Runs
+    /// without a scheduled time come last, by run id.
+    ///
+    /// Two index-ordered queries rather than one `ORDER BY scheduled_at DESC NULLS LAST`: the
+    /// runs with a scheduled time (a range of an index ending in `scheduled_at`, read
+    /// backwards), then, when the page is not full, those without one (`scheduled_at IS NULL`,
+    /// a range of the same index). Postgres cannot read an ascending index backwards in `NULLS
+    /// LAST` order and sorted every matching run instead, and an `OR … IS NULL` in the cursor's
+    /// condition made both backends scan (BENCHMARKS.md, run queries).
     pub async fn list_runs(
         &self,
         filter: &RunFilter<'_>,
         limit: u32,
         start: Option<(Option<i64>, String)>,
     ) -> Result<Vec<RunSummary>, StoreError> {
-        let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
-        let mut vals: Vec<Val> = Vec::new();
-        let status = filter.status;
-        if let Some(app) = filter.app {
-            vals.push(app.into());
-            sql.push_str(&format!(" AND app_name = ${}", vals.len()));
+        let mut runs = Vec::new();
+        if let Some((sql, vals)) =
+            runs_statement(filter, RunsPart::Scheduled, start.as_ref(), limit)
+        {
+            let rows = bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&self.pool)
+                .await?;
+            runs = rows.iter().map(run_summary).collect::<Result<_, _>>()?;
         }
-        if let Some(since) = filter.since_ms {
-            vals.push(since.into());
-            sql.push_str(&format!(" AND scheduled_at >= ${}", vals.len()));
+        let left = limit.saturating_sub(u32::try_from(runs.len()).unwrap_or(u32::MAX));
+        if left == 0 {
+            return Ok(runs);
         }
-        if let Some(until) = filter.until_ms {
-            vals.push(until.into());
-            sql.push_str(&format!(" AND scheduled_at < ${}", vals.len()));
-        }
-        if let Some((name, group)) = filter.job {
-            vals.push(name.into());
-            sql.push_str(&format!(" AND job_name = ${}", vals.len()));
-            if let Some(group) = group {
-                vals.push(group.into());
-                sql.push_str(&format!(" AND job_group = ${}", vals.len()));
+        if let Some((sql, vals)) =
+            runs_statement(filter, RunsPart::Unscheduled, start.as_ref(), left)
+        {
+            let rows = bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&self.pool)
+                .await?;
+            for r in &rows {
+                runs.push(run_summary(r)?);
             }
         }
-        if let Some(status) = status {
-            vals.push(status.as_str().into());
-            sql.push_str(&format!(" AND status = ${}", vals.len()));
-        }
-        // Keyset: the order below puts runs without a scheduled time last (on both backends).
-        match start {
-            Some((Some(at), id)) => {
-                vals.push(at.into());
-                let at_n = vals.len();
-                vals.push(id.into());
-                let id_n = vals.len();
-                sql.push_str(&format!(
-                    " AND (scheduled_at < ${at_n} OR (scheduled_at = ${at_n} AND run_id <= ${id_n}) OR scheduled_at IS NULL)"
-                ));
+        Ok(runs)
+    }
+
+    /// The plans the database makes for the statements of a query (`EXPLAIN QUERY PLAN` on
+    /// SQLite, `EXPLAIN` on Postgres), one line per plan line, for benchmarks and diagnosis.
+    pub async fn explain(&self, query: &Explain<'_>) -> Result<Vec<String>, StoreError> {
+        let statements: Vec<(String, Vec<Val>)> = match query {
+            Explain::ListRuns {
+                filter,
+                limit,
+                start,
+            } => [RunsPart::Scheduled, RunsPart::Unscheduled]
+                .into_iter()
+                .filter_map(|part| runs_statement(filter, part, start.as_ref(), *limit))
+                .collect(),
+            Explain::JobRunsEnded {
+                group,
+                name,
+                recent,
+            } => [SCHEDULED, UNSCHEDULED]
+                .into_iter()
+                .map(|scheduled| {
+                    (
+                        job_ended_sql(scheduled),
+                        vec![
+                            Val::from(*group),
+                            Val::from(*name),
+                            Val::from(i64::from(*recent)),
+                        ],
+                    )
+                })
+                .collect(),
+            Explain::RunCounts { since_ms } => {
+                vec![(run_counts_sql(), vec![Val::from(*since_ms)])]
             }
-            Some((None, id)) => {
-                vals.push(id.into());
-                sql.push_str(&format!(
-                    " AND scheduled_at IS NULL AND run_id <= ${}",
-                    vals.len()
-                ));
+        };
+        let mut out = Vec::new();
+        for (sql, vals) in statements {
+            out.push(format!("-- {sql}"));
+            let prefix = match self.backend {
+                Backend::Sqlite => "EXPLAIN QUERY PLAN ",
+                Backend::Postgres => "EXPLAIN ",
+            };
+            let rows = bind_all(sqlx::query(&format!("{prefix}{sql}")), vals)
+                .fetch_all(&self.pool)
+                .await?;
+            for r in &rows {
+                out.push(match self.backend {
+                    Backend::Sqlite => r.try_get::<String, _>(3)?,
+                    Backend::Postgres => r.try_get::<String, _>(0)?,
+                });
             }
-            None => {}
         }
-        vals.push(i64::from(limit).into());
-        sql.push_str(&format!(
-            " ORDER BY scheduled_at DESC NULLS LAST, run_id DESC LIMIT ${}",
-            vals.len()
-        ));
-        let rows = bind_all(sqlx::query(&sql), vals)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(run_summary).collect()
+        Ok(out)
     }
 
     /// A job's newest run, and the status and duration (ms, `None` if it never started) of
-    /// its newest `recent` ended runs (uses the `runs_by_job` index).
+    /// its newest `recent` ended runs (uses the `runs_by_job` index, read backwards; runs
+    /// without a scheduled time come last, as in [`Store::list_runs`]).
     pub async fn job_runs_ended(
         &self,
         group: &str,
         name: &str,
         recent: u32,
     ) -> Result<(Option<RunSummary>, Vec<(RunStatus, Option<i64>)>), StoreError> {
-        let last = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE job_group = $1 AND job_name = $2 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC LIMIT 1"
-        ))
-        .bind(group)
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|r| run_summary(&r))
-        .transpose()?;
-        let rows = sqlx::query(
-            "SELECT status, started_at, finished_at FROM runs WHERE job_group = $1 AND job_name = $2 AND finished_at IS NOT NULL ORDER BY scheduled_at DESC NULLS LAST, run_id DESC LIMIT $3",
-        )
-        .bind(group)
-        .bind(name)
-        .bind(i64::from(recent))
-        .fetch_all(&self.pool)
-        .await?;
+        let filter = RunFilter {
+            job: Some((name, Some(group))),
+            ..RunFilter::default()
+        };
+        let last = self.list_runs(&filter, 1, None).await?.pop();
+        let mut rows = Vec::new();
+        for scheduled in [SCHEDULED, UNSCHEDULED] {
+            let left = i64::from(recent) - i64::try_from(rows.len()).unwrap_or(i64::MAX);
+            if left <= 0 {
+                break;
+            }
+            rows.extend(
+                sqlx::query(&job_ended_sql(scheduled))
+                    .bind(group)
+                    .bind(name)
+                    .bind(left)
+                    .fetch_all(&self.pool)
+                    .await?,
+            );
+        }
         let mut ended = Vec::with_capacity(rows.len());
         for r in &rows {
             let status: String = r.try_get("status")?;
@@ -923,17 +970,24 @@ impl Store {
         Ok((last, ended))
     }
 
-    /// Runs by status among those scheduled at or after `since_ms` (uses `runs_by_time`).
+    /// Runs by status among those scheduled at or after `since_ms` (statuses with none left
+    /// out). One count per status over a range of `runs_by_time_status` alone: with `GROUP BY
+    /// status` instead, SQLite (without statistics) scanned all of `runs_by_status` for its
+    /// order (0.5 s at 10 million runs).
     pub async fn run_counts_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT status, COUNT(*) AS n FROM runs WHERE scheduled_at >= $1 GROUP BY status",
-        )
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
-            .collect()
+        let row = sqlx::query(&run_counts_sql())
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        let mut counts = Vec::new();
+        for (i, status) in RunStatus::ALL.iter().enumerate() {
+            // COUNT is never NULL; a NULL would be no runs.
+            let n: Option<i64> = row.try_get(i)?;
+            if let Some(n) = n.filter(|n| *n > 0) {
+                counts.push((status.as_str().to_string(), n));
+            }
+        }
+        Ok(counts)
     }
 
     /// One run's summary and args.
@@ -1264,6 +1318,135 @@ fn log_view(r: &AnyRow) -> Result<LogView, StoreError> {
         level: parse_enum(&level).unwrap_or(LogLevel::Info),
         line: r.try_get("line")?,
     })
+}
+
+/// What [`Store::explain`] explains: the statements of a query of the store.
+#[derive(Debug, Clone)]
+pub enum Explain<'a> {
+    /// [`Store::list_runs`] (both its statements).
+    ListRuns {
+        /// The filter.
+        filter: RunFilter<'a>,
+        /// Page size.
+        limit: u32,
+        /// The cursor.
+        start: Option<(Option<i64>, String)>,
+    },
+    /// [`Store::job_runs_ended`]'s ended runs.
+    JobRunsEnded {
+        /// Job group.
+        group: &'a str,
+        /// Job name.
+        name: &'a str,
+        /// How many.
+        recent: u32,
+    },
+    /// [`Store::run_counts_since`].
+    RunCounts {
+        /// Since (ms).
+        since_ms: i64,
+    },
+}
+
+/// The two parts of a run listing: runs with a scheduled time, newest first, then those
+/// without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunsPart {
+    Scheduled,
+    Unscheduled,
+}
+
+const SCHEDULED: &str = "scheduled_at IS NOT NULL";
+const UNSCHEDULED: &str = "scheduled_at IS NULL";
+
+/// `runs.counts`: one column per status, in [`RunStatus::ALL`]'s order.
+fn run_counts_sql() -> String {
+    let counts: Vec<String> = RunStatus::ALL
+        .iter()
+        .map(|s| format!("COUNT(*) FILTER (WHERE status = '{}')", s.as_str()))
+        .collect();
+    format!(
+        "SELECT {} FROM runs WHERE scheduled_at >= $1",
+        counts.join(", ")
+    )
+}
+
+/// A job's newest ended runs among those with (`SCHEDULED`) or without a scheduled time.
+fn job_ended_sql(scheduled: &str) -> String {
+    format!(
+        "SELECT status, started_at, finished_at FROM runs WHERE job_group = $1 AND job_name = $2 AND {scheduled} AND finished_at IS NOT NULL ORDER BY scheduled_at DESC, run_id DESC LIMIT $3"
+    )
+}
+
+/// The statement of one part of [`Store::list_runs`] from `start` on, at most `limit` runs;
+/// `None` when the part cannot have any (the cursor is past it, or a time bound leaves out
+/// unscheduled runs).
+fn runs_statement(
+    filter: &RunFilter<'_>,
+    part: RunsPart,
+    start: Option<&(Option<i64>, String)>,
+    limit: u32,
+) -> Option<(String, Vec<Val>)> {
+    let timed = filter.since_ms.is_some() || filter.until_ms.is_some();
+    match (part, start) {
+        (RunsPart::Scheduled, Some((None, _))) => return None,
+        (RunsPart::Unscheduled, _) if timed => return None,
+        _ => {}
+    }
+    let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE ");
+    sql.push_str(match part {
+        RunsPart::Scheduled => SCHEDULED,
+        RunsPart::Unscheduled => UNSCHEDULED,
+    });
+    let mut vals: Vec<Val> = Vec::new();
+    if let Some(app) = filter.app {
+        vals.push(app.into());
+        sql.push_str(&format!(" AND app_name = ${}", vals.len()));
+    }
+    if let Some(since) = filter.since_ms {
+        vals.push(since.into());
+        sql.push_str(&format!(" AND scheduled_at >= ${}", vals.len()));
+    }
+    if let Some(until) = filter.until_ms {
+        vals.push(until.into());
+        sql.push_str(&format!(" AND scheduled_at < ${}", vals.len()));
+    }
+    if let Some((name, group)) = filter.job {
+        vals.push(name.into());
+        sql.push_str(&format!(" AND job_name = ${}", vals.len()));
+        if let Some(group) = group {
+            vals.push(group.into());
+            sql.push_str(&format!(" AND job_group = ${}", vals.len()));
+        }
+    }
+    if let Some(status) = filter.status {
+        vals.push(status.as_str().into());
+        sql.push_str(&format!(" AND status = ${}", vals.len()));
+    }
+    match (part, start) {
+        (RunsPart::Scheduled, Some((Some(at), id))) => {
+            // `scheduled_at <= at` bounds the index range; the run id is compared on the runs
+            // scheduled at `at` only.
+            vals.push((*at).into());
+            let at_n = vals.len();
+            vals.push(id.as_str().into());
+            sql.push_str(&format!(
+                " AND scheduled_at <= ${at_n} AND (scheduled_at < ${at_n} OR run_id <= ${})",
+                vals.len()
+            ));
+        }
+        (RunsPart::Unscheduled, Some((None, id))) => {
+            vals.push(id.as_str().into());
+            sql.push_str(&format!(" AND run_id <= ${}", vals.len()));
+        }
+        _ => {}
+    }
+    vals.push(i64::from(limit).into());
+    sql.push_str(&format!(
+        " ORDER BY scheduled_at DESC, run_id DESC LIMIT ${}",
+        vals.len()
+    ));
+    Some((sql, vals))
 }
 
 const RUN_COLUMNS: &str = "run_id, job_group, job_name, app_name, status, trigger_kind, scheduled_at, dispatched_at, started_at, finished_at, shard_total, shards_succeeded, shards_failed, attempts, misfired, output, error, node, revision, parent_run_id, epoch";
@@ -1910,6 +2093,17 @@ mod tests {
                 "g.j.00007"
             ]
         );
+        // The same order for a job's newest run; counts only of scheduled runs, statuses
+        // without runs left out.
+        let (last, ended) = store.job_runs_ended("g", "j", 10).await.unwrap();
+        assert_eq!(last.unwrap().run_id, "g.j.00050b");
+        assert!(ended.is_empty());
+        assert_eq!(
+            store.run_counts_since(0).await.unwrap(),
+            [("PENDING".to_string(), 6)]
+        );
+        assert_eq!(store.run_counts_since(ms(at(41))).await.unwrap().len(), 1);
+        assert!(store.run_counts_since(ms(at(51))).await.unwrap().is_empty());
         store.close().await;
     }
 

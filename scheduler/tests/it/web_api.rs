@@ -773,4 +773,83 @@ async fn revisions_and_diffs_use_per_job_numbers() {
         Some(1)
     );
     node.stop().await.unwrap();
+
+/// Run listings and run details over HTTP say when the node's database is behind the events
+/// stream (`catchingUp`, as the NATS API's `runs.list`/`runs.get`), and stop saying it once the
+/// node is current. The database is held behind by another connection holding SQLite's write
+/// lock, as in the NATS API's test (`a_node_started_late_says_it_is_catching_up_…`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_run_answers_say_when_the_node_is_catching_up() {
+    let env = Env::new("web-catching-up");
+    let (_node, base) = web_node(&env, "b", access()).await;
+    let web = Web::new(&base, Some(WRITE));
+    let client = env.client().await;
+    // No worker: the runs stay pending, which is all the listing needs.
+    apply(
+        &client,
+        vec![job("idle", "nobody-serves-this", "idle", json!({}))],
+    )
+    .await;
+    let trigger = || async {
+        let (s, v) = web.send("POST", "/api/v1/jobs/t.idle/trigger", None).await;
+        assert_eq!(s, 200, "{v}");
+        v["runId"].as_str().unwrap().to_string()
+    };
+    let first = trigger().await;
+    let detail = eventually(DEADLINE, "the first run to be recorded", || async {
+        let (s, v) = web.get(&format!("/api/v1/runs/{first}")).await;
+        (s == 200).then_some(v)
+    })
+    .await;
+    assert!(detail.get("catchingUp").is_none(), "{detail}");
+    let list = web.ok("/api/v1/runs?job=t.idle").await;
+    assert!(list.get("catchingUp").is_none(), "{list}");
+
+    // Another connection holds the write lock: events keep coming, the node records none.
+    let mut lock = sqlx_lock(&env.dir.join("b.db")).await;
+    let second = trigger().await;
+    let list = eventually(
+        DEADLINE,
+        "the run listing to say b is catching up",
+        || async {
+            let v = web.ok("/api/v1/runs?job=t.idle").await;
+            v.get("catchingUp").is_some().then_some(v)
+        },
+    )
+    .await;
+    let c = &list["catchingUp"];
+    assert_eq!(c["node"], "b", "{list}");
+    assert!(c["lagEvents"].as_u64().unwrap() >= 1, "{list}");
+    assert!(c["lagMs"].as_u64().unwrap() >= 1000, "{list}");
+    assert!(
+        c["streamSeq"].as_u64().unwrap() > c["recordedSeq"].as_u64().unwrap(),
+        "{list}"
+    );
+    // The page is still a page: what b has recorded.
+    let ids: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["runId"].as_str())
+        .collect();
+    assert!(ids.contains(&first.as_str()), "{list}");
+    let detail = web.ok(&format!("/api/v1/runs/{first}")).await;
+    assert_eq!(detail["catchingUp"]["node"], "b", "{detail}");
+    assert_eq!(detail["run"]["runId"], first.as_str(), "{detail}");
+
+    // The lock released, b records the backlog and says nothing more.
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    drop(lock);
+    let list = eventually(DEADLINE, "b to be current", || async {
+        let v = web.ok("/api/v1/runs?job=t.idle").await;
+        v.get("catchingUp").is_none().then_some(v)
+    })
+    .await;
+    let recorded = eventually(DEADLINE, "the second run to be recorded", || async {
+        let (s, v) = web.get(&format!("/api/v1/runs/{second}")).await;
+        (s == 200).then_some(v)
+    })
+    .await;
+    assert!(recorded.get("catchingUp").is_none(), "{recorded}");
+    assert!(list["items"].is_array(), "{list}");
 }

@@ -19,15 +19,15 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use chrono::Utc;
 use krest_schemas::api::{
-    ApplyRequest, ApplyResponse, ApplyResult, CancelResponse, ClusterStatus, DeadLetter,
-    DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest, JobRevision,
-    JobStatus, JobView, Op, RunGetRequest, RunRequest, RunStatus, RunSummary, RunsListRequest,
+    ApplyRequest, ApplyResponse, ApplyResult, CancelResponse, CatchingUp, ClusterStatus,
+    DeadLetter, DlqListRequest, ErrorCode, JobHistoryRequest, JobListRequest, JobRequest,
+    JobRevision, JobStatus, JobView, Op, RunGetRequest, RunRequest, RunStatus, RunsListRequest,
     TriggerRequest, TriggerResponse, WorkersListRequest,
 };
 use krest_schemas::text::{echo, shorten_quoted};
 use krest_schemas::web::{
     ClusterHealth, CronPreview, FieldChange, HttpError, ItemsPage, JobDiff, RunDetailPage,
-    SessionRequest, SessionView, TriggerBody,
+    RunsPage, SessionRequest, SessionView, TriggerBody,
 };
 use krest_schemas::{CronSchedule, WorkerInfo};
 use schemars::{Schema, SchemaGenerator};
@@ -266,7 +266,7 @@ pub fn routes() -> Vec<Route> {
                 LIMIT,
                 CURSOR,
             ])
-            .returns(|g| g.subschema_for::<ItemsPage<RunSummary>>()),
+            .returns(|g| g.subschema_for::<RunsPage>()),
         route(Get, "/api/v1/runs/{run}", "getRun", "One run with its shards' attempts and log lines (paged: `next`).", Read, run_get)
             .query(vec![LIMIT, CURSOR])
             .returns(|g| g.subschema_for::<RunDetailPage>()),
@@ -386,14 +386,25 @@ fn result(reply: Reply) -> Response {
     json_response(StatusCode::OK, reply.result)
 }
 
-/// A page as `{"items": …, "next": …}`.
+/// A page as `{"items": …, "next": …}` (and `"catchingUp": …` on run listings answered
+/// while the node's database is behind the events stream).
 fn page(reply: Reply) -> Response {
     let mut body = Vec::with_capacity(reply.result.len() + 64);
     body.extend_from_slice(br#"{"items":"#);
     body.extend_from_slice(&reply.result);
     push_next(&mut body, reply.next.as_deref());
+    push_catching_up(&mut body, reply.catching_up.as_ref());
     body.push(b'}');
     json_response(StatusCode::OK, body)
+}
+
+fn push_catching_up(body: &mut Vec<u8>, catching_up: Option<&CatchingUp>) {
+    if let Some(c) = catching_up {
+        if let Ok(c) = serde_json::to_vec(c) {
+            body.extend_from_slice(br#","catchingUp":"#);
+            body.extend_from_slice(&c);
+        }
+    }
 }
 
 fn push_next(body: &mut Vec<u8>, next: Option<&str>) {
@@ -825,11 +836,12 @@ async fn run_get(
         cursor: q.cursor,
     };
     let reply = s.call(Op::RunsGet, &req).await?;
-    // The detail with `next` added: the result is an object (`{"run":…}`).
+    // The detail with `next` and `catchingUp` added: the result is an object (`{"run":…}`).
     let mut body = reply.result;
-    if body.last() == Some(&b'}') && reply.next.is_some() {
+    if body.last() == Some(&b'}') && (reply.next.is_some() || reply.catching_up.is_some()) {
         body.pop();
         push_next(&mut body, reply.next.as_deref());
+        push_catching_up(&mut body, reply.catching_up.as_ref());
         body.push(b'}');
     }
     Ok(json_response(StatusCode::OK, body))

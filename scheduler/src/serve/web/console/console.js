@@ -57,6 +57,10 @@ const enc = encodeURIComponent;
 const fmt = (t) => (t ? new Date(t).toLocaleString() : '-');
 const ago = (t) => (t ? Math.max(0, Math.round((Date.now() - new Date(t)) / 1000)) + ' s ago' : '-');
 const statusCell = (s) => h('span', { class: 'status ' + s }, s);
+// The notice of a run answer from a node whose database is behind the events stream.
+const catchingUp = (c) => (c ? h('p', { class: 'notice', id: 'catching-up' },
+  'Node ' + c.node + ' is catching up on the events stream: ' + c.lagEvents + ' events (' +
+  Math.round(c.lagMs / 1000) + ' s) behind; recent runs may be missing or out of date.') : null);
 const jobStatus = (spec) => (spec.running ? h('span', { class: 'status RUNNING-job' }, 'RUNNING') : h('span', { class: 'status PAUSED-job' }, 'PAUSED'));
 const schedule = (spec) => spec.cron ? spec.cron + ' (' + (spec.timeZone || 'UTC') + ')' : spec.every ? 'every ' + spec.every : spec.at ? 'at ' + spec.at : 'manual';
 const view = () => document.getElementById('view');
@@ -298,7 +302,7 @@ async function runsPage(params) {
     more.hidden = !next;
     const rows = append ? (list._runs || []).concat(page.items) : page.items;
     list._runs = rows;
-    list.replaceChildren(runTable(rows, 'No runs match.'));
+    list.replaceChildren(...[catchingUp(page.catchingUp), runTable(rows, 'No runs match.')].filter(Boolean));
   };
   const reload = () => load(false).catch((e) => list.replaceChildren(h('p', { class: 'error' }, e.message)));
   job.addEventListener('change', reload);
@@ -334,6 +338,7 @@ async function runPage(id) {
         a.logs.map((l) => h('div', { class: 'log-line' }, l.at.slice(11, 23) + ' ' + l.level + ' ' + l.line)))));
     return h('div', { id: 'run-detail' },
       h('h1', {}, 'Run ', r.runId),
+      catchingUp(d.catchingUp),
       h('p', {}, 'Job ', h('a', { href: '#/jobs/' + enc(r.jobGroup + '.' + r.jobName) }, r.jobGroup + '.' + r.jobName),
         ' · ', h('span', { id: 'run-status', class: 'status ' + r.status }, r.status), ' · trigger ', r.trigger || '-',
         ' · scheduled ', fmt(r.scheduledAt), ' · finished ', fmt(r.finishedAt)),
