@@ -10,7 +10,8 @@
 //! once `TTL - margin` has passed since the last renewal it *sent* succeeded: a node frozen
 //! (SIGSTOP, a long GC-like stall) past its lease finds on waking that it is no longer valid,
 //! before the server has even expired the key. Expiry by max age produces no watch event, so
-//! standbys poll.
+//! standbys poll; a clean release does (a delete marker), and standbys also watch the key for
+//! it, so a handover takes a round trip rather than up to a polling period.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,6 +110,44 @@ pub struct Election {
     validity: Validity,
 }
 
+/// Wakes `released` whenever the lease key is deleted (a leader letting go), until `stop`. A
+/// watch that fails or ends is opened again; meanwhile polling still finds the lease free.
+async fn watch_releases(
+    kv: kv::Store,
+    released: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match kv.watch(LEADER_KEY).await {
+            Ok(mut watch) => loop {
+                tokio::select! {
+                    entry = watch.next() => match entry {
+                        Some(Ok(e)) => {
+                            failures = 0;
+                            if e.operation != kv::Operation::Put {
+                                released.notify_one();
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "lease watch failed; reopening it");
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            },
+            Err(e) => tracing::debug!(error = %e, "cannot watch the lease; polling only"),
+        }
+        failures += 1;
+        if !crate::retry::pause(&stop, krest_schemas::Backoff::RECONNECT, failures).await {
+            return;
+        }
+    }
+}
+
 impl Election {
     /// Creates the election and the handle to observe it.
     pub fn new(kv: kv::Store, cfg: LeaseConfig) -> (Election, Leadership) {
@@ -153,9 +192,17 @@ impl Election {
         let mut held: Option<(u64, u64, DateTime<Utc>)> = None;
         let mut tick = tokio::time::interval(self.cfg.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let released = Arc::new(tokio::sync::Notify::new());
+        let watcher = tokio::spawn(watch_releases(
+            self.kv.clone(),
+            released.clone(),
+            stop.child_token(),
+        ));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                // A standby tries at once when the leader lets go.
+                _ = released.notified(), if held.is_none() => {}
                 _ = stop.cancelled() => break,
             }
             let sent = Instant::now();
@@ -210,6 +257,7 @@ impl Election {
                 },
             }
         }
+        watcher.abort();
         self.set(Role::Standby, None);
         if let Some((epoch, rev, _)) = held {
             let release = self.kv.delete_expect_revision(LEADER_KEY, Some(rev));
