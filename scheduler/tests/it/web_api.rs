@@ -773,6 +773,7 @@ async fn revisions_and_diffs_use_per_job_numbers() {
         Some(1)
     );
     node.stop().await.unwrap();
+}
 
 /// Run listings and run details over HTTP say when the node's database is behind the events
 /// stream (`catchingUp`, as the NATS API's `runs.list`/`runs.get`), and stop saying it once the
