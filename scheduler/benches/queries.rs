@@ -193,8 +193,10 @@ async fn fill(backend: Backend, url: &str, g: Gen) {
         );
     }
     if backend == Backend::Postgres {
-        // What autovacuum does on a live database.
-        exec(&mut c, "ANALYZE runs").await;
+        // What autovacuum does on a live database: statistics, and the visibility map
+        // (without it an index-only scan reads every row's page, e.g. retention's walk
+        // through `runs_by_job`: 15 ms instead of 0.3 ms per job of 1,000 runs).
+        exec(&mut c, "VACUUM ANALYZE runs").await;
     }
     c.close().await.unwrap();
 }

@@ -114,8 +114,10 @@ async fn prune_all(
     stop: &CancellationToken,
 ) -> Option<u64> {
     let mut pruned = 0u64;
+    // Where the last full batch stopped: the next one starts at that job.
+    let mut from = None;
     loop {
-        match store.prune(rule, batch).await {
+        match store.prune_from(rule, batch, &mut from).await {
             Ok(n) => {
                 pruned += n;
                 if n < u64::from(batch) {

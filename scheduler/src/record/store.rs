@@ -30,7 +30,9 @@ use sqlx::{Any, AnyPool, Connection, Row};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database URL is not one Krest understands.
-    #[error("unsupported database URL `{0}`: use sqlite://PATH (the file is created if missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")]
+    #[error(
+        "unsupported database URL `{0}`: use sqlite://PATH (the file is created if missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+    )]
     BadUrl(String),
     /// The database could not be opened or migrated at start.
     #[error("cannot open the database at {url}: {cause} ({hint})")]
@@ -103,6 +105,12 @@ pub enum PruneScope<'a> {
     /// Every job's but these `(group, name)` (which have their own rules).
     Except(&'a [(String, String)]),
 }
+
+/// The statuses of ended runs, which retention may delete.
+const PRUNE_ENDED_STATUSES: [&str; 5] =
+    ["SUCCEEDED", "FAILED", "TIMED_OUT", "SKIPPED", "CANCELLED"];
+/// [`PRUNE_ENDED_STATUSES`] as a condition.
+const PRUNE_ENDED: &str = "status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'SKIPPED', 'CANCELLED')";
 
 /// A connection pool with Krest's schema.
 #[derive(Clone, Debug)]
@@ -1162,62 +1170,87 @@ impl Store {
     /// `keep_runs` runs of their job. One short transaction; returns how many runs it deleted
     /// (less than `batch`: nothing more to prune now). Runs that have not ended are always kept.
     pub async fn prune(&self, rule: &PruneRule<'_>, batch: u32) -> Result<u64, StoreError> {
-        const ENDED: &str =
-            "status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'SKIPPED', 'CANCELLED')";
-        // The scope as `$1…` placeholders; the query's own parameters follow.
-        let mut scope_vals: Vec<Val> = Vec::new();
-        let scope = match rule.scope {
-            PruneScope::Job { group, name } => {
-                scope_vals.extend([Val::from(group), Val::from(name)]);
-                "job_group = $1 AND job_name = $2".to_string()
-            }
-            PruneScope::Except([]) => "1 = 1".to_string(),
-            PruneScope::Except(jobs) => {
-                let mut rows = Vec::with_capacity(jobs.len());
-                for (group, name) in jobs {
-                    scope_vals.extend([Val::from(group.as_str()), Val::from(name.as_str())]);
-                    rows.push(format!("(${},${})", scope_vals.len() - 1, scope_vals.len()));
-                }
-                format!("NOT ((job_group, job_name) IN (VALUES {}))", rows.join(","))
-            }
-        };
-        let next = scope_vals.len() + 1;
+        self.prune_from(rule, batch, &mut None).await
+    }
+
+    /// [`Store::prune`], job by job (in `(group, name)` order) from `from` (a job, inclusive;
+    /// `None`: the first), which it leaves at the job the batch filled up with, so that the
+    /// next batch of a backlog starts there instead of looking at the jobs before it again.
+    ///
+    /// What it costs (BENCHMARKS.md, retention): the jobs with runs are found by skipping
+    /// through `runs_by_job` (one lookup per job). By age, a job's ended runs scheduled before
+    /// the cutoff are ranges of `runs_by_job_status` (a run's end is never before its
+    /// scheduled time, but for skewed clocks: such a run waits until both are before the
+    /// cutoff); a first global look at `runs_by_time_status` skips all of that when nothing
+    /// ended that early. By count, a job's `keep_runs + 1`-th newest scheduled time is read
+    /// from `runs_by_job` (an index-only walk of at most `keep_runs` entries), and the ended
+    /// runs older than it are ranges of `runs_by_job_status`. Runs without a scheduled time
+    /// (rare: their start was recorded before their dispatch) rank last, as in `runs.list`.
+    pub async fn prune_from(
+        &self,
+        rule: &PruneRule<'_>,
+        batch: u32,
+        from: &mut Option<(String, String)>,
+    ) -> Result<u64, StoreError> {
+        let want = batch.max(1) as usize;
         let mut ids: Vec<String> = Vec::new();
-        if let Some(before) = rule.ended_before {
-            let sql = format!(
-                "SELECT run_id FROM runs WHERE {scope} AND {ENDED} AND COALESCE(finished_at, scheduled_at) < ${next} LIMIT ${}",
-                next + 1
-            );
-            let mut vals = scope_vals.clone();
-            vals.extend([Val::from(before), Val::from(i64::from(batch))]);
-            for r in &bind_all(sqlx::query(&sql), vals)
-                .fetch_all(&self.pool)
+        // Age: anything old enough at all? (Usually not: then no job needs a look for it.)
+        let mut by_age = rule.ended_before;
+        if let (Some(before), PruneScope::Except(_)) = (by_age, rule.scope) {
+            let old = sqlx::query(&format!(
+                "SELECT run_id FROM runs WHERE {PRUNE_ENDED} AND scheduled_at < $1 LIMIT 1"
+            ))
+            .bind(before)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some()
+                || sqlx::query(&format!(
+                    "SELECT run_id FROM runs WHERE scheduled_at IS NULL AND {PRUNE_ENDED} \
+                     AND finished_at < $1 LIMIT 1"
+                ))
+                .bind(before)
+                .fetch_optional(&self.pool)
                 .await?
-            {
-                ids.push(r.try_get(0)?);
+                .is_some();
+            if !old {
+                by_age = None;
             }
         }
-        if let (Some(keep), true) = (rule.keep_runs, ids.len() < batch as usize) {
-            let sql = format!(
-                "SELECT run_id FROM (SELECT run_id, status, ROW_NUMBER() OVER (PARTITION BY job_group, job_name \
-                 ORDER BY scheduled_at DESC NULLS LAST, run_id DESC) AS n FROM runs WHERE {scope}) AS ranked \
-                 WHERE n > ${next} AND {ENDED} LIMIT ${}",
-                next + 1
-            );
-            let mut vals = scope_vals.clone();
-            vals.extend([
-                Val::from(i64::from(keep)),
-                Val::from(i64::from(batch) - ids.len() as i64),
-            ]);
-            for r in &bind_all(sqlx::query(&sql), vals)
-                .fetch_all(&self.pool)
-                .await?
-            {
-                ids.push(r.try_get(0)?);
-            }
+        if by_age.is_none() && rule.keep_runs.is_none() {
+            return Ok(0);
         }
-        ids.sort();
-        ids.dedup();
+        let mut at = from.take();
+        let mut inclusive = true;
+        loop {
+            let job = match rule.scope {
+                PruneScope::Job { group, name } => {
+                    let job = (group.to_string(), name.to_string());
+                    match &at {
+                        Some(a) if (inclusive && *a > job) || (!inclusive && *a >= job) => None,
+                        _ => Some(job),
+                    }
+                }
+                PruneScope::Except(_) => self.next_job(at.as_ref(), inclusive).await?,
+            };
+            let Some(job) = job else { break };
+            let excluded = match rule.scope {
+                PruneScope::Except(jobs) => jobs.contains(&job),
+                PruneScope::Job { .. } => false,
+            };
+            if !excluded {
+                let found = self
+                    .prunable(&job, by_age, rule.keep_runs, want - ids.len())
+                    .await?;
+                ids.extend(found);
+                if ids.len() >= want {
+                    ids.truncate(want);
+                    *from = Some(job);
+                    break;
+                }
+            }
+            at = Some(job);
+            inclusive = false;
+        }
         if ids.is_empty() {
             return Ok(0);
         }
@@ -1235,7 +1268,7 @@ impl Store {
         // Re-checked: a run that came back to life since the select is kept.
         let deleted = bind_all(
             sqlx::query(&format!(
-                "DELETE FROM runs WHERE run_id IN ({list}) AND {ENDED}"
+                "DELETE FROM runs WHERE run_id IN ({list}) AND {PRUNE_ENDED}"
             )),
             vals,
         )
@@ -1244,6 +1277,192 @@ impl Store {
         .rows_affected();
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    /// The first job with runs at or after (`inclusive`) or after `at`, in `(group, name)`
+    /// order: one lookup in `runs_by_job`.
+    async fn next_job(
+        &self,
+        at: Option<&(String, String)>,
+        inclusive: bool,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let row = match at {
+            None => {
+                sqlx::query(
+                    "SELECT job_group, job_name FROM runs ORDER BY job_group, job_name LIMIT 1",
+                )
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            Some((group, name)) => {
+                let op = if inclusive { ">=" } else { ">" };
+                sqlx::query(&format!(
+                    "SELECT job_group, job_name FROM runs WHERE (job_group, job_name) {op} ($1, $2) \
+                     ORDER BY job_group, job_name LIMIT 1"
+                ))
+                .bind(group.as_str())
+                .bind(name.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+            .map_err(|e: sqlx::Error| e.into())
+    }
+
+    /// Up to `limit` distinct ended runs of `job` that are not kept: ended before `before`,
+    /// or beyond its newest `keep` runs (newest first by scheduled time, then run id;
+    /// unscheduled runs last).
+    async fn prunable(
+        &self,
+        (group, name): &(String, String),
+        before: Option<i64>,
+        keep: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        const JOB: &str = "job_group = $1 AND job_name = $2";
+        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut ids: Vec<String> = Vec::new();
+        let ids_of = |rows: Vec<AnyRow>| -> Result<Vec<String>, sqlx::Error> {
+            rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+        };
+        // Each query asks for what is still missing plus what the earlier ones found (which
+        // it may find again).
+        let more = |ids: &Vec<String>| limit_i.saturating_add(ids.len() as i64);
+        let add = |ids: &mut Vec<String>, found: Vec<String>| {
+            for id in found {
+                if ids.len() < limit && !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        };
+        if let Some(before) = before {
+            for sql in [
+                format!(
+                    "SELECT run_id FROM runs WHERE {JOB} AND {PRUNE_ENDED} AND scheduled_at < $3 \
+                     AND COALESCE(finished_at, scheduled_at) < $3 LIMIT $4"
+                ),
+                format!(
+                    "SELECT run_id FROM runs WHERE {JOB} AND scheduled_at IS NULL AND {PRUNE_ENDED} \
+                     AND finished_at < $3 LIMIT $4"
+                ),
+            ] {
+                if ids.len() >= limit {
+                    break;
+                }
+                let rows = sqlx::query(&sql)
+                    .bind(group.as_str())
+                    .bind(name.as_str())
+                    .bind(before)
+                    .bind(more(&ids))
+                    .fetch_all(&self.pool)
+                    .await?;
+                add(&mut ids, ids_of(rows)?);
+            }
+        }
+        let Some(keep) = keep else { return Ok(ids) };
+        if ids.len() >= limit {
+            return Ok(ids);
+        }
+        let keep = i64::from(keep);
+        // The newest scheduled time beyond the newest `keep`.
+        let boundary: Option<i64> = sqlx::query(&format!(
+            "SELECT scheduled_at FROM runs WHERE {JOB} AND scheduled_at IS NOT NULL \
+             ORDER BY scheduled_at DESC LIMIT 1 OFFSET $3"
+        ))
+        .bind(group.as_str())
+        .bind(name.as_str())
+        .bind(keep)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+        let count = |cond: &'static str, at: Option<i64>| {
+            let q = format!("SELECT COUNT(*) FROM runs WHERE {JOB} AND {cond}");
+            async move {
+                let mut q = sqlx::query(&q).bind(group.as_str()).bind(name.as_str());
+                if let Some(at) = at {
+                    q = q.bind(at);
+                }
+                let n: i64 = q.fetch_one(&self.pool).await?.try_get(0)?;
+                Ok::<i64, StoreError>(n)
+            }
+        };
+        // Ranked runs tied at a place (scheduled at `boundary`, or unscheduled), newest run id
+        // first, with `before` runs ranked ahead of them: those ranked beyond `keep` go.
+        let beyond = |rows: Vec<AnyRow>, ahead: i64| -> Result<Vec<String>, sqlx::Error> {
+            let mut out = Vec::new();
+            for (i, r) in rows.iter().enumerate() {
+                let status: String = r.try_get(1)?;
+                if ahead + i as i64 + 1 > keep && PRUNE_ENDED_STATUSES.contains(&status.as_str()) {
+                    out.push(r.try_get(0)?);
+                }
+            }
+            Ok(out)
+        };
+        match boundary {
+            Some(b) => {
+                let ties = sqlx::query(&format!(
+                    "SELECT run_id, status FROM runs WHERE {JOB} AND scheduled_at = $3 \
+                     ORDER BY run_id DESC"
+                ))
+                .bind(group.as_str())
+                .bind(name.as_str())
+                .bind(b)
+                .fetch_all(&self.pool)
+                .await?;
+                // Runs scheduled after `b`: exactly `keep` when `b` is not shared.
+                let ahead = if ties.len() == 1 {
+                    keep
+                } else {
+                    count("scheduled_at > $3", Some(b)).await?
+                };
+                add(&mut ids, beyond(ties, ahead)?);
+                for (sql, with_b) in [
+                    (
+                        format!(
+                            "SELECT run_id FROM runs WHERE {JOB} AND {PRUNE_ENDED} \
+                             AND scheduled_at < $3 LIMIT $4"
+                        ),
+                        true,
+                    ),
+                    (
+                        format!(
+                            "SELECT run_id FROM runs WHERE {JOB} AND scheduled_at IS NULL \
+                             AND {PRUNE_ENDED} LIMIT $3"
+                        ),
+                        false,
+                    ),
+                ] {
+                    if ids.len() >= limit {
+                        break;
+                    }
+                    let mut q = sqlx::query(&sql).bind(group.as_str()).bind(name.as_str());
+                    if with_b {
+                        q = q.bind(b);
+                    }
+                    let rows = q.bind(more(&ids)).fetch_all(&self.pool).await?;
+                    add(&mut ids, ids_of(rows)?);
+                }
+            }
+            None => {
+                // At most `keep` scheduled runs: only unscheduled ones can be beyond.
+                let unscheduled = sqlx::query(&format!(
+                    "SELECT run_id, status FROM runs WHERE {JOB} AND scheduled_at IS NULL \
+                     ORDER BY run_id DESC"
+                ))
+                .bind(group.as_str())
+                .bind(name.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+                if !unscheduled.is_empty() {
+                    let ahead = count("scheduled_at IS NOT NULL", None).await?;
+                    add(&mut ids, beyond(unscheduled, ahead)?);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// Checks that the database accepts a write (a no-op update of the cursor row).
@@ -1815,6 +2034,7 @@ mod tests {
         shared => stores_sharing_a_database_apply_each_event_once,
         reopen => reopening_migrates_once_and_keeps_the_cursor,
         prune => retention_prunes_ended_runs_by_age_and_count_in_batches,
+        prune_like_ranking => retention_prunes_what_ranking_every_run_would,
     }
 
     async fn retention_prunes_ended_runs_by_age_and_count_in_batches(backend: Backend) {
@@ -1900,6 +2120,172 @@ mod tests {
         // By age: ended before 45 ms: 40 goes; pending 60..100 stay.
         assert_eq!(store.prune(&rule(Some(45), None), 100).await.unwrap(), 1);
         assert_eq!(store.counts().await.unwrap().0, 6);
+        store.close().await;
+    }
+
+    /// What the rule deletes, by the unindexed queries retention used before (every run of
+    /// the scope ranked at once): the semantics `Store::prune` keeps.
+    async fn prunable_by_ranking(store: &Store, rule: &PruneRule<'_>) -> Vec<String> {
+        type Row6 = (String, String, String, Option<i64>, String, Option<i64>);
+        let mut all: Vec<Row6> = Vec::new();
+        for r in sqlx::query(
+            "SELECT run_id, job_group, job_name, scheduled_at, status, finished_at FROM runs",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap()
+        {
+            all.push((
+                r.try_get(0).unwrap(),
+                r.try_get(1).unwrap(),
+                r.try_get(2).unwrap(),
+                r.try_get(3).unwrap(),
+                r.try_get(4).unwrap(),
+                r.try_get(5).unwrap(),
+            ));
+        }
+        let in_scope = |g: &str, n: &str| match rule.scope {
+            PruneScope::Job { group, name } => g == group && n == name,
+            PruneScope::Except(jobs) => !jobs.contains(&(g.to_string(), n.to_string())),
+        };
+        let mut out = Vec::new();
+        for (id, g, n, sched, status, fin) in &all {
+            if !in_scope(g, n) || !PRUNE_ENDED_STATUSES.contains(&status.as_str()) {
+                continue;
+            }
+            let old = rule
+                .ended_before
+                .is_some_and(|b| fin.or(*sched).is_some_and(|t| t < b));
+            // Rank: newest scheduled first (unscheduled last), then run id descending.
+            let newer = all
+                .iter()
+                .filter(|(id2, g2, n2, s2, _, _)| {
+                    g2 == g
+                        && n2 == n
+                        && match (s2, sched) {
+                            (Some(a), Some(b)) => a > b || (a == b && id2 > id),
+                            (Some(_), None) => true,
+                            (None, Some(_)) => false,
+                            (None, None) => id2 > id,
+                        }
+                })
+                .count();
+            let beyond = rule.keep_runs.is_some_and(|k| newer >= k as usize);
+            if old || beyond {
+                out.push(id.clone());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    async fn retention_prunes_what_ranking_every_run_would(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        // Three jobs; scheduled times with ties and unscheduled runs; pending and running runs
+        // among the ended ones (they count for `keep_runs` but are never deleted).
+        let fill = || async {
+            sqlx::query("DELETE FROM runs")
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            let statuses = [
+                "SUCCEEDED",
+                "PENDING",
+                "SKIPPED",
+                "FAILED",
+                "RUNNING",
+                "CANCELLED",
+            ];
+            for (j, (group, name)) in [("g", "a"), ("g", "b"), ("h", "c")].iter().enumerate() {
+                for i in 0..14i64 {
+                    let sched = (i % 5 != 4).then_some(100 + (i / 3) * 10);
+                    let status = statuses[(i as usize + j) % statuses.len()];
+                    let fin = (status != "SKIPPED" && status != "PENDING" && status != "RUNNING")
+                        .then(|| sched.unwrap_or(100) + 5 + i);
+                    sqlx::query(
+                        "INSERT INTO runs (run_id, job_group, job_name, app_name, scheduled_at, status, finished_at) \
+                         VALUES ($1, $2, $3, 'a', $4, $5, $6)",
+                    )
+                    .bind(format!("{group}.{name}.{i:03}"))
+                    .bind(*group)
+                    .bind(*name)
+                    .bind(sched)
+                    .bind(status)
+                    .bind(fin)
+                    .execute(&store.pool)
+                    .await
+                    .unwrap();
+                }
+            }
+        };
+        let own = [("g".to_string(), "b".to_string())];
+        let scopes = [
+            PruneScope::Except(&[]),
+            PruneScope::Except(&own),
+            PruneScope::Job {
+                group: "h",
+                name: "c",
+            },
+        ];
+        let mut cases = 0;
+        for scope in scopes {
+            for keep_runs in [
+                None,
+                Some(0),
+                Some(1),
+                Some(2),
+                Some(3),
+                Some(7),
+                Some(11),
+                Some(50),
+            ] {
+                for ended_before in [None, Some(0), Some(121), Some(1_000)] {
+                    if keep_runs.is_none() && ended_before.is_none() {
+                        continue;
+                    }
+                    let rule = PruneRule {
+                        ended_before,
+                        keep_runs,
+                        scope,
+                    };
+                    fill().await;
+                    let expected = prunable_by_ranking(&store, &rule).await;
+                    let before: HashSet<String> = sqlx::query("SELECT run_id FROM runs")
+                        .fetch_all(&store.pool)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.try_get(0).unwrap())
+                        .collect();
+                    // Batches of 2, each starting where the last full one stopped.
+                    let mut from = None;
+                    let mut deleted = 0;
+                    loop {
+                        let n = store.prune_from(&rule, 2, &mut from).await.unwrap();
+                        deleted += n;
+                        if n < 2 {
+                            break;
+                        }
+                    }
+                    let after: HashSet<String> = sqlx::query("SELECT run_id FROM runs")
+                        .fetch_all(&store.pool)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.try_get(0).unwrap())
+                        .collect();
+                    let mut gone: Vec<String> = before.difference(&after).cloned().collect();
+                    gone.sort();
+                    assert_eq!(gone, expected, "{rule:?}");
+                    assert_eq!(deleted, expected.len() as u64, "{rule:?}");
+                    // Nothing left to prune.
+                    assert_eq!(store.prune(&rule, 2).await.unwrap(), 0, "{rule:?}");
+                    cases += 1;
+                }
+            }
+        }
+        assert!(cases > 50);
         store.close().await;
     }
 
