@@ -1955,6 +1955,134 @@ mod tests {
         shared => stores_sharing_a_database_apply_each_event_once,
         reopen => reopening_migrates_once_and_keeps_the_cursor,
         prune => retention_prunes_ended_runs_by_age_and_count_in_batches,
+        tally => a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts,
+    }
+
+    /// Events of a SHARDING run of 4 shards with retries, an end before its start, a tie in
+    /// end times, a redelivered end and a shard run again after it failed for good.
+    fn tricky_events(run_id: &str) -> Vec<RunEvent> {
+        let r = krest_schemas::RunRef {
+            run_id: run_id.into(),
+            job_group: "g".into(),
+            job_name: "j".into(),
+            app_name: "a".into(),
+        };
+        let start = |shard: u32, attempt: u32| {
+            RunEvent::Started(Started {
+                run: r.clone(),
+                shard,
+                shard_total: 4,
+                attempt,
+                worker: "w".into(),
+                at: at(i64::from(shard * 10 + attempt)),
+                scheduled_at: Some(at(1)),
+                delivery_token: String::new(),
+            })
+        };
+        let end = |shard: u32, attempt: u32, outcome: AttemptOutcome, retry: bool, t: i64| {
+            let ok = outcome == AttemptOutcome::Succeeded;
+            RunEvent::Finished(Finished {
+                run: r.clone(),
+                shard,
+                shard_total: 4,
+                attempt,
+                worker: "w".into(),
+                at: at(t),
+                outcome,
+                will_retry: retry,
+                retry_in_ms: None,
+                output: ok.then(|| format!("o{shard}/{attempt}")),
+                error: (!ok).then(|| format!("e{shard}/{attempt}")),
+                duration_ms: 1,
+                delivery_token: String::new(),
+            })
+        };
+        use AttemptOutcome::{Cancelled, Failed, Succeeded, TimedOut};
+        let mut d = events().remove(0);
+        if let RunEvent::Dispatched(d) = &mut d {
+            d.run = r.clone();
+            d.shard_total = 4;
+        }
+        vec![
+            d,
+            start(0, 1),
+            end(0, 1, Failed, true, 100),
+            start(1, 1),
+            end(1, 1, Succeeded, false, 101),
+            end(2, 1, TimedOut, false, 102),
+            start(2, 1),
+            start(0, 2),
+            end(0, 2, Succeeded, false, 103),
+            start(3, 1),
+            end(3, 1, Failed, false, 102),
+            end(1, 1, Succeeded, false, 101),
+            start(3, 2),
+            end(3, 2, Cancelled, false, 104),
+            end(3, 2, Failed, false, 99),
+        ]
+    }
+
+    async fn a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        let summary = |r: RunSummary| {
+            (
+                r.status,
+                r.shards_succeeded,
+                r.shards_failed,
+                r.attempts,
+                r.started_at,
+                r.finished_at,
+                r.output,
+                r.error,
+            )
+        };
+        let mut seq = 0;
+        let n = tricky_events("x").len();
+        // Run `inc` gets one event per batch; after each, run `refN` gets the first N events
+        // in one batch (summed up from all its attempts).
+        for (i, e) in tricky_events("g.j.inc").into_iter().enumerate() {
+            seq += 1;
+            store.apply(&[(seq, e)], seq).await.unwrap();
+            let prefix: Vec<RunEvent> = tricky_events(&format!("g.j.ref{i}"))
+                .into_iter()
+                .take(i + 1)
+                .collect();
+            let batch = seqd(&prefix, seq + 1);
+            seq += prefix.len() as u64;
+            store.apply(&batch, seq).await.unwrap();
+            let inc = store.get_run("g.j.inc").await.unwrap().unwrap().run;
+            let full = store
+                .get_run(&format!("g.j.ref{i}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .run;
+            assert_eq!(summary(inc), summary(full), "after event {i}");
+        }
+        // Batches of 3, the tallies forgotten half way (as in a database recorded before them).
+        let evs = tricky_events("g.j.by3");
+        for (k, chunk) in evs.chunks(3).enumerate() {
+            let batch = seqd(chunk, seq + 1);
+            seq += chunk.len() as u64;
+            store.apply(&batch, seq).await.unwrap();
+            if k == 2 {
+                sqlx::query("UPDATE runs SET tally = NULL")
+                    .execute(&store.pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        let by3 = store.get_run("g.j.by3").await.unwrap().unwrap().run;
+        let full = store
+            .get_run(&format!("g.j.ref{}", n - 1))
+            .await
+            .unwrap()
+            .unwrap()
+            .run;
+        assert_eq!(by3.status, RunStatus::Failed, "the last end wins");
+        assert_eq!(summary(by3), summary(full));
+        store.close().await;
     }
 
     async fn retention_prunes_ended_runs_by_age_and_count_in_batches(backend: Backend) {
