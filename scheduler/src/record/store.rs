@@ -1604,7 +1604,7 @@ async fn summarize(
     let mut refold: Vec<Val> = Vec::new();
     for r in bind_all(
         sqlx::query(&format!(
-            "SELECT run_id, shard_total, status, output, error, tally FROM runs WHERE run_id IN ({list})"
+            "SELECT run_id, shard_total, status, shards_succeeded, shards_failed, attempts, started_at, output, error, tally FROM runs WHERE run_id IN ({list})"
         )),
         vals,
     )
@@ -1620,14 +1620,33 @@ async fn summarize(
                 .try_get::<Option<String>, _>("tally")?
                 .and_then(|t| serde_json::from_str::<fold::Tally>(&t).ok())
                 .filter(|_| !changes.refold.contains(&id));
+            // A tally that does not match the run's counters was not written with them (a node
+            // older than tallies recorded the run since): sum the run up again.
+            let output: Option<String> = r.try_get("output")?;
+            let error: Option<String> = r.try_get("error")?;
+            let counters = (
+                r.try_get::<i64, _>("shards_succeeded")?,
+                r.try_get::<i64, _>("shards_failed")?,
+                r.try_get::<i64, _>("attempts")?,
+                r.try_get::<Option<i64>, _>("started_at")?,
+                output.is_some(),
+                error.is_some(),
+            );
+            let tally = tally.filter(|t| {
+                counters
+                    == (
+                        t.succeeded,
+                        t.lost,
+                        t.max_attempt,
+                        t.first_start,
+                        t.output_key.is_some(),
+                        t.error_key.is_some(),
+                    )
+            });
             match tally {
                 Some(mut t) => {
-                    if t.output_key.is_some() {
-                        t.output = r.try_get("output")?;
-                    }
-                    if t.error_key.is_some() {
-                        t.error = r.try_get("error")?;
-                    }
+                    t.output = output;
+                    t.error = error;
                     for shard in changes.by_run.get(id.as_str()).into_iter().flatten() {
                         let key = (id.clone(), *shard);
                         let old = changes.before.get(&key).map_or(&[][..], Vec::as_slice);
@@ -2060,17 +2079,31 @@ mod tests {
                 .run;
             assert_eq!(summary(inc), summary(full), "after event {i}");
         }
-        // Batches of 3, the tallies forgotten half way (as in a database recorded before them).
+        // Batches of 3; a tally left behind by batches 2 and 3 (as a node older than tallies
+        // would leave it), then forgotten (as in a database recorded before them).
         let evs = tricky_events("g.j.by3");
+        let mut kept = String::new();
         for (k, chunk) in evs.chunks(3).enumerate() {
             let batch = seqd(chunk, seq + 1);
             seq += chunk.len() as u64;
             store.apply(&batch, seq).await.unwrap();
-            if k == 2 {
-                sqlx::query("UPDATE runs SET tally = NULL")
-                    .execute(&store.pool)
-                    .await
-                    .unwrap();
+            let tally = sqlx::query("SELECT tally FROM runs WHERE run_id = 'g.j.by3'");
+            match k {
+                0 => kept = tally.fetch_one(&store.pool).await.unwrap().get(0),
+                2 => {
+                    sqlx::query("UPDATE runs SET tally = $1 WHERE run_id = 'g.j.by3'")
+                        .bind(kept.as_str())
+                        .execute(&store.pool)
+                        .await
+                        .unwrap();
+                }
+                3 => {
+                    sqlx::query("UPDATE runs SET tally = NULL")
+                        .execute(&store.pool)
+                        .await
+                        .unwrap();
+                }
+                _ => {}
             }
         }
         let by3 = store.get_run("g.j.by3").await.unwrap().unwrap().run;
