@@ -215,6 +215,13 @@ fn main() {
         first_dispatch - fire_ms,
         100.0 * pub_rate / raw
     );
+    let early = starts.iter().filter(|s| s.start_ms <= published_ms).count();
+    println!(
+        "shards/published: meanwhile {early} handlers started, so the server also stored ~{} \
+         events (started + finished): ~{:.0} stored msg/s in all",
+        2 * early,
+        (total + 2 * early) as f64 / secs(pub_ms.max(1))
+    );
     println!(
         "shards/completed: {} handler starts ({} distinct shards), the last {} ms after the fire \
          instant: {:.0} shard runs/s",
