@@ -177,7 +177,7 @@ fn main() {
     );
     let (took, out) = cli.run(&["runs", "get", run_id]);
     assert_eq!(
-        out.matches(" attempt 1: Succeeded").count(),
+        out.matches(" attempt 1: SUCCEEDED").count(),
         shards as usize
     );
     println!(

@@ -7,8 +7,6 @@
 //! else FAILED) when every shard succeeded or failed for good and at least one failed; it is
 //! RUNNING once any attempt started, PENDING before.
 
-use std::collections::BTreeMap;
-
 use krest_schemas::api::RunStatus;
 use krest_schemas::AttemptOutcome;
 
@@ -54,13 +52,173 @@ pub struct Folded {
     pub error: Option<String>,
 }
 
-#[derive(Default)]
-struct Shard {
+/// What one shard's attempts say about it (fed in attempt order).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Shard {
     succeeded: bool,
     latest: i64,
     failed_for_good: bool,
     timed_out: bool,
     cancelled: bool,
+}
+
+impl Shard {
+    /// The state of a shard with these attempts (in attempt order); `None` without any.
+    pub fn of<'a>(attempts: impl IntoIterator<Item = &'a Attempt>) -> Option<Shard> {
+        let mut it = attempts.into_iter().peekable();
+        it.peek()?;
+        let mut sh = Shard::default();
+        for a in it {
+            sh.add(a);
+        }
+        Some(sh)
+    }
+
+    fn add(&mut self, a: &Attempt) {
+        if a.outcome == Some(AttemptOutcome::Succeeded) {
+            self.succeeded = true;
+        }
+        if a.attempt >= self.latest {
+            self.latest = a.attempt;
+            self.failed_for_good = failed(a.outcome) && !a.will_retry;
+            self.timed_out = a.outcome == Some(AttemptOutcome::TimedOut);
+            self.cancelled = a.outcome == Some(AttemptOutcome::Cancelled);
+        }
+    }
+
+    fn lost(&self) -> bool {
+        !self.succeeded && self.failed_for_good
+    }
+}
+
+/// A run's attempts summed up so that the summary can be updated from the attempts that changed
+/// alone: counters over shards (a shard's old state is taken out and its new one put in) and
+/// extremes over attempts (attempts only ever gain a start and, once, an end). Kept with the
+/// run (without the output and error texts, which are the run's own columns).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    /// Shards with at least one attempt.
+    pub shards: i64,
+    /// Shards that succeeded.
+    pub succeeded: i64,
+    /// Shards that failed for good (and did not succeed).
+    pub lost: i64,
+    /// Of those, shards whose latest attempt was cancelled.
+    pub lost_cancelled: i64,
+    /// Of those, shards whose latest attempt timed out.
+    pub lost_timed_out: i64,
+    /// Highest attempt number.
+    pub max_attempt: i64,
+    /// First start (epoch ms).
+    pub first_start: Option<i64>,
+    /// Last end (epoch ms).
+    pub last_finish: Option<i64>,
+    /// `(shard, attempt)` of the output: the last successful attempt with one.
+    pub output_key: Option<(i64, i64)>,
+    /// Its output.
+    #[serde(skip)]
+    pub output: Option<String>,
+    /// `(end, shard, attempt)` of the error: the failed attempt that ended last.
+    pub error_key: Option<(i64, i64, i64)>,
+    /// Its error.
+    #[serde(skip)]
+    pub error: Option<String>,
+}
+
+impl Tally {
+    /// Counts a shard's state in (`sign` 1) or out (`sign` -1).
+    pub fn shard(&mut self, s: &Shard, sign: i64) {
+        self.shards += sign;
+        if s.succeeded {
+            self.succeeded += sign;
+        }
+        if s.lost() {
+            self.lost += sign;
+            if s.cancelled {
+                self.lost_cancelled += sign;
+            }
+            if s.timed_out {
+                self.lost_timed_out += sign;
+            }
+        }
+    }
+
+    /// Takes an attempt's start, end, output and error into account (adding one twice changes
+    /// nothing).
+    pub fn attempt(&mut self, a: &Attempt) {
+        self.max_attempt = self.max_attempt.max(a.attempt);
+        if let Some(s) = a.started_at {
+            self.first_start = Some(self.first_start.map_or(s, |f| f.min(s)));
+        }
+        if let Some(f) = a.finished_at {
+            self.last_finish = Some(self.last_finish.map_or(f, |l| l.max(f)));
+        }
+        if a.outcome == Some(AttemptOutcome::Succeeded) && a.output.is_some() {
+            let key = (a.shard, a.attempt);
+            if self.output_key.is_none_or(|k| key >= k) {
+                self.output_key = Some(key);
+                self.output.clone_from(&a.output);
+            }
+        }
+        if failed(a.outcome) && a.error.is_some() {
+            let key = (a.finished_at.unwrap_or(0), a.shard, a.attempt);
+            if self.error_key.is_none_or(|k| key >= k) {
+                self.error_key = Some(key);
+                self.error.clone_from(&a.error);
+            }
+        }
+    }
+
+    /// Sums up attempts given in `(shard, attempt)` order.
+    pub fn of(attempts: &[Attempt]) -> Tally {
+        let mut t = Tally::default();
+        let mut i = 0;
+        while i < attempts.len() {
+            let shard = attempts[i].shard;
+            let mut sh = Shard::default();
+            while i < attempts.len() && attempts[i].shard == shard {
+                sh.add(&attempts[i]);
+                t.attempt(&attempts[i]);
+                i += 1;
+            }
+            t.shard(&sh, 1);
+        }
+        t
+    }
+
+    /// The run's summary for `shard_total` shards (0 or less counts as 1).
+    pub fn folded(&self, shard_total: i64) -> Folded {
+        let total = shard_total.max(1);
+        let status = if self.succeeded >= total {
+            RunStatus::Succeeded
+        } else if self.lost > 0 && self.succeeded + self.lost >= total {
+            if self.lost_cancelled > 0 {
+                RunStatus::Cancelled
+            } else if self.lost_timed_out == self.lost {
+                RunStatus::TimedOut
+            } else {
+                RunStatus::Failed
+            }
+        } else if self.shards > 0 {
+            RunStatus::Running
+        } else {
+            RunStatus::Pending
+        };
+        Folded {
+            status,
+            shards_succeeded: self.succeeded,
+            shards_failed: self.lost,
+            attempts: self.max_attempt,
+            started_at: self.first_start,
+            finished_at: if status.is_final() {
+                self.last_finish
+            } else {
+                None
+            },
+            output: self.output.clone(),
+            error: self.error.clone(),
+        }
+    }
 }
 
 fn failed(o: Option<AttemptOutcome>) -> bool {
@@ -73,74 +231,7 @@ fn failed(o: Option<AttemptOutcome>) -> bool {
 /// Folds the attempts of a run of `shard_total` shards (0 or less counts as 1), given in
 /// `(shard, attempt)` order.
 pub fn fold(shard_total: i64, attempts: &[Attempt]) -> Folded {
-    let total = shard_total.max(1);
-    let mut shards: BTreeMap<i64, Shard> = BTreeMap::new();
-    let mut max_attempt = 0;
-    let mut first_start: Option<i64> = None;
-    let mut last_finish: Option<i64> = None;
-    let mut output = None;
-    let mut error: Option<(i64, String)> = None;
-    for a in attempts {
-        max_attempt = max_attempt.max(a.attempt);
-        if let Some(s) = a.started_at {
-            first_start = Some(first_start.map_or(s, |f| f.min(s)));
-        }
-        if let Some(f) = a.finished_at {
-            last_finish = Some(last_finish.map_or(f, |l| l.max(f)));
-        }
-        let sh = shards.entry(a.shard).or_default();
-        if a.outcome == Some(AttemptOutcome::Succeeded) {
-            sh.succeeded = true;
-            if a.output.is_some() {
-                output.clone_from(&a.output);
-            }
-        }
-        if failed(a.outcome) {
-            if let Some(e) = &a.error {
-                let at = a.finished_at.unwrap_or(0);
-                if error.as_ref().is_none_or(|(t, _)| at >= *t) {
-                    error = Some((at, e.clone()));
-                }
-            }
-        }
-        if a.attempt >= sh.latest {
-            sh.latest = a.attempt;
-            sh.failed_for_good = failed(a.outcome) && !a.will_retry;
-            sh.timed_out = a.outcome == Some(AttemptOutcome::TimedOut);
-            sh.cancelled = a.outcome == Some(AttemptOutcome::Cancelled);
-        }
-    }
-    let succeeded = shards.values().filter(|s| s.succeeded).count() as i64;
-    let lost: Vec<&Shard> = shards
-        .values()
-        .filter(|s| !s.succeeded && s.failed_for_good)
-        .collect();
-    let failed_n = lost.len() as i64;
-    let status = if succeeded >= total {
-        RunStatus::Succeeded
-    } else if failed_n > 0 && succeeded + failed_n >= total {
-        if lost.iter().any(|s| s.cancelled) {
-            RunStatus::Cancelled
-        } else if lost.iter().all(|s| s.timed_out) {
-            RunStatus::TimedOut
-        } else {
-            RunStatus::Failed
-        }
-    } else if !shards.is_empty() {
-        RunStatus::Running
-    } else {
-        RunStatus::Pending
-    };
-    Folded {
-        status,
-        shards_succeeded: succeeded,
-        shards_failed: failed_n,
-        attempts: max_attempt,
-        started_at: first_start,
-        finished_at: if status.is_final() { last_finish } else { None },
-        output,
-        error: error.map(|(_, e)| e),
-    }
+    Tally::of(attempts).folded(shard_total)
 }
 
 #[cfg(test)]

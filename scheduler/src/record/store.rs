@@ -253,6 +253,14 @@ CREATE INDEX runs_by_job_status ON runs (job_group, job_name, status, scheduled_
 DROP INDEX runs_by_status_job
 "#,
     ),
+    // A run's attempts summed up (`fold::Tally`, JSON), so that a batch updates a run's summary
+    // from the attempts it changed alone. NULL: sum them up from all attempts once.
+    Migration::same(
+        8,
+        r#"
+ALTER TABLE runs ADD COLUMN tally TEXT
+"#,
+    ),
 ];
 
 /// Which runs `runs.list` wants.
@@ -759,6 +767,27 @@ impl Store {
             }
         }
         let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
+        // The shards this batch touches, as they were before it (see `summarize`).
+        let mut shards: Vec<(String, i64)> = attempt_rows
+            .iter()
+            .map(|((run, shard, _), _)| (run.clone(), *shard))
+            .collect();
+        shards.dedup();
+        let before = shard_attempts(self.backend, &mut tx, &shards).await?;
+        // An attempt ending again (a redelivered or conflicting end) can move its run's summary
+        // back: such runs are summed up from all their attempts.
+        let mut refold: HashSet<String> = HashSet::new();
+        for ((run, shard, attempt), a) in &attempt_rows {
+            if a.finished_at.is_some()
+                && before.get(&(run.clone(), *shard)).is_some_and(|rows| {
+                    rows.iter().any(|r| {
+                        r.attempt == *attempt && (r.finished_at.is_some() || r.outcome.is_some())
+                    })
+                })
+            {
+                refold.insert(run.clone());
+            }
+        }
         for chunk in attempt_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms, retry_in_ms) VALUES {} \
@@ -813,9 +842,20 @@ impl Store {
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
         }
+        let after = shard_attempts(self.backend, &mut tx, &shards).await?;
+        let mut by_run: HashMap<&str, Vec<i64>> = HashMap::new();
+        for (run, shard) in &shards {
+            by_run.entry(run.as_str()).or_default().push(*shard);
+        }
+        let changes = Changes {
+            before: &before,
+            after: &after,
+            by_run: &by_run,
+            refold: &refold,
+        };
         let affected: Vec<String> = affected.into_iter().collect();
         for chunk in affected.chunks(ROWS_PER_INSERT) {
-            ended.extend(summarize(self.backend, &mut tx, chunk).await?);
+            ended.extend(summarize(self.backend, &mut tx, chunk, &changes).await?);
         }
         let mut summaries = Vec::with_capacity(ended.len());
         for chunk in ended.chunks(ROWS_PER_INSERT) {
@@ -1705,12 +1745,73 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     })
 }
 
-/// Recomputes status and counters of `run_ids` from their attempts.
+/// Attempts of a shard, in attempt order, keyed by `(run, shard)`.
+type ShardAttempts = HashMap<(String, i64), Vec<fold::Attempt>>;
+
+/// The attempt rows (as `fold` wants them) of `shards` `(run, shard)`.
+async fn shard_attempts(
+    backend: Backend,
+    tx: &mut sqlx::Transaction<'_, Any>,
+    shards: &[(String, i64)],
+) -> Result<ShardAttempts, StoreError> {
+    let mut out: ShardAttempts = HashMap::new();
+    for chunk in shards.chunks(ROWS_PER_INSERT) {
+        let mut vals = Vec::with_capacity(chunk.len() * 2);
+        for (run, shard) in chunk {
+            vals.extend([Val::from(run.as_str()), Val::from(*shard)]);
+        }
+        // VALUES columns are `column1…` on both backends.
+        let sql = format!(
+            "SELECT a.run_id, a.shard, a.attempt, a.started_at, a.finished_at, a.outcome, a.will_retry, a.output, a.error \
+             FROM attempts a JOIN (VALUES {}) AS v ON a.run_id = v.column1 AND a.shard = v.column2 \
+             ORDER BY a.run_id, a.shard, a.attempt",
+            placeholders(backend, chunk.len(), 2)
+        );
+        for r in bind_all(sqlx::query(&sql), vals)
+            .fetch_all(&mut **tx)
+            .await?
+        {
+            let a = attempt_of(&r)?;
+            out.entry((r.try_get("run_id")?, a.shard))
+                .or_default()
+                .push(a);
+        }
+    }
+    Ok(out)
+}
+
+fn attempt_of(r: &AnyRow) -> Result<fold::Attempt, StoreError> {
+    let outcome: Option<String> = r.try_get("outcome")?;
+    Ok(fold::Attempt {
+        shard: r.try_get("shard")?,
+        attempt: r.try_get("attempt")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        outcome: outcome.as_deref().and_then(parse_outcome),
+        will_retry: r.try_get::<i64, _>("will_retry")? != 0,
+        output: r.try_get("output")?,
+        error: r.try_get("error")?,
+    })
+}
+
+/// What a batch did to attempts: the touched shards' attempts before and after it, the
+/// touched shards of each run, and the runs to sum up from all their attempts.
+struct Changes<'a> {
+    before: &'a ShardAttempts,
+    after: &'a ShardAttempts,
+    by_run: &'a HashMap<&'a str, Vec<i64>>,
+    refold: &'a HashSet<String>,
+}
+
+/// Recomputes status and counters of `run_ids`: from the run's tally and the shards the batch
+/// changed (a batch costs what it changed, not what the run holds), or, for a run without a
+/// tally yet (new, or recorded before tallies) or in `changes.refold`, from all its attempts.
 /// Returns the runs that reached a final status now.
 async fn summarize(
     backend: Backend,
     tx: &mut sqlx::Transaction<'_, Any>,
     run_ids: &[String],
+    changes: &Changes<'_>,
 ) -> Result<Vec<String>, StoreError> {
     let mut ended = Vec::new();
     let list = list_placeholders(backend, run_ids.len());
@@ -1718,57 +1819,112 @@ async fn summarize(
     let mut totals: HashMap<String, i64> = HashMap::new();
     let mut skipped: HashSet<String> = HashSet::new();
     let mut before: HashMap<String, String> = HashMap::new();
+    let mut tallies: HashMap<String, fold::Tally> = HashMap::new();
+    let mut refold: Vec<Val> = Vec::new();
     for r in bind_all(
         sqlx::query(&format!(
-            "SELECT run_id, shard_total, status FROM runs WHERE run_id IN ({list})"
-        )),
-        vals.clone(),
-    )
-    .fetch_all(&mut **tx)
-    .await?
-    {
-        let id: String = r.try_get(0)?;
-        let status: String = r.try_get(2)?;
-        if status == RunStatus::Skipped.as_str() {
-            skipped.insert(id.clone());
-        }
-        before.insert(id.clone(), status);
-        totals.insert(id, r.try_get(1)?);
-    }
-
-    let mut by_run: HashMap<String, Vec<fold::Attempt>> = HashMap::new();
-    let rows = bind_all(
-        sqlx::query(&format!(
-            "SELECT run_id, shard, attempt, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id IN ({list}) ORDER BY run_id, shard, attempt"
+            "SELECT run_id, shard_total, status, shards_succeeded, shards_failed, attempts, started_at, output, error, tally FROM runs WHERE run_id IN ({list})"
         )),
         vals,
     )
     .fetch_all(&mut **tx)
-    .await?;
-    for r in &rows {
-        let run: String = r.try_get("run_id")?;
-        let outcome: Option<String> = r.try_get("outcome")?;
-        by_run.entry(run).or_default().push(fold::Attempt {
-            shard: r.try_get("shard")?,
-            attempt: r.try_get("attempt")?,
-            started_at: r.try_get("started_at")?,
-            finished_at: r.try_get("finished_at")?,
-            outcome: outcome.as_deref().and_then(parse_outcome),
-            will_retry: r.try_get::<i64, _>("will_retry")? != 0,
-            output: r.try_get("output")?,
-            error: r.try_get("error")?,
-        });
+    .await?
+    {
+        let id: String = r.try_get("run_id")?;
+        let status: String = r.try_get("status")?;
+        if status == RunStatus::Skipped.as_str() {
+            skipped.insert(id.clone());
+        } else {
+            let tally = r
+                .try_get::<Option<String>, _>("tally")?
+                .and_then(|t| serde_json::from_str::<fold::Tally>(&t).ok())
+                .filter(|_| !changes.refold.contains(&id));
+            // A tally that does not match the run's counters was not written with them (a node
+            // older than tallies recorded the run since): sum the run up again.
+            let output: Option<String> = r.try_get("output")?;
+            let error: Option<String> = r.try_get("error")?;
+            let counters = (
+                r.try_get::<i64, _>("shards_succeeded")?,
+                r.try_get::<i64, _>("shards_failed")?,
+                r.try_get::<i64, _>("attempts")?,
+                r.try_get::<Option<i64>, _>("started_at")?,
+                output.is_some(),
+                error.is_some(),
+            );
+            let tally = tally.filter(|t| {
+                counters
+                    == (
+                        t.succeeded,
+                        t.lost,
+                        t.max_attempt,
+                        t.first_start,
+                        t.output_key.is_some(),
+                        t.error_key.is_some(),
+                    )
+            });
+            match tally {
+                Some(mut t) => {
+                    t.output = output;
+                    t.error = error;
+                    for shard in changes.by_run.get(id.as_str()).into_iter().flatten() {
+                        let key = (id.clone(), *shard);
+                        let old = changes.before.get(&key).map_or(&[][..], Vec::as_slice);
+                        let new = changes.after.get(&key).map_or(&[][..], Vec::as_slice);
+                        if let Some(sh) = fold::Shard::of(old) {
+                            t.shard(&sh, -1);
+                        }
+                        if let Some(sh) = fold::Shard::of(new) {
+                            t.shard(&sh, 1);
+                        }
+                        for a in new {
+                            t.attempt(a);
+                        }
+                    }
+                    tallies.insert(id.clone(), t);
+                }
+                None => refold.push(Val::from(id.as_str())),
+            }
+        }
+        before.insert(id.clone(), status);
+        totals.insert(id, r.try_get("shard_total")?);
+    }
+
+    if !refold.is_empty() {
+        let mut by_run: HashMap<String, Vec<fold::Attempt>> = HashMap::new();
+        let rows = bind_all(
+            sqlx::query(&format!(
+                "SELECT run_id, shard, attempt, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id IN ({}) ORDER BY run_id, shard, attempt",
+                list_placeholders(backend, refold.len())
+            )),
+            refold.clone(),
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+        for r in &rows {
+            by_run
+                .entry(r.try_get("run_id")?)
+                .or_default()
+                .push(attempt_of(r)?);
+        }
+        for id in refold {
+            let Val::S(Some(id)) = id else { continue };
+            let t = fold::Tally::of(by_run.get(&id).map_or(&[][..], Vec::as_slice));
+            tallies.insert(id, t);
+        }
     }
     // One multi-row UPDATE … FROM (VALUES …) for the chunk (a statement per run costs a round
     // trip each on Postgres). VALUES columns are `column1…` on both backends.
-    let mut vals: Vec<Val> = Vec::with_capacity(run_ids.len() * 9);
+    let mut vals: Vec<Val> = Vec::with_capacity(run_ids.len() * 10);
     let mut rows = 0;
     for run_id in run_ids {
         if skipped.contains(run_id) {
             continue;
         }
+        let Some(tally) = tallies.get(run_id) else {
+            continue;
+        };
         let total = totals.get(run_id).copied().unwrap_or(1);
-        let folded = fold::fold(total, by_run.get(run_id).map_or(&[][..], Vec::as_slice));
+        let folded = tally.folded(total);
         let status = folded.status;
         vals.extend([
             Val::from(run_id.as_str()),
@@ -1780,6 +1936,9 @@ async fn summarize(
             folded.finished_at.into(),
             folded.output.into(),
             folded.error.into(),
+            serde_json::to_string(tally)
+                .map_err(|e| StoreError::Corrupt(format!("run tally: {e}")))?
+                .into(),
         ]);
         rows += 1;
         let was_final = before
@@ -1793,9 +1952,9 @@ async fn summarize(
     if rows > 0 {
         let sql = format!(
             "UPDATE runs SET status = v.column2, shards_succeeded = v.column3, shards_failed = v.column4, attempts = v.column5, \
-             started_at = v.column6, finished_at = v.column7, output = v.column8, error = v.column9 \
+             started_at = v.column6, finished_at = v.column7, output = v.column8, error = v.column9, tally = v.column10 \
              FROM (VALUES {}) AS v WHERE runs.run_id = v.column1",
-            placeholders(backend, rows, 9)
+            placeholders(backend, rows, 10)
         );
         bind_all(sqlx::query(&sql), vals).execute(&mut **tx).await?;
     }
@@ -2035,6 +2194,148 @@ mod tests {
         reopen => reopening_migrates_once_and_keeps_the_cursor,
         prune => retention_prunes_ended_runs_by_age_and_count_in_batches,
         prune_like_ranking => retention_prunes_what_ranking_every_run_would,
+        tally => a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts,
+    }
+
+    /// Events of a SHARDING run of 4 shards with retries, an end before its start, a tie in
+    /// end times, a redelivered end and a shard run again after it failed for good.
+    fn tricky_events(run_id: &str) -> Vec<RunEvent> {
+        let r = krest_schemas::RunRef {
+            run_id: run_id.into(),
+            job_group: "g".into(),
+            job_name: "j".into(),
+            app_name: "a".into(),
+        };
+        let start = |shard: u32, attempt: u32| {
+            RunEvent::Started(Started {
+                run: r.clone(),
+                shard,
+                shard_total: 4,
+                attempt,
+                worker: "w".into(),
+                at: at(i64::from(shard * 10 + attempt)),
+                scheduled_at: Some(at(1)),
+                delivery_token: String::new(),
+            })
+        };
+        let end = |shard: u32, attempt: u32, outcome: AttemptOutcome, retry: bool, t: i64| {
+            let ok = outcome == AttemptOutcome::Succeeded;
+            RunEvent::Finished(Finished {
+                run: r.clone(),
+                shard,
+                shard_total: 4,
+                attempt,
+                worker: "w".into(),
+                at: at(t),
+                outcome,
+                will_retry: retry,
+                retry_in_ms: None,
+                output: ok.then(|| format!("o{shard}/{attempt}")),
+                error: (!ok).then(|| format!("e{shard}/{attempt}")),
+                duration_ms: 1,
+                delivery_token: String::new(),
+            })
+        };
+        use AttemptOutcome::{Cancelled, Failed, Succeeded, TimedOut};
+        let mut d = events().remove(0);
+        if let RunEvent::Dispatched(d) = &mut d {
+            d.run = r.clone();
+            d.shard_total = 4;
+        }
+        vec![
+            d,
+            start(0, 1),
+            end(0, 1, Failed, true, 100),
+            start(1, 1),
+            end(1, 1, Succeeded, false, 101),
+            end(2, 1, TimedOut, false, 102),
+            start(2, 1),
+            start(0, 2),
+            end(0, 2, Succeeded, false, 103),
+            start(3, 1),
+            end(3, 1, Failed, false, 102),
+            end(1, 1, Succeeded, false, 101),
+            start(3, 2),
+            end(3, 2, Cancelled, false, 104),
+            end(3, 2, Failed, false, 99),
+        ]
+    }
+
+    async fn a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        let summary = |r: RunSummary| {
+            (
+                r.status,
+                r.shards_succeeded,
+                r.shards_failed,
+                r.attempts,
+                r.started_at,
+                r.finished_at,
+                r.output,
+                r.error,
+            )
+        };
+        let mut seq = 0;
+        let n = tricky_events("x").len();
+        // Run `inc` gets one event per batch; after each, run `refN` gets the first N events
+        // in one batch (summed up from all its attempts).
+        for (i, e) in tricky_events("g.j.inc").into_iter().enumerate() {
+            seq += 1;
+            store.apply(&[(seq, e)], seq).await.unwrap();
+            let prefix: Vec<RunEvent> = tricky_events(&format!("g.j.ref{i}"))
+                .into_iter()
+                .take(i + 1)
+                .collect();
+            let batch = seqd(&prefix, seq + 1);
+            seq += prefix.len() as u64;
+            store.apply(&batch, seq).await.unwrap();
+            let inc = store.get_run("g.j.inc").await.unwrap().unwrap().run;
+            let full = store
+                .get_run(&format!("g.j.ref{i}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .run;
+            assert_eq!(summary(inc), summary(full), "after event {i}");
+        }
+        // Batches of 3; a tally left behind by batches 2 and 3 (as a node older than tallies
+        // would leave it), then forgotten (as in a database recorded before them).
+        let evs = tricky_events("g.j.by3");
+        let mut kept = String::new();
+        for (k, chunk) in evs.chunks(3).enumerate() {
+            let batch = seqd(chunk, seq + 1);
+            seq += chunk.len() as u64;
+            store.apply(&batch, seq).await.unwrap();
+            let tally = sqlx::query("SELECT tally FROM runs WHERE run_id = 'g.j.by3'");
+            match k {
+                0 => kept = tally.fetch_one(&store.pool).await.unwrap().get(0),
+                2 => {
+                    sqlx::query("UPDATE runs SET tally = $1 WHERE run_id = 'g.j.by3'")
+                        .bind(kept.as_str())
+                        .execute(&store.pool)
+                        .await
+                        .unwrap();
+                }
+                3 => {
+                    sqlx::query("UPDATE runs SET tally = NULL")
+                        .execute(&store.pool)
+                        .await
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+        let by3 = store.get_run("g.j.by3").await.unwrap().unwrap().run;
+        let full = store
+            .get_run(&format!("g.j.ref{}", n - 1))
+            .await
+            .unwrap()
+            .unwrap()
+            .run;
+        assert_eq!(by3.status, RunStatus::Failed, "the last end wins");
+        assert_eq!(summary(by3), summary(full));
+        store.close().await;
     }
 
     async fn retention_prunes_ended_runs_by_age_and_count_in_batches(backend: Backend) {
