@@ -132,7 +132,7 @@ impl Drop for InFlight<'_> {
 pub(crate) async fn process(
     shared: Arc<Shared>,
     msg: jetstream::Message,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     progress_every: Duration,
     hard_stop: CancellationToken,
 ) {
@@ -172,6 +172,9 @@ pub(crate) async fn process(
         .instrument(span.clone())
         .await;
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // A slot is a running handler: the next run may start while this one's result is stored
+    // and acknowledged (two round trips to the server).
+    drop(permit);
     let decision = decide(
         ending,
         &Facts::of(&run, attempt, shared.backoff, &shared.instance),
