@@ -23,12 +23,16 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::{
     apply, mib, pcts, run_worker_if_asked, sleep_until, start_node, tiny, wait_for_api,
-    BenchWorker, Start, APP,
+    BenchWorker, RunCounter, Start, APP,
 };
 use krest_test_support::{NatsServer, ProcStats, TestDir};
 use serde_json::json;
 
 const GROUP: &str = "bench";
+
+/// Runs of the window recorded as SUCCEEDED (group, window start and end in ms).
+const RECORDED: &str = "SELECT COUNT(*) FROM runs WHERE job_group = ? AND status = 'SUCCEEDED' \
+                        AND scheduled_at >= ? AND scheduled_at < ?";
 
 fn main() {
     if run_worker_if_asked() {
@@ -102,33 +106,13 @@ fn main() {
         .sum::<usize>();
     let db = dir.join("n1.db");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let recorded = || -> usize {
-        rt.block_on(async {
-            let opts = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&db)
-                .read_only(true);
-            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&opts)
-                .await
-                .unwrap();
-            let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM runs WHERE job_group = ? AND status = 'SUCCEEDED' \
-                 AND scheduled_at >= ? AND scheduled_at < ?",
-            )
-            .bind(GROUP)
-            .bind(from_s * 1000)
-            .bind(until_s * 1000)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-            n as usize
-        })
-    };
+    let mut recorded = RunCounter::open(&rt, &db);
     sleep_until(until_s * 1000 + 1000);
-    let at_1s = recorded();
+    let at_1s = recorded.count(RECORDED, GROUP, &[from_s * 1000, until_s * 1000]);
     let mut all_recorded_after = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        if recorded() >= expected {
+        if recorded.count(RECORDED, GROUP, &[from_s * 1000, until_s * 1000]) >= expected {
             all_recorded_after = Some(Utc::now().timestamp_millis() - until_s * 1000);
             break;
         }
@@ -194,7 +178,7 @@ fn main() {
         ),
         None => println!(
             "precision/recording: {at_1s} of {expected} recorded 1 s after the window's last fire, {} after 2 min",
-            recorded()
+            recorded.count(RECORDED, GROUP, &[from_s * 1000, until_s * 1000])
         ),
     }
     assert_eq!(missed, 0, "fires were missed");

@@ -29,13 +29,17 @@ use async_nats::jetstream;
 use chrono::{SecondsFormat, TimeZone, Utc};
 use common::{
     apply, krest_ok, mib, run_worker_if_asked, sleep_until, start_node, tiny, wait_for_api,
-    BenchWorker, APP,
+    BenchWorker, RunCounter, APP,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_test_support::{NatsServer, ProcStats, TestDir};
 use serde_json::json;
 
 const GROUP: &str = "shards";
+
+/// Runs recorded SUCCEEDED with all their shards (group, shards per run).
+const RECORDED: &str =
+    "SELECT COUNT(*) FROM runs WHERE job_group = ? AND status = 'SUCCEEDED' AND shards_succeeded = ?";
 
 /// Publishes `n` messages of `size` bytes to a scratch stream with 1,024 acks outstanding;
 /// returns messages per second.
@@ -159,35 +163,16 @@ fn main() {
 
     // (c) Recorded: every run SUCCEEDED with all its shards (the SQLite file read directly).
     let db = dir.join("n1.db");
-    let recorded = || -> usize {
-        rt.block_on(async {
-            let opts = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&db)
-                .read_only(true);
-            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&opts)
-                .await
-                .unwrap();
-            let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM runs WHERE job_group = ? AND status = 'SUCCEEDED' \
-                 AND shards_succeeded = ?",
-            )
-            .bind(GROUP)
-            .bind(shards as i64)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-            n as usize
-        })
-    };
+    let mut recorded = RunCounter::open(&rt, &db);
     let deadline = Instant::now() + Duration::from_secs(1200);
     let recorded_ms = loop {
-        if recorded() >= runs {
+        if recorded.count(RECORDED, GROUP, &[shards as i64]) >= runs {
             break Utc::now().timestamp_millis();
         }
         assert!(
             Instant::now() < deadline,
             "runs not recorded: {} of {runs}",
-            recorded()
+            recorded.count(RECORDED, GROUP, &[shards as i64])
         );
         std::thread::sleep(Duration::from_millis(50));
     };

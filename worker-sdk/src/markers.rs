@@ -190,16 +190,8 @@ async fn mirror_until_stopped(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use krest_test_support::NatsServer;
+    use krest_test_support::{eventually, NatsServer};
     use std::sync::Arc;
-
-    async fn eventually(what: &str, check: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 
     #[tokio::test]
     async fn mirrors_markers_and_says_when_it_cannot_tell() {
@@ -236,23 +228,33 @@ mod tests {
             markers.clone(),
             stop.clone(),
         ));
-        eventually("the history is mirrored", || {
-            markers.lookup("g.j.1") == Lookup::Cancelled("before".into())
-        })
+        eventually(
+            Duration::from_secs(20),
+            "the history is mirrored",
+            || async {
+                (markers.lookup("g.j.1") == Lookup::Cancelled("before".into())).then_some(())
+            },
+        )
         .await;
         assert_eq!(markers.lookup("g.j.2"), Lookup::None);
         bucket
             .put("g.j.2", b"not json".to_vec().into())
             .await
             .unwrap();
-        eventually("a new marker is mirrored", || {
-            markers.lookup("g.j.2") == Lookup::Cancelled("cancelled".into())
-        })
+        eventually(
+            Duration::from_secs(20),
+            "a new marker is mirrored",
+            || async {
+                (markers.lookup("g.j.2") == Lookup::Cancelled("cancelled".into())).then_some(())
+            },
+        )
         .await;
         bucket.delete("g.j.1").await.unwrap();
-        eventually("a deleted marker is gone", || {
-            markers.lookup("g.j.1") == Lookup::None
-        })
+        eventually(
+            Duration::from_secs(20),
+            "a deleted marker is gone",
+            || async { (markers.lookup("g.j.1") == Lookup::None).then_some(()) },
+        )
         .await;
         stop.cancel();
         task.await.unwrap();

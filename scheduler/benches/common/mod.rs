@@ -242,6 +242,38 @@ pub(crate) fn spread(v: &mut [i64]) -> String {
     )
 }
 
+/// Counts the runs of a node's SQLite file matching a `SELECT COUNT(*)` whose `?` parameters
+/// are `job_group` and then `nums`, on one read-only connection kept open between polls.
+pub(crate) struct RunCounter<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    conn: sqlx::SqliteConnection,
+}
+
+impl<'a> RunCounter<'a> {
+    /// Opens the node's database `db` read-only.
+    pub(crate) fn open(rt: &'a tokio::runtime::Runtime, db: &Path) -> RunCounter<'a> {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(db)
+            .read_only(true);
+        let conn = rt
+            .block_on(<sqlx::SqliteConnection as sqlx::Connection>::connect_with(
+                &opts,
+            ))
+            .unwrap();
+        RunCounter { rt, conn }
+    }
+
+    /// The count `sql` answers for `group` and `nums`.
+    pub(crate) fn count(&mut self, sql: &str, group: &str, nums: &[i64]) -> usize {
+        let mut q = sqlx::query_scalar::<_, i64>(sql).bind(group.to_string());
+        for n in nums {
+            q = q.bind(*n);
+        }
+        let n = self.rt.block_on(q.fetch_one(&mut self.conn)).unwrap();
+        usize::try_from(n).unwrap()
+    }
+}
+
 /// Bytes as MiB.
 pub(crate) fn mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0))
