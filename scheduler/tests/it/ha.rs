@@ -98,7 +98,15 @@ async fn two_nodes_one_leader(db: Db) {
     })
     .await;
 
-    // Exactly one node holds the lease, and the cluster status agrees.
+    // Both nodes are up (a node still creating the streams has no election yet: the other may
+    // have fired eight runs by then), and exactly one holds the lease; the cluster status agrees.
+    eventually(DEADLINE, "both nodes in the election", || async {
+        [&n1, &n2]
+            .iter()
+            .all(|n| n.leadership.borrow().is_some())
+            .then_some(())
+    })
+    .await;
     let roles: Vec<Role> = [&n1, &n2]
         .iter()
         .map(|n| n.leadership.borrow().as_ref().unwrap().role())
