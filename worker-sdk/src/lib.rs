@@ -102,6 +102,7 @@ pub mod nats;
 #[cfg(feature = "cli")]
 pub mod nats_args;
 mod options;
+mod pull;
 mod worker;
 
 pub use context::{

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, AckKind};
+use async_nats::jetstream::{self, consumer};
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
@@ -15,15 +15,15 @@ use krest_schemas::names::{
     worker_key, CANCELS_BUCKET, EVENTS_STREAM, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{Backoff, WorkerInfo};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::attempt::{process, Cancellable, Shared};
+use crate::attempt::{Cancellable, Shared};
 use crate::error::{ConsumerKind, Error, ErrorKind, WaitKind};
 use crate::events::spawn_publisher;
 use crate::nats::{ConnectStyle, NatsConfig};
 use crate::options::{host_name, Config, WorkerBuilder};
+use crate::pull::{pull_loop, PullContext};
 
 /// Deliveries after which the server stops redelivering a run (a backstop for workers that
 /// crash on a message; `retryTimes` normally ends a run far earlier).
@@ -271,6 +271,7 @@ impl Worker {
                     ack_wait: cfg.ack_wait,
                     expiry: cfg.pull_expiry,
                     permits: Arc::new(Semaphore::new(capacity)),
+                    capacity,
                     shared: shared.clone(),
                     stop: &stop,
                     hard_stop: &hard_stop,
@@ -517,7 +518,7 @@ async fn find_bucket(
 
 /// Which consumer a pull loop reads.
 #[derive(Clone, Copy)]
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     /// The app's shared consumer group.
     App,
     /// This instance's own consumer.
@@ -526,7 +527,7 @@ enum Source<'a> {
 
 /// The durable consumer for `source`, created if missing (an existing one keeps its settings,
 /// ack wait included).
-async fn consumer_for(
+pub(crate) async fn consumer_for(
     stream: &jetstream::stream::Stream,
     source: Source<'_>,
     app: &str,
@@ -594,105 +595,8 @@ async fn consumer_for(
 /// How often to send progress acks for runs from `consumer`: a third of its ack wait as the
 /// server reports it (an existing consumer keeps the ack wait it was created with, which may
 /// not be this worker's setting).
-fn progress_interval(consumer: &consumer::Consumer<consumer::pull::Config>) -> Duration {
+pub(crate) fn progress_interval(consumer: &consumer::Consumer<consumer::pull::Config>) -> Duration {
     (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(500))
-}
-
-/// What a pull loop works with.
-struct PullContext<'a> {
-    stream: &'a jetstream::stream::Stream,
-    app: &'a str,
-    ack_wait: Duration,
-    expiry: Duration,
-    permits: Arc<Semaphore>,
-    shared: Arc<Shared>,
-    stop: &'a CancellationToken,
-    hard_stop: &'a CancellationToken,
-}
-
-/// Pulls runs within the permits until `stop`; returns the tasks still running.
-async fn pull_loop(
-    mut consumer: consumer::Consumer<consumer::pull::Config>,
-    source: Source<'_>,
-    cx: PullContext<'_>,
-) -> JoinSet<()> {
-    let mut tasks = JoinSet::new();
-    let mut failures = 0u32;
-    while !cx.stop.is_cancelled() {
-        let first = tokio::select! {
-            p = cx.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = cx.stop.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-        };
-        let mut held: Vec<OwnedSemaphorePermit> = vec![first];
-        while let Ok(p) = cx.permits.clone().try_acquire_owned() {
-            held.push(p);
-        }
-        let batch = consumer
-            .batch()
-            .max_messages(held.len())
-            .expires(cx.expiry)
-            .messages()
-            .await;
-        // Progress acks follow the ack wait of the consumer as it is now (it may have been
-        // recreated since the last batch).
-        let progress_every = progress_interval(&consumer);
-        let mut batch = match batch {
-            Ok(b) => {
-                failures = 0;
-                b
-            }
-            Err(e) => {
-                failures += 1;
-                drop(held);
-                tracing::warn!(error = %e, "pulling runs failed; retrying");
-                pause(cx.stop, Backoff::RECONNECT, failures).await;
-                // The consumer may have been removed (an instance's, by the leader): recreate.
-                if failures % 3 == 0 {
-                    if let Ok(c) = consumer_for(cx.stream, source, cx.app, cx.ack_wait).await {
-                        consumer = c;
-                    }
-                }
-                continue;
-            }
-        };
-        // Read the batch to its end even when stopping: the server may still deliver to
-        // this pull request, and such runs are handed back (nak) instead of being lost
-        // until their ack wait. The batch ends by itself when the pull request expires;
-        // the extra bound covers a connection lost meanwhile.
-        let batch_end = tokio::time::Instant::now() + cx.expiry + Duration::from_secs(2);
-        while let Ok(Some(item)) = tokio::time::timeout_at(batch_end, batch.next()).await {
-            match item {
-                Ok(msg) => {
-                    if cx.stop.is_cancelled() {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        continue;
-                    }
-                    let Some(permit) = held.pop() else {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        continue;
-                    };
-                    tasks.spawn(process(
-                        cx.shared.clone(),
-                        msg,
-                        permit,
-                        progress_every,
-                        cx.hard_stop.clone(),
-                    ));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "pull batch ended with an error");
-                    break;
-                }
-            }
-        }
-        drop(held);
-        while tasks.try_join_next().is_some() {}
-    }
-    tasks
 }
 
 /// A background task that dies with the worker, even when the worker itself is aborted.
