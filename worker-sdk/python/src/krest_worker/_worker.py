@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError
 from . import __version__
 from ._backoff import RECONNECT, Backoff
 from ._context import JobContext, JobError, now_rfc3339
-from ._decide import Decision, Ending, Facts, Kind, Reply, decide
+from ._decide import Decision, Ending, Facts, Kind, Reply, attempt_number, decide, handed_off
 from ._events import EventSink, PublishError, store
 from ._nats import ConfigError, NatsConfig
 from ._text import header_value, redact
@@ -806,7 +806,7 @@ class _Run:
             await self.park(msg, seq, redact(f"malformed run message: {e}"))
             return
         w = self.w
-        attempt = int(run.get("attemptOffset") or 0) + delivered
+        attempt = attempt_number(run, delivered)
         shard = run.get("shard")
         shard_index = int(shard["index"]) if isinstance(shard, dict) else 0
         shard_total = int(shard["total"]) if isinstance(shard, dict) else 1
@@ -1034,20 +1034,16 @@ class _Run:
         """Hands a retry of an instance-addressed run to the leader's router: due after the
         delay, avoiding this instance."""
         assert self.js is not None
-        nxt = dict(run)
-        nxt["attemptOffset"] = attempt
-        nxt.pop("target", None)
         at = datetime.now(timezone.utc) + timedelta(microseconds=delay_ns // 1000)
-        nxt["retryAt"] = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        nxt["avoid"] = [self.w.instance]
+        h = handed_off(run, attempt, self.w.instance, at)
         shard = run.get("shard")
         index = int(shard["index"]) if isinstance(shard, dict) else 0
         await store(
             self.js,
-            f"krest.work.{run.get('appName', '')}.{run['jobGroup']}.{run['jobName']}.r",
-            json.dumps(nxt, separators=(",", ":")).encode(),
+            h.subject,
+            json.dumps(h.message, separators=(",", ":")).encode(),
             {
-                "Nats-Msg-Id": f"{run['runId']}/{index}/retry-{attempt}",
+                "Nats-Msg-Id": h.msg_id,
                 "traceparent": attempt_traceparent(str(run["runId"]), index, attempt),
             },
         )
