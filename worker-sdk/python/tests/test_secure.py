@@ -150,3 +150,70 @@ def test_token_login_from_the_url() -> None:
         workers.stop_all()
         k.stop()
         shutil.rmtree(dir, ignore_errors=True)
+
+
+def test_nkey_logins_with_a_seed_and_a_seed_file() -> None:
+    """nkey users (nats-server's `{ nkey: U… }`), keys made here with the nkeys package: the
+    scheduler and the CLI log in with a seed (Krest's NATS_NKEY), the worker — the app's
+    least-privilege user of nats/accounts.conf, with an nkey instead of a password — with the
+    seed itself, then with a file holding it; an nkey the server does not know is refused,
+    naming the problem without the seed."""
+    import os
+    import subprocess
+    import sys
+
+    import nkeys  # type: ignore[import-untyped, unused-ignore]
+
+    from conftest import HERE
+
+    def keypair() -> tuple[str, str]:
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        return seed.decode(), nkeys.from_seed(seed).public_key.decode()
+
+    (scheduler_seed, scheduler_pub), (worker_seed, worker_pub), (stranger_seed, _) = (
+        keypair(),
+        keypair(),
+        keypair(),
+    )
+    assert worker_seed.startswith("SU") and worker_pub.startswith("U")
+    dir = Path(tempfile.mkdtemp(prefix="krest-py-nkey-"))
+    accounts = (REPO / "nats" / "accounts.conf").read_text()
+    for old, new in [
+        ("{ user: scheduler, password: $KREST_SCHEDULER_PASSWORD }", f"{{ nkey: {scheduler_pub} }}"),
+        ("{ user: billing, password: $KREST_BILLING_PASSWORD,", f"{{ nkey: {worker_pub},"),
+    ]:
+        assert old in accounts, old
+        accounts = accounts.replace(old, new)
+    app = "pynkey"
+    (dir / "accounts.conf").write_text(accounts.replace("billing", app))
+    (dir / "nats.conf").write_text("include accounts.conf\n")
+    (dir / "worker.nk").write_text(worker_seed + "\n")
+    dir.joinpath("worker.nk").chmod(0o600)
+    # The other users of accounts.conf still read their passwords from the environment.
+    passwords = {f"KREST_{r}_PASSWORD": f"pw-{r.lower()}" for r in ["OPERATOR", "VIEWER", "SYS"]}
+    os.environ.update(passwords)
+    k = Krest(dir, nats_args=["-c", str(dir / "nats.conf")], env={"NATS_NKEY": scheduler_seed})
+    workers = Workers(k, "nkey", app=app)
+    try:
+        for instance, nkey in [("seed", worker_seed), ("file", str(dir / "worker.nk"))]:
+            w = workers.start(instance, NATS_NKEY=nkey)
+            d = k.wait_run(k.trigger(workers.job("echo", "py/echo", args={"say": instance})))
+            assert (d["run"]["status"], d["run"]["output"]) == ("SUCCEEDED", f"echo {instance}"), d
+            assert [a["worker"] for a in d["attempts"]] == [instance], d
+            assert worker_seed not in w.log()
+            assert "permission" not in w.log().lower(), w.log()
+            assert w.terminate() == 0, w.log()
+        out = subprocess.run(
+            [sys.executable, str(HERE / "scenario_worker.py")],
+            env={**os.environ, "NATS_URL": k.url, "KREST_APP": app, "NATS_NKEY": stranger_seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0
+        assert "refused the login" in out.stderr, out.stderr
+        assert stranger_seed not in out.stderr, "no secret in the message"
+    finally:
+        workers.stop_all()
+        k.stop()
+        shutil.rmtree(dir, ignore_errors=True)
