@@ -329,6 +329,8 @@ class _Run:
         self.w = w
         self.stop = stop
         self.hard_stop = asyncio.Event()
+        #: Ends the heartbeat loop (see `finish`).
+        self.heartbeat_done = asyncio.Event()
         self.cancellable = _Cancellable()
         self.in_flight = 0
         self.started_at = now_rfc3339()
@@ -570,7 +572,10 @@ class _Run:
         assert self.js is not None
         subject = f"$KV.{WORKERS_BUCKET}.{w.app}.{w.instance}"
         host = _host_name()
-        while True:
+        # Ended by `heartbeat_done`, not only by cancelling the task: before Python 3.12,
+        # asyncio.wait_for (inside nats-py's publish) swallows the cancellation of its task
+        # when the awaited reply arrives at the same moment, and the loop would carry on.
+        while not self.heartbeat_done.is_set():
             info = {
                 "appName": w.app,
                 "instance": w.instance,
@@ -588,7 +593,12 @@ class _Run:
                 await self.js.publish(subject, json.dumps(info).encode(), timeout=5.0)
             except Exception as e:  # noqa: BLE001
                 log.warning("heartbeat failed: %s", e)
-            await asyncio.sleep(w.heartbeat_interval)
+            if self.heartbeat_done.is_set():
+                break
+            try:
+                await asyncio.wait_for(self.heartbeat_done.wait(), w.heartbeat_interval)
+            except asyncio.TimeoutError:
+                pass
 
     async def on_cancel(self, msg: Msg) -> None:
         try:
@@ -745,11 +755,15 @@ class _Run:
         """Stops heartbeating, removes the heartbeat entry, publishes what is queued."""
         w = self.w
         if heartbeat is not None:
+            # The event ends the loop even if the cancellation is lost (see heartbeat_loop);
+            # the entry is deleted only once no heartbeat can follow the deletion.
+            self.heartbeat_done.set()
             heartbeat.cancel()
-            try:
-                await heartbeat
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({heartbeat}, timeout=CLEANUP_STEP * 3)
+            if not heartbeat.done():
+                log.warning("the heartbeat did not stop; removing its entry anyway")
+            elif not heartbeat.cancelled() and heartbeat.exception() is not None:
+                log.warning("heartbeat ended: %s", heartbeat.exception())
         if self.js is not None:
             try:
                 await asyncio.wait_for(
