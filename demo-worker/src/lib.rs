@@ -8,6 +8,9 @@
 //! - `service/demo-krestjob/flaky` (not in the seed; `examples/demo/flaky.json` and
 //!   `broken.json` use it): fails its first `failures` attempts (from its args, default 1),
 //!   then succeeds — so the demo shows retries, and FAILED runs when retries run out.
+//! - `service/demo-krestjob/crash` (not in the seed): logs a line, then panics — a handler
+//!   bug. The SDK records the attempt as FAILED (`handler panicked: …`), retries it as the job
+//!   says, and the worker goes on running other runs. The conformance suite uses it.
 //!
 //! With a journal file set, every handler execution appends `run_id shard attempt instance`
 //! as one line — an audit trail that tells executions apart even when a run is executed
@@ -28,6 +31,8 @@ pub const POST_HANDLER: &str = "service/demo-krestjob-post";
 pub const SHARDING_HANDLER: &str = "service/demo-krestjob/sharding";
 /// Handler that fails its first attempts (the demo's retries and failures).
 pub const FLAKY_HANDLER: &str = "service/demo-krestjob/flaky";
+/// Handler that panics (a handler bug: the attempt fails, the worker survives).
+pub const CRASH_HANDLER: &str = "service/demo-krestjob/crash";
 
 /// How the demo handlers behave.
 #[derive(Debug, Clone)]
@@ -115,4 +120,13 @@ pub fn register(builder: WorkerBuilder, opts: DemoOptions) -> WorkerBuilder {
             }
             Ok(format!("succeeded at attempt {}", ctx.attempt()))
         })
+        .handler(CRASH_HANDLER, |ctx: JobContext| async move {
+            ctx.log(format!("attempt {}: about to hit a bug", ctx.attempt()));
+            crash(ctx.attempt())
+        })
+}
+
+/// The crash handler's bug: a panic, as an indexing or `unwrap` bug would raise.
+fn crash(attempt: u32) -> Result<String, JobError> {
+    panic!("demo crash at attempt {attempt}")
 }

@@ -769,6 +769,9 @@ pub struct DlqListRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkersListRequest {
+    /// Only instances of this app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
     /// At most this many per page (default and at most 10000; fewer when they would not fit
     /// in one reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,14 +10,14 @@ use std::time::Duration;
 use async_nats::jetstream::{self, message::PublishMessage as Publish, AckKind};
 use chrono::Utc;
 use krest_schemas::deadletter::{parked_copy, Origin};
-use krest_schemas::names::{dlq_subject, parked_work_id, retry_msg_id, work_router_subject};
+use krest_schemas::names::{dlq_subject, parked_work_id};
 use krest_schemas::{Backoff, CancelRequest, Finished, RunEvent, RunMessage, Started};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::context::{HandlerFn, HandlerFuture, JobContext, JobError};
-use crate::decide::{decide, Decision, Ending, Facts, Reply};
+use crate::decide::{attempt_number, decide, handed_off, Decision, Ending, Facts, Reply};
 use crate::error::{Error, PublishKind};
 use crate::events::{store, EventSink};
 use crate::markers::{Lookup, Markers};
@@ -145,8 +145,7 @@ pub(crate) async fn process(
         .info()
         .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
         .unwrap_or(1);
-    // Retries and re-routes are new messages: earlier attempts are carried in the offset.
-    let attempt = run.attempt_offset.saturating_add(delivered);
+    let attempt = attempt_number(&run, delivered);
     shared.events.send(RunEvent::Started(Started {
         run: run.run.clone(),
         shard: run.shard_index(),
@@ -343,7 +342,7 @@ async fn acknowledge(
 ) {
     let ack = match decision.hand_off {
         None => decision.ack,
-        Some(delay) => match hand_off(shared, run, attempt, delay).await {
+        Some(delay) => match hand_off(shared, run, &msg.payload, attempt, delay).await {
             Ok(()) => Reply::Term,
             Err(e) => {
                 tracing::warn!(run = %run.run.run_id, error = %e, "could not hand the retry to the router; retrying here");
@@ -366,16 +365,25 @@ async fn acknowledge(
 async fn hand_off(
     shared: &Shared,
     run: &RunMessage,
+    received: &[u8],
     attempt: u32,
     delay: Duration,
 ) -> Result<(), Error<PublishKind>> {
-    let body = serde_json::to_vec(&handed_off(
+    let encode = |e: serde_json::Error| {
+        Error::new(
+            PublishKind::Encode,
+            format!("cannot serialize the retry: {e}"),
+        )
+    };
+    let handoff = handed_off(
         run,
+        received,
         attempt,
         &shared.instance,
         Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
-    ))
-    .map_err(|e| {
+    )
+    .map_err(encode)?;
+    let body = serde_json::to_vec(&handoff.message).map_err(|e| {
         Error::new(
             PublishKind::Encode,
             format!("cannot serialize the retry: {e}"),
@@ -383,10 +391,10 @@ async fn hand_off(
     })?;
     store(
         &shared.js,
-        work_router_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
+        handoff.subject,
         Publish::build()
             .payload(body.into())
-            .message_id(retry_msg_id(&run.run.run_id, run.shard_index(), attempt))
+            .message_id(handoff.msg_id)
             .header(
                 krest_schemas::trace::TRACEPARENT,
                 krest_schemas::trace::attempt_traceparent(
@@ -398,22 +406,6 @@ async fn hand_off(
             ),
     )
     .await
-}
-
-/// The message a retry of `run` is handed to the router as: attempts so far in the offset, no
-/// target, due at `retry_at`, avoiding `instance`.
-fn handed_off(
-    run: &RunMessage,
-    attempt: u32,
-    instance: &str,
-    retry_at: chrono::DateTime<Utc>,
-) -> RunMessage {
-    let mut next = run.clone();
-    next.attempt_offset = attempt;
-    next.target = None;
-    next.retry_at = Some(retry_at);
-    next.avoid = vec![instance.to_string()];
-    next
 }
 
 /// Parks a message this worker cannot read on the dead-letter stream (`krest.dlq.work`): a copy
@@ -566,7 +558,20 @@ mod tests {
     fn a_hand_off_carries_the_attempts_and_avoids_this_instance() {
         let at = Utc::now();
         let r = run(serde_json::json!({"target": "w1", "attemptOffset": 1, "epoch": 7}));
-        let next = handed_off(&r, 3, "w1", at);
+        let mut received = serde_json::to_value(&r).unwrap();
+        received["fieldOfANewerScheduler"] = serde_json::json!({"kept": true});
+        let payload = serde_json::to_vec(&received).unwrap();
+        let handoff = handed_off(&r, &payload, 3, "w1", at).unwrap();
+        assert_eq!(
+            (handoff.subject.as_str(), handoff.msg_id.as_str()),
+            ("krest.work.a.g.j.r", "g.j.1/0/retry-3")
+        );
+        assert_eq!(
+            handoff.message["fieldOfANewerScheduler"],
+            serde_json::json!({"kept": true}),
+            "fields this SDK does not know are kept"
+        );
+        let next: RunMessage = serde_json::from_value(handoff.message).unwrap();
         assert_eq!(next.attempt_offset, 3);
         assert_eq!(next.target, None);
         assert_eq!(next.retry_at, Some(at));

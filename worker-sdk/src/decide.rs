@@ -4,11 +4,18 @@
 //! error text as stored, whether the retry goes through the leader's router, and the one reply
 //! to the run message ([`Reply`], a closed enum that maps onto async-nats's `AckKind`).
 //!
+//! [`attempt_number`] and [`handed_off`] are the rest of the decision: which attempt a delivery
+//! is, and the message a retry is handed to the router as.
+//!
 //! No IO and no clock: [`crate::attempt`] executes, calls [`decide`], reports and acknowledges.
+//! Every SDK must agree with the shared test vectors in `schemas/testdata/decide-vectors.json`
+//! (tested here and by the Python SDK's `tests/test_vectors.py`).
 
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
+use chrono::{DateTime, Utc};
+use krest_schemas::names::{retry_msg_id, work_router_subject};
 use krest_schemas::{AttemptOutcome, Backoff, BackoffMs, JobType, RunMessage};
 
 use crate::context::{truncate, JobError, Output, MAX_OUTPUT};
@@ -217,6 +224,46 @@ pub(crate) fn decide(ending: Ending, f: &Facts<'_>) -> Decision {
     }
 }
 
+/// The attempt a delivery of `run` is: earlier attempts (retries and re-routes are new messages)
+/// are carried in `attemptOffset`, this message's own in the JetStream delivery count.
+pub(crate) fn attempt_number(run: &RunMessage, delivered: u32) -> u32 {
+    run.attempt_offset.saturating_add(delivered.max(1))
+}
+
+/// A retry handed to the leader's router: the message and where it is published.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HandOff {
+    /// `krest.work.<app>.<group>.<name>.r`.
+    pub(crate) subject: String,
+    /// `Nats-Msg-Id`: one hand-off per shard and attempt.
+    pub(crate) msg_id: String,
+    /// The run message received, with the attempts so far in `attemptOffset`, no target, due at
+    /// `retryAt`, avoiding this instance; every other field unchanged, those this SDK does not
+    /// know included (a newer scheduler's).
+    pub(crate) message: serde_json::Value,
+}
+
+/// The hand-off of attempt `attempt` of `run` on `instance`, due at `retry_at`. `received` is
+/// the message's payload as received (`run` was read from it).
+pub(crate) fn handed_off(
+    run: &RunMessage,
+    received: &[u8],
+    attempt: u32,
+    instance: &str,
+    retry_at: DateTime<Utc>,
+) -> Result<HandOff, serde_json::Error> {
+    let mut next: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(received)?;
+    next.insert("attemptOffset".into(), attempt.into());
+    next.remove("target");
+    next.insert("retryAt".into(), serde_json::to_value(retry_at)?);
+    next.insert("avoid".into(), serde_json::json!([instance]));
+    Ok(HandOff {
+        subject: work_router_subject(&run.run.app_name, &run.run.job_group, &run.run.job_name),
+        msg_id: retry_msg_id(&run.run.run_id, run.shard_index(), attempt),
+        message: next.into(),
+    })
+}
+
 /// A text as stored with the attempt: a URL's credentials never (an HTTP client's error names
 /// the URL), and at most [`MAX_OUTPUT`] bytes. Redacted before the cut, so a cut cannot leave
 /// part of a credential unrecognised.
@@ -231,7 +278,6 @@ fn stored(text: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use AttemptOutcome::{Cancelled, Failed, Succeeded, TimedOut};
 
     const S: Duration = Duration::from_secs(1);
 
@@ -255,85 +301,114 @@ mod tests {
         Ending::Done(Err(JobError::new(msg)))
     }
 
-    fn fatal(msg: &str) -> Ending {
-        Ending::Done(Err(JobError::fatal(msg)))
-    }
-
-    /// (outcome, will_retry, retry_in_ms, hand_off, ack) of a decision.
-    type Summary = (AttemptOutcome, bool, Option<u64>, Option<Duration>, Reply);
-
-    fn summary(d: &Decision) -> Summary {
-        (d.outcome, d.will_retry, d.retry_in_ms, d.hand_off, d.ack)
-    }
-
-    #[test]
-    fn the_decision_table() {
-        use Route::{Addressed, Broadcast, Queue};
-        let ms = Duration::from_millis;
-        let job_backoff = BackoffMs {
-            initial_ms: 300,
-            factor: 3.0,
-            max_ms: 5000,
-        };
-        let with_job_backoff = |attempt, retry_times, route| Facts {
-            job_backoff: Some(job_backoff),
-            ..facts(attempt, retry_times, route)
-        };
-        let with_worker_backoff = |attempt, retry_times, route| Facts {
-            default_backoff: Backoff {
-                initial: ms(100),
-                factor: 2.0,
-                max: S,
-            },
-            ..facts(attempt, retry_times, route)
-        };
-        #[rustfmt::skip]
-        let cases: Vec<(&str, Ending, Facts<'static>, Summary)> = vec![
-            // Success, on any route and at any attempt number.
-            ("success", ok("fine"), facts(1, 3, Queue), (Succeeded, false, None, None, Reply::Ack)),
-            ("success, addressed", ok("fine"), facts(2, 3, Addressed), (Succeeded, false, None, None, Reply::Ack)),
-            ("success beyond retryTimes + 1", ok("fine"), facts(9, 2, Queue), (Succeeded, false, None, None, Reply::Ack)),
-            // Failures with retries left: the worker's backoff at the attempt's number.
-            ("failure, retries left", fail("x"), facts(1, 3, Queue), (Failed, true, Some(1000), None, Reply::Nak(S))),
-            ("failure, retries left, attempt 3", fail("x"), facts(3, 3, Queue), (Failed, true, Some(4000), None, Reply::Nak(4 * S))),
-            // ... none left: attempt == retryTimes + 1, or beyond it (redelivered after a crash).
-            ("failure, last attempt", fail("x"), facts(4, 3, Queue), (Failed, false, None, None, Reply::Term)),
-            ("failure beyond retryTimes + 1", fail("x"), facts(6, 3, Queue), (Failed, false, None, None, Reply::Term)),
-            ("failure, no retries at all", fail("x"), facts(1, 0, Queue), (Failed, false, None, None, Reply::Term)),
-            // A fatal error ends the run whatever is left.
-            ("fatal", fatal("bad args"), facts(1, 3, Queue), (Failed, false, None, None, Reply::Term)),
-            ("fatal, addressed", fatal("bad args"), facts(1, 3, Addressed), (Failed, false, None, None, Reply::Term)),
-            // Timeouts are retried like failures.
-            ("timeout, retries left", Ending::TimedOut, facts(2, 3, Queue), (TimedOut, true, Some(2000), None, Reply::Nak(2 * S))),
-            ("timeout, none left", Ending::TimedOut, facts(4, 3, Queue), (TimedOut, false, None, None, Reply::Term)),
-            ("timeout beyond retryTimes + 1", Ending::TimedOut, facts(5, 3, Queue), (TimedOut, false, None, None, Reply::Term)),
-            // Cancelled: never retried.
-            ("cancelled", Ending::Cancelled("replaced".into()), facts(1, 3, Queue), (Cancelled, false, None, None, Reply::Term)),
-            ("cancelled, addressed", Ending::Cancelled("replaced".into()), facts(1, 3, Addressed), (Cancelled, false, None, None, Reply::Term)),
-            // Interrupted by shutdown: handed back at once, even on the last attempt.
-            ("interrupted", Ending::Interrupted, facts(1, 3, Queue), (Failed, true, Some(0), None, Reply::NakNow)),
-            ("interrupted, last attempt", Ending::Interrupted, facts(4, 3, Queue), (Failed, true, Some(0), None, Reply::NakNow)),
-            ("interrupted, addressed", Ending::Interrupted, facts(1, 3, Addressed), (Failed, true, Some(0), Some(Duration::ZERO), Reply::NakNow)),
-            ("interrupted, broadcast", Ending::Interrupted, facts(1, 3, Broadcast), (Failed, true, Some(0), None, Reply::NakNow)),
-            // Addressed runs retry through the router (nak here only if the hand-off fails);
-            // BROADCAST shards and the app queue never hand off.
-            ("failure, addressed", fail("x"), facts(1, 3, Addressed), (Failed, true, Some(1000), Some(S), Reply::Nak(S))),
-            ("timeout, addressed", Ending::TimedOut, facts(2, 3, Addressed), (TimedOut, true, Some(2000), Some(2 * S), Reply::Nak(2 * S))),
-            ("failure, addressed, none left", fail("x"), facts(4, 3, Addressed), (Failed, false, None, None, Reply::Term)),
-            ("failure, broadcast", fail("x"), facts(1, 3, Broadcast), (Failed, true, Some(1000), None, Reply::Nak(S))),
-            ("failure, broadcast, none left", fail("x"), facts(4, 3, Broadcast), (Failed, false, None, None, Reply::Term)),
-            // The job's retryBackoff wins over the worker's default: 300 ms × 3^(n-1), ≤ 5 s.
-            ("job backoff, attempt 1", fail("x"), with_job_backoff(1, 5, Queue), (Failed, true, Some(300), None, Reply::Nak(ms(300)))),
-            ("job backoff, attempt 2", fail("x"), with_job_backoff(2, 5, Queue), (Failed, true, Some(900), None, Reply::Nak(ms(900)))),
-            ("job backoff, capped", fail("x"), with_job_backoff(4, 5, Queue), (Failed, true, Some(5000), None, Reply::Nak(5 * S))),
-            ("job backoff, addressed", Ending::TimedOut, with_job_backoff(2, 5, Addressed), (TimedOut, true, Some(900), Some(ms(900)), Reply::Nak(ms(900)))),
-            // The worker's default, when it is not the built-in one: 100 ms doubling, ≤ 1 s.
-            ("worker backoff", fail("x"), with_worker_backoff(3, 5, Queue), (Failed, true, Some(400), None, Reply::Nak(ms(400)))),
-            ("worker backoff, capped", fail("x"), with_worker_backoff(5, 5, Queue), (Failed, true, Some(1000), None, Reply::Nak(S))),
-        ];
-        for (name, ending, f, expected) in cases {
-            assert_eq!(summary(&decide(ending, &f)), expected, "{name}");
+    /// A reply as `(kind, delay)`: `-NAK {"delay": n}` and `-NAK {"delay":n}` are the same.
+    fn reply_parts(wire: &str) -> serde_json::Value {
+        match wire.split_once(' ') {
+            Some((kind, body)) => serde_json::json!([
+                kind,
+                serde_json::from_str::<serde_json::Value>(body).expect("a reply's JSON body")
+            ]),
+            None => serde_json::json!([wire]),
         }
+    }
+
+    /// The shared test vectors (`schemas/testdata/decide-vectors.json`, read the same way by
+    /// the Python SDK's tests): attempt number, decision, reply bytes and hand-off message.
+    #[test]
+    fn the_shared_test_vectors() {
+        use serde_json::{json, Value};
+        let doc: Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../schemas/testdata/decide-vectors.json"
+        )))
+        .expect("the vectors file is JSON");
+        let base = &doc["base"];
+        let now: DateTime<Utc> = serde_json::from_value(base["now"].clone()).unwrap();
+        let instance = base["instance"].as_str().unwrap();
+        let vectors = doc["vectors"].as_array().unwrap();
+        assert!(vectors.len() >= 40, "{} vectors", vectors.len());
+        // The run message as received: the base with the vector's fields (null removes one).
+        let message = |v: &Value| -> Value {
+            let mut m = base["run"].clone();
+            for (k, x) in v["run"].as_object().into_iter().flatten() {
+                if x.is_null() {
+                    m.as_object_mut().unwrap().remove(k);
+                } else {
+                    m[k] = x.clone();
+                }
+            }
+            m
+        };
+        // `retryAt` as an instant, so that two spellings of one compare equal.
+        let normalized = |mut m: Value| -> Value {
+            let at: DateTime<Utc> = serde_json::from_value(m["retryAt"].clone()).unwrap();
+            m["retryAt"] = json!(at.timestamp_nanos_opt());
+            m
+        };
+        let mut wrong = Vec::new();
+        for v in vectors {
+            let name = v["name"].as_str().unwrap();
+            let received = message(v);
+            let run: RunMessage = serde_json::from_value(received.clone())
+                .unwrap_or_else(|e| panic!("{name}: not a run message: {e}"));
+            let worker_backoff: BackoffMs = serde_json::from_value(
+                v.get("workerBackoff")
+                    .unwrap_or(&base["workerBackoff"])
+                    .clone(),
+            )
+            .unwrap();
+            let delivered = u32::try_from(v["delivered"].as_u64().unwrap()).unwrap();
+            let text = v["ending"]["text"].as_str().map(str::to_string);
+            let ending = match v["ending"]["kind"].as_str().unwrap() {
+                "succeeded" => Ending::Done(Ok(Output(text))),
+                "failed" => Ending::Done(Err(JobError::new(text.unwrap()))),
+                "fatal" => Ending::Done(Err(JobError::fatal(text.unwrap()))),
+                "timedOut" => Ending::TimedOut,
+                "cancelled" => Ending::Cancelled(text.unwrap()),
+                "interrupted" => Ending::Interrupted,
+                other => panic!("{name}: unknown ending {other}"),
+            };
+
+            let attempt = attempt_number(&run, delivered);
+            let d = decide(
+                ending,
+                &Facts::of(&run, attempt, Backoff::from(worker_backoff), instance),
+            );
+            let wire = bytes::Bytes::from(d.ack.kind());
+            let hand_off = d.hand_off.map(|delay| {
+                let at = now + chrono::Duration::from_std(delay).unwrap();
+                let payload = serde_json::to_vec(&received).unwrap();
+                let h = handed_off(&run, &payload, attempt, instance, at).unwrap();
+                json!({"subject": h.subject, "msgId": h.msg_id, "message": normalized(h.message)})
+            });
+            let got = json!({
+                "attempt": attempt, "outcome": d.outcome.as_str(), "willRetry": d.will_retry,
+                "retryInMs": d.retry_in_ms, "output": d.output, "error": d.error,
+                "reply": reply_parts(std::str::from_utf8(&wire).unwrap()), "handOff": hand_off,
+            });
+
+            let x = &v["expect"];
+            let want_hand_off = match &x["handOff"] {
+                Value::Null => Value::Null,
+                h => {
+                    let mut m = received.clone();
+                    m.as_object_mut().unwrap().remove("target");
+                    for field in ["attemptOffset", "avoid", "retryAt"] {
+                        m[field] = h[field].clone();
+                    }
+                    json!({"subject": h["subject"], "msgId": h["msgId"], "message": normalized(m)})
+                }
+            };
+            let want = json!({
+                "attempt": x["attempt"], "outcome": x["outcome"], "willRetry": x["willRetry"],
+                "retryInMs": x["retryInMs"], "output": x["output"], "error": x["error"],
+                "reply": reply_parts(x["reply"].as_str().unwrap()), "handOff": want_hand_off,
+            });
+            if got != want {
+                wrong.push(format!("{name}:\n  got  {got}\n  want {want}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     #[test]

@@ -414,7 +414,11 @@ pub enum RunsCmd {
 #[derive(Debug, Subcommand)]
 pub enum WorkersCmd {
     /// List live worker instances.
-    List,
+    List {
+        /// Only instances of this app.
+        #[arg(long)]
+        app: Option<String>,
+    },
 }
 
 /// `krest cluster …`

@@ -76,12 +76,15 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Job(cmd) => job::job(&client, cmd, json).await,
         Command::Runs(cmd) => runs::runs(&client, cmd, json).await,
-        Command::Workers(WorkersCmd::List) => {
-            let workers = live_workers(&client).await?;
+        Command::Workers(WorkersCmd::List { app }) => {
+            let workers = live_workers(&client, app.as_deref()).await?;
             if json {
                 print_json(&workers)?;
             } else {
                 render::workers_table(&workers, Utc::now()).print()?;
+                if let (Some(app), true) = (app, workers.is_empty()) {
+                    eprintln!("no worker of app {} is running", esc(&app));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -127,12 +130,16 @@ pub async fn run_client(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Every live worker instance.
-pub(crate) async fn live_workers(client: &Client) -> Result<Vec<WorkerInfo>, ClientError> {
+/// Every live worker instance (of `app` only, if given).
+pub(crate) async fn live_workers(
+    client: &Client,
+    app: Option<&str>,
+) -> Result<Vec<WorkerInfo>, ClientError> {
     client
         .fetch_all(
             Op::WorkersList,
             |cursor, _| WorkersListRequest {
+                app: app.map(str::to_string),
                 limit: None,
                 cursor,
             },
@@ -151,7 +158,7 @@ pub(crate) async fn warn_without_workers(
     if apps.is_empty() {
         return;
     }
-    let Ok(workers) = live_workers(client).await else {
+    let Ok(workers) = live_workers(client, None).await else {
         return;
     };
     for (app, job) in apps {

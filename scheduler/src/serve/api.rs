@@ -923,8 +923,8 @@ impl ApiServer {
         Ok(page.finish(attempts_left, logs_left))
     }
 
-    /// `workers.list`: by app and instance from the cursor on. The first page reads the
-    /// registry now; the following ones page through the same view.
+    /// `workers.list`: by app and instance from the cursor on, only `app`'s if given. The
+    /// first page reads the registry now; the following ones page through the same view.
     async fn workers(&self, req: WorkersListRequest) -> Answer {
         let limit = req.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
         let live = match &req.cursor {
@@ -937,9 +937,10 @@ impl ApiServer {
         };
         let mut page = PageBuilder::new(limit, self.max_payload());
         let from = live.iter().filter(|w| {
-            start.is_none_or(|(app, instance)| {
-                (w.app_name.as_str(), w.instance.as_str()) >= (app, instance)
-            })
+            req.app.as_deref().is_none_or(|app| w.app_name == app)
+                && start.is_none_or(|(app, instance)| {
+                    (w.app_name.as_str(), w.instance.as_str()) >= (app, instance)
+                })
         });
         for worker in from {
             let key = || format!("{}.{}", worker.app_name, worker.instance);

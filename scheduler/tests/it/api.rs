@@ -856,6 +856,7 @@ async fn workers_and_dead_letters_come_in_pages() {
     // Heartbeats expire after 10 s: list while they are fresh.
     let pages: Vec<Vec<krest_schemas::WorkerInfo>> =
         all_pages(&client, Op::WorkersList, |cursor| WorkersListRequest {
+            app: None,
             limit: None,
             cursor,
         })
@@ -879,6 +880,42 @@ async fn workers_and_dead_letters_come_in_pages() {
     let (code, out, err) = env.cli(&["workers", "list"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 151, "header and 150 instances");
+    // One app's instances only, in pages of 7 (cursors inside and past the other app's).
+    let pages: Vec<Vec<krest_schemas::WorkerInfo>> =
+        all_pages(&client, Op::WorkersList, |cursor| WorkersListRequest {
+            app: Some("app-b".into()),
+            limit: Some(7),
+            cursor,
+        })
+        .await;
+    assert_eq!(pages.len(), 8, "50 instances in pages of 7");
+    let listed: Vec<(String, String)> = pages
+        .concat()
+        .into_iter()
+        .map(|w| (w.app_name, w.instance))
+        .collect();
+    let app_b: Vec<(String, String)> = expected
+        .iter()
+        .filter(|(app, _)| app == "app-b")
+        .cloned()
+        .collect();
+    assert_eq!(listed, app_b);
+    let (code, out, err) = env.cli(&["workers", "list", "--app", "app-b"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 51, "header and app-b's 50: {out}");
+    assert!(!out.contains("app-a"), "{out}");
+    let (code, out, err) = env.cli(&["-o", "json", "workers", "list", "--app", "app-a"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<krest_schemas::WorkerInfo> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 100);
+    assert!(listed.iter().all(|w| w.app_name == "app-a"));
+    let (code, out, err) = env.cli(&["workers", "list", "--app", "nobody"]);
+    assert_eq!(
+        (code, out.lines().count()),
+        (0, 1),
+        "the header only: {out}"
+    );
+    assert!(err.contains("no worker of app nobody is running"), "{err}");
     node.stop().await.unwrap();
 }
 

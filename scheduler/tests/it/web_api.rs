@@ -528,6 +528,14 @@ async fn http_api_serves_every_endpoint_with_tokens_and_errors() {
         instances.contains(&"demo-1") && instances.contains(&"gate-1"),
         "{v}"
     );
+    let v = reader.ok("/api/v1/workers?app=gated").await;
+    let of_gated: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(of_gated, ["gate-1"], "{v}");
     let v = reader.ok("/api/v1/cluster").await;
     assert!(v["cluster"]["leader"]["node"].is_string(), "{v}");
     assert_eq!(v["cluster"]["nodes"].as_array().unwrap().len(), 2);

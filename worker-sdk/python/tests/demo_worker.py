@@ -72,6 +72,14 @@ async def flaky(ctx: JobContext) -> str:
     return f"succeeded at attempt {ctx.attempt}"
 
 
+@worker.handler("service/demo-krestjob/crash")
+async def crash(ctx: JobContext) -> str:
+    """A handler bug: the Rust demo worker's handler panics, this one raises an exception that
+    is not a JobError. The attempt fails (retried as the job says) and the worker goes on."""
+    ctx.log(f"attempt {ctx.attempt}: about to hit a bug")
+    raise RuntimeError(f"demo crash at attempt {ctx.attempt}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nats").setLevel(logging.WARNING)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The Python worker SDK's checks: a venv with nats-py, pytest, pytest-asyncio and mypy from
-# PyPI and the package installed from this directory, then `mypy --strict` on the package and
-# the example, then pytest (end-to-end tests against a real nats-server and `krest scheduler`).
+# The Python worker SDK's checks: a venv with nats-py (with its nkeys extra), pytest,
+# pytest-asyncio and mypy from PyPI and the package installed from this directory, then
+# `mypy --strict` on the package and the example, then pytest (end-to-end tests against a real
+# nats-server and `krest scheduler`).
 #
 # The `krest` binary is $KREST_BIN, default $CARGO_TARGET_DIR/debug/krest (built with
 # `cargo build -p krest` when missing). The venv is $KREST_PY_VENV, default
@@ -27,10 +28,15 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check nats-py pytest pytest-asyncio mypy
+"$venv/bin/pip" install --quiet --disable-pip-version-check "nats-py[nkeys]" pytest pytest-asyncio mypy
 # A fresh install of the package as users get it (not editable).
 "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$here"
-"$venv/bin/mypy" --strict --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
+# Python 3.10 is the oldest supported: type-checked against 3.10's standard library (typeshed's
+# version markers reject asyncio.TaskGroup, asyncio.timeout, ExceptionGroup, except*,
+# typing.Self, datetime.UTC, ... on 3.10), whatever Python runs this; and against this one.
+"$venv/bin/mypy" --strict --python-version 3.10 --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
+running="$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+"$venv/bin/mypy" --strict --python-version "$running" --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
 cd "$here"
 # Two pytest processes at once (each with its own nats-server and scheduler): the tests mostly
 # wait on runs, so this halves the wall time.

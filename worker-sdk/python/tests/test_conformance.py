@@ -23,6 +23,10 @@ FAST = {"initial": "100ms", "factor": 1, "max": "100ms"}
 POST = "service/demo-krestjob-post"
 SHARDING = "service/demo-krestjob/sharding"
 FLAKY = "service/demo-krestjob/flaky"
+CRASH = "service/demo-krestjob/crash"
+#: How each SDK names a handler bug in the attempt's error: a Rust panic, a Python exception
+#: that is not a JobError (its type, then its message).
+UNEXPECTED = {"rust": "handler panicked: ", "python": "RuntimeError: "}
 _n = iter(range(1, 1_000_000))
 
 
@@ -202,6 +206,26 @@ def shutdown_deadline_hands_back(krest: Krest, sdk: Sdk) -> dict[str, Any]:
     return history(krest.wait_run(run_id), sdk, run_id)
 
 
+def panicking(krest: Krest, sdk: Sdk) -> dict[str, Any]:
+    """A handler bug (a Rust panic, a Python exception): each attempt fails with an error
+    naming it, the run is retried as the job says, and the worker survives to run the next
+    job."""
+    w1 = sdk.start("w1")
+    crashed = trigger_and_wait(krest, sdk, sdk.job("crash", CRASH, retryTimes=2, retryBackoff=FAST))
+    # Each SDK names the bug its language's way; the rest of the text is the handler's own.
+    prefix = UNEXPECTED[sdk.sdk]
+    assert (crashed["status"], len(crashed["attempts"])) == ("FAILED", 3), (sdk.sdk, crashed)
+    for a in crashed["attempts"]:
+        assert a[7].startswith(prefix), (sdk.sdk, a)
+    crashed["attempts"] = [a[:7] + (a[7].replace(prefix, "<bug>: ", 1),) + a[8:] for a in crashed["attempts"]]
+    if crashed["error"] is not None:
+        crashed["error"] = crashed["error"].replace(prefix, "<bug>: ", 1)
+    assert w1.p.poll() is None, w1.log()
+    after = trigger_and_wait(krest, sdk, sdk.job("next", POST, args="still here"))
+    assert after["status"] == "SUCCEEDED" and after["attempts"][0][5] == "w1", (sdk.sdk, after)
+    return {"crashed": crashed, "next": after}
+
+
 def poison_message(krest: Krest, sdk: Sdk) -> dict[str, Any]:
     sdk.start("w1")
     subject = f"krest.work.{sdk.app}.{sdk.app}.junk.q"
@@ -255,7 +279,7 @@ def broadcast(krest: Krest, sdk: Sdk) -> dict[str, Any]:
 SCENARIOS: list[Scenario] = [
     addressed_retry, broadcast,
     normal, sharded, retried_then_succeeded, always_failing, fatal, missing_handler, timed_out,
-    cancelled, killed_mid_run, shutdown_drains, poison_message,
+    cancelled, killed_mid_run, shutdown_drains, poison_message, panicking,
     shutdown_deadline_hands_back,
 ]
 

@@ -271,3 +271,38 @@ def test_a_thread_ignoring_cancellation_does_not_keep_the_worker_from_stopping(k
     [attempt] = eventually("the attempt reported", first_attempt_ended)
     assert (attempt["status"], attempt.get("willRetry")) == ("FAILED", True), attempt
     assert "shut down before the handler finished" in attempt["error"]
+
+
+async def test_a_graceful_stop_ends_the_heartbeat_even_when_its_cancellation_is_lost(krest: Krest) -> None:
+    """Stopping while a heartbeat publish is in flight. Before Python 3.12, asyncio.wait_for
+    (inside nats-py's publish) swallows the cancellation of its task when the awaited call
+    completes at the same moment, so a heartbeat loop stopped only by cancelling its task
+    carried on heartbeating and the stop never ended. Heartbeats back to back make that moment
+    likely; every stop must end, and remove the instance's heartbeat."""
+    from krest_worker import Worker
+
+    app = "hb-stop"
+    for i in range(60):
+        w = Worker(app, nats_url=krest.url, instance=f"hb-{i}", heartbeat_interval=0.0, pull_expiry=0.2)
+
+        @w.handler("none")
+        async def none(ctx: Any) -> None:
+            return None
+
+        stop = asyncio.Event()
+        serving = asyncio.create_task(w.serve(stop))
+
+        def registered(instance: str = f"hb-{i}") -> bool:
+            assert not serving.done(), serving
+            return any(x["instance"] == instance for x in krest.cli("workers", "list") or [])
+
+        await asyncio.to_thread(eventually, f"worker hb-{i} registered", registered)
+        stop.set()
+        done, _ = await asyncio.wait({serving}, timeout=60)
+        assert done, f"worker hb-{i} did not stop"
+        serving.result()
+
+    def all_gone() -> bool:
+        return not any(x["appName"] == app for x in krest.cli("workers", "list") or [])
+
+    await asyncio.to_thread(eventually, "every heartbeat removed", all_gone)

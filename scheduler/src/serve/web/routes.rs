@@ -275,7 +275,7 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/api/v1/runs/{run}/events", "runEvents", "The run's events as they happen (server-sent events: `run` first, then `dispatched`, `started`, `log`, `finished`, `skipped`; `end` when the run ended).", Read, events::run_events)
             .streams(),
         route(Get, "/api/v1/workers", "listWorkers", "Live worker instances, by app and instance.", Read, workers_list)
-            .query(vec![LIMIT, CURSOR])
+            .query(vec![param("app", "Only instances of this app."), LIMIT, CURSOR])
             .returns(|g| g.subschema_for::<ItemsPage<WorkerInfo>>()),
         route(Get, "/api/v1/cluster", "cluster", "Nodes, leader, NATS server, and the answering node's health (NATS, database, recorder lag).", Read, cluster)
             .returns(|g| g.subschema_for::<ClusterHealth>()),
@@ -856,12 +856,21 @@ async fn run_cancel(
     ))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkersQuery {
+    app: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
 async fn workers_list(
     State(s): State<WebState>,
-    q: Result<Query<PageQuery>, QueryRejection>,
+    q: Result<Query<WorkersQuery>, QueryRejection>,
 ) -> Result<Response, WebError> {
     let q = query(q)?;
     let req = WorkersListRequest {
+        app: q.app.filter(|a| !a.is_empty()),
         limit: parse_limit(q.limit)?,
         cursor: q.cursor,
     };

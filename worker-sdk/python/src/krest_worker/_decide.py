@@ -1,12 +1,16 @@
 """What happens after an attempt, as one pure function (the Rust SDK's `decide.rs`):
 `decide` takes how the attempt ended and what is known about the run and returns the
 outcome, ``willRetry``, ``retryInMs``, the texts as stored, whether the retry is handed to the
-leader's router, and the one reply to the run message."""
+leader's router, and the one reply to the run message. `attempt_number` and `handed_off` are
+the rest of the decision: which attempt a delivery is, and the message a retry is handed to the
+router as. Every SDK must agree with the shared test vectors in
+``schemas/testdata/decide-vectors.json`` (tests/test_vectors.py here)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from ._backoff import Backoff
@@ -137,4 +141,40 @@ def decide(ending: Ending, f: Facts) -> Decision:
         delay_ns=retry,
         hand_off=hand_off,
         reply=reply,
+    )
+
+
+def attempt_number(run: dict[str, Any], delivered: int) -> int:
+    """The attempt a delivery of `run` is: earlier attempts (retries and re-routes are new
+    messages) are carried in ``attemptOffset``, this message's own in the delivery count."""
+    return int(run.get("attemptOffset") or 0) + max(delivered, 1)
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """A retry handed to the leader's router: the message and where it is published."""
+
+    #: ``krest.work.<app>.<group>.<name>.r``
+    subject: str
+    #: ``Nats-Msg-Id``: one hand-off per shard and attempt.
+    msg_id: str
+    #: The run message received, with the attempts so far in ``attemptOffset``, no target, due
+    #: at ``retryAt``, avoiding this instance; every other field (known or not) unchanged.
+    message: dict[str, Any]
+
+
+def handed_off(run: dict[str, Any], attempt: int, instance: str, retry_at: datetime) -> HandOff:
+    """The hand-off of attempt `attempt` of `run` on `instance`, due at `retry_at`."""
+    nxt = dict(run)
+    nxt["attemptOffset"] = attempt
+    nxt.pop("target", None)
+    at = retry_at.astimezone(timezone.utc)
+    nxt["retryAt"] = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    nxt["avoid"] = [instance]
+    shard = run.get("shard")
+    index = int(shard["index"]) if isinstance(shard, dict) else 0
+    return HandOff(
+        subject=f"krest.work.{run.get('appName', '')}.{run['jobGroup']}.{run['jobName']}.r",
+        msg_id=f"{run['runId']}/{index}/retry-{attempt}",
+        message=nxt,
     )

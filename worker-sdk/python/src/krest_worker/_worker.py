@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError
 from . import __version__
 from ._backoff import RECONNECT, Backoff
 from ._context import JobContext, JobError, now_rfc3339
-from ._decide import Decision, Ending, Facts, Kind, Reply, decide
+from ._decide import Decision, Ending, Facts, Kind, Reply, attempt_number, decide, handed_off
 from ._events import EventSink, PublishError, store
 from ._nats import ConfigError, NatsConfig
 from ._text import header_value, redact
@@ -329,6 +329,8 @@ class _Run:
         self.w = w
         self.stop = stop
         self.hard_stop = asyncio.Event()
+        #: Ends the heartbeat loop (see `finish`).
+        self.heartbeat_done = asyncio.Event()
         self.cancellable = _Cancellable()
         self.in_flight = 0
         self.started_at = now_rfc3339()
@@ -570,7 +572,10 @@ class _Run:
         assert self.js is not None
         subject = f"$KV.{WORKERS_BUCKET}.{w.app}.{w.instance}"
         host = _host_name()
-        while True:
+        # Ended by `heartbeat_done`, not only by cancelling the task: before Python 3.12,
+        # asyncio.wait_for (inside nats-py's publish) swallows the cancellation of its task
+        # when the awaited reply arrives at the same moment, and the loop would carry on.
+        while not self.heartbeat_done.is_set():
             info = {
                 "appName": w.app,
                 "instance": w.instance,
@@ -588,7 +593,12 @@ class _Run:
                 await self.js.publish(subject, json.dumps(info).encode(), timeout=5.0)
             except Exception as e:  # noqa: BLE001
                 log.warning("heartbeat failed: %s", e)
-            await asyncio.sleep(w.heartbeat_interval)
+            if self.heartbeat_done.is_set():
+                break
+            try:
+                await asyncio.wait_for(self.heartbeat_done.wait(), w.heartbeat_interval)
+            except asyncio.TimeoutError:
+                pass
 
     async def on_cancel(self, msg: Msg) -> None:
         try:
@@ -745,11 +755,15 @@ class _Run:
         """Stops heartbeating, removes the heartbeat entry, publishes what is queued."""
         w = self.w
         if heartbeat is not None:
+            # The event ends the loop even if the cancellation is lost (see heartbeat_loop);
+            # the entry is deleted only once no heartbeat can follow the deletion.
+            self.heartbeat_done.set()
             heartbeat.cancel()
-            try:
-                await heartbeat
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({heartbeat}, timeout=CLEANUP_STEP * 3)
+            if not heartbeat.done():
+                log.warning("the heartbeat did not stop; removing its entry anyway")
+            elif not heartbeat.cancelled() and heartbeat.exception() is not None:
+                log.warning("heartbeat ended: %s", heartbeat.exception())
         if self.js is not None:
             try:
                 await asyncio.wait_for(
@@ -806,7 +820,7 @@ class _Run:
             await self.park(msg, seq, redact(f"malformed run message: {e}"))
             return
         w = self.w
-        attempt = int(run.get("attemptOffset") or 0) + delivered
+        attempt = attempt_number(run, delivered)
         shard = run.get("shard")
         shard_index = int(shard["index"]) if isinstance(shard, dict) else 0
         shard_total = int(shard["total"]) if isinstance(shard, dict) else 1
@@ -1034,20 +1048,16 @@ class _Run:
         """Hands a retry of an instance-addressed run to the leader's router: due after the
         delay, avoiding this instance."""
         assert self.js is not None
-        nxt = dict(run)
-        nxt["attemptOffset"] = attempt
-        nxt.pop("target", None)
         at = datetime.now(timezone.utc) + timedelta(microseconds=delay_ns // 1000)
-        nxt["retryAt"] = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        nxt["avoid"] = [self.w.instance]
+        h = handed_off(run, attempt, self.w.instance, at)
         shard = run.get("shard")
         index = int(shard["index"]) if isinstance(shard, dict) else 0
         await store(
             self.js,
-            f"krest.work.{run.get('appName', '')}.{run['jobGroup']}.{run['jobName']}.r",
-            json.dumps(nxt, separators=(",", ":")).encode(),
+            h.subject,
+            json.dumps(h.message, separators=(",", ":")).encode(),
             {
-                "Nats-Msg-Id": f"{run['runId']}/{index}/retry-{attempt}",
+                "Nats-Msg-Id": h.msg_id,
                 "traceparent": attempt_traceparent(str(run["runId"]), index, attempt),
             },
         )
