@@ -253,6 +253,8 @@ async fn publish_run(url: &str, run_id: &str, shards: u32) -> Duration {
             error: None,
             duration_ms: 1,
             delivery_token: key.token(run_id, shard),
+            started_at: None,
+            scheduled_at: None,
         }));
     }
     let start = Instant::now();

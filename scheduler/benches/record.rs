@@ -90,6 +90,8 @@ fn events(runs: usize) -> Vec<(u64, RunEvent)> {
             error: None,
             duration_ms: 8,
             delivery_token: String::new(),
+            started_at: None,
+            scheduled_at: None,
         }));
     }
     (1..).zip(out).collect()

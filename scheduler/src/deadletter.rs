@@ -208,6 +208,8 @@ pub async fn record_failure(
         error: Some(error.to_string()),
         duration_ms: 0,
         delivery_token: run.delivery_token.clone(),
+        started_at: None,
+        scheduled_at: None,
     });
     let body = serde_json::to_vec(&finished)
         .map_err(|e| Error::with_source(DeadLetterErrorKind::RecordFailure, e))?;

@@ -366,6 +366,14 @@ pub struct Finished {
     /// The run message's `deliveryToken`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub delivery_token: String,
+    /// When the handler started, for an attempt that sent no `started` event: the Rust SDK
+    /// folds the start into `finished` when the attempt ends within its start-report delay
+    /// (100 ms by default) without logging. Absent when a `started` event was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// The fire time the run belongs to, with `startedAt` (as `started` carries it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
 }
 
 /// A fire the leader decided not to run (misfire policy, overlap policy), recorded as a

@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 use crate::context::{HandlerFn, HandlerFuture, JobContext, JobError};
 use crate::decide::{attempt_number, decide, handed_off, Decision, Ending, Facts, Reply};
 use crate::error::{Error, PublishKind};
-use crate::events::{store, EventSink};
+use crate::events::{store, EventSink, StartReport};
 use crate::markers::{Lookup, Markers};
 
 /// What every attempt on this worker shares.
@@ -35,6 +35,7 @@ pub(crate) struct Shared {
     pub(crate) events: EventSink,
     pub(crate) in_flight: AtomicU32,
     pub(crate) cancel_grace: Duration,
+    pub(crate) report_start_after: Duration,
 }
 
 /// Runs executing here that a cancellation can reach: run id → the shards being executed
@@ -146,16 +147,24 @@ pub(crate) async fn process(
         .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
         .unwrap_or(1);
     let attempt = attempt_number(&run, delivered);
-    shared.events.send(RunEvent::Started(Started {
-        run: run.run.clone(),
-        shard: run.shard_index(),
-        shard_total: run.shard_total(),
-        attempt,
-        worker: shared.instance.clone(),
-        at: Utc::now(),
-        scheduled_at: Some(run.scheduled_at),
-        delivery_token: run.delivery_token.clone(),
-    }));
+    // Sent after the start-report delay or before the first log line; folded into
+    // `finished` if the attempt ends first.
+    let start = Arc::new(StartReport::new(
+        Started {
+            run: run.run.clone(),
+            shard: run.shard_index(),
+            shard_total: run.shard_total(),
+            attempt,
+            worker: shared.instance.clone(),
+            at: Utc::now(),
+            scheduled_at: Some(run.scheduled_at),
+            delivery_token: run.delivery_token.clone(),
+        },
+        shared.events.clone(),
+    ));
+    if shared.report_start_after.is_zero() {
+        start.send();
+    }
     // Every log line of the attempt (the SDK's and the handler's own `tracing` calls) carries
     // the run, job, shard and attempt.
     let span = tracing::info_span!(
@@ -167,9 +176,17 @@ pub(crate) async fn process(
         trace_id = %krest_schemas::trace::trace_id(&run.run.run_id)
     );
     let clock = std::time::Instant::now();
-    let ending = attempt_run(&shared, &run, attempt, &msg, progress_every, &hard_stop)
-        .instrument(span.clone())
-        .await;
+    let ending = attempt_run(
+        &shared,
+        &run,
+        attempt,
+        &msg,
+        &start,
+        progress_every,
+        &hard_stop,
+    )
+    .instrument(span.clone())
+    .await;
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     // A slot is a running handler: the next run may start while this one's result is stored
     // and acknowledged (two round trips to the server).
@@ -186,6 +203,7 @@ pub(crate) async fn process(
             "attempt ended"
         );
     });
+    let folded = start.fold();
     let finished = RunEvent::Finished(Finished {
         run: run.run.clone(),
         shard: run.shard_index(),
@@ -200,6 +218,8 @@ pub(crate) async fn process(
         error: decision.error.clone(),
         duration_ms,
         delivery_token: run.delivery_token.clone(),
+        started_at: folded.map(|(at, _)| at),
+        scheduled_at: folded.and_then(|(_, due)| due),
     });
     // A run message is answered only once its result is stored.
     if let Err(e) = shared.events.send_confirmed(finished).await {
@@ -249,6 +269,7 @@ async fn attempt_run(
     run: &RunMessage,
     attempt: u32,
     msg: &jetstream::Message,
+    start: &Arc<StartReport>,
     progress_every: Duration,
     hard_stop: &CancellationToken,
 ) -> Ending {
@@ -285,6 +306,7 @@ async fn attempt_run(
                 shared.instance.clone(),
                 cancel.clone(),
                 shared.events.clone(),
+                start.clone(),
             );
             execute(
                 handler(ctx),
@@ -296,6 +318,8 @@ async fn attempt_run(
                     cancel_request: &cancel_request,
                     cancel: &cancel,
                     grace: shared.cancel_grace,
+                    start,
+                    report_start_after: shared.report_start_after,
                 },
             )
             .await
@@ -454,6 +478,9 @@ struct Stops<'a> {
     cancel: &'a CancellationToken,
     /// Time a cancelled handler gets before it is aborted.
     grace: Duration,
+    /// The attempt's `started` event, sent once the handler has run this long.
+    start: &'a StartReport,
+    report_start_after: Duration,
 }
 
 /// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
@@ -471,11 +498,16 @@ async fn execute(
         cancel_request,
         cancel,
         grace,
+        start,
+        report_start_after,
     } = stops;
     let mut handle = tokio::spawn(fut.in_current_span());
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let report_start = tokio::time::sleep(report_start_after);
+    tokio::pin!(report_start);
+    let mut start_reported = false;
     // Why the handler was asked to stop, and until when it may take to return.
     let mut stopping: Option<(Ending, tokio::time::Instant)> = None;
     loop {
@@ -511,6 +543,10 @@ async fn execute(
                     ))),
                     Err(_) => Err(JobError::new("handler task was cancelled")),
                 });
+            }
+            _ = &mut report_start, if !start_reported => {
+                start_reported = true;
+                start.send();
             }
             _ = tick.tick() => {
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {

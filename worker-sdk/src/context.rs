@@ -12,7 +12,7 @@ use krest_schemas::{LogLevel, LogLine, RunEvent, RunMessage, ShardInfo, Trigger}
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::EventSink;
+use crate::events::{EventSink, StartReport};
 
 /// What a registered handler returns, boxed.
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Output, JobError>> + Send>>;
@@ -41,6 +41,8 @@ struct Inner {
     /// Bytes of the lines sent so far.
     log_bytes: std::sync::atomic::AtomicUsize,
     events: EventSink,
+    /// The attempt's `started` event, sent before its first log line at the latest.
+    start: Arc<StartReport>,
 }
 
 impl fmt::Debug for JobContext {
@@ -60,6 +62,7 @@ impl JobContext {
         worker: String,
         cancel: CancellationToken,
         events: EventSink,
+        start: Arc<StartReport>,
     ) -> JobContext {
         JobContext {
             inner: Arc::new(Inner {
@@ -70,6 +73,7 @@ impl JobContext {
                 log_seq: AtomicU32::new(0),
                 log_bytes: std::sync::atomic::AtomicUsize::new(0),
                 events,
+                start,
             }),
         }
     }
@@ -233,6 +237,7 @@ impl JobContext {
             _ => (level, line),
         };
         let run = &inner.run;
+        inner.start.send();
         inner.events.send(RunEvent::Log(LogLine {
             run: run.run.clone(),
             shard: run.shard_index(),

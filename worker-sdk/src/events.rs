@@ -5,7 +5,10 @@
 
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use async_nats::Subject;
-use krest_schemas::{Backoff, RunEvent};
+use std::sync::{Mutex, PoisonError};
+
+use chrono::{DateTime, Utc};
+use krest_schemas::{Backoff, RunEvent, Started};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -33,6 +36,44 @@ enum Cmd {
 #[derive(Clone)]
 pub(crate) struct EventSink {
     tx: mpsc::UnboundedSender<Cmd>,
+}
+
+/// An attempt's `started` event, sent at most once: when the attempt has run for the worker's
+/// start-report delay, or before its first log line — or never, when the attempt ends first:
+/// its `finished` event then carries the start (`startedAt`), one stored message instead of
+/// two for a short handler.
+pub(crate) struct StartReport {
+    event: Mutex<Option<Started>>,
+    events: EventSink,
+}
+
+impl StartReport {
+    pub(crate) fn new(event: Started, events: EventSink) -> StartReport {
+        StartReport {
+            event: Mutex::new(Some(event)),
+            events,
+        }
+    }
+
+    /// Sends the `started` event unless it was sent or folded already.
+    pub(crate) fn send(&self) {
+        if let Some(e) = self.take() {
+            self.events.send(RunEvent::Started(e));
+        }
+    }
+
+    /// The start to fold into `finished` (when and for which fire time), if the `started`
+    /// event was not sent; after this it never is.
+    pub(crate) fn fold(&self) -> Option<(DateTime<Utc>, Option<DateTime<Utc>>)> {
+        self.take().map(|e| (e.at, e.scheduled_at))
+    }
+
+    fn take(&self) -> Option<Started> {
+        self.event
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 fn stopped() -> Error<PublishKind> {

@@ -53,6 +53,7 @@ pub(crate) struct Config {
     pub(crate) ack_wait: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) cancel_grace: Duration,
+    pub(crate) report_start_after: Duration,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) pull_expiry: Duration,
     pub(crate) version: String,
@@ -95,6 +96,7 @@ impl WorkerBuilder {
                 ack_wait: Duration::from_secs(30),
                 shutdown_timeout: Duration::from_secs(30),
                 cancel_grace: Duration::from_secs(5),
+                report_start_after: Duration::from_millis(100),
                 heartbeat_interval: Duration::from_secs(3),
                 pull_expiry: Duration::from_secs(2),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -239,6 +241,15 @@ impl WorkerBuilder {
     /// How long a cancelled handler may take to return before it is aborted. Default 5 s.
     pub fn cancel_grace(mut self, d: Duration) -> Self {
         self.cfg.cancel_grace = d;
+        self
+    }
+
+    /// How long an attempt runs before its `started` event is sent. An attempt that ends
+    /// sooner, without logging, sends no `started` event: its `finished` event carries the
+    /// start (`startedAt`), one message stored and recorded instead of two. The run shows as
+    /// RUNNING this much later. Default 100 ms; zero sends `started` at once.
+    pub fn report_start_after(mut self, d: Duration) -> Self {
+        self.cfg.report_start_after = d;
         self
     }
 

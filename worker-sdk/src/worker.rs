@@ -213,6 +213,7 @@ impl Worker {
             events: events.clone(),
             in_flight: AtomicU32::new(0),
             cancel_grace: cfg.cancel_grace,
+            report_start_after: cfg.report_start_after,
         });
         let capacity = cfg.weight.saturating_mul(cfg.slots) as usize;
         tracing::info!(

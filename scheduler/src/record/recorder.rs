@@ -432,10 +432,14 @@ impl Recorder<'_> {
 fn count(batch: &Batch, ended: &[krest_schemas::api::RunSummary]) {
     let m = &crate::metrics::METRICS;
     for (_, event) in &batch.events {
-        if let RunEvent::Started(s) = event {
-            if let (1, Some(due)) = (s.attempt, s.scheduled_at) {
-                m.start_lateness.observe_ms((s.at - due).num_milliseconds());
-            }
+        // A start is reported by `started`, or folded into `finished` (`startedAt`).
+        let (attempt, started, due) = match event {
+            RunEvent::Started(s) => (s.attempt, Some(s.at), s.scheduled_at),
+            RunEvent::Finished(f) => (f.attempt, f.started_at, f.scheduled_at),
+            _ => continue,
+        };
+        if let (1, Some(at), Some(due)) = (attempt, started, due) {
+            m.start_lateness.observe_ms((at - due).num_milliseconds());
         }
     }
     for run in ended {

@@ -694,6 +694,11 @@ impl Store {
                         ))
                         .or_default();
                     a.worker = Some(f.worker.clone());
+                    // An attempt that sent no `started` event carries its start here.
+                    if let Some(at) = f.started_at {
+                        a.started_at = a.started_at.or(Some(ms(at)));
+                    }
+                    r.scheduled_at = r.scheduled_at.or(f.scheduled_at.map(ms));
                     a.finished_at = Some(ms(f.at));
                     a.outcome = Some(outcome_str(f.outcome).to_string());
                     a.will_retry = i64::from(f.will_retry);
@@ -2130,6 +2135,8 @@ mod tests {
                 error: (!ok).then(|| "oops".to_string()),
                 duration_ms: 2,
                 delivery_token: String::new(),
+                started_at: None,
+                scheduled_at: None,
             }));
         }
         out
@@ -2234,6 +2241,8 @@ mod tests {
                 error: (!ok).then(|| format!("e{shard}/{attempt}")),
                 duration_ms: 1,
                 delivery_token: String::new(),
+                started_at: None,
+                scheduled_at: None,
             })
         };
         use AttemptOutcome::{Cancelled, Failed, Succeeded, TimedOut};
@@ -2831,6 +2840,8 @@ mod tests {
                 error: None,
                 duration_ms: 1,
                 delivery_token: String::new(),
+                started_at: None,
+                scheduled_at: None,
             }));
         }
         let all = seqd(&evs, 1);

@@ -699,6 +699,8 @@ async fn a_run_with_thousands_of_shards_comes_in_pages() {
                 error: (!ok).then(|| "first try fails".to_string()),
                 duration_ms: 1,
                 delivery_token: key.token(&run_id, shard),
+                started_at: None,
+                scheduled_at: None,
             }));
         }
     }

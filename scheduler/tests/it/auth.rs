@@ -708,6 +708,8 @@ async fn roles_have_least_privilege() {
             error: Some("forged".into()),
             duration_ms: 1,
             delivery_token: token.into(),
+            started_at: None,
+            scheduled_at: None,
         })
     };
     for e in [forged(""), forged("00000000000000000000000000000000")] {

@@ -379,3 +379,150 @@ async fn a_worker_started_before_any_scheduler_waits_for_its_streams_and_buckets
     w.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+/// The events stored for job `t.NAME` of `app`, in stream order.
+async fn job_events(env: &Env, app: &str, name: &str) -> Vec<krest_schemas::RunEvent> {
+    let js = async_nats::jetstream::new(async_nats::connect(env.url()).await.unwrap());
+    let stream = js
+        .get_stream(krest_schemas::names::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let subject = krest_schemas::names::events_subject(app, "t", name);
+    let mut out = Vec::new();
+    let mut seq = 1;
+    while let Ok(m) = stream.get_first_raw_message_by_subject(&subject, seq).await {
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+        seq = m.sequence + 1;
+    }
+    out
+}
+
+/// The kinds of a job's events in stream order, but for the one `dispatched` event (the
+/// leader stores it after the work message, so a quick worker's events may precede it).
+fn kinds(events: &[krest_schemas::RunEvent]) -> Vec<&'static str> {
+    let dispatched = events
+        .iter()
+        .filter(|e| matches!(e, krest_schemas::RunEvent::Dispatched(_)))
+        .count();
+    assert!(dispatched <= 1, "{events:?}");
+    events
+        .iter()
+        .filter(|e| !matches!(e, krest_schemas::RunEvent::Dispatched(_)))
+        .map(|e| match e {
+            krest_schemas::RunEvent::Dispatched(_) => "dispatched",
+            krest_schemas::RunEvent::Started(_) => "started",
+            krest_schemas::RunEvent::Log(_) => "log",
+            krest_schemas::RunEvent::Finished(_) => "finished",
+            krest_schemas::RunEvent::Skipped(_) => "skipped",
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_attempt_folds_its_start_into_finished_and_a_long_one_reports_it() {
+    let env = Env::new("startfold");
+    let node = env.node("n1");
+    let client = env.client().await;
+    // Attempts that end without logging within an hour send no `started` event.
+    let patient = env
+        .worker("patient", "w1")
+        .report_start_after(Duration::from_secs(3600))
+        .handler("quick", |_ctx: JobContext| async { Ok("quick") })
+        .handler("chatty", |ctx: JobContext| async move {
+            ctx.log("hello");
+            Ok("chatty")
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    // This one reports a start after 10 ms; its handler waits until the event is stored.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let prompt = env
+        .worker("prompt", "w1")
+        .report_start_after(Duration::from_millis(10))
+        .handler("long", move |_ctx: JobContext| {
+            let r = r.clone();
+            async move {
+                r.notified().await;
+                Ok("long")
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    apply(
+        &client,
+        vec![
+            job("quick", "patient", "quick", json!({})),
+            job("chatty", "patient", "chatty", json!({})),
+            job("long", "prompt", "long", json!({})),
+        ],
+    )
+    .await;
+
+    let quick = trigger(&client, "quick").await.run_id;
+    let d = wait_final(&client, &quick).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let events = job_events(&env, "patient", "quick").await;
+    assert_eq!(kinds(&events), ["finished"]);
+    let Some(krest_schemas::RunEvent::Finished(f)) = events.last() else {
+        panic!("{events:?}")
+    };
+    let started = f.started_at.expect("the start rides with finished");
+    assert!(started <= f.at);
+    // Stored to the millisecond.
+    let ms = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.timestamp_millis());
+    assert_eq!(ms(f.scheduled_at), ms(d.run.scheduled_at));
+    // Recorded as if a `started` event had come.
+    assert_eq!(d.attempts.len(), 1);
+    assert_eq!(ms(d.attempts[0].started_at), ms(Some(started)));
+    assert_eq!(d.attempts[0].worker.as_deref(), Some("w1"));
+    assert_eq!(ms(d.run.started_at), ms(Some(started)));
+
+    // A log line is preceded by the attempt's start.
+    let chatty = trigger(&client, "chatty").await.run_id;
+    assert_eq!(
+        wait_final(&client, &chatty).await.run.status,
+        RunStatus::Succeeded
+    );
+    let events = job_events(&env, "patient", "chatty").await;
+    assert_eq!(kinds(&events), ["started", "log", "finished"]);
+    let Some(krest_schemas::RunEvent::Finished(f)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(f.started_at, None);
+
+    // A handler still running after the delay has its start reported while it runs.
+    let long = trigger(&client, "long").await.run_id;
+    eventually(DEADLINE, "the long run's started event", || {
+        let env = &env;
+        async move {
+            let k = kinds(&job_events(env, "prompt", "long").await);
+            (k == ["started"]).then_some(())
+        }
+    })
+    .await;
+    eventually(DEADLINE, "the long run recorded RUNNING", || {
+        let client = &client;
+        let long = &long;
+        async move {
+            let d = run(client, long).await?;
+            (d.run.status == RunStatus::Running).then_some(())
+        }
+    })
+    .await;
+    release.notify_one();
+    let d = wait_final(&client, &long).await;
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    let events = job_events(&env, "prompt", "long").await;
+    assert_eq!(kinds(&events), ["started", "finished"]);
+    let Some(krest_schemas::RunEvent::Finished(f)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(f.started_at, None);
+
+    patient.stop().await.unwrap();
+    prompt.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
