@@ -404,8 +404,15 @@ async fn logs(
     };
     let r = &detail.run;
     let subject = krest_schemas::names::events_subject(&r.app_name, &r.job_group, &r.job_name);
-    let mut live = event_source(client, subject, None).await?;
-    // Lines logged between the first read and the subscription come with this read.
+    // The job's events are replayed from the run's dispatch on (a few seconds earlier, for
+    // clocks that disagree): a line published but not yet recorded when the stored lines are
+    // read comes in order from the stream, not only at the end (lines already printed are
+    // skipped). Without a dispatch time (not recorded yet), live events only.
+    let since = r
+        .dispatched_at
+        .or(r.scheduled_at)
+        .map(|at| (chrono::Utc::now() - at).to_std().unwrap_or_default() + Duration::from_secs(5));
+    let mut live = event_source(client, subject, since).await?;
     let detail = run_detail(client, run_id).await?;
     print_detail(&mut printed, &detail)?;
     let mut status = detail.run.status;
