@@ -2708,10 +2708,11 @@ mod tests {
         Option<String>,
     );
 
-    /// A run's stored summary, and the summary of all its stored attempts.
+    /// A run's stored summary, and the summary of all its stored attempts; its stored tally
+    /// is the tally of those attempts.
     async fn stored_and_folded(store: &Store, run_id: &str) -> (Summary, Summary) {
         let r = sqlx::query(
-            "SELECT shard_total, status, shards_succeeded, shards_failed, attempts, started_at, finished_at, output, error FROM runs WHERE run_id = $1",
+            "SELECT shard_total, status, shards_succeeded, shards_failed, attempts, started_at, finished_at, output, error, tally FROM runs WHERE run_id = $1",
         )
         .bind(run_id)
         .fetch_one(&store.pool)
@@ -2735,6 +2736,15 @@ mod tests {
         .await
         .unwrap();
         let attempts: Vec<fold::Attempt> = rows.iter().map(|r| attempt_of(r).unwrap()).collect();
+        let mut tally = fold::Tally::of(&attempts);
+        tally.output = None;
+        tally.error = None;
+        let stored_tally: String = r.get("tally");
+        assert_eq!(
+            serde_json::from_str::<fold::Tally>(&stored_tally).unwrap(),
+            tally,
+            "{run_id}: its tally"
+        );
         let f = fold::fold(r.get("shard_total"), &attempts);
         let folded = (
             f.status.as_str().to_string(),
