@@ -3,8 +3,9 @@
 //! `cargo bench -p krest --bench record`; results go into BENCHMARKS.md.
 //!
 //! Each run is 6 events (dispatched, started, 3 log lines, finished), as a worker reports a
-//! short job. Postgres is the server of `$KREST_TEST_POSTGRES` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`); a fresh database is created and dropped.
+//! short job; then the same events in a live stream's order (`spread`). Postgres is the server
+//! of `$KREST_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`); a fresh
+//! database is created and dropped.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -97,6 +98,31 @@ fn events(runs: usize) -> Vec<(u64, RunEvent)> {
     (1..).zip(out).collect()
 }
 
+/// The same events in the order of a live stream, where a run's events are spread over
+/// batches: each run's `dispatched` first, its `started` and log lines 100 runs later, its
+/// `finished` 200 runs later (so a batch of 1,000 events holds the starts of runs dispatched in
+/// the batch before and the ends of runs started there: the recorder's path for runs it
+/// already holds, not only new ones).
+fn spread(events: &[(u64, RunEvent)]) -> Vec<(u64, RunEvent)> {
+    let mut keyed: Vec<(usize, usize, &RunEvent)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (_, e))| {
+            let (run, k) = (i / 6, i % 6);
+            let slot = match k {
+                0 => run * 3,
+                5 => (run + 200) * 3 + 2,
+                _ => (run + 100) * 3 + 1,
+            };
+            (slot, i, e)
+        })
+        .collect();
+    keyed.sort_by_key(|&(slot, i, _)| (slot, i));
+    (1..)
+        .zip(keyed.into_iter().map(|(_, _, e)| e.clone()))
+        .collect()
+}
+
 /// Applies `events` in batches; returns the wall time.
 async fn record(store: &Store, events: &[(u64, RunEvent)]) -> Duration {
     let start = Instant::now();
@@ -135,6 +161,34 @@ async fn main() {
     let db = PgDatabase::create();
     let pg = Store::open(db.url()).await.unwrap();
     report("postgres", n, record(&pg, &evs).await);
+    assert_eq!(
+        pg.counts().await.unwrap(),
+        (runs as i64, runs as i64, 3 * runs as i64)
+    );
+    pg.close().await;
+
+    // Each run's events spread over batches, as a live stream has them.
+    let spread = spread(&evs);
+    let sqlite = Store::open(&format!("sqlite://{}", dir.join("spread.db").display()))
+        .await
+        .unwrap();
+    report(
+        "sqlite, runs spread over batches",
+        n,
+        record(&sqlite, &spread).await,
+    );
+    assert_eq!(
+        sqlite.counts().await.unwrap(),
+        (runs as i64, runs as i64, 3 * runs as i64)
+    );
+    sqlite.close().await;
+    let db = PgDatabase::create();
+    let pg = Store::open(db.url()).await.unwrap();
+    report(
+        "postgres, runs spread over batches",
+        n,
+        record(&pg, &spread).await,
+    );
     assert_eq!(
         pg.counts().await.unwrap(),
         (runs as i64, runs as i64, 3 * runs as i64)

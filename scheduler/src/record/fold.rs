@@ -74,7 +74,9 @@ impl Shard {
         Some(sh)
     }
 
-    fn add(&mut self, a: &Attempt) {
+    /// Takes one more attempt (or an attempt's new state) into account. Fed an attempt with a
+    /// lower number than the latest, only a success counts.
+    pub fn add(&mut self, a: &Attempt) {
         if a.outcome == Some(AttemptOutcome::Succeeded) {
             self.succeeded = true;
         }
@@ -167,6 +169,25 @@ impl Tally {
                 self.error.clone_from(&a.error);
             }
         }
+    }
+
+    /// The state of the run's one shard, when the tally counts exactly one, as far as the run's
+    /// counters depend on it: whether it succeeded, its latest attempt, and whether that attempt
+    /// failed for good (timed out, cancelled). The flags of a succeeded shard's latest attempt
+    /// are not kept, as they count for nothing once the shard succeeded. Adding attempts to it
+    /// (`Shard::add`) gives the shard's new state as long as no attempt it already counts ends
+    /// again (an ended attempt can take a success back): the recorder sums such runs up again.
+    pub fn sole_shard(&self) -> Option<Shard> {
+        (self.shards == 1).then(|| {
+            let lost = self.lost > 0;
+            Shard {
+                succeeded: self.succeeded > 0,
+                latest: self.max_attempt,
+                failed_for_good: lost,
+                timed_out: lost && self.lost_timed_out > 0,
+                cancelled: lost && self.lost_cancelled > 0,
+            }
+        })
     }
 
     /// Sums up attempts given in `(shard, attempt)` order.
@@ -393,6 +414,62 @@ mod tests {
             );
             assert_eq!(f.finished_at.is_some(), status.is_final(), "{name}");
         }
+    }
+
+    /// The recorder's fast path for one-shard runs: the shard's state taken from the tally
+    /// (`Tally::sole_shard`), the batch's attempts added, gives the tally of all attempts, for
+    /// new attempts and for an attempt that ends after it started.
+    #[test]
+    fn a_sole_shard_from_the_tally_takes_new_attempts_like_all_attempts() {
+        let histories: &[&[Row]] = &[
+            &[(0, 1, Some(Succeeded), false)],
+            &[(0, 1, Some(Failed), true), (0, 2, Some(Succeeded), false)],
+            &[(0, 1, Some(Failed), true), (0, 2, Some(Failed), false)],
+            &[(0, 1, Some(Failed), false), (0, 2, Some(Succeeded), false)],
+            &[(0, 1, Some(Succeeded), false), (0, 2, Some(Failed), false)],
+            &[(0, 1, Some(TimedOut), true), (0, 2, Some(Cancelled), false)],
+            &[(0, 1, Some(Cancelled), true), (0, 2, Some(TimedOut), false)],
+            &[(0, 1, Some(TimedOut), true), (0, 3, None, false)],
+            &[(0, 2, Some(Failed), false), (0, 3, Some(TimedOut), false)],
+        ];
+        for rows in histories {
+            let all = attempts(rows);
+            let want = Tally::of(&all);
+            // Split after k attempts; the split attempt is also seen started only (not ended)
+            // before the batch that ends it.
+            for k in 1..all.len() + 1 {
+                for started_first in [false, true] {
+                    let mut before = all[..k].to_vec();
+                    let mut batch = all[k..].to_vec();
+                    if started_first {
+                        let Some(last) = before.last_mut() else {
+                            continue;
+                        };
+                        batch.insert(0, last.clone());
+                        last.finished_at = None;
+                        last.outcome = None;
+                        last.will_retry = false;
+                        last.output = None;
+                        last.error = None;
+                    } else if batch.is_empty() {
+                        continue;
+                    }
+                    let mut t = Tally::of(&before);
+                    let old = t.sole_shard().unwrap();
+                    let mut new = old;
+                    for a in &batch {
+                        new.add(a);
+                        t.attempt(a);
+                    }
+                    t.shard(&old, -1);
+                    t.shard(&new, 1);
+                    assert_eq!(t, want, "{rows:?} split after {k}, {started_first}");
+                }
+            }
+        }
+        let two = attempts(&[(0, 1, None, false), (1, 1, None, false)]);
+        assert_eq!(Tally::of(&two).sole_shard(), None, "two shards");
+        assert_eq!(Tally::default().sole_shard(), None, "no shard yet");
     }
 
     #[test]

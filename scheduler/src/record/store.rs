@@ -709,9 +709,14 @@ impl Store {
                 }
             }
         }
-        // Skipped runs are left alone by `summarize` (their status says so).
-        let mut affected: HashSet<String> = runs.keys().cloned().collect();
-        affected.extend(attempts.keys().map(|k| k.0.clone()));
+        // Every attempt event also names its run, so `runs` holds every run the batch touches.
+        // Those runs as they were before it (read before the upsert, which creates new ones):
+        // their tallies say which attempt rows, if any, must be read (see `Before`).
+        let mut priors: HashMap<String, Prior> = HashMap::with_capacity(runs.len());
+        let ids: Vec<&str> = runs.keys().map(String::as_str).collect();
+        for chunk in ids.chunks(ROWS_PER_INSERT) {
+            prior_runs(self.backend, &mut tx, chunk, &mut priors).await?;
+        }
 
         let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
         for chunk in run_rows.chunks(ROWS_PER_INSERT) {
@@ -772,16 +777,38 @@ impl Store {
             }
         }
         let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
-        // The shards this batch touches, as they were before it (see `summarize`).
-        let mut shards: Vec<(String, i64)> = attempt_rows
-            .iter()
-            .map(|((run, shard, _), _)| (run.clone(), *shard))
-            .collect();
-        shards.dedup();
-        let before = shard_attempts(self.backend, &mut tx, &shards).await?;
+        // What each run held before the batch in the shards it touches: known from the tally
+        // for most runs; read for the others (see `before_of`).
+        let mut touched: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+        for ((run, shard, attempt), _) in &attempt_rows {
+            touched
+                .entry(run.as_str())
+                .or_default()
+                .push((*shard, *attempt));
+        }
+        let mut befores: HashMap<&str, Before> = HashMap::with_capacity(run_rows.len());
+        let mut read: Vec<(String, i64)> = Vec::new();
+        for (id, r) in &run_rows {
+            let b = before_of(
+                priors.get(id),
+                r.shard_total,
+                touched.get(id.as_str()).map_or(&[][..], Vec::as_slice),
+            );
+            if matches!(b, Before::Read) {
+                let shards = touched.get(id.as_str()).map_or(&[][..], Vec::as_slice);
+                let mut last = None;
+                for (shard, _) in shards {
+                    if last != Some(*shard) {
+                        read.push((id.clone(), *shard));
+                        last = Some(*shard);
+                    }
+                }
+            }
+            befores.insert(id.as_str(), b);
+        }
+        let before = shard_attempts(self.backend, &mut tx, &read).await?;
         // An attempt ending again (a redelivered or conflicting end) can move its run's summary
         // back: such runs are summed up from all their attempts.
-        let mut refold: HashSet<String> = HashSet::new();
         for ((run, shard, attempt), a) in &attempt_rows {
             if a.finished_at.is_some()
                 && before.get(&(run.clone(), *shard)).is_some_and(|rows| {
@@ -790,9 +817,12 @@ impl Store {
                     })
                 })
             {
-                refold.insert(run.clone());
+                befores.insert(run.as_str(), Before::Refold);
             }
         }
+        // The attempt rows as the upsert left them (its COALESCE rules applied by the
+        // database, not repeated here), keyed by `(run, shard)`, in attempt order.
+        let mut merged: ShardAttempts = HashMap::new();
         for chunk in attempt_rows.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms, retry_in_ms) VALUES {} \
@@ -805,7 +835,8 @@ impl Store {
                  output = COALESCE(excluded.output, attempts.output), \
                  error = COALESCE(excluded.error, attempts.error), \
                  duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms), \
-                 retry_in_ms = COALESCE(excluded.retry_in_ms, attempts.retry_in_ms)",
+                 retry_in_ms = COALESCE(excluded.retry_in_ms, attempts.retry_in_ms) \
+                 RETURNING {ATTEMPT_FOLD_COLUMNS}",
                 placeholders(self.backend, chunk.len(), 12)
             );
             let mut vals = Vec::with_capacity(chunk.len() * 12);
@@ -825,7 +856,19 @@ impl Store {
                     a.retry_in_ms.into(),
                 ]);
             }
-            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+            for r in bind_all(sqlx::query(&sql), vals)
+                .fetch_all(&mut *tx)
+                .await?
+            {
+                let a = attempt_of(&r)?;
+                merged
+                    .entry((r.try_get("run_id")?, a.shard))
+                    .or_default()
+                    .push(a);
+            }
+        }
+        for rows in merged.values_mut() {
+            rows.sort_by_key(|a| a.attempt);
         }
         let log_rows: Vec<_> = logs.into_iter().collect();
         for chunk in log_rows.chunks(ROWS_PER_INSERT) {
@@ -847,19 +890,14 @@ impl Store {
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
         }
-        let after = shard_attempts(self.backend, &mut tx, &shards).await?;
-        let mut by_run: HashMap<&str, Vec<i64>> = HashMap::new();
-        for (run, shard) in &shards {
-            by_run.entry(run.as_str()).or_default().push(*shard);
-        }
         let changes = Changes {
+            priors: &priors,
+            befores: &befores,
             before: &before,
-            after: &after,
-            by_run: &by_run,
-            refold: &refold,
+            merged: &merged,
+            touched: &touched,
         };
-        let affected: Vec<String> = affected.into_iter().collect();
-        for chunk in affected.chunks(ROWS_PER_INSERT) {
+        for chunk in run_rows.chunks(ROWS_PER_INSERT) {
             ended.extend(summarize(self.backend, &mut tx, chunk, &changes).await?);
         }
         let mut summaries = Vec::with_capacity(ended.len());
@@ -1750,6 +1788,10 @@ fn run_summary(r: &AnyRow) -> Result<RunSummary, StoreError> {
     })
 }
 
+/// The attempt columns `attempt_of` reads.
+const ATTEMPT_FOLD_COLUMNS: &str =
+    "run_id, shard, attempt, started_at, finished_at, outcome, will_retry, output, error";
+
 /// Attempts of a shard, in attempt order, keyed by `(run, shard)`.
 type ShardAttempts = HashMap<(String, i64), Vec<fold::Attempt>>;
 
@@ -1799,64 +1841,48 @@ fn attempt_of(r: &AnyRow) -> Result<fold::Attempt, StoreError> {
     })
 }
 
-/// What a batch did to attempts: the touched shards' attempts before and after it, the
-/// touched shards of each run, and the runs to sum up from all their attempts.
-struct Changes<'a> {
-    before: &'a ShardAttempts,
-    after: &'a ShardAttempts,
-    by_run: &'a HashMap<&'a str, Vec<i64>>,
-    refold: &'a HashSet<String>,
+/// A run touched by a batch, as it was before the batch.
+struct Prior {
+    status: String,
+    shard_total: i64,
+    /// Its tally (with the run's output and error), when it agrees with the run's counters. A
+    /// tally that does not was not written with them (a node older than tallies recorded the
+    /// run since): the run is summed up again.
+    tally: Option<fold::Tally>,
 }
 
-/// Recomputes status and counters of `run_ids`: from the run's tally and the shards the batch
-/// changed (a batch costs what it changed, not what the run holds), or, for a run without a
-/// tally yet (new, or recorded before tallies) or in `changes.refold`, from all its attempts.
-/// Returns the runs that reached a final status now.
-async fn summarize(
+/// Reads the runs `ids` that exist into `out`.
+async fn prior_runs(
     backend: Backend,
     tx: &mut sqlx::Transaction<'_, Any>,
-    run_ids: &[String],
-    changes: &Changes<'_>,
-) -> Result<Vec<String>, StoreError> {
-    let mut ended = Vec::new();
-    let list = list_placeholders(backend, run_ids.len());
-    let vals: Vec<Val> = run_ids.iter().map(|s| Val::from(s.clone())).collect();
-    let mut totals: HashMap<String, i64> = HashMap::new();
-    let mut skipped: HashSet<String> = HashSet::new();
-    let mut before: HashMap<String, String> = HashMap::new();
-    let mut tallies: HashMap<String, fold::Tally> = HashMap::new();
-    let mut refold: Vec<Val> = Vec::new();
+    ids: &[&str],
+    out: &mut HashMap<String, Prior>,
+) -> Result<(), StoreError> {
+    let vals: Vec<Val> = ids.iter().map(|s| Val::from(*s)).collect();
     for r in bind_all(
         sqlx::query(&format!(
-            "SELECT run_id, shard_total, status, shards_succeeded, shards_failed, attempts, started_at, output, error, tally FROM runs WHERE run_id IN ({list})"
+            "SELECT run_id, shard_total, status, shards_succeeded, shards_failed, attempts, started_at, output, error, tally FROM runs WHERE run_id IN ({})",
+            list_placeholders(backend, ids.len())
         )),
         vals,
     )
     .fetch_all(&mut **tx)
     .await?
     {
-        let id: String = r.try_get("run_id")?;
-        let status: String = r.try_get("status")?;
-        if status == RunStatus::Skipped.as_str() {
-            skipped.insert(id.clone());
-        } else {
-            let tally = r
-                .try_get::<Option<String>, _>("tally")?
-                .and_then(|t| serde_json::from_str::<fold::Tally>(&t).ok())
-                .filter(|_| !changes.refold.contains(&id));
-            // A tally that does not match the run's counters was not written with them (a node
-            // older than tallies recorded the run since): sum the run up again.
-            let output: Option<String> = r.try_get("output")?;
-            let error: Option<String> = r.try_get("error")?;
-            let counters = (
-                r.try_get::<i64, _>("shards_succeeded")?,
-                r.try_get::<i64, _>("shards_failed")?,
-                r.try_get::<i64, _>("attempts")?,
-                r.try_get::<Option<i64>, _>("started_at")?,
-                output.is_some(),
-                error.is_some(),
-            );
-            let tally = tally.filter(|t| {
+        let output: Option<String> = r.try_get("output")?;
+        let error: Option<String> = r.try_get("error")?;
+        let counters = (
+            r.try_get::<i64, _>("shards_succeeded")?,
+            r.try_get::<i64, _>("shards_failed")?,
+            r.try_get::<i64, _>("attempts")?,
+            r.try_get::<Option<i64>, _>("started_at")?,
+            output.is_some(),
+            error.is_some(),
+        );
+        let tally = r
+            .try_get::<Option<String>, _>("tally")?
+            .and_then(|t| serde_json::from_str::<fold::Tally>(&t).ok())
+            .filter(|t| {
                 counters
                     == (
                         t.succeeded,
@@ -1866,42 +1892,162 @@ async fn summarize(
                         t.output_key.is_some(),
                         t.error_key.is_some(),
                     )
+            })
+            .map(|mut t| {
+                t.output = output;
+                t.error = error;
+                t
             });
-            match tally {
-                Some(mut t) => {
-                    t.output = output;
-                    t.error = error;
-                    for shard in changes.by_run.get(id.as_str()).into_iter().flatten() {
-                        let key = (id.clone(), *shard);
-                        let old = changes.before.get(&key).map_or(&[][..], Vec::as_slice);
-                        let new = changes.after.get(&key).map_or(&[][..], Vec::as_slice);
-                        if let Some(sh) = fold::Shard::of(old) {
-                            t.shard(&sh, -1);
-                        }
-                        if let Some(sh) = fold::Shard::of(new) {
-                            t.shard(&sh, 1);
-                        }
-                        for a in new {
-                            t.attempt(a);
-                        }
-                    }
-                    tallies.insert(id.clone(), t);
+        out.insert(
+            r.try_get("run_id")?,
+            Prior {
+                status: r.try_get("status")?,
+                shard_total: r.try_get("shard_total")?,
+                tally,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// What a run held, before a batch, in the shards the batch touches.
+enum Before {
+    /// Rows: none (a new run, or a tally that counts no shard), or as read from the database
+    /// (`Changes::before`) for the runs that `Read` named.
+    Rows,
+    /// To be read (turns into `Rows` or `Refold` once read).
+    Read,
+    /// The state of its one shard, from its tally; no attempt the batch touches had ended.
+    Sole(fold::Shard),
+    /// Summed up again from all its attempts: no usable tally, or an attempt ended again.
+    Refold,
+}
+
+/// What must be known of a run before a batch touching its `touched` `(shard, attempt)` (in
+/// order; `shard_total` as the batch has it), from the run as it was (`None`: a new run).
+///
+/// Nothing is read for a new run or a run whose tally counts no shard yet (no attempts), nor
+/// for a one-shard run whose tally counts its shard, when every attempt the batch touches is
+/// either new (above the tally's highest attempt) or cannot have ended (no attempt of the run
+/// has ended): the shard's state is the tally's (`Tally::sole_shard`), and no attempt ends a
+/// second time. Shard indexes of a run are below its shard total (the leader signs a delivery
+/// token per shard), so a one-shard run's shard is shard 0. Other runs with a tally read the
+/// touched shards' attempts; runs without one are summed up from all their attempts.
+fn before_of(prior: Option<&Prior>, shard_total: i64, touched: &[(i64, i64)]) -> Before {
+    let Some(prior) = prior else {
+        return Before::Rows;
+    };
+    let Some(t) = &prior.tally else {
+        return Before::Refold;
+    };
+    if t.shards == 0 || touched.is_empty() {
+        return Before::Rows;
+    }
+    let one_shard = prior.shard_total <= 1 && shard_total <= 1;
+    if one_shard
+        && touched.iter().all(|&(shard, attempt)| {
+            shard == 0 && (attempt > t.max_attempt || t.last_finish.is_none())
+        })
+    {
+        if let Some(sh) = t.sole_shard() {
+            return Before::Sole(sh);
+        }
+    }
+    Before::Read
+}
+
+/// What a batch did to attempts: the runs as they were, what was known or read of the shards
+/// they touched before it, the touched attempts as the upsert left them, and the touched
+/// `(shard, attempt)` of each run.
+struct Changes<'a> {
+    priors: &'a HashMap<String, Prior>,
+    befores: &'a HashMap<&'a str, Before>,
+    before: &'a ShardAttempts,
+    merged: &'a ShardAttempts,
+    touched: &'a BTreeMap<&'a str, Vec<(i64, i64)>>,
+}
+
+/// Recomputes status and counters of the runs of `chunk` (as the batch has them): from the
+/// run's tally and the shards the batch changed (a batch costs what it changed, not what the
+/// run holds), or, for a run without a usable tally or with an attempt ended again, from all
+/// its attempts. Skipped runs are left alone (their status says so). Returns the runs that
+/// reached a final status now.
+async fn summarize(
+    backend: Backend,
+    tx: &mut sqlx::Transaction<'_, Any>,
+    chunk: &[(String, RunRow)],
+    changes: &Changes<'_>,
+) -> Result<Vec<String>, StoreError> {
+    let no_rows: &[fold::Attempt] = &[];
+    let mut tallies: HashMap<&str, fold::Tally> = HashMap::new();
+    let mut refold: Vec<&str> = Vec::new();
+    for (id, r) in chunk {
+        let prior = changes.priors.get(id);
+        if r.skipped.is_some() || prior.is_some_and(|p| p.status == RunStatus::Skipped.as_str()) {
+            continue;
+        }
+        let mut t = prior.and_then(|p| p.tally.clone()).unwrap_or_default();
+        let merged = |shard: i64| {
+            changes
+                .merged
+                .get(&(id.clone(), shard))
+                .map_or(no_rows, Vec::as_slice)
+        };
+        match changes.befores.get(id.as_str()) {
+            Some(Before::Refold) => {
+                refold.push(id.as_str());
+                continue;
+            }
+            Some(Before::Sole(old)) => {
+                // One shard (shard 0); its attempts as they are now taken in on top.
+                let mut new = *old;
+                for a in merged(0) {
+                    new.add(a);
+                    t.attempt(a);
                 }
-                None => refold.push(Val::from(id.as_str())),
+                t.shard(old, -1);
+                t.shard(&new, 1);
+            }
+            Some(Before::Rows | Before::Read) | None => {
+                let mut shards: Vec<i64> = changes
+                    .touched
+                    .get(id.as_str())
+                    .into_iter()
+                    .flatten()
+                    .map(|(shard, _)| *shard)
+                    .collect();
+                shards.dedup();
+                for shard in shards {
+                    let key = (id.clone(), shard);
+                    let old = changes.before.get(&key).map_or(no_rows, Vec::as_slice);
+                    // The shard now: its rows before, with the touched ones as upserted.
+                    let mut new: BTreeMap<i64, &fold::Attempt> =
+                        old.iter().map(|a| (a.attempt, a)).collect();
+                    new.extend(merged(shard).iter().map(|a| (a.attempt, a)));
+                    if let Some(sh) = fold::Shard::of(old) {
+                        t.shard(&sh, -1);
+                    }
+                    if let Some(sh) = fold::Shard::of(new.values().copied()) {
+                        t.shard(&sh, 1);
+                    }
+                    for a in new.values() {
+                        t.attempt(a);
+                    }
+                }
             }
         }
-        before.insert(id.clone(), status);
-        totals.insert(id, r.try_get("shard_total")?);
+        tallies.insert(id.as_str(), t);
     }
 
     if !refold.is_empty() {
         let mut by_run: HashMap<String, Vec<fold::Attempt>> = HashMap::new();
+        let vals: Vec<Val> = refold.iter().map(|s| Val::from(*s)).collect();
         let rows = bind_all(
             sqlx::query(&format!(
-                "SELECT run_id, shard, attempt, started_at, finished_at, outcome, will_retry, output, error FROM attempts WHERE run_id IN ({}) ORDER BY run_id, shard, attempt",
+                "SELECT {ATTEMPT_FOLD_COLUMNS} FROM attempts WHERE run_id IN ({}) ORDER BY run_id, shard, attempt",
                 list_placeholders(backend, refold.len())
             )),
-            refold.clone(),
+            vals,
         )
         .fetch_all(&mut **tx)
         .await?;
@@ -1912,24 +2058,21 @@ async fn summarize(
                 .push(attempt_of(r)?);
         }
         for id in refold {
-            let Val::S(Some(id)) = id else { continue };
-            let t = fold::Tally::of(by_run.get(&id).map_or(&[][..], Vec::as_slice));
+            let t = fold::Tally::of(by_run.get(id).map_or(no_rows, Vec::as_slice));
             tallies.insert(id, t);
         }
     }
     // One multi-row UPDATE … FROM (VALUES …) for the chunk (a statement per run costs a round
     // trip each on Postgres). VALUES columns are `column1…` on both backends.
-    let mut vals: Vec<Val> = Vec::with_capacity(run_ids.len() * 10);
+    let mut ended = Vec::new();
+    let mut vals: Vec<Val> = Vec::with_capacity(chunk.len() * 10);
     let mut rows = 0;
-    for run_id in run_ids {
-        if skipped.contains(run_id) {
-            continue;
-        }
-        let Some(tally) = tallies.get(run_id) else {
+    for (run_id, r) in chunk {
+        let Some(tally) = tallies.get(run_id.as_str()) else {
             continue;
         };
-        let total = totals.get(run_id).copied().unwrap_or(1);
-        let folded = tally.folded(total);
+        // The upsert of runs set the shard total the batch has.
+        let folded = tally.folded(r.shard_total);
         let status = folded.status;
         vals.extend([
             Val::from(run_id.as_str()),
@@ -1946,9 +2089,10 @@ async fn summarize(
                 .into(),
         ]);
         rows += 1;
-        let was_final = before
+        let was_final = changes
+            .priors
             .get(run_id)
-            .and_then(|s| RunStatus::parse(s))
+            .and_then(|p| RunStatus::parse(&p.status))
             .is_some_and(RunStatus::is_final);
         if status.is_final() && !was_final {
             ended.push(run_id.clone());
@@ -2202,6 +2346,7 @@ mod tests {
         prune => retention_prunes_ended_runs_by_age_and_count_in_batches,
         prune_like_ranking => retention_prunes_what_ranking_every_run_would,
         tally => a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts,
+        one_shard => one_shard_runs_recorded_at_once_or_event_by_event_have_the_same_summary,
     }
 
     /// Events of a SHARDING run of 4 shards with retries, an end before its start, a tie in
@@ -2344,6 +2489,348 @@ mod tests {
             .run;
         assert_eq!(by3.status, RunStatus::Failed, "the last end wins");
         assert_eq!(summary(by3), summary(full));
+        store.close().await;
+    }
+
+    /// Which runs a batch reads attempts of before its upsert (`before_of`).
+    #[test]
+    fn what_a_batch_reads_of_a_run_before_its_upsert() {
+        let a = |shard: i64, attempt: i64, ended: bool| fold::Attempt {
+            shard,
+            attempt,
+            started_at: Some(1),
+            finished_at: ended.then_some(2),
+            outcome: ended.then_some(AttemptOutcome::Failed),
+            will_retry: true,
+            ..fold::Attempt::default()
+        };
+        let prior = |shard_total: i64, attempts: Option<&[fold::Attempt]>| Prior {
+            status: "RUNNING".into(),
+            shard_total,
+            tally: attempts.map(fold::Tally::of),
+        };
+        let started = [a(0, 1, false)];
+        let retried = [a(0, 1, true)];
+        let two = [a(0, 1, false), a(1, 1, false)];
+        type Case<'a> = (&'a str, Option<Prior>, i64, &'a [(i64, i64)], &'a str);
+        let cases: Vec<Case> = vec![
+            ("a new run", None, 1, &[(0, 1)], "nothing"),
+            (
+                "no attempt yet",
+                Some(prior(1, Some(&[]))),
+                1,
+                &[(0, 1)],
+                "nothing",
+            ),
+            (
+                "a sharded run's first attempts",
+                Some(prior(4, Some(&[]))),
+                4,
+                &[(0, 1), (3, 1)],
+                "nothing",
+            ),
+            (
+                "a started attempt ends",
+                Some(prior(1, Some(&started))),
+                1,
+                &[(0, 1)],
+                "tally",
+            ),
+            (
+                "a retry starts",
+                Some(prior(1, Some(&retried))),
+                1,
+                &[(0, 2)],
+                "tally",
+            ),
+            (
+                "an earlier attempt ends",
+                Some(prior(1, Some(&[a(0, 1, false), a(0, 2, false)]))),
+                1,
+                &[(0, 1)],
+                "tally",
+            ),
+            (
+                "an ended attempt again",
+                Some(prior(1, Some(&retried))),
+                1,
+                &[(0, 1)],
+                "read",
+            ),
+            (
+                "below the highest attempt, after an end",
+                Some(prior(1, Some(&[a(0, 1, true), a(0, 3, false)]))),
+                1,
+                &[(0, 2)],
+                "read",
+            ),
+            (
+                "a sharded run",
+                Some(prior(4, Some(&two))),
+                4,
+                &[(0, 1)],
+                "read",
+            ),
+            (
+                "one shard of two so far",
+                Some(prior(4, Some(&started))),
+                4,
+                &[(0, 1)],
+                "read",
+            ),
+            (
+                "another shard",
+                Some(prior(1, Some(&started))),
+                1,
+                &[(1, 1)],
+                "read",
+            ),
+            ("no tally", Some(prior(1, None)), 1, &[(0, 1)], "all"),
+            ("no tally, no attempt", Some(prior(1, None)), 1, &[], "all"),
+        ];
+        for (name, prior, total, touched, want) in cases {
+            let got = match before_of(prior.as_ref(), total, touched) {
+                Before::Rows => "nothing",
+                Before::Sole(_) => "tally",
+                Before::Read => "read",
+                Before::Refold => "all",
+            };
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    /// One-shard histories, each a run's events: `HISTORIES` kinds, `dispatched` first unless
+    /// said otherwise.
+    const HISTORIES: usize = 15;
+
+    fn one_shard_events(run_id: &str, history: usize) -> Vec<RunEvent> {
+        use AttemptOutcome::{Cancelled, Failed, Succeeded, TimedOut};
+        let r = krest_schemas::RunRef {
+            run_id: run_id.into(),
+            job_group: "g".into(),
+            job_name: "j".into(),
+            app_name: "a".into(),
+        };
+        let start = |attempt: u32, t: i64| {
+            RunEvent::Started(Started {
+                run: r.clone(),
+                shard: 0,
+                shard_total: 1,
+                attempt,
+                worker: "w".into(),
+                at: at(t),
+                scheduled_at: Some(at(1)),
+                delivery_token: String::new(),
+            })
+        };
+        let end = |attempt: u32, outcome: AttemptOutcome, retry: bool, t: i64| {
+            let ok = outcome == Succeeded;
+            RunEvent::Finished(Finished {
+                run: r.clone(),
+                shard: 0,
+                shard_total: 1,
+                attempt,
+                worker: "w".into(),
+                at: at(t),
+                outcome,
+                will_retry: retry,
+                retry_in_ms: None,
+                output: ok.then(|| format!("o{attempt}/{t}")),
+                error: (!ok).then(|| format!("e{attempt}/{t}")),
+                duration_ms: 1,
+                delivery_token: String::new(),
+            })
+        };
+        let mut d = events().remove(0);
+        if let RunEvent::Dispatched(d) = &mut d {
+            d.run = r.clone();
+            d.shard_total = 1;
+        }
+        let mut evs = match history {
+            0 => vec![start(1, 10), end(1, Succeeded, false, 20)],
+            1 => vec![
+                start(1, 10),
+                end(1, Failed, true, 20),
+                start(2, 30),
+                end(2, Succeeded, false, 40),
+            ],
+            2 => vec![start(1, 10), end(1, Failed, false, 20)],
+            3 => vec![start(1, 10), end(1, TimedOut, false, 20)],
+            4 => vec![start(1, 10), end(1, Cancelled, false, 20)],
+            5 => vec![start(1, 10)],
+            // The end recorded before the start.
+            6 => vec![end(1, Succeeded, false, 20), start(1, 10)],
+            // An attempt that ends twice: the later end wins, either way.
+            7 => vec![
+                start(1, 10),
+                end(1, Succeeded, false, 20),
+                end(1, Failed, false, 25),
+            ],
+            8 => vec![
+                start(1, 10),
+                end(1, Failed, false, 20),
+                end(1, Succeeded, false, 25),
+            ],
+            // A late success after a final failure (redelivered).
+            9 => vec![
+                start(1, 10),
+                end(1, Failed, false, 20),
+                start(2, 30),
+                end(2, Succeeded, false, 40),
+            ],
+            // The first attempt's start redelivered after the second started.
+            10 => vec![
+                start(1, 10),
+                end(1, Failed, true, 20),
+                start(2, 30),
+                start(1, 10),
+                end(2, TimedOut, false, 40),
+            ],
+            11 => vec![start(1, 10), start(1, 10), end(1, Succeeded, false, 20)],
+            12 => vec![start(1, 10), end(1, Failed, true, 20)],
+            // The first attempt ends after the second started.
+            13 => vec![
+                start(1, 10),
+                start(2, 30),
+                end(1, Failed, false, 20),
+                end(2, Succeeded, false, 40),
+            ],
+            _ => vec![start(1, 10), end(1, Succeeded, false, 20)],
+        };
+        if history == 14 {
+            evs.push(d);
+        } else {
+            evs.insert(0, d);
+        }
+        evs
+    }
+
+    /// `(status, shards succeeded, shards failed, attempts, started, finished, output, error)`.
+    type Summary = (
+        String,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+
+    /// A run's stored summary, and the summary of all its stored attempts; its stored tally
+    /// is the tally of those attempts.
+    async fn stored_and_folded(store: &Store, run_id: &str) -> (Summary, Summary) {
+        let r = sqlx::query(
+            "SELECT shard_total, status, shards_succeeded, shards_failed, attempts, started_at, finished_at, output, error, tally FROM runs WHERE run_id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        let stored = (
+            r.get("status"),
+            r.get("shards_succeeded"),
+            r.get("shards_failed"),
+            r.get("attempts"),
+            r.get("started_at"),
+            r.get("finished_at"),
+            r.get("output"),
+            r.get("error"),
+        );
+        let rows = sqlx::query(&format!(
+            "SELECT {ATTEMPT_FOLD_COLUMNS} FROM attempts WHERE run_id = $1 ORDER BY shard, attempt"
+        ))
+        .bind(run_id)
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let attempts: Vec<fold::Attempt> = rows.iter().map(|r| attempt_of(r).unwrap()).collect();
+        let mut tally = fold::Tally::of(&attempts);
+        tally.output = None;
+        tally.error = None;
+        let stored_tally: String = r.get("tally");
+        assert_eq!(
+            serde_json::from_str::<fold::Tally>(&stored_tally).unwrap(),
+            tally,
+            "{run_id}: its tally"
+        );
+        let f = fold::fold(r.get("shard_total"), &attempts);
+        let folded = (
+            f.status.as_str().to_string(),
+            f.shards_succeeded,
+            f.shards_failed,
+            f.attempts,
+            f.started_at,
+            f.finished_at,
+            f.output,
+            f.error,
+        );
+        (stored, folded)
+    }
+
+    /// The fast path for one-shard runs (`before_of`: nothing read for new runs, the shard's
+    /// state from the tally for the others) against recording event by event: many runs in
+    /// one batch (more than a chunk of rows), the same histories one event per batch, and
+    /// interleaved in batches of 7 (new runs, runs summed up from their tally, runs whose
+    /// attempts are read and runs with an attempt ended twice in one batch).
+    async fn one_shard_runs_recorded_at_once_or_event_by_event_have_the_same_summary(
+        backend: Backend,
+    ) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        let mut seq = 0;
+        let mut ended: Vec<String> = Vec::new();
+        let mut apply = async |batch: &[RunEvent]| {
+            let b = seqd(batch, seq + 1);
+            seq += batch.len() as u64;
+            let applied = store.apply(&b, seq).await.unwrap();
+            ended.extend(applied.ended.into_iter().map(|r| r.run_id));
+        };
+        let copies = ROWS_PER_INSERT / HISTORIES + 2;
+        let mut all = Vec::new();
+        for c in 0..copies {
+            for h in 0..HISTORIES {
+                all.extend(one_shard_events(&format!("g.j.all{c}.{h}"), h));
+            }
+        }
+        apply(&all).await;
+        for h in 0..HISTORIES {
+            for e in one_shard_events(&format!("g.j.each.{h}"), h) {
+                apply(&[e]).await;
+            }
+        }
+        let runs: Vec<Vec<RunEvent>> = (0..HISTORIES)
+            .map(|h| one_shard_events(&format!("g.j.mix.{h}"), h))
+            .collect();
+        let mut mixed = Vec::new();
+        for k in 0..runs.iter().map(Vec::len).max().unwrap() {
+            mixed.extend(runs.iter().filter_map(|evs| evs.get(k).cloned()));
+        }
+        for batch in mixed.chunks(7) {
+            apply(batch).await;
+        }
+
+        for h in 0..HISTORIES {
+            let (reference, folded) = stored_and_folded(&store, &format!("g.j.each.{h}")).await;
+            assert_eq!(reference, folded, "history {h} event by event");
+            let mut ids: Vec<String> = (0..copies).map(|c| format!("g.j.all{c}.{h}")).collect();
+            ids.push(format!("g.j.mix.{h}"));
+            ids.push(format!("g.j.each.{h}"));
+            for id in ids {
+                let (stored, folded) = stored_and_folded(&store, &id).await;
+                assert_eq!(stored, folded, "{id}: the summary of its attempts");
+                assert_eq!(stored, reference, "{id}: as recorded event by event");
+                // Reported each time it reached a final status (a late success after a final
+                // failure goes through RUNNING when recorded event by event): once at once.
+                let reported = ended.iter().filter(|e| **e == id).count();
+                let is_final = RunStatus::parse(&stored.0).is_some_and(RunStatus::is_final);
+                if id.starts_with("g.j.all") {
+                    assert_eq!(reported, usize::from(is_final), "{id}: reported ended");
+                } else {
+                    assert_eq!(reported > 0, is_final, "{id}: reported ended");
+                }
+            }
+        }
         store.close().await;
     }
 
