@@ -2639,6 +2639,8 @@ mod tests {
                 error: (!ok).then(|| format!("e{attempt}/{t}")),
                 duration_ms: 1,
                 delivery_token: String::new(),
+                started_at: None,
+                scheduled_at: None,
             })
         };
         let mut d = events().remove(0);
