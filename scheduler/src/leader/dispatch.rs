@@ -7,6 +7,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use krest_schemas::names::{
     self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
     SCHEDULER_TOKEN_HEADER, STATE_BUCKET, STATE_WATERMARK_KEY,
@@ -180,9 +181,16 @@ impl Round<'_> {
     /// context holds a permit per waiting ack, and acks must be consumed for permits to come
     /// back). A fire with a failed message is published again whole: the rest of it is skipped.
     async fn send(&mut self, i: usize, (subject, message): (String, PublishMessage)) {
-        while self.inflight.len() >= MAX_INFLIGHT {
+        if self.inflight.len() >= MAX_INFLIGHT {
             if let Some((j, Err(e))) = self.inflight.next().await {
                 self.fail(j, e);
+            }
+            // Take every other ack already in as well, so the next sends go out together
+            // instead of one send per wake-up (fewer task switches per message).
+            while let Some(Some((j, r))) = self.inflight.next().now_or_never() {
+                if let Err(e) = r {
+                    self.fail(j, e);
+                }
             }
         }
         if self.results[i].is_err() {
@@ -323,60 +331,69 @@ impl Publisher {
         });
         let mut out = Vec::with_capacity(items.len() + 1);
         out.push(event(&dispatched)?);
+        // What every shard's message shares is built once per fire; each shard sets its own
+        // shard info, target and delivery token, and is serialized into a buffer sized after
+        // the previous one.
+        let mut msg = RunMessage {
+            run: krest_schemas::RunRef {
+                run_id: fire.run_id.clone(),
+                job_group: spec.job_group.clone(),
+                job_name: spec.job_name.clone(),
+                app_name: spec.app_name.clone(),
+            },
+            path: spec.path.clone(),
+            job_type: spec.job_type,
+            args: fire.args.clone(),
+            shard: None,
+            scheduled_at: fire.scheduled_at,
+            dispatched_at: now,
+            trigger: fire.trigger,
+            parent_run_id: fire.parent_run_id.clone(),
+            target: None,
+            load_balance: spec.load_balance_type,
+            attempt_offset: 0,
+            retry_at: None,
+            avoid: Vec::new(),
+            retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
+            timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
+            http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
+                url: url.clone(),
+                method: spec.method_type,
+                headers: spec.headers.clone(),
+            }),
+            retry_backoff: spec
+                .retry_backoff
+                .as_ref()
+                .and_then(|b| b.to_millis().ok())
+                .map(|(initial_ms, factor, max_ms)| krest_schemas::BackoffMs {
+                    initial_ms,
+                    factor,
+                    max_ms,
+                }),
+            revision: fire.job.version,
+            epoch: fire.epoch,
+            delivery_token: String::new(),
+        };
+        let queue_subject = work_queue_subject(&spec.app_name, &spec.job_group, &spec.job_name);
+        let mut size = 512;
         for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
             let subject = match &target {
                 Some(instance) => {
                     work_instance_subject(&spec.app_name, &spec.job_group, &spec.job_name, instance)
                 }
-                None => work_queue_subject(&spec.app_name, &spec.job_group, &spec.job_name),
+                None => queue_subject.clone(),
             };
             let index = u32::try_from(index).map_err(|_| "too many shards".to_string())?;
-            let msg = RunMessage {
-                run: krest_schemas::RunRef {
-                    run_id: fire.run_id.clone(),
-                    job_group: spec.job_group.clone(),
-                    job_name: spec.job_name.clone(),
-                    app_name: spec.app_name.clone(),
-                },
-                path: spec.path.clone(),
-                job_type: spec.job_type,
-                args: fire.args.clone(),
-                shard: item.map(|item| ShardInfo { index, total, item }),
-                scheduled_at: fire.scheduled_at,
-                dispatched_at: now,
-                trigger: fire.trigger,
-                parent_run_id: fire.parent_run_id.clone(),
-                target,
-                load_balance: spec.load_balance_type,
-                attempt_offset: 0,
-                retry_at: None,
-                avoid: Vec::new(),
-                retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
-                timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
-                http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
-                    url: url.clone(),
-                    method: spec.method_type,
-                    headers: spec.headers.clone(),
-                }),
-                retry_backoff: spec
-                    .retry_backoff
-                    .as_ref()
-                    .and_then(|b| b.to_millis().ok())
-                    .map(|(initial_ms, factor, max_ms)| krest_schemas::BackoffMs {
-                        initial_ms,
-                        factor,
-                        max_ms,
-                    }),
-                revision: fire.job.version,
-                epoch: fire.epoch,
-                delivery_token: self.key.token(&fire.run_id, index),
-            };
+            msg.shard = item.map(|item| ShardInfo { index, total, item });
+            msg.target = target;
+            msg.delivery_token = self.key.token(&fire.run_id, index);
+            let mut payload = Vec::with_capacity(size);
+            serde_json::to_writer(&mut payload, &msg).map_err(|e| e.to_string())?;
+            size = payload.len() + 64;
             out.push((
                 subject,
                 PublishMessage::build()
-                    .payload(Bytes::from(
-                        serde_json::to_vec(&msg).map_err(|e| e.to_string())?,
-                    ))
+                    .payload(Bytes::from(payload))
                     .message_id(work_msg_id(&fire.run_id, index))
                     .header(
                         TRACEPARENT,
