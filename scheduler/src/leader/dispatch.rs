@@ -458,8 +458,13 @@ impl Publisher {
         };
         let queue_subject = work_queue_subject(&spec.app_name, &spec.job_group, &spec.job_name);
         // Shards on the app's queue differ only in their shard info and token: their JSON is
-        // the fire's, spliced (see [`Splice`]).
-        let splice = Splice::of(&msg, total);
+        // the fire's, spliced (see [`Splice`]). Making the splice costs two serializations,
+        // so a one-shard fire is serialized whole.
+        let splice = if items.len() > 1 {
+            Splice::of(&msg, total)
+        } else {
+            None
+        };
         let mut size = 512;
         for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
             let subject = match &target {
