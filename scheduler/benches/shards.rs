@@ -4,6 +4,11 @@
 //! go into BENCHMARKS.md. `KREST_BENCH_TINY=1` runs one job of 1,000 shards (CI does, so it
 //! cannot rot).
 //!
+//! `--publish-only` starts no worker: it times the leader's publishing alone (fire instant →
+//! last work message stored) and stops there, for profiling the scheduler during that window
+//! (`--fire-in SECS` puts the fire instant further out, to attach `perf record -p PID` to the
+//! printed scheduler pid first).
+//!
 //! A job has at most 1,000 shards (`MAX_SHARDS`, docs/jobs.md limits), so the issue's
 //! "100,000-shard run" is measured as 100 runs of 1,000 shards fired in the same tick (the
 //! default); `--shards` above 1,000 is refused by the job validation.
@@ -43,7 +48,10 @@ const RECORDED: &str =
 
 /// Publishes `n` messages of `size` bytes to a scratch stream with 1,024 acks outstanding;
 /// returns messages per second.
-async fn raw_rate(js: &jetstream::Context, n: usize, size: usize) -> f64 {
+///
+/// `shaped`: each message also carries a unique `Nats-Msg-Id` (deduplicated by the server) and
+/// a `traceparent` header, like the leader's work messages.
+async fn raw_rate(js: &jetstream::Context, n: usize, size: usize, shaped: bool) -> f64 {
     js.create_stream(jetstream::stream::Config {
         name: "SCRATCH".into(),
         subjects: vec!["scratch.>".into()],
@@ -62,10 +70,19 @@ async fn raw_rate(js: &jetstream::Context, n: usize, size: usize) -> f64 {
         while inflight.len() >= 1024 {
             inflight.next().await.unwrap().unwrap();
         }
-        let ack = js
-            .publish(format!("scratch.{}", i % 16), payload.clone())
-            .await
-            .unwrap();
+        let subject = format!("scratch.{}", i % 16);
+        let ack = if shaped {
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(format!("raw.s{:04}.1764779000000/{i}", i % 100))
+                .header(
+                    "traceparent",
+                    format!("00-{:032x}-{:016x}-01", i + 1, i + 1).as_str(),
+                );
+            js.send_publish(subject, msg).await.unwrap()
+        } else {
+            js.publish(subject, payload.clone()).await.unwrap()
+        };
         inflight.push(Box::pin(async move { ack.await }));
     }
     while let Some(r) = inflight.next().await {
@@ -82,7 +99,13 @@ fn main() {
     }
     let shards: usize = common::flag("--shards").unwrap_or(1000);
     let runs: usize = common::flag("--runs").unwrap_or(if tiny() { 1 } else { 100 });
-    let workers: usize = common::flag("--workers").unwrap_or(2);
+    let publish_only = std::env::args().any(|a| a == "--publish-only");
+    let fire_in: i64 = common::flag("--fire-in").unwrap_or(4);
+    let workers: usize = if publish_only {
+        0
+    } else {
+        common::flag("--workers").unwrap_or(2)
+    };
     let slots: u32 = common::flag("--slots").unwrap_or(256);
     let raw_n: usize = if tiny() { 10_000 } else { 100_000 };
     let total = shards * runs;
@@ -94,13 +117,24 @@ fn main() {
     let url = nats.url();
     let dir = TestDir::new("bench-shards");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (js, raw) = rt.block_on(async {
+    let (js, raw, shaped) = rt.block_on(async {
         let client = async_nats::connect(&url).await.unwrap();
         let js = jetstream::new(client);
-        let raw = raw_rate(&js, raw_n, 300).await;
-        (js, raw)
+        let raw = raw_rate(&js, raw_n, 300, false).await;
+        let shaped = if publish_only {
+            raw_rate(&js, raw_n, 500, true).await
+        } else {
+            0.0
+        };
+        (js, raw, shaped)
     });
     println!("shards/raw publish: {raw_n} × 300 B, 1,024 acks outstanding: {raw:.0} msg/s");
+    if publish_only {
+        println!(
+            "shards/raw publish shaped like work messages: {raw_n} × 500 B with a unique \
+             Nats-Msg-Id and a traceparent header: {shaped:.0} msg/s"
+        );
+    }
 
     let node = start_node("n1", &url, dir.path());
     wait_for_api(&url);
@@ -108,7 +142,7 @@ fn main() {
         .map(|i| BenchWorker::start(&format!("worker{i}"), &url, dir.path(), slots))
         .collect();
     // Fire instant: whole second, far enough out for the apply and the workers to be ready.
-    let fire_ms = (Utc::now().timestamp_millis() / 1000 + 4 + runs as i64 / 50) * 1000;
+    let fire_ms = (Utc::now().timestamp_millis() / 1000 + fire_in + runs as i64 / 50) * 1000;
     let at = Utc
         .timestamp_millis_opt(fire_ms)
         .unwrap()
@@ -147,6 +181,11 @@ fn main() {
             .map(|(n, p)| ProcStats::of(*p).unwrap_or_else(|| panic!("{n} is gone")))
             .collect()
     };
+    println!(
+        "shards/scheduler pid {}, fire in {} ms",
+        node.pid(),
+        fire_ms - Utc::now().timestamp_millis()
+    );
     sleep_until(fire_ms - 50);
     let before = stats();
 
@@ -160,6 +199,42 @@ fn main() {
         assert!(Instant::now() < deadline, "not all work messages published");
         std::thread::sleep(Duration::from_millis(10));
     };
+    if publish_only {
+        let after = stats();
+        let pub_ms = published_ms - fire_ms;
+        let pub_rate = total as f64 / (pub_ms.max(1) as f64 / 1000.0);
+        println!(
+            "shards/published (publish only, no worker): all {total} work messages stored \
+             {pub_ms} ms after the fire instant: {pub_rate:.0} msg/s = {:.0} % of the raw rate",
+            100.0 * pub_rate / raw
+        );
+        let last = rt.block_on(async {
+            let s = js
+                .get_stream(krest_schemas::names::WORK_STREAM)
+                .await
+                .unwrap();
+            s.get_raw_message(base_seq + total as u64).await.unwrap()
+        });
+        println!(
+            "shards/published: a work message is {} B of payload and {} B of headers; \
+             {:.0} % of the shaped raw rate",
+            last.payload.len(),
+            last.headers
+                .iter()
+                .map(|(k, v)| k.to_string().len()
+                    + v.iter().map(|v| v.as_str().len() + 4).sum::<usize>())
+                .sum::<usize>(),
+            100.0 * pub_rate / shaped
+        );
+        for (i, (name, _)) in pids.iter().enumerate() {
+            println!(
+                "shards/process {name}: {:.2} CPU-s from the fire instant to the last work \
+                 message stored",
+                after[i].cpu_secs - before[i].cpu_secs,
+            );
+        }
+        return;
+    }
 
     // (c) Recorded: every run SUCCEEDED with all its shards (the SQLite file read directly).
     let db = dir.join("n1.db");

@@ -7,6 +7,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use krest_schemas::names::{
     self, kv_subject, work_instance_subject, work_msg_id, work_queue_subject,
     SCHEDULER_TOKEN_HEADER, STATE_BUCKET, STATE_WATERMARK_KEY,
@@ -113,6 +114,88 @@ impl Fire {
     }
 }
 
+/// A fire's work message serialized once, with its per-shard fields left open: `head` (every
+/// field before `shard`), then the shard field if any, then `middle` (every field after it up
+/// to the value of `deliveryToken`, the last field), the token and `"}`. A message made from it
+/// is byte for byte what `serde_json` makes of the same [`RunMessage`] with that shard and
+/// token (checked when it is built: `None` if the layout is not the expected one; messages are
+/// then serialized whole), for messages without a `target`.
+#[derive(Debug)]
+struct Splice {
+    head: Vec<u8>,
+    middle: Vec<u8>,
+}
+
+/// Length of a delivery token ([`crate::delivery::DeliveryKey::token`]: 128 bits in hex).
+const TOKEN_LEN: usize = 32;
+
+impl Splice {
+    /// The splice of `template`'s fields (its shard, target and token are ignored), for shards
+    /// of a run of `total`.
+    fn of(template: &RunMessage, total: u32) -> Option<Splice> {
+        let mut msg = template.clone();
+        msg.target = None;
+        msg.shard = None;
+        msg.delivery_token = "0".repeat(TOKEN_LEN);
+        let plain = serde_json::to_vec(&msg).ok()?;
+        let tail = format!("\"deliveryToken\":\"{}\"}}", msg.delivery_token);
+        let body = plain.strip_suffix(tail.as_bytes())?;
+        // Where the shard field goes: serialize with one and find it.
+        let probe = ShardInfo {
+            index: 0,
+            total,
+            item: Value::Null,
+        };
+        msg.shard = Some(probe.clone());
+        let shaped = serde_json::to_vec(&msg).ok()?;
+        let mut field = b"\"shard\":".to_vec();
+        serde_json::to_writer(&mut field, &probe).ok()?;
+        field.push(b',');
+        if shaped.len() != plain.len() + field.len() {
+            return None;
+        }
+        let common = plain
+            .iter()
+            .zip(&shaped)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let at = (common.saturating_sub(16)..=common).rev().find(|&at| {
+            shaped[..at] == plain[..at]
+                && shaped[at..].starts_with(&field)
+                && shaped[at + field.len()..] == plain[at..]
+        })?;
+        if at > body.len() {
+            return None;
+        }
+        let mut middle = body[at..].to_vec();
+        middle.extend_from_slice(b"\"deliveryToken\":\"");
+        Some(Splice {
+            head: body[..at].to_vec(),
+            middle,
+        })
+    }
+
+    /// The JSON of the message with `shard` and `token` (`None` if the token is not plain
+    /// hex of the expected length or the shard cannot be serialized), in a buffer of at least
+    /// `size` bytes.
+    fn payload(&self, shard: Option<&ShardInfo>, token: &str, size: usize) -> Option<Vec<u8>> {
+        if token.len() != TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(&self.head);
+        if let Some(shard) = shard {
+            out.extend_from_slice(b"\"shard\":");
+            serde_json::to_writer(&mut out, shard).ok()?;
+            out.push(b',');
+        }
+        out.extend_from_slice(&self.middle);
+        out.extend_from_slice(token.as_bytes());
+        out.extend_from_slice(b"\"}");
+        Some(out)
+    }
+}
+
 /// Publishes runs and job state.
 #[derive(Clone, Debug)]
 pub struct Publisher {
@@ -180,9 +263,16 @@ impl Round<'_> {
     /// context holds a permit per waiting ack, and acks must be consumed for permits to come
     /// back). A fire with a failed message is published again whole: the rest of it is skipped.
     async fn send(&mut self, i: usize, (subject, message): (String, PublishMessage)) {
-        while self.inflight.len() >= MAX_INFLIGHT {
+        if self.inflight.len() >= MAX_INFLIGHT {
             if let Some((j, Err(e))) = self.inflight.next().await {
                 self.fail(j, e);
+            }
+            // Take every other ack already in as well, so the next sends go out together
+            // instead of one send per wake-up (fewer task switches per message).
+            while let Some(Some((j, r))) = self.inflight.next().now_or_never() {
+                if let Err(e) = r {
+                    self.fail(j, e);
+                }
             }
         }
         if self.results[i].is_err() {
@@ -323,60 +413,89 @@ impl Publisher {
         });
         let mut out = Vec::with_capacity(items.len() + 1);
         out.push(event(&dispatched)?);
+        // What every shard's message shares is built once per fire; each shard sets its own
+        // shard info, target and delivery token, and is serialized into a buffer sized after
+        // the previous one.
+        let mut msg = RunMessage {
+            run: krest_schemas::RunRef {
+                run_id: fire.run_id.clone(),
+                job_group: spec.job_group.clone(),
+                job_name: spec.job_name.clone(),
+                app_name: spec.app_name.clone(),
+            },
+            path: spec.path.clone(),
+            job_type: spec.job_type,
+            args: fire.args.clone(),
+            shard: None,
+            scheduled_at: fire.scheduled_at,
+            dispatched_at: now,
+            trigger: fire.trigger,
+            parent_run_id: fire.parent_run_id.clone(),
+            target: None,
+            load_balance: spec.load_balance_type,
+            attempt_offset: 0,
+            retry_at: None,
+            avoid: Vec::new(),
+            retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
+            timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
+            http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
+                url: url.clone(),
+                method: spec.method_type,
+                headers: spec.headers.clone(),
+            }),
+            retry_backoff: spec
+                .retry_backoff
+                .as_ref()
+                .and_then(|b| b.to_millis().ok())
+                .map(|(initial_ms, factor, max_ms)| krest_schemas::BackoffMs {
+                    initial_ms,
+                    factor,
+                    max_ms,
+                }),
+            revision: fire.job.version,
+            epoch: fire.epoch,
+            delivery_token: String::new(),
+        };
+        let queue_subject = work_queue_subject(&spec.app_name, &spec.job_group, &spec.job_name);
+        // Shards on the app's queue differ only in their shard info and token: their JSON is
+        // the fire's, spliced (see [`Splice`]). Making the splice costs two serializations,
+        // so a one-shard fire is serialized whole.
+        let splice = if items.len() > 1 {
+            Splice::of(&msg, total)
+        } else {
+            None
+        };
+        let mut size = 512;
         for (index, ShardPlan { item, target }) in items.into_iter().enumerate() {
             let subject = match &target {
                 Some(instance) => {
                     work_instance_subject(&spec.app_name, &spec.job_group, &spec.job_name, instance)
                 }
-                None => work_queue_subject(&spec.app_name, &spec.job_group, &spec.job_name),
+                None => queue_subject.clone(),
             };
             let index = u32::try_from(index).map_err(|_| "too many shards".to_string())?;
-            let msg = RunMessage {
-                run: krest_schemas::RunRef {
-                    run_id: fire.run_id.clone(),
-                    job_group: spec.job_group.clone(),
-                    job_name: spec.job_name.clone(),
-                    app_name: spec.app_name.clone(),
-                },
-                path: spec.path.clone(),
-                job_type: spec.job_type,
-                args: fire.args.clone(),
-                shard: item.map(|item| ShardInfo { index, total, item }),
-                scheduled_at: fire.scheduled_at,
-                dispatched_at: now,
-                trigger: fire.trigger,
-                parent_run_id: fire.parent_run_id.clone(),
-                target,
-                load_balance: spec.load_balance_type,
-                attempt_offset: 0,
-                retry_at: None,
-                avoid: Vec::new(),
-                retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
-                timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
-                http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
-                    url: url.clone(),
-                    method: spec.method_type,
-                    headers: spec.headers.clone(),
-                }),
-                retry_backoff: spec
-                    .retry_backoff
-                    .as_ref()
-                    .and_then(|b| b.to_millis().ok())
-                    .map(|(initial_ms, factor, max_ms)| krest_schemas::BackoffMs {
-                        initial_ms,
-                        factor,
-                        max_ms,
-                    }),
-                revision: fire.job.version,
-                epoch: fire.epoch,
-                delivery_token: self.key.token(&fire.run_id, index),
+            let shard = item.map(|item| ShardInfo { index, total, item });
+            let token = self.key.token(&fire.run_id, index);
+            let spliced = match (&splice, &target) {
+                (Some(sp), None) => sp.payload(shard.as_ref(), &token, size),
+                _ => None,
             };
+            let payload = match spliced {
+                Some(payload) => payload,
+                None => {
+                    msg.shard = shard;
+                    msg.target = target;
+                    msg.delivery_token = token;
+                    let mut payload = Vec::with_capacity(size);
+                    serde_json::to_writer(&mut payload, &msg).map_err(|e| e.to_string())?;
+                    payload
+                }
+            };
+            size = payload.len() + 64;
             out.push((
                 subject,
                 PublishMessage::build()
-                    .payload(Bytes::from(
-                        serde_json::to_vec(&msg).map_err(|e| e.to_string())?,
-                    ))
+                    .payload(Bytes::from(payload))
                     .message_id(work_msg_id(&fire.run_id, index))
                     .header(
                         TRACEPARENT,
@@ -437,6 +556,82 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn template(args: Value) -> RunMessage {
+        RunMessage {
+            run: krest_schemas::RunRef {
+                run_id: "g.j.1767225605000".into(),
+                job_group: "g".into(),
+                job_name: "j".into(),
+                app_name: "app".into(),
+            },
+            path: "p/\"q\"".into(),
+            job_type: krest_schemas::JobType::Sharding,
+            args,
+            shard: None,
+            scheduled_at: DateTime::parse_from_rfc3339("2026-01-01T00:00:05Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            dispatched_at: Utc::now(),
+            trigger: Trigger::Schedule,
+            parent_run_id: Some("parent \"shard\":".into()),
+            target: None,
+            load_balance: krest_schemas::LoadBalance::Queue,
+            attempt_offset: 0,
+            retry_at: None,
+            avoid: Vec::new(),
+            retry_times: 3,
+            timeout_secs: Some(30),
+            http: None,
+            retry_backoff: Some(krest_schemas::BackoffMs {
+                initial_ms: 10,
+                factor: 2.0,
+                max_ms: 1000,
+            }),
+            revision: 7,
+            epoch: Some(4),
+            delivery_token: String::new(),
+        }
+    }
+
+    #[test]
+    fn spliced_messages_are_what_serde_makes() {
+        let argss = [
+            Value::Null,
+            serde_json::json!({"shard": {"index": 1}, "deliveryToken": "x\"}"}),
+            serde_json::json!(["a", "b\"c", {"scheduledAt": 1}]),
+        ];
+        let items = [
+            None,
+            Some(Value::Null),
+            Some(serde_json::json!("Beijing \"north\"")),
+            Some(serde_json::json!({"k": [1, 2, {"shard": null}]})),
+        ];
+        for args in argss {
+            let mut msg = template(args);
+            let splice = Splice::of(&msg, 3).expect("the layout is the expected one");
+            for item in &items {
+                for index in 0..3u32 {
+                    let token = format!("{index:032x}");
+                    let shard = item.clone().map(|item| ShardInfo {
+                        index,
+                        total: 3,
+                        item,
+                    });
+                    let spliced = splice.payload(shard.as_ref(), &token, 0).unwrap();
+                    msg.shard = shard;
+                    msg.delivery_token = token;
+                    assert_eq!(
+                        String::from_utf8(spliced).unwrap(),
+                        serde_json::to_string(&msg).unwrap()
+                    );
+                }
+            }
+        }
+        // A token that is not plain hex is not spliced in.
+        let splice = Splice::of(&template(Value::Null), 1).unwrap();
+        assert!(splice.payload(None, "\"", 0).is_none());
+    }
 
     #[test]
     fn run_ids() {
