@@ -391,13 +391,14 @@ impl Publisher {
         }
         let items = fire.shard_plans();
         let total = u32::try_from(items.len()).map_err(|_| "too many shards".to_string())?;
+        let run_ref = krest_schemas::RunRef {
+            run_id: fire.run_id.clone(),
+            job_group: spec.job_group.clone(),
+            job_name: spec.job_name.clone(),
+            app_name: spec.app_name.clone(),
+        };
         let dispatched = RunEvent::Dispatched(Dispatched {
-            run: krest_schemas::RunRef {
-                run_id: fire.run_id.clone(),
-                job_group: spec.job_group.clone(),
-                job_name: spec.job_name.clone(),
-                app_name: spec.app_name.clone(),
-            },
+            run: run_ref.clone(),
             path: spec.path.clone(),
             job_type: spec.job_type,
             trigger: fire.trigger,
@@ -417,12 +418,7 @@ impl Publisher {
         // shard info, target and delivery token, and is serialized into a buffer sized after
         // the previous one.
         let mut msg = RunMessage {
-            run: krest_schemas::RunRef {
-                run_id: fire.run_id.clone(),
-                job_group: spec.job_group.clone(),
-                job_name: spec.job_name.clone(),
-                app_name: spec.app_name.clone(),
-            },
+            run: run_ref,
             path: spec.path.clone(),
             job_type: spec.job_type,
             args: fire.args.clone(),

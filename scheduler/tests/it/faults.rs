@@ -938,11 +938,18 @@ async fn metrics_count_fires_runs_lateness_and_workers() {
     let status: ClusterStatus = client.call(Op::ClusterStatus, &json!({})).await.unwrap();
     let http = status.nodes[0].http_addr.clone().unwrap();
 
-    let body = eventually(DEADLINE, "metrics of three recorded runs", || async {
-        let body = http_body(&http, "/metrics")?;
-        let ended = sample(&body, "krest_runs_ended_total{status=\"SUCCEEDED\"}")?;
-        (ended >= 3.0).then_some(body)
-    })
+    // The one node leads, but may lose its lease for a moment on a machine loaded enough to
+    // delay a renewal past the lease's TTL (seen once in CI, a fire 10 s late): wait for a
+    // scrape where it leads.
+    let body = eventually(
+        DEADLINE,
+        "metrics of three recorded runs, from the leader",
+        || async {
+            let body = http_body(&http, "/metrics")?;
+            let ended = sample(&body, "krest_runs_ended_total{status=\"SUCCEEDED\"}")?;
+            (ended >= 3.0 && sample(&body, "krest_leader") == Some(1.0)).then_some(body)
+        },
+    )
     .await;
     let head = http_get(&http, "/metrics").unwrap();
     assert!(
