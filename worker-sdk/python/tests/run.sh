@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python worker SDK's checks: a venv with nats-py (with its nkeys extra), pytest,
-# pytest-asyncio and mypy from PyPI and the package installed from this directory, then
-# `mypy --strict` on the package and the example, then pytest (end-to-end tests against a real
+# pytest-asyncio, pytest-timeout and mypy from PyPI and the package installed from this
+# directory, then `mypy --strict` on the package and the example, then pytest (end-to-end tests against a real
 # nats-server and `krest scheduler`).
 #
 # The `krest` binary is $KREST_BIN, default $CARGO_TARGET_DIR/debug/krest (built with
@@ -28,7 +28,7 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check "nats-py[nkeys]" pytest pytest-asyncio mypy
+"$venv/bin/pip" install --quiet --disable-pip-version-check "nats-py[nkeys]" pytest pytest-asyncio pytest-timeout mypy
 # A fresh install of the package as users get it (not editable).
 "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$here"
 # Python 3.10 is the oldest supported: type-checked against 3.10's standard library (typeshed's
@@ -38,14 +38,17 @@ fi
 running="$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 "$venv/bin/mypy" --strict --python-version "$running" --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
 cd "$here"
+# A test that hangs (a worker that never stops, say) fails its whole pytest process after
+# 5 minutes, with every thread's stack, instead of hanging CI: no test takes a minute.
+bound=(--timeout 300 --timeout-method thread)
 # Two pytest processes at once (each with its own nats-server and scheduler): the tests mostly
 # wait on runs, so this halves the wall time.
 conformance_log="$(mktemp)"
 trap 'rm -f "$conformance_log"' EXIT
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" tests/test_conformance.py tests/test_secure.py >"$conformance_log" 2>&1 &
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "${bound[@]}" "$@" tests/test_conformance.py tests/test_secure.py >"$conformance_log" 2>&1 &
 conformance=$!
 status=0
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" --ignore=tests/test_conformance.py --ignore=tests/test_secure.py tests || status=$?
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "${bound[@]}" "$@" --ignore=tests/test_conformance.py --ignore=tests/test_secure.py tests || status=$?
 conformance_status=0
 wait "$conformance" || conformance_status=$?
 echo "--- the conformance suite and the login tests (tests/test_conformance.py, tests/test_secure.py)"
