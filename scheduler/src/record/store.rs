@@ -465,26 +465,7 @@ impl Store {
             cause,
         };
         let pool = match backend {
-            Backend::Sqlite => AnyPoolOptions::new()
-                .max_connections(4)
-                .acquire_timeout(Duration::from_secs(10))
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        sqlx::query("PRAGMA busy_timeout = 5000")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA foreign_keys = ON")
-                            .execute(&mut *conn)
-                            .await?;
-                        Ok(())
-                    })
-                })
-                .connect(&normalized)
-                .await
-                .map_err(failed)?,
+            Backend::Sqlite => sqlite_pool(&normalized).await.map_err(failed)?,
             Backend::Postgres => {
                 // One connection first: the pool would retry a refused connection until its
                 // acquire timeout and then only say it timed out.
@@ -2188,6 +2169,43 @@ fn open_hint(backend: Backend, e: &sqlx::Error) -> &'static str {
         }
         (Backend::Sqlite, _, _) => {
             "check that the file's directory exists and is writable by this process"
+        }
+    }
+}
+
+/// A pool on a SQLite file. Opening it can find the file locked for a moment by another
+/// process opening or migrating it at the same time (two nodes starting together): such an
+/// open is tried again, for up to about 5 seconds.
+async fn sqlite_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
+    let mut tries = 0;
+    loop {
+        let opened = AnyPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await;
+        match opened {
+            Err(sqlx::Error::Database(e))
+                if tries < 25 && matches!(e.code().as_deref(), Some("5" | "6")) =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
         }
     }
 }
