@@ -481,12 +481,6 @@ impl Store {
                     .map_err(failed)?
             }
         };
-        if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&pool)
-                .await
-                .map_err(failed)?;
-        }
         let store = Store { pool, backend };
         store.migrate().await.map_err(|e| match e {
             StoreError::Db(cause) => StoreError::Open {
@@ -2173,10 +2167,34 @@ fn open_hint(backend: Backend, e: &sqlx::Error) -> &'static str {
     }
 }
 
-/// A pool on a SQLite file. Opening it can find the file locked for a moment by another
-/// process opening or migrating it at the same time (two nodes starting together): such an
-/// open is tried again, for up to about 5 seconds.
+/// A pool on a SQLite file, in WAL mode. Opening it, or switching it to WAL (which does not
+/// wait for a lock), can find the file locked for a moment by another process opening or
+/// migrating it at the same time (two nodes starting together): such a step is tried again,
+/// for up to about 5 seconds each.
 async fn sqlite_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
+    let pool = sqlite_connect(url).await?;
+    let mut tries = 0;
+    loop {
+        match sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&pool)
+            .await
+        {
+            Err(e) if tries < 25 && locked(&e) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(pool),
+        }
+    }
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED.
+fn locked(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6")))
+}
+
+async fn sqlite_connect(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
     let mut tries = 0;
     loop {
         let opened = AnyPoolOptions::new()
@@ -2199,9 +2217,7 @@ async fn sqlite_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
             .connect(url)
             .await;
         match opened {
-            Err(sqlx::Error::Database(e))
-                if tries < 25 && matches!(e.code().as_deref(), Some("5" | "6")) =>
-            {
+            Err(e) if tries < 25 && locked(&e) => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
