@@ -28,15 +28,17 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check "nats-py[nkeys]" pytest pytest-asyncio pytest-timeout mypy
+# Through the venv's python, not its pip/mypy scripts: a venv copied to another path keeps
+# scripts whose #! names the old one (and would install into it).
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nats-py[nkeys]" pytest pytest-asyncio pytest-timeout mypy
 # A fresh install of the package as users get it (not editable).
-"$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$here"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$here"
 # Python 3.10 is the oldest supported: type-checked against 3.10's standard library (typeshed's
 # version markers reject asyncio.TaskGroup, asyncio.timeout, ExceptionGroup, except*,
 # typing.Self, datetime.UTC, ... on 3.10), whatever Python runs this; and against this one.
-"$venv/bin/mypy" --strict --python-version 3.10 --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
+"$venv/bin/python" -m mypy --strict --python-version 3.10 --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
 running="$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-"$venv/bin/mypy" --strict --python-version "$running" --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
+"$venv/bin/python" -m mypy --strict --python-version "$running" --no-incremental --cache-dir=/dev/null "$here/src/krest_worker" "$repo/examples/python-worker/worker.py"
 cd "$here"
 # A test that hangs (a worker that never stops, say) fails its whole pytest process after
 # 5 minutes, with every thread's stack, instead of hanging CI: no test takes a minute.
