@@ -141,6 +141,18 @@ fn report(what: &str, n: usize, took: Duration) {
     );
 }
 
+/// Records `events` of `runs` runs into a fresh store at `url`, reports the rate as `what`,
+/// and checks that every run and attempt was recorded.
+async fn alone(what: &str, url: &str, events: &[(u64, RunEvent)], runs: usize) {
+    let store = Store::open(url).await.unwrap();
+    report(what, events.len(), record(&store, events).await);
+    assert_eq!(
+        store.counts().await.unwrap(),
+        (runs as i64, runs as i64, 3 * runs as i64)
+    );
+    store.close().await;
+}
+
 #[tokio::main]
 async fn main() {
     let runs = runs();
@@ -148,52 +160,25 @@ async fn main() {
     let n = evs.len();
 
     let dir = TestDir::new("bench-record");
-    let sqlite = Store::open(&format!("sqlite://{}", dir.join("bench.db").display()))
-        .await
-        .unwrap();
-    report("sqlite", n, record(&sqlite, &evs).await);
-    assert_eq!(
-        sqlite.counts().await.unwrap(),
-        (runs as i64, runs as i64, 3 * runs as i64)
-    );
-    sqlite.close().await;
-
-    let db = PgDatabase::create();
-    let pg = Store::open(db.url()).await.unwrap();
-    report("postgres", n, record(&pg, &evs).await);
-    assert_eq!(
-        pg.counts().await.unwrap(),
-        (runs as i64, runs as i64, 3 * runs as i64)
-    );
-    pg.close().await;
-
-    // Each run's events spread over batches, as a live stream has them.
+    let sqlite = |file: &str| format!("sqlite://{}", dir.join(file).display());
     let spread = spread(&evs);
-    let sqlite = Store::open(&format!("sqlite://{}", dir.join("spread.db").display()))
-        .await
-        .unwrap();
-    report(
+    alone("sqlite", &sqlite("bench.db"), &evs, runs).await;
+    alone("postgres", PgDatabase::create().url(), &evs, runs).await;
+    // Each run's events spread over batches, as a live stream has them.
+    alone(
         "sqlite, runs spread over batches",
-        n,
-        record(&sqlite, &spread).await,
-    );
-    assert_eq!(
-        sqlite.counts().await.unwrap(),
-        (runs as i64, runs as i64, 3 * runs as i64)
-    );
-    sqlite.close().await;
-    let db = PgDatabase::create();
-    let pg = Store::open(db.url()).await.unwrap();
-    report(
+        &sqlite("spread.db"),
+        &spread,
+        runs,
+    )
+    .await;
+    alone(
         "postgres, runs spread over batches",
-        n,
-        record(&pg, &spread).await,
-    );
-    assert_eq!(
-        pg.counts().await.unwrap(),
-        (runs as i64, runs as i64, 3 * runs as i64)
-    );
-    pg.close().await;
+        PgDatabase::create().url(),
+        &spread,
+        runs,
+    )
+    .await;
 
     // Two nodes sharing one database, each reading the whole stream: every event is applied
     // once; the time is until both have gone through it.

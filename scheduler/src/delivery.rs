@@ -109,14 +109,10 @@ impl DeliveryKey {
 
     /// HMAC-SHA256 of `input`, first 128 bits in hex.
     fn tag(&self, input: &str) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let tag = hmac::sign(&self.0, input.as_bytes());
-        let mut out = String::with_capacity(32);
-        for b in &tag.as_ref()[..16] {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        out
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&tag.as_ref()[..16]);
+        format!("{:032x}", u128::from_be_bytes(first))
     }
 }
 

@@ -161,10 +161,8 @@ pub(crate) async fn process(
             delivery_token: run.delivery_token.clone(),
         },
         shared.events.clone(),
+        shared.report_start_after,
     ));
-    if shared.report_start_after.is_zero() {
-        start.send();
-    }
     // Every log line of the attempt (the SDK's and the handler's own `tracing` calls) carries
     // the run, job, shard and attempt.
     let span = tracing::info_span!(
@@ -319,7 +317,6 @@ async fn attempt_run(
                     cancel: &cancel,
                     grace: shared.cancel_grace,
                     start,
-                    report_start_after: shared.report_start_after,
                 },
             )
             .await
@@ -407,12 +404,7 @@ async fn hand_off(
         Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
     )
     .map_err(encode)?;
-    let body = serde_json::to_vec(&handoff.message).map_err(|e| {
-        Error::new(
-            PublishKind::Encode,
-            format!("cannot serialize the retry: {e}"),
-        )
-    })?;
+    let body = serde_json::to_vec(&handoff.message).map_err(encode)?;
     store(
         &shared.js,
         handoff.subject,
@@ -478,9 +470,8 @@ struct Stops<'a> {
     cancel: &'a CancellationToken,
     /// Time a cancelled handler gets before it is aborted.
     grace: Duration,
-    /// The attempt's `started` event, sent once the handler has run this long.
+    /// The attempt's `started` event, sent once the handler has run for its delay.
     start: &'a StartReport,
-    report_start_after: Duration,
 }
 
 /// Runs the handler in its own task (so a panic is a failure, not a crash), sending progress
@@ -499,13 +490,12 @@ async fn execute(
         cancel,
         grace,
         start,
-        report_start_after,
     } = stops;
     let mut handle = tokio::spawn(fut.in_current_span());
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let report_start = tokio::time::sleep(report_start_after);
+    let report_start = tokio::time::sleep(start.after());
     tokio::pin!(report_start);
     let mut start_reported = false;
     // Why the handler was asked to stop, and until when it may take to return.

@@ -3,10 +3,11 @@
 //! creates a duplicate. Also [`store`], the one JetStream publish awaited until stored that the
 //! worker's other publishes (parked copies, retries handed to the router) use.
 
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use async_nats::Subject;
-use std::sync::{Mutex, PoisonError};
-
 use chrono::{DateTime, Utc};
 use krest_schemas::{Backoff, RunEvent, Started};
 use tokio::sync::{mpsc, oneshot};
@@ -45,14 +46,27 @@ pub(crate) struct EventSink {
 pub(crate) struct StartReport {
     event: Mutex<Option<Started>>,
     events: EventSink,
+    /// The start-report delay.
+    after: Duration,
 }
 
 impl StartReport {
-    pub(crate) fn new(event: Started, events: EventSink) -> StartReport {
-        StartReport {
+    /// The report of `event`, due `after` the attempt starts (sent now if `after` is zero).
+    pub(crate) fn new(event: Started, events: EventSink, after: Duration) -> StartReport {
+        let report = StartReport {
             event: Mutex::new(Some(event)),
             events,
+            after,
+        };
+        if after.is_zero() {
+            report.send();
         }
+        report
+    }
+
+    /// How long after the attempt's start the event is sent.
+    pub(crate) fn after(&self) -> Duration {
+        self.after
     }
 
     /// Sends the `started` event unless it was sent or folded already.

@@ -112,7 +112,8 @@ pub use context::{
 pub use error::{Error, ErrorKind};
 pub use krest_schemas::{LogLevel, RunMessage, ShardInfo, Trigger};
 pub use options::{Backoff, WorkerBuilder};
-pub use worker::{RunningWorker, Worker, MAX_DELIVER};
+pub use pull::MAX_DELIVER;
+pub use worker::{RunningWorker, Worker};
 
 /// Completes on SIGTERM or ctrl-c (SIGINT): pass it to [`Worker::run`] for the usual
 /// graceful shutdown of a service.

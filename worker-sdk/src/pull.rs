@@ -22,6 +22,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, AckKind};
 use futures_util::stream::{self, BoxStream, SelectAll};
 use futures_util::StreamExt;
+use krest_schemas::names::{
+    app_consumer, instance_consumer, work_instance_filter, work_queue_filter,
+};
 use krest_schemas::Backoff;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -29,7 +32,94 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt::{process, Shared};
-use crate::worker::{consumer_for, progress_interval, Source};
+use crate::error::{ConsumerKind, Error};
+
+/// Deliveries after which the server stops redelivering a run (a backstop for workers that
+/// crash on a message; `retryTimes` normally ends a run far earlier).
+pub const MAX_DELIVER: i64 = 30;
+
+/// Which consumer a pull loop reads.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// The app's shared consumer group.
+    App,
+    /// This instance's own consumer.
+    Instance(&'a str),
+}
+
+/// The durable consumer for `source`, created if missing (an existing one keeps its settings,
+/// ack wait included).
+pub(crate) async fn consumer_for(
+    stream: &jetstream::stream::Stream,
+    source: Source<'_>,
+    app: &str,
+    ack_wait: Duration,
+) -> Result<consumer::Consumer<consumer::pull::Config>, Error<ConsumerKind>> {
+    use async_nats::jetstream::stream::ConsumerErrorKind;
+    let (name, filter, description, inactive) = match source {
+        Source::App => (
+            app_consumer(app),
+            work_queue_filter(app),
+            format!("Krest work queue of app {app}"),
+            Duration::ZERO,
+        ),
+        Source::Instance(instance) => (
+            instance_consumer(app, instance),
+            work_instance_filter(app, instance),
+            format!("Krest runs addressed to {app}/{instance}"),
+            // Removed by the server if the instance is gone for good (the leader normally
+            // drains and deletes it first).
+            Duration::from_secs(3600),
+        ),
+    };
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        description: Some(description),
+        filter_subject: filter.clone(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait,
+        max_deliver: MAX_DELIVER,
+        max_ack_pending: 20_000,
+        inactive_threshold: inactive,
+        ..Default::default()
+    };
+    let create_failed = |e: async_nats::jetstream::stream::ConsumerError| {
+        let kind = match e.kind() {
+            ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => ConsumerKind::Unavailable,
+            _ => ConsumerKind::Refused,
+        };
+        Error::new(kind, format!("cannot create consumer {name}: {e}"))
+    };
+    let existing = stream
+        .get_or_create_consumer(&name, config.clone())
+        .await
+        .map_err(create_failed)?;
+    let found = existing.cached_info().config.filter_subject.clone();
+    if found == filter {
+        return Ok(existing);
+    }
+    // A consumer of another protocol version (or someone else's) under our name: it would
+    // never deliver our runs.
+    tracing::warn!(consumer = %name, found = %found, expected = %filter, "replacing a consumer whose filter is not Krest's");
+    stream.delete_consumer(&name).await.map_err(|e| {
+        Error::new(
+            ConsumerKind::Foreign,
+            format!("cannot replace consumer {name} (its filter is {found}): {e}"),
+        )
+    })?;
+    stream
+        .get_or_create_consumer(&name, config)
+        .await
+        .map_err(create_failed)
+}
+
+/// How often to send progress acks for runs from `consumer`: a third of its ack wait as the
+/// server reports it (an existing consumer keeps the ack wait it was created with, which may
+/// not be this worker's setting).
+pub(crate) fn progress_interval(consumer: &consumer::Consumer<consumer::pull::Config>) -> Duration {
+    (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(500))
+}
 
 /// What a pull loop works with.
 pub(crate) struct PullContext<'a> {
@@ -104,9 +194,6 @@ pub(crate) async fn pull_loop(
     // Consecutive failed requests, and when the next may be made.
     let mut failures = 0u32;
     let mut not_before = Instant::now();
-    // Progress acks follow the ack wait of the consumer as it is now (it may have been
-    // recreated since).
-    let mut progress_every = progress_interval(&consumer);
     loop {
         let waiting = Instant::now() < not_before;
         if !spare.is_empty() && !waiting && (open.is_empty() || spare.len() >= gather) {
@@ -121,7 +208,6 @@ pub(crate) async fn pull_loop(
                 Err(e) => {
                     tracing::warn!(error = %e, "pulling runs failed; retrying");
                     consumer = failed(&mut failures, &mut not_before, consumer, source, &cx).await;
-                    progress_every = progress_interval(&consumer);
                 }
             }
             continue;
@@ -133,12 +219,14 @@ pub(crate) async fn pull_loop(
                 Some((id, Some(Ok(msg)))) => {
                     failures = 0;
                     match open.take(id) {
+                        // Progress acks follow the ack wait of the consumer as it is now (it
+                        // may have been recreated since).
                         Some(permit) => {
                             tasks.spawn(process(
                                 cx.shared.clone(),
                                 msg,
                                 permit,
-                                progress_every,
+                                progress_interval(&consumer),
                                 cx.hard_stop.clone(),
                             ));
                         }
@@ -152,7 +240,6 @@ pub(crate) async fn pull_loop(
                 Some((_, Some(Err(e)))) => {
                     tracing::debug!(error = %e, "pull request ended with an error");
                     consumer = failed(&mut failures, &mut not_before, consumer, source, &cx).await;
-                    progress_every = progress_interval(&consumer);
                 }
                 Some((id, None)) => open.end(id),
                 None => {}

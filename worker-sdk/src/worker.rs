@@ -7,27 +7,22 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use chrono::Utc;
 use futures_util::StreamExt;
 use krest_schemas::names::{
-    app_consumer, cancel_subject, instance_consumer, work_instance_filter, work_queue_filter,
-    worker_key, CANCELS_BUCKET, EVENTS_STREAM, WORKERS_BUCKET, WORK_STREAM,
+    cancel_subject, worker_key, CANCELS_BUCKET, EVENTS_STREAM, WORKERS_BUCKET, WORK_STREAM,
 };
 use krest_schemas::{Backoff, WorkerInfo};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt::{Cancellable, Shared};
-use crate::error::{ConsumerKind, Error, ErrorKind, WaitKind};
+use crate::error::{Error, ErrorKind, WaitKind};
 use crate::events::spawn_publisher;
 use crate::nats::{ConnectStyle, NatsConfig};
 use crate::options::{host_name, Config, WorkerBuilder};
-use crate::pull::{pull_loop, PullContext};
-
-/// Deliveries after which the server stops redelivering a run (a backstop for workers that
-/// crash on a message; `retryTimes` normally ends a run far earlier).
-pub const MAX_DELIVER: i64 = 30;
+use crate::pull::{consumer_for, pull_loop, PullContext, Source};
 
 /// Bound on each step of the final clean-up (heartbeat removal, flushing events).
 const CLEANUP_STEP: Duration = Duration::from_secs(3);
@@ -517,89 +512,6 @@ async fn find_bucket(
     })
 }
 
-/// Which consumer a pull loop reads.
-#[derive(Clone, Copy)]
-pub(crate) enum Source<'a> {
-    /// The app's shared consumer group.
-    App,
-    /// This instance's own consumer.
-    Instance(&'a str),
-}
-
-/// The durable consumer for `source`, created if missing (an existing one keeps its settings,
-/// ack wait included).
-pub(crate) async fn consumer_for(
-    stream: &jetstream::stream::Stream,
-    source: Source<'_>,
-    app: &str,
-    ack_wait: Duration,
-) -> Result<consumer::Consumer<consumer::pull::Config>, Error<ConsumerKind>> {
-    use async_nats::jetstream::stream::ConsumerErrorKind;
-    let (name, filter, description, inactive) = match source {
-        Source::App => (
-            app_consumer(app),
-            work_queue_filter(app),
-            format!("Krest work queue of app {app}"),
-            Duration::ZERO,
-        ),
-        Source::Instance(instance) => (
-            instance_consumer(app, instance),
-            work_instance_filter(app, instance),
-            format!("Krest runs addressed to {app}/{instance}"),
-            // Removed by the server if the instance is gone for good (the leader normally
-            // drains and deletes it first).
-            Duration::from_secs(3600),
-        ),
-    };
-    let config = consumer::pull::Config {
-        durable_name: Some(name.clone()),
-        description: Some(description),
-        filter_subject: filter.clone(),
-        ack_policy: consumer::AckPolicy::Explicit,
-        deliver_policy: consumer::DeliverPolicy::All,
-        ack_wait,
-        max_deliver: MAX_DELIVER,
-        max_ack_pending: 20_000,
-        inactive_threshold: inactive,
-        ..Default::default()
-    };
-    let create_failed = |e: async_nats::jetstream::stream::ConsumerError| {
-        let kind = match e.kind() {
-            ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => ConsumerKind::Unavailable,
-            _ => ConsumerKind::Refused,
-        };
-        Error::new(kind, format!("cannot create consumer {name}: {e}"))
-    };
-    let existing = stream
-        .get_or_create_consumer(&name, config.clone())
-        .await
-        .map_err(create_failed)?;
-    let found = existing.cached_info().config.filter_subject.clone();
-    if found == filter {
-        return Ok(existing);
-    }
-    // A consumer of another protocol version (or someone else's) under our name: it would
-    // never deliver our runs.
-    tracing::warn!(consumer = %name, found = %found, expected = %filter, "replacing a consumer whose filter is not Krest's");
-    stream.delete_consumer(&name).await.map_err(|e| {
-        Error::new(
-            ConsumerKind::Foreign,
-            format!("cannot replace consumer {name} (its filter is {found}): {e}"),
-        )
-    })?;
-    stream
-        .get_or_create_consumer(&name, config)
-        .await
-        .map_err(create_failed)
-}
-
-/// How often to send progress acks for runs from `consumer`: a third of its ack wait as the
-/// server reports it (an existing consumer keeps the ack wait it was created with, which may
-/// not be this worker's setting).
-pub(crate) fn progress_interval(consumer: &consumer::Consumer<consumer::pull::Config>) -> Duration {
-    (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(500))
-}
-
 /// A background task that dies with the worker, even when the worker itself is aborted.
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
@@ -622,7 +534,10 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_nats::jetstream::stream;
+    use crate::error::ConsumerKind;
+    use crate::pull::progress_interval;
+    use async_nats::jetstream::{consumer, stream};
+    use krest_schemas::names::{app_consumer, work_queue_filter};
     use krest_test_support::NatsServer;
 
     async fn jetstream(server: &NatsServer) -> jetstream::Context {

@@ -764,20 +764,13 @@ impl Store {
         let mut befores: HashMap<&str, Before> = HashMap::with_capacity(run_rows.len());
         let mut read: Vec<(String, i64)> = Vec::new();
         for (id, r) in &run_rows {
-            let b = before_of(
-                priors.get(id),
-                r.shard_total,
-                touched.get(id.as_str()).map_or(&[][..], Vec::as_slice),
-            );
+            let touched = touched.get(id.as_str()).map_or(&[][..], Vec::as_slice);
+            let b = before_of(priors.get(id), r.shard_total, touched);
             if matches!(b, Before::Read) {
-                let shards = touched.get(id.as_str()).map_or(&[][..], Vec::as_slice);
-                let mut last = None;
-                for (shard, _) in shards {
-                    if last != Some(*shard) {
-                        read.push((id.clone(), *shard));
-                        last = Some(*shard);
-                    }
-                }
+                // In (shard, attempt) order: each shard once.
+                let mut shards: Vec<i64> = touched.iter().map(|&(shard, _)| shard).collect();
+                shards.dedup();
+                read.extend(shards.into_iter().map(|shard| (id.clone(), shard)));
             }
             befores.insert(id.as_str(), b);
         }
@@ -2161,6 +2154,9 @@ fn open_hint(backend: Backend, e: &sqlx::Error) -> &'static str {
         (Backend::Postgres, _, _) => {
             "check the URL, that PostgreSQL is reachable and that this user may connect"
         }
+        (Backend::Sqlite, Some("5" | "6"), _) => {
+            "another process kept the database file locked for seconds (a tool with it open, or a node stuck in a transaction): close it, or give this node its own file"
+        }
         (Backend::Sqlite, _, _) => {
             "check that the file's directory exists and is writable by this process"
         }
@@ -2169,35 +2165,11 @@ fn open_hint(backend: Backend, e: &sqlx::Error) -> &'static str {
 
 /// A pool on a SQLite file, in WAL mode. Opening it, or switching it to WAL (which does not
 /// wait for a lock), can find the file locked for a moment by another process opening or
-/// migrating it at the same time (two nodes starting together): such a step is tried again,
-/// for up to about 5 seconds each.
+/// migrating it at the same time (two nodes starting together): each step is tried again while
+/// the file is locked, for up to about 5 seconds.
 async fn sqlite_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
-    let pool = sqlite_connect(url).await?;
-    let mut tries = 0;
-    loop {
-        match sqlx::query("PRAGMA journal_mode = WAL")
-            .execute(&pool)
-            .await
-        {
-            Err(e) if tries < 25 && locked(&e) => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e),
-            Ok(_) => return Ok(pool),
-        }
-    }
-}
-
-/// SQLITE_BUSY or SQLITE_LOCKED.
-fn locked(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6")))
-}
-
-async fn sqlite_connect(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
-    let mut tries = 0;
-    loop {
-        let opened = AnyPoolOptions::new()
+    let pool = while_locked(|| {
+        AnyPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(|conn, _| {
@@ -2215,8 +2187,22 @@ async fn sqlite_connect(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
                 })
             })
             .connect(url)
-            .await;
-        match opened {
+    })
+    .await?;
+    while_locked(|| sqlx::query("PRAGMA journal_mode = WAL").execute(&pool)).await?;
+    Ok(pool)
+}
+
+/// `step`, tried again every 200 ms while it fails with SQLITE_BUSY or SQLITE_LOCKED, at most
+/// 25 times.
+async fn while_locked<T, F, Fut>(mut step: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match step().await {
             Err(e) if tries < 25 && locked(&e) => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -2224,6 +2210,11 @@ async fn sqlite_connect(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
             other => return other,
         }
     }
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED.
+fn locked(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6")))
 }
 
 #[cfg(test)]
