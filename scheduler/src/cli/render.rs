@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use krest_schemas::api::{DeadLetter, JobRevision, JobView, RunSummary};
+use krest_schemas::api::{DeadLetter, JobRevision, JobView, RunStatus, RunSummary};
 use krest_schemas::text::is_unsafe;
 use krest_schemas::{NodeInfo, WorkerInfo};
 
@@ -261,16 +261,21 @@ pub(crate) fn runs_table(runs: &[RunSummary], zone: Tz, now: DateTime<Utc>) -> T
             r.attempts.to_string(),
             fmt_time_in(r.finished_at, zone),
             run_duration(r, now),
-            cut(
-                r.error
-                    .as_deref()
-                    .or(r.output.as_deref())
-                    .unwrap_or_default(),
-                60,
-            ),
+            cut(run_result(r), 60),
         ]);
     }
     t
+}
+
+/// The RESULT column: a run that succeeded shows its output, even when an earlier attempt
+/// failed (the run keeps that attempt's error); any other run its error, or else its output.
+fn run_result(r: &RunSummary) -> &str {
+    let shown = if r.status == RunStatus::Succeeded {
+        r.output.as_deref()
+    } else {
+        r.error.as_deref().or(r.output.as_deref())
+    };
+    shown.unwrap_or_default()
 }
 
 /// `krest workers list`: heartbeat as an age at `now`.
@@ -486,6 +491,27 @@ JOB               APP      TYPE    SCHEDULE     TZ            PATH          STAT
 billing.invoices  billing  NORMAL  0 0 9 * * ?  Europe/Paris  invoices/run  running  3    2026-12-03 09:00:00 CET
 billing.reports   billing  NORMAL  0 0 9 * * ?  Europe/Paris  invoices/run  paused   3    -"
         );
+    }
+
+    #[test]
+    fn a_run_that_succeeded_after_a_retry_shows_its_output() {
+        let run = |status: &str, output: Option<&str>, error: Option<&str>| -> RunSummary {
+            serde_json::from_value(json!({
+                "runId": "r1", "jobGroup": "g", "jobName": "j", "appName": "a",
+                "status": status, "shardTotal": 1, "shardsSucceeded": 0, "shardsFailed": 0,
+                "attempts": 2, "misfired": 0, "output": output, "error": error,
+            }))
+            .unwrap()
+        };
+        let retried = run("SUCCEEDED", Some("42 rows"), Some("connection reset"));
+        assert_eq!(run_result(&retried), "42 rows");
+        assert_eq!(
+            run_result(&run("SUCCEEDED", None, Some("connection reset"))),
+            ""
+        );
+        let failed = run("FAILED", Some("partial"), Some("connection reset"));
+        assert_eq!(run_result(&failed), "connection reset");
+        assert_eq!(run_result(&run("RUNNING", Some("so far"), None)), "so far");
     }
 
     #[test]
