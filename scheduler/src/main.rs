@@ -8,6 +8,11 @@ use krest::leader::engine::EngineConfig;
 use krest::node::{self, NodeOptions};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: a busy node spent ~20 % of its CPU in glibc's
+/// `malloc`/`free` (fastbin consolidation among them); see BENCHMARKS.md, "CPU per run".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -409,6 +409,29 @@ struct RunRow {
     epoch: Option<i64>,
 }
 
+impl RunRow {
+    /// Whether upserting this row would leave `prior` as it is: it holds what attempt events
+    /// tell of a run (no `dispatched` or `skipped` in the batch), and the run exists with the
+    /// same shard total and a scheduled time. Such rows are not upserted: the upsert sets
+    /// `scheduled_at`, so SQLite would rewrite the row and every index holding that column
+    /// (five of them) for each ended attempt, only to store the same values again.
+    fn changes_nothing_in(&self, prior: &Prior) -> bool {
+        self.path.is_none()
+            && self.job_type.is_none()
+            && self.trigger.is_none()
+            && self.dispatched_at.is_none()
+            && self.misfired.is_none()
+            && self.revision.is_none()
+            && self.args.is_none()
+            && self.node.is_none()
+            && self.skipped.is_none()
+            && self.parent_run_id.is_none()
+            && self.epoch.is_none()
+            && self.shard_total == prior.shard_total
+            && (self.scheduled_at.is_none() || prior.scheduled_at.is_some())
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 struct AttemptRow {
     worker: Option<String>,
@@ -694,7 +717,11 @@ impl Store {
         }
 
         let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
-        for chunk in run_rows.chunks(ROWS_PER_INSERT) {
+        let upserts: Vec<&(String, RunRow)> = run_rows
+            .iter()
+            .filter(|(id, r)| !priors.get(id).is_some_and(|p| r.changes_nothing_in(p)))
+            .collect();
+        for chunk in upserts.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id, epoch) VALUES {} \
                  ON CONFLICT (run_id) DO UPDATE SET \
@@ -1813,6 +1840,7 @@ fn attempt_of(r: &AnyRow) -> Result<fold::Attempt, StoreError> {
 struct Prior {
     status: String,
     shard_total: i64,
+    scheduled_at: Option<i64>,
     /// Its tally (with the run's output and error), when it agrees with the run's counters. A
     /// tally that does not was not written with them (a node older than tallies recorded the
     /// run since): the run is summed up again.
@@ -1829,7 +1857,7 @@ async fn prior_runs(
     let vals: Vec<Val> = ids.iter().map(|s| Val::from(*s)).collect();
     for r in bind_all(
         sqlx::query(&format!(
-            "SELECT run_id, shard_total, status, shards_succeeded, shards_failed, attempts, started_at, output, error, tally FROM runs WHERE run_id IN ({})",
+            "SELECT run_id, shard_total, scheduled_at, status, shards_succeeded, shards_failed, attempts, started_at, output, error, tally FROM runs WHERE run_id IN ({})",
             list_placeholders(backend, ids.len())
         )),
         vals,
@@ -1871,6 +1899,7 @@ async fn prior_runs(
             Prior {
                 status: r.try_get("status")?,
                 shard_total: r.try_get("shard_total")?,
+                scheduled_at: r.try_get("scheduled_at")?,
                 tally,
             },
         );
@@ -2181,6 +2210,12 @@ async fn sqlite_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    // 16 MiB of pages per connection rather than SQLite's 2 MiB: the runs
+                    // table's six indexes are written at random places by every batch, and
+                    // pages read again from the file cost a system call and a copy each.
+                    sqlx::query("PRAGMA cache_size = -16384")
                         .execute(&mut *conn)
                         .await?;
                     Ok(())
@@ -2532,6 +2567,7 @@ mod tests {
         let prior = |shard_total: i64, attempts: Option<&[fold::Attempt]>| Prior {
             status: "RUNNING".into(),
             shard_total,
+            scheduled_at: Some(1000),
             tally: attempts.map(fold::Tally::of),
         };
         let started = [a(0, 1, false)];
@@ -3216,6 +3252,80 @@ mod tests {
         assert_eq!(d.run.error.as_deref(), Some("oops"));
         assert_eq!((d.run.shards_succeeded, d.run.shards_failed), (1, 1));
         assert_eq!(store.active_runs("g", "j").await.unwrap(), vec![]);
+        store.close().await;
+    }
+
+    /// Attempt events of a run that exists with its scheduled time leave the run's row (and
+    /// the five indexes holding `scheduled_at`) alone; one that brings the scheduled time a
+    /// run lacked still writes it. SQLite only: the test counts writes with a trigger.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempt_events_do_not_rewrite_a_run_they_do_not_change() {
+        let db = Db::new(Backend::Sqlite);
+        let store = db.open().await;
+        let evs = events();
+        store.apply(&seqd(&evs[..1], 1), 1).await.unwrap();
+        for sql in [
+            "CREATE TABLE rewrites (n BIGINT NOT NULL)",
+            "INSERT INTO rewrites (n) VALUES (0)",
+            "CREATE TRIGGER count_rewrites AFTER UPDATE OF scheduled_at ON runs \
+             BEGIN UPDATE rewrites SET n = n + 1; END",
+        ] {
+            sqlx::query(sql).execute(&store.pool).await.unwrap();
+        }
+        let rewrites = || async {
+            sqlx::query_scalar::<_, i64>("SELECT n FROM rewrites")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap()
+        };
+        // The attempts one batch each, then all of them again (redelivered) in one.
+        for (i, e) in evs.iter().enumerate().skip(1) {
+            let seq = i as u64 + 1;
+            store.apply(&[(seq, e.clone())], seq).await.unwrap();
+        }
+        let last = evs.len() as u64;
+        store
+            .apply(&seqd(&evs[1..], last + 1), 2 * last - 1)
+            .await
+            .unwrap();
+        assert_eq!(rewrites().await, 0, "attempt events rewrote the run");
+        let d = store.get_run("g.j.1000").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Succeeded);
+        assert_eq!(d.run.shards_succeeded, 2);
+        assert_eq!(d.run.scheduled_at, Some(at(1000)));
+
+        // A run first seen by an attempt that did not tell its scheduled time: the end that
+        // tells it is written.
+        let mut started = dispatched(-7);
+        let RunEvent::Started(s) = &mut started else {
+            panic!("dispatched(-7) is a started event")
+        };
+        let run = s.run.clone();
+        let mut seq = 2 * last;
+        store.apply(&[(seq, started)], seq).await.unwrap();
+        seq += 1;
+        let finished = RunEvent::Finished(Finished {
+            run: run.clone(),
+            shard: 0,
+            shard_total: 1,
+            attempt: 1,
+            worker: "w".into(),
+            at: at(9),
+            outcome: AttemptOutcome::Succeeded,
+            will_retry: false,
+            retry_in_ms: None,
+            output: None,
+            error: None,
+            duration_ms: 1,
+            delivery_token: String::new(),
+            started_at: None,
+            scheduled_at: Some(at(7)),
+        });
+        store.apply(&[(seq, finished)], seq).await.unwrap();
+        assert_eq!(rewrites().await, 1);
+        let d = store.get_run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(d.run.scheduled_at, Some(at(7)));
+        assert_eq!(d.run.status, RunStatus::Succeeded);
         store.close().await;
     }
 
