@@ -1,6 +1,7 @@
 """Publishing run events (started, log, finished) to the events stream: in order, each
 confirmed by JetStream, retried with the same ``Nats-Msg-Id`` so a retry never creates a
-duplicate."""
+duplicate. Also `StartReport`, an attempt's ``started`` event sent late or folded into
+``finished`` (the Rust SDK's ``events.rs``)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,43 @@ async def store(
         await js.publish(subject, payload, timeout=timeout, headers=headers)
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
         raise PublishError(f"cannot publish to {subject}: {type(e).__name__}: {e}") from e
+
+
+class StartReport:
+    """An attempt's ``started`` event, sent at most once: when the attempt has run for the
+    worker's ``report_start_after``, or before its first log line, or never, when the attempt
+    ends first: its ``finished`` event then carries the start (``startedAt``,
+    ``scheduledAt``), one stored message instead of two for a short handler. Safe to use
+    from handler threads."""
+
+    def __init__(self, event: dict[str, Any], events: EventSink, after: float) -> None:
+        self._event: dict[str, Any] | None = event
+        self._events = events
+        self._lock = threading.Lock()
+        #: Seconds after the attempt's start at which the event is sent.
+        self.after = after
+        if after <= 0:
+            self.send()
+
+    def send(self) -> None:
+        """Sends the ``started`` event unless it was sent or folded already."""
+        event = self._take()
+        if event is not None:
+            self._events.send(event)
+
+    def fold(self) -> tuple[str, str | None] | None:
+        """When the attempt started and the fire time it belongs to, if the ``started`` event
+        was not sent; after this it never is."""
+        event = self._take()
+        if event is None:
+            return None
+        due = event.get("scheduledAt")
+        return str(event["at"]), str(due) if due is not None else None
+
+    def _take(self) -> dict[str, Any] | None:
+        with self._lock:
+            event, self._event = self._event, None
+            return event
 
 
 class EventSink:
