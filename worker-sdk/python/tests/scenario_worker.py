@@ -27,7 +27,7 @@ worker = Worker(
     report_start_after=float(os.environ.get("KREST_REPORT_START_AFTER", "0.1")),
 )
 
-#: Handlers of `py/count` running now, and the most seen at once.
+#: Handlers of `py/slots` running now, and the most seen at once.
 running = 0
 most = 0
 
@@ -142,9 +142,9 @@ async def quiet_sleep(ctx: JobContext) -> str:
     return "slept"
 
 
-@worker.handler("py/count")
+@worker.handler("py/slots")
 async def count(ctx: JobContext) -> int:
-    """Sleeps its shard item's seconds; returns the most `py/count` handlers this process has
+    """Sleeps its shard item's seconds; returns the most `py/slots` handlers this process has
     run at once so far."""
     global running, most
     running += 1

@@ -162,7 +162,7 @@ async def test_the_marker_mirror_follows_the_bucket_and_says_when_it_cannot_tell
 
 def test_pipelined_pulls_never_hold_more_runs_than_slots(krest: Krest, workers: Workers) -> None:
     workers.start("w1", KREST_WEIGHT="2", KREST_SLOTS="2")
-    job = workers.job("count", "py/count", jobType="SHARDING", args=[0.2] * 24)
+    job = workers.job("count", "py/slots", jobType="SHARDING", args=[0.2] * 24)
     d = krest.wait_run(krest.trigger(job))
     assert d["run"]["status"] == "SUCCEEDED", d
     most = [int(a["output"]) for a in d["attempts"]]
