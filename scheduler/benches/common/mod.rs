@@ -124,10 +124,7 @@ impl BenchWorker {
         let script = dir.join("py_worker.py");
         std::fs::write(&script, include_str!("py_worker.py")).unwrap();
         let mut cmd = Command::new(python);
-        cmd.arg(&script)
-            .arg(url)
-            .arg(&out)
-            .arg(slots.to_string());
+        cmd.arg(&script).arg(url).arg(&out).arg(slots.to_string());
         BenchWorker {
             proc: Proc::spawn(name, cmd, dir.join(format!("{name}.log"))),
             out,
