@@ -142,7 +142,18 @@ def ack_info(reply: str) -> tuple[int, int]:
 
 @dataclass
 class _Registration:
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    """One shard of a run executing here."""
+
+    #: The run was cancelled.
+    cancelled: bool = False
+    #: Done once the handler must be asked to stop (cancelled, or the shutdown deadline).
+    wake: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def interrupt(self) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
 
 
 class _Cancellable:
@@ -179,7 +190,14 @@ class _Cancellable:
             return
         entry[1][:] = [reason]
         for r in entry[0]:
-            r.event.set()
+            r.cancelled = True
+            r.interrupt()
+
+    def interrupt_all(self) -> None:
+        """Wakes every run executing here (the shutdown deadline passed)."""
+        for regs, _ in self._runs.values():
+            for r in regs:
+                r.interrupt()
 
     def cancelled_early(self, run_id: str) -> str | None:
         """The reason of a recent cancellation of `run_id` received before it arrived here."""
@@ -696,6 +714,7 @@ class _Run:
                 len(pending),
             )
             self.hard_stop.set()
+            self.cancellable.interrupt_all()
             await asyncio.wait(pending)
 
     async def finish(self, heartbeat: asyncio.Task[None] | None) -> None:
@@ -946,64 +965,60 @@ class _Run:
         deadline = now + float(timeout) if isinstance(timeout, int) and timeout > 0 else None
         next_tick = now + progress_every
         report_start: float | None = now + start.after if start.after > 0 else None
-        cancel_wait = asyncio.ensure_future(reg.event.wait())
-        hard_wait = asyncio.ensure_future(self.hard_stop.wait())
+        if self.hard_stop.is_set():
+            reg.interrupt()
         stopping: tuple[Kind, float] | None = None
-        try:
-            while True:
-                wake = next_tick
-                if report_start is not None:
-                    wake = min(wake, report_start)
-                if stopping is None and deadline is not None:
-                    wake = min(wake, deadline)
-                if stopping is not None:
-                    wake = min(wake, stopping[1])
-                waiters: set[asyncio.Future[Any]] = {task}
-                if stopping is None:
-                    waiters |= {cancel_wait, hard_wait}
-                await asyncio.wait(
-                    waiters,
-                    timeout=max(wake - time.monotonic(), 0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if task.done():
-                    if stopping is not None and stopping[0] in (Kind.TIMED_OUT, Kind.CANCELLED):
-                        return Ending(stopping[0])
-                    ending = _ending_of(task)
-                    if stopping is not None and ending.kind is not Kind.SUCCEEDED:
-                        # Interrupted by the shutdown deadline: a handler that stopped as asked
-                        # (typically by raising) hands its run back; a success stays one.
-                        return Ending(Kind.INTERRUPTED)
-                    return ending
-                now = time.monotonic()
-                if report_start is not None and now >= report_start:
-                    report_start = None
-                    start.send()
-                if stopping is None:
-                    why: Kind | None = None
-                    if reg.event.is_set():
-                        why = Kind.CANCELLED
-                    elif self.hard_stop.is_set():
-                        why = Kind.INTERRUPTED
-                    elif deadline is not None and now >= deadline:
-                        why = Kind.TIMED_OUT
-                    if why is not None:
-                        ctx._request_stop()
-                        stopping = (why, now + self.w.cancel_grace)
-                elif now >= stopping[1]:
-                    # Past the grace: an async handler is cancelled; a thread cannot be
-                    # stopped, and is abandoned (its result is ignored).
-                    task.cancel()
+        while True:
+            wake = next_tick
+            if report_start is not None:
+                wake = min(wake, report_start)
+            if stopping is None and deadline is not None:
+                wake = min(wake, deadline)
+            if stopping is not None:
+                wake = min(wake, stopping[1])
+            waiters: set[asyncio.Future[Any]] = {task}
+            if stopping is None:
+                waiters.add(reg.wake)
+            await asyncio.wait(
+                waiters,
+                timeout=max(wake - time.monotonic(), 0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if task.done():
+                if stopping is not None and stopping[0] in (Kind.TIMED_OUT, Kind.CANCELLED):
                     return Ending(stopping[0])
-                if now >= next_tick:
-                    next_tick = now + progress_every
-                    try:
-                        await self.nc.publish(msg.reply, b"+WPI")  # type: ignore[union-attr]
-                    except Exception as e:  # noqa: BLE001
-                        log.debug("progress ack failed: %s", e)
-        finally:
-            cancel_wait.cancel()
-            hard_wait.cancel()
+                ending = _ending_of(task)
+                if stopping is not None and ending.kind is not Kind.SUCCEEDED:
+                    # Interrupted by the shutdown deadline: a handler that stopped as asked
+                    # (typically by raising) hands its run back; a success stays one.
+                    return Ending(Kind.INTERRUPTED)
+                return ending
+            now = time.monotonic()
+            if report_start is not None and now >= report_start:
+                report_start = None
+                start.send()
+            if stopping is None:
+                why: Kind | None = None
+                if reg.cancelled:
+                    why = Kind.CANCELLED
+                elif self.hard_stop.is_set():
+                    why = Kind.INTERRUPTED
+                elif deadline is not None and now >= deadline:
+                    why = Kind.TIMED_OUT
+                if why is not None:
+                    ctx._request_stop()
+                    stopping = (why, now + self.w.cancel_grace)
+            elif now >= stopping[1]:
+                # Past the grace: an async handler is cancelled; a thread cannot be
+                # stopped, and is abandoned (its result is ignored).
+                task.cancel()
+                return Ending(stopping[0])
+            if now >= next_tick:
+                next_tick = now + progress_every
+                try:
+                    await self.nc.publish(msg.reply, b"+WPI")  # type: ignore[union-attr]
+                except Exception as e:  # noqa: BLE001
+                    log.debug("progress ack failed: %s", e)
 
     async def acknowledge(
         self, msg: Msg, run: dict[str, Any], attempt: int, decision: Decision
