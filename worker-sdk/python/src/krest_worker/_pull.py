@@ -188,10 +188,6 @@ class PullLoop:
         task = self.start(msg, self.progress_every(), _once(self._release))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        # Let the run get to its handler before the next delivery is taken: a burst of runs
-        # then starts its handlers one after the other instead of all after the last
-        # delivery's set-up.
-        await asyncio.sleep(0)
 
     async def _end(self, rid: int) -> None:
         """Request `rid` ended: the slots it still holds are free again."""
