@@ -105,6 +105,7 @@ class PullLoop:
         try:
             while not self.stop.is_set():
                 now = time.monotonic()
+                self._expire(now)
                 if self.spare > 0 and now >= self.not_before and (not self.open or self.spare >= gather):
                     await self._ask(self.spare)
                     continue
@@ -114,7 +115,6 @@ class PullLoop:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), max(wake - now, 0.0))
                 except asyncio.TimeoutError:
-                    self._expire(time.monotonic())
                     continue
                 await self._handle(*item)
                 # Everything already here, before deciding what to ask for.
