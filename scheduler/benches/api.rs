@@ -1,32 +1,40 @@
 //! API benchmarks at scale, through the `krest` binary as a user runs it. Run with
-//! `cargo bench -p krest --bench api`; results go into BENCHMARKS.md.
+//! `cargo bench -p krest --bench api [-- --jobs N --shards N --apply-only]`; results go into
+//! BENCHMARKS.md.
 //!
 //! Starts its own nats-server (default max_payload, 1 MiB) and a `krest scheduler` process,
 //! then times:
-//! 1. `krest job apply -f FILE` of 100,000 jobs from one file (all created), and again (all
-//!    unchanged);
-//! 2. `krest job list` of those 100,000 jobs (table and JSON);
-//! 3. `krest runs get` of a run with 100,000 shards (its events published as workers would).
+//! 1. `krest job apply -f FILE` of `--jobs` jobs (100,000 by default) from one file (all
+//!    created), and again (all unchanged), with the CLI's CPU time and peak RSS and the CPU
+//!    time of the node and nats-server during each;
+//! 2. `krest job list` of those jobs (table and JSON);
+//! 3. `krest runs get` of a run with `--shards` shards (100,000 by default; its events
+//!    published as workers would).
+//!
+//! `--apply-only` stops after 1 (with the node's and nats-server's peak RSS).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::process::Command;
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use krest_schemas::{AttemptOutcome, Dispatched, Finished, RunEvent, Started, Trigger};
-use krest_test_support::{NatsServer, Proc, TestDir};
+use krest_test_support::{NatsServer, ProcStats, TestDir};
 use serde_json::json;
 
-/// Jobs applied and listed, and shards of the run shown (1,000 at the tiny size CI runs:
-/// `KREST_BENCH_TINY`).
-fn size() -> usize {
-    if std::env::var_os("KREST_BENCH_TINY").is_some() {
-        1_000
-    } else {
-        100_000
-    }
+use common::{flag, mib, tiny};
+
+/// One `krest` run: wall time, stdout, and the process's CPU time and peak RSS.
+struct Ran {
+    took: Duration,
+    out: String,
+    cpu_secs: f64,
+    peak_rss: u64,
 }
 
 struct Cli {
@@ -34,21 +42,58 @@ struct Cli {
 }
 
 impl Cli {
-    /// Runs `krest` with `args`; returns (wall time, stdout). Panics on a non-zero exit.
-    fn run(&self, args: &[&str]) -> (Duration, String) {
+    /// Runs `krest` with `args`, sampling its `/proc` entry until it exits (its CPU time is
+    /// read once it is a zombie, before it is reaped). Panics on a non-zero exit.
+    fn run(&self, args: &[&str]) -> Ran {
         let start = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_krest"))
-            .args(["--nats-url", &self.url, "--timeout", "30s"])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_krest"))
+            .args(["--nats-url", &self.url, "--timeout", "60s"])
             .args(args)
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let pid = child.id();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            stdout.read_to_end(&mut b).unwrap();
+            b
+        });
+        let err = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            stderr.read_to_end(&mut b).unwrap();
+            b
+        });
+        let (mut cpu_secs, mut peak_rss) = (0.0, 0);
+        loop {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.rfind(')').is_some_and(|i| s[i..].starts_with(") Z")))
+                .unwrap_or(true);
+            if let Some(st) = ProcStats::of(pid) {
+                cpu_secs = st.cpu_secs;
+                peak_rss = peak_rss.max(st.peak_rss);
+            }
+            if zombie {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let status = child.wait().unwrap();
         let took = start.elapsed();
+        let (out, err) = (out.join().unwrap(), err.join().unwrap());
         assert!(
-            out.status.success(),
+            status.success(),
             "krest {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&err)
         );
-        (took, String::from_utf8(out.stdout).unwrap())
+        Ran {
+            took,
+            out: String::from_utf8(out).unwrap(),
+            cpu_secs,
+            peak_rss,
+        }
     }
 }
 
@@ -56,81 +101,98 @@ fn per_sec(n: usize, d: Duration) -> String {
     format!("{:.0}/s", n as f64 / d.as_secs_f64())
 }
 
+/// Load averages (1, 5, 15 min), to print beside the figures.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn main() {
-    let jobs = size();
-    let shards = u32::try_from(size()).unwrap();
+    let jobs: usize = flag("--jobs").unwrap_or(if tiny() { 1_000 } else { 100_000 });
+    let shards: u32 = flag("--shards").unwrap_or(if tiny() { 1_000 } else { 100_000 });
+    let apply_only = std::env::args().any(|a| a == "--apply-only");
     let nats = NatsServer::start();
     let dir = TestDir::new("bench-api");
-    let mut node_cmd = Command::new(env!("CARGO_BIN_EXE_krest"));
-    node_cmd
-        .args([
-            "scheduler",
-            "--nats-url",
-            &nats.url(),
-            "--node",
-            "n1",
-            "--http",
-            "off",
-        ])
-        .arg("--db")
-        .arg(format!("sqlite://{}", dir.join("n1.db").display()))
-        .env("KREST_LOG", "warn");
-    let _node = Proc::spawn("n1", node_cmd, dir.join("n1.log"));
+    let node = common::start_node("n1", &nats.url(), dir.path());
+    common::wait_for_api(&nats.url());
     let cli = Cli { url: nats.url() };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Command::new(env!("CARGO_BIN_EXE_krest"))
-        .args([
-            "--nats-url",
-            &nats.url(),
-            "--timeout",
-            "2s",
-            "cluster",
-            "status",
-        ])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "the node did not answer");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let servers = [("node", node.pid()), ("nats-server", nats.pid().unwrap())];
+    let cpu = || servers.map(|(_, p)| ProcStats::of(p).map_or(0.0, |s| s.cpu_secs));
+    let report = |what: &str, ran: &Ran, before: [f64; 2]| {
+        let after = cpu();
+        println!(
+            "api/{what}: CPU krest {:.1} s (peak RSS {}), node {:.1} s, nats-server {:.1} s; load average {}",
+            ran.cpu_secs,
+            mib(ran.peak_rss),
+            after[0] - before[0],
+            after[1] - before[1],
+            load()
+        );
+    };
 
-    // 1. Apply 100,000 cron jobs (100 groups, 60 distinct schedules) from one file.
-    let docs: Vec<serde_json::Value> = (0..jobs)
-        .map(|i| {
-            json!({
+    // 1. Apply cron jobs (100 groups, 60 distinct schedules) from one file, written one
+    // document at a time (a million `Value`s would take gigabytes here).
+    let file = dir.join("jobs.json");
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        w.write_all(b"[").unwrap();
+        for i in 0..jobs {
+            if i > 0 {
+                w.write_all(b",").unwrap();
+            }
+            let doc = json!({
                 "appName": "bench", "jobGroup": format!("g{:02}", i % 100),
                 "jobName": format!("job-{i:06}"), "path": "noop",
                 "cron": format!("0 {} 3 1 1 ?", i % 60), "args": {"i": i}
-            })
-        })
-        .collect();
-    let file = dir.join("jobs.json");
-    std::fs::write(&file, serde_json::to_vec(&docs).unwrap()).unwrap();
+            });
+            serde_json::to_writer(&mut w, &doc).unwrap();
+        }
+        w.write_all(b"]").unwrap();
+        w.flush().unwrap();
+    }
     let bytes = std::fs::metadata(&file).unwrap().len();
-    let (took, out) = cli.run(&["job", "apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(out.matches(" created (revision ").count(), jobs);
+    println!("api: load average {} before the apply", load());
+    let before = cpu();
+    let ran = cli.run(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(ran.out.matches(" created (revision ").count(), jobs);
     println!(
-        "api/apply: {jobs} jobs from one file ({:.1} MiB) created in {took:?} ({})",
+        "api/apply: {jobs} jobs from one file ({:.1} MiB) created in {:?} ({})",
         bytes as f64 / (1024.0 * 1024.0),
-        per_sec(jobs, took)
+        ran.took,
+        per_sec(jobs, ran.took)
     );
-    let (took, out) = cli.run(&["job", "apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(out.matches(" unchanged (revision ").count(), jobs);
+    report("apply", &ran, before);
+    let before = cpu();
+    let ran = cli.run(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(ran.out.matches(" unchanged (revision ").count(), jobs);
     println!(
-        "api/apply-again: {jobs} jobs unchanged in {took:?} ({})",
-        per_sec(jobs, took)
+        "api/apply-again: {jobs} jobs unchanged in {:?} ({})",
+        ran.took,
+        per_sec(jobs, ran.took)
     );
+    report("apply-again", &ran, before);
+    if apply_only {
+        for (name, pid) in servers {
+            let st = ProcStats::of(pid).unwrap();
+            println!(
+                "api: {name} RSS {} now, peak {}",
+                mib(st.rss),
+                mib(st.peak_rss)
+            );
+        }
+        return;
+    }
 
     // 2. List them.
-    let (took, out) = cli.run(&["job", "list"]);
+    let Ran { took, out, .. } = cli.run(&["job", "list"]);
     assert_eq!(out.lines().count(), jobs + 1);
     println!(
         "api/list: {jobs} jobs listed (table) in {took:?} ({}), {:.1} MiB of output",
         per_sec(jobs, took),
         out.len() as f64 / (1024.0 * 1024.0)
     );
-    let (took, out) = cli.run(&["-o", "json", "job", "list"]);
+    let Ran { took, out, .. } = cli.run(&["-o", "json", "job", "list"]);
     let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(listed.len(), jobs);
     println!(
@@ -138,7 +200,7 @@ fn main() {
         per_sec(jobs, took)
     );
 
-    // 3. A run with 100,000 shards.
+    // 3. A run with `shards` shards.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -175,7 +237,7 @@ fn main() {
         "api/shards: recorded (SUCCEEDED) {:?} after the last publish",
         start.elapsed()
     );
-    let (took, out) = cli.run(&["runs", "get", run_id]);
+    let Ran { took, out, .. } = cli.run(&["runs", "get", run_id]);
     assert_eq!(
         out.matches(" attempt 1: SUCCEEDED").count(),
         shards as usize

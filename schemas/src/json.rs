@@ -38,6 +38,22 @@ pub fn parse(bytes: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(value)
 }
 
+/// Parses `bytes` strictly like [`parse`], handing the elements of a top-level array to
+/// `each` one at a time, as soon as each is parsed (a value that is not an array is handed
+/// over whole), so a large array is never held as values all at once. Errors carry the line
+/// and column in `bytes`; elements before the error have been handed over.
+///
+/// ```
+/// let mut seen = Vec::new();
+/// krest_schemas::json::parse_each(b"[{\"a\": 1}, 2]", |v| seen.push(v)).unwrap();
+/// assert_eq!(seen, [serde_json::json!({"a": 1}), serde_json::json!(2)]);
+/// ```
+pub fn parse_each(bytes: &[u8], mut each: impl FnMut(Value)) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(strip_bom(bytes));
+    de::Deserializer::deserialize_any(&mut de, Each(&mut each))?;
+    de.end()
+}
+
 /// [`parse`], then decodes the value into `T` (for typed request bodies).
 pub fn parse_as<T: de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
     serde_json::from_value(parse(bytes)?)
@@ -123,6 +139,65 @@ impl<'de> Visitor<'de> for Strict {
     }
 }
 
+/// A visitor handing each element of an array (or the one value that is not an array) to a
+/// function, as [`Strict`] parses it.
+struct Each<'f, F>(&'f mut F);
+
+impl<'de, F: FnMut(Value)> Visitor<'de> for Each<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element_seed(Strict)? {
+            (self.0)(item);
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        (self.0)(Strict.visit_map(map)?);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        (self.0)(Value::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        (self.0)(Value::from(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        (self.0)(Value::from(v));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        (self.0)(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        (self.0)(Value::String(v.to_string()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        (self.0)(Value::String(v));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        (self.0)(Value::Null);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +250,34 @@ mod tests {
         assert!(parse(b"{} x").is_err());
         assert!(parse(b"{ not json").is_err());
         assert!(parse(b"").is_err());
+    }
+
+    #[test]
+    fn elements_are_handed_over_one_by_one_and_checked_like_parse() {
+        let each = |text: &[u8]| {
+            let mut seen = Vec::new();
+            parse_each(text, |v| seen.push(v)).map(|()| seen)
+        };
+        let text = br#"[{"a": [1, {"b": null}]}, "x", 3.5, -1, true, null, []]"#;
+        let Value::Array(items) = parse(text).unwrap() else {
+            panic!("an array")
+        };
+        assert_eq!(each(text).unwrap(), items);
+        assert_eq!(each(b"\xEF\xBB\xBF{\"a\": 1}").unwrap(), [json!({"a": 1})]);
+        assert_eq!(each(b" 7 ").unwrap(), [json!(7)]);
+        assert_eq!(each(b"[]").unwrap(), Vec::<Value>::new());
+        // Errors name their place in the whole text, as `parse` does.
+        let late = b"[{\"a\": 1},\n {\"a\": 1},\n {\"b\": 1, \"b\": 2}]";
+        assert_eq!(
+            each(late).unwrap_err().to_string(),
+            parse(late).unwrap_err().to_string()
+        );
+        assert_eq!(
+            each(late).unwrap_err().to_string(),
+            "duplicate key `b` at line 3 column 13"
+        );
+        assert!(each(b"[1, 2] x").is_err());
+        assert!(each(b"[1, 2").is_err());
     }
 
     #[test]

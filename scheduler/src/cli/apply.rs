@@ -7,37 +7,110 @@
 //! children before their parents so a node always finds a job's children in its table or in
 //! the same request. Each document's outcome is printed; the exit code is 1 if any was not
 //! applied.
+//!
+//! A file's documents are parsed one at a time and kept only as what is sent (compact JSON)
+//! and what the checks need ([`Summary`]): a file of a million jobs is held in about as many
+//! bytes as it has, not as a tree of values fifteen times that.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::io::Read as _;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use krest_schemas::api::{
-    ApiError, ApplyRequest, ApplyResponse, ApplyResult, ErrorCode, InvalidDocument, JobRequest,
+    ApiError, ApplyOutcome, ApplyResponse, ApplyResult, ErrorCode, InvalidDocument, JobRequest,
     JobView, Op,
 };
-use krest_schemas::Problem;
+use krest_schemas::{parse_job, InvalidJob, Problem};
+use serde::ser::{SerializeStruct as _, Serializer};
 use serde::Serialize;
 
 use super::client::{Client, ClientError};
 use super::render::{esc, print_json};
 use crate::serve::apply::{
-    check_documents, children_first, external_children, parse_documents, result_bytes,
-    split_requests, MAX_DOCUMENTS_PER_REQUEST,
+    check_documents, children_first, external_children, result_bytes, split_requests, Summary,
+    MAX_DOCUMENTS_PER_REQUEST,
 };
 
 /// Existing jobs asked about at most (children of the file's jobs, and theirs).
 const MAX_LOOKUPS: usize = 10_000;
 
+/// The documents of the files applied, in order.
+#[derive(Default)]
+struct Documents {
+    /// Every document as it is sent, compact JSON (a view's `spec`), one after the other.
+    json: Vec<u8>,
+    /// Where each document ends in `json`.
+    ends: Vec<usize>,
+    /// What the checks need of each, or why it is invalid on its own.
+    checked: Vec<Result<Summary, InvalidJob>>,
+    /// Each app of a running job, with the last such job (for the warning when no worker of
+    /// an app runs).
+    apps: BTreeMap<String, String>,
+}
+
+impl Documents {
+    /// Takes one document: parses and validates it, keeps what is sent and checked.
+    fn push(&mut self, doc: serde_json::Value, max_payload: usize) {
+        let doc = unview(doc);
+        let start = self.json.len();
+        let checked = match serde_json::to_writer(&mut self.json, &doc) {
+            Ok(()) => parse_job(&doc).map(|spec| {
+                if spec.running {
+                    self.apps.insert(spec.app_name.clone(), spec.key());
+                }
+                Summary::of(&spec, self.json.len() - start, max_payload)
+            }),
+            Err(e) => {
+                self.json.truncate(start);
+                Err(InvalidJob {
+                    job: None,
+                    problems: vec![Problem {
+                        field: String::new(),
+                        message: format!("cannot be encoded as JSON: {e}"),
+                    }],
+                })
+            }
+        };
+        self.ends.push(self.json.len());
+        self.checked.push(checked);
+    }
+
+    /// How many documents there are.
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Document `i` as JSON.
+    fn get(&self, i: usize) -> &[u8] {
+        let start = i.checked_sub(1).map_or(0, |p| self.ends[p]);
+        &self.json[start..self.ends[i]]
+    }
+
+    /// The body of a `job.apply` request of documents `batch` (an [`ApplyRequest`]).
+    fn request(&self, batch: &[usize]) -> Vec<u8> {
+        let size: usize = batch.iter().map(|i| self.get(*i).len() + 1).sum();
+        let mut body = Vec::with_capacity(size + 16);
+        body.extend_from_slice(b"{\"documents\":[");
+        for (n, i) in batch.iter().enumerate() {
+            if n > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(self.get(*i));
+        }
+        body.extend_from_slice(b"]}");
+        body
+    }
+}
+
 /// Reads job documents from files: each file holds one definition or an array of them. Files
 /// are parsed strictly (a UTF-8 BOM is skipped; a key given twice in an object is an error with
 /// its line and column). A job view as `krest job get|list -o json` prints it (`{"key", "spec",
 /// …}`) stands for its `spec`, so saved views apply back (with their redacted secrets kept).
-fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut docs = Vec::new();
+fn read_documents(files: &[PathBuf], max_payload: usize) -> anyhow::Result<Documents> {
+    let mut docs = Documents::default();
     for f in files {
         let bytes = if f.as_os_str() == "-" {
             let mut b = Vec::new();
@@ -48,12 +121,8 @@ fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<serde_json::Value>> {
         } else {
             std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?
         };
-        let v = krest_schemas::json::parse(&bytes)
+        krest_schemas::json::parse_each(&bytes, |doc| docs.push(doc, max_payload))
             .with_context(|| format!("{} is not valid JSON", f.display()))?;
-        match v {
-            serde_json::Value::Array(items) => docs.extend(items.into_iter().map(unview)),
-            other => docs.push(unview(other)),
-        }
     }
     Ok(docs)
 }
@@ -75,7 +144,7 @@ fn unview(doc: serde_json::Value) -> serde_json::Value {
 async fn existing_jobs(
     client: &Client,
     keys: BTreeSet<String>,
-    file: &HashSet<String>,
+    file: &HashSet<&str>,
 ) -> Result<HashMap<String, Vec<String>>, ClientError> {
     let mut known = HashMap::new();
     let mut asked = HashSet::new();
@@ -90,7 +159,12 @@ async fn existing_jobs(
         {
             Ok(view) => {
                 let children = view.spec.child_keys();
-                queue.extend(children.iter().filter(|c| !file.contains(*c)).cloned());
+                queue.extend(
+                    children
+                        .iter()
+                        .filter(|c| !file.contains(c.as_str()))
+                        .cloned(),
+                );
                 known.insert(key, children);
             }
             Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => {}
@@ -100,43 +174,40 @@ async fn existing_jobs(
     Ok(known)
 }
 
-/// What `-o json` prints: the applied documents' results in file order, and the others.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Outcomes<'a> {
-    results: Vec<&'a ApplyResult>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    failed: Vec<&'a InvalidDocument>,
-}
-
 /// Requests a CLI keeps in flight while applying (each answered as its node writes it).
 const IN_FLIGHT: usize = 3;
 
-/// What became of one document: its result, or its problems.
-type Outcome = (usize, Result<ApplyResult, Vec<Problem>>);
+/// What became of one document: what the node did with its job (its key is the document's),
+/// or why it was not applied.
+enum Done {
+    Applied(ApplyOutcome, u64),
+    Failed(Vec<Problem>),
+}
 
-/// Sends one request of documents (`batch`: their positions in `documents`). A node may
+/// Sends one request of documents (`batch`: their indexes in `documents`). A node may
 /// still reject some (a child deleted meanwhile, a cycle through jobs changed meanwhile): the
 /// others are sent again without them.
-async fn send(
-    client: &Client,
-    documents: &[serde_json::Value],
-    mut batch: Vec<usize>,
-) -> Vec<Outcome> {
+async fn send(client: &Client, documents: &Documents, mut batch: Vec<usize>) -> Vec<(usize, Done)> {
     let mut out = Vec::with_capacity(batch.len());
+    let failed = |message: &str| {
+        Done::Failed(vec![Problem {
+            field: String::new(),
+            message: message.to_string(),
+        }])
+    };
     while !batch.is_empty() {
-        let req = ApplyRequest {
-            documents: batch.iter().map(|i| documents[*i].clone()).collect(),
-        };
-        let problem = |message: String| {
-            vec![Problem {
-                field: String::new(),
-                message,
-            }]
-        };
-        match client.call::<_, ApplyResponse>(Op::JobApply, &req).await {
+        match client
+            .call_json::<ApplyResponse>(Op::JobApply, documents.request(&batch))
+            .await
+        {
             Ok(resp) if resp.results.len() == batch.len() => {
-                out.extend(batch.into_iter().zip(resp.results.into_iter().map(Ok)));
+                out.extend(
+                    batch.into_iter().zip(
+                        resp.results
+                            .into_iter()
+                            .map(|r| Done::Applied(r.outcome, r.revision)),
+                    ),
+                );
                 break;
             }
             Ok(resp) => {
@@ -145,11 +216,7 @@ async fn send(
                     resp.results.len(),
                     batch.len()
                 );
-                out.extend(
-                    batch
-                        .into_iter()
-                        .map(|i| (i, Err(problem(message.clone())))),
-                );
+                out.extend(batch.into_iter().map(|i| (i, failed(&message))));
                 break;
             }
             Err(ClientError::Api(e))
@@ -159,7 +226,7 @@ async fn send(
                 for d in e.invalid {
                     if let Some(&i) = batch.get(d.index) {
                         rejected.insert(i);
-                        out.push((i, Err(d.problems)));
+                        out.push((i, Done::Failed(d.problems)));
                     }
                 }
                 if rejected.is_empty() {
@@ -171,11 +238,7 @@ async fn send(
                 let message = format!(
                     "{e} (its request may or may not have been applied: run the apply again)"
                 );
-                out.extend(
-                    batch
-                        .into_iter()
-                        .map(|i| (i, Err(problem(message.clone())))),
-                );
+                out.extend(batch.into_iter().map(|i| (i, failed(&message))));
                 break;
             }
         }
@@ -183,17 +246,65 @@ async fn send(
     out
 }
 
-fn record(
-    outcomes: &mut [Option<Result<ApplyResult, InvalidDocument>>],
-    keys: &HashMap<usize, String>,
-    done: Vec<Outcome>,
-) {
-    for (index, outcome) in done {
-        outcomes[index] = Some(outcome.map_err(|problems| InvalidDocument {
-            index,
-            job: keys.get(&index).cloned(),
-            problems,
-        }));
+/// What `-o json` prints: the applied documents' results in file order, and the others
+/// (`failed`, left out when there are none). Written as it is serialized: a result is made
+/// for each document only when it is printed.
+struct Outcomes<'a> {
+    /// The documents sent, with their index.
+    specs: &'a [(usize, Summary)],
+    /// What became of each, by document index.
+    done: &'a [Option<Done>],
+}
+
+impl Outcomes<'_> {
+    /// Each document's index, key and outcome, in file order.
+    fn each(&self) -> impl Iterator<Item = (usize, &str, &Done)> + '_ {
+        self.specs
+            .iter()
+            .filter_map(|(i, s)| Some((*i, s.key.as_str(), self.done.get(*i)?.as_ref()?)))
+    }
+
+    fn applied(&self) -> impl Iterator<Item = ApplyResult> + '_ {
+        self.each().filter_map(|(_, key, d)| match d {
+            Done::Applied(outcome, revision) => Some(ApplyResult {
+                job: key.to_string(),
+                outcome: *outcome,
+                revision: *revision,
+            }),
+            Done::Failed(_) => None,
+        })
+    }
+
+    fn failed(&self) -> impl Iterator<Item = InvalidDocument> + '_ {
+        self.each().filter_map(|(index, key, d)| match d {
+            Done::Failed(problems) => Some(InvalidDocument {
+                index,
+                job: Some(key.to_string()),
+                problems: problems.clone(),
+            }),
+            Done::Applied(..) => None,
+        })
+    }
+}
+
+impl Serialize for Outcomes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// A sequence serialized from an iterator made anew.
+        struct Seq<F>(F);
+        impl<I: Iterator<Item = T>, T: Serialize, F: Fn() -> I> Serialize for Seq<F> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq((self.0)())
+            }
+        }
+        let any_failed = self.failed().next().is_some();
+        let mut out = serializer.serialize_struct("Outcomes", 1 + usize::from(any_failed))?;
+        out.serialize_field("results", &Seq(|| self.applied()))?;
+        if any_failed {
+            out.serialize_field("failed", &Seq(|| self.failed()))?;
+        } else {
+            out.skip_field("failed")?;
+        }
+        out.end()
     }
 }
 
@@ -357,119 +468,124 @@ pub(crate) async fn apply(
     json: bool,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let documents = read_documents(files)?;
-    if documents.is_empty() {
+    let max_payload = client.max_payload();
+    let mut documents = read_documents(files, max_payload)?;
+    if documents.len() == 0 {
         anyhow::bail!("no job definitions in the given files");
     }
-    let max_payload = client.max_payload();
-    let sizes: Vec<usize> = documents
-        .iter()
-        .map(|d| serde_json::to_vec(d).map_or(usize::MAX, |v| v.len()))
-        .collect();
-    let parsed = parse_documents(&documents);
-    let valid: Vec<(usize, krest_schemas::JobSpec)> = parsed
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.as_ref().ok().map(|s| (i, s.clone())))
-        .collect();
-    let file: HashSet<String> = valid.iter().map(|(_, s)| s.key()).collect();
-    let existing = existing_jobs(client, external_children(&valid), &file).await?;
-    drop(valid);
-    let (specs, invalid) = check_documents(parsed, &sizes, max_payload, |key| {
-        existing.get(key).cloned()
-    });
+    let total = documents.len();
+    let checked = std::mem::take(&mut documents.checked);
+    let external = external_children(&checked);
+    let existing = if external.is_empty() {
+        HashMap::new()
+    } else {
+        let file: HashSet<&str> = checked.iter().flatten().map(|s| s.key.as_str()).collect();
+        existing_jobs(client, external, &file).await?
+    };
+    let (specs, invalid) = check_documents(checked, max_payload, |key| existing.get(key).cloned());
     if !invalid.is_empty() {
         return Err(ClientError::Api(ApiError {
             code: ErrorCode::InvalidJob,
             message: format!(
-                "{} of {} definitions are invalid; nothing was applied",
+                "{} of {total} definitions are invalid; nothing was applied",
                 invalid.len(),
-                documents.len()
             ),
             invalid,
         })
         .into());
     }
     if dry_run {
+        let specs = specs
+            .iter()
+            .map(|(i, _)| {
+                let doc = serde_json::from_slice(documents.get(*i))?;
+                Ok((*i, parse_job(&doc)?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         return self::dry_run(client, &specs, json).await;
     }
 
-    let apps: Vec<(String, String)> = specs
-        .iter()
-        .filter(|(_, s)| s.running)
-        .map(|(_, s)| (s.app_name.clone(), s.key()))
-        .collect();
-
     // Children first, then split by size.
-    let order: Vec<(usize, String, Vec<String>)> = children_first(&specs)
-        .into_iter()
-        .map(|p| (specs[p].0, specs[p].1.key(), specs[p].1.child_keys()))
-        .collect();
-    drop(specs);
+    let order = children_first(&specs);
     let request_sizes: Vec<(usize, usize)> = order
         .iter()
-        .map(|(i, key, _)| (sizes[*i], result_bytes(key)))
-        .collect();
-    let ranges = split_requests(&request_sizes, max_payload, MAX_DOCUMENTS_PER_REQUEST);
-    // A request whose documents have children in an earlier request waits for that one (and
-    // all before it) to be answered; the others go out while earlier ones are in flight.
-    let batch_of: HashMap<&str, usize> = ranges
-        .iter()
-        .enumerate()
-        .flat_map(|(b, r)| {
-            order[r.clone()]
-                .iter()
-                .map(move |(_, k, _)| (k.as_str(), b))
+        .map(|p| {
+            let (i, s) = &specs[*p];
+            (documents.get(*i).len(), result_bytes(&s.key))
         })
         .collect();
-    let keys: HashMap<usize, String> = order.iter().map(|(i, k, _)| (*i, k.clone())).collect();
-    let mut outcomes: Vec<Option<Result<ApplyResult, InvalidDocument>>> =
-        (0..documents.len()).map(|_| None).collect();
-    let mut inflight = FuturesOrdered::new();
+    let ranges = split_requests(&request_sizes, max_payload, MAX_DOCUMENTS_PER_REQUEST);
+    drop(request_sizes);
+    // A request whose documents have children in an earlier request waits for that one (and
+    // all before it) to be answered; the others go out while earlier ones are in flight.
+    let mut batch_of = vec![0; specs.len()];
     for (b, range) in ranges.iter().enumerate() {
-        let waits = order[range.clone()].iter().any(|(_, _, children)| {
-            children
-                .iter()
-                .any(|c| batch_of.get(c.as_str()).is_some_and(|cb| *cb < b))
-        });
-        while !inflight.is_empty() && (waits || inflight.len() >= IN_FLIGHT) {
-            if let Some(done) = inflight.next().await {
-                record(&mut outcomes, &keys, done);
+        for p in &order[range.clone()] {
+            batch_of[*p] = b;
+        }
+    }
+    let position: HashMap<&str, usize> = if specs.iter().any(|(_, s)| !s.children.is_empty()) {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(p, (_, s))| (s.key.as_str(), p))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    // Outcomes by document index.
+    let mut done: Vec<Option<Done>> = (0..total).map(|_| None).collect();
+    let mut record = |finished: Vec<(usize, Done)>| {
+        for (i, d) in finished {
+            if let Some(slot) = done.get_mut(i) {
+                *slot = Some(d);
             }
         }
-        let batch: Vec<usize> = order[range.clone()].iter().map(|(i, _, _)| *i).collect();
+    };
+    let mut inflight = FuturesOrdered::new();
+    for (b, range) in ranges.iter().enumerate() {
+        let waits = order[range.clone()].iter().any(|p| {
+            specs[*p]
+                .1
+                .children
+                .iter()
+                .any(|c| position.get(c.as_str()).is_some_and(|cp| batch_of[*cp] < b))
+        });
+        while !inflight.is_empty() && (waits || inflight.len() >= IN_FLIGHT) {
+            if let Some(finished) = inflight.next().await {
+                record(finished);
+            }
+        }
+        let batch: Vec<usize> = order[range.clone()].iter().map(|p| specs[*p].0).collect();
         inflight.push_back(send(client, &documents, batch));
     }
-    while let Some(done) = inflight.next().await {
-        record(&mut outcomes, &keys, done);
+    while let Some(finished) = inflight.next().await {
+        record(finished);
     }
+    drop(inflight);
+    drop(documents.json);
 
-    let applied: Vec<&ApplyResult> = outcomes
-        .iter()
-        .flatten()
-        .filter_map(|o| o.as_ref().ok())
-        .collect();
-    let not_applied: Vec<&InvalidDocument> = outcomes
-        .iter()
-        .flatten()
-        .filter_map(|o| o.as_ref().err())
-        .collect();
+    let outcomes = Outcomes {
+        specs: &specs,
+        done: &done,
+    };
     if json {
-        print_json(&Outcomes {
-            results: applied,
-            failed: not_applied.clone(),
-        })?;
+        print_json(&outcomes)?;
     } else {
-        for r in &applied {
-            outln!(
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for r in outcomes.applied() {
+            writeln!(
+                out,
                 "{} {} (revision {})",
                 r.job,
                 format!("{:?}", r.outcome).to_lowercase(),
                 r.revision
-            );
+            )?;
         }
+        out.flush()?;
     }
-    super::warn_without_workers(client, apps).await;
+    super::warn_without_workers(client, documents.apps).await;
+    let not_applied: Vec<InvalidDocument> = outcomes.failed().collect();
     if not_applied.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -484,9 +600,112 @@ pub(crate) async fn apply(
         }
     }
     eprintln!(
-        "error: {} of {} documents were not applied",
+        "error: {} of {total} documents were not applied",
         not_applied.len(),
-        documents.len()
     );
     Ok(ExitCode::FAILURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use krest_schemas::api::ApplyRequest;
+    use serde_json::json;
+
+    fn read(text: &str) -> anyhow::Result<Documents> {
+        let mut docs = Documents::default();
+        krest_schemas::json::parse_each(text.as_bytes(), |d| docs.push(d, 1 << 20))?;
+        Ok(docs)
+    }
+
+    #[test]
+    fn documents_are_kept_as_sent_and_a_request_is_an_apply_request() {
+        let text = r#"[
+            {"appName": "a", "jobName": "x", "path": "p", "args": {"k": [1, 2.5, "é\n"]}},
+            {"key": "g.y", "revision": 3, "spec": {"appName": "b", "jobGroup": "g", "jobName": "y", "path": "p", "running": false}},
+            {"appName": "a", "jobName": "bad", "path": "p", "cron": "61 * * * * ?"}
+        ]"#;
+        let docs = read(text).unwrap();
+        assert_eq!(docs.len(), 3);
+        let values: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+        // A view stands for its spec; each is kept as compact JSON.
+        let sent = [
+            values[0].clone(),
+            values[1]["spec"].clone(),
+            values[2].clone(),
+        ];
+        for (i, v) in sent.iter().enumerate() {
+            assert_eq!(docs.get(i), serde_json::to_vec(v).unwrap().as_slice());
+        }
+        assert_eq!(
+            docs.request(&[2, 0]),
+            serde_json::to_vec(&ApplyRequest {
+                documents: vec![sent[2].clone(), sent[0].clone()],
+            })
+            .unwrap()
+        );
+        let keys: Vec<Option<&str>> = docs
+            .checked
+            .iter()
+            .map(|c| c.as_ref().ok().map(|s| s.key.as_str()))
+            .collect();
+        assert_eq!(keys, [Some("default.x"), Some("g.y"), None]);
+        assert_eq!(
+            docs.checked[0].as_ref().unwrap().size,
+            docs.get(0).len(),
+            "sizes are those of what is sent"
+        );
+        // Only running jobs' apps are noted for the warning.
+        assert_eq!(
+            docs.apps.into_iter().collect::<Vec<_>>(),
+            [("a".to_string(), "default.x".to_string())]
+        );
+    }
+
+    #[test]
+    fn outcomes_print_as_results_in_file_order_then_failures() {
+        let summary = |key: &str| Summary {
+            key: key.into(),
+            children: Vec::new(),
+            size: 10,
+        };
+        let specs = [
+            (0, summary("g.a")),
+            (1, summary("g.b")),
+            (2, summary("g.c")),
+        ];
+        let done = [
+            Some(Done::Applied(ApplyOutcome::Created, 1)),
+            Some(Done::Failed(vec![Problem {
+                field: String::new(),
+                message: "gone".into(),
+            }])),
+            Some(Done::Applied(ApplyOutcome::Unchanged, 4)),
+        ];
+        let out = serde_json::to_value(Outcomes {
+            specs: &specs,
+            done: &done,
+        })
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({
+                "results": [
+                    {"job": "g.a", "outcome": "CREATED", "revision": 1},
+                    {"job": "g.c", "outcome": "UNCHANGED", "revision": 4}
+                ],
+                "failed": [{"index": 1, "job": "g.b", "problems": [{"field": "", "message": "gone"}]}]
+            })
+        );
+        let done = [None, None, Some(Done::Applied(ApplyOutcome::Updated, 2))];
+        let out = serde_json::to_value(Outcomes {
+            specs: &specs,
+            done: &done,
+        })
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"results": [{"job": "g.c", "outcome": "UPDATED", "revision": 2}]})
+        );
+    }
 }

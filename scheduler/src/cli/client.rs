@@ -137,12 +137,32 @@ impl Client {
         req: &Req,
     ) -> Result<(Resp, Option<String>), ClientError> {
         let payload = self.request(op, req).await?;
+        self.decode(op, &payload)
+    }
+
+    /// Sends `body`, a request already encoded as JSON, as operation `op` and decodes the
+    /// result (for requests assembled from JSON kept as bytes, such as `job.apply`'s).
+    pub async fn call_json<Resp: DeserializeOwned>(
+        &self,
+        op: Op,
+        body: Vec<u8>,
+    ) -> Result<Resp, ClientError> {
+        let payload = self.request_body(op, bytes::Bytes::from(body)).await?;
+        Ok(self.decode(op, &payload)?.0)
+    }
+
+    /// Decodes the reply `payload` to operation `op`: its result and `next` cursor.
+    fn decode<Resp: DeserializeOwned>(
+        &self,
+        op: Op,
+        payload: &[u8],
+    ) -> Result<(Resp, Option<String>), ClientError> {
         // Decoded straight into `Resp` (no intermediate JSON value: pages are large).
-        let reply: TypedReply<Resp> = match serde_json::from_slice(&payload) {
+        let reply: TypedReply<Resp> = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {
                 // Tell a malformed reply from a result of an unexpected shape.
-                return Err(match serde_json::from_slice::<ApiReply>(&payload) {
+                return Err(match serde_json::from_slice::<ApiReply>(payload) {
                     Ok(ApiReply {
                         ok: false,
                         error: Some(error),
@@ -237,6 +257,11 @@ impl Client {
         let body = bytes::Bytes::from(
             serde_json::to_vec(req).map_err(|e| ClientError::Other(e.to_string()))?,
         );
+        self.request_body(op, body).await
+    }
+
+    /// [`Client::request`] with the request already encoded.
+    async fn request_body(&self, op: Op, body: bytes::Bytes) -> Result<bytes::Bytes, ClientError> {
         if body.len() > self.max_payload() {
             return Err(ClientError::Other(format!(
                 "the {} request is {} bytes, over nats-server's max_payload of {}: send less at once",

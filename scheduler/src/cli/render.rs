@@ -163,7 +163,11 @@ impl<const N: usize> Table<N> {
 /// Prints `v` as pretty JSON, exactly (no escaping beyond JSON's own).
 pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     use std::io::Write as _;
-    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(v)?)?;
+    // Written as it is serialized: a large listing is never held as one string.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! `job.apply` for any number of documents.
 //!
-//! Both sides check a set of documents the same way ([`check_documents`]: parse and validate
-//! each, duplicates, child jobs known and acyclic, sizes that fit in a NATS message). The CLI
-//! does it for a whole file before sending anything, then orders the documents children first
+//! Both sides check a set of documents the same way: each parsed and validated on its own and
+//! kept as a [`Summary`] (key, children, size), then the set ([`check_documents`]: duplicates,
+//! child jobs known and acyclic, sizes that fit in a NATS message). The CLI does it for a
+//! whole file before sending anything, then orders the documents children first
 //! ([`children_first`]) and splits them into requests whose body and reply fit in the
 //! server's `max_payload` ([`split_requests`]); the node checks each request again against its
 //! job table plus the request and writes the request's jobs pipelined
@@ -10,6 +11,7 @@
 //! expected last subject sequence (a revision-checked KV update), all acks awaited together,
 //! the revision-checked retry path only for conflicts, and one wait for the node's job table.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 
@@ -43,9 +45,28 @@ const REPLY_OVERHEAD: usize = 32;
 /// Bytes a `JobView` or `JobRevision` adds around a definition (key, revision, times).
 const VIEW_OVERHEAD: usize = 256;
 
-/// Parses and validates every document.
-pub fn parse_documents(docs: &[Value]) -> Vec<Result<JobSpec, InvalidJob>> {
-    docs.iter().map(parse_job).collect()
+/// What the checks of a set of documents ([`check_documents`]) need of one valid definition,
+/// so a set of any size can be checked without holding its definitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The job's key.
+    pub key: String,
+    /// The keys of its child jobs.
+    pub children: Vec<String>,
+    /// Its size as JSON, held to what one request and reply can carry ([`size_problem`]).
+    pub size: usize,
+}
+
+impl Summary {
+    /// The summary of `spec`, whose document is `doc_bytes` long as JSON, when every request
+    /// and reply must fit in `max_payload`.
+    pub fn of(spec: &JobSpec, doc_bytes: usize, max_payload: usize) -> Summary {
+        Summary {
+            key: spec.key(),
+            children: spec.child_keys(),
+            size: checked_size(spec, doc_bytes, max_payload),
+        }
+    }
 }
 
 /// The bytes of the reply entry of one applied job (its largest form).
@@ -59,9 +80,10 @@ pub fn result_bytes(key: &str) -> usize {
         + 1
 }
 
-/// What is wrong with the size of a definition whose document is `doc_bytes` long, when
-/// every request and reply must fit in `max_payload`.
-pub fn size_problem(spec: &JobSpec, doc_bytes: usize, max_payload: usize) -> Option<Problem> {
+/// The size a definition whose document is `doc_bytes` long is checked at: the larger of the
+/// document and the definition as stored (only serialized when a definition within the
+/// limits could be too large for a message).
+fn checked_size(spec: &JobSpec, doc_bytes: usize, max_payload: usize) -> usize {
     let budget = result_budget(max_payload);
     let stored = if budget >= MAX_DEFINITION_BYTES + VIEW_OVERHEAD.max(REQUEST_OVERHEAD) {
         // Validation holds a definition to MAX_DEFINITION_BYTES as stored: it fits.
@@ -69,7 +91,13 @@ pub fn size_problem(spec: &JobSpec, doc_bytes: usize, max_payload: usize) -> Opt
     } else {
         serde_json::to_vec(spec).map_or(usize::MAX, |v| v.len())
     };
-    let size = doc_bytes.max(stored);
+    doc_bytes.max(stored)
+}
+
+/// What is wrong with the size of a definition of `size` bytes ([`Summary::size`]), when
+/// every request and reply must fit in `max_payload`.
+pub fn size_problem(size: usize, max_payload: usize) -> Option<Problem> {
+    let budget = result_budget(max_payload);
     let needed = size.saturating_add(VIEW_OVERHEAD.max(REQUEST_OVERHEAD));
     (needed > budget).then(|| Problem {
         field: String::new(),
@@ -80,48 +108,22 @@ pub fn size_problem(spec: &JobSpec, doc_bytes: usize, max_payload: usize) -> Opt
     })
 }
 
-/// Checks a set of parsed documents (from [`parse_documents`]) together: no job defined
-/// twice; every child job defined here or existing (`existing(key)` gives an existing job's
-/// children, `None` if there is no such job); no cycle of child jobs; each fits in a
-/// message (`sizes[i]`: the JSON size of document `i`). Returns the valid specs with their
-/// document index, and the invalid documents with every problem.
+/// Checks a set of documents together, each parsed and validated on its own and summarized
+/// ([`Summary::of`]) or found invalid: no job defined twice; every child job defined here or
+/// existing (`existing(key)` gives an existing job's children, `None` if there is no such
+/// job); no cycle of child jobs; each fits in a message. Returns the summaries of the valid
+/// documents with their index, in document order, and the invalid documents with every
+/// problem.
 pub fn check_documents(
-    parsed: Vec<Result<JobSpec, InvalidJob>>,
-    sizes: &[usize],
+    docs: Vec<Result<Summary, InvalidJob>>,
     max_payload: usize,
     existing: impl Fn(&str) -> Option<Vec<String>>,
-) -> (Vec<(usize, JobSpec)>, Vec<InvalidDocument>) {
+) -> (Vec<(usize, Summary)>, Vec<InvalidDocument>) {
     let mut invalid = Vec::new();
-    let mut specs: Vec<(usize, JobSpec)> = Vec::new();
-    let mut first: HashMap<String, usize> = HashMap::new();
-    for (index, result) in parsed.into_iter().enumerate() {
+    let mut specs: Vec<(usize, Summary)> = Vec::with_capacity(docs.len());
+    for (index, result) in docs.into_iter().enumerate() {
         match result {
-            Ok(spec) => {
-                let key = spec.key();
-                if let Some(earlier) = first.get(&key) {
-                    invalid.push(InvalidDocument {
-                        index,
-                        job: Some(key),
-                        problems: vec![Problem {
-                            field: String::new(),
-                            message: format!("defines the same job as document {earlier}"),
-                        }],
-                    });
-                    continue;
-                }
-                if let Some(p) =
-                    size_problem(&spec, sizes.get(index).copied().unwrap_or(0), max_payload)
-                {
-                    invalid.push(InvalidDocument {
-                        index,
-                        job: Some(key),
-                        problems: vec![p],
-                    });
-                    continue;
-                }
-                first.insert(key, index);
-                specs.push((index, spec));
-            }
+            Ok(summary) => specs.push((index, summary)),
             Err(e) => invalid.push(InvalidDocument {
                 index,
                 job: e.job,
@@ -129,76 +131,112 @@ pub fn check_documents(
             }),
         }
     }
-    let here: HashMap<String, Vec<String>> = specs
-        .iter()
-        .map(|(_, s)| (s.key(), s.child_keys()))
-        .collect();
-    let children = |key: &str| -> Option<Vec<String>> {
+    // Each key's first valid definition (its position in `specs`); later ones are invalid.
+    let mut bad = vec![false; specs.len()];
+    let mut here: HashMap<&str, usize> = HashMap::with_capacity(specs.len());
+    for (position, (index, summary)) in specs.iter().enumerate() {
+        let key = summary.key.as_str();
+        let problem = match here.get(key) {
+            Some(&earlier) => Some(Problem {
+                field: String::new(),
+                message: format!("defines the same job as document {}", specs[earlier].0),
+            }),
+            None => size_problem(summary.size, max_payload),
+        };
+        match problem {
+            Some(p) => {
+                bad[position] = true;
+                invalid.push(InvalidDocument {
+                    index: *index,
+                    job: Some(summary.key.clone()),
+                    problems: vec![p],
+                });
+            }
+            None => {
+                here.insert(key, position);
+            }
+        }
+    }
+    let children = |key: &str| -> Option<Cow<'_, [String]>> {
         match here.get(key) {
-            Some(c) => Some(c.clone()),
-            None => existing(key),
+            Some(&p) => Some(Cow::Borrowed(specs[p].1.children.as_slice())),
+            None => existing(key).map(Cow::Owned),
         }
     };
-    for (index, spec) in &specs {
+    let mut unresolved = Vec::new();
+    for (position, (index, summary)) in specs.iter().enumerate() {
+        if bad[position] || summary.children.is_empty() {
+            continue;
+        }
         let mut problems = Vec::new();
-        for child in spec.child_keys() {
-            if !here.contains_key(&child) && existing(&child).is_none() {
+        for child in &summary.children {
+            if !here.contains_key(child.as_str()) && existing(child).is_none() {
                 problems.push(Problem {
                     field: "childJobs".into(),
                     message: format!("no job `{child}`: apply it first, or in the same file"),
                 });
             }
         }
-        if let Some(cycle) = find_cycle(&children, &spec.key()) {
+        if let Some(cycle) = find_cycle(&children, &summary.key) {
             problems.push(Problem {
                 field: "childJobs".into(),
                 message: format!("child jobs form a cycle: {}", cycle.join(" → ")),
             });
         }
         if !problems.is_empty() {
+            unresolved.push(position);
             invalid.push(InvalidDocument {
                 index: *index,
-                job: Some(spec.key()),
+                job: Some(summary.key.clone()),
                 problems,
             });
         }
     }
+    drop(here);
+    for position in unresolved {
+        bad[position] = true;
+    }
     invalid.sort_by_key(|d| d.index);
-    let bad: HashSet<usize> = invalid.iter().map(|d| d.index).collect();
-    specs.retain(|(i, _)| !bad.contains(i));
+    let mut position = 0;
+    specs.retain(|_| {
+        position += 1;
+        !bad[position - 1]
+    });
     (specs, invalid)
 }
 
-/// The child keys of `specs` that none of them defines: the jobs that must already exist.
-pub fn external_children(specs: &[(usize, JobSpec)]) -> BTreeSet<String> {
-    let keys: HashSet<String> = specs.iter().map(|(_, s)| s.key()).collect();
-    specs
-        .iter()
-        .flat_map(|(_, s)| s.child_keys())
-        .filter(|c| !keys.contains(c))
+/// The child keys of the valid documents in `docs` that none of them defines: the jobs that
+/// must already exist.
+pub fn external_children(docs: &[Result<Summary, InvalidJob>]) -> BTreeSet<String> {
+    let keys: HashSet<&str> = docs.iter().flatten().map(|s| s.key.as_str()).collect();
+    docs.iter()
+        .flatten()
+        .flat_map(|s| &s.children)
+        .filter(|c| !keys.contains(c.as_str()))
+        .cloned()
         .collect()
 }
 
 /// A path from `start` back to itself through child links, if there is one.
-pub fn find_cycle(
-    children: &dyn Fn(&str) -> Option<Vec<String>>,
+pub fn find_cycle<'a>(
+    children: &dyn Fn(&str) -> Option<Cow<'a, [String]>>,
     start: &str,
 ) -> Option<Vec<String>> {
-    fn visit(
-        children: &dyn Fn(&str) -> Option<Vec<String>>,
+    fn visit<'a>(
+        children: &dyn Fn(&str) -> Option<Cow<'a, [String]>>,
         start: &str,
         node: &str,
         path: &mut Vec<String>,
         seen: &mut HashSet<String>,
     ) -> bool {
-        for child in children(node).into_iter().flatten() {
+        for child in children(node).iter().flat_map(|c| c.iter()) {
             if child == start {
-                path.push(child);
+                path.push(child.clone());
                 return true;
             }
             if seen.insert(child.clone()) {
                 path.push(child.clone());
-                if visit(children, start, &child, path, seen) {
+                if visit(children, start, child, path, seen) {
                     return true;
                 }
                 path.pop();
@@ -212,16 +250,28 @@ pub fn find_cycle(
 }
 
 /// Positions in `specs` ordered so that every job comes after its children defined in
-/// `specs` (file order otherwise). `specs` must have no cycle ([`check_documents`]).
-pub fn children_first(specs: &[(usize, JobSpec)]) -> Vec<usize> {
-    let position: HashMap<String, usize> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, (_, s))| (s.key(), i))
-        .collect();
+/// `specs` (document order otherwise). `specs` must have no cycle ([`check_documents`]).
+pub fn children_first(specs: &[(usize, Summary)]) -> Vec<usize> {
+    // Only needed (and built) when some job has children.
+    let position: HashMap<&str, usize> = if specs.iter().any(|(_, s)| !s.children.is_empty()) {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| (s.key.as_str(), i))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let mut order = Vec::with_capacity(specs.len());
     let mut done = vec![false; specs.len()];
     for root in 0..specs.len() {
+        if specs[root].1.children.is_empty() {
+            if !done[root] {
+                done[root] = true;
+                order.push(root);
+            }
+            continue;
+        }
         // Iterative post-order: (position, children visited).
         let mut stack = vec![(root, false)];
         while let Some((i, expanded)) = stack.pop() {
@@ -234,8 +284,8 @@ pub fn children_first(specs: &[(usize, JobSpec)]) -> Vec<usize> {
                 continue;
             }
             stack.push((i, true));
-            for child in specs[i].1.child_keys().iter().rev() {
-                if let Some(&c) = position.get(child) {
+            for child in specs[i].1.children.iter().rev() {
+                if let Some(&c) = position.get(child.as_str()) {
                     if !done[c] {
                         stack.push((c, false));
                     }
@@ -331,18 +381,31 @@ impl ApiServer {
         // key: the checks below and the writes then see what a read of each key would.
         let fresh = self.table_is_fresh().await;
         let max_payload = self.max_payload();
-        let sizes: Vec<usize> = documents
-            .iter()
-            .map(|d| serde_json::to_vec(d).map_or(usize::MAX, |v| v.len()))
-            .collect();
-        let (specs, mut invalid) =
-            check_documents(parse_documents(documents), &sizes, max_payload, |key| {
-                self.table.get(key).map(|e| e.stored.spec.child_keys())
-            });
+        // Each document's spec (taken when prepared) and summary, or its problems.
+        let mut specs: Vec<Option<JobSpec>> = Vec::with_capacity(documents.len());
+        let mut summaries = Vec::with_capacity(documents.len());
+        for d in documents {
+            match parse_job(d) {
+                Ok(spec) => {
+                    let size = serde_json::to_vec(d).map_or(usize::MAX, |v| v.len());
+                    summaries.push(Ok(Summary::of(&spec, size, max_payload)));
+                    specs.push(Some(spec));
+                }
+                Err(e) => {
+                    summaries.push(Err(e));
+                    specs.push(None);
+                }
+            }
+        }
+        let (valid, mut invalid) = check_documents(summaries, max_payload, |key| {
+            self.table.get(key).map(|e| e.stored.spec.child_keys())
+        });
         let now = Utc::now();
-        let mut prepared = Vec::with_capacity(specs.len());
-        for (index, spec) in specs {
-            let key = spec.key();
+        let mut prepared = Vec::with_capacity(valid.len());
+        for (index, Summary { key, .. }) in valid {
+            let Some(spec) = specs.get_mut(index).and_then(Option::take) else {
+                continue;
+            };
             let current = self.table.get(&key);
             match prepare(&spec, current.as_ref().map(|e| &e.stored.spec), now) {
                 Ok(write) => prepared.push(Prepared {
@@ -586,16 +649,28 @@ mod tests {
         json!({"appName": "a", "jobGroup": "g", "jobName": name, "path": "p", "childJobs": children})
     }
 
+    /// Each document parsed, validated and summarized.
+    fn summaries(docs: &[Value], max_payload: usize) -> Vec<Result<Summary, InvalidJob>> {
+        docs.iter()
+            .map(|d| {
+                Ok(Summary::of(
+                    &parse_job(d)?,
+                    d.to_string().len(),
+                    max_payload,
+                ))
+            })
+            .collect()
+    }
+
     fn check(
         docs: &[Value],
         existing: &[(&str, &[&str])],
-    ) -> (Vec<(usize, JobSpec)>, Vec<InvalidDocument>) {
+    ) -> (Vec<(usize, Summary)>, Vec<InvalidDocument>) {
         let existing: HashMap<String, Vec<String>> = existing
             .iter()
             .map(|(k, c)| (k.to_string(), c.iter().map(|s| s.to_string()).collect()))
             .collect();
-        let sizes: Vec<usize> = docs.iter().map(|d| d.to_string().len()).collect();
-        check_documents(parse_documents(docs), &sizes, 1 << 20, |k| {
+        check_documents(summaries(docs, 1 << 20), 1 << 20, |k| {
             existing.get(k).cloned()
         })
     }
@@ -654,9 +729,7 @@ mod tests {
     fn a_definition_too_large_for_a_message_is_named() {
         let big =
             json!({"appName": "a", "jobName": "big", "path": "p", "args": "x".repeat(30_000)});
-        let sizes = [big.to_string().len()];
-        let (specs, invalid) =
-            check_documents(parse_documents(&[big]), &sizes, 16 * 1024, |_| None);
+        let (specs, invalid) = check_documents(summaries(&[big], 16 * 1024), 16 * 1024, |_| None);
         assert!(specs.is_empty());
         assert_eq!(invalid[0].job.as_deref(), Some("default.big"));
         let msg = &invalid[0].problems[0].message;
@@ -676,9 +749,9 @@ mod tests {
         assert!(invalid.is_empty());
         let order: Vec<String> = children_first(&specs)
             .into_iter()
-            .map(|i| specs[i].1.job_name.clone())
+            .map(|i| specs[i].1.key.clone())
             .collect();
-        assert_eq!(order, ["c1", "c2", "p", "x"]);
+        assert_eq!(order, ["g.c1", "g.c2", "g.p", "g.x"]);
     }
 
     #[test]

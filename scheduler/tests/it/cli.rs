@@ -581,6 +581,122 @@ async fn cli_applies_files_many_times_larger_than_max_payload() {
     node.stop().await.unwrap();
 }
 
+/// A file of `docs`, one document per line (line n + 2 holds document n).
+fn lines_file(docs: &[serde_json::Value]) -> String {
+    let lines: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
+    format!("[\n{}\n]\n", lines.join(",\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_is_checked_whole_before_anything_is_sent_and_stdin_applies() {
+    let env = Env::new("cli-large");
+    let node = env.node("n1");
+    let _client = env.client().await;
+    let docs = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| {
+                job(
+                    &format!("j{i:05}"),
+                    "large",
+                    "p",
+                    serde_json::json!({"cron": format!("0 {} 3 1 1 ?", i % 60), "args": {"i": i}}),
+                )
+            })
+            .collect()
+    };
+    let jobs_listed = || {
+        let (code, out, err) = env.cli(&["-o", "json", "job", "list"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap()
+            .len()
+    };
+
+    // 20,000 documents, the invalid one near the end: nothing is sent, the error names it.
+    let mut many = docs(20_000);
+    many[19_990]["cron"] = serde_json::json!("61 * * * * ?");
+    let file = env.write("late-invalid.json", &lines_file(&many));
+    let (code, out, err) = env.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("error: 1 of 20000 definitions are invalid; nothing was applied"),
+        "{err}"
+    );
+    assert!(err.contains("document 19990 (t.j19990):"), "{err}");
+    assert!(
+        err.contains("cron: invalid cron expression `61 * * * * ?`"),
+        "{err}"
+    );
+    // The same job twice, far apart: the later one is named with the earlier one.
+    many[19_990]["cron"] = serde_json::json!("0 0 3 1 1 ?");
+    many[19_999]["jobName"] = serde_json::json!("j00007");
+    let file = env.write("late-twice.json", &lines_file(&many));
+    let (code, _, err) = env.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("document 19999 (t.j00007):")
+            && err.contains("defines the same job as document 7"),
+        "{err}"
+    );
+    // A key given twice in a late document: not valid JSON, with its line in the file.
+    many[19_999]["jobName"] = serde_json::json!("j19999");
+    let mut text = lines_file(&many);
+    let late = text.find("\"jobName\":\"j19995\"").unwrap();
+    text.insert_str(late, "\"path\":\"q\",");
+    let file = env.write("late-dup.json", &text);
+    let (code, _, err) = env.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("late-dup.json is not valid JSON: duplicate key `path` at line 19997 column"),
+        "{err}"
+    );
+    assert_eq!(jobs_listed(), 0, "nothing of the rejected files applied");
+
+    // From stdin (`-f -`), with a BOM, over several requests: each result in file order.
+    let few = docs(2_500);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_krest"))
+        .args([
+            "--nats-url",
+            &env.url(),
+            "-o",
+            "json",
+            "job",
+            "apply",
+            "-f",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"\xEF\xBB\xBF").unwrap();
+        stdin.write_all(lines_file(&few).as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2_500);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["job"], format!("t.j{i:05}"), "{r}");
+        // (CREATED, or UNCHANGED when a slow node's reply came after the client's retry.)
+        assert!(
+            r["outcome"] == "CREATED" || r["outcome"] == "UNCHANGED",
+            "{r}"
+        );
+        assert_eq!(r["revision"], 1, "{r}");
+    }
+    assert!(v.get("failed").is_none(), "{v}");
+    assert_eq!(jobs_listed(), 2_500);
+    node.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_shows_changes_and_edit_applies_or_keeps_the_edit() {
     let env = Env::new("cli-edit");
