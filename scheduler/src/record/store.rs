@@ -2212,12 +2212,6 @@ async fn sqlite_pool(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
                     sqlx::query("PRAGMA foreign_keys = ON")
                         .execute(&mut *conn)
                         .await?;
-                    // 16 MiB of pages per connection rather than SQLite's 2 MiB: the runs
-                    // table's six indexes are written at random places by every batch, and
-                    // pages read again from the file cost a system call and a copy each.
-                    sqlx::query("PRAGMA cache_size = -16384")
-                        .execute(&mut *conn)
-                        .await?;
                     Ok(())
                 })
             })
