@@ -467,6 +467,9 @@ async fn presence(
             Role::Standby => NodeRole::Standby,
         };
         let server = client.server_info();
+        // One borrow, cloned: a second `borrow()` of the same watch while the first is held
+        // deadlocks once the recorder waits to send in between (its lock prefers writers).
+        let rec = recorder.borrow().clone();
         let info = NodeInfo {
             node: me.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -474,10 +477,10 @@ async fn presence(
             database: me.database.to_string(),
             nats_server: format!("{}@{}:{}", server.server_name, server.host, server.port),
             http_addr: me.http_addr.clone(),
-            recorded_seq: recorder.borrow().recorded_seq,
-            recorder_lag_events: recorder.borrow().lag_events,
-            recorder_lag_ms: u64::try_from(recorder.borrow().lag.as_millis()).unwrap_or(u64::MAX),
-            recorder_failing: recorder.borrow().failing.clone(),
+            recorded_seq: rec.recorded_seq,
+            recorder_lag_events: rec.lag_events,
+            recorder_lag_ms: u64::try_from(rec.lag.as_millis()).unwrap_or(u64::MAX),
+            recorder_failing: rec.failing,
             started_at,
             heartbeat_at: Utc::now(),
         };
