@@ -162,38 +162,38 @@ impl<'de, F: FnMut(Value)> Visitor<'de> for Each<'_, F> {
         Ok(())
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
-        (self.0)(Value::Bool(v));
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        (self.0)(Strict.visit_bool(v)?);
         Ok(())
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        (self.0)(Value::from(v));
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        (self.0)(Strict.visit_i64(v)?);
         Ok(())
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        (self.0)(Value::from(v));
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        (self.0)(Strict.visit_u64(v)?);
         Ok(())
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        (self.0)(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        (self.0)(Strict.visit_f64(v)?);
         Ok(())
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        (self.0)(Value::String(v.to_string()));
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        (self.0)(Strict.visit_str(v)?);
         Ok(())
     }
 
-    fn visit_string<E>(self, v: String) -> Result<(), E> {
-        (self.0)(Value::String(v));
+    fn visit_string<E: de::Error>(self, v: String) -> Result<(), E> {
+        (self.0)(Strict.visit_string(v)?);
         Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<(), E> {
-        (self.0)(Value::Null);
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        (self.0)(Strict.visit_unit()?);
         Ok(())
     }
 }

@@ -30,8 +30,8 @@ use serde::Serialize;
 use super::client::{Client, ClientError};
 use super::render::{esc, print_json};
 use crate::serve::apply::{
-    check_documents, children_first, external_children, result_bytes, split_requests, Summary,
-    MAX_DOCUMENTS_PER_REQUEST,
+    check_documents, children_first, external_children, positions_by_key, result_bytes,
+    split_requests, Summary, MAX_DOCUMENTS_PER_REQUEST,
 };
 
 /// Existing jobs asked about at most (children of the file's jobs, and theirs).
@@ -524,15 +524,7 @@ pub(crate) async fn apply(
             batch_of[*p] = b;
         }
     }
-    let position: HashMap<&str, usize> = if specs.iter().any(|(_, s)| !s.children.is_empty()) {
-        specs
-            .iter()
-            .enumerate()
-            .map(|(p, (_, s))| (s.key.as_str(), p))
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    let position = positions_by_key(&specs);
     // Outcomes by document index.
     let mut done: Vec<Option<Done>> = (0..total).map(|_| None).collect();
     let mut record = |finished: Vec<(usize, Done)>| {

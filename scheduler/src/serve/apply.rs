@@ -249,19 +249,23 @@ pub fn find_cycle<'a>(
     visit(children, start, start, &mut path, &mut seen).then_some(path)
 }
 
+/// Each job's position in `specs`, by key; empty when no job has children (the map is only
+/// needed, and only built, to find children).
+pub fn positions_by_key(specs: &[(usize, Summary)]) -> HashMap<&str, usize> {
+    if !specs.iter().any(|(_, s)| !s.children.is_empty()) {
+        return HashMap::new();
+    }
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, s))| (s.key.as_str(), i))
+        .collect()
+}
+
 /// Positions in `specs` ordered so that every job comes after its children defined in
 /// `specs` (document order otherwise). `specs` must have no cycle ([`check_documents`]).
 pub fn children_first(specs: &[(usize, Summary)]) -> Vec<usize> {
-    // Only needed (and built) when some job has children.
-    let position: HashMap<&str, usize> = if specs.iter().any(|(_, s)| !s.children.is_empty()) {
-        specs
-            .iter()
-            .enumerate()
-            .map(|(i, (_, s))| (s.key.as_str(), i))
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    let position = positions_by_key(specs);
     let mut order = Vec::with_capacity(specs.len());
     let mut done = vec![false; specs.len()];
     for root in 0..specs.len() {
