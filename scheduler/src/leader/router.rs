@@ -7,7 +7,9 @@
 //!   another instance.
 //! - **Departed instances** are decided from the heartbeat registry, not from consumers: every
 //!   sweep looks at each instance that has a consumer *or* runs waiting on its subject. One with
-//!   no heartbeat has departed; one that heartbeats but has had no consumer of its own for
+//!   no heartbeat has departed, unless its own consumer is younger than
+//!   [`RouterConfig::consumer_grace`] (it is starting: the SDKs create the consumer before their
+//!   first heartbeat); one that heartbeats but has had no consumer of its own for
 //!   [`RouterConfig::consumer_grace`] (the SDK creates its consumer before its first heartbeat,
 //!   so this is a forged or broken heartbeat) is unreachable: no run is addressed to it, and
 //!   what waits for it moves. Moving drains the instance's consumer (created by the router when
@@ -349,13 +351,21 @@ impl Sweeper {
                 .entry((w.app_name.clone(), w.instance.clone()))
                 .or_insert(now);
         }
-        // Instance consumers: (app, instance) → (name, the instance's own?).
+        // Instance consumers: (app, instance) → (name, the instance's own?). An instance's
+        // own consumer younger than the grace belongs to an instance starting up (the SDKs
+        // create it before their first heartbeat, which this sweep's registry read may have
+        // missed): such an instance has not departed, and its consumer is left alone.
         let mut consumers = std::collections::HashMap::new();
+        let mut starting = std::collections::HashSet::new();
+        let wall = Utc::now();
         let mut infos = stream.consumers();
         while let Some(info) = infos.next().await {
             let info = info.map_err(err(RouterErrorKind::WorkStream))?;
             if let Some(key) = instance_of(&info.config.filter_subject) {
                 let own = info.config.description.as_deref() != Some(MOVER_DESCRIPTION);
+                if own && younger_than(info.created, wall, cfg.consumer_grace) {
+                    starting.insert(key.clone());
+                }
                 consumers.insert(key, (info.name.clone(), own));
             }
         }
@@ -388,7 +398,9 @@ impl Sweeper {
             let heartbeating = live
                 .iter()
                 .any(|w| (&w.app_name, &w.instance) == (&key.0, &key.1));
-            if heartbeating && !unreachable.contains(key) {
+            if (heartbeating && !unreachable.contains(key))
+                || (!heartbeating && starting.contains(key))
+            {
                 continue;
             }
             let (app, instance) = key;
@@ -404,6 +416,18 @@ impl Sweeper {
         routing.set_unreachable(unreachable);
         Ok(())
     }
+}
+
+/// Whether a consumer created at `created` (the server's clock) is younger than `grace` at
+/// `now` (this node's clock). A consumer dated in the future counts as young.
+fn younger_than(
+    created: time::OffsetDateTime,
+    now: chrono::DateTime<Utc>,
+    grace: Duration,
+) -> bool {
+    let created = created.unix_timestamp_nanos();
+    let now = i128::from(now.timestamp_nanos_opt().unwrap_or(i64::MAX));
+    now - created < i128::try_from(grace.as_nanos()).unwrap_or(i128::MAX)
 }
 
 /// `(app, instance)` of an instance work subject or an instance consumer's filter

@@ -385,3 +385,54 @@ async fn an_instance_that_heartbeats_without_a_consumer_gets_no_runs() {
     real.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_starting_instance_keeps_its_consumer_until_the_grace_has_passed() {
+    // The SDKs create an instance's own consumer before its first heartbeat. A sweep that read
+    // the registry before that heartbeat and listed consumers after the consumer was created
+    // took the instance for departed and removed the consumer it was about to pull from.
+    let env = Env::new("starting");
+    let mut opts = env.node_opts("n1");
+    let grace = Duration::from_secs(2);
+    opts.router.consumer_grace = grace;
+    opts.router.sweep_every = Duration::from_millis(100);
+    let node = krest::node::spawn(opts);
+    let client = env.client().await;
+    let real = worker(&env, "real", 1, Executions::default());
+    registered(&client, 1).await;
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(raw);
+    let stream = js.get_stream("KREST_WORK").await.unwrap();
+    // The consumer of an instance that never heartbeats (it died while starting).
+    let name = krest_schemas::names::instance_consumer(APP, "newbie");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some("Krest runs addressed to lb/newbie".into()),
+            filter_subject: krest_schemas::names::work_instance_filter(APP, "newbie"),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let created = consumer.info().await.unwrap().created;
+    // Sweeps run every 100 ms meanwhile; the consumer goes once the grace has passed.
+    eventually(
+        Duration::from_secs(30),
+        "the starting instance's consumer removed",
+        || {
+            let stream = stream.clone();
+            let name = name.clone();
+            async move { stream.consumer_info(&name).await.is_err().then_some(()) }
+        },
+    )
+    .await;
+    let gone = time::OffsetDateTime::now_utc();
+    assert!(
+        gone - created >= grace,
+        "removed {} after its creation, within the grace of {grace:?}",
+        gone - created
+    );
+    real.stop().await.unwrap();
+    node.stop().await.unwrap();
+}
