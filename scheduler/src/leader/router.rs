@@ -481,10 +481,17 @@ async fn drain(
     app: &str,
     instance: &str,
 ) -> Result<(), RouterError> {
-    let consumer: consumer::PullConsumer = stream
+    let mut consumer: consumer::PullConsumer = stream
         .get_consumer(name)
         .await
         .map_err(err(RouterErrorKind::Consumer))?;
+    // Nothing to move (the common case: an instance that stopped cleanly): removed at once,
+    // without a fetch that would wait out its expiry — sweeps look at departed instances one
+    // after the other, and the router routes nothing while it sweeps.
+    let info = consumer.cached_info();
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        return remove(stream, name, app, instance).await;
+    }
     let mut batch = consumer
         .fetch()
         .max_messages(500)
@@ -545,17 +552,28 @@ async fn drain(
             "moved the runs of a departed instance"
         );
     }
-    let mut consumer = consumer;
     let info = consumer
         .info()
         .await
         .map_err(err(RouterErrorKind::Consumer))?;
     if info.num_pending == 0 && info.num_ack_pending == 0 {
-        stream
-            .delete_consumer(name)
-            .await
-            .map_err(err(RouterErrorKind::Consumer))?;
-        tracing::info!(app, instance, "removed the consumer of a departed instance");
+        remove(stream, name, app, instance).await?;
     }
+    Ok(())
+}
+
+/// Deletes a departed instance's consumer (runs arriving on its subject later are found by a
+/// later sweep and moved through a consumer the router creates).
+async fn remove(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    app: &str,
+    instance: &str,
+) -> Result<(), RouterError> {
+    stream
+        .delete_consumer(name)
+        .await
+        .map_err(err(RouterErrorKind::Consumer))?;
+    tracing::info!(app, instance, "removed the consumer of a departed instance");
     Ok(())
 }
