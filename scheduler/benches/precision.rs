@@ -3,6 +3,10 @@
 //! `cargo bench -p krest --bench precision [-- --jobs N --seconds S --workers W]`; results go
 //! into BENCHMARKS.md. `KREST_BENCH_TINY=1` runs it at a tiny size (CI does, so it cannot rot).
 //!
+//! `--python PYTHON` runs the workers on the Python SDK (`common/py_worker.py` with the
+//! interpreter PYTHON, e.g. a venv's `bin/python` with `krest_worker` installed) instead of the
+//! Rust one, with the same no-op handler.
+//!
 //! `--per-minute` makes each job fire once a minute instead (job i at second i mod 60: N/60
 //! fires a second); `--cron EXPR` gives every job that expression and checks no fires (for the
 //! memory of many registered jobs).
@@ -45,6 +49,7 @@ fn main() {
     let slots: u32 = common::flag("--slots").unwrap_or(256);
     let per_minute = std::env::args().any(|a| a == "--per-minute");
     let fixed_cron: Option<String> = common::flag("--cron");
+    let python: Option<String> = common::flag("--python");
     // Whether job `i` fires at second `sec` (epoch seconds).
     let fires_at = |i: usize, sec: i64| -> bool {
         fixed_cron.is_none() && (!per_minute || (i % 60) as i64 == sec.rem_euclid(60))
@@ -56,7 +61,8 @@ fn main() {
     };
     println!(
         "precision: {jobs} jobs {every}, {seconds} s window after {warmup} s warm-up, \
-         {workers} worker(s) × {slots} slots"
+         {workers} {}worker(s) × {slots} slots",
+        if python.is_some() { "Python " } else { "" }
     );
     let nats = NatsServer::start();
     let url = nats.url();
@@ -64,7 +70,13 @@ fn main() {
     let node = start_node("n1", &url, dir.path());
     wait_for_api(&url);
     let ws: Vec<BenchWorker> = (0..workers)
-        .map(|i| BenchWorker::start(&format!("worker{i}"), &url, dir.path(), slots))
+        .map(|i| {
+            let name = format!("worker{i}");
+            match &python {
+                Some(py) => BenchWorker::start_python(&name, &url, dir.path(), slots, py),
+                None => BenchWorker::start(&name, &url, dir.path(), slots),
+            }
+        })
         .collect();
     let docs: Vec<serde_json::Value> = (0..jobs)
         .map(|i| {

@@ -1,6 +1,6 @@
 //! What the end-to-end benchmarks share: a worker process (this bench binary again, in worker
-//! mode) whose no-op handler notes when each run started, `krest` CLI calls, scheduler node
-//! processes, and figures (percentiles, sizes).
+//! mode, or `py_worker.py` on the Python SDK) whose no-op handler notes when each run started,
+//! `krest` CLI calls, scheduler node processes, and figures (percentiles, sizes).
 
 #![allow(dead_code)]
 
@@ -105,6 +105,26 @@ impl BenchWorker {
             .arg(&out)
             .arg(slots.to_string())
             .env("RUST_LOG", "warn");
+        BenchWorker {
+            proc: Proc::spawn(name, cmd, dir.join(format!("{name}.log"))),
+            out,
+        }
+    }
+
+    /// Starts one on the Python SDK instead: `py_worker.py` run by `python` (a venv's python
+    /// with `krest_worker` installed, or found through `PYTHONPATH`), the same no-op handler.
+    pub(crate) fn start_python(
+        name: &str,
+        url: &str,
+        dir: &Path,
+        slots: u32,
+        python: &str,
+    ) -> BenchWorker {
+        let out = dir.join(format!("{name}.starts"));
+        let script = dir.join("py_worker.py");
+        std::fs::write(&script, include_str!("py_worker.py")).unwrap();
+        let mut cmd = Command::new(python);
+        cmd.arg(&script).arg(url).arg(&out).arg(slots.to_string());
         BenchWorker {
             proc: Proc::spawn(name, cmd, dir.join(format!("{name}.log"))),
             out,

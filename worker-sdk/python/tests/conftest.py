@@ -178,11 +178,20 @@ class Krest:
 
     def wait_run(self, run_id: str, statuses: tuple[str, ...] = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")) -> dict[str, Any]:
         """The run once its status is one of `statuses`."""
+        seen: list[dict[str, Any]] = []
+
         def ended() -> dict[str, Any] | None:
             d = self.run(run_id)
+            seen[:] = [d]
             return d if d["run"]["status"] in statuses else None
 
-        return eventually(f"run {run_id} in {statuses}", ended)  # type: ignore[no-any-return]
+        try:
+            return eventually(f"run {run_id} in {statuses}", ended)  # type: ignore[no-any-return]
+        except AssertionError as e:
+            # What the run had come to, and the node's last words: a run that never ends says
+            # where it stopped.
+            tail = "".join(self.node.log().splitlines(keepends=True)[-40:])
+            raise AssertionError(f"{e}; last seen: {seen[-1] if seen else None}\nnode log tail:\n{tail}") from None
 
     def stop(self) -> None:
         self.node.terminate(20)
@@ -256,3 +265,7 @@ def workers(krest: Krest, request: pytest.FixtureRequest) -> Iterator[Workers]:
         yield w
     finally:
         w.stop_all()
+        # Shown by pytest only when the test fails: what its workers said.
+        for p in w.procs:
+            tail = "".join(p.log().splitlines(keepends=True)[-30:])
+            print(f"--- worker {p.name} ({p.log_path.name}), last lines:\n{tail}", file=sys.stderr)

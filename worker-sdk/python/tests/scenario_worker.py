@@ -1,7 +1,7 @@
 """The Python worker the end-to-end tests run as a process: one handler per scenario.
 
 Settings from the environment: NATS_URL, KREST_APP, KREST_INSTANCE, KREST_SHUTDOWN_TIMEOUT,
-KREST_CANCEL_GRACE, KREST_ACK_WAIT (seconds), KREST_WEIGHT, KREST_SLOTS, KREST_JOURNAL (a file each execution appends
+KREST_CANCEL_GRACE, KREST_ACK_WAIT, KREST_REPORT_START_AFTER (seconds), KREST_WEIGHT, KREST_SLOTS, KREST_JOURNAL (a file each execution appends
 ``run_id shard attempt instance`` to)."""
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ worker = Worker(
     cancel_grace=float(os.environ.get("KREST_CANCEL_GRACE", "5")),
     retry_backoff=Backoff(0.1, 2.0, 1.0),
     pull_expiry=0.5,  # a quicker stop: a graceful stop reads its open pull request to its end
+    report_start_after=float(os.environ.get("KREST_REPORT_START_AFTER", "0.1")),
 )
+
+#: Handlers of `py/slots` running now, and the most seen at once.
+running = 0
+most = 0
 
 
 def journal(ctx: JobContext) -> None:
@@ -120,6 +125,35 @@ async def hold_first(ctx: JobContext) -> str:
         ctx.log(f"holding on {ctx.worker}")
         await asyncio.sleep(3600)
     return f"finished attempt {ctx.attempt} on {ctx.worker}"
+
+
+@worker.handler("py/quiet")
+async def quiet(ctx: JobContext) -> str:
+    """Returns at once without logging."""
+    journal(ctx)
+    return "quiet"
+
+
+@worker.handler("py/quiet-sleep")
+async def quiet_sleep(ctx: JobContext) -> str:
+    """Sleeps args.seconds without logging."""
+    journal(ctx)
+    await asyncio.sleep(float((ctx.args or {}).get("seconds", 0.5)))
+    return "slept"
+
+
+@worker.handler("py/slots")
+async def count(ctx: JobContext) -> int:
+    """Sleeps its shard item's seconds; returns the most `py/slots` handlers this process has
+    run at once so far."""
+    global running, most
+    running += 1
+    most = max(most, running)
+    try:
+        await asyncio.sleep(float(ctx.shard_item or 0.1))
+        return most
+    finally:
+        running -= 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from . import _text
 from ._trace import attempt_traceparent, trace_id
 
 if TYPE_CHECKING:
-    from ._events import EventSink
+    from ._events import EventSink, StartReport
 
 
 class JobError(Exception):
@@ -54,11 +54,14 @@ class JobContext:
         attempt: int,
         worker: str,
         events: EventSink,
+        start: StartReport | None = None,
     ) -> None:
         self._run = run
         self._attempt = attempt
         self._worker = worker
         self._events = events
+        #: The attempt's ``started`` event, sent before the first log line at the latest.
+        self._start = start
         self._cancel = threading.Event()
         self._cancel_async = asyncio.Event()
         self._lock = threading.Lock()
@@ -221,5 +224,8 @@ class JobContext:
             token = self._run.get("deliveryToken")
             if token:
                 event["deliveryToken"] = token
-            # Sent under the lock, so lines are queued in the order of their seq.
+            # Sent under the lock, so lines are queued in the order of their seq, after the
+            # attempt's `started` event.
+            if self._start is not None:
+                self._start.send()
             self._events.send(event)

@@ -33,8 +33,10 @@ from . import __version__
 from ._backoff import RECONNECT, Backoff
 from ._context import JobContext, JobError, now_rfc3339
 from ._decide import Decision, Ending, Facts, Kind, Reply, attempt_number, decide, handed_off
-from ._events import EventSink, PublishError, store
+from ._events import EventSink, PublishError, StartReport, store
+from ._markers import Markers, Unknown, mirror, reason_of
 from ._nats import ConfigError, NatsConfig
+from ._pull import PullLoop
 from ._text import header_value, redact
 from ._trace import attempt_traceparent
 
@@ -48,6 +50,10 @@ CANCELS_BUCKET = "krest-cancels"
 MAX_DELIVER = 30
 #: Bound on each step of the final clean-up.
 CLEANUP_STEP = 3.0
+#: How long (seconds) a cancellation of a run not executing here is remembered, and how many
+#: at most: its run may arrive an instant later, before the marker mirror has the marker.
+EARLY_KEPT = 60.0
+EARLY_MAX = 10_000
 
 Handler = Callable[[JobContext], Any]
 H = TypeVar("H", bound=Handler)
@@ -136,14 +142,28 @@ def ack_info(reply: str) -> tuple[int, int]:
 
 @dataclass
 class _Registration:
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    """One shard of a run executing here."""
+
+    #: The run was cancelled.
+    cancelled: bool = False
+    #: Done once the handler must be asked to stop (cancelled, or the shutdown deadline).
+    wake: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def interrupt(self) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
 
 
 class _Cancellable:
-    """Runs executing here that a cancellation can reach."""
+    """Runs executing here that a cancellation can reach. A cancellation of a run not
+    executing here is remembered for a while (`EARLY_KEPT`, at most `EARLY_MAX` of them): its
+    run may arrive an instant later, before the marker mirror has seen the marker."""
 
     def __init__(self) -> None:
         self._runs: dict[str, tuple[list[_Registration], list[str]]] = {}
+        self._early: dict[str, tuple[str, float]] = {}
 
     def register(self, run_id: str) -> _Registration:
         reg = _Registration()
@@ -159,12 +179,32 @@ class _Cancellable:
             del self._runs[run_id]
 
     def cancel(self, run_id: str, reason: str) -> None:
+        """Cancels every shard of `run_id` executing here; remembers the cancellation of a
+        run that is not."""
         entry = self._runs.get(run_id)
         if entry is None:
+            now = time.monotonic()
+            self._early = {k: v for k, v in self._early.items() if now - v[1] < EARLY_KEPT}
+            if len(self._early) < EARLY_MAX:
+                self._early[run_id] = (reason, now)
             return
         entry[1][:] = [reason]
         for r in entry[0]:
-            r.event.set()
+            r.cancelled = True
+            r.interrupt()
+
+    def interrupt_all(self) -> None:
+        """Wakes every run executing here (the shutdown deadline passed)."""
+        for regs, _ in self._runs.values():
+            for r in regs:
+                r.interrupt()
+
+    def cancelled_early(self, run_id: str) -> str | None:
+        """The reason of a recent cancellation of `run_id` received before it arrived here."""
+        early = self._early.get(run_id)
+        if early is None or time.monotonic() - early[1] >= EARLY_KEPT:
+            return None
+        return early[0]
 
     def reason(self, run_id: str) -> str | None:
         entry = self._runs.get(run_id)
@@ -204,6 +244,7 @@ class Worker:
         cancel_grace: float = 5.0,
         heartbeat_interval: float = 3.0,
         pull_expiry: float = 2.0,
+        report_start_after: float = 0.1,
         version: str = __version__,
     ) -> None:
         if not _is_token(app):
@@ -218,6 +259,8 @@ class Worker:
             raise ConfigError("weight × slots must be at most 10000")
         if ack_wait < 1:
             raise ConfigError("ack_wait must be at least 1 s")
+        if not report_start_after >= 0:
+            raise ConfigError("report_start_after must be at least 0 s")
         base = nats if nats is not None else NatsConfig.from_env(nats_url)
         if nats is not None and nats_url is not None:
             base = base.with_(url=nats_url)
@@ -241,6 +284,11 @@ class Worker:
         self.cancel_grace = cancel_grace
         self.heartbeat_interval = heartbeat_interval
         self.pull_expiry = pull_expiry
+        #: How long an attempt runs before its ``started`` event is sent (seconds). An attempt
+        #: that ends sooner without logging sends no ``started`` event: its ``finished`` event
+        #: carries the start (``startedAt``), one message stored and recorded instead of two.
+        #: The run shows as RUNNING this much later; 0 sends ``started`` at once.
+        self.report_start_after = report_start_after
         self.version = version
         self._handlers: dict[str, Handler] = {}
         self._stop: asyncio.Event | None = None
@@ -332,6 +380,8 @@ class _Run:
         #: Ends the heartbeat loop (see `finish`).
         self.heartbeat_done = asyncio.Event()
         self.cancellable = _Cancellable()
+        self.markers = Markers()
+        self.mirror: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.started_at = now_rfc3339()
         self.nc: Client | None = None
@@ -359,6 +409,9 @@ class _Run:
                 if await self.wait_for(what, functools.partial(self.find_stream, stream, what)) is None:
                     return
             await nc.subscribe(f"krest.cancel.{w.app}", cb=self.on_cancel)
+            self.mirror = asyncio.create_task(
+                mirror(js, self.markers, self.stop), name="krest-cancel-markers"
+            )
             app_source = self.app_source()
             app_consumer = await self.wait_for("the app's consumer", app_source)
             if app_consumer is None:
@@ -380,13 +433,15 @@ class _Run:
                 return
             heartbeat = asyncio.create_task(self.heartbeat_loop(), name="krest-heartbeat")
             tasks = await asyncio.gather(
-                self.pull_loop(app_consumer, app_source),
-                self.pull_loop(inst_consumer, inst),
+                self.pull(app_consumer, app_source).run(),
+                self.pull(inst_consumer, inst).run(),
             )
             running = tasks[0] | tasks[1]
             await self.drain(running)
             await self.finish(heartbeat)
         finally:
+            if self.mirror is not None:
+                self.mirror.cancel()
             if self.nc is not None and not self.nc.is_closed:
                 self.closing = True
                 try:
@@ -623,116 +678,26 @@ class _Run:
         op = (m.headers or {}).get("KV-Operation")
         if op in ("DEL", "PURGE") or not m.data:
             return None
-        try:
-            return str(json.loads(m.data)["reason"])
-        except (ValueError, KeyError, TypeError):
-            return "cancelled"
+        return reason_of(m.data)
 
     # -- pulling -----------------------------------------------------------------------------
 
-    async def pull_loop(
-        self, info: ConsumerInfo, recreate: Callable[[], Awaitable[ConsumerInfo]]
-    ) -> set[asyncio.Task[None]]:
-        """Pulls runs within capacity until stopped; returns the tasks still running."""
-        nc = self.nc
-        assert nc is not None
+    def pull(self, info: ConsumerInfo, recreate: Callable[[], Awaitable[ConsumerInfo]]) -> PullLoop:
+        """The pull loop of one consumer (see `_pull`): `weight × slots` slots."""
+        assert self.nc is not None
         w = self.w
-        tasks: set[asyncio.Task[None]] = set()
-        inbox = nc.new_inbox()
-        stop_wait = asyncio.ensure_future(self.stop.wait())
-        failures = 0
-        k = 0
-        try:
-            while not self.stop.is_set():
-                free = w.capacity - len(tasks)
-                if free <= 0:
-                    await asyncio.wait(tasks | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                    tasks = {t for t in tasks if not t.done()}
-                    continue
-                name = info.name
-                progress_every = max((info.config.ack_wait or w.ack_wait) / 3.0, 0.5)
-                k += 1
-                ok = False
-                try:
-                    ok = await self.pull(f"{inbox}.{k}", name, free, progress_every, tasks)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("pulling runs failed: %s", e)
-                tasks = {t for t in tasks if not t.done()}
-                if ok:
-                    failures = 0
-                    continue
-                failures += 1
-                if failures == 1 or failures % 10 == 0:
-                    log.warning("pulling runs from %s failed (%d failures); retrying", name, failures)
-                if not await self.pause(failures):
-                    break
-                # The consumer may have been removed (an instance's, by the leader): recreate.
-                if failures % 3 == 0:
-                    try:
-                        info = await recreate()
-                    except Exception as e:  # noqa: BLE001
-                        log.warning("cannot recreate consumer %s: %s", name, e)
-        finally:
-            stop_wait.cancel()
-        return {t for t in tasks if not t.done()}
-
-    async def pull(
-        self,
-        reply: str,
-        consumer: str,
-        free: int,
-        progress_every: float,
-        tasks: set[asyncio.Task[None]],
-    ) -> bool:
-        """One pull request for up to `free` runs, each started as a task in `tasks`; False
-        when the request failed (no answer, or an error status)."""
-        nc = self.nc
-        assert nc is not None
-        w = self.w
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def deliver(msg: Msg) -> None:
-            queue.put_nowait(msg)
-
-        # JetStream delivers with the messages' own subjects: one subscription per request
-        # tells which request a delivery answers.
-        sub = await nc.subscribe(reply, cb=deliver)
-        try:
-            request = {"batch": free, "expires": int(w.pull_expiry * 1e9)}
-            await nc.publish(
-                f"$JS.API.CONSUMER.MSG.NEXT.{WORK_STREAM}.{consumer}",
-                json.dumps(request).encode(),
-                reply=reply,
-            )
-            # Read the request to its end even when stopping: the server may still deliver to
-            # it, and such runs are handed back (nak) instead of waiting out their ack wait.
-            # It ends by itself when it expires (status 408); the extra bound covers a
-            # connection lost meanwhile.
-            end = time.monotonic() + w.pull_expiry + 2.0
-            got = 0
-            while got < free:
-                try:
-                    msg = await asyncio.wait_for(queue.get(), max(end - time.monotonic(), 0))
-                except asyncio.TimeoutError:
-                    return got > 0
-                status = (msg.headers or {}).get("Status")
-                if status == "100":
-                    continue
-                if status is not None:
-                    if status != "408":
-                        log.debug("pull request ended with status %s: %s", status, msg.headers)
-                    return status == "408" or got > 0
-                got += 1
-                if self.stop.is_set():
-                    await self.reply(msg, b"-NAK", final=False)
-                    continue
-                tasks.add(asyncio.create_task(self.process(msg, progress_every)))
-            return True
-        finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001
-                pass
+        return PullLoop(
+            self.nc,
+            WORK_STREAM,
+            info,
+            w.capacity,
+            w.pull_expiry,
+            w.ack_wait,
+            self.stop,
+            lambda msg, every, release: asyncio.create_task(self.process(msg, every, release)),
+            lambda msg: self.reply(msg, b"-NAK", final=False),
+            recreate,
+        )
 
     async def drain(self, running: set[asyncio.Task[None]]) -> None:
         """Graceful shutdown: waits for running handlers up to the shutdown timeout, then
@@ -749,6 +714,7 @@ class _Run:
                 len(pending),
             )
             self.hard_stop.set()
+            self.cancellable.interrupt_all()
             await asyncio.wait(pending)
 
     async def finish(self, heartbeat: asyncio.Task[None] | None) -> None:
@@ -800,17 +766,19 @@ class _Run:
         except Exception as e:  # noqa: BLE001
             log.warning("ack failed; the run may be redelivered: %s", e)
 
-    async def process(self, msg: Msg, progress_every: float) -> None:
-        """Handles one run message: executes, decides, reports, acknowledges."""
+    async def process(self, msg: Msg, progress_every: float, release: Callable[[], None]) -> None:
+        """Handles one run message: executes, decides, reports, acknowledges. `release` frees
+        the run's slot (once its handler has ended, at the latest when this returns)."""
         self.in_flight += 1
         try:
-            await self._process(msg, progress_every)
+            await self._process(msg, progress_every, release)
         except Exception:  # noqa: BLE001 - a bug here must not kill the worker
             log.exception("failure handling a run message; it will be redelivered")
         finally:
             self.in_flight -= 1
+            release()
 
-    async def _process(self, msg: Msg, progress_every: float) -> None:
+    async def _process(self, msg: Msg, progress_every: float, release: Callable[[], None]) -> None:
         events = self.events
         assert events is not None
         delivered, seq = ack_info(msg.reply)
@@ -837,12 +805,19 @@ class _Run:
         token = run.get("deliveryToken")
         if token:
             common["deliveryToken"] = token
-        events.send(
-            {"type": "started", **common, "at": now_rfc3339(), "scheduledAt": run["scheduledAt"]}
+        # Sent after the start-report delay or before the first log line; folded into
+        # `finished` if the attempt ends first.
+        start = StartReport(
+            {"type": "started", **common, "at": now_rfc3339(), "scheduledAt": run["scheduledAt"]},
+            events,
+            w.report_start_after,
         )
         clock = time.monotonic()
-        ending = await self.attempt_run(run, attempt, msg, progress_every)
+        ending = await self.attempt_run(run, attempt, msg, start, progress_every)
         duration_ms = int((time.monotonic() - clock) * 1000)
+        # A slot is a running handler: the next run may start while this one's result is
+        # stored and acknowledged (two round trips to the server).
+        release()
         decision = decide(ending, Facts.of(run, attempt, w.retry_backoff, w.instance))
         log.debug(
             "run %s shard %d attempt %d ended %s (will retry: %s)",
@@ -866,6 +841,11 @@ class _Run:
             finished["output"] = decision.output
         if decision.error is not None:
             finished["error"] = decision.error
+        folded = start.fold()
+        if folded is not None:
+            finished["startedAt"], due = folded
+            if due is not None:
+                finished["scheduledAt"] = due
         # A run message is answered only once its result is stored.
         try:
             await events.send_confirmed(finished)
@@ -921,7 +901,12 @@ class _Run:
         await self.reply(msg, b"+TERM", final=True)
 
     async def attempt_run(
-        self, run: dict[str, Any], attempt: int, msg: Msg, progress_every: float
+        self,
+        run: dict[str, Any],
+        attempt: int,
+        msg: Msg,
+        start: StartReport,
+        progress_every: float,
     ) -> Ending:
         """Makes the attempt: a run with a cancel marker ends CANCELLED without executing; a
         run for a handler this instance lacks fails naming it; otherwise the handler runs."""
@@ -930,7 +915,13 @@ class _Run:
         # Registered before the marker check, so a cancellation arriving in between counts.
         reg = self.cancellable.register(run_id)
         try:
-            reason = await self.cancel_marker(run_id)
+            reason = self.cancellable.cancelled_early(run_id)
+            if reason is None:
+                mirrored = self.markers.lookup(run_id)
+                # The mirror cannot tell (not caught up, or too many markers): ask the bucket.
+                reason = (
+                    await self.cancel_marker(run_id) if isinstance(mirrored, Unknown) else mirrored
+                )
             if reason is not None:
                 return Ending(Kind.CANCELLED, reason)
             handler = w._handlers.get(str(run["path"]))
@@ -941,8 +932,8 @@ class _Run:
                     f"(it has: {', '.join(sorted(w._handlers))})",
                 )
             assert self.events is not None
-            ctx = JobContext(run, attempt, w.instance, self.events)
-            ending = await self.execute(handler, ctx, msg, progress_every, run, reg)
+            ctx = JobContext(run, attempt, w.instance, self.events, start)
+            ending = await self.execute(handler, ctx, msg, progress_every, run, reg, start)
             if ending.kind is Kind.CANCELLED and not ending.text:
                 ending = Ending(Kind.CANCELLED, self.cancellable.reason(run_id) or "cancelled")
             return ending
@@ -957,9 +948,11 @@ class _Run:
         progress_every: float,
         run: dict[str, Any],
         reg: _Registration,
+        start: StartReport,
     ) -> Ending:
         """Runs the handler, sending progress acks while it runs and stopping it at the job's
-        timeout, on cancellation, or when the worker's shutdown deadline passes."""
+        timeout, on cancellation, or when the worker's shutdown deadline passes; sends the
+        attempt's ``started`` event once it has run for the start-report delay."""
         loop = asyncio.get_running_loop()
         task: asyncio.Future[Any]
         if inspect.iscoroutinefunction(handler):
@@ -971,59 +964,61 @@ class _Run:
         now = time.monotonic()
         deadline = now + float(timeout) if isinstance(timeout, int) and timeout > 0 else None
         next_tick = now + progress_every
-        cancel_wait = asyncio.ensure_future(reg.event.wait())
-        hard_wait = asyncio.ensure_future(self.hard_stop.wait())
+        report_start: float | None = now + start.after if start.after > 0 else None
+        if self.hard_stop.is_set():
+            reg.interrupt()
         stopping: tuple[Kind, float] | None = None
-        try:
-            while True:
-                wake = next_tick
-                if stopping is None and deadline is not None:
-                    wake = min(wake, deadline)
-                if stopping is not None:
-                    wake = min(wake, stopping[1])
-                waiters: set[asyncio.Future[Any]] = {task}
-                if stopping is None:
-                    waiters |= {cancel_wait, hard_wait}
-                await asyncio.wait(
-                    waiters,
-                    timeout=max(wake - time.monotonic(), 0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if task.done():
-                    if stopping is not None and stopping[0] in (Kind.TIMED_OUT, Kind.CANCELLED):
-                        return Ending(stopping[0])
-                    ending = _ending_of(task)
-                    if stopping is not None and ending.kind is not Kind.SUCCEEDED:
-                        # Interrupted by the shutdown deadline: a handler that stopped as asked
-                        # (typically by raising) hands its run back; a success stays one.
-                        return Ending(Kind.INTERRUPTED)
-                    return ending
-                now = time.monotonic()
-                if stopping is None:
-                    why: Kind | None = None
-                    if reg.event.is_set():
-                        why = Kind.CANCELLED
-                    elif self.hard_stop.is_set():
-                        why = Kind.INTERRUPTED
-                    elif deadline is not None and now >= deadline:
-                        why = Kind.TIMED_OUT
-                    if why is not None:
-                        ctx._request_stop()
-                        stopping = (why, now + self.w.cancel_grace)
-                elif now >= stopping[1]:
-                    # Past the grace: an async handler is cancelled; a thread cannot be
-                    # stopped, and is abandoned (its result is ignored).
-                    task.cancel()
+        while True:
+            wake = next_tick
+            if report_start is not None:
+                wake = min(wake, report_start)
+            if stopping is None and deadline is not None:
+                wake = min(wake, deadline)
+            if stopping is not None:
+                wake = min(wake, stopping[1])
+            waiters: set[asyncio.Future[Any]] = {task}
+            if stopping is None:
+                waiters.add(reg.wake)
+            await asyncio.wait(
+                waiters,
+                timeout=max(wake - time.monotonic(), 0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if task.done():
+                if stopping is not None and stopping[0] in (Kind.TIMED_OUT, Kind.CANCELLED):
                     return Ending(stopping[0])
-                if now >= next_tick:
-                    next_tick = now + progress_every
-                    try:
-                        await self.nc.publish(msg.reply, b"+WPI")  # type: ignore[union-attr]
-                    except Exception as e:  # noqa: BLE001
-                        log.debug("progress ack failed: %s", e)
-        finally:
-            cancel_wait.cancel()
-            hard_wait.cancel()
+                ending = _ending_of(task)
+                if stopping is not None and ending.kind is not Kind.SUCCEEDED:
+                    # Interrupted by the shutdown deadline: a handler that stopped as asked
+                    # (typically by raising) hands its run back; a success stays one.
+                    return Ending(Kind.INTERRUPTED)
+                return ending
+            now = time.monotonic()
+            if report_start is not None and now >= report_start:
+                report_start = None
+                start.send()
+            if stopping is None:
+                why: Kind | None = None
+                if reg.cancelled:
+                    why = Kind.CANCELLED
+                elif self.hard_stop.is_set():
+                    why = Kind.INTERRUPTED
+                elif deadline is not None and now >= deadline:
+                    why = Kind.TIMED_OUT
+                if why is not None:
+                    ctx._request_stop()
+                    stopping = (why, now + self.w.cancel_grace)
+            elif now >= stopping[1]:
+                # Past the grace: an async handler is cancelled; a thread cannot be
+                # stopped, and is abandoned (its result is ignored).
+                task.cancel()
+                return Ending(stopping[0])
+            if now >= next_tick:
+                next_tick = now + progress_every
+                try:
+                    await self.nc.publish(msg.reply, b"+WPI")  # type: ignore[union-attr]
+                except Exception as e:  # noqa: BLE001
+                    log.debug("progress ack failed: %s", e)
 
     async def acknowledge(
         self, msg: Msg, run: dict[str, Any], attempt: int, decision: Decision
