@@ -7,14 +7,16 @@ slots)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from typing import Any
 
 import nats
 import nats.errors
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from conftest import Krest, Workers, eventually
+from krest_worker import _pull
 from krest_worker._markers import CANCELS_BUCKET, Markers, Unknown, mirror
 
 WORKER_EVENTS = ("started", "log", "finished")
@@ -167,3 +169,48 @@ def test_pipelined_pulls_never_hold_more_runs_than_slots(krest: Krest, workers: 
     assert d["run"]["status"] == "SUCCEEDED", d
     most = [int(a["output"]) for a in d["attempts"]]
     assert len(most) == 24 and max(most) <= 4, f"more than weight × slots = 4 at once: {most}"
+
+
+async def test_pull_requests_never_answered_look_the_consumer_up(
+    krest: Krest, monkeypatch: Any
+) -> None:
+    # A pull request whose end never comes (its consumer gone without a word, a connection
+    # lost) is given up at its deadline; three in a row look the consumer up, as three that
+    # the server ended with an error do.
+    monkeypatch.setattr(_pull, "END_SLACK", 0.1)
+    nc = await nats.connect(krest.url)
+    swallowed: list[bytes] = []
+
+    async def swallow(msg: Any) -> None:
+        swallowed.append(msg.data)
+
+    await nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.KREST_NOPE.swallow", cb=swallow)
+    info = ConsumerInfo(
+        name="swallow",
+        stream_name="KREST_NOPE",
+        config=ConsumerConfig(name="swallow", ack_wait=30.0),
+        created=datetime.datetime.now(datetime.timezone.utc),
+    )
+    stop = asyncio.Event()
+    looked_up = asyncio.Event()
+
+    async def recreate() -> ConsumerInfo:
+        looked_up.set()
+        return info
+
+    def start(msg: Any, every: float, release: Any) -> asyncio.Task[None]:
+        raise AssertionError("nothing is delivered")
+
+    async def hand_back(msg: Any) -> None:
+        raise AssertionError("nothing is delivered")
+
+    loop = _pull.PullLoop(nc, "KREST_NOPE", info, 4, 0.1, 30.0, stop, start, hand_back, recreate)
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.wait_for(looked_up.wait(), 30)
+        assert len(swallowed) >= 3, swallowed
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await nc.close()

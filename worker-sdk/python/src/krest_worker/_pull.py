@@ -105,7 +105,7 @@ class PullLoop:
         try:
             while not self.stop.is_set():
                 now = time.monotonic()
-                self._expire(now)
+                await self._expire(now)
                 if self.spare > 0 and now >= self.not_before and (not self.open or self.spare >= gather):
                     await self._ask(self.spare)
                     continue
@@ -196,16 +196,17 @@ class PullLoop:
             self.spare += request.asked - request.got
             await _unsubscribe(request.sub)
 
-    def _expire(self, now: float) -> None:
-        """Gives up requests past their deadline (their end never arrived)."""
+    async def _expire(self, now: float) -> None:
+        """Gives up requests past their deadline (their end never arrived). One that got
+        nothing counts as a failed request, as one the server ended with an error: the consumer
+        behind an unanswered request may be gone, and every third failure looks it up."""
         for rid, request in list(self.open.items()):
             if now >= request.deadline:
                 self.open.pop(rid)
                 self.spare += request.asked - request.got
                 asyncio.ensure_future(_unsubscribe(request.sub))
                 if request.got == 0:
-                    self.failures += 1
-                    self.not_before = now + RECONNECT.delay(self.failures)
+                    await self._failed()
 
     async def _failed(self) -> None:
         """Counts a failed request: the next waits the reconnect backoff's delay, and every
