@@ -1329,32 +1329,45 @@ impl Store {
             at = Some(job);
             inclusive = false;
         }
+        self.delete_ended(&ids).await
+    }
+
+    /// Deletes those of `ids` that are still ended, with their attempts and log lines, in one
+    /// transaction; returns how many runs it deleted. The runs go first, re-checked: a run
+    /// that came back to life since it was chosen (a late event) keeps its row, its attempts
+    /// and its log lines — only the attempts and lines of runs actually deleted go.
+    async fn delete_ended(&self, ids: &[String]) -> Result<u64, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let list = list_placeholders(self.backend, ids.len());
         let vals: Vec<Val> = ids.iter().map(|s| Val::from(s.as_str())).collect();
         let mut tx = self.pool.begin().await?;
-        for table in ["logs", "attempts"] {
-            bind_all(
-                sqlx::query(&format!("DELETE FROM {table} WHERE run_id IN ({list})")),
-                vals.clone(),
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        // Re-checked: a run that came back to life since the select is kept.
-        let deleted = bind_all(
+        let gone: Vec<String> = bind_all(
             sqlx::query(&format!(
-                "DELETE FROM runs WHERE run_id IN ({list}) AND {PRUNE_ENDED}"
+                "DELETE FROM runs WHERE run_id IN ({list}) AND {PRUNE_ENDED} RETURNING run_id"
             )),
             vals,
         )
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?
-        .rows_affected();
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, sqlx::Error>>()?;
+        if !gone.is_empty() {
+            let list = list_placeholders(self.backend, gone.len());
+            let vals: Vec<Val> = gone.iter().map(|s| Val::from(s.as_str())).collect();
+            for table in ["logs", "attempts"] {
+                bind_all(
+                    sqlx::query(&format!("DELETE FROM {table} WHERE run_id IN ({list})")),
+                    vals.clone(),
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         tx.commit().await?;
-        Ok(deleted)
+        Ok(gone.len() as u64)
     }
 
     /// The first job with runs at or after (`inclusive`) or after `at`, in `(group, name)`
@@ -2401,6 +2414,55 @@ mod tests {
         prune_like_ranking => retention_prunes_what_ranking_every_run_would,
         tally => a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts,
         one_shard => one_shard_runs_recorded_at_once_or_event_by_event_have_the_same_summary,
+        prune_alive => a_run_alive_again_when_pruned_keeps_its_attempts_and_lines,
+    }
+
+    /// Retention chooses runs, then deletes them: a run that a late event brought back to
+    /// life in between keeps its row and its attempts and log lines (before, the attempts
+    /// and lines of every chosen run went, and the row that stayed lost its history).
+    async fn a_run_alive_again_when_pruned_keeps_its_attempts_and_lines(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        for (id, status) in [("g.j.ended", "FAILED"), ("g.j.alive", "RUNNING")] {
+            sqlx::query(
+                "INSERT INTO runs (run_id, job_group, job_name, app_name, scheduled_at, status) \
+                 VALUES ($1, 'g', 'j', 'a', 1, $2)",
+            )
+            .bind(id)
+            .bind(status)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO attempts (run_id, shard, attempt, worker) VALUES ($1, 0, 1, 'w')",
+            )
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO logs (run_id, shard, attempt, seq, at, level, line) \
+                 VALUES ($1, 0, 1, 1, 1, 'INFO', 'x')",
+            )
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        // Both were chosen while ended; one has come back to life since.
+        let chosen = ["g.j.ended".to_string(), "g.j.alive".to_string()];
+        assert_eq!(store.delete_ended(&chosen).await.unwrap(), 1);
+        for (table, kept) in [("runs", 1), ("attempts", 1), ("logs", 1)] {
+            let ids: Vec<String> = sqlx::query(&format!("SELECT run_id FROM {table}"))
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.try_get(0).unwrap())
+                .collect();
+            assert_eq!(ids.len(), kept, "{table}: {ids:?}");
+            assert_eq!(ids, ["g.j.alive"], "{table}");
+        }
     }
 
     /// Events of a SHARDING run of 4 shards with retries, an end before its start, a tie in
