@@ -2452,17 +2452,20 @@ mod tests {
         // Both were chosen while ended; one has come back to life since.
         let chosen = ["g.j.ended".to_string(), "g.j.alive".to_string()];
         assert_eq!(store.delete_ended(&chosen).await.unwrap(), 1);
-        for (table, kept) in [("runs", 1), ("attempts", 1), ("logs", 1)] {
-            let ids: Vec<String> = sqlx::query(&format!("SELECT run_id FROM {table}"))
-                .fetch_all(&store.pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.try_get(0).unwrap())
-                .collect();
-            assert_eq!(ids.len(), kept, "{table}: {ids:?}");
-            assert_eq!(ids, ["g.j.alive"], "{table}");
+        for table in ["runs", "attempts", "logs"] {
+            assert_eq!(run_ids_in(&store, table).await, ["g.j.alive"], "{table}");
         }
+    }
+
+    /// The `run_id` column of every row of `table`.
+    async fn run_ids_in(store: &Store, table: &str) -> Vec<String> {
+        sqlx::query(&format!("SELECT run_id FROM {table}"))
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get(0).unwrap())
+            .collect()
     }
 
     /// Events of a SHARDING run of 4 shards with retries, an end before its start, a tie in
@@ -3167,13 +3170,8 @@ mod tests {
                     };
                     fill().await;
                     let expected = prunable_by_ranking(&store, &rule).await;
-                    let before: HashSet<String> = sqlx::query("SELECT run_id FROM runs")
-                        .fetch_all(&store.pool)
-                        .await
-                        .unwrap()
-                        .iter()
-                        .map(|r| r.try_get(0).unwrap())
-                        .collect();
+                    let before: HashSet<String> =
+                        run_ids_in(&store, "runs").await.into_iter().collect();
                     // Batches of 2, each starting where the last full one stopped.
                     let mut from = None;
                     let mut deleted = 0;
@@ -3184,13 +3182,8 @@ mod tests {
                             break;
                         }
                     }
-                    let after: HashSet<String> = sqlx::query("SELECT run_id FROM runs")
-                        .fetch_all(&store.pool)
-                        .await
-                        .unwrap()
-                        .iter()
-                        .map(|r| r.try_get(0).unwrap())
-                        .collect();
+                    let after: HashSet<String> =
+                        run_ids_in(&store, "runs").await.into_iter().collect();
                     let mut gone: Vec<String> = before.difference(&after).cloned().collect();
                     gone.sort();
                     assert_eq!(gone, expected, "{rule:?}");
