@@ -558,3 +558,113 @@ mod resolve_tests {
         assert_eq!(distance_within("abc", "abc", 0), Some(0));
     }
 }
+
+/// What the table and the leader's schedules hold per job. Run alone with
+/// `KREST_TABLE_JOBS=100000 cargo test -p krest --lib table_memory -- --nocapture` it prints
+/// the process's RSS growth per job (or profile it with heaptrack for where each byte goes).
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::leader::engine::Schedules;
+    use chrono::{TimeZone, Utc};
+
+    fn rss() -> u64 {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4096)
+    }
+
+    /// The definitions of the benchmarks: `precision --cron` (no args, one expression) and
+    /// `api --apply-only` (an object as args, 100 groups, 60 expressions).
+    fn stored(i: usize, with_args: bool) -> Vec<u8> {
+        let doc = if with_args {
+            serde_json::json!({
+                "appName": "bench", "jobGroup": format!("g{:02}", i % 100),
+                "jobName": format!("job-{i:06}"), "path": "noop",
+                "cron": format!("0 {} 3 1 1 ?", i % 60), "args": {"i": i}
+            })
+        } else {
+            serde_json::json!({
+                "appName": "bench", "jobGroup": "bench",
+                "jobName": format!("j{i:06}"), "path": "noop", "cron": "0 0 3 1 1 ?"
+            })
+        };
+        let at = Utc.with_ymd_and_hms(2026, 12, 4, 0, 0, 0).unwrap();
+        let stored = StoredJob {
+            spec: krest_schemas::parse_job(&doc).unwrap(),
+            created_at: at,
+            updated_at: at,
+            version: 1,
+        };
+        serde_json::to_vec(&stored).unwrap()
+    }
+
+    #[test]
+    fn table_memory_per_job() {
+        let n: usize = std::env::var("KREST_TABLE_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let entry_size = std::mem::size_of::<JobEntry>();
+        println!(
+            "sizes: JobEntry {entry_size} B, JobSpec {} B",
+            std::mem::size_of::<krest_schemas::JobSpec>()
+        );
+        // Optional texts as `Box<str>`, rarely set parts boxed: 432 bytes (648 with `String`s
+        // and unboxed parts). With its `Arc`'s counts, 448 bytes: one of mimalloc's size classes.
+        assert!(entry_size <= 432, "JobEntry is {entry_size} bytes");
+        let mut kept = Vec::new();
+        for with_args in [false, true] {
+            let before = rss();
+            let table = JobTable::default();
+            for i in 0..n {
+                let value = stored(i, with_args);
+                let stored = parse_stored(&value).unwrap();
+                let key = stored.spec.key();
+                table.upsert(
+                    key,
+                    JobEntry {
+                        stored,
+                        revision: i as u64 + 1,
+                        version: 1,
+                    },
+                );
+            }
+            let loaded = rss();
+            let mut schedules = Schedules::default();
+            for (key, entry) in table.all() {
+                schedules.set(&key, Some(entry), None);
+            }
+            let scheduled = rss();
+            println!(
+                "{n} jobs {}: table {} B/job, schedules {} B/job (RSS growth)",
+                if with_args {
+                    "with args, 60 crons"
+                } else {
+                    "without args, one cron"
+                },
+                loaded.saturating_sub(before) / n as u64,
+                scheduled.saturating_sub(loaded) / n as u64,
+            );
+            assert_eq!(table.len(), n);
+            assert_eq!(schedules.len(), n);
+            assert_eq!(
+                schedules.distinct_schedules(),
+                if with_args { 60 } else { 1 }
+            );
+            let (key, expected) = if with_args {
+                ("g07.job-000007", r#"{"i":7}"#)
+            } else {
+                ("bench.j000007", "null")
+            };
+            // args are one buffer of compact JSON, not a tree of values.
+            let entry = table.get(key).unwrap();
+            assert_eq!(entry.stored.spec.args.json(), expected);
+            // One copy of the key for the schedule's map and its heap entry.
+            assert_eq!(schedules.key_copies(key), Some(2));
+            // Kept to the end, so the next shape's growth is its own.
+            kept.push((table, schedules));
+        }
+    }
+}
