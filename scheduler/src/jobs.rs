@@ -110,7 +110,8 @@ pub async fn number_of(
 /// The shared job table.
 #[derive(Debug)]
 pub struct JobTable {
-    jobs: RwLock<BTreeMap<String, Arc<JobEntry>>>,
+    /// Keyed by `group.name`, each key one shared string ([`JobTable::get_shared`]).
+    jobs: RwLock<BTreeMap<Arc<str>, Arc<JobEntry>>>,
     /// Bumped on every change, so writers can wait to read their own writes.
     version: watch::Sender<u64>,
     /// The newest bucket revision (stream sequence) the watch has applied.
@@ -188,10 +189,10 @@ fn distance_within(a: &str, b: &str, max: usize) -> Option<usize> {
 
 /// Existing keys close to `name` (a bare name or `group.name`): within a few edits of the
 /// key or of its job name, or containing it; closest first, at most three.
-fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a String, &'a str)>) -> Vec<String> {
+fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
     let lower = name.to_lowercase();
     let max = (name.chars().count() / 4).clamp(1, 3);
-    let mut found: Vec<(usize, &String)> = keys
+    let mut found: Vec<(usize, &str)> = keys
         .filter_map(|(key, job_name)| {
             let d = distance_within(&lower, &key.to_lowercase(), max)
                 .or_else(|| distance_within(&lower, &job_name.to_lowercase(), max))
@@ -202,7 +203,11 @@ fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a String, &'a str)>
         })
         .collect();
     found.sort();
-    found.into_iter().take(3).map(|(_, k)| k.clone()).collect()
+    found
+        .into_iter()
+        .take(3)
+        .map(|(_, k)| k.to_string())
+        .collect()
 }
 
 impl JobTable {
@@ -211,8 +216,18 @@ impl JobTable {
         self.jobs.read().ok()?.get(key).cloned()
     }
 
+    /// The entry for `key`, with the table's copy of the key (shared with the leader's
+    /// schedules: [`crate::leader::engine::Schedules::set_shared`]).
+    pub fn get_shared(&self, key: &str) -> Option<(Arc<str>, Arc<JobEntry>)> {
+        self.jobs
+            .read()
+            .ok()?
+            .get_key_value(key)
+            .map(|(k, e)| (k.clone(), e.clone()))
+    }
+
     /// Every entry, by key.
-    pub fn all(&self) -> Vec<(String, Arc<JobEntry>)> {
+    pub fn all(&self) -> Vec<(Arc<str>, Arc<JobEntry>)> {
         self.jobs
             .read()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
@@ -252,7 +267,7 @@ impl JobTable {
             .take_while(|(k, _)| prefix.as_deref().is_none_or(|p| k.starts_with(p)))
             .filter(|(_, e)| keep(e))
             .take(n)
-            .map(|(k, e)| (k.clone(), e.clone()))
+            .map(|(k, e)| (k.to_string(), e.clone()))
             .collect()
     }
 
@@ -293,14 +308,14 @@ impl JobTable {
         }
         if let Some((group, job)) = name.split_once('/') {
             let key = krest_schemas::names::job_key(group, job);
-            if jobs.contains_key(&key) {
+            if jobs.contains_key(key.as_str()) {
                 return Ok(key);
             }
         }
         let mut candidates: Vec<String> = jobs
             .iter()
             .filter(|(_, e)| e.stored.spec.job_name == name)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_string())
             .collect();
         candidates.sort();
         match candidates.len() {
@@ -309,7 +324,7 @@ impl JobTable {
                 suggestions: suggestions(
                     name,
                     jobs.iter()
-                        .map(|(k, e)| (k, e.stored.spec.job_name.as_str())),
+                        .map(|(k, e)| (&**k, e.stored.spec.job_name.as_str())),
                 ),
             }),
             1 => Ok(candidates.remove(0)),
@@ -344,8 +359,9 @@ impl JobTable {
     fn upsert(&self, key: String, entry: JobEntry) -> bool {
         let changed = match self.jobs.write() {
             Ok(mut m) => {
-                let changed = m.get(&key).map(|e| e.revision) != Some(entry.revision);
-                m.insert(key, Arc::new(entry));
+                let changed = m.get(key.as_str()).map(|e| e.revision) != Some(entry.revision);
+                // An existing key keeps its copy (shared with the schedules).
+                m.insert(Arc::from(key), Arc::new(entry));
                 changed
             }
             Err(_) => false,
@@ -534,7 +550,7 @@ mod resolve_tests {
         .iter()
         .map(|(k, n)| (k.to_string(), n.to_string()))
         .collect();
-        let s = |name: &str| suggestions(name, keys.iter().map(|(k, n)| (k, n.as_str())));
+        let s = |name: &str| suggestions(name, keys.iter().map(|(k, n)| (k.as_str(), n.as_str())));
         assert_eq!(
             s("demo-jb3"),
             ["default-jobGroup.demo-job3", "default-jobGroup.demo-job2"]
@@ -634,7 +650,7 @@ mod memory_tests {
             let loaded = rss();
             let mut schedules = Schedules::default();
             for (key, entry) in table.all() {
-                schedules.set(&key, Some(entry), None);
+                schedules.set_shared(key, Some(entry), None);
             }
             let scheduled = rss();
             println!(
@@ -661,8 +677,8 @@ mod memory_tests {
             // args are one buffer of compact JSON, not a tree of values.
             let entry = table.get(key).unwrap();
             assert_eq!(entry.stored.spec.args.json(), expected);
-            // One copy of the key for the schedule's map and its heap entry.
-            assert_eq!(schedules.key_copies(key), Some(2));
+            // One copy of the key for the table, the schedule's map and its heap entry.
+            assert_eq!(schedules.key_copies(key), Some(3));
             // Kept to the end, so the next shape's growth is its own.
             kept.push((table, schedules));
         }

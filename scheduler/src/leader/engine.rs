@@ -189,18 +189,33 @@ impl Schedules {
         entry: Option<Arc<JobEntry>>,
         anchor_floor: Option<DateTime<Utc>>,
     ) {
+        let shared = self
+            .jobs
+            .get_key_value(key)
+            .map_or_else(|| Arc::from(key), |(k, _)| k.clone());
+        self.set_shared(shared, entry, anchor_floor);
+    }
+
+    /// [`Schedules::set`] with the job's key as the job table holds it, so the table, this
+    /// map and the heap share one copy.
+    pub fn set_shared(
+        &mut self,
+        key: Arc<str>,
+        entry: Option<Arc<JobEntry>>,
+        anchor_floor: Option<DateTime<Utc>>,
+    ) {
         let Some(entry) = entry else {
-            self.remove(key);
+            self.remove(&key);
             return;
         };
-        if let Some(existing) = self.jobs.get(key) {
+        if let Some(existing) = self.jobs.get(&*key) {
             if existing.entry.revision == entry.revision {
                 return;
             }
         }
         let spec = &entry.stored.spec;
         if !spec.running {
-            self.remove(key);
+            self.remove(&key);
             return;
         }
         let interned = cron_key(spec).and_then(|k| self.parsed.get(&k).cloned());
@@ -216,17 +231,17 @@ impl Schedules {
                 }
                 Some(Err(e)) => {
                     tracing::error!(job = %key, error = %e, "cannot schedule job");
-                    self.remove(key);
+                    self.remove(&key);
                     return;
                 }
                 None => {
                     // Manual-only job.
-                    self.remove(key);
+                    self.remove(&key);
                     return;
                 }
             },
         };
-        let previous = self.jobs.get(key).map(|j| j.anchor);
+        let previous = self.jobs.get(&*key).map(|j| j.anchor);
         let anchor = [Some(entry.stored.updated_at), previous, anchor_floor]
             .into_iter()
             .flatten()
@@ -234,10 +249,11 @@ impl Schedules {
             .unwrap_or(entry.stored.updated_at);
         self.generation += 1;
         let generation = self.generation;
+        // The map's copy if it has one (stale heap entries hold it too), else the one given.
         let key: Arc<str> = self
             .jobs
-            .get_key_value(key)
-            .map_or_else(|| Arc::from(key), |(k, _)| k.clone());
+            .get_key_value(&*key)
+            .map_or(key, |(k, _)| k.clone());
         if let Some(next) = schedule.next_after(anchor) {
             self.heap
                 .push(Reverse((next.timestamp_millis(), generation, key.clone())));

@@ -189,14 +189,14 @@ impl Leader {
         let mut schedules = Schedules::default();
         let mut queued = HashMap::new();
         for (key, entry) in engine.table.all() {
-            let state = states.get(&key);
+            let state = states.get(&*key);
             let floor = anchor_floor(state, watermark.as_ref(), entry.revision);
-            schedules.set(&key, Some(entry.clone()), floor);
+            schedules.set_shared(key.clone(), Some(entry.clone()), floor);
             if let Some(q) = state.and_then(|s| s.queued.as_ref()) {
                 if entry.stored.spec.running {
                     let mut fire = Fire::scheduled(entry, q.scheduled_at, q.trigger, q.misfired);
                     fire.run_id = q.run_id.clone();
-                    queued.insert(key, fire);
+                    queued.insert(key.to_string(), fire);
                 }
             }
         }
@@ -260,14 +260,17 @@ impl Leader {
                 }
                 Some((key, revision)) = engine.changes.recv() => {
                     self.jobs_revision = self.jobs_revision.max(revision);
-                    let entry = engine.table.get(&key);
-                    if !entry.as_ref().is_some_and(|e| e.stored.spec.running) {
+                    let found = engine.table.get_shared(&key);
+                    if !found.as_ref().is_some_and(|(_, e)| e.stored.spec.running) {
                         // Deleted or paused: what it held queued is dropped with it.
                         if self.queued.remove(&key).is_some() {
                             self.forget_queued(engine, &key).await;
                         }
                     }
-                    self.schedules.set(&key, entry, None);
+                    match found {
+                        Some((shared, entry)) => self.schedules.set_shared(shared, Some(entry), None),
+                        None => self.schedules.set(&key, None, None),
+                    }
                 }
                 r = role.changed() => {
                     if r.is_err() {
