@@ -110,7 +110,8 @@ pub async fn number_of(
 /// The shared job table.
 #[derive(Debug)]
 pub struct JobTable {
-    jobs: RwLock<BTreeMap<String, Arc<JobEntry>>>,
+    /// Keyed by `group.name`, each key one shared string ([`JobTable::get_shared`]).
+    jobs: RwLock<BTreeMap<Arc<str>, Arc<JobEntry>>>,
     /// Bumped on every change, so writers can wait to read their own writes.
     version: watch::Sender<u64>,
     /// The newest bucket revision (stream sequence) the watch has applied.
@@ -188,10 +189,10 @@ fn distance_within(a: &str, b: &str, max: usize) -> Option<usize> {
 
 /// Existing keys close to `name` (a bare name or `group.name`): within a few edits of the
 /// key or of its job name, or containing it; closest first, at most three.
-fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a String, &'a str)>) -> Vec<String> {
+fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
     let lower = name.to_lowercase();
     let max = (name.chars().count() / 4).clamp(1, 3);
-    let mut found: Vec<(usize, &String)> = keys
+    let mut found: Vec<(usize, &str)> = keys
         .filter_map(|(key, job_name)| {
             let d = distance_within(&lower, &key.to_lowercase(), max)
                 .or_else(|| distance_within(&lower, &job_name.to_lowercase(), max))
@@ -202,7 +203,11 @@ fn suggestions<'a>(name: &str, keys: impl Iterator<Item = (&'a String, &'a str)>
         })
         .collect();
     found.sort();
-    found.into_iter().take(3).map(|(_, k)| k.clone()).collect()
+    found
+        .into_iter()
+        .take(3)
+        .map(|(_, k)| k.to_string())
+        .collect()
 }
 
 impl JobTable {
@@ -211,8 +216,18 @@ impl JobTable {
         self.jobs.read().ok()?.get(key).cloned()
     }
 
+    /// The entry for `key`, with the table's copy of the key (shared with the leader's
+    /// schedules: [`crate::leader::engine::Schedules::set_shared`]).
+    pub fn get_shared(&self, key: &str) -> Option<(Arc<str>, Arc<JobEntry>)> {
+        self.jobs
+            .read()
+            .ok()?
+            .get_key_value(key)
+            .map(|(k, e)| (k.clone(), e.clone()))
+    }
+
     /// Every entry, by key.
-    pub fn all(&self) -> Vec<(String, Arc<JobEntry>)> {
+    pub fn all(&self) -> Vec<(Arc<str>, Arc<JobEntry>)> {
         self.jobs
             .read()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
@@ -252,7 +267,7 @@ impl JobTable {
             .take_while(|(k, _)| prefix.as_deref().is_none_or(|p| k.starts_with(p)))
             .filter(|(_, e)| keep(e))
             .take(n)
-            .map(|(k, e)| (k.clone(), e.clone()))
+            .map(|(k, e)| (k.to_string(), e.clone()))
             .collect()
     }
 
@@ -293,14 +308,14 @@ impl JobTable {
         }
         if let Some((group, job)) = name.split_once('/') {
             let key = krest_schemas::names::job_key(group, job);
-            if jobs.contains_key(&key) {
+            if jobs.contains_key(key.as_str()) {
                 return Ok(key);
             }
         }
         let mut candidates: Vec<String> = jobs
             .iter()
             .filter(|(_, e)| e.stored.spec.job_name == name)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_string())
             .collect();
         candidates.sort();
         match candidates.len() {
@@ -309,7 +324,7 @@ impl JobTable {
                 suggestions: suggestions(
                     name,
                     jobs.iter()
-                        .map(|(k, e)| (k, e.stored.spec.job_name.as_str())),
+                        .map(|(k, e)| (&**k, e.stored.spec.job_name.as_str())),
                 ),
             }),
             1 => Ok(candidates.remove(0)),
@@ -344,8 +359,9 @@ impl JobTable {
     fn upsert(&self, key: String, entry: JobEntry) -> bool {
         let changed = match self.jobs.write() {
             Ok(mut m) => {
-                let changed = m.get(&key).map(|e| e.revision) != Some(entry.revision);
-                m.insert(key, Arc::new(entry));
+                let changed = m.get(key.as_str()).map(|e| e.revision) != Some(entry.revision);
+                // An existing key keeps its copy (shared with the schedules).
+                m.insert(Arc::from(key), Arc::new(entry));
                 changed
             }
             Err(_) => false,
@@ -534,7 +550,7 @@ mod resolve_tests {
         .iter()
         .map(|(k, n)| (k.to_string(), n.to_string()))
         .collect();
-        let s = |name: &str| suggestions(name, keys.iter().map(|(k, n)| (k, n.as_str())));
+        let s = |name: &str| suggestions(name, keys.iter().map(|(k, n)| (k.as_str(), n.as_str())));
         assert_eq!(
             s("demo-jb3"),
             ["default-jobGroup.demo-job3", "default-jobGroup.demo-job2"]
@@ -556,5 +572,115 @@ mod resolve_tests {
         assert_eq!(distance_within("kitten", "sitting", 2), None);
         assert_eq!(distance_within("", "ab", 2), Some(2));
         assert_eq!(distance_within("abc", "abc", 0), Some(0));
+    }
+}
+
+/// What the table and the leader's schedules hold per job. Run alone with
+/// `KREST_TABLE_JOBS=100000 cargo test -p krest --lib table_memory -- --nocapture` it prints
+/// the process's RSS growth per job (or profile it with heaptrack for where each byte goes).
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::leader::engine::Schedules;
+    use chrono::{TimeZone, Utc};
+
+    fn rss() -> u64 {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4096)
+    }
+
+    /// The definitions of the benchmarks: `precision --cron` (no args, one expression) and
+    /// `api --apply-only` (an object as args, 100 groups, 60 expressions).
+    fn stored(i: usize, with_args: bool) -> Vec<u8> {
+        let doc = if with_args {
+            serde_json::json!({
+                "appName": "bench", "jobGroup": format!("g{:02}", i % 100),
+                "jobName": format!("job-{i:06}"), "path": "noop",
+                "cron": format!("0 {} 3 1 1 ?", i % 60), "args": {"i": i}
+            })
+        } else {
+            serde_json::json!({
+                "appName": "bench", "jobGroup": "bench",
+                "jobName": format!("j{i:06}"), "path": "noop", "cron": "0 0 3 1 1 ?"
+            })
+        };
+        let at = Utc.with_ymd_and_hms(2026, 12, 4, 0, 0, 0).unwrap();
+        let stored = StoredJob {
+            spec: krest_schemas::parse_job(&doc).unwrap(),
+            created_at: at,
+            updated_at: at,
+            version: 1,
+        };
+        serde_json::to_vec(&stored).unwrap()
+    }
+
+    #[test]
+    fn table_memory_per_job() {
+        let n: usize = std::env::var("KREST_TABLE_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let entry_size = std::mem::size_of::<JobEntry>();
+        println!(
+            "sizes: JobEntry {entry_size} B, JobSpec {} B",
+            std::mem::size_of::<krest_schemas::JobSpec>()
+        );
+        // Optional texts as `Box<str>`, rarely set parts boxed: 432 bytes (648 with `String`s
+        // and unboxed parts). With its `Arc`'s counts, 448 bytes: one of mimalloc's size classes.
+        assert!(entry_size <= 432, "JobEntry is {entry_size} bytes");
+        let mut kept = Vec::new();
+        for with_args in [false, true] {
+            let before = rss();
+            let table = JobTable::default();
+            for i in 0..n {
+                let value = stored(i, with_args);
+                let stored = parse_stored(&value).unwrap();
+                let key = stored.spec.key();
+                table.upsert(
+                    key,
+                    JobEntry {
+                        stored,
+                        revision: i as u64 + 1,
+                        version: 1,
+                    },
+                );
+            }
+            let loaded = rss();
+            let mut schedules = Schedules::default();
+            for (key, entry) in table.all() {
+                schedules.set_shared(key, Some(entry), None);
+            }
+            let scheduled = rss();
+            println!(
+                "{n} jobs {}: table {} B/job, schedules {} B/job (RSS growth)",
+                if with_args {
+                    "with args, 60 crons"
+                } else {
+                    "without args, one cron"
+                },
+                loaded.saturating_sub(before) / n as u64,
+                scheduled.saturating_sub(loaded) / n as u64,
+            );
+            assert_eq!(table.len(), n);
+            assert_eq!(schedules.len(), n);
+            assert_eq!(
+                schedules.distinct_schedules(),
+                if with_args { 60 } else { 1 }
+            );
+            let (key, expected) = if with_args {
+                ("g07.job-000007", r#"{"i":7}"#)
+            } else {
+                ("bench.j000007", "null")
+            };
+            // args are one buffer of compact JSON, not a tree of values.
+            let entry = table.get(key).unwrap();
+            assert_eq!(entry.stored.spec.args.json(), expected);
+            // One copy of the key for the table, the schedule's map and its heap entry.
+            assert_eq!(schedules.key_copies(key), Some(3));
+            // Kept to the end, so the next shape's growth is its own.
+            kept.push((table, schedules));
+        }
     }
 }

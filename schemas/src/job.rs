@@ -68,29 +68,29 @@ pub struct JobSpec {
     pub job_type: JobType,
     /// Arguments handed to the handler: any JSON value. For SHARDING jobs a JSON array (one
     /// shard per element), or a string holding one (Krest-Job's form), normalized to an array.
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub args: Value,
+    #[serde(default, skip_serializing_if = "JobArgs::is_null")]
+    pub args: JobArgs,
     /// When the job fires: Quartz cron with seconds (`0/5 * * * * ?`) or 5-field cron. Absent:
     /// the job only runs when triggered by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cron: Option<String>,
+    pub cron: Option<Box<str>>,
     /// Fixed rate instead of a cron (`30s`, `5m`, `1h30m`): fires every period, counted from
     /// the job's creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub every: Option<String>,
+    pub every: Option<Box<str>>,
     /// One instant instead of a cron (RFC 3339): the job fires once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<String>,
+    pub at: Option<Box<str>>,
     /// IANA time zone the cron expression is evaluated in.
     #[serde(default = "default_time_zone")]
-    pub time_zone: String,
+    pub time_zone: Box<str>,
     /// What to do with fires missed while no leader dispatched (failover, downtime) that are
     /// older than the misfire threshold.
     #[serde(default)]
     pub misfire_policy: MisfirePolicy,
     /// For `FIRE_ALL`: how far back missed fires are run (default `10m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub catch_up_window: Option<String>,
+    pub catch_up_window: Option<Box<str>>,
     /// How runs are spread over the app's workers.
     #[serde(default)]
     pub load_balance_type: LoadBalance,
@@ -100,17 +100,17 @@ pub struct JobSpec {
     /// The handler that runs the job (Krest-Job's `path`): workers register handlers by this
     /// name. HTTP jobs may leave it out (they run on the built-in `krest/http` handler).
     #[serde(default)]
-    pub path: String,
+    pub path: Box<str>,
     /// HTTP jobs: the URL called (`http://` or `https://`), with `methodType`, `headers`, and
     /// `args` as the body (a string as is, other JSON as `application/json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
+    pub url: Option<Box<str>>,
     /// HTTP jobs: request headers.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub headers: std::collections::BTreeMap<String, String>,
     /// Where to report runs that end badly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alert: Option<Alert>,
+    pub alert: Option<Box<Alert>>,
     /// Whether the job is scheduled (false = paused).
     #[serde(default = "default_true")]
     pub running: bool,
@@ -131,10 +131,10 @@ pub struct JobSpec {
     /// Per-shard parameters for `shardCount` (ElasticJob style): `0=Beijing,1=Shanghai`. A shard
     /// without one gets `null`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sharding_params: Option<String>,
+    pub sharding_params: Option<Box<str>>,
     /// Delay between attempts of a failed run, instead of the worker's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_backoff: Option<RetryBackoff>,
+    pub retry_backoff: Option<Box<RetryBackoff>>,
     /// Seconds an attempt may run; past it the worker cancels the handler and records the
     /// attempt TIMED_OUT (retried like a failure). Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,7 +142,7 @@ pub struct JobSpec {
     /// How long this job's ended runs stay in the run history, instead of the scheduler's
     /// `--keep-days`/`--keep-runs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retention: Option<Retention>,
+    pub retention: Option<Box<Retention>>,
     /// Free-form id carried over from Krest-Job documents (not used for identity).
     #[serde(
         default,
@@ -150,28 +150,135 @@ pub struct JobSpec {
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(with = "Option<String>")]
-    pub id: Option<String>,
+    pub id: Option<Box<str>>,
     /// Creation time as given by the author (`yyyy-MM-dd HH:mm:ss` or RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub create_time: Option<String>,
+    pub create_time: Option<Box<str>>,
     /// Free text shown in listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
+    pub description: Option<Box<str>>,
+}
+
+/// A job's `args`: any JSON value, held as its compact JSON text (as `serde_json` writes it:
+/// no spaces, object keys sorted) rather than as a tree of [`Value`]s.
+///
+/// A leader holds every job's definition: an object such as `{"i":1}` costs one small buffer
+/// this way, against a B-tree node of ~600 bytes as a `Value`. On the wire it is the same
+/// JSON value (its schema is `Value`'s); it is parsed when a run is made ([`JobArgs::to_value`]).
+#[derive(Clone, Default)]
+pub struct JobArgs(Option<Box<serde_json::value::RawValue>>);
+
+impl JobArgs {
+    /// Whether the args are `null` (absent).
+    pub fn is_null(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The args as compact JSON text (`null` when absent).
+    pub fn json(&self) -> &str {
+        self.0
+            .as_deref()
+            .map_or("null", serde_json::value::RawValue::get)
+    }
+
+    /// The args as a JSON value.
+    pub fn to_value(&self) -> Value {
+        match &self.0 {
+            // The text was written by `serde_json` from a value: it parses.
+            Some(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            None => Value::Null,
+        }
+    }
+}
+
+impl From<&Value> for JobArgs {
+    fn from(value: &Value) -> JobArgs {
+        if value.is_null() {
+            return JobArgs(None);
+        }
+        // Serializing a `Value` cannot fail (its map keys are strings).
+        JobArgs(serde_json::value::to_raw_value(value).ok())
+    }
+}
+
+impl From<Value> for JobArgs {
+    fn from(value: Value) -> JobArgs {
+        JobArgs::from(&value)
+    }
+}
+
+impl PartialEq for JobArgs {
+    fn eq(&self, other: &JobArgs) -> bool {
+        // Equal texts are equal values; different texts may still be (`-0.0` and `0.0`).
+        self.json() == other.json() || self.to_value() == other.to_value()
+    }
+}
+
+impl PartialEq<Value> for JobArgs {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value() == *other
+    }
+}
+
+impl fmt::Debug for JobArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.json())
+    }
+}
+
+impl fmt::Display for JobArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.json())
+    }
+}
+
+impl Serialize for JobArgs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(raw) => raw.serialize(s),
+            None => s.serialize_unit(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JobArgs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<JobArgs, D::Error> {
+        // Through a value, so the text is canonical whatever the input's spacing and key order.
+        Ok(JobArgs::from(&Value::deserialize(d)?))
+    }
+}
+
+impl JsonSchema for JobArgs {
+    fn inline_schema() -> bool {
+        <Value as JsonSchema>::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        <Value as JsonSchema>::schema_name()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        <Value as JsonSchema>::schema_id()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        <Value as JsonSchema>::json_schema(generator)
+    }
 }
 
 fn default_group() -> String {
     "default".to_string()
 }
 
-fn default_time_zone() -> String {
-    "UTC".to_string()
+fn default_time_zone() -> Box<str> {
+    "UTC".into()
 }
 
 fn default_true() -> bool {
     true
 }
 
-fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<str>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Id {
@@ -179,8 +286,8 @@ fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D
         N(serde_json::Number),
     }
     Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
-        Id::S(s) => s,
-        Id::N(n) => n.to_string(),
+        Id::S(s) => s.into_boxed_str(),
+        Id::N(n) => n.to_string().into_boxed_str(),
     }))
 }
 
@@ -592,7 +699,7 @@ impl JobSpec {
             }
         }
         if self.job_type == JobType::Http && self.path.is_empty() {
-            self.path = HTTP_HANDLER.to_string();
+            self.path = HTTP_HANDLER.into();
         }
         match (self.job_type, &self.url) {
             (JobType::Http, Some(url)) => {
@@ -834,8 +941,8 @@ impl JobSpec {
                 if self.sharding_params.is_some() {
                     problems.push(problem("shardingParams", "needs shardCount"));
                 }
-                match sharding_items(&self.args) {
-                    Ok(items) => self.args = Value::Array(items),
+                match sharding_items(&self.args.to_value()) {
+                    Ok(items) => self.args = JobArgs::from(&Value::Array(items)),
                     Err(msg) => problems.push(problem("args", msg)),
                 }
             }
@@ -901,15 +1008,15 @@ impl JobSpec {
                 }
             }
         }
-        match serde_json::to_vec(&self.args) {
-            Ok(bytes) if limits && bytes.len() > MAX_ARGS_BYTES => problems.push(problem(
+        // The args' text is their compact serialization: its length is their size.
+        if limits && self.args.json().len() > MAX_ARGS_BYTES {
+            problems.push(problem(
                 "args",
                 format!(
                     "is {} bytes; the limit is {MAX_ARGS_BYTES}: pass a reference (an id, a URL) instead of the data",
-                    bytes.len()
+                    self.args.json().len()
                 ),
-            )),
-            _ => {}
+            ));
         }
         if limits && problems.is_empty() {
             match serde_json::to_vec(&self) {
@@ -1178,9 +1285,9 @@ mod tests {
         assert_eq!(spec.key(), "default-jobGroup.demo-job2");
         assert_eq!(spec.load_balance_type, LoadBalance::WeightRoundRobin);
         assert_eq!(spec.job_type, JobType::Sharding);
-        assert_eq!(spec.shard_items(&spec.args).len(), 9);
-        assert_eq!(spec.args[8], json!("9"));
-        assert_eq!(spec.time_zone, "UTC");
+        assert_eq!(spec.shard_items(&spec.args.to_value()).len(), 9);
+        assert_eq!(spec.args.to_value()[8], json!("9"));
+        assert_eq!(&*spec.time_zone, "UTC");
         // Normalized form round-trips through parse_job unchanged.
         let again = parse_job(&serde_json::to_value(&spec).unwrap()).unwrap();
         assert_eq!(again, spec);
@@ -1205,7 +1312,7 @@ mod tests {
         });
         let spec = parse_job(&doc).unwrap();
         assert_eq!(spec.args, json!("from server"));
-        assert_eq!(spec.shard_items(&spec.args), vec![None]);
+        assert_eq!(spec.shard_items(&spec.args.to_value()), vec![None]);
         assert_eq!(spec.retry_times, 3);
     }
 
@@ -1235,10 +1342,10 @@ mod tests {
         let spec = parse_job(&doc(json!({"days": 30, "runs": 100}))).unwrap();
         assert_eq!(
             spec.retention,
-            Some(Retention {
+            Some(Box::new(Retention {
                 days: Some(30),
                 runs: Some(100)
-            })
+            }))
         );
         assert!(problems_of(doc(json!({})))[0].starts_with("retention: give `days`"));
         assert_eq!(
@@ -1316,7 +1423,7 @@ mod tests {
         let mut doc = seed_sharding();
         doc["args"] = json!(["a", {"k": 1}]);
         let spec = parse_job(&doc).unwrap();
-        assert_eq!(spec.shard_items(&spec.args).len(), 2);
+        assert_eq!(spec.shard_items(&spec.args.to_value()).len(), 2);
         doc["args"] = json!("[]");
         assert!(problems_of(doc.clone())[0].contains("at least one shard"));
         doc["args"] = json!(7);
@@ -1374,7 +1481,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            spec.shard_items(&spec.args),
+            spec.shard_items(&spec.args.to_value()),
             vec![
                 Some(json!("Beijing")),
                 Some(Value::Null),
@@ -1536,7 +1643,7 @@ mod tests {
     #[test]
     fn stored_definitions_are_not_held_to_the_limits() {
         let mut spec = parse_job(&json!({"appName": "a", "jobName": "j", "path": "p"})).unwrap();
-        spec.description = Some("d".repeat(MAX_DESCRIPTION_BYTES + 1));
+        spec.description = Some("d".repeat(MAX_DESCRIPTION_BYTES + 1).into());
         assert!(spec.clone().validate().is_err());
         assert!(spec.validate_stored().is_ok());
     }

@@ -47,8 +47,8 @@ pub mod web;
 pub use backoff::Backoff;
 pub use cron::{CronError, CronSchedule};
 pub use job::{
-    parse_job, Alert, AlertOn, DeletedJob, InvalidJob, JobSpec, JobType, LoadBalance, MethodType,
-    MisfirePolicy, OverlapPolicy, Problem, Retention, RetryBackoff, StoredJob,
+    parse_job, Alert, AlertOn, DeletedJob, InvalidJob, JobArgs, JobSpec, JobType, LoadBalance,
+    MethodType, MisfirePolicy, OverlapPolicy, Problem, Retention, RetryBackoff, StoredJob,
 };
 pub use messages::{
     AttemptOutcome, BackoffMs, CancelRequest, Dispatched, Finished, FireWatermark, HttpCall,

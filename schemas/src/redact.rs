@@ -286,7 +286,7 @@ impl JobSpec {
             *v = REDACTED.to_string();
         }
         if let Some(u) = &mut spec.url {
-            *u = url(u).into_owned();
+            *u = url(u).into();
         }
         if let Some(a) = &mut spec.alert {
             a.webhook = webhook(&a.webhook).into_owned();
@@ -335,7 +335,7 @@ impl JobSpec {
                     None => problems.push(problem("url", none_stored("url userinfo"))),
                     Some(_) if !same_origin => problems.push(problem("url", moved("userinfo"))),
                     Some(info) => {
-                        self.url = Some(format!("{}{info}@{}{}", p.scheme, p.host, p.rest));
+                        self.url = Some(format!("{}{info}@{}{}", p.scheme, p.host, p.rest).into());
                     }
                 }
             }

@@ -196,12 +196,12 @@ pub(crate) fn jobs_table(jobs: &[JobView]) -> Table<9> {
             s.app_name.clone(),
             format!("{:?}", s.job_type).to_uppercase(),
             match (&s.cron, &s.every, &s.at) {
-                (Some(c), _, _) => c.clone(),
+                (Some(c), _, _) => c.to_string(),
                 (_, Some(e), _) => format!("every {e}"),
                 (_, _, Some(a)) => format!("at {a}"),
                 _ => "(manual)".into(),
             },
-            s.time_zone.clone(),
+            s.time_zone.to_string(),
             cut(&s.path, 40),
             job_state(s.running),
             j.revision.to_string(),
@@ -228,7 +228,7 @@ pub(crate) fn revisions_table(revisions: &[JobRevision]) -> Table<7> {
             r.revision.to_string(),
             fmt_time(Some(r.written_at)),
             r.operation.clone(),
-            s.and_then(|s| s.cron.clone().or_else(|| s.every.clone()))
+            s.and_then(|s| s.cron.as_deref().or(s.every.as_deref()).map(str::to_string))
                 .unwrap_or_else(|| "-".into()),
             s.map_or_else(|| "-".into(), |s| job_state(s.running)),
             s.map_or_else(|| "-".into(), |s| cut(&s.path, 40)),

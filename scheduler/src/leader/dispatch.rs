@@ -82,7 +82,7 @@ impl Fire {
         let spec = &job.stored.spec;
         Fire {
             run_id: scheduled_run_id(&spec.job_group, &spec.job_name, at),
-            args: spec.args.clone(),
+            args: spec.args.to_value(),
             scheduled_at: at,
             trigger,
             misfired,
@@ -399,7 +399,7 @@ impl Publisher {
         };
         let dispatched = RunEvent::Dispatched(Dispatched {
             run: run_ref.clone(),
-            path: spec.path.clone(),
+            path: spec.path.to_string(),
             job_type: spec.job_type,
             trigger: fire.trigger,
             scheduled_at: fire.scheduled_at,
@@ -419,7 +419,7 @@ impl Publisher {
         // the previous one.
         let mut msg = RunMessage {
             run: run_ref,
-            path: spec.path.clone(),
+            path: spec.path.to_string(),
             job_type: spec.job_type,
             args: fire.args.clone(),
             shard: None,
@@ -435,7 +435,7 @@ impl Publisher {
             retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
             timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
             http: spec.url.as_ref().map(|url| krest_schemas::HttpCall {
-                url: url.clone(),
+                url: url.to_string(),
                 method: spec.method_type,
                 headers: spec.headers.clone(),
             }),

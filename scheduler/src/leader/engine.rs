@@ -166,15 +166,18 @@ type ScheduleKey = (String, String);
 /// text; the parses themselves are kept in a bounded cache ([`krest_schemas::cron::PARSES_KEPT`]).
 #[derive(Default)]
 pub struct Schedules {
-    jobs: HashMap<String, JobSched>,
-    heap: BinaryHeap<Reverse<(i64, u64, String)>>,
+    /// Each job's key is one shared string, in this map and in its heap entries.
+    jobs: HashMap<Arc<str>, JobSched>,
+    heap: BinaryHeap<Reverse<(i64, u64, Arc<str>)>>,
     generation: u64,
     parsed: HashMap<ScheduleKey, Arc<Schedule>>,
 }
 
 /// The interning key of a job's schedule: only cron expressions are interned.
 fn cron_key(spec: &krest_schemas::JobSpec) -> Option<ScheduleKey> {
-    spec.cron.clone().map(|c| (c, spec.time_zone.clone()))
+    spec.cron
+        .as_deref()
+        .map(|c| (c.to_string(), spec.time_zone.to_string()))
 }
 
 impl Schedules {
@@ -186,18 +189,33 @@ impl Schedules {
         entry: Option<Arc<JobEntry>>,
         anchor_floor: Option<DateTime<Utc>>,
     ) {
+        let shared = self
+            .jobs
+            .get_key_value(key)
+            .map_or_else(|| Arc::from(key), |(k, _)| k.clone());
+        self.set_shared(shared, entry, anchor_floor);
+    }
+
+    /// [`Schedules::set`] with the job's key as the job table holds it, so the table, this
+    /// map and the heap share one copy.
+    pub fn set_shared(
+        &mut self,
+        key: Arc<str>,
+        entry: Option<Arc<JobEntry>>,
+        anchor_floor: Option<DateTime<Utc>>,
+    ) {
         let Some(entry) = entry else {
-            self.remove(key);
+            self.remove(&key);
             return;
         };
-        if let Some(existing) = self.jobs.get(key) {
+        if let Some(existing) = self.jobs.get(&*key) {
             if existing.entry.revision == entry.revision {
                 return;
             }
         }
         let spec = &entry.stored.spec;
         if !spec.running {
-            self.remove(key);
+            self.remove(&key);
             return;
         }
         let interned = cron_key(spec).and_then(|k| self.parsed.get(&k).cloned());
@@ -213,17 +231,17 @@ impl Schedules {
                 }
                 Some(Err(e)) => {
                     tracing::error!(job = %key, error = %e, "cannot schedule job");
-                    self.remove(key);
+                    self.remove(&key);
                     return;
                 }
                 None => {
                     // Manual-only job.
-                    self.remove(key);
+                    self.remove(&key);
                     return;
                 }
             },
         };
-        let previous = self.jobs.get(key).map(|j| j.anchor);
+        let previous = self.jobs.get(&*key).map(|j| j.anchor);
         let anchor = [Some(entry.stored.updated_at), previous, anchor_floor]
             .into_iter()
             .flatten()
@@ -231,15 +249,17 @@ impl Schedules {
             .unwrap_or(entry.stored.updated_at);
         self.generation += 1;
         let generation = self.generation;
+        // The map's copy if it has one (stale heap entries hold it too), else the one given.
+        let key: Arc<str> = self
+            .jobs
+            .get_key_value(&*key)
+            .map_or(key, |(k, _)| k.clone());
         if let Some(next) = schedule.next_after(anchor) {
-            self.heap.push(Reverse((
-                next.timestamp_millis(),
-                generation,
-                key.to_string(),
-            )));
+            self.heap
+                .push(Reverse((next.timestamp_millis(), generation, key.clone())));
         }
         let old = self.jobs.insert(
-            key.to_string(),
+            key,
             JobSched {
                 entry,
                 schedule,
@@ -273,6 +293,15 @@ impl Schedules {
         }
     }
 
+    /// How many holders share the schedule's copy of `key` (its map entry and its heap
+    /// entries), if the job is scheduled.
+    #[cfg(test)]
+    pub(crate) fn key_copies(&self, key: &str) -> Option<usize> {
+        self.jobs
+            .get_key_value(key)
+            .map(|(k, _)| Arc::strong_count(k))
+    }
+
     /// Number of distinct parsed cron expressions held.
     pub fn distinct_schedules(&self) -> usize {
         self.parsed.len()
@@ -291,7 +320,7 @@ impl Schedules {
     /// The next fire time (epoch ms), if any job is scheduled.
     pub fn next_due(&mut self) -> Option<i64> {
         while let Some(Reverse((at, generation, key))) = self.heap.peek() {
-            match self.jobs.get(key) {
+            match self.jobs.get(&**key) {
                 Some(j) if j.generation == *generation => return Some(*at),
                 _ => {
                     self.heap.pop();
@@ -320,7 +349,7 @@ impl Schedules {
             let Some(Reverse((_, _, key))) = self.heap.pop() else {
                 break;
             };
-            let Some(job) = self.jobs.get_mut(&key) else {
+            let Some(job) = self.jobs.get_mut(&*key) else {
                 continue;
             };
             if job.generation != generation {

@@ -189,14 +189,14 @@ impl Leader {
         let mut schedules = Schedules::default();
         let mut queued = HashMap::new();
         for (key, entry) in engine.table.all() {
-            let state = states.get(&key);
+            let state = states.get(&*key);
             let floor = anchor_floor(state, watermark.as_ref(), entry.revision);
-            schedules.set(&key, Some(entry.clone()), floor);
+            schedules.set_shared(key.clone(), Some(entry.clone()), floor);
             if let Some(q) = state.and_then(|s| s.queued.as_ref()) {
                 if entry.stored.spec.running {
                     let mut fire = Fire::scheduled(entry, q.scheduled_at, q.trigger, q.misfired);
                     fire.run_id = q.run_id.clone();
-                    queued.insert(key, fire);
+                    queued.insert(key.to_string(), fire);
                 }
             }
         }
@@ -260,14 +260,17 @@ impl Leader {
                 }
                 Some((key, revision)) = engine.changes.recv() => {
                     self.jobs_revision = self.jobs_revision.max(revision);
-                    let entry = engine.table.get(&key);
-                    if !entry.as_ref().is_some_and(|e| e.stored.spec.running) {
+                    let found = engine.table.get_shared(&key);
+                    if !found.as_ref().is_some_and(|(_, e)| e.stored.spec.running) {
                         // Deleted or paused: what it held queued is dropped with it.
                         if self.queued.remove(&key).is_some() {
                             self.forget_queued(engine, &key).await;
                         }
                     }
-                    self.schedules.set(&key, entry, None);
+                    match found {
+                        Some((shared, entry)) => self.schedules.set_shared(shared, Some(entry), None),
+                        None => self.schedules.set(&key, None, None),
+                    }
                 }
                 r = role.changed() => {
                     if r.is_err() {
@@ -364,25 +367,13 @@ impl Leader {
     /// Notes `fire` as handed over in its job's state; returns whether the job's queued fire
     /// changed (only then is the state written: ordinary progress is the watermark's).
     fn handed(&mut self, fire: &Fire) -> bool {
-        let key = fire.key();
-        let queued = self.queued.get(&key).map(|q| QueuedFire {
+        let queued = self.queued.get(&fire.key()).map(|q| QueuedFire {
             run_id: q.run_id.clone(),
             scheduled_at: q.scheduled_at,
             trigger: q.trigger,
             misfired: q.misfired,
         });
-        let state = self.states.entry(key).or_insert_with(|| JobState {
-            last_fire_at: fire.scheduled_at,
-            last_run_id: fire.run_id.clone(),
-            queued: None,
-        });
-        if fire.trigger != Trigger::Manual && fire.scheduled_at >= state.last_fire_at {
-            state.last_fire_at = fire.scheduled_at;
-            state.last_run_id = fire.run_id.clone();
-        }
-        let changed = state.queued != queued;
-        state.queued = queued;
-        changed
+        note_handed(&mut self.states, fire, queued)
     }
 
     /// Publishes fires in batches; keeps those that failed for the next round. Returns the
@@ -569,6 +560,39 @@ impl Leader {
     }
 }
 
+/// Notes `fire` as handed over in its job's entry of `states`, with `queued` the fire its job
+/// now holds queued; returns whether that queued fire changed (only then is the state written).
+///
+/// Only jobs with a state in `krest-state` (read at takeover) or a fire queued keep one: only
+/// those are ever written (ordinary progress is the watermark's), and a leader of 100,000 jobs
+/// would otherwise hold a state for every job that fired.
+fn note_handed(
+    states: &mut HashMap<String, JobState>,
+    fire: &Fire,
+    queued: Option<QueuedFire>,
+) -> bool {
+    let state = match states.entry(fire.key()) {
+        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            if queued.is_none() {
+                return false;
+            }
+            v.insert(JobState {
+                last_fire_at: fire.scheduled_at,
+                last_run_id: fire.run_id.clone(),
+                queued: None,
+            })
+        }
+    };
+    if fire.trigger != Trigger::Manual && fire.scheduled_at >= state.last_fire_at {
+        state.last_fire_at = fire.scheduled_at;
+        state.last_run_id = fire.run_id.clone();
+    }
+    let changed = state.queued != queued;
+    state.queued = queued;
+    changed
+}
+
 /// Where a new leader starts a job's schedule (besides the job's last apply time): after the
 /// job's own last fire, and after the watermark if the watermark's writer had the job's
 /// current definition.
@@ -651,6 +675,60 @@ mod tests {
             epoch: 1,
             node: "n1".into(),
         }
+    }
+
+    #[test]
+    fn only_jobs_holding_a_queued_fire_or_a_stored_state_keep_a_state() {
+        let job = |name: &str| {
+            let spec = krest_schemas::parse_job(&serde_json::json!({
+                "appName": "a", "jobGroup": "g", "jobName": name, "path": "p", "cron": "0 * * * * ?"
+            }))
+            .unwrap();
+            Arc::new(crate::jobs::JobEntry {
+                stored: krest_schemas::StoredJob {
+                    spec,
+                    created_at: t("2026-01-01T00:00:00Z"),
+                    updated_at: t("2026-01-01T00:00:00Z"),
+                    version: 1,
+                },
+                revision: 1,
+                version: 1,
+            })
+        };
+        let fire = |name: &str, at: &str| Fire::scheduled(job(name), t(at), Trigger::Schedule, 0);
+        let mut states = HashMap::new();
+        // A job that only fires: nothing kept, nothing to write.
+        assert!(!note_handed(
+            &mut states,
+            &fire("plain", "2026-01-01T00:01:00Z"),
+            None
+        ));
+        assert!(states.is_empty());
+        // A fire queued: kept and written, with its last fire.
+        let held = fire("held", "2026-01-01T00:02:00Z");
+        let queued = QueuedFire {
+            run_id: held.run_id.clone(),
+            scheduled_at: held.scheduled_at,
+            trigger: held.trigger,
+            misfired: 0,
+        };
+        assert!(note_handed(&mut states, &held, Some(queued.clone())));
+        assert_eq!(states["g.held"].queued, Some(queued));
+        assert_eq!(states["g.held"].last_fire_at, t("2026-01-01T00:02:00Z"));
+        // Released: the state (which the bucket now has) follows, queue cleared.
+        let next = fire("held", "2026-01-01T00:03:00Z");
+        assert!(note_handed(&mut states, &next, None));
+        assert_eq!(states["g.held"].queued, None);
+        assert_eq!(states["g.held"].last_run_id, next.run_id);
+        // A state read at takeover keeps following its job's fires.
+        states.insert("g.old".into(), state("2026-01-01T00:00:00Z"));
+        assert!(!note_handed(
+            &mut states,
+            &fire("old", "2026-01-01T00:04:00Z"),
+            None
+        ));
+        assert_eq!(states["g.old"].last_fire_at, t("2026-01-01T00:04:00Z"));
+        assert_eq!(states.len(), 2);
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl Followups {
             }
             let fire = Fire {
                 run_id: run_id.clone(),
-                args: child.stored.spec.args.clone(),
+                args: child.stored.spec.args.to_value(),
                 job: child,
                 scheduled_at: Utc::now(),
                 trigger: Trigger::Child,

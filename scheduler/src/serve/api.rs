@@ -690,12 +690,12 @@ impl ApiServer {
             .get(&key)
             .ok_or_else(|| ResolveError::NotFound(req.job.clone()))?;
         let args = match req.args {
-            None => entry.stored.spec.args.clone(),
+            None => entry.stored.spec.args.to_value(),
             Some(args) => {
                 let mut spec = entry.stored.spec.clone();
-                spec.args = args;
+                spec.args = krest_schemas::JobArgs::from(args);
                 match spec.validate() {
-                    Ok(spec) => spec.args,
+                    Ok(spec) => spec.args.to_value(),
                     Err(e) => {
                         return Err(Failure::new(
                             ErrorCode::BadRequest,
@@ -1210,7 +1210,7 @@ impl Views {
         } else if let Some(expr) = &spec.cron {
             let now = self.now;
             self.parsed
-                .entry((expr.clone(), spec.time_zone.clone()))
+                .entry((expr.to_string(), spec.time_zone.to_string()))
                 .or_insert_with(|| spec.schedule(entry.stored.created_at).and_then(Result::ok))
                 .as_ref()
                 .and_then(|s| s.next_after(now))

@@ -150,7 +150,9 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
         .map(|r| {
             (
                 r.operation.clone(),
-                r.spec.as_ref().and_then(|s| s.cron.clone()),
+                r.spec
+                    .as_ref()
+                    .and_then(|s| s.cron.as_deref().map(str::to_string)),
             )
         })
         .collect();
@@ -408,7 +410,7 @@ async fn job_list_and_history_come_in_pages_that_fit_max_payload() {
     let args: Vec<String> = pages
         .concat()
         .iter()
-        .map(|r| r.spec.as_ref().unwrap().args.as_str().unwrap()[..2].to_string())
+        .map(|r| r.spec.as_ref().unwrap().args.to_value().as_str().unwrap()[..2].to_string())
         .collect();
     let expected: Vec<String> = (0..20).rev().map(|r| format!("{r:02}")).collect();
     assert_eq!(args, expected, "newest first, each once");
