@@ -87,8 +87,14 @@ fn err<E: Into<crate::error::BoxError>>(kind: RecordErrorKind) -> impl FnOnce(E)
 pub struct RecorderConfig {
     /// Most events per transaction.
     pub max_batch: usize,
-    /// How long to wait for more events before writing a partial batch.
+    /// How long to wait for the next event before writing a partial batch: a batch grows while
+    /// events keep coming at most this far apart (an idle node writes an event after this
+    /// long), up to `max_batch` events or `max_linger`.
     pub linger: Duration,
+    /// How long a batch may wait from its first event before it is written, however busy the
+    /// stream. Under load a batch then holds the `dispatched` and `finished` events of most
+    /// runs together, and a run is written once, with its final status.
+    pub max_linger: Duration,
     /// Lag beyond which the node reports itself not ready (`/readyz`).
     pub max_lag: Duration,
 }
@@ -96,8 +102,9 @@ pub struct RecorderConfig {
 impl Default for RecorderConfig {
     fn default() -> Self {
         RecorderConfig {
-            max_batch: 1000,
+            max_batch: 5000,
             linger: Duration::from_millis(20),
+            max_linger: Duration::from_millis(250),
             max_lag: Duration::from_secs(30),
         }
     }
@@ -236,8 +243,9 @@ impl Recorder<'_> {
             .map_err(err(RecordErrorKind::Consumer))?;
         tracing::info!(from = cursor + 1, "recording run events");
         loop {
-            // Wait for the first event of a batch, then take what arrives within the linger
-            // time. While idle, check now and then that the stream has nothing we have not
+            // Wait for the first event of a batch, then take what follows while events keep
+            // coming within the linger time of each other (up to the batch's size and age
+            // bounds). While idle, check now and then that the stream has nothing we have not
             // seen: an ordered consumer whose server died can stall silently, and is then
             // recreated.
             let first = loop {
@@ -260,18 +268,12 @@ impl Recorder<'_> {
                 Some(Err(e)) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
                 None => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
             }
-            let deadline = tokio::time::Instant::now() + self.cfg.linger;
-            while batch.events.len() < self.cfg.max_batch {
-                match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m, self.key)?,
-                    Ok(Some(Err(e))) => {
-                        return Err(Error::with_source(RecordErrorKind::Consumer, e))
-                    }
-                    Ok(None) => {
-                        return Err(Error::with_source(RecordErrorKind::Consumer, "it ended"))
-                    }
-                    Err(_) => break,
-                }
+            if batch.events.len() < self.cfg.max_batch {
+                gather(&mut messages, self.cfg, |m| {
+                    batch.push(m, self.key)?;
+                    Ok(batch.events.len())
+                })
+                .await?;
             }
             // Park malformed events first: once the cursor moves past them they are not read
             // again.
@@ -425,8 +427,33 @@ impl Recorder<'_> {
     }
 }
 
-/// Measures, every second, how far the recorder is behind the stream: in events, and as the
-/// age of the oldest event it has not recorded.
+/// Takes the rest of a batch from `messages` into `take` (which answers the batch's size in
+/// events): while the next message comes within `cfg.linger` of the last one, until the
+/// batch holds `cfg.max_batch` events or `cfg.max_linger` has passed since this call.
+async fn gather<M, E>(
+    messages: &mut (impl futures_util::Stream<Item = Result<M, E>> + Unpin),
+    cfg: &RecorderConfig,
+    mut take: impl FnMut(M) -> Result<usize, RecordError>,
+) -> Result<(), RecordError>
+where
+    E: Into<crate::error::BoxError>,
+{
+    let last_call = tokio::time::Instant::now() + cfg.max_linger;
+    loop {
+        let deadline = (tokio::time::Instant::now() + cfg.linger).min(last_call);
+        match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                if take(m)? >= cfg.max_batch {
+                    return Ok(());
+                }
+            }
+            Ok(Some(Err(e))) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
+            Ok(None) => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
 /// Counts a recorded batch in the node's metrics: runs ended (by status, with their
 /// durations) and the lateness of first attempts' handler starts.
 fn count(batch: &Batch, ended: &[krest_schemas::api::RunSummary]) {
@@ -450,6 +477,8 @@ fn count(batch: &Batch, ended: &[krest_schemas::api::RunSummary]) {
     }
 }
 
+/// Measures, every second, how far the recorder is behind the stream: in events, and as the
+/// age of the oldest event it has not recorded.
 async fn measure_lag(
     js: &jetstream::Context,
     status: &watch::Sender<RecorderStatus>,
@@ -618,5 +647,86 @@ impl Batch {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    fn cfg(max_batch: usize, linger_ms: u64, max_linger_ms: u64) -> RecorderConfig {
+        RecorderConfig {
+            max_batch,
+            linger: Duration::from_millis(linger_ms),
+            max_linger: Duration::from_millis(max_linger_ms),
+            ..RecorderConfig::default()
+        }
+    }
+
+    /// Messages `0..n`, each `gap_ms` after the previous one, then none for an hour.
+    fn spaced(
+        n: u32,
+        gap_ms: u64,
+    ) -> impl futures_util::Stream<Item = Result<u32, std::io::Error>> + Unpin {
+        Box::pin(
+            stream::iter(0..n)
+                .then(move |i| async move {
+                    tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+                    Ok(i)
+                })
+                .chain(stream::once(async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(u32::MAX)
+                })),
+        )
+    }
+
+    async fn gathered(
+        messages: &mut (impl futures_util::Stream<Item = Result<u32, std::io::Error>> + Unpin),
+        cfg: &RecorderConfig,
+    ) -> Vec<u32> {
+        let mut batch = Vec::new();
+        gather(messages, cfg, |m| {
+            batch.push(m);
+            Ok(batch.len())
+        })
+        .await
+        .unwrap();
+        batch
+    }
+
+    /// A batch grows while events keep coming, however long that takes in all (here 4 gaps
+    /// of a third of the linger time: longer than the linger time together), and ends when
+    /// they stop.
+    #[tokio::test]
+    async fn a_batch_grows_while_events_keep_coming() {
+        let mut messages = spaced(4, 300);
+        let batch = gathered(&mut messages, &cfg(5000, 1000, 60_000)).await;
+        assert_eq!(batch, [0, 1, 2, 3]);
+    }
+
+    /// A batch ends at its size bound, or at its age bound while events never stop.
+    #[tokio::test]
+    async fn a_batch_ends_at_its_size_or_age_bound() {
+        let mut ready =
+            stream::iter((0..10_000).map(Ok::<u32, std::io::Error>)).chain(stream::pending());
+        let batch = gathered(&mut ready, &cfg(7_000, 50, 60_000)).await;
+        assert_eq!(batch.len(), 7_000, "stopped at max_batch");
+        let next = gathered(&mut ready, &cfg(7_000, 50, 60_000)).await;
+        assert_eq!(next.len(), 3_000, "the rest comes next");
+        assert_eq!(next.first(), Some(&7_000));
+
+        let mut endless = Box::pin(stream::repeat_with(|| Ok::<u32, std::io::Error>(1)).then(
+            |m| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                m
+            },
+        ));
+        let batch = gathered(&mut endless, &cfg(usize::MAX, 1000, 100)).await;
+        assert!(
+            !batch.is_empty(),
+            "an endless stream's batch ends at max_linger"
+        );
     }
 }

@@ -717,67 +717,6 @@ impl Store {
         }
 
         let run_rows: Vec<(String, RunRow)> = runs.into_iter().collect();
-        let upserts: Vec<&(String, RunRow)> = run_rows
-            .iter()
-            .filter(|(id, r)| !priors.get(id).is_some_and(|p| r.changes_nothing_in(p)))
-            .collect();
-        for chunk in upserts.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id, epoch) VALUES {} \
-                 ON CONFLICT (run_id) DO UPDATE SET \
-                 path = COALESCE(excluded.path, runs.path), \
-                 job_type = COALESCE(excluded.job_type, runs.job_type), \
-                 trigger_kind = COALESCE(excluded.trigger_kind, runs.trigger_kind), \
-                 scheduled_at = COALESCE(excluded.scheduled_at, runs.scheduled_at), \
-                 dispatched_at = COALESCE(excluded.dispatched_at, runs.dispatched_at), \
-                 misfired = CASE WHEN excluded.dispatched_at IS NOT NULL THEN excluded.misfired ELSE runs.misfired END, \
-                 revision = COALESCE(excluded.revision, runs.revision), \
-                 args = COALESCE(excluded.args, runs.args), \
-                 node = COALESCE(excluded.node, runs.node), \
-                 shard_total = excluded.shard_total, \
-                 parent_run_id = COALESCE(excluded.parent_run_id, runs.parent_run_id), \
-                 epoch = COALESCE(excluded.epoch, runs.epoch)",
-                placeholders(self.backend, chunk.len(), 16)
-            );
-            let mut vals = Vec::with_capacity(chunk.len() * 16);
-            for (id, r) in chunk {
-                vals.extend([
-                    Val::from(id.clone()),
-                    r.job_group.clone().into(),
-                    r.job_name.clone().into(),
-                    r.app_name.clone().into(),
-                    r.path.clone().into(),
-                    r.job_type.clone().into(),
-                    r.trigger.clone().into(),
-                    r.scheduled_at.into(),
-                    r.dispatched_at.into(),
-                    r.misfired.unwrap_or(0).into(),
-                    r.revision.into(),
-                    r.args.clone().into(),
-                    r.node.clone().into(),
-                    r.shard_total.into(),
-                    r.parent_run_id.clone().into(),
-                    r.epoch.into(),
-                ]);
-            }
-            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
-        }
-        let mut ended: Vec<String> = Vec::new();
-        for (id, r) in &run_rows {
-            if let Some((reason, at)) = &r.skipped {
-                let updated = sqlx::query(
-                    "UPDATE runs SET status = 'SKIPPED', error = $1, finished_at = $2 WHERE run_id = $3 AND status <> 'SKIPPED'",
-                )
-                .bind(reason.as_str())
-                .bind(*at)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
-                if updated.rows_affected() > 0 {
-                    ended.push(id.clone());
-                }
-            }
-        }
         let attempt_rows: Vec<((String, i64, i64), AttemptRow)> = attempts.into_iter().collect();
         // What each run held before the batch in the shards it touches: known from the tally
         // for most runs; read for the others (see `before_of`).
@@ -816,54 +755,154 @@ impl Store {
             }
         }
         // The attempt rows as the upsert left them (its COALESCE rules applied by the
-        // database, not repeated here), keyed by `(run, shard)`, in attempt order.
+        // database, not repeated here), keyed by `(run, shard)`, in attempt order. Written
+        // before the runs: a new run's summary is then known when it is inserted. A new run
+        // has no attempt rows yet (they are written with their run, and pruned with it), so
+        // its rows are the batch's own, and are not read back.
         let mut merged: ShardAttempts = HashMap::new();
-        for chunk in attempt_rows.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms, retry_in_ms) VALUES {} \
-                 ON CONFLICT (run_id, shard, attempt) DO UPDATE SET \
-                 worker = COALESCE(excluded.worker, attempts.worker), \
-                 started_at = COALESCE(attempts.started_at, excluded.started_at), \
-                 finished_at = COALESCE(excluded.finished_at, attempts.finished_at), \
-                 outcome = COALESCE(excluded.outcome, attempts.outcome), \
-                 will_retry = CASE WHEN excluded.finished_at IS NOT NULL THEN excluded.will_retry ELSE attempts.will_retry END, \
-                 output = COALESCE(excluded.output, attempts.output), \
-                 error = COALESCE(excluded.error, attempts.error), \
-                 duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms), \
-                 retry_in_ms = COALESCE(excluded.retry_in_ms, attempts.retry_in_ms) \
-                 RETURNING {ATTEMPT_FOLD_COLUMNS}",
-                placeholders(self.backend, chunk.len(), 12)
-            );
-            let mut vals = Vec::with_capacity(chunk.len() * 12);
-            for ((run, shard, attempt), a) in chunk {
-                vals.extend([
-                    Val::from(run.clone()),
-                    (*shard).into(),
-                    (*attempt).into(),
-                    a.worker.clone().into(),
-                    a.started_at.into(),
-                    a.finished_at.into(),
-                    a.outcome.clone().into(),
-                    a.will_retry.into(),
-                    a.output.clone().into(),
-                    a.error.clone().into(),
-                    a.duration_ms.into(),
-                    a.retry_in_ms.into(),
-                ]);
-            }
-            for r in bind_all(sqlx::query(&sql), vals)
-                .fetch_all(&mut *tx)
-                .await?
-            {
-                let a = attempt_of(&r)?;
-                merged
-                    .entry((r.try_get("run_id")?, a.shard))
-                    .or_default()
-                    .push(a);
+        let (new_attempts, old_attempts): (Vec<_>, Vec<_>) = attempt_rows
+            .iter()
+            .partition(|((run, _, _), _)| !priors.contains_key(run));
+        for (rows, returning) in [(&new_attempts, false), (&old_attempts, true)] {
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let sql = format!(
+                    "INSERT INTO attempts (run_id, shard, attempt, worker, started_at, finished_at, outcome, will_retry, output, error, duration_ms, retry_in_ms) VALUES {} \
+                     ON CONFLICT (run_id, shard, attempt) DO UPDATE SET \
+                     worker = COALESCE(excluded.worker, attempts.worker), \
+                     started_at = COALESCE(attempts.started_at, excluded.started_at), \
+                     finished_at = COALESCE(excluded.finished_at, attempts.finished_at), \
+                     outcome = COALESCE(excluded.outcome, attempts.outcome), \
+                     will_retry = CASE WHEN excluded.finished_at IS NOT NULL THEN excluded.will_retry ELSE attempts.will_retry END, \
+                     output = COALESCE(excluded.output, attempts.output), \
+                     error = COALESCE(excluded.error, attempts.error), \
+                     duration_ms = COALESCE(excluded.duration_ms, attempts.duration_ms), \
+                     retry_in_ms = COALESCE(excluded.retry_in_ms, attempts.retry_in_ms){}",
+                    placeholders(self.backend, chunk.len(), 12),
+                    if returning {
+                        format!(" RETURNING {ATTEMPT_FOLD_COLUMNS}")
+                    } else {
+                        String::new()
+                    }
+                );
+                let mut vals = Vec::with_capacity(chunk.len() * 12);
+                for ((run, shard, attempt), a) in chunk {
+                    vals.extend([
+                        Val::from(run.clone()),
+                        (*shard).into(),
+                        (*attempt).into(),
+                        a.worker.clone().into(),
+                        a.started_at.into(),
+                        a.finished_at.into(),
+                        a.outcome.clone().into(),
+                        a.will_retry.into(),
+                        a.output.clone().into(),
+                        a.error.clone().into(),
+                        a.duration_ms.into(),
+                        a.retry_in_ms.into(),
+                    ]);
+                }
+                let q = bind_all(sqlx::query(&sql), vals);
+                if !returning {
+                    q.execute(&mut *tx).await?;
+                    for ((run, shard, attempt), a) in chunk {
+                        merged
+                            .entry((run.clone(), *shard))
+                            .or_default()
+                            .push(fold::Attempt {
+                                shard: *shard,
+                                attempt: *attempt,
+                                started_at: a.started_at,
+                                finished_at: a.finished_at,
+                                outcome: a.outcome.as_deref().and_then(parse_outcome),
+                                will_retry: a.will_retry != 0,
+                                output: a.output.clone(),
+                                error: a.error.clone(),
+                            });
+                    }
+                    continue;
+                }
+                for r in q.fetch_all(&mut *tx).await? {
+                    let a = attempt_of(&r)?;
+                    merged
+                        .entry((r.try_get("run_id")?, a.shard))
+                        .or_default()
+                        .push(a);
+                }
             }
         }
         for rows in merged.values_mut() {
             rows.sort_by_key(|a| a.attempt);
+        }
+        let changes = Changes {
+            priors: &priors,
+            befores: &befores,
+            before: &before,
+            merged: &merged,
+            touched: &touched,
+        };
+        let mut tallies = tallies(self.backend, &mut tx, &run_rows, &changes).await?;
+
+        // New runs are inserted with their summary (a run's `dispatched` and `finished` in one
+        // batch make one row write); runs that exist are upserted when the batch changes them,
+        // and their summaries updated below. No other node inserts a run while this
+        // transaction holds the cursor, so a run not read above is new.
+        let (new_runs, old_runs): (Vec<_>, Vec<_>) = run_rows
+            .iter()
+            .partition(|(id, _)| !priors.contains_key(id) && tallies.contains_key(id.as_str()));
+        let mut ended: Vec<String> = Vec::new();
+        let mut ended_new: Vec<RunSummary> = Vec::new();
+        for chunk in new_runs.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id, epoch, \
+                 status, shards_succeeded, shards_failed, attempts, started_at, finished_at, output, error, tally) VALUES {} \
+                 ON CONFLICT (run_id) DO UPDATE SET {RUN_UPSERT_SET}",
+                placeholders(self.backend, chunk.len(), 16 + SUMMARY_COLUMNS)
+            );
+            let mut vals = Vec::with_capacity(chunk.len() * (16 + SUMMARY_COLUMNS));
+            for (id, r) in chunk {
+                vals.extend(run_vals(id, r));
+                let Some(tally) = tallies.remove(id.as_str()) else {
+                    return Err(StoreError::Corrupt(format!("no summary for new run {id}")));
+                };
+                let (folded, summary) = summary_vals(&tally, r.shard_total)?;
+                vals.extend(summary);
+                if folded.status.is_final() {
+                    ended_new.push(new_run_summary(id, r, folded));
+                }
+            }
+            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+        }
+        let upserts: Vec<&(String, RunRow)> = old_runs
+            .iter()
+            .copied()
+            .filter(|(id, r)| !priors.get(id).is_some_and(|p| r.changes_nothing_in(p)))
+            .collect();
+        for chunk in upserts.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO runs (run_id, job_group, job_name, app_name, path, job_type, trigger_kind, scheduled_at, dispatched_at, misfired, revision, args, node, shard_total, parent_run_id, epoch) VALUES {} \
+                 ON CONFLICT (run_id) DO UPDATE SET {RUN_UPSERT_SET}",
+                placeholders(self.backend, chunk.len(), 16)
+            );
+            let mut vals = Vec::with_capacity(chunk.len() * 16);
+            for (id, r) in chunk {
+                vals.extend(run_vals(id, r));
+            }
+            bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
+        }
+        for (id, r) in &old_runs {
+            if let Some((reason, at)) = &r.skipped {
+                let updated = sqlx::query(
+                    "UPDATE runs SET status = 'SKIPPED', error = $1, finished_at = $2 WHERE run_id = $3 AND status <> 'SKIPPED'",
+                )
+                .bind(reason.as_str())
+                .bind(*at)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() > 0 {
+                    ended.push(id.clone());
+                }
+            }
         }
         let log_rows: Vec<_> = logs.into_iter().collect();
         for chunk in log_rows.chunks(ROWS_PER_INSERT) {
@@ -885,17 +924,15 @@ impl Store {
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
         }
-        let changes = Changes {
-            priors: &priors,
-            befores: &befores,
-            before: &before,
-            merged: &merged,
-            touched: &touched,
-        };
-        for chunk in run_rows.chunks(ROWS_PER_INSERT) {
-            ended.extend(summarize(self.backend, &mut tx, chunk, &changes).await?);
+        let old_summed: Vec<&(String, RunRow)> = old_runs
+            .into_iter()
+            .filter(|(id, _)| tallies.contains_key(id.as_str()))
+            .collect();
+        for chunk in old_summed.chunks(ROWS_PER_INSERT) {
+            ended.extend(update_summaries(self.backend, &mut tx, chunk, &tallies, &priors).await?);
         }
-        let mut summaries = Vec::with_capacity(ended.len());
+        let mut summaries = ended_new;
+        summaries.reserve(ended.len());
         for chunk in ended.chunks(ROWS_PER_INSERT) {
             let vals: Vec<Val> = chunk.iter().map(|s| Val::from(s.clone())).collect();
             let sql = format!(
@@ -1977,21 +2014,112 @@ struct Changes<'a> {
     touched: &'a BTreeMap<&'a str, Vec<(i64, i64)>>,
 }
 
-/// Recomputes status and counters of the runs of `chunk` (as the batch has them): from the
-/// run's tally and the shards the batch changed (a batch costs what it changed, not what the
-/// run holds), or, for a run without a usable tally or with an attempt ended again, from all
-/// its attempts. Skipped runs are left alone (their status says so). Returns the runs that
-/// reached a final status now.
-async fn summarize(
+/// What an upsert of a run that exists sets: what the batch tells of it, keeping what it does
+/// not tell.
+const RUN_UPSERT_SET: &str = "path = COALESCE(excluded.path, runs.path), \
+     job_type = COALESCE(excluded.job_type, runs.job_type), \
+     trigger_kind = COALESCE(excluded.trigger_kind, runs.trigger_kind), \
+     scheduled_at = COALESCE(excluded.scheduled_at, runs.scheduled_at), \
+     dispatched_at = COALESCE(excluded.dispatched_at, runs.dispatched_at), \
+     misfired = CASE WHEN excluded.dispatched_at IS NOT NULL THEN excluded.misfired ELSE runs.misfired END, \
+     revision = COALESCE(excluded.revision, runs.revision), \
+     args = COALESCE(excluded.args, runs.args), \
+     node = COALESCE(excluded.node, runs.node), \
+     shard_total = excluded.shard_total, \
+     parent_run_id = COALESCE(excluded.parent_run_id, runs.parent_run_id), \
+     epoch = COALESCE(excluded.epoch, runs.epoch)";
+
+/// The 16 values of a run's own columns, in `INSERT INTO runs (run_id, …, epoch)` order.
+fn run_vals(id: &str, r: &RunRow) -> [Val; 16] {
+    [
+        Val::from(id),
+        r.job_group.clone().into(),
+        r.job_name.clone().into(),
+        r.app_name.clone().into(),
+        r.path.clone().into(),
+        r.job_type.clone().into(),
+        r.trigger.clone().into(),
+        r.scheduled_at.into(),
+        r.dispatched_at.into(),
+        r.misfired.unwrap_or(0).into(),
+        r.revision.into(),
+        r.args.clone().into(),
+        r.node.clone().into(),
+        r.shard_total.into(),
+        r.parent_run_id.clone().into(),
+        r.epoch.into(),
+    ]
+}
+
+/// Columns of a run's summary: status, shards_succeeded, shards_failed, attempts, started_at,
+/// finished_at, output, error, tally.
+const SUMMARY_COLUMNS: usize = 9;
+
+/// A run's status and the values of its summary columns, from its tally.
+fn summary_vals(
+    tally: &fold::Tally,
+    shard_total: i64,
+) -> Result<(fold::Folded, [Val; SUMMARY_COLUMNS]), StoreError> {
+    let folded = tally.folded(shard_total);
+    let json =
+        serde_json::to_string(tally).map_err(|e| StoreError::Corrupt(format!("run tally: {e}")))?;
+    let vals = [
+        folded.status.as_str().into(),
+        folded.shards_succeeded.into(),
+        folded.shards_failed.into(),
+        folded.attempts.into(),
+        folded.started_at.into(),
+        folded.finished_at.into(),
+        folded.output.clone().into(),
+        folded.error.clone().into(),
+        json.into(),
+    ];
+    Ok((folded, vals))
+}
+
+/// The summary of a run the batch inserted, as `run_summary` would read it back: a new row
+/// holds exactly the values bound.
+fn new_run_summary(run_id: &str, r: &RunRow, folded: fold::Folded) -> RunSummary {
+    RunSummary {
+        trace_id: krest_schemas::trace::trace_id(run_id),
+        run_id: run_id.to_string(),
+        job_group: r.job_group.clone(),
+        job_name: r.job_name.clone(),
+        app_name: r.app_name.clone(),
+        status: folded.status,
+        trigger: r.trigger.as_deref().and_then(parse_enum::<Trigger>),
+        scheduled_at: from_ms(r.scheduled_at),
+        dispatched_at: from_ms(r.dispatched_at),
+        started_at: from_ms(folded.started_at),
+        finished_at: from_ms(folded.finished_at),
+        shard_total: u32_of(r.shard_total),
+        shards_succeeded: u32_of(folded.shards_succeeded),
+        shards_failed: u32_of(folded.shards_failed),
+        attempts: u32_of(folded.attempts),
+        misfired: u32_of(r.misfired.unwrap_or(0)),
+        output: folded.output,
+        error: folded.error,
+        node: r.node.clone(),
+        revision: r.revision.and_then(|v| u64::try_from(v).ok()),
+        parent_run_id: r.parent_run_id.clone(),
+        epoch: r.epoch.and_then(|e| u64::try_from(e).ok()),
+    }
+}
+
+/// The tallies of the runs a batch touched, as the batch leaves them: from the run's tally and
+/// the shards the batch changed (a batch costs what it changed, not what the run holds), or,
+/// for a run without a usable tally or with an attempt ended again, from all its attempts
+/// (read after the batch's attempt upsert). Skipped runs have none (their status says so).
+async fn tallies<'r>(
     backend: Backend,
     tx: &mut sqlx::Transaction<'_, Any>,
-    chunk: &[(String, RunRow)],
+    runs: &'r [(String, RunRow)],
     changes: &Changes<'_>,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<HashMap<&'r str, fold::Tally>, StoreError> {
     let no_rows: &[fold::Attempt] = &[];
-    let mut tallies: HashMap<&str, fold::Tally> = HashMap::new();
+    let mut tallies: HashMap<&str, fold::Tally> = HashMap::with_capacity(runs.len());
     let mut refold: Vec<&str> = Vec::new();
-    for (id, r) in chunk {
+    for (id, r) in runs {
         let prior = changes.priors.get(id);
         if r.skipped.is_some() || prior.is_some_and(|p| p.status == RunStatus::Skipped.as_str()) {
             continue;
@@ -2049,13 +2177,13 @@ async fn summarize(
         tallies.insert(id.as_str(), t);
     }
 
-    if !refold.is_empty() {
+    for chunk in refold.chunks(ROWS_PER_INSERT) {
         let mut by_run: HashMap<String, Vec<fold::Attempt>> = HashMap::new();
-        let vals: Vec<Val> = refold.iter().map(|s| Val::from(*s)).collect();
+        let vals: Vec<Val> = chunk.iter().map(|s| Val::from(*s)).collect();
         let rows = bind_all(
             sqlx::query(&format!(
                 "SELECT {ATTEMPT_FOLD_COLUMNS} FROM attempts WHERE run_id IN ({}) ORDER BY run_id, shard, attempt",
-                list_placeholders(backend, refold.len())
+                list_placeholders(backend, chunk.len())
             )),
             vals,
         )
@@ -2067,40 +2195,39 @@ async fn summarize(
                 .or_default()
                 .push(attempt_of(r)?);
         }
-        for id in refold {
-            let t = fold::Tally::of(by_run.get(id).map_or(no_rows, Vec::as_slice));
+        for id in chunk {
+            let t = fold::Tally::of(by_run.get(*id).map_or(no_rows, Vec::as_slice));
             tallies.insert(id, t);
         }
     }
-    // One multi-row UPDATE … FROM (VALUES …) for the chunk (a statement per run costs a round
-    // trip each on Postgres). VALUES columns are `column1…` on both backends.
+    Ok(tallies)
+}
+
+/// Writes the summaries of runs that existed before the batch (`chunk`, each with a tally):
+/// one multi-row UPDATE … FROM (VALUES …) (a statement per run costs a round trip each on
+/// Postgres; VALUES columns are `column1…` on both backends). Returns the runs that reached a
+/// final status now.
+async fn update_summaries(
+    backend: Backend,
+    tx: &mut sqlx::Transaction<'_, Any>,
+    chunk: &[&(String, RunRow)],
+    tallies: &HashMap<&str, fold::Tally>,
+    priors: &HashMap<String, Prior>,
+) -> Result<Vec<String>, StoreError> {
     let mut ended = Vec::new();
-    let mut vals: Vec<Val> = Vec::with_capacity(chunk.len() * 10);
+    let mut vals: Vec<Val> = Vec::with_capacity(chunk.len() * (1 + SUMMARY_COLUMNS));
     let mut rows = 0;
     for (run_id, r) in chunk {
         let Some(tally) = tallies.get(run_id.as_str()) else {
             continue;
         };
         // The upsert of runs set the shard total the batch has.
-        let folded = tally.folded(r.shard_total);
+        let (folded, summary) = summary_vals(tally, r.shard_total)?;
         let status = folded.status;
-        vals.extend([
-            Val::from(run_id.as_str()),
-            status.as_str().into(),
-            folded.shards_succeeded.into(),
-            folded.shards_failed.into(),
-            folded.attempts.into(),
-            folded.started_at.into(),
-            folded.finished_at.into(),
-            folded.output.into(),
-            folded.error.into(),
-            serde_json::to_string(tally)
-                .map_err(|e| StoreError::Corrupt(format!("run tally: {e}")))?
-                .into(),
-        ]);
+        vals.push(Val::from(run_id.as_str()));
+        vals.extend(summary);
         rows += 1;
-        let was_final = changes
-            .priors
+        let was_final = priors
             .get(run_id)
             .and_then(|p| RunStatus::parse(&p.status))
             .is_some_and(RunStatus::is_final);
@@ -2113,7 +2240,7 @@ async fn summarize(
             "UPDATE runs SET status = v.column2, shards_succeeded = v.column3, shards_failed = v.column4, attempts = v.column5, \
              started_at = v.column6, finished_at = v.column7, output = v.column8, error = v.column9, tally = v.column10 \
              FROM (VALUES {}) AS v WHERE runs.run_id = v.column1",
-            placeholders(backend, rows, 10)
+            placeholders(backend, rows, 1 + SUMMARY_COLUMNS)
         );
         bind_all(sqlx::query(&sql), vals).execute(&mut **tx).await?;
     }
@@ -2415,6 +2542,22 @@ mod tests {
         tally => a_summary_updated_batch_by_batch_equals_the_summary_of_all_attempts,
         one_shard => one_shard_runs_recorded_at_once_or_event_by_event_have_the_same_summary,
         prune_alive => a_run_alive_again_when_pruned_keeps_its_attempts_and_lines,
+        ended_new => a_run_ended_in_its_first_batch_is_reported_as_stored,
+    }
+
+    /// A run whose events all come in one batch is inserted with its summary, and the summary
+    /// reported for its end (built from the batch, not read back) is the one stored.
+    async fn a_run_ended_in_its_first_batch_is_reported_as_stored(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        let evs = events();
+        let applied = store.apply(&seqd(&evs, 1), evs.len() as u64).await.unwrap();
+        let d = store.get_run("g.j.1000").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Succeeded);
+        assert_eq!(d.run.attempts, 2);
+        assert_eq!(applied.ended, [d.run]);
+        assert_eq!(d.attempts.len(), 3);
+        store.close().await;
     }
 
     /// Retention chooses runs, then deletes them: a run that a late event brought back to
@@ -3375,6 +3518,98 @@ mod tests {
         let d = store.get_run(&run.run_id).await.unwrap().unwrap();
         assert_eq!(d.run.scheduled_at, Some(at(7)));
         assert_eq!(d.run.status, RunStatus::Succeeded);
+        store.close().await;
+    }
+
+    /// A run's `dispatched` and `finished` in one batch insert the run once, with its final
+    /// status: the row (and the indexes holding its status) is not updated after. Apart, the
+    /// run is inserted, then updated once by its end. A redelivered pair rewrites nothing and
+    /// ends nothing again. SQLite only: the test counts writes with triggers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_dispatched_and_finished_in_one_batch_is_written_once() {
+        let db = Db::new(Backend::Sqlite);
+        let store = db.open().await;
+        for sql in [
+            "CREATE TABLE writes (kind TEXT NOT NULL, run_id TEXT NOT NULL)",
+            "CREATE TRIGGER count_inserts AFTER INSERT ON runs \
+             BEGIN INSERT INTO writes (kind, run_id) VALUES ('insert', new.run_id); END",
+            "CREATE TRIGGER count_updates AFTER UPDATE ON runs \
+             BEGIN INSERT INTO writes (kind, run_id) VALUES ('update', new.run_id); END",
+        ] {
+            sqlx::query(sql).execute(&store.pool).await.unwrap();
+        }
+        let writes = |run: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT kind FROM writes WHERE run_id = $1 ORDER BY rowid",
+                )
+                .bind(run)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        let finished = |n: i64| {
+            let RunEvent::Dispatched(d) = dispatched(n) else {
+                panic!("dispatched({n}) is a dispatched event")
+            };
+            RunEvent::Finished(Finished {
+                run: d.run,
+                shard: 0,
+                shard_total: 1,
+                attempt: 1,
+                worker: "w".into(),
+                at: at(n + 5),
+                outcome: AttemptOutcome::Succeeded,
+                will_retry: false,
+                retry_in_ms: None,
+                output: Some("ok".into()),
+                error: None,
+                duration_ms: 3,
+                delivery_token: String::new(),
+                started_at: Some(at(n + 2)),
+                scheduled_at: Some(at(n)),
+            })
+        };
+
+        let together = [dispatched(10), finished(10)];
+        let applied = store.apply(&seqd(&together, 1), 2).await.unwrap();
+        assert_eq!(writes("g.j.00010").await, ["insert"]);
+        assert_eq!(applied.ended.len(), 1, "the run's end is reported");
+        let run = &applied.ended[0];
+        assert_eq!(
+            (
+                run.run_id.as_str(),
+                run.status,
+                run.attempts,
+                run.shards_succeeded
+            ),
+            ("g.j.00010", RunStatus::Succeeded, 1, 1)
+        );
+        assert_eq!(
+            (run.started_at, run.finished_at),
+            (Some(at(12)), Some(at(15)))
+        );
+        assert_eq!(run.dispatched_at, Some(at(10)));
+
+        let applied = store.apply(&seqd(&[dispatched(20)], 3), 3).await.unwrap();
+        assert!(applied.ended.is_empty());
+        assert_eq!(writes("g.j.00020").await, ["insert"]);
+        let d = store.get_run("g.j.00020").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Pending);
+        let applied = store.apply(&seqd(&[finished(20)], 4), 4).await.unwrap();
+        assert_eq!(applied.ended.len(), 1);
+        assert_eq!(writes("g.j.00020").await, ["insert", "update"]);
+
+        // Delivered again (a crash before the cursor moved): the run exists and is final.
+        let applied = store.apply(&seqd(&together, 5), 6).await.unwrap();
+        assert!(applied.ended.is_empty(), "ended once");
+        let d = store.get_run("g.j.00010").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Succeeded);
+        assert_eq!(d.run.finished_at, Some(at(15)));
+        assert_eq!(d.attempts.len(), 1);
+        assert_eq!(d.attempts[0].output.as_deref(), Some("ok"));
         store.close().await;
     }
 
