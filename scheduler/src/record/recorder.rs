@@ -95,6 +95,10 @@ pub struct RecorderConfig {
     /// stream. Under load a batch then holds the `dispatched` and `finished` events of most
     /// runs together, and a run is written once, with its final status.
     pub max_linger: Duration,
+    /// Most bytes of event messages per batch: events may be as large as the server's
+    /// `max_payload` (a worker's output, a forged event), and a batch of `max_batch` of them
+    /// would be held in memory at once.
+    pub max_batch_bytes: usize,
     /// Lag beyond which the node reports itself not ready (`/readyz`).
     pub max_lag: Duration,
 }
@@ -105,6 +109,7 @@ impl Default for RecorderConfig {
             max_batch: 5000,
             linger: Duration::from_millis(20),
             max_linger: Duration::from_millis(250),
+            max_batch_bytes: 16 << 20,
             max_lag: Duration::from_secs(30),
         }
     }
@@ -268,10 +273,10 @@ impl Recorder<'_> {
                 Some(Err(e)) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
                 None => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
             }
-            if batch.events.len() < self.cfg.max_batch {
+            if batch.size(self.cfg) < self.cfg.max_batch {
                 gather(&mut messages, self.cfg, |m| {
                     batch.push(m, self.key)?;
-                    Ok(batch.events.len())
+                    Ok(batch.size(self.cfg))
                 })
                 .await?;
             }
@@ -593,9 +598,21 @@ struct Batch {
     events: Vec<(u64, RunEvent)>,
     last_seq: u64,
     bad: Vec<Bad>,
+    /// Bytes of the messages taken.
+    bytes: usize,
 }
 
 impl Batch {
+    /// The batch's size as [`gather`] counts it: its events, or `cfg.max_batch` (full) once
+    /// its messages' bytes reach `cfg.max_batch_bytes`.
+    fn size(&self, cfg: &RecorderConfig) -> usize {
+        if self.bytes >= cfg.max_batch_bytes {
+            cfg.max_batch
+        } else {
+            self.events.len()
+        }
+    }
+
     fn push(
         &mut self,
         m: jetstream::Message,
@@ -606,6 +623,7 @@ impl Batch {
             .map_err(err(RecordErrorKind::Consumer))?
             .stream_sequence;
         self.last_seq = seq;
+        self.bytes = self.bytes.saturating_add(m.payload.len());
         match serde_json::from_slice::<RunEvent>(&m.payload) {
             Ok(e) => match refused(&e, &m, key) {
                 Some(reason) => {
@@ -704,6 +722,19 @@ mod tests {
         let mut messages = spaced(4, 300);
         let batch = gathered(&mut messages, &cfg(5000, 1000, 60_000)).await;
         assert_eq!(batch, [0, 1, 2, 3]);
+    }
+
+    /// A batch of large events is full at its byte bound, whatever its number of events.
+    #[test]
+    fn a_batch_of_large_events_is_full_at_its_byte_bound() {
+        let cfg = RecorderConfig::default();
+        let mut batch = Batch {
+            bytes: cfg.max_batch_bytes - 1,
+            ..Batch::default()
+        };
+        assert_eq!(batch.size(&cfg), 0);
+        batch.bytes = cfg.max_batch_bytes;
+        assert_eq!(batch.size(&cfg), cfg.max_batch, "full");
     }
 
     /// A batch ends at its size bound, or at its age bound while events never stop.
