@@ -1,6 +1,8 @@
 //! Failover: how long fires stop when the leader dies (SIGKILL) or hands over (SIGTERM). Run
-//! with `cargo bench -p krest --bench failover [-- --reps N]`; results go into BENCHMARKS.md.
-//! `KREST_BENCH_TINY=1` runs one repetition of each (CI does, so it cannot rot).
+//! with `cargo bench -p krest --bench failover [-- --reps N] [--idle-jobs N]`; results go into
+//! BENCHMARKS.md. `--idle-jobs N` registers N more jobs that do not fire during the run (what
+//! a new leader loads before it fires again). `KREST_BENCH_TINY=1` runs one repetition of each
+//! with 10 idle jobs (CI does, so it cannot rot).
 //!
 //! Starts its own nats-server, two `krest scheduler` nodes and a worker process; one job fires
 //! every second. Each repetition stops the current leader half-way between two fires, and
@@ -55,7 +57,12 @@ fn main() {
         return;
     }
     let reps: usize = common::flag("--reps").unwrap_or(if tiny() { 1 } else { 10 });
-    println!("failover: {reps} repetitions of SIGKILL and of SIGTERM of the leader");
+    // Jobs registered besides the ticking one, none firing in the run (one fire a year): what
+    // a new leader loads before it fires again.
+    let idle: usize = common::flag("--idle-jobs").unwrap_or(if tiny() { 10 } else { 0 });
+    println!(
+        "failover: {reps} repetitions of SIGKILL and of SIGTERM of the leader, {idle} idle jobs registered"
+    );
     let nats = NatsServer::start();
     let url = nats.url();
     let dir = TestDir::new("bench-failover");
@@ -65,14 +72,17 @@ fn main() {
         .collect();
     wait_for_api(&url);
     let worker = BenchWorker::start("worker", &url, dir.path(), 16);
-    apply(
-        &url,
-        dir.path(),
-        &[json!({
-            "appName": APP, "jobGroup": GROUP, "jobName": "tick", "path": "noop",
-            "cron": "* * * * * ?"
-        })],
-    );
+    let mut docs = vec![json!({
+        "appName": APP, "jobGroup": GROUP, "jobName": "tick", "path": "noop",
+        "cron": "* * * * * ?"
+    })];
+    docs.extend((0..idle).map(|i| {
+        json!({
+            "appName": APP, "jobGroup": GROUP, "jobName": format!("idle{i:07}"), "path": "noop",
+            "cron": "0 0 3 1 1 ?", "args": {"i": i}
+        })
+    }));
+    apply(&url, dir.path(), &docs);
     let first_fire = (Utc::now().timestamp_millis() / 1000 + 2) * 1000;
     // Signal time (ms), kind, and the next lease's acquisition time of each stop.
     let mut stops: Vec<(i64, &str, i64)> = Vec::new();
