@@ -445,6 +445,23 @@ struct AttemptRow {
     duration_ms: Option<i64>,
 }
 
+impl AttemptRow {
+    /// The row as [`fold`] reads it: what [`attempt_of`] makes of the stored row, for a row
+    /// inserted as is (an attempt of a run new to the database).
+    fn folded(&self, shard: i64, attempt: i64) -> fold::Attempt {
+        fold::Attempt {
+            shard,
+            attempt,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            outcome: self.outcome.as_deref().and_then(parse_outcome),
+            will_retry: self.will_retry != 0,
+            output: self.output.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
 fn outcome_str(o: AttemptOutcome) -> &'static str {
     match o {
         AttemptOutcome::Succeeded => "SUCCEEDED",
@@ -808,16 +825,7 @@ impl Store {
                         merged
                             .entry((run.clone(), *shard))
                             .or_default()
-                            .push(fold::Attempt {
-                                shard: *shard,
-                                attempt: *attempt,
-                                started_at: a.started_at,
-                                finished_at: a.finished_at,
-                                outcome: a.outcome.as_deref().and_then(parse_outcome),
-                                will_retry: a.will_retry != 0,
-                                output: a.output.clone(),
-                                error: a.error.clone(),
-                            });
+                            .push(a.folded(*shard, *attempt));
                     }
                     continue;
                 }
@@ -924,11 +932,8 @@ impl Store {
             }
             bind_all(sqlx::query(&sql), vals).execute(&mut *tx).await?;
         }
-        let old_summed: Vec<&(String, RunRow)> = old_runs
-            .into_iter()
-            .filter(|(id, _)| tallies.contains_key(id.as_str()))
-            .collect();
-        for chunk in old_summed.chunks(ROWS_PER_INSERT) {
+        // (Runs without a tally — skipped ones — are passed over by `update_summaries`.)
+        for chunk in old_runs.chunks(ROWS_PER_INSERT) {
             ended.extend(update_summaries(self.backend, &mut tx, chunk, &tallies, &priors).await?);
         }
         let mut summaries = ended_new;
