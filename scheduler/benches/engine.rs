@@ -186,6 +186,7 @@ fn dispatch(rt: &tokio::runtime::Runtime, fires_n: usize, shards: usize) {
             // The leader's fire watermark after the round.
             let watermark = krest_schemas::FireWatermark {
                 through: chunk[chunk.len() - 1].scheduled_at,
+                ahead_through: None,
                 jobs_revision: 1,
                 epoch: 1,
                 node: "bench".into(),

@@ -7,6 +7,9 @@
 //! interpreter PYTHON, e.g. a venv's `bin/python` with `krest_worker` installed) instead of the
 //! Rust one, with the same no-op handler.
 //!
+//! The node dispatches ahead by its default (`--dispatch-ahead`, 1 s); set
+//! `KREST_DISPATCH_AHEAD=0` in the environment to measure dispatch at the fire time.
+//!
 //! `--per-minute` makes each job fire once a minute instead (job i at second i mod 60: N/60
 //! fires a second); `--cron EXPR` gives every job that expression and checks no fires (for the
 //! memory of many registered jobs).
@@ -174,6 +177,20 @@ fn main() {
         "precision/fires: {expected} expected, {} ran, {missed} missed, {doubled} ran twice",
         by_run.len()
     );
+    // Dispatched ahead (`--dispatch-ahead`, KREST_DISPATCH_AHEAD): on the bus before their time,
+    // and none may start before it.
+    let ahead = firsts
+        .iter()
+        .filter(|s| s.dispatched_ms < s.scheduled_ms)
+        .count();
+    let early = firsts
+        .iter()
+        .filter(|s| s.start_ms < s.scheduled_ms)
+        .count();
+    println!(
+        "precision/dispatch ahead: {ahead} of {} runs dispatched before their time, {early} started before it",
+        firsts.len()
+    );
     for (i, (name, _)) in pids.iter().enumerate() {
         println!(
             "precision/process {name}: {:.2} CPU-s in the {seconds} s window, peak RSS {}",
@@ -195,4 +212,5 @@ fn main() {
     }
     assert_eq!(missed, 0, "fires were missed");
     assert_eq!(doubled, 0, "fires ran twice");
+    assert_eq!(early, 0, "runs started before their time");
 }

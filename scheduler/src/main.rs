@@ -70,6 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.retention.keep_runs = args.keep_runs;
             opts.engine = EngineConfig {
                 misfire_threshold: args.misfire_threshold,
+                dispatch_ahead: args.dispatch_ahead,
                 ..EngineConfig::default()
             };
             if opts.lease_renew * 2 > opts.infra.lease_ttl {

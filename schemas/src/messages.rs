@@ -118,6 +118,12 @@ pub struct RunMessage {
     /// For messages to the router: not before this instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    /// Set when the leader dispatched the run ahead of its fire time (`--dispatch-ahead`): the
+    /// worker holds the run and starts its handler at this instant, by its own clock, and never
+    /// earlier (holding at most [`MAX_HOLD`]). Sent only to apps whose every live instance
+    /// declares [`CAPABILITY_NOT_BEFORE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
     /// For messages to the router: instances to avoid if others can take the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub avoid: Vec<String>,
@@ -559,6 +565,29 @@ pub struct WorkerInfo {
     pub started_at: DateTime<Utc>,
     /// When this heartbeat was sent.
     pub heartbeat_at: DateTime<Utc>,
+    /// What the instance's SDK supports beyond the base protocol (e.g.
+    /// [`CAPABILITY_NOT_BEFORE`]); a scheduler uses a feature only with instances declaring it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+}
+
+/// Capability of a worker that holds a run until its `notBefore` (so the leader may dispatch
+/// runs ahead of their fire time to its app).
+pub const CAPABILITY_NOT_BEFORE: &str = "notBefore";
+
+/// The longest a worker holds a run for its `notBefore`: a run whose `notBefore` is further
+/// away (a skewed clock, a forged message) is held this long, so no message can keep a slot
+/// for longer. Also the most a leader may dispatch ahead.
+pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RunMessage {
+    /// How long to hold the run before its handler starts, at `now`: until `notBefore`, at most
+    /// [`MAX_HOLD`]; zero when it has none or it has passed.
+    pub fn hold_at(&self, now: DateTime<Utc>) -> std::time::Duration {
+        self.not_before
+            .and_then(|nb| (nb - now).to_std().ok())
+            .map_or(std::time::Duration::ZERO, |d| d.min(MAX_HOLD))
+    }
 }
 
 /// Role of a scheduler node.
@@ -651,6 +680,11 @@ pub struct JobState {
 pub struct FireWatermark {
     /// Every fire due at or before this instant is handed over.
     pub through: DateTime<Utc>,
+    /// Every fire of a job with overlap policy ALLOW due at or before this instant is handed
+    /// over too (dispatched ahead of its time); absent from leaders that did not dispatch
+    /// ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead_through: Option<DateTime<Utc>>,
     /// The newest jobs-bucket revision the writing leader had applied to its schedule.
     pub jobs_revision: u64,
     /// The writing leader's epoch.
@@ -677,6 +711,28 @@ pub struct QueuedFire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_held_until_its_not_before_and_at_most_max_hold() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let mut run: RunMessage = serde_json::from_value(serde_json::json!({
+            "runId": "g.j.1", "jobGroup": "g", "jobName": "j", "appName": "a", "path": "p",
+            "jobType": "NORMAL", "args": null, "scheduledAt": "2026-11-29T08:43:40Z",
+            "dispatchedAt": "2026-11-29T08:43:39Z", "trigger": "SCHEDULE", "retryTimes": 0,
+            "revision": 1, "notBefore": "2026-11-29T08:43:40Z"
+        }))
+        .unwrap();
+        let now = t("2026-11-29T08:43:39.250Z");
+        assert_eq!(run.hold_at(now), std::time::Duration::from_millis(750));
+        assert_eq!(
+            run.hold_at(t("2026-11-29T08:43:41Z")),
+            std::time::Duration::ZERO
+        );
+        run.not_before = Some(t("2126-01-01T00:00:00Z"));
+        assert_eq!(run.hold_at(now), MAX_HOLD, "bounded");
+        run.not_before = None;
+        assert_eq!(run.hold_at(now), std::time::Duration::ZERO);
+    }
 
     #[test]
     fn events_are_tagged_by_type() {

@@ -147,6 +147,8 @@ pub(crate) async fn process(
         .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
         .unwrap_or(1);
     let attempt = attempt_number(&run, delivered);
+    // A run dispatched ahead of its fire time starts at that time, never earlier.
+    hold(&msg, run.hold_at(Utc::now()), progress_every).await;
     // Sent after the start-report delay or before the first log line; folded into
     // `finished` if the attempt ends first.
     let start = Arc::new(StartReport::new(
@@ -230,6 +232,30 @@ pub(crate) async fn process(
     acknowledge(&shared, &msg, &run, attempt, &decision)
         .instrument(span)
         .await;
+}
+
+/// Waits `hold` (a run's time to its `notBefore`), telling the server the message is in
+/// progress every `progress_every` so a hold is never taken for a lost worker. A cancellation
+/// arriving meanwhile is remembered and found when the attempt starts; a shutdown waits for
+/// the hold like a running handler (a hold is at most [`krest_schemas::messages::MAX_HOLD`]).
+async fn hold(msg: &jetstream::Message, hold: Duration, progress_every: Duration) {
+    if hold.is_zero() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + hold;
+    loop {
+        let step = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(progress_every.max(Duration::from_millis(100)));
+        if step.is_zero() {
+            return;
+        }
+        tokio::time::sleep(step).await;
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
+        let _ = msg.ack_with(AckKind::Progress).await;
+    }
 }
 
 /// The run in `msg`; a payload that is not a RunMessage is parked and terminated (`None`).

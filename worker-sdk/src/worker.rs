@@ -370,6 +370,7 @@ async fn heartbeat_loop(
             host: t.host.clone(),
             started_at: t.started_at,
             heartbeat_at: Utc::now(),
+            capabilities: vec![krest_schemas::messages::CAPABILITY_NOT_BEFORE.to_string()],
         };
         match serde_json::to_vec(&info) {
             Ok(body) => {

@@ -18,6 +18,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     krest_schemas::parse_duration(s)
 }
 
+/// Parses `--dispatch-ahead`: a duration of at most what a worker holds a run
+/// ([`krest_schemas::messages::MAX_HOLD`]).
+pub fn parse_dispatch_ahead(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let max = krest_schemas::messages::MAX_HOLD;
+    if d > max {
+        return Err(format!(
+            "at most {}s: workers hold a run at most that long before its time",
+            max.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -212,6 +226,12 @@ pub struct SchedulerArgs {
     /// Fires later than this when published are misfires (collapsed into one run).
     #[arg(long, env = "KREST_MISFIRE_THRESHOLD", default_value = "60s", value_parser = parse_duration)]
     pub misfire_threshold: Duration,
+    /// Dispatch fires of jobs with overlap policy ALLOW this long before their time; workers
+    /// hold them and start the handler on time, so a burst of fires is not late by the time it
+    /// takes to publish (0 dispatches at the fire time; at most 10s). Pausing or deleting a job
+    /// cancels what was dispatched ahead; an edit applies from the first fire not yet dispatched.
+    #[arg(long, env = "KREST_DISPATCH_AHEAD", default_value = "1s", value_parser = parse_dispatch_ahead)]
+    pub dispatch_ahead: Duration,
     /// Replicas of streams and buckets when creating them (default: 1, or the NATS cluster's
     /// size up to 3).
     #[arg(long, env = "KREST_REPLICAS")]

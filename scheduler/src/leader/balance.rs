@@ -251,6 +251,19 @@ impl Registry {
     }
 }
 
+/// Whether `app` has live instances and every one of them holds a run until its `notBefore`
+/// (declares [`krest_schemas::messages::CAPABILITY_NOT_BEFORE`]): only then may its runs be
+/// dispatched ahead of their time, as any of them may take a run from the app's queue.
+pub fn all_hold_runs(live: &[WorkerInfo], app: &str) -> bool {
+    let mut of_app = live.iter().filter(|w| w.app_name == app).peekable();
+    of_app.peek().is_some()
+        && of_app.all(|w| {
+            w.capabilities
+                .iter()
+                .any(|c| c == krest_schemas::messages::CAPABILITY_NOT_BEFORE)
+        })
+}
+
 /// The live instances of `app` that have `handler`.
 pub fn candidates(live: &[WorkerInfo], app: &str, handler: &str) -> Vec<WorkerInfo> {
     live.iter()
@@ -455,6 +468,7 @@ mod tests {
             host: "h".into(),
             started_at: DateTime::from_timestamp(started_s, 0).unwrap(),
             heartbeat_at: DateTime::from_timestamp(1000, 0).unwrap(),
+            capabilities: Vec::new(),
         }
     }
 

@@ -60,6 +60,9 @@ pub struct Fire {
     /// The shards with their targets, once routed ([`crate::leader::balance::Routing::assign`]);
     /// `None`: the job's shards, all to the app's shared queue.
     pub shards: Option<Vec<ShardPlan>>,
+    /// Set when the fire is dispatched ahead of its time: the worker starts it at this instant
+    /// (its `scheduled_at`).
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 /// One shard of a fire: its item (SHARDING, BROADCAST) and the instance it goes to.
@@ -90,6 +93,7 @@ impl Fire {
             parent_run_id: None,
             shards: None,
             epoch: None,
+            not_before: None,
             job,
         }
     }
@@ -431,6 +435,7 @@ impl Publisher {
             load_balance: spec.load_balance_type,
             attempt_offset: 0,
             retry_at: None,
+            not_before: fire.not_before,
             avoid: Vec::new(),
             retry_times: u32::try_from(spec.retry_times).unwrap_or(0),
             timeout_secs: spec.timeout_secs.and_then(|t| u64::try_from(t).ok()),
@@ -575,6 +580,7 @@ mod tests {
             load_balance: krest_schemas::LoadBalance::Queue,
             attempt_offset: 0,
             retry_at: None,
+            not_before: None,
             avoid: Vec::new(),
             retry_times: 3,
             timeout_secs: Some(30),

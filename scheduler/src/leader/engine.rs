@@ -31,6 +31,9 @@ pub struct EngineConfig {
     pub misfire_threshold: Duration,
     /// Most fires published in one pipelined batch.
     pub batch_size: usize,
+    /// How long before its time a fire of an `ALLOW` job is dispatched, to workers that hold
+    /// it until then (zero: at its time).
+    pub dispatch_ahead: Duration,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +41,7 @@ impl Default for EngineConfig {
         EngineConfig {
             misfire_threshold: Duration::from_secs(60),
             batch_size: 2000,
+            dispatch_ahead: Duration::from_secs(1),
         }
     }
 }
@@ -112,6 +116,18 @@ pub fn plan(
     now: DateTime<Utc>,
     m: Misfire,
 ) -> Vec<Planned> {
+    plan_until(schedule, anchor, now, now, m)
+}
+
+/// [`plan`] through `upto` (at or after `now`): the fires after `now` are planned ahead of
+/// their time (misfires are still reckoned from `now`).
+pub fn plan_until(
+    schedule: &Schedule,
+    anchor: DateTime<Utc>,
+    now: DateTime<Utc>,
+    upto: DateTime<Utc>,
+    m: Misfire,
+) -> Vec<Planned> {
     let horizon = ago(now, m.threshold, anchor);
     let mut out = Vec::new();
     let recent_from = match m.policy {
@@ -139,7 +155,7 @@ pub fn plan(
     };
     out.extend(
         schedule
-            .fires_between(recent_from, now, usize::MAX)
+            .fires_between(recent_from, upto.max(now), usize::MAX)
             .into_iter()
             .map(Planned::run),
     );
@@ -152,13 +168,16 @@ struct JobSched {
     /// Every fire up to and including this instant has been handed to the publisher.
     anchor: DateTime<Utc>,
     generation: u64,
+    /// Its fires are planned ahead of their time (an `ALLOW` job, when dispatching ahead).
+    early: bool,
 }
 
 /// `(cron expression, time zone)`: jobs with equal keys share one parsed schedule.
 type ScheduleKey = (String, String);
 
-/// The leader's schedule of every running job: a min-heap of `(fire time in ms, generation,
-/// key)`; entries whose generation is no longer the job's current one are stale and skipped
+/// The leader's schedule of every running job: a min-heap of `(wake time in ms, generation,
+/// key)` — a job's wake time is its next fire time, less the dispatch-ahead for jobs planned
+/// ahead —; entries whose generation is no longer the job's current one are stale and skipped
 /// (lazy deletion), so an update costs O(log n) and nothing is ever searched.
 ///
 /// Cron schedules are interned, so jobs sharing an expression share one schedule (and one
@@ -171,6 +190,8 @@ pub struct Schedules {
     heap: BinaryHeap<Reverse<(i64, u64, Arc<str>)>>,
     generation: u64,
     parsed: HashMap<ScheduleKey, Arc<Schedule>>,
+    /// How long before their time fires of `ALLOW` jobs are planned, in ms.
+    ahead_ms: i64,
 }
 
 /// The interning key of a job's schedule: only cron expressions are interned.
@@ -181,6 +202,23 @@ fn cron_key(spec: &krest_schemas::JobSpec) -> Option<ScheduleKey> {
 }
 
 impl Schedules {
+    /// Schedules whose `ALLOW` jobs' fires are planned `ahead` of their time.
+    pub fn with_ahead(ahead: Duration) -> Schedules {
+        Schedules {
+            ahead_ms: i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
+            ..Schedules::default()
+        }
+    }
+
+    /// How far ahead of its fire time a job wakes.
+    fn lead_ms(&self, early: bool) -> i64 {
+        if early {
+            self.ahead_ms
+        } else {
+            0
+        }
+    }
+
     /// (Re)schedules a job whose fires up to `anchor_floor` (if any) are already published,
     /// or removes it if it is deleted, paused or unscheduled.
     pub fn set(
@@ -241,6 +279,7 @@ impl Schedules {
                 }
             },
         };
+        let early = self.ahead_ms > 0 && spec.overlap_policy == krest_schemas::OverlapPolicy::Allow;
         let previous = self.jobs.get(&*key).map(|j| j.anchor);
         let anchor = [Some(entry.stored.updated_at), previous, anchor_floor]
             .into_iter()
@@ -255,8 +294,8 @@ impl Schedules {
             .get_key_value(&*key)
             .map_or(key, |(k, _)| k.clone());
         if let Some(next) = schedule.next_after(anchor) {
-            self.heap
-                .push(Reverse((next.timestamp_millis(), generation, key.clone())));
+            let wake = next.timestamp_millis().saturating_sub(self.lead_ms(early));
+            self.heap.push(Reverse((wake, generation, key.clone())));
         }
         let old = self.jobs.insert(
             key,
@@ -265,6 +304,7 @@ impl Schedules {
                 schedule,
                 anchor,
                 generation,
+                early,
             },
         );
         if let Some(old) = old {
@@ -302,6 +342,18 @@ impl Schedules {
             .map(|(k, _)| Arc::strong_count(k))
     }
 
+    /// The fire times of `key` after `now` already handed over (planned ahead of their time),
+    /// with the job as it was scheduled: what a pause or deletion arriving now must cancel.
+    pub fn ahead_of(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Option<(Arc<JobEntry>, Vec<DateTime<Utc>>)> {
+        let job = self.jobs.get(key).filter(|j| j.early && j.anchor > now)?;
+        let at = job.schedule.fires_between(now, job.anchor, 64);
+        (!at.is_empty()).then(|| (job.entry.clone(), at))
+    }
+
     /// Number of distinct parsed cron expressions held.
     pub fn distinct_schedules(&self) -> usize {
         self.parsed.len()
@@ -317,7 +369,8 @@ impl Schedules {
         self.jobs.is_empty()
     }
 
-    /// The next fire time (epoch ms), if any job is scheduled.
+    /// The next time (epoch ms) a job is due to be popped — its next fire time, less the
+    /// dispatch-ahead for jobs planned ahead —, if any job is scheduled.
     pub fn next_due(&mut self) -> Option<i64> {
         while let Some(Reverse((at, generation, key))) = self.heap.peek() {
             match self.jobs.get(&**key) {
@@ -332,7 +385,8 @@ impl Schedules {
 
     /// Pops every job due at `now` and plans its fires by its misfire policy (misfires are
     /// fires older than `threshold`); fires at or before `catch_up_until` are marked as
-    /// catch-up.
+    /// catch-up. Jobs planned ahead are popped that much before their fire time; their fires
+    /// after `now` carry it as `not_before`.
     pub fn pop_due(
         &mut self,
         now: DateTime<Utc>,
@@ -361,7 +415,9 @@ impl Schedules {
                 policy: spec.misfire_policy,
                 window: spec.catch_up_window(),
             };
-            for p in plan(&job.schedule, job.anchor, now, misfire) {
+            let lead = if job.early { self.ahead_ms } else { 0 };
+            let upto = now + chrono::Duration::milliseconds(lead);
+            for p in plan_until(&job.schedule, job.anchor, now, upto, misfire) {
                 let trigger = if p.misfired > 0 || p.at <= catch_up_until {
                     Trigger::CatchUp
                 } else {
@@ -378,12 +434,15 @@ impl Schedules {
                         }
                     ));
                 }
+                if p.at > now {
+                    fire.not_before = Some(p.at);
+                }
                 out.push(fire);
             }
-            job.anchor = now.max(job.anchor);
+            job.anchor = upto.max(job.anchor);
             if let Some(next) = job.schedule.next_after(job.anchor) {
-                self.heap
-                    .push(Reverse((next.timestamp_millis(), generation, key)));
+                let wake = next.timestamp_millis().saturating_sub(lead);
+                self.heap.push(Reverse((wake, generation, key)));
             }
         }
     }
@@ -417,6 +476,129 @@ mod tests {
         p.iter()
             .map(|p| (p.at.format("%H:%M:%S").to_string(), p.misfired, p.skip))
             .collect()
+    }
+
+    fn entry(name: &str, extra: serde_json::Value) -> Arc<JobEntry> {
+        let mut doc = serde_json::json!({
+            "appName": "a", "jobGroup": "g", "jobName": name, "path": "p", "cron": "0/5 * * * * ?"
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            doc[k] = v.clone();
+        }
+        Arc::new(JobEntry {
+            stored: krest_schemas::StoredJob {
+                spec: krest_schemas::parse_job(&doc).unwrap(),
+                created_at: t("2026-01-01T00:00:00Z"),
+                updated_at: t("2026-01-01T00:00:00Z"),
+                version: 1,
+            },
+            revision: 1,
+            version: 1,
+        })
+    }
+
+    fn popped(s: &mut Schedules, now: &str) -> Vec<(String, String, Option<String>)> {
+        let mut out = Vec::new();
+        s.pop_due(
+            t(now),
+            Duration::from_secs(60),
+            t("2026-01-01T00:00:00Z"),
+            &mut out,
+        );
+        let hms = |d: DateTime<Utc>| d.format("%H:%M:%S%.3f").to_string();
+        out.iter()
+            .map(|f| (f.key(), hms(f.scheduled_at), f.not_before.map(hms)))
+            .collect()
+    }
+
+    #[test]
+    fn allow_jobs_are_popped_ahead_of_their_time_and_others_at_it() {
+        let mut s = Schedules::with_ahead(Duration::from_secs(1));
+        s.set("g.allow", Some(entry("allow", serde_json::json!({}))), None);
+        s.set(
+            "g.skip",
+            Some(entry("skip", serde_json::json!({"overlapPolicy": "SKIP"}))),
+            None,
+        );
+        // The allow job wakes a second before its fire at 00:00:05, the other at it.
+        assert_eq!(
+            s.next_due(),
+            Some(t("2026-01-01T00:00:04Z").timestamp_millis())
+        );
+        assert!(popped(&mut s, "2026-01-01T00:00:03.999Z").is_empty());
+        assert_eq!(
+            popped(&mut s, "2026-01-01T00:00:04.010Z"),
+            [(
+                "g.allow".into(),
+                "00:00:05.000".into(),
+                Some("00:00:05.000".into())
+            )]
+        );
+        // Handed over ahead: a pause now has that fire to cancel; the other job has none.
+        let (_, ahead) = s
+            .ahead_of("g.allow", t("2026-01-01T00:00:04.500Z"))
+            .unwrap();
+        assert_eq!(ahead, [t("2026-01-01T00:00:05Z")]);
+        assert!(s
+            .ahead_of("g.skip", t("2026-01-01T00:00:04.500Z"))
+            .is_none());
+        assert!(s.ahead_of("g.allow", t("2026-01-01T00:00:05Z")).is_none());
+        assert_eq!(
+            s.next_due(),
+            Some(t("2026-01-01T00:00:05Z").timestamp_millis())
+        );
+        // At its time: the other job, on time (no `not_before`), and nothing of the allow job
+        // again; its next wake is a second before 00:00:10.
+        assert_eq!(
+            popped(&mut s, "2026-01-01T00:00:05.002Z"),
+            [("g.skip".into(), "00:00:05.000".into(), None)]
+        );
+        assert_eq!(
+            s.next_due(),
+            Some(t("2026-01-01T00:00:09Z").timestamp_millis())
+        );
+        // Popped late (past the fire time): no hold.
+        assert_eq!(
+            popped(&mut s, "2026-01-01T00:00:10.300Z"),
+            [
+                ("g.allow".into(), "00:00:10.000".into(), None),
+                ("g.skip".into(), "00:00:10.000".into(), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn without_dispatch_ahead_every_job_is_popped_at_its_time() {
+        let mut s = Schedules::default();
+        s.set("g.allow", Some(entry("allow", serde_json::json!({}))), None);
+        assert_eq!(
+            s.next_due(),
+            Some(t("2026-01-01T00:00:05Z").timestamp_millis())
+        );
+        assert!(popped(&mut s, "2026-01-01T00:00:04.500Z").is_empty());
+        assert!(s
+            .ahead_of("g.allow", t("2026-01-01T00:00:04.500Z"))
+            .is_none());
+    }
+
+    #[test]
+    fn an_update_after_a_fire_handed_ahead_does_not_fire_it_again() {
+        let mut s = Schedules::with_ahead(Duration::from_secs(1));
+        s.set("g.allow", Some(entry("allow", serde_json::json!({}))), None);
+        assert_eq!(popped(&mut s, "2026-01-01T00:00:04.100Z").len(), 1);
+        let mut changed = (*entry("allow", serde_json::json!({"description": "v2"}))).clone();
+        changed.revision = 2;
+        changed.stored.updated_at = t("2026-01-01T00:00:04.200Z");
+        s.set("g.allow", Some(Arc::new(changed)), None);
+        assert!(popped(&mut s, "2026-01-01T00:00:05.000Z").is_empty());
+        assert_eq!(
+            popped(&mut s, "2026-01-01T00:00:09.000Z"),
+            [(
+                "g.allow".into(),
+                "00:00:10.000".into(),
+                Some("00:00:10.000".into())
+            )]
+        );
     }
 
     #[test]

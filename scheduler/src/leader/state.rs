@@ -138,6 +138,9 @@ struct Leader {
     retry: Vec<Fire>,
     /// Fires held by QUEUE_ONE, one per job.
     queued: HashMap<String, Fire>,
+    /// Fires planned ahead of their time for an app with a live instance that cannot hold a
+    /// run (an older SDK): published at their time instead.
+    deferred: Vec<Fire>,
     /// The strategies' counters, shared with this leadership's router.
     balancer: Arc<tokio::sync::Mutex<Balancer>>,
     /// The router of this leadership (aborted with it).
@@ -186,11 +189,12 @@ impl Leader {
         // had seen it, so draining the channel and then reading the table applies all of them.
         let jobs_revision = engine.table.seen();
         while engine.changes.try_recv().is_ok() {}
-        let mut schedules = Schedules::default();
+        let mut schedules = Schedules::with_ahead(engine.cfg.dispatch_ahead);
         let mut queued = HashMap::new();
         for (key, entry) in engine.table.all() {
             let state = states.get(&*key);
-            let floor = anchor_floor(state, watermark.as_ref(), entry.revision);
+            let allow = entry.stored.spec.overlap_policy == OverlapPolicy::Allow;
+            let floor = anchor_floor(state, watermark.as_ref(), entry.revision, allow);
             schedules.set_shared(key.clone(), Some(entry.clone()), floor);
             if let Some(q) = state.and_then(|s| s.queued.as_ref()) {
                 if entry.stored.spec.running {
@@ -224,6 +228,7 @@ impl Leader {
             jobs_revision,
             retry: Vec::new(),
             queued,
+            deferred: Vec::new(),
             balancer,
             router,
         })
@@ -252,6 +257,10 @@ impl Leader {
             } else {
                 wait.min(Duration::from_secs(1))
             };
+            let wait = match self.deferred.iter().map(|f| f.scheduled_at).min() {
+                Some(at) => wait.min((at - now).to_std().unwrap_or(Duration::ZERO)),
+                None => wait,
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {
                     if let Err(ended) = self.tick(engine).await {
@@ -262,10 +271,13 @@ impl Leader {
                     self.jobs_revision = self.jobs_revision.max(revision);
                     let found = engine.table.get_shared(&key);
                     if !found.as_ref().is_some_and(|(_, e)| e.stored.spec.running) {
-                        // Deleted or paused: what it held queued is dropped with it.
+                        // Deleted or paused: what it held queued is dropped with it, and what
+                        // was handed over ahead of its time is cancelled.
                         if self.queued.remove(&key).is_some() {
                             self.forget_queued(engine, &key).await;
                         }
+                        let why = if found.is_some() { "paused" } else { "deleted" };
+                        self.cancel_ahead(engine, &key, why).await;
                     }
                     match found {
                         Some((shared, entry)) => self.schedules.set_shared(shared, Some(entry), None),
@@ -304,8 +316,11 @@ impl Leader {
         let released = self.release_queued(engine).await;
         let busy: HashSet<String> = released.iter().map(Fire::key).collect();
         fires.extend(released);
-        let mut due = Vec::new();
         let now = Utc::now();
+        let (mut due, later): (Vec<Fire>, Vec<Fire>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|f| f.scheduled_at <= now);
+        self.deferred = later;
         let jobs_revision = self.jobs_revision;
         self.schedules.pop_due(
             now,
@@ -313,6 +328,7 @@ impl Leader {
             self.took_over_at,
             &mut due,
         );
+        self.defer_unheld(engine, &mut due);
         let queued_before: HashSet<String> = self.queued.keys().cloned().collect();
         fires.extend(self.overlap(engine, due, busy).await);
         {
@@ -354,14 +370,97 @@ impl Leader {
             .map(|f| f.scheduled_at - chrono::Duration::milliseconds(1))
             .min()
             .map_or(now, |t| t.min(now));
+        // And every fire of an ALLOW job due within the dispatch-ahead: each was popped ahead
+        // (or its job's next fire lies beyond), except those to publish again or held here.
+        let ahead_through = (!engine.cfg.dispatch_ahead.is_zero()).then(|| {
+            let upto = now
+                + chrono::Duration::from_std(engine.cfg.dispatch_ahead)
+                    .unwrap_or(chrono::Duration::zero());
+            self.retry
+                .iter()
+                .chain(&self.deferred)
+                .filter(|f| f.trigger != Trigger::Manual)
+                .map(|f| f.scheduled_at - chrono::Duration::milliseconds(1))
+                .fold(upto, DateTime::min)
+                .max(through)
+        });
         let watermark = FireWatermark {
             through,
+            ahead_through,
             jobs_revision,
             epoch: self.epoch,
             node: engine.deps.publisher.node().to_string(),
         };
         self.write_states(engine, &changed, Some(&watermark)).await;
         Ok(())
+    }
+
+    /// Moves the fires planned ahead of their time whose app has a live instance that would
+    /// not hold them (or none to ask) to `deferred`, to publish at their time.
+    fn defer_unheld(&mut self, engine: &Engine, due: &mut Vec<Fire>) {
+        if due.iter().all(|f| f.not_before.is_none()) {
+            return;
+        }
+        let live = engine.deps.routing.live();
+        let mut holds: HashMap<String, bool> = HashMap::new();
+        let mut kept = Vec::with_capacity(due.len());
+        for mut fire in due.drain(..) {
+            if fire.not_before.is_some() {
+                let app = &*fire.job.stored.spec.app_name;
+                let ok = match holds.get(app) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = crate::leader::balance::all_hold_runs(&live, app);
+                        holds.insert(app.to_string(), ok);
+                        ok
+                    }
+                };
+                if !ok {
+                    fire.not_before = None;
+                    self.deferred.push(fire);
+                    continue;
+                }
+            }
+            kept.push(fire);
+        }
+        *due = kept;
+    }
+
+    /// Cancels the runs of `key` handed over ahead of their time (the job was paused or
+    /// deleted before they were due); those still deferred here are dropped instead.
+    async fn cancel_ahead(&mut self, engine: &Engine, key: &str, why: &str) {
+        let now = Utc::now();
+        let mut dropped = HashSet::new();
+        self.deferred.retain(|f| {
+            let mine = *f.key() == *key;
+            if mine {
+                dropped.insert(f.run_id.clone());
+            }
+            !mine
+        });
+        let Some((entry, times)) = self.schedules.ahead_of(key, now) else {
+            return;
+        };
+        let spec = &entry.stored.spec;
+        for at in times {
+            let run_id =
+                crate::leader::dispatch::scheduled_run_id(&spec.job_group, &spec.job_name, at);
+            if dropped.contains(&run_id) {
+                continue;
+            }
+            let reason = format!("the job was {why} before this fire's time");
+            if let Err(e) = crate::cancel::cancel(
+                &engine.deps.infra,
+                &engine.deps.client,
+                &run_id,
+                &spec.app_name,
+                &reason,
+            )
+            .await
+            {
+                tracing::warn!(run = %run_id, error = %e, "could not cancel a run dispatched ahead");
+            }
+        }
     }
 
     /// Notes `fire` as handed over in its job's state; returns whether the job's queued fire
@@ -600,10 +699,14 @@ fn anchor_floor(
     state: Option<&JobState>,
     watermark: Option<&FireWatermark>,
     job_revision: u64,
+    allow: bool,
 ) -> Option<DateTime<Utc>> {
     let by_watermark = watermark
         .filter(|w| job_revision <= w.jobs_revision)
-        .map(|w| w.through);
+        .map(|w| match w.ahead_through {
+            Some(ahead) if allow => w.through.max(ahead),
+            _ => w.through,
+        });
     state.map(|s| s.last_fire_at).max(by_watermark)
 }
 
@@ -671,6 +774,7 @@ mod tests {
     fn watermark(through: &str, jobs_revision: u64) -> FireWatermark {
         FireWatermark {
             through: t(through),
+            ahead_through: None,
             jobs_revision,
             epoch: 1,
             node: "n1".into(),
@@ -736,22 +840,41 @@ mod tests {
         let w = watermark("2026-01-01T00:10:00Z", 50);
         // The writer had this definition: its fires up to the watermark are handed over.
         assert_eq!(
-            anchor_floor(None, Some(&w), 50),
+            anchor_floor(None, Some(&w), 50, false),
             Some(t("2026-01-01T00:10:00Z"))
         );
         // Changed after the writer's last applied revision: the watermark says nothing of it.
-        assert_eq!(anchor_floor(None, Some(&w), 51), None);
+        assert_eq!(anchor_floor(None, Some(&w), 51, false), None);
         let s = state("2026-01-01T00:05:00Z");
         assert_eq!(
-            anchor_floor(Some(&s), Some(&w), 51),
+            anchor_floor(Some(&s), Some(&w), 51, false),
             Some(t("2026-01-01T00:05:00Z"))
         );
         // The later of the two wins.
         let s = state("2026-01-01T00:11:00Z");
         assert_eq!(
-            anchor_floor(Some(&s), Some(&w), 10),
+            anchor_floor(Some(&s), Some(&w), 10, false),
             Some(t("2026-01-01T00:11:00Z"))
         );
-        assert_eq!(anchor_floor(None, None, 10), None);
+        assert_eq!(anchor_floor(None, None, 10, false), None);
+    }
+
+    #[test]
+    fn fires_sent_ahead_are_covered_for_allow_jobs_only() {
+        let mut w = watermark("2026-01-01T00:10:00Z", 50);
+        w.ahead_through = Some(t("2026-01-01T00:10:01Z"));
+        // An ALLOW job's fires were sent a second ahead: a new leader starts after them (it
+        // would otherwise count an already run fire among its misfires).
+        assert_eq!(
+            anchor_floor(None, Some(&w), 50, true),
+            Some(t("2026-01-01T00:10:01Z"))
+        );
+        // Other jobs were dispatched at their time.
+        assert_eq!(
+            anchor_floor(None, Some(&w), 50, false),
+            Some(t("2026-01-01T00:10:00Z"))
+        );
+        // Changed after the writer's revision: nothing from the watermark.
+        assert_eq!(anchor_floor(None, Some(&w), 51, true), None);
     }
 }

@@ -121,6 +121,7 @@ impl Followups {
                 parent_run_id: Some(parent.run_id.clone()),
                 shards: None,
                 epoch: None,
+                not_before: None,
             };
             // Routed like a manual run (a BROADCAST child reaches every instance).
             let mut fires = [fire];

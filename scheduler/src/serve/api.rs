@@ -737,6 +737,7 @@ impl ApiServer {
             parent_run_id: None,
             shards: None,
             epoch: None,
+            not_before: None,
         };
         let mut fires = [fire];
         self.routing.assign(&mut fires, None).await;

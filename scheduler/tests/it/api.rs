@@ -846,6 +846,7 @@ async fn workers_and_dead_letters_come_in_pages() {
             host: "h".into(),
             started_at: now,
             heartbeat_at: now,
+            capabilities: Vec::new(),
         };
         let key = format!("{}.{}", info.app_name, info.instance);
         js.publish(

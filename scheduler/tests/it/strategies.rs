@@ -267,6 +267,7 @@ async fn forge_heartbeat(js: &async_nats::jetstream::Context, instance: &str) {
         host: "nowhere".into(),
         started_at: chrono::Utc::now(),
         heartbeat_at: chrono::Utc::now(),
+        capabilities: Vec::new(),
     };
     let kv = js.get_key_value("krest-workers").await.unwrap();
     kv.put(

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from datetime import datetime, timezone
 
 from krest_worker import Backoff, JobContext, JobError, Worker
 
@@ -37,6 +38,12 @@ def journal(ctx: JobContext) -> None:
     if path:
         with open(path, "a") as f:
             f.write(f"{ctx.run_id} {ctx.shard_index} {ctx.attempt} {ctx.worker}\n")
+
+
+@worker.handler("py/on-time")
+async def on_time(ctx: JobContext) -> dict[str, str]:
+    """When it started by this machine's clock, beside the run's fire time."""
+    return {"startedAt": datetime.now(timezone.utc).isoformat(), "scheduledAt": ctx.scheduled_at}
 
 
 @worker.handler("py/echo")

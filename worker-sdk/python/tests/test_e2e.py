@@ -12,6 +12,7 @@ import nats
 
 from conftest import Krest, Workers, eventually
 from krest_worker import trace_id
+from krest_worker._worker import parse_time
 
 
 def attempts(detail: dict[str, Any]) -> list[tuple[int, int, str, bool]]:
@@ -35,6 +36,32 @@ def test_normal_run_records_output_logs_and_trace(krest: Krest, workers: Workers
     assert [line["line"] for line in a["logs"]] == [f"run {run_id} attempt 1"]
     info = [w for w in krest.cli("workers", "list") if w["appName"] == workers.app]
     assert info[0]["sdk"] == "python" and info[0]["handlers"] == sorted(info[0]["handlers"])
+
+
+def test_runs_dispatched_ahead_start_at_their_time_and_never_before(krest: Krest, workers: Workers) -> None:
+    # The node dispatches ALLOW jobs' fires a second ahead (the default): the SDK holds them.
+    workers.start("w1")
+    job = workers.job("on-time", "py/on-time", every="1s")
+
+    def finished() -> list[dict[str, Any]] | None:
+        runs = krest.cli("runs", "list", "--job", job, "--limit", "0")
+        done = [r for r in runs if r["status"] in ("SUCCEEDED", "FAILED")]
+        return done if len(done) >= 4 else None
+
+    done = eventually("4 runs of the job ended", finished)
+    krest.cli("job", "pause", job)
+    for r in done:
+        assert r["status"] == "SUCCEEDED", r
+        [a] = krest.run(r["runId"])["attempts"]
+        out = json.loads(a["output"])
+        assert out["scheduledAt"] == r["scheduledAt"] or parse_time(out["scheduledAt"]) == parse_time(
+            r["scheduledAt"]
+        ), (out, r)
+        started, due = parse_time(out["startedAt"]), parse_time(r["scheduledAt"])
+        assert started >= due, f"{r['runId']} started at {started}, before its time {due}"
+    # On the bus before their time (a dispatch later than the 1 s lead each time would mean
+    # nothing was sent ahead).
+    assert any(parse_time(r["dispatchedAt"]) < parse_time(r["scheduledAt"]) for r in done), done
 
 
 def test_sharded_run_in_threads(krest: Krest, workers: Workers) -> None:

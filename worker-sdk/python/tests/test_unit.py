@@ -9,7 +9,7 @@ from krest_worker._backoff import RECONNECT, Backoff
 from krest_worker._decide import Ending, Facts, Kind, Reply, Route, decide
 from krest_worker._nats import ConfigError, NatsConfig
 from krest_worker._text import MAX_OUTPUT, redact, truncate
-from krest_worker._worker import ack_info, read_run
+from krest_worker._worker import MAX_HOLD, ack_info, hold_seconds, parse_time, read_run
 
 S = 1_000_000_000
 
@@ -87,9 +87,23 @@ def test_run_messages_are_read_strictly() -> None:
         (b"[]", "not a JSON object"),
         (b'{"not":"a run"}', "missing field `runId`"),
         (good.replace(b'"retryTimes":3', b'"retryTimes":"3"'), "field `retryTimes` is not a int"),
+        (good.replace(b'"revision":1', b'"revision":1,"notBefore":5'), "field `notBefore` is not a time"),
+        (good.replace(b'"revision":1', b'"revision":1,"notBefore":"soon"'), "not an RFC 3339 time"),
     ]:
         with pytest.raises(ValueError, match=why):
             read_run(bad)
+
+
+def test_a_run_is_held_until_its_not_before_and_at_most_max_hold() -> None:
+    now = parse_time("2026-11-29T08:43:39.250Z")
+    run = {"notBefore": "2026-11-29T08:43:40Z"}
+    assert hold_seconds(run, now) == 0.75
+    # Any number of fractional digits, as chrono writes them; offsets too.
+    assert parse_time("2026-11-29T08:43:40.123456789Z") == parse_time("2026-11-29T08:43:40.123456Z")
+    assert parse_time("2026-11-29T09:43:40+01:00") == parse_time("2026-11-29T08:43:40Z")
+    assert hold_seconds({"notBefore": "2026-11-29T08:43:39Z"}, now) == 0.0, "passed: no hold"
+    assert hold_seconds({}, now) == 0.0
+    assert hold_seconds({"notBefore": "2126-01-01T00:00:00Z"}, now) == MAX_HOLD, "bounded"
 
 
 def test_ack_subjects() -> None:

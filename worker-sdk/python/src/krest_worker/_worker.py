@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import threading
@@ -124,7 +125,50 @@ def read_run(payload: bytes) -> dict[str, Any]:
         raise ValueError("field `shard` is not a ShardInfo")
     if not isinstance(run.get("attemptOffset", 0), int):
         raise ValueError("field `attemptOffset` is not an int")
+    nb = run.get("notBefore")
+    if nb is not None:
+        if not isinstance(nb, str):
+            raise ValueError("field `notBefore` is not a time")
+        parse_time(nb)
     return run
+
+
+# The longest a run is held for its `notBefore` (the protocol's bound: a skewed clock or a
+# forged message cannot keep a slot longer).
+MAX_HOLD = 10.0
+
+# What this SDK supports beyond the base protocol, declared in every heartbeat.
+CAPABILITIES = ["notBefore"]
+
+_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(?:([Zz])|([+-])(\d\d):(\d\d))\Z"
+)
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time as Krest writes it (any number of fractional digits); ValueError if
+    it is not one. (Not `datetime.fromisoformat`: before 3.11 it refuses `Z` and most
+    fractions.)"""
+    m = _TIME.match(text)
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time: {text[:40]!r}")
+    y, mo, d, h, mi, sec = (int(m.group(i)) for i in range(1, 7))
+    micros = int((m.group(7) or "")[:6].ljust(6, "0"))
+    offset = timedelta(0)
+    if m.group(9):
+        offset = timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+        if m.group(9) == "-":
+            offset = -offset
+    return datetime(y, mo, d, h, mi, sec, micros, tzinfo=timezone(offset))
+
+
+def hold_seconds(run: dict[str, Any], now: datetime) -> float:
+    """How long to hold `run` before its handler starts: until its `notBefore` (set when the
+    leader dispatched it ahead of its fire time), at most MAX_HOLD; 0 when it has none."""
+    nb = run.get("notBefore")
+    if not isinstance(nb, str):
+        return 0.0
+    return min(max((parse_time(nb) - now).total_seconds(), 0.0), MAX_HOLD)
 
 
 def ack_info(reply: str) -> tuple[int, int]:
@@ -643,6 +687,7 @@ class _Run:
                 "host": host,
                 "startedAt": self.started_at,
                 "heartbeatAt": now_rfc3339(),
+                "capabilities": CAPABILITIES,
             }
             try:
                 await self.js.publish(subject, json.dumps(info).encode(), timeout=5.0)
@@ -789,6 +834,8 @@ class _Run:
             return
         w = self.w
         attempt = attempt_number(run, delivered)
+        # A run dispatched ahead of its fire time starts at that time, never earlier.
+        await self.hold(msg, hold_seconds(run, datetime.now(timezone.utc)), progress_every)
         shard = run.get("shard")
         shard_index = int(shard["index"]) if isinstance(shard, dict) else 0
         shard_total = int(shard["total"]) if isinstance(shard, dict) else 1
@@ -1019,6 +1066,25 @@ class _Run:
                     await self.nc.publish(msg.reply, b"+WPI")  # type: ignore[union-attr]
                 except Exception as e:  # noqa: BLE001
                     log.debug("progress ack failed: %s", e)
+
+    async def hold(self, msg: Msg, seconds: float, progress_every: float) -> None:
+        """Waits `seconds` (a run's time to its `notBefore`), telling the server the message is
+        in progress every `progress_every`. A cancellation arriving meanwhile is remembered and
+        found when the attempt starts; a shutdown waits for the hold like a running handler."""
+        if seconds <= 0:
+            return
+        until = time.monotonic() + seconds
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, max(progress_every, 0.1)))
+            if time.monotonic() >= until:
+                return
+            try:
+                await self.nc.publish(msg.reply, b"+WPI")  # type: ignore[union-attr]
+            except Exception as e:  # noqa: BLE001
+                log.debug("progress ack failed: %s", e)
 
     async def acknowledge(
         self, msg: Msg, run: dict[str, Any], attempt: int, decision: Decision
