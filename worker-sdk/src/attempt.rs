@@ -134,6 +134,7 @@ pub(crate) async fn process(
     shared: Arc<Shared>,
     msg: jetstream::Message,
     permit: OwnedSemaphorePermit,
+    slots: crate::pull::Slots,
     progress_every: Duration,
     hard_stop: CancellationToken,
 ) {
@@ -147,8 +148,23 @@ pub(crate) async fn process(
         .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
         .unwrap_or(1);
     let attempt = attempt_number(&run, delivered);
-    // A run dispatched ahead of its fire time starts at that time, never earlier.
-    hold(&msg, run.hold_at(Utc::now()), progress_every).await;
+    // A run dispatched ahead of its fire time starts at that time, never earlier. Held beyond
+    // the intake while the source has room for held runs, so the next runs are pulled
+    // meanwhile.
+    let hold_for = run.hold_at(Utc::now());
+    let mut permit = Some(permit);
+    if !hold_for.is_zero() {
+        let held = slots.holding.clone().try_acquire_owned().ok();
+        if held.is_some() {
+            permit = None;
+        }
+        hold(&msg, hold_for, progress_every).await;
+        drop(held);
+    }
+    // A running handler's slot (the semaphore is never closed).
+    let Ok(running) = slots.running.clone().acquire_owned().await else {
+        return;
+    };
     // Sent after the start-report delay or before the first log line; folded into
     // `finished` if the attempt ends first.
     let start = Arc::new(StartReport::new(
@@ -190,6 +206,7 @@ pub(crate) async fn process(
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     // A slot is a running handler: the next run may start while this one's result is stored
     // and acknowledged (two round trips to the server).
+    drop(running);
     drop(permit);
     let decision = decide(
         ending,

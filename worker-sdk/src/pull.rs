@@ -128,12 +128,42 @@ pub(crate) struct PullContext<'a> {
     pub(crate) ack_wait: Duration,
     /// How long a pull request stays open at the server.
     pub(crate) expiry: Duration,
-    /// The source's slots: `capacity` permits.
+    /// The source's intake: `capacity` permits, each a run requested or received and not yet
+    /// running or held ([`Slots`]).
     pub(crate) permits: Arc<Semaphore>,
+    /// The source's running handlers and held runs.
+    pub(crate) slots: Slots,
     pub(crate) capacity: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) stop: &'a CancellationToken,
     pub(crate) hard_stop: &'a CancellationToken,
+}
+
+/// Runs held for their `notBefore` beyond a source's capacity, per unit of capacity: a worker
+/// taking runs dispatched a second ahead holds the next second's runs while it runs this
+/// second's.
+pub(crate) const HOLD_FACTOR: usize = 4;
+
+/// A source's bounds besides its intake: at most `capacity` handlers running, and at most
+/// `HOLD_FACTOR × capacity` runs held for their `notBefore` without an intake permit (a held
+/// run gives its intake permit back, so the pull loop asks for more, and takes a running
+/// permit at its time).
+#[derive(Clone)]
+pub(crate) struct Slots {
+    /// Running handlers.
+    pub(crate) running: Arc<Semaphore>,
+    /// Runs held without an intake permit.
+    pub(crate) holding: Arc<Semaphore>,
+}
+
+impl Slots {
+    /// The bounds of a source of `capacity`.
+    pub(crate) fn new(capacity: usize) -> Slots {
+        Slots {
+            running: Arc::new(Semaphore::new(capacity)),
+            holding: Arc::new(Semaphore::new(capacity.saturating_mul(HOLD_FACTOR))),
+        }
+    }
 }
 
 /// What an open request yields: a delivery, or `None` once it has ended.
@@ -226,6 +256,7 @@ pub(crate) async fn pull_loop(
                                 cx.shared.clone(),
                                 msg,
                                 permit,
+                                cx.slots.clone(),
                                 progress_interval(&consumer),
                                 cx.hard_stop.clone(),
                             ));

@@ -267,6 +267,7 @@ impl Worker {
                     ack_wait: cfg.ack_wait,
                     expiry: cfg.pull_expiry,
                     permits: Arc::new(Semaphore::new(capacity)),
+                    slots: crate::pull::Slots::new(capacity),
                     capacity,
                     shared: shared.clone(),
                     stop: &stop,

@@ -202,8 +202,10 @@ fn cron_key(spec: &krest_schemas::JobSpec) -> Option<ScheduleKey> {
 }
 
 impl Schedules {
-    /// Schedules whose `ALLOW` jobs' fires are planned `ahead` of their time.
+    /// Schedules whose `ALLOW` jobs' fires are planned `ahead` of their time (at most
+    /// [`krest_schemas::messages::MAX_HOLD`], the longest a worker holds a run).
     pub fn with_ahead(ahead: Duration) -> Schedules {
+        let ahead = ahead.min(krest_schemas::messages::MAX_HOLD);
         Schedules {
             ahead_ms: i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
             ..Schedules::default()

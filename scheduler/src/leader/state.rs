@@ -373,9 +373,11 @@ impl Leader {
         // And every fire of an ALLOW job due within the dispatch-ahead: each was popped ahead
         // (or its job's next fire lies beyond), except those to publish again or held here.
         let ahead_through = (!engine.cfg.dispatch_ahead.is_zero()).then(|| {
-            let upto = now
-                + chrono::Duration::from_std(engine.cfg.dispatch_ahead)
-                    .unwrap_or(chrono::Duration::zero());
+            let ahead = engine
+                .cfg
+                .dispatch_ahead
+                .min(krest_schemas::messages::MAX_HOLD);
+            let upto = now + chrono::Duration::from_std(ahead).unwrap_or(chrono::Duration::zero());
             self.retry
                 .iter()
                 .chain(&self.deferred)

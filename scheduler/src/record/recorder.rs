@@ -247,15 +247,21 @@ impl Recorder<'_> {
             .await
             .map_err(err(RecordErrorKind::Consumer))?;
         tracing::info!(from = cursor + 1, "recording run events");
+        // `dispatched` events of runs dispatched ahead of their time, held until their run's
+        // next event or a second past their time ([`hold_early`]).
+        let mut early: Vec<Early> = Vec::new();
+        let mut read = cursor;
         loop {
             // Wait for the first event of a batch, then take what follows while events keep
             // coming within the linger time of each other (up to the batch's size and age
             // bounds). While idle, check now and then that the stream has nothing we have not
             // seen: an ordered consumer whose server died can stall silently, and is then
             // recreated.
+            let release_at = early.iter().map(|e| e.until).min();
             let first = loop {
                 tokio::select! {
-                    m = messages.next() => break m,
+                    m = messages.next() => break Some(m),
+                    _ = sleep_until_utc(release_at), if release_at.is_some() => break None,
                     _ = tokio::time::sleep(STALL_CHECK) => {
                         let mut stream = self.js.get_stream(EVENTS_STREAM).await.map_err(err(RecordErrorKind::EventsStream))?;
                         let last = stream.info().await.map_err(err(RecordErrorKind::EventsStream))?.state.last_sequence;
@@ -267,19 +273,29 @@ impl Recorder<'_> {
                     _ = self.stop.cancelled() => return Ok(()),
                 }
             };
-            let mut batch = Batch::default();
+            let mut batch = Batch {
+                last_seq: read,
+                ..Batch::default()
+            };
+            let got_message = first.is_some();
             match first {
-                Some(Ok(m)) => batch.push(m, self.key)?,
-                Some(Err(e)) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
-                None => return Err(Error::with_source(RecordErrorKind::Consumer, "it ended")),
+                Some(Some(Ok(m))) => batch.push(m, self.key)?,
+                Some(Some(Err(e))) => return Err(Error::with_source(RecordErrorKind::Consumer, e)),
+                Some(None) => {
+                    return Err(Error::with_source(RecordErrorKind::Consumer, "it ended"))
+                }
+                // A held event's time has come.
+                None => {}
             }
-            if batch.size(self.cfg) < self.cfg.max_batch {
+            if got_message && batch.size(self.cfg) < self.cfg.max_batch {
                 gather(&mut messages, self.cfg, |m| {
                     batch.push(m, self.key)?;
                     Ok(batch.size(self.cfg))
                 })
                 .await?;
             }
+            read = batch.last_seq;
+            hold_early(&mut batch, &mut early, Utc::now());
             // Park malformed events first: once the cursor moves past them they are not read
             // again.
             for bad in &batch.bad {
@@ -296,7 +312,7 @@ impl Recorder<'_> {
     async fn write(&self, batch: &Batch) -> Result<Applied, RecordError> {
         let mut failures = 0u32;
         loop {
-            match self.store.apply(&batch.events, batch.last_seq).await {
+            match self.store.apply(&batch.events, batch.cursor()).await {
                 Ok(applied) => {
                     if failures > 0 {
                         tracing::info!("database available again; recording resumes");
@@ -328,7 +344,11 @@ impl Recorder<'_> {
         let mut done = self.status.borrow().recorded_seq;
         for item in &batch.events {
             let (seq, event) = item;
-            match self.store.apply(std::slice::from_ref(item), *seq).await {
+            match self
+                .store
+                .apply(std::slice::from_ref(item), (*seq).min(batch.cursor()))
+                .await
+            {
                 Ok(a) => {
                     ended.extend(a.ended);
                     done = *seq;
@@ -352,7 +372,7 @@ impl Recorder<'_> {
         }
         let last = self
             .store
-            .apply(&[], batch.last_seq)
+            .apply(&[], batch.cursor())
             .await
             .map_err(err(RecordErrorKind::Database))?;
         Ok(Some(Applied {
@@ -429,6 +449,74 @@ impl Recorder<'_> {
                 }
             }
         }
+    }
+}
+
+/// A `dispatched` event held back by [`hold_early`].
+struct Early {
+    seq: u64,
+    event: RunEvent,
+    /// Written by then at the latest.
+    until: DateTime<Utc>,
+}
+
+/// How long past its fire time a held `dispatched` event waits for its run's next event.
+const EARLY_GRACE: chrono::Duration = chrono::Duration::seconds(1);
+
+/// Holds back the `dispatched` events of runs dispatched ahead of their fire time until the
+/// batch that brings the run's next event (its start or end, a second or so later), so that a
+/// run is written once, with its end, instead of inserted now and updated then; or until a
+/// second past its fire time (at most [`krest_schemas::messages::MAX_HOLD`] and a second after
+/// `now`). Held events go back in front of the batch that releases them, and the database's
+/// cursor stays before the first still held, so a restart reads them again.
+fn hold_early(batch: &mut Batch, early: &mut Vec<Early>, now: DateTime<Utc>) {
+    let ahead = |e: &RunEvent| matches!(e, RunEvent::Dispatched(d) if d.scheduled_at > now);
+    if early.is_empty() && !batch.events.iter().any(|(_, e)| ahead(e)) {
+        return;
+    }
+    // Runs this batch brings other events of.
+    let others: std::collections::HashSet<String> = batch
+        .events
+        .iter()
+        .filter(|(_, e)| !matches!(e, RunEvent::Dispatched(_)))
+        .map(|(_, e)| e.run_id().to_string())
+        .collect();
+    let latest = now
+        + chrono::Duration::from_std(krest_schemas::messages::MAX_HOLD).unwrap_or(EARLY_GRACE)
+        + EARLY_GRACE;
+    let mut kept = Vec::with_capacity(batch.events.len());
+    for (seq, event) in batch.events.drain(..) {
+        if ahead(&event) && !others.contains(event.run_id()) {
+            let due = match &event {
+                RunEvent::Dispatched(d) => d.scheduled_at,
+                _ => now,
+            };
+            early.push(Early {
+                seq,
+                until: (due + EARLY_GRACE).min(latest),
+                event,
+            });
+        } else {
+            kept.push((seq, event));
+        }
+    }
+    let (released, held): (Vec<Early>, Vec<Early>) = std::mem::take(early)
+        .into_iter()
+        .partition(|e| e.until <= now || others.contains(e.event.run_id()));
+    *early = held;
+    batch.events = released
+        .into_iter()
+        .map(|e| (e.seq, e.event))
+        .chain(kept)
+        .collect();
+    batch.held_from = early.iter().map(|e| e.seq).min();
+}
+
+/// Sleeps until `at` by the wall clock (at once if it has passed); forever for `None`.
+async fn sleep_until_utc(at: Option<DateTime<Utc>>) {
+    match at {
+        Some(at) => tokio::time::sleep((at - Utc::now()).to_std().unwrap_or(Duration::ZERO)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -596,13 +684,23 @@ struct Bad {
 #[derive(Default)]
 struct Batch {
     events: Vec<(u64, RunEvent)>,
+    /// The last stream sequence read.
     last_seq: u64,
+    /// Where the database's cursor may move with this batch: before the first event held
+    /// back ([`hold_early`]), else `last_seq`.
+    held_from: Option<u64>,
     bad: Vec<Bad>,
     /// Bytes of the messages taken.
     bytes: usize,
 }
 
 impl Batch {
+    /// The cursor to store with this batch: every event up to it is written.
+    fn cursor(&self) -> u64 {
+        self.held_from
+            .map_or(self.last_seq, |h| h.saturating_sub(1).min(self.last_seq))
+    }
+
     /// The batch's size as [`gather`] counts it: its events, or `cfg.max_batch` (full) once
     /// its messages' bytes reach `cfg.max_batch_bytes`.
     fn size(&self, cfg: &RecorderConfig) -> usize {
@@ -672,6 +770,100 @@ impl Batch {
 mod tests {
     use super::*;
     use futures_util::stream;
+
+    fn dispatched(run: &str, seq: u64, due: &str) -> (u64, RunEvent) {
+        let e = serde_json::from_value(serde_json::json!({
+            "type": "dispatched", "runId": run, "jobGroup": "g", "jobName": "j", "appName": "a",
+            "path": "p", "jobType": "NORMAL", "trigger": "SCHEDULE", "scheduledAt": due,
+            "dispatchedAt": "2026-01-01T00:00:00Z", "shardTotal": 1, "args": null,
+            "revision": 1, "node": "n1"
+        }))
+        .unwrap();
+        (seq, e)
+    }
+
+    fn finished(run: &str, seq: u64) -> (u64, RunEvent) {
+        let e = serde_json::from_value(serde_json::json!({
+            "type": "finished", "runId": run, "jobGroup": "g", "jobName": "j", "appName": "a",
+            "shard": 0, "shardTotal": 1, "attempt": 1, "worker": "w", "at": "2026-01-01T00:00:01Z",
+            "outcome": "SUCCEEDED", "durationMs": 1
+        }))
+        .unwrap();
+        (seq, e)
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn seqs(b: &Batch) -> Vec<u64> {
+        b.events.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn a_run_dispatched_ahead_is_written_with_its_next_event() {
+        let mut early = Vec::new();
+        // Read at 00:00:00.010: run a due at :01 (ahead), run b due before now (on time).
+        let mut b = Batch {
+            events: vec![
+                dispatched("a", 10, "2026-01-01T00:00:01Z"),
+                dispatched("b", 11, "2026-01-01T00:00:00Z"),
+            ],
+            last_seq: 11,
+            ..Batch::default()
+        };
+        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00.010Z"));
+        assert_eq!(seqs(&b), [11], "a's dispatch waits");
+        assert_eq!(b.cursor(), 9, "the cursor stays before what is held");
+        // A batch without run a's events: still held, the cursor still before it.
+        let mut b = Batch {
+            events: vec![finished("b", 12)],
+            last_seq: 12,
+            ..Batch::default()
+        };
+        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00.500Z"));
+        assert_eq!(seqs(&b), [12]);
+        assert_eq!(b.cursor(), 9);
+        // Run a's end comes: its dispatch goes in front of it, in the same batch.
+        let mut b = Batch {
+            events: vec![finished("a", 13)],
+            last_seq: 13,
+            ..Batch::default()
+        };
+        hold_early(&mut b, &mut early, t("2026-01-01T00:00:01.020Z"));
+        assert_eq!(seqs(&b), [10, 13]);
+        assert_eq!(b.cursor(), 13);
+        assert!(early.is_empty());
+    }
+
+    #[test]
+    fn a_held_dispatch_is_written_a_second_past_its_time_without_its_run() {
+        let mut early = Vec::new();
+        let mut b = Batch {
+            events: vec![dispatched("a", 10, "2026-01-01T00:00:01Z")],
+            last_seq: 10,
+            ..Batch::default()
+        };
+        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00Z"));
+        assert!(b.events.is_empty());
+        assert_eq!(early[0].until, t("2026-01-01T00:00:02Z"));
+        // Woken at that time with nothing new read: written.
+        let mut b = Batch {
+            last_seq: 10,
+            ..Batch::default()
+        };
+        hold_early(&mut b, &mut early, t("2026-01-01T00:00:02Z"));
+        assert_eq!(seqs(&b), [10]);
+        assert_eq!(b.cursor(), 10);
+        // A forged far future is held at most MAX_HOLD and a second.
+        let mut b = Batch {
+            events: vec![dispatched("x", 11, "2100-01-01T00:00:00Z")],
+            last_seq: 11,
+            ..Batch::default()
+        };
+        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00Z"));
+        assert_eq!(early[0].until, t("2026-01-01T00:00:11Z"));
+    }
 
     fn cfg(max_batch: usize, linger_ms: u64, max_linger_ms: u64) -> RecorderConfig {
         RecorderConfig {

@@ -618,7 +618,7 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
         let stored = self.lock_cursor(&mut tx).await?;
-        if last_seq <= stored {
+        if last_seq <= stored && events.iter().all(|(seq, _)| *seq <= stored) {
             // Everything here is recorded already.
             tx.commit().await?;
             return Ok(Applied {
@@ -951,14 +951,17 @@ impl Store {
                 summaries.push(run_summary(&row)?);
             }
         }
+        // Behind the stored cursor when the batch's events pass events held back for later
+        // (the recorder's `hold_early`): the cursor never moves back.
+        let cursor = last_seq.max(stored);
         sqlx::query("UPDATE recorder_cursor SET seq = $1 WHERE id = 1")
-            .bind(i64::try_from(last_seq).unwrap_or(i64::MAX))
+            .bind(i64::try_from(cursor).unwrap_or(i64::MAX))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(Applied {
             ended: summaries,
-            cursor: last_seq,
+            cursor,
         })
     }
 
@@ -2537,6 +2540,7 @@ mod tests {
     }
 
     on_both! {
+        held_back => events_past_one_held_back_are_written_and_the_cursor_waits_for_it,
         replaying => replaying_events_creates_no_duplicates_in_any_order,
         final_failure => a_final_failure_of_one_shard_fails_the_run_once_all_shards_end,
         paging => runs_page_newest_first_with_unscheduled_runs_last,
@@ -3344,6 +3348,32 @@ mod tests {
         }
         assert!(cases > 50);
         store.close().await;
+    }
+
+    /// The recorder holds a run's `dispatched` event back (a run dispatched ahead of its
+    /// time) while writing the events after it: those are written, and the cursor stays before
+    /// the held one until it is written too.
+    async fn events_past_one_held_back_are_written_and_the_cursor_waits_for_it(backend: Backend) {
+        let db = Db::new(backend);
+        let store = db.open().await;
+        let evs = events();
+        let n = evs.len() as u64;
+        // The dispatch (seq 1) held; the rest (2..=n) written with the cursor kept at 0.
+        let a = store.apply(&seqd(&evs[1..], 2), 0).await.unwrap();
+        assert_eq!(a.cursor, 0);
+        assert_eq!(store.cursor().await.unwrap(), 0);
+        assert_eq!(
+            store.counts().await.unwrap().1,
+            3,
+            "the attempts are written"
+        );
+        // Then the dispatch, with the cursor moving past everything.
+        store.apply(&seqd(&evs[..1], 1), n).await.unwrap();
+        assert_eq!(store.cursor().await.unwrap(), n);
+        let d = store.get_run("g.j.1000").await.unwrap().unwrap();
+        assert_eq!(d.run.status, RunStatus::Succeeded);
+        assert_eq!(d.run.trigger, Some(Trigger::Schedule));
+        assert_eq!(d.args, Some(serde_json::json!(["x", "y"])));
     }
 
     async fn replaying_events_creates_no_duplicates_in_any_order(backend: Backend) {

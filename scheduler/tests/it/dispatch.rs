@@ -79,15 +79,11 @@ async fn a_batch_larger_than_the_ack_window_is_stored_once() {
 
 const AHEAD_APP: &str = "ahead-app";
 
-/// A worker of `AHEAD_APP` whose `note` handler records (run id, scheduled time, start time by
-/// this machine's clock) of every execution.
-fn noting_worker(
-    env: &Env,
-    instance: &str,
-) -> (
-    krest_worker::RunningWorker,
-    Arc<Mutex<Vec<(String, chrono::DateTime<Utc>, chrono::DateTime<Utc>)>>>,
-) {
+/// (run id, scheduled time, start time by this machine's clock) of every execution.
+type Noted = Arc<Mutex<Vec<(String, chrono::DateTime<Utc>, chrono::DateTime<Utc>)>>>;
+
+/// A worker of `AHEAD_APP` whose `note` handler notes every execution.
+fn noting_worker(env: &Env, instance: &str) -> (krest_worker::RunningWorker, Noted) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     let w = env

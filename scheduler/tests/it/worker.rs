@@ -526,3 +526,78 @@ async fn a_short_attempt_folds_its_start_into_finished_and_a_long_one_reports_it
     prompt.stop().await.unwrap();
     node.stop().await.unwrap();
 }
+
+/// Runs dispatched ahead of their time are held beyond the worker's slots (so it takes the
+/// next runs meanwhile) but run within them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_held_for_their_time_exceed_the_slots_but_run_within_them() {
+    const APP: &str = "hold-app";
+    let env = Env::new("hold-slots");
+    let mut opts = env.node_opts("n1");
+    opts.engine.dispatch_ahead = krest_schemas::messages::MAX_HOLD;
+    let node = krest::node::spawn(opts);
+    let client = env.client().await;
+    let seen = Concurrency::default();
+    let c = seen.clone();
+    let w = env
+        .worker(APP, "w1")
+        .slots(1)
+        .handler("work", move |_ctx: JobContext| {
+            let c = c.clone();
+            async move {
+                c.enter();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                c.leave();
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    // Three jobs due at the same instant 15 s from now: dispatched ~10 s ahead of it.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(15))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let docs = (0..3)
+        .map(|i| job(&format!("h{i}"), APP, "work", json!({"at": at})))
+        .collect();
+    apply(&client, docs).await;
+    // All three delivered to the one-slot worker and held (unacknowledged) before their time.
+    let nats = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let due = chrono::DateTime::parse_from_rfc3339(&at).unwrap();
+    eventually(DEADLINE, "three runs held by the worker", || async {
+        let stream = js
+            .get_stream(krest_schemas::names::WORK_STREAM)
+            .await
+            .ok()?;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&krest_schemas::names::app_consumer(APP))
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        assert!(
+            chrono::Utc::now() < due,
+            "the runs came due before all three were held"
+        );
+        (info.num_ack_pending == 3 && info.num_pending == 0).then_some(())
+    })
+    .await;
+    for i in 0..3 {
+        let r = eventually(DEADLINE, "the run ended", || async {
+            runs(&client, &format!("h{i}"))
+                .await
+                .into_iter()
+                .find(|r| r.status.is_final())
+        })
+        .await;
+        assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+        assert!(r.started_at.unwrap() >= r.scheduled_at.unwrap(), "{r:?}");
+    }
+    assert_eq!(
+        seen.max.load(Ordering::SeqCst),
+        1,
+        "one slot: one handler at a time"
+    );
+    w.stop().await.unwrap();
+    node.stop().await.unwrap();
+}

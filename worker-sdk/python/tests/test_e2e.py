@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import nats
@@ -264,6 +265,30 @@ def test_weight_times_slots_bounds_runs_in_flight(krest: Krest, workers: Workers
     assert d["run"]["status"] == "SUCCEEDED", d
     spans = sorted((a["startedAt"], a["finishedAt"]) for a in d["attempts"])
     assert len(spans) == 3
+    for (_, finished), (started, _) in zip(spans, spans[1:]):
+        assert started >= finished, f"two runs at once on a capacity of 1: {spans}"
+
+
+def test_runs_held_for_their_time_run_within_the_slots(krest: Krest, workers: Workers) -> None:
+    # Three shards due together, dispatched ahead: a worker of capacity 1 holds them beyond its
+    # slot, and runs them one at a time from their fire time on.
+    workers.start("w1", KREST_WEIGHT="1", KREST_SLOTS="1")
+    at = datetime.now(timezone.utc) + timedelta(seconds=3)
+    job = workers.job(
+        "held", "py/wait", jobType="SHARDING", args=[0.3, 0.3, 0.3], at=at.isoformat().replace("+00:00", "Z")
+    )
+
+    def ended() -> dict[str, Any] | None:
+        runs = krest.cli("runs", "list", "--job", job, "--limit", "0")
+        return runs[0] if runs and runs[0]["status"] in ("SUCCEEDED", "FAILED") else None
+
+    run = eventually("the run ended", ended)
+    d = krest.run(run["runId"])
+    assert d["run"]["status"] == "SUCCEEDED", d
+    due = parse_time(d["run"]["scheduledAt"])
+    spans = sorted((parse_time(a["startedAt"]), parse_time(a["finishedAt"])) for a in d["attempts"])
+    assert len(spans) == 3
+    assert spans[0][0] >= due, (spans, due)
     for (_, finished), (started, _) in zip(spans, spans[1:]):
         assert started >= finished, f"two runs at once on a capacity of 1: {spans}"
 

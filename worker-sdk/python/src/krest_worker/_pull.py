@@ -238,6 +238,41 @@ class PullLoop:
                 await self._handle(rid, msg)
 
 
+#: Runs held for their `notBefore` beyond a source's capacity, per unit of capacity (as the
+#: Rust SDK's `HOLD_FACTOR`): a worker taking runs dispatched a second ahead holds the next
+#: second's runs while it runs this second's.
+HOLD_FACTOR = 4
+
+
+class Slots:
+    """A source's bounds besides its intake (the pull loop's slots): at most `capacity`
+    handlers running, and at most ``HOLD_FACTOR × capacity`` runs held for their `notBefore`
+    without an intake slot (a held run gives its intake slot back, so the pull loop asks for
+    more, and takes a running slot at its time)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.running = asyncio.Semaphore(capacity)
+        self.holding = capacity * HOLD_FACTOR
+
+
+class RunSlot:
+    """One run's running slot: taken before its handler starts, freed once (when the handler
+    has ended, at the latest when the run is done with)."""
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def take(self) -> None:
+        await self._slots.running.acquire()
+        self._held = True
+
+    def free(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.running.release()
+
+
 def _once(f: Callable[[], None]) -> Callable[[], None]:
     done = False
 

@@ -37,7 +37,7 @@ from ._decide import Decision, Ending, Facts, Kind, Reply, attempt_number, decid
 from ._events import EventSink, PublishError, StartReport, store
 from ._markers import Markers, Unknown, mirror, reason_of
 from ._nats import ConfigError, NatsConfig
-from ._pull import PullLoop
+from ._pull import PullLoop, RunSlot, Slots
 from ._text import header_value, redact
 from ._trace import attempt_traceparent
 
@@ -731,6 +731,7 @@ class _Run:
         """The pull loop of one consumer (see `_pull`): `weight × slots` slots."""
         assert self.nc is not None
         w = self.w
+        slots = Slots(w.capacity)
         return PullLoop(
             self.nc,
             WORK_STREAM,
@@ -739,7 +740,7 @@ class _Run:
             w.pull_expiry,
             w.ack_wait,
             self.stop,
-            lambda msg, every, release: asyncio.create_task(self.process(msg, every, release)),
+            lambda msg, every, release: asyncio.create_task(self.process(msg, every, release, slots)),
             lambda msg: self.reply(msg, b"-NAK", final=False),
             recreate,
         )
@@ -811,19 +812,31 @@ class _Run:
         except Exception as e:  # noqa: BLE001
             log.warning("ack failed; the run may be redelivered: %s", e)
 
-    async def process(self, msg: Msg, progress_every: float, release: Callable[[], None]) -> None:
+    async def process(
+        self, msg: Msg, progress_every: float, release: Callable[[], None], slots: Slots
+    ) -> None:
         """Handles one run message: executes, decides, reports, acknowledges. `release` frees
-        the run's slot (once its handler has ended, at the latest when this returns)."""
+        the run's intake slot, and its running slot is taken from `slots` before its handler
+        starts; both are freed once its handler has ended, at the latest when this returns."""
         self.in_flight += 1
+        running = RunSlot(slots)
         try:
-            await self._process(msg, progress_every, release)
+            await self._process(msg, progress_every, release, slots, running)
         except Exception:  # noqa: BLE001 - a bug here must not kill the worker
             log.exception("failure handling a run message; it will be redelivered")
         finally:
             self.in_flight -= 1
             release()
+            running.free()
 
-    async def _process(self, msg: Msg, progress_every: float, release: Callable[[], None]) -> None:
+    async def _process(
+        self,
+        msg: Msg,
+        progress_every: float,
+        release: Callable[[], None],
+        slots: Slots,
+        running: RunSlot,
+    ) -> None:
         events = self.events
         assert events is not None
         delivered, seq = ack_info(msg.reply)
@@ -834,8 +847,21 @@ class _Run:
             return
         w = self.w
         attempt = attempt_number(run, delivered)
-        # A run dispatched ahead of its fire time starts at that time, never earlier.
-        await self.hold(msg, hold_seconds(run, datetime.now(timezone.utc)), progress_every)
+        # A run dispatched ahead of its fire time starts at that time, never earlier. Held
+        # beyond the intake while the source has room for held runs, so the next runs are
+        # pulled meanwhile.
+        hold_s = hold_seconds(run, datetime.now(timezone.utc))
+        if hold_s > 0:
+            beyond = slots.holding > 0
+            if beyond:
+                slots.holding -= 1
+                release()
+            try:
+                await self.hold(msg, hold_s, progress_every)
+            finally:
+                if beyond:
+                    slots.holding += 1
+        await running.take()
         shard = run.get("shard")
         shard_index = int(shard["index"]) if isinstance(shard, dict) else 0
         shard_total = int(shard["total"]) if isinstance(shard, dict) else 1
@@ -865,6 +891,7 @@ class _Run:
         # A slot is a running handler: the next run may start while this one's result is
         # stored and acknowledged (two round trips to the server).
         release()
+        running.free()
         decision = decide(ending, Facts.of(run, attempt, w.retry_backoff, w.instance))
         log.debug(
             "run %s shard %d attempt %d ended %s (will retry: %s)",
