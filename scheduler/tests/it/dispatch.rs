@@ -256,11 +256,28 @@ async fn pausing_a_job_cancels_the_run_dispatched_ahead() {
         vec![job("once", AHEAD_APP, "note", json!({"at": at}))],
     )
     .await;
-    let dispatched = eventually(DEADLINE, "the run dispatched ahead", || async {
-        runs(&client, "once").await.into_iter().next()
-    })
+    // Dispatched ahead: the worker holds it (its run is recorded only from its time on).
+    let nats = async_nats::connect(env.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let due = chrono::DateTime::parse_from_rfc3339(&at).unwrap();
+    eventually(
+        DEADLINE,
+        "the run dispatched ahead, held by the worker",
+        || async {
+            let stream = js.get_stream(WORK_STREAM).await.ok()?;
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(&krest_schemas::names::app_consumer(AHEAD_APP))
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            assert!(
+                Utc::now() < due,
+                "the run came due before the worker held it"
+            );
+            (info.num_ack_pending == 1).then_some(())
+        },
+    )
     .await;
-    assert!(dispatched.dispatched_at.unwrap() < dispatched.scheduled_at.unwrap());
     let (code, out, err) = env.cli(&["job", "pause", "t.once"]);
     assert_eq!(code, 0, "{out}{err}");
     let run = eventually(DEADLINE, "the run ended", || async {
