@@ -12,6 +12,7 @@ use crate::cron::{parse_time_zone, CronSchedule};
 use crate::names::{is_token, job_key, HTTP_HANDLER, MAX_TOKEN_LEN};
 use crate::redact;
 use crate::schedule::{parse_duration, Schedule};
+use crate::shared::{Interner, Shared};
 use crate::text::{echo, shorten_quoted, ECHO_CHARS};
 
 /// Most retries a job may ask for (`retryTimes`); a run makes at most `retryTimes + 1` attempts.
@@ -57,7 +58,7 @@ pub const MAX_DEFINITION_BYTES: usize = 128 * 1024;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobSpec {
     /// The app whose workers run this job (a worker's app name). Letters, digits, `-`, `_`.
-    pub app_name: String,
+    pub app_name: Shared,
     /// Group of the job; with `jobName` it identifies the job. Letters, digits, `-`, `_`.
     #[serde(default = "default_group")]
     pub job_group: String,
@@ -73,7 +74,7 @@ pub struct JobSpec {
     /// When the job fires: Quartz cron with seconds (`0/5 * * * * ?`) or 5-field cron. Absent:
     /// the job only runs when triggered by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cron: Option<Box<str>>,
+    pub cron: Option<Shared>,
     /// Fixed rate instead of a cron (`30s`, `5m`, `1h30m`): fires every period, counted from
     /// the job's creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,7 +84,7 @@ pub struct JobSpec {
     pub at: Option<Box<str>>,
     /// IANA time zone the cron expression is evaluated in.
     #[serde(default = "default_time_zone")]
-    pub time_zone: Box<str>,
+    pub time_zone: Shared,
     /// What to do with fires missed while no leader dispatched (failover, downtime) that are
     /// older than the misfire threshold.
     #[serde(default)]
@@ -100,7 +101,7 @@ pub struct JobSpec {
     /// The handler that runs the job (Krest-Job's `path`): workers register handlers by this
     /// name. HTTP jobs may leave it out (they run on the built-in `krest/http` handler).
     #[serde(default)]
-    pub path: Box<str>,
+    pub path: Shared,
     /// HTTP jobs: the URL called (`http://` or `https://`), with `methodType`, `headers`, and
     /// `args` as the body (a string as is, other JSON as `application/json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,7 +271,7 @@ fn default_group() -> String {
     "default".to_string()
 }
 
-fn default_time_zone() -> Box<str> {
+fn default_time_zone() -> Shared {
     "UTC".into()
 }
 
@@ -642,6 +643,17 @@ impl JobSpec {
         job_key(&self.job_group, &self.job_name)
     }
 
+    /// Makes its texts that many jobs repeat — app, cron expression, time zone, handler
+    /// path — the interner's shared copies ([`crate::shared`]).
+    pub fn intern(&mut self, interner: &mut Interner) {
+        interner.intern(&mut self.app_name);
+        if let Some(cron) = &mut self.cron {
+            interner.intern(cron);
+        }
+        interner.intern(&mut self.time_zone);
+        interner.intern(&mut self.path);
+    }
+
     /// The keys of the child jobs (a bare name is in this job's group).
     pub fn child_keys(&self) -> Vec<String> {
         self.child_jobs
@@ -684,9 +696,9 @@ impl JobSpec {
             over
         };
         for (field, value) in [
-            ("appName", &self.app_name),
-            ("jobGroup", &self.job_group),
-            ("jobName", &self.job_name),
+            ("appName", self.app_name.as_str()),
+            ("jobGroup", self.job_group.as_str()),
+            ("jobName", self.job_name.as_str()),
         ] {
             if !is_token(value) {
                 problems.push(problem(

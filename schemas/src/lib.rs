@@ -40,6 +40,7 @@ pub mod messages;
 pub mod names;
 pub mod redact;
 pub mod schedule;
+pub mod shared;
 pub mod text;
 pub mod trace;
 pub mod web;
@@ -56,6 +57,7 @@ pub use messages::{
     RunRef, ShardInfo, Skipped, Started, Trigger, WorkerInfo,
 };
 pub use schedule::{parse_duration, parse_time_or_ago, Schedule};
+pub use shared::{Interner, Shared};
 
 /// The JSON Schema of every wire message, as `(file name, pretty JSON)` pairs, in the order
 /// they are documented in `docs/protocol.md`.

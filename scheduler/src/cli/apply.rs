@@ -59,7 +59,7 @@ impl Documents {
         let checked = match serde_json::to_writer(&mut self.json, &doc) {
             Ok(()) => parse_job(&doc).map(|spec| {
                 if spec.running {
-                    self.apps.insert(spec.app_name.clone(), spec.key());
+                    self.apps.insert(spec.app_name.to_string(), spec.key());
                 }
                 Summary::of(&spec, self.json.len() - start, max_payload)
             }),

@@ -139,7 +139,8 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 .call::<_, JobView>(Op::JobGet, &JobRequest::new(name.as_str()))
                 .await
             {
-                super::warn_without_workers(client, [(view.spec.app_name, view.key)]).await;
+                super::warn_without_workers(client, [(view.spec.app_name.to_string(), view.key)])
+                    .await;
             }
             let detail = follow(client, &resp.run_id, resp.shard_total, wait_timeout).await?;
             if json {

@@ -193,7 +193,7 @@ pub(crate) fn jobs_table(jobs: &[JobView]) -> Table<9> {
         let s = &j.spec;
         t.row([
             j.key.clone(),
-            s.app_name.clone(),
+            s.app_name.to_string(),
             format!("{:?}", s.job_type).to_uppercase(),
             match (&s.cron, &s.every, &s.at) {
                 (Some(c), _, _) => c.to_string(),

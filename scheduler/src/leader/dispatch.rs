@@ -380,7 +380,7 @@ impl Publisher {
                     run_id: fire.run_id.clone(),
                     job_group: spec.job_group.clone(),
                     job_name: spec.job_name.clone(),
-                    app_name: spec.app_name.clone(),
+                    app_name: spec.app_name.to_string(),
                 },
                 trigger: fire.trigger,
                 scheduled_at: fire.scheduled_at,
@@ -399,7 +399,7 @@ impl Publisher {
             run_id: fire.run_id.clone(),
             job_group: spec.job_group.clone(),
             job_name: spec.job_name.clone(),
-            app_name: spec.app_name.clone(),
+            app_name: spec.app_name.to_string(),
         };
         let dispatched = RunEvent::Dispatched(Dispatched {
             run: run_ref.clone(),
