@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -116,6 +117,8 @@ pub struct JobTable {
     version: watch::Sender<u64>,
     /// The newest bucket revision (stream sequence) the watch has applied.
     seen: watch::Sender<u64>,
+    /// How far the first read of the bucket has got ([`JobTable::loaded`]).
+    load: Load,
 }
 
 impl Default for JobTable {
@@ -124,8 +127,83 @@ impl Default for JobTable {
             jobs: RwLock::default(),
             version: watch::channel(0).0,
             seen: watch::channel(0).0,
+            load: Load::default(),
         }
     }
+}
+
+/// The first read of the jobs bucket: entries read, entries left, and whether it is done.
+#[derive(Debug)]
+struct Load {
+    /// Read to the end and not held: what [`JobTable::loaded`] shows.
+    loaded: watch::Sender<bool>,
+    done: AtomicBool,
+    held: AtomicBool,
+    read: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            loaded: watch::channel(false).0,
+            done: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            read: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Load {
+    /// Publishes `done && !held` (computed under the channel's lock, so concurrent changes
+    /// cannot leave it stale).
+    fn update(&self) {
+        self.loaded.send_if_modified(|loaded| {
+            let now = self.done.load(Ordering::SeqCst) && !self.held.load(Ordering::SeqCst);
+            let changed = *loaded != now;
+            *loaded = now;
+            changed
+        });
+    }
+}
+
+/// How far a node has read the jobs bucket since it started ([`JobTable::load_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// The table holds the bucket's content: the node may lead.
+    pub loaded: bool,
+    /// Entries read so far.
+    pub read: u64,
+    /// Entries still to read, as the server last said.
+    pub pending: u64,
+}
+
+impl std::fmt::Display for LoadProgress {
+    /// `loaded`, or `loading jobs: 412,000 read, 588,000 to go`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.loaded {
+            return write!(f, "loaded");
+        }
+        write!(f, "loading jobs: {} read", thousands(self.read))?;
+        if self.pending > 0 {
+            write!(f, ", {} to go", thousands(self.pending))?;
+        }
+        Ok(())
+    }
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Why a job name could not be resolved to a key.
@@ -297,6 +375,51 @@ impl JobTable {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Turns true once the node's first read of the jobs bucket has reached the end of what
+    /// the bucket held: before that the table lacks jobs, and a node must neither lead (the
+    /// election waits for it) nor say it is ready. It never turns false again.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.load.loaded.subscribe()
+    }
+
+    /// Whether the table is loaded ([`JobTable::loaded`]), with how far the reading has got.
+    pub fn load_progress(&self) -> LoadProgress {
+        LoadProgress {
+            loaded: *self.load.loaded.borrow(),
+            read: self.load.read.load(Ordering::Relaxed),
+            pending: self.load.pending.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Notes one entry of the first read, with how many the server says follow it.
+    fn note_read(&self, pending: u64) {
+        if !self.load.done.load(Ordering::Relaxed) {
+            self.load.read.fetch_add(1, Ordering::Relaxed);
+            self.load.pending.store(pending, Ordering::Relaxed);
+        }
+    }
+
+    /// The first read has reached the end of the bucket.
+    fn mark_loaded(&self) {
+        self.load.pending.store(0, Ordering::Relaxed);
+        if !self.load.done.swap(true, Ordering::SeqCst) {
+            self.load.update();
+        }
+    }
+
+    /// Holds the table as not loaded, whatever the watch has read, until
+    /// [`JobTable::release_load`] (a test hook: a standby still loading must not campaign).
+    pub fn hold_load(&self) {
+        self.load.held.store(true, Ordering::SeqCst);
+        self.load.update();
+    }
+
+    /// Ends [`JobTable::hold_load`].
+    pub fn release_load(&self) {
+        self.load.held.store(false, Ordering::SeqCst);
+        self.load.update();
+    }
+
     /// Resolves `group.name` or a bare `name` unique across groups to a key.
     pub fn resolve(&self, name: &str) -> Result<String, ResolveError> {
         let jobs = self
@@ -399,22 +522,31 @@ fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
 }
 
 /// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`
-/// with the bucket revision that changed it, in bucket order. `ready` turns true once the
-/// bucket's current content is loaded.
+/// with the bucket revision that changed it, in bucket order. The table turns
+/// [`JobTable::loaded`] once the bucket's current content is read.
 pub async fn watch_jobs(
     js: async_nats::jetstream::Context,
     bucket: kv::Store,
     table: Arc<JobTable>,
     changes: mpsc::UnboundedSender<(String, u64)>,
-    ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
+    let started = std::time::Instant::now();
+    let loaded = |table: &JobTable| {
+        if !table.load.done.load(Ordering::Relaxed) {
+            tracing::info!(
+                jobs = table.len(),
+                entries = table.load.read.load(Ordering::Relaxed),
+                seconds = started.elapsed().as_secs_f64(),
+                "job table loaded"
+            );
+        }
+        table.mark_loaded();
+    };
     while !stop.is_cancelled() {
         match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
-            Ok(state) if state.messages == 0 => {
-                let _ = ready.send(true);
-            }
+            Ok(state) if state.messages == 0 => loaded(&table),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot read the jobs bucket status"),
         }
@@ -510,8 +642,9 @@ pub async fn watch_jobs(
                 let _ = changes.send((key, entry.revision));
             }
             table.note_seen(entry.revision);
+            table.note_read(entry.delta);
             if entry.delta == 0 {
-                let _ = ready.send(true);
+                loaded(&table);
             }
         }
     }
