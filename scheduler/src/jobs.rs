@@ -117,6 +117,11 @@ pub struct JobTable {
     version: watch::Sender<u64>,
     /// The newest bucket revision (stream sequence) the watch has applied.
     seen: watch::Sender<u64>,
+    /// Changes applied to `jobs` since the last [`JobTable::announce`], and the newest
+    /// revision applied: announced to waiters in one go rather than entry by entry (waking
+    /// the watch channels' waiters cost a tenth of a node's start with 1,000,000 jobs).
+    unannounced: AtomicBool,
+    applied: AtomicU64,
     /// How far the first read of the bucket has got ([`JobTable::loaded`]).
     load: Load,
 }
@@ -127,6 +132,8 @@ impl Default for JobTable {
             jobs: RwLock::default(),
             version: watch::channel(0).0,
             seen: watch::channel(0).0,
+            unannounced: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
             load: Load::default(),
         }
     }
@@ -355,8 +362,20 @@ impl JobTable {
         *self.seen.borrow()
     }
 
-    /// Records that the watch applied bucket revision `revision`.
+    /// Records that the watch applied bucket revision `revision`; [`JobTable::seen`] says so
+    /// from the next [`JobTable::announce`].
     pub fn note_seen(&self, revision: u64) {
+        self.applied.fetch_max(revision, Ordering::SeqCst);
+    }
+
+    /// Tells those waiting ([`JobTable::wait_for`], [`JobTable::wait_seen`]) about the
+    /// changes applied since the last call. The watch calls it whenever it has no entry at
+    /// hand, and at least every [`ANNOUNCE_EVERY`] entries.
+    pub fn announce(&self) {
+        if self.unannounced.swap(false, Ordering::SeqCst) {
+            self.version.send_modify(|v| *v += 1);
+        }
+        let revision = self.applied.load(Ordering::SeqCst);
         self.seen.send_if_modified(|seen| {
             let newer = revision > *seen;
             if newer {
@@ -479,51 +498,56 @@ impl JobTable {
         .await;
     }
 
+    /// Applies `entry` (announced later: [`JobTable::announce`]); whether it changed the
+    /// table.
     fn upsert(&self, key: String, entry: JobEntry) -> bool {
+        let revision = entry.revision;
         let changed = match self.jobs.write() {
+            // An existing key keeps its copy (shared with the schedules).
             Ok(mut m) => {
-                let changed = m.get(key.as_str()).map(|e| e.revision) != Some(entry.revision);
-                // An existing key keeps its copy (shared with the schedules).
-                m.insert(Arc::from(key), Arc::new(entry));
-                changed
+                m.insert(Arc::from(key), Arc::new(entry))
+                    .map(|e| e.revision)
+                    != Some(revision)
             }
             Err(_) => false,
         };
-        self.version.send_modify(|v| *v += 1);
+        self.unannounced.store(true, Ordering::SeqCst);
         changed
     }
 
+    /// Removes `key` (announced later: [`JobTable::announce`]); whether it was there.
     fn remove(&self, key: &str) -> bool {
         let removed = self
             .jobs
             .write()
             .map(|mut m| m.remove(key).is_some())
             .unwrap_or(false);
-        self.version.send_modify(|v| *v += 1);
+        self.unannounced.store(true, Ordering::SeqCst);
         removed
     }
 }
 
 /// Reads a stored definition, checking it as `krest job apply` would (but for the size limits).
 fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
-    let stored = serde_json::from_slice::<StoredJob>(value).map_err(|e| {
+    let mut stored = serde_json::from_slice::<StoredJob>(value).map_err(|e| {
         format!(
             "malformed job definition: {}",
             krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
         )
     })?;
     // Without the size limits: a definition stored before a limit existed keeps running.
-    stored
-        .spec
-        .clone()
-        .validate_stored()
-        .map_err(|e| e.to_string())?;
+    // Stored definitions are normalized already, so the checked spec (not a copy) is kept.
+    stored.spec = stored.spec.validate_stored().map_err(|e| e.to_string())?;
     Ok(stored)
 }
 
+/// At most this many entries applied between two [`JobTable::announce`]s.
+pub const ANNOUNCE_EVERY: u32 = 1024;
+
 /// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`
-/// with the bucket revision that changed it, in bucket order. The table turns
-/// [`JobTable::loaded`] once the bucket's current content is read.
+/// with the bucket revision that changed it, in bucket order, once the table is loaded (the
+/// engine reads the whole table when it takes over, which it does only once the table is
+/// loaded). The table turns [`JobTable::loaded`] once the bucket's current content is read.
 pub async fn watch_jobs(
     js: async_nats::jetstream::Context,
     bucket: kv::Store,
@@ -534,6 +558,7 @@ pub async fn watch_jobs(
     let mut failures = 0u32;
     let started = std::time::Instant::now();
     let loaded = |table: &JobTable| {
+        table.announce();
         if !table.load.done.load(Ordering::Relaxed) {
             tracing::info!(
                 jobs = table.len(),
@@ -545,12 +570,32 @@ pub async fn watch_jobs(
         table.mark_loaded();
     };
     while !stop.is_cancelled() {
-        match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
-            Ok(state) if state.messages == 0 => loaded(&table),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read the jobs bucket status"),
+        let state = match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
+            Ok(state) => Some(state),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the jobs bucket status");
+                None
+            }
+        };
+        if state.as_ref().is_some_and(|s| s.messages == 0) {
+            loaded(&table);
         }
-        let mut watch = match bucket.watch_with_history(">").await {
+        // The first read of a bucket whose every key holds one entry (no older revisions)
+        // reads it from its start: the same entries in the same order as the last entry per
+        // key, which nats-server 2.9 delivers for about 60 % of the CPU (BENCHMARKS.md, "A
+        // standby that is still loading the job table"). A write in between adds at most an
+        // older revision before its newer one, while nothing reads changes yet. Later
+        // (re)opened watches, and buckets with history, ask for the last entry per key.
+        let one_entry_per_key = !table.load.done.load(Ordering::SeqCst)
+            && state
+                .as_ref()
+                .is_some_and(|s| s.messages > 0 && s.messages == s.subjects_count);
+        let opened = if one_entry_per_key {
+            bucket.watch_all_from_revision(1).await
+        } else {
+            bucket.watch_with_history(">").await
+        };
+        let mut watch = match opened {
             Ok(w) => {
                 failures = 0;
                 w
@@ -565,8 +610,20 @@ pub async fn watch_jobs(
             }
         };
         let mut last_revision = 0u64;
+        let mut unannounced = 0u32;
         loop {
-            let item = tokio::select! {
+            if unannounced >= ANNOUNCE_EVERY {
+                table.announce();
+                unannounced = 0;
+            }
+            // Entries at hand are applied first and announced together.
+            let ready = futures_util::FutureExt::now_or_never(watch.next());
+            let item = if let Some(item) = ready {
+                item
+            } else {
+                table.announce();
+                unannounced = 0;
+                tokio::select! {
                 item = watch.next() => item,
                 // While idle, check that the bucket has no revision we have not seen: a watch
                 // whose server died can stall silently; it is then restarted.
@@ -580,8 +637,10 @@ pub async fn watch_jobs(
                     }
                 }
                 _ = stop.cancelled() => return,
+                }
             };
-            let entry = match item {
+            unannounced += 1;
+            let mut entry = match item {
                 Some(Ok(entry)) => entry,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "job watch failed; restarting it");
@@ -590,7 +649,8 @@ pub async fn watch_jobs(
                 None => break,
             };
             last_revision = last_revision.max(entry.revision);
-            let key = entry.key.clone();
+            // Taken, not copied: nothing below reads the entry's own key.
+            let key = std::mem::take(&mut entry.key);
             let changed = match entry.operation {
                 kv::Operation::Put => match parse_stored(&entry.value) {
                     Ok(stored) => {
@@ -637,8 +697,9 @@ pub async fn watch_jobs(
                 kv::Operation::Delete | kv::Operation::Purge => table.remove(&key),
             };
             // Sent before the table says it has seen the revision: whoever reads `seen()` and
-            // then drains the channel has every change up to it.
-            if changed {
+            // then drains the channel has every change up to it. Not while loading: nobody
+            // leads from this table yet.
+            if changed && table.load.done.load(Ordering::SeqCst) {
                 let _ = changes.send((key, entry.revision));
             }
             table.note_seen(entry.revision);
@@ -647,6 +708,7 @@ pub async fn watch_jobs(
                 loaded(&table);
             }
         }
+        table.announce();
     }
 }
 
