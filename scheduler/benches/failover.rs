@@ -9,12 +9,19 @@
 //! measures from the signal to the next leader's lease (`acquiredAt`) and to the first run it
 //! dispatches, and how late that run's fire was; then it restarts the stopped node and waits
 //! until it is a standby again. Every fire of the whole run must have run exactly once.
+//!
+//! `--load-only` (with `--idle-jobs N`, `--reps N`) measures instead what a node does first:
+//! it applies the N jobs through a node that stays the leader, then starts one standby at a
+//! time and measures from its start until its job table holds every job (its `krest_jobs`
+//! gauge), with the node's CPU seconds and RSS then and the nats-server's CPU seconds
+//! meanwhile.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -23,7 +30,7 @@ use common::{
     BenchWorker, APP,
 };
 use krest_schemas::api::ClusterStatus;
-use krest_test_support::{NatsServer, Proc, TestDir};
+use krest_test_support::{free_port, NatsServer, Proc, ProcStats, TestDir};
 use serde_json::json;
 
 const GROUP: &str = "failover";
@@ -52,6 +59,60 @@ fn settled(url: &str, n: usize) -> String {
     }
 }
 
+/// The value of the gauge `name` on the node serving HTTP on `port`, if it answers.
+fn gauge(port: u16, name: &str) -> Option<u64> {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `--load-only`: each repetition starts a node (a standby: another node leads) and measures
+/// how long until its job table holds all `jobs`.
+fn load_only(nats: &NatsServer, dir: &std::path::Path, jobs: usize, reps: usize) {
+    let url = nats.url();
+    let mut took = Vec::new();
+    for rep in 0..reps {
+        let port = free_port();
+        let name = format!("load{rep}");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_krest"));
+        cmd.args(["scheduler", "--nats-url", &url, "--node", &name, "--http"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--db")
+            .arg(format!(
+                "sqlite://{}",
+                dir.join(format!("{name}.db")).display()
+            ))
+            .env("KREST_LOG", "warn");
+        let server_before = nats.pid().and_then(ProcStats::of).unwrap_or_default();
+        let start = Instant::now();
+        let mut node = Proc::spawn(&name, cmd, dir.join(format!("{name}.log")));
+        let deadline = start + Duration::from_secs(600);
+        while gauge(port, "krest_jobs") != Some(jobs as u64) {
+            assert!(Instant::now() < deadline, "the node did not load the jobs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ms = start.elapsed().as_millis() as i64;
+        let stats = ProcStats::of(node.pid()).unwrap_or_default();
+        let server = nats.pid().and_then(ProcStats::of).unwrap_or_default();
+        println!(
+            "failover/load: {jobs} jobs loaded {ms} ms after the node's start; node CPU {:.2} s, RSS {} MiB (peak {} MiB); nats-server CPU meanwhile {:.2} s",
+            stats.cpu_secs,
+            stats.rss >> 20,
+            stats.peak_rss >> 20,
+            server.cpu_secs - server_before.cpu_secs,
+        );
+        took.push(ms);
+        node.terminate(Duration::from_secs(30));
+    }
+    println!("failover/load: {} ({reps} starts)", spread(&mut took));
+}
+
 fn main() {
     if run_worker_if_asked() {
         return;
@@ -60,12 +121,35 @@ fn main() {
     // Jobs registered besides the ticking one, none firing in the run (one fire a year): what
     // a new leader loads before it fires again.
     let idle: usize = common::flag("--idle-jobs").unwrap_or(if tiny() { 10 } else { 0 });
-    println!(
+    let load_only_mode = std::env::args().any(|a| a == "--load-only");
+    if load_only_mode {
+        println!("failover --load-only: {reps} starts of a standby, {idle} jobs registered");
+    } else {
+        println!(
         "failover: {reps} repetitions of SIGKILL and of SIGTERM of the leader, {idle} idle jobs registered"
     );
+    }
     let nats = NatsServer::start();
     let url = nats.url();
     let dir = TestDir::new("bench-failover");
+    if load_only_mode {
+        let docs: Vec<serde_json::Value> = (0..idle)
+            .map(|i| {
+                json!({
+                    "appName": APP, "jobGroup": GROUP, "jobName": format!("idle{i:07}"),
+                    "path": "noop", "cron": "0 0 3 1 1 ?", "args": {"i": i}
+                })
+            })
+            .collect();
+        // It stays the leader: each measured node starts as a standby, as after a restart.
+        let mut leader = start_node("leader", &url, dir.path());
+        wait_for_api(&url);
+        apply(&url, dir.path(), &docs);
+        settled(&url, 1);
+        load_only(&nats, dir.path(), idle, reps);
+        leader.terminate(Duration::from_secs(30));
+        return;
+    }
     let mut nodes: HashMap<String, Proc> = ["n1", "n2"]
         .into_iter()
         .map(|n| (n.to_string(), start_node(n, &url, dir.path())))
@@ -168,4 +252,9 @@ fn main() {
     );
     assert_eq!(missed, 0, "fires were missed");
     assert_eq!(doubled, 0, "fires ran twice");
+    if tiny() {
+        // So that `--load-only` cannot rot: one standby more, loading what is registered.
+        load_only(&nats, dir.path(), idle + 1, 1);
+    }
+    drop(nodes);
 }

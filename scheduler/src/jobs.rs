@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -119,6 +120,13 @@ pub struct JobTable {
     /// The texts jobs repeat (app, cron, time zone, path), one copy each for the whole
     /// table ([`krest_schemas::JobSpec::intern`]).
     texts: Mutex<Interner>,
+    /// Changes applied to `jobs` since the last [`JobTable::announce`], and the newest
+    /// revision applied: announced to waiters in one go rather than entry by entry (waking
+    /// the watch channels' waiters cost a tenth of a node's start with 1,000,000 jobs).
+    unannounced: AtomicBool,
+    applied: AtomicU64,
+    /// How far the first read of the bucket has got ([`JobTable::loaded`]).
+    load: Load,
 }
 
 impl Default for JobTable {
@@ -128,8 +136,85 @@ impl Default for JobTable {
             version: watch::channel(0).0,
             seen: watch::channel(0).0,
             texts: Mutex::default(),
+            unannounced: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            load: Load::default(),
         }
     }
+}
+
+/// The first read of the jobs bucket: entries read, entries left, and whether it is done.
+#[derive(Debug)]
+struct Load {
+    /// Read to the end and not held: what [`JobTable::loaded`] shows.
+    loaded: watch::Sender<bool>,
+    done: AtomicBool,
+    held: AtomicBool,
+    read: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            loaded: watch::channel(false).0,
+            done: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            read: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Load {
+    /// Publishes `done && !held` (computed under the channel's lock, so concurrent changes
+    /// cannot leave it stale).
+    fn update(&self) {
+        self.loaded.send_if_modified(|loaded| {
+            let now = self.done.load(Ordering::SeqCst) && !self.held.load(Ordering::SeqCst);
+            let changed = *loaded != now;
+            *loaded = now;
+            changed
+        });
+    }
+}
+
+/// How far a node has read the jobs bucket since it started ([`JobTable::load_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// The table holds the bucket's content: the node may lead.
+    pub loaded: bool,
+    /// Entries read so far.
+    pub read: u64,
+    /// Entries still to read, as the server last said.
+    pub pending: u64,
+}
+
+impl std::fmt::Display for LoadProgress {
+    /// `loaded`, or `loading jobs: 412,000 read, 588,000 to go`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.loaded {
+            return write!(f, "loaded");
+        }
+        write!(f, "loading jobs: {} read", thousands(self.read))?;
+        if self.pending > 0 {
+            write!(f, ", {} to go", thousands(self.pending))?;
+        }
+        Ok(())
+    }
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Why a job name could not be resolved to a key.
@@ -281,8 +366,20 @@ impl JobTable {
         *self.seen.borrow()
     }
 
-    /// Records that the watch applied bucket revision `revision`.
+    /// Records that the watch applied bucket revision `revision`; [`JobTable::seen`] says so
+    /// from the next [`JobTable::announce`].
     pub fn note_seen(&self, revision: u64) {
+        self.applied.fetch_max(revision, Ordering::SeqCst);
+    }
+
+    /// Tells those waiting ([`JobTable::wait_for`], [`JobTable::wait_seen`]) about the
+    /// changes applied since the last call. The watch calls it whenever it has no entry at
+    /// hand, and at least every [`ANNOUNCE_EVERY`] entries.
+    pub fn announce(&self) {
+        if self.unannounced.swap(false, Ordering::SeqCst) {
+            self.version.send_modify(|v| *v += 1);
+        }
+        let revision = self.applied.load(Ordering::SeqCst);
         self.seen.send_if_modified(|seen| {
             let newer = revision > *seen;
             if newer {
@@ -299,6 +396,51 @@ impl JobTable {
         tokio::time::timeout(timeout, seen.wait_for(|s| *s >= revision))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Turns true once the node's first read of the jobs bucket has reached the end of what
+    /// the bucket held: before that the table lacks jobs, and a node must neither lead (the
+    /// election waits for it) nor say it is ready. It never turns false again.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.load.loaded.subscribe()
+    }
+
+    /// Whether the table is loaded ([`JobTable::loaded`]), with how far the reading has got.
+    pub fn load_progress(&self) -> LoadProgress {
+        LoadProgress {
+            loaded: *self.load.loaded.borrow(),
+            read: self.load.read.load(Ordering::Relaxed),
+            pending: self.load.pending.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Notes one entry of the first read, with how many the server says follow it.
+    fn note_read(&self, pending: u64) {
+        if !self.load.done.load(Ordering::Relaxed) {
+            self.load.read.fetch_add(1, Ordering::Relaxed);
+            self.load.pending.store(pending, Ordering::Relaxed);
+        }
+    }
+
+    /// The first read has reached the end of the bucket.
+    fn mark_loaded(&self) {
+        self.load.pending.store(0, Ordering::Relaxed);
+        if !self.load.done.swap(true, Ordering::SeqCst) {
+            self.load.update();
+        }
+    }
+
+    /// Holds the table as not loaded, whatever the watch has read, until
+    /// [`JobTable::release_load`] (a test hook: a standby still loading must not campaign).
+    pub fn hold_load(&self) {
+        self.load.held.store(true, Ordering::SeqCst);
+        self.load.update();
+    }
+
+    /// Ends [`JobTable::hold_load`].
+    pub fn release_load(&self) {
+        self.load.held.store(false, Ordering::SeqCst);
+        self.load.update();
     }
 
     /// Resolves `group.name` or a bare `name` unique across groups to a key.
@@ -360,72 +502,107 @@ impl JobTable {
         .await;
     }
 
+    /// Applies `entry` (announced later: [`JobTable::announce`]), its repeated texts shared
+    /// with the table's other jobs; whether it changed the table.
     fn upsert(&self, key: String, mut entry: JobEntry) -> bool {
         if let Ok(mut texts) = self.texts.lock() {
             entry.stored.spec.intern(&mut texts);
         }
+        let revision = entry.revision;
         let changed = match self.jobs.write() {
+            // An existing key keeps its copy (shared with the schedules).
             Ok(mut m) => {
-                let changed = m.get(key.as_str()).map(|e| e.revision) != Some(entry.revision);
-                // An existing key keeps its copy (shared with the schedules).
-                m.insert(Arc::from(key), Arc::new(entry));
-                changed
+                m.insert(Arc::from(key), Arc::new(entry))
+                    .map(|e| e.revision)
+                    != Some(revision)
             }
             Err(_) => false,
         };
-        self.version.send_modify(|v| *v += 1);
+        self.unannounced.store(true, Ordering::SeqCst);
         changed
     }
 
+    /// Removes `key` (announced later: [`JobTable::announce`]); whether it was there.
     fn remove(&self, key: &str) -> bool {
         let removed = self
             .jobs
             .write()
             .map(|mut m| m.remove(key).is_some())
             .unwrap_or(false);
-        self.version.send_modify(|v| *v += 1);
+        self.unannounced.store(true, Ordering::SeqCst);
         removed
     }
 }
 
 /// Reads a stored definition, checking it as `krest job apply` would (but for the size limits).
 fn parse_stored(value: &[u8]) -> Result<StoredJob, String> {
-    let stored = serde_json::from_slice::<StoredJob>(value).map_err(|e| {
+    let mut stored = serde_json::from_slice::<StoredJob>(value).map_err(|e| {
         format!(
             "malformed job definition: {}",
             krest_schemas::redact::text(&krest_schemas::text::shorten_quoted(&e.to_string()))
         )
     })?;
     // Without the size limits: a definition stored before a limit existed keeps running.
-    stored
-        .spec
-        .clone()
-        .validate_stored()
-        .map_err(|e| e.to_string())?;
+    // Stored definitions are normalized already, so the checked spec (not a copy) is kept.
+    stored.spec = stored.spec.validate_stored().map_err(|e| e.to_string())?;
     Ok(stored)
 }
 
+/// At most this many entries applied between two [`JobTable::announce`]s.
+pub const ANNOUNCE_EVERY: u32 = 1024;
+
 /// Watches the jobs bucket into `table` until `stop`, sending each changed key on `changes`
-/// with the bucket revision that changed it, in bucket order. `ready` turns true once the
-/// bucket's current content is loaded.
+/// with the bucket revision that changed it, in bucket order, once the table is loaded (the
+/// engine reads the whole table when it takes over, which it does only once the table is
+/// loaded). The table turns [`JobTable::loaded`] once the bucket's current content is read.
 pub async fn watch_jobs(
     js: async_nats::jetstream::Context,
     bucket: kv::Store,
     table: Arc<JobTable>,
     changes: mpsc::UnboundedSender<(String, u64)>,
-    ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
-    while !stop.is_cancelled() {
-        match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
-            Ok(state) if state.messages == 0 => {
-                let _ = ready.send(true);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read the jobs bucket status"),
+    let started = std::time::Instant::now();
+    let loaded = |table: &JobTable| {
+        table.announce();
+        if !table.load.done.load(Ordering::Relaxed) {
+            tracing::info!(
+                jobs = table.len(),
+                entries = table.load.read.load(Ordering::Relaxed),
+                seconds = started.elapsed().as_secs_f64(),
+                "job table loaded"
+            );
         }
-        let mut watch = match bucket.watch_with_history(">").await {
+        table.mark_loaded();
+    };
+    while !stop.is_cancelled() {
+        let state = match crate::infra::bucket_state(&js, JOBS_BUCKET).await {
+            Ok(state) => Some(state),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the jobs bucket status");
+                None
+            }
+        };
+        if state.as_ref().is_some_and(|s| s.messages == 0) {
+            loaded(&table);
+        }
+        // The first read of a bucket whose every key holds one entry (no older revisions)
+        // reads it from its start: the same entries in the same order as the last entry per
+        // key, which nats-server 2.9 delivers for about 60 % of the CPU (BENCHMARKS.md, "A
+        // standby that is still loading the job table"). A write in between adds at most an
+        // older revision before its newer one, while nothing reads changes yet. Later
+        // (re)opened watches, and buckets with history, ask for the last entry per key.
+        let one_entry_per_key = !table.load.done.load(Ordering::SeqCst)
+            && state
+                .as_ref()
+                .is_some_and(|s| s.messages > 0 && s.messages == s.subjects_count);
+        let opened = if one_entry_per_key {
+            bucket.watch_all_from_revision(1).await
+        } else {
+            bucket.watch_with_history(">").await
+        };
+        let mut watch = match opened {
             Ok(w) => {
                 failures = 0;
                 w
@@ -440,8 +617,20 @@ pub async fn watch_jobs(
             }
         };
         let mut last_revision = 0u64;
+        let mut unannounced = 0u32;
         loop {
-            let item = tokio::select! {
+            if unannounced >= ANNOUNCE_EVERY {
+                table.announce();
+                unannounced = 0;
+            }
+            // Entries at hand are applied first and announced together.
+            let ready = futures_util::FutureExt::now_or_never(watch.next());
+            let item = if let Some(item) = ready {
+                item
+            } else {
+                table.announce();
+                unannounced = 0;
+                tokio::select! {
                 item = watch.next() => item,
                 // While idle, check that the bucket has no revision we have not seen: a watch
                 // whose server died can stall silently; it is then restarted.
@@ -455,8 +644,10 @@ pub async fn watch_jobs(
                     }
                 }
                 _ = stop.cancelled() => return,
+                }
             };
-            let entry = match item {
+            unannounced += 1;
+            let mut entry = match item {
                 Some(Ok(entry)) => entry,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "job watch failed; restarting it");
@@ -465,7 +656,8 @@ pub async fn watch_jobs(
                 None => break,
             };
             last_revision = last_revision.max(entry.revision);
-            let key = entry.key.clone();
+            // Taken, not copied: nothing below reads the entry's own key.
+            let key = std::mem::take(&mut entry.key);
             let changed = match entry.operation {
                 kv::Operation::Put => match parse_stored(&entry.value) {
                     Ok(stored) => {
@@ -512,15 +704,18 @@ pub async fn watch_jobs(
                 kv::Operation::Delete | kv::Operation::Purge => table.remove(&key),
             };
             // Sent before the table says it has seen the revision: whoever reads `seen()` and
-            // then drains the channel has every change up to it.
-            if changed {
+            // then drains the channel has every change up to it. Not while loading: nobody
+            // leads from this table yet.
+            if changed && table.load.done.load(Ordering::SeqCst) {
                 let _ = changes.send((key, entry.revision));
             }
             table.note_seen(entry.revision);
+            table.note_read(entry.delta);
             if entry.delta == 0 {
-                let _ = ready.send(true);
+                loaded(&table);
             }
         }
+        table.announce();
     }
 }
 

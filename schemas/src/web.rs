@@ -136,7 +136,7 @@ pub struct ClusterHealth {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeHealth {
-    /// Connected to NATS, database writable and recorder keeping up.
+    /// Connected to NATS, database writable, job table loaded and recorder keeping up.
     pub ready: bool,
     /// Node name.
     pub node: String,
@@ -148,6 +148,10 @@ pub struct NodeHealth {
     pub nats: String,
     /// `writable`, or why not.
     pub database: String,
+    /// `loaded` once the node holds every job definition (only then does it campaign for
+    /// the lease), or how far it has read them: `loading jobs: 412,000 read, 588,000 to go`.
+    #[serde(default)]
+    pub jobs: String,
     /// The recorder's progress.
     pub recorder: RecorderHealth,
 }

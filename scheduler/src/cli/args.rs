@@ -128,7 +128,7 @@ pub struct HealthArgs {
     /// The node's HTTP address (its `--http`).
     #[arg(long, env = "KREST_HTTP", default_value = "127.0.0.1:8722")]
     pub http: String,
-    /// Ask `/readyz` (connected, database writable, recorder current) instead of `/healthz`
+    /// Ask `/readyz` (connected, database writable, jobs loaded, recorder current) instead of `/healthz`
     /// (the process serves).
     #[arg(long)]
     pub ready: bool,

@@ -12,7 +12,15 @@
 //! before the server has even expired the key. Expiry by max age produces no watch event, so
 //! standbys poll; a clean release does (a delete marker), and standbys also watch the key for
 //! it, so a handover takes a round trip rather than up to a polling period.
+//!
+//! A node campaigns only once it could lead: until its job table is loaded
+//! ([`Election::campaign_when`], the jobs bucket read to its end) it does not try to take the
+//! lease, so a node restarted seconds before — still reading a large bucket — does not win an
+//! election and then leave every job unfired while it loads. A leader is never asked to step
+//! down for it (its table stays loaded), and a lone node that is loading takes the lease as soon
+//! as it is loaded.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +69,7 @@ impl Validity {
 pub struct Leadership {
     role: watch::Receiver<Role>,
     validity: Validity,
+    rounds: Arc<AtomicU64>,
 }
 
 impl Leadership {
@@ -78,6 +87,12 @@ impl Leadership {
     /// A receiver that sees every role change.
     pub fn watch(&self) -> watch::Receiver<Role> {
         self.role.clone()
+    }
+
+    /// How many rounds (renewals, campaigns, or rounds spent waiting for the job table) the
+    /// election has finished: a test waits on it to know the election has looked again.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::SeqCst)
     }
 }
 
@@ -108,6 +123,21 @@ pub struct Election {
     cfg: LeaseConfig,
     role_tx: watch::Sender<Role>,
     validity: Validity,
+    rounds: Arc<AtomicU64>,
+    /// True once the node may lead (its job table is loaded); `None`: at once.
+    can_lead: Option<watch::Receiver<bool>>,
+}
+
+/// Returns once `can_lead` is true (never, if its sender is gone: the node is stopping).
+async fn able_to_lead(can_lead: &mut Option<watch::Receiver<bool>>) {
+    match can_lead {
+        Some(rx) => {
+            if rx.wait_for(|v| *v).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Wakes `released` whenever the lease key is deleted (a leader letting go), until `stop`. A
@@ -153,15 +183,34 @@ impl Election {
     pub fn new(kv: kv::Store, cfg: LeaseConfig) -> (Election, Leadership) {
         let (role_tx, role) = watch::channel(Role::Standby);
         let validity = Validity::default();
+        let rounds = Arc::new(AtomicU64::new(0));
         (
             Election {
                 kv,
                 cfg,
                 role_tx,
                 validity: validity.clone(),
+                rounds: rounds.clone(),
+                can_lead: None,
             },
-            Leadership { role, validity },
+            Leadership {
+                role,
+                validity,
+                rounds,
+            },
         )
+    }
+
+    /// Campaigns for the lease only while `can_lead` is true (the node's job table is
+    /// loaded: [`crate::jobs::JobTable::loaded`]), and at once when it turns true. Renewing a
+    /// lease held does not look at it.
+    pub fn campaign_when(mut self, can_lead: watch::Receiver<bool>) -> Election {
+        self.can_lead = Some(can_lead);
+        self
+    }
+
+    fn may_campaign(&self) -> bool {
+        self.can_lead.as_ref().is_none_or(|rx| *rx.borrow())
     }
 
     fn set(&self, role: Role, valid: Option<(u64, Instant)>) {
@@ -198,64 +247,20 @@ impl Election {
             released.clone(),
             stop.child_token(),
         ));
+        let mut can_lead = self.can_lead.clone();
+        let mut waiting_logged = false;
         loop {
+            let may_campaign = self.may_campaign();
             tokio::select! {
                 _ = tick.tick() => {}
-                // A standby tries at once when the leader lets go.
+                // A standby tries at once when the leader lets go,
                 _ = released.notified(), if held.is_none() => {}
+                // and once its job table is loaded.
+                _ = able_to_lead(&mut can_lead), if held.is_none() && !may_campaign => {}
                 _ = stop.cancelled() => break,
             }
-            let sent = Instant::now();
-            let timeout = self.cfg.renew_every.max(Duration::from_millis(500));
-            match held {
-                Some((epoch, rev, acquired_at)) => {
-                    // Our own clock may say the lease is gone already (the process was frozen).
-                    if self.validity.epoch().is_none() {
-                        tracing::warn!(
-                            epoch,
-                            "lease expired before it could be renewed; stepping down"
-                        );
-                        held = None;
-                        self.set(Role::Standby, None);
-                        continue;
-                    }
-                    let value = self.lease_value(epoch, acquired_at);
-                    match tokio::time::timeout(timeout, self.kv.update(LEADER_KEY, value, rev))
-                        .await
-                    {
-                        Ok(Ok(new_rev)) => {
-                            held = Some((epoch, new_rev, acquired_at));
-                            self.set(
-                                Role::Leader { epoch },
-                                Some((epoch, sent + self.cfg.ttl - self.cfg.margin())),
-                            );
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(epoch, error = %e, "lost leadership: lease renewal failed");
-                            held = None;
-                            self.set(Role::Standby, None);
-                        }
-                        Err(_) => {
-                            tracing::warn!(epoch, "lost leadership: lease renewal timed out");
-                            held = None;
-                            self.set(Role::Standby, None);
-                        }
-                    }
-                }
-                None => match tokio::time::timeout(timeout, self.try_acquire()).await {
-                    Ok(Ok(Some((rev, acquired_at)))) => {
-                        tracing::info!(node = %self.cfg.node, epoch = rev, "became leader");
-                        held = Some((rev, rev, acquired_at));
-                        self.set(
-                            Role::Leader { epoch: rev },
-                            Some((rev, sent + self.cfg.ttl - self.cfg.margin())),
-                        );
-                    }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "lease acquisition failed"),
-                    Err(_) => tracing::debug!("lease acquisition timed out"),
-                },
-            }
+            self.round(&mut held, &mut waiting_logged).await;
+            self.rounds.fetch_add(1, Ordering::SeqCst);
         }
         watcher.abort();
         self.set(Role::Standby, None);
@@ -271,6 +276,68 @@ impl Election {
                     "could not release the lease (NATS did not answer); it expires by itself"
                 ),
             }
+        }
+    }
+
+    /// One round: renew the lease held, or campaign for it if the node may lead.
+    async fn round(&self, held: &mut Option<(u64, u64, DateTime<Utc>)>, waiting_logged: &mut bool) {
+        let sent = Instant::now();
+        let timeout = self.cfg.renew_every.max(Duration::from_millis(500));
+        match *held {
+            Some((epoch, rev, acquired_at)) => {
+                // Our own clock may say the lease is gone already (the process was frozen).
+                if self.validity.epoch().is_none() {
+                    tracing::warn!(
+                        epoch,
+                        "lease expired before it could be renewed; stepping down"
+                    );
+                    *held = None;
+                    self.set(Role::Standby, None);
+                    return;
+                }
+                let value = self.lease_value(epoch, acquired_at);
+                match tokio::time::timeout(timeout, self.kv.update(LEADER_KEY, value, rev)).await {
+                    Ok(Ok(new_rev)) => {
+                        *held = Some((epoch, new_rev, acquired_at));
+                        self.set(
+                            Role::Leader { epoch },
+                            Some((epoch, sent + self.cfg.ttl - self.cfg.margin())),
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(epoch, error = %e, "lost leadership: lease renewal failed");
+                        *held = None;
+                        self.set(Role::Standby, None);
+                    }
+                    Err(_) => {
+                        tracing::warn!(epoch, "lost leadership: lease renewal timed out");
+                        *held = None;
+                        self.set(Role::Standby, None);
+                    }
+                }
+            }
+            None if !self.may_campaign() => {
+                if !*waiting_logged {
+                    *waiting_logged = true;
+                    tracing::info!(
+                        node = %self.cfg.node,
+                        "not campaigning for the lease until the job table is loaded"
+                    );
+                }
+            }
+            None => match tokio::time::timeout(timeout, self.try_acquire()).await {
+                Ok(Ok(Some((rev, acquired_at)))) => {
+                    tracing::info!(node = %self.cfg.node, epoch = rev, "became leader");
+                    *held = Some((rev, rev, acquired_at));
+                    self.set(
+                        Role::Leader { epoch: rev },
+                        Some((rev, sent + self.cfg.ttl - self.cfg.margin())),
+                    );
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "lease acquisition failed"),
+                Err(_) => tracing::debug!("lease acquisition timed out"),
+            },
         }
     }
 

@@ -155,6 +155,7 @@ pub struct RunningNode {
     pub leadership: watch::Receiver<Option<Leadership>>,
     /// Aborts the node's tasks (a test hook: a task that dies must stop the node).
     pub tasks: TaskControl,
+    table: Arc<JobTable>,
 }
 
 impl RunningNode {
@@ -169,6 +170,12 @@ impl RunningNode {
         self.task.abort();
     }
 
+    /// The node's job table: how far it is loaded, and (test hook) holding it as loading
+    /// ([`JobTable::hold_load`], [`spawn_holding_load`]).
+    pub fn jobs(&self) -> &JobTable {
+        &self.table
+    }
+
     /// Waits until the node ends by itself (a critical task ended) and returns why.
     pub async fn ended(self) -> Result<(), NodeError> {
         self.task.await.unwrap_or(Ok(()))
@@ -177,17 +184,35 @@ impl RunningNode {
 
 /// Starts a node in the background.
 pub fn spawn(opts: NodeOptions) -> RunningNode {
+    spawn_with(opts, Arc::new(JobTable::default()))
+}
+
+/// Starts a node in the background whose job table counts as loading, whatever it has read,
+/// until `running.jobs().release_load()` (a test hook: a node still loading its jobs must not
+/// campaign for the lease nor say it is ready).
+pub fn spawn_holding_load(opts: NodeOptions) -> RunningNode {
+    let table = Arc::new(JobTable::default());
+    table.hold_load();
+    spawn_with(opts, table)
+}
+
+fn spawn_with(opts: NodeOptions, table: Arc<JobTable>) -> RunningNode {
     let stop = CancellationToken::new();
     let (tx, rx) = watch::channel(None);
     let token = stop.clone();
     let tasks = TaskControl::default();
     let control = tasks.clone();
-    let task = tokio::spawn(async move { run_supervised(opts, token, Some(tx), control).await });
+    let node_table = table.clone();
+    let task =
+        tokio::spawn(
+            async move { run_supervised(opts, token, Some(tx), control, node_table).await },
+        );
     RunningNode {
         stop,
         task,
         leadership: rx,
         tasks,
+        table,
     }
 }
 
@@ -199,7 +224,14 @@ pub async fn run(
     stop: CancellationToken,
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
 ) -> Result<(), NodeError> {
-    run_supervised(opts, stop, leadership_out, TaskControl::default()).await
+    run_supervised(
+        opts,
+        stop,
+        leadership_out,
+        TaskControl::default(),
+        Arc::new(JobTable::default()),
+    )
+    .await
 }
 
 /// [`run`], with the node's tasks reachable through `control`.
@@ -208,6 +240,7 @@ async fn run_supervised(
     stop: CancellationToken,
     leadership_out: Option<watch::Sender<Option<Leadership>>>,
     control: TaskControl,
+    table: Arc<JobTable>,
 ) -> Result<(), NodeError> {
     // The database first: a wrong or unreachable one stops the node before it connects to
     // NATS or takes part in the election.
@@ -234,9 +267,7 @@ async fn run_supervised(
     };
     tracing::info!(node = %opts.node, db = %redact_db_url(&opts.db_url), nats = %client.server_info().version, "scheduler node starting");
 
-    let table = Arc::new(JobTable::default());
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = watch::channel(false);
     let (election, leadership) = Election::new(
         infra.leader.clone(),
         LeaseConfig {
@@ -245,6 +276,8 @@ async fn run_supervised(
             renew_every: opts.lease_renew,
         },
     );
+    // A node still reading the jobs bucket could not fire them: it does not campaign yet.
+    let election = election.campaign_when(table.loaded());
     if let Some(out) = &leadership_out {
         let _ = out.send(Some(leadership.clone()));
     }
@@ -266,7 +299,6 @@ async fn run_supervised(
             infra.jobs.clone(),
             table.clone(),
             changes_tx,
-            ready_tx,
             back.clone(),
         ),
     );
@@ -284,7 +316,7 @@ async fn run_supervised(
         },
         opts.engine.clone(),
     );
-    let engine_task = sup.spawn("engine", engine.run(ready_rx, front.clone()));
+    let engine_task = sup.spawn("engine", engine.run(table.loaded(), front.clone()));
     let registry_task = sup.spawn("registry", registry.clone().refresh_loop(back.clone()));
 
     let followups = crate::record::followup::Followups {

@@ -1,5 +1,5 @@
 //! The node's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (connected to NATS,
-//! database writable, recorder keeping up with the events stream), for load balancers and
+//! database writable, job table loaded, recorder keeping up with the events stream), for load balancers and
 //! orchestrators; `/metrics` (Prometheus text, [`crate::metrics`]); and, on the same address,
 //! the HTTP API and web console ([`super::web`]).
 
@@ -71,7 +71,8 @@ async fn healthz(State(s): State<HttpState>) -> Json<Value> {
 }
 
 /// This node's health: NATS connection, database writability (probed now, at most 2 s),
-/// role and the recorder's lag. The body of `/readyz` and part of `GET /api/v1/cluster`.
+/// role, whether its job table is loaded (a node still loading neither leads nor is ready)
+/// and the recorder's lag. The body of `/readyz` and part of `GET /api/v1/cluster`.
 pub async fn health(s: &HttpState) -> NodeHealth {
     let nats = s.client.connection_state() == async_nats::connection::State::Connected;
     let db = match tokio::time::timeout(Duration::from_secs(2), s.store.probe_write()).await {
@@ -85,8 +86,9 @@ pub async fn health(s: &HttpState) -> NodeHealth {
     };
     let rec = s.recorder.borrow().clone();
     let recorder_ok = rec.lag <= s.max_lag && (rec.failing.is_none() || rec.lag_events == 0);
+    let jobs = s.table.load_progress();
     NodeHealth {
-        ready: nats && db.is_ok() && recorder_ok,
+        ready: nats && db.is_ok() && jobs.loaded && recorder_ok,
         node: s.node.clone(),
         role: role.to_string(),
         epoch,
@@ -95,6 +97,7 @@ pub async fn health(s: &HttpState) -> NodeHealth {
             Ok(()) => "writable".to_string(),
             Err(e) => e,
         },
+        jobs: jobs.to_string(),
         recorder: RecorderHealth {
             ok: recorder_ok,
             recorded_seq: rec.recorded_seq,

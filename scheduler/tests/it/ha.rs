@@ -433,3 +433,115 @@ async fn a_node_whose_task_dies_stops_and_a_standby_takes_over() {
     assert_one_run_per_second(&all, &log);
     new_leader.stop().await.unwrap();
 }
+
+/// A standby still reading the jobs bucket does not campaign: when the leader dies it leaves
+/// the lease free (rather than win it and fire nothing while it loads), says so on `/readyz`,
+/// and takes the lease as soon as its job table is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_still_loading_its_jobs_takes_the_lease_only_once_loaded() {
+    let env = Env::new("loading-standby");
+    let n1 = env.node("n1");
+    let client = env.client().await;
+    let log = Executions::default();
+    let w = counting_worker(&env, "w1", log.clone());
+    apply(
+        &client,
+        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
+    )
+    .await;
+    eventually(DEADLINE, "n1 to lead and fire", || async {
+        let led = leader(&client).await.as_deref() == Some("n1");
+        let fired = runs(&client, "tick")
+            .await
+            .iter()
+            .any(|r| r.status.is_final());
+        (led && fired).then_some(())
+    })
+    .await;
+
+    // n2 reads the whole jobs bucket, but its table is held as loading (the test hook).
+    let mut opts = env.node_opts("n2");
+    opts.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    let n2 = krest::node::spawn_holding_load(opts);
+    let addr = eventually(DEADLINE, "n2 to have read the jobs and be live", || async {
+        if n2.jobs().len() != 1 || n2.leadership.borrow().is_none() {
+            return None;
+        }
+        let status: krest_schemas::api::ClusterStatus = client
+            .call(krest_schemas::api::Op::ClusterStatus, &json!({}))
+            .await
+            .ok()?;
+        status
+            .nodes
+            .into_iter()
+            .find(|n| n.node == "n2")
+            .and_then(|n| n.http_addr)
+    })
+    .await;
+    let http = Web::new(&format!("http://{addr}"), None);
+    let (code, body) = http.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["ready"], false, "{body}");
+    assert_eq!(body["role"], "standby", "{body}");
+    assert_eq!(body["jobs"], "loading jobs: 1 read", "{body}");
+    let n2_leadership = n2.leadership.borrow().clone().unwrap();
+
+    // The leader dies without releasing its lease; the lease expires by its TTL.
+    n1.abort();
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let lease_kv = async_nats::jetstream::new(raw)
+        .get_key_value(LEADER_BUCKET)
+        .await
+        .unwrap();
+    let lease = || async {
+        lease_kv
+            .entry(LEADER_KEY)
+            .await
+            .unwrap()
+            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).to_string())
+    };
+    eventually(DEADLINE, "n1's lease to end", || async {
+        (!lease().await.is_some_and(|l| l.contains("\"node\":\"n1\""))).then_some(())
+    })
+    .await;
+    // Two more rounds of n2's election with the lease free: a node that may campaign takes a
+    // free lease in the first of them.
+    let rounds = n2_leadership.rounds();
+    eventually(DEADLINE, "two more election rounds of n2", || async {
+        (n2_leadership.rounds() >= rounds + 2).then_some(())
+    })
+    .await;
+    assert_eq!(lease().await, None, "a node still loading took the lease");
+    assert_eq!(n2_leadership.role(), Role::Standby);
+    assert_eq!(leader(&client).await, None);
+    let (code, body) = http.get("/readyz").await;
+    assert_eq!((code, &body["jobs"]), (503, &json!("loading jobs: 1 read")));
+
+    // Loaded: it campaigns at once, leads, fires and says it is ready.
+    let released_at = chrono::Utc::now();
+    n2.jobs().release_load();
+    eventually(DEADLINE, "n2 to lead", || async {
+        (leader(&client).await.as_deref() == Some("n2")).then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "a run fired by n2", || async {
+        runs(&client, "tick")
+            .await
+            .iter()
+            .any(|r| r.status.is_final() && r.scheduled_at.is_some_and(|t| t > released_at))
+            .then_some(())
+    })
+    .await;
+    let body = eventually(DEADLINE, "n2 to be ready", || async {
+        let (code, body) = http.get("/readyz").await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        (&body["jobs"], &body["role"]),
+        (&json!("loaded"), &json!("leader"))
+    );
+    w.stop().await.unwrap();
+    n2.stop().await.unwrap();
+}
