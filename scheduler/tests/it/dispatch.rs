@@ -264,17 +264,12 @@ async fn pausing_a_job_cancels_the_run_dispatched_ahead() {
         DEADLINE,
         "the run dispatched ahead, held by the worker",
         || async {
-            let stream = js.get_stream(WORK_STREAM).await.ok()?;
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-                .get_consumer(&krest_schemas::names::app_consumer(AHEAD_APP))
-                .await
-                .ok()?;
-            let info = consumer.info().await.ok()?;
+            let (held, _) = app_consumer_counts(&js, AHEAD_APP).await?;
             assert!(
                 Utc::now() < due,
                 "the run came due before the worker held it"
             );
-            (info.num_ack_pending == 1).then_some(())
+            (held == 1).then_some(())
         },
     )
     .await;

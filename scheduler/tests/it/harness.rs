@@ -518,3 +518,21 @@ impl Web {
         v
     }
 }
+
+/// The `(unacknowledged, pending)` counts of `app`'s shared consumer: runs its workers hold,
+/// and runs waiting for one. `None` while it cannot be read.
+pub async fn app_consumer_counts(
+    js: &async_nats::jetstream::Context,
+    app: &str,
+) -> Option<(usize, u64)> {
+    let stream = js
+        .get_stream(krest_schemas::names::WORK_STREAM)
+        .await
+        .ok()?;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&krest_schemas::names::app_consumer(app))
+        .await
+        .ok()?;
+    let info = consumer.info().await.ok()?;
+    Some((info.num_ack_pending, info.num_pending))
+}

@@ -566,20 +566,12 @@ async fn runs_held_for_their_time_exceed_the_slots_but_run_within_them() {
     let js = async_nats::jetstream::new(nats);
     let due = chrono::DateTime::parse_from_rfc3339(&at).unwrap();
     eventually(DEADLINE, "three runs held by the worker", || async {
-        let stream = js
-            .get_stream(krest_schemas::names::WORK_STREAM)
-            .await
-            .ok()?;
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-            .get_consumer(&krest_schemas::names::app_consumer(APP))
-            .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
+        let counts = app_consumer_counts(&js, APP).await?;
         assert!(
             chrono::Utc::now() < due,
             "the runs came due before all three were held"
         );
-        (info.num_ack_pending == 3 && info.num_pending == 0).then_some(())
+        (counts == (3, 0)).then_some(())
     })
     .await;
     for i in 0..3 {
