@@ -342,7 +342,14 @@ pub(crate) fn nodes_table(nodes: &[NodeInfo]) -> Table<9> {
     for n in nodes {
         t.row([
             n.node.clone(),
-            format!("{:?}", n.role).to_uppercase(),
+            match &n.loading {
+                Some(how_far) => format!(
+                    "{} ({})",
+                    format!("{:?}", n.role).to_uppercase(),
+                    cut(how_far, 60)
+                ),
+                None => format!("{:?}", n.role).to_uppercase(),
+            },
             n.version.clone(),
             n.database.clone(),
             n.recorded_seq.to_string(),

@@ -399,6 +399,7 @@ async fn run_supervised(
             },
             leadership.clone(),
             recorder_rx,
+            table.clone(),
             back.clone(),
         ),
     );
@@ -483,6 +484,7 @@ async fn presence(
     me: Presence,
     leadership: Leadership,
     recorder: StatusRx,
+    table: Arc<JobTable>,
     stop: CancellationToken,
 ) {
     let started_at = Utc::now();
@@ -515,6 +517,9 @@ async fn presence(
             recorder_failing: rec.failing,
             started_at,
             heartbeat_at: Utc::now(),
+            loading: Some(table.load_progress())
+                .filter(|p| !p.loaded)
+                .map(|p| p.to_string()),
         };
         if let Ok(body) = serde_json::to_vec(&info) {
             if let Err(e) = nodes.put(&me.node, body.into()).await {

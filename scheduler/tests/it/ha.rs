@@ -484,6 +484,13 @@ async fn a_standby_still_loading_its_jobs_takes_the_lease_only_once_loaded() {
     assert_eq!(body["ready"], false, "{body}");
     assert_eq!(body["role"], "standby", "{body}");
     assert_eq!(body["jobs"], "loading jobs: 1 read", "{body}");
+    // `cluster status` says so too (the node's presence, written every 2 s).
+    eventually(DEADLINE, "cluster status showing n2 loading", || async {
+        let (code, out, _) = env.cli(&["cluster", "status"]);
+        let row = out.lines().find(|l| l.starts_with("n2 "))?;
+        (code == 0 && row.contains("STANDBY (loading jobs: 1 read)")).then_some(())
+    })
+    .await;
     let n2_leadership = n2.leadership.borrow().clone().unwrap();
 
     // The leader dies without releasing its lease; the lease expires by its TTL.
@@ -536,6 +543,18 @@ async fn a_standby_still_loading_its_jobs_takes_the_lease_only_once_loaded() {
     let body = eventually(DEADLINE, "n2 to be ready", || async {
         let (code, body) = http.get("/readyz").await;
         (code == 200).then_some(body)
+    })
+    .await;
+    eventually(DEADLINE, "n2's presence without `loading`", || async {
+        let status: krest_schemas::api::ClusterStatus = client
+            .call(krest_schemas::api::Op::ClusterStatus, &json!({}))
+            .await
+            .ok()?;
+        status
+            .nodes
+            .iter()
+            .any(|n| n.node == "n2" && n.loading.is_none())
+            .then_some(())
     })
     .await;
     assert_eq!(

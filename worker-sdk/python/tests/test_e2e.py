@@ -273,7 +273,8 @@ def test_runs_held_for_their_time_run_within_the_slots(krest: Krest, workers: Wo
     # Three shards due together, dispatched ahead: a worker of capacity 1 holds them beyond its
     # slot, and runs them one at a time from their fire time on.
     workers.start("w1", KREST_WEIGHT="1", KREST_SLOTS="1")
-    at = datetime.now(timezone.utc) + timedelta(seconds=3)
+    # Far enough ahead that the apply (a CLI process) is done before it.
+    at = datetime.now(timezone.utc) + timedelta(seconds=8)
     job = workers.job(
         "held", "py/wait", jobType="SHARDING", args=[0.3, 0.3, 0.3], at=at.isoformat().replace("+00:00", "Z")
     )
