@@ -168,8 +168,8 @@ struct JobSched {
     /// Every fire up to and including this instant has been handed to the publisher.
     anchor: DateTime<Utc>,
     generation: u64,
-    /// Its fires are planned ahead of their time (an `ALLOW` job, when dispatching ahead).
-    early: bool,
+    /// How long before its fire times it wakes: the dispatch-ahead for an `ALLOW` job, else 0.
+    lead_ms: i64,
 }
 
 /// `(cron expression, time zone)`: jobs with equal keys share one parsed schedule.
@@ -212,13 +212,9 @@ impl Schedules {
         }
     }
 
-    /// How far ahead of its fire time a job wakes.
-    fn lead_ms(&self, early: bool) -> i64 {
-        if early {
-            self.ahead_ms
-        } else {
-            0
-        }
+    /// How long before their time the fires of `ALLOW` jobs are planned.
+    pub fn ahead(&self) -> chrono::Duration {
+        chrono::Duration::milliseconds(self.ahead_ms)
     }
 
     /// (Re)schedules a job whose fires up to `anchor_floor` (if any) are already published,
@@ -281,7 +277,11 @@ impl Schedules {
                 }
             },
         };
-        let early = self.ahead_ms > 0 && spec.overlap_policy == krest_schemas::OverlapPolicy::Allow;
+        let lead_ms = if spec.overlap_policy == krest_schemas::OverlapPolicy::Allow {
+            self.ahead_ms
+        } else {
+            0
+        };
         let previous = self.jobs.get(&*key).map(|j| j.anchor);
         let anchor = [Some(entry.stored.updated_at), previous, anchor_floor]
             .into_iter()
@@ -296,7 +296,7 @@ impl Schedules {
             .get_key_value(&*key)
             .map_or(key, |(k, _)| k.clone());
         if let Some(next) = schedule.next_after(anchor) {
-            let wake = next.timestamp_millis().saturating_sub(self.lead_ms(early));
+            let wake = next.timestamp_millis().saturating_sub(lead_ms);
             self.heap.push(Reverse((wake, generation, key.clone())));
         }
         let old = self.jobs.insert(
@@ -306,7 +306,7 @@ impl Schedules {
                 schedule,
                 anchor,
                 generation,
-                early,
+                lead_ms,
             },
         );
         if let Some(old) = old {
@@ -351,7 +351,10 @@ impl Schedules {
         key: &str,
         now: DateTime<Utc>,
     ) -> Option<(Arc<JobEntry>, Vec<DateTime<Utc>>)> {
-        let job = self.jobs.get(key).filter(|j| j.early && j.anchor > now)?;
+        let job = self
+            .jobs
+            .get(key)
+            .filter(|j| j.lead_ms > 0 && j.anchor > now)?;
         let at = job.schedule.fires_between(now, job.anchor, 64);
         (!at.is_empty()).then(|| (job.entry.clone(), at))
     }
@@ -417,7 +420,7 @@ impl Schedules {
                 policy: spec.misfire_policy,
                 window: spec.catch_up_window(),
             };
-            let lead = if job.early { self.ahead_ms } else { 0 };
+            let lead = job.lead_ms;
             let upto = now + chrono::Duration::milliseconds(lead);
             for p in plan_until(&job.schedule, job.anchor, now, upto, misfire) {
                 let trigger = if p.misfired > 0 || p.at <= catch_up_until {

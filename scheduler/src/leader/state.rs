@@ -362,30 +362,22 @@ impl Leader {
         }
         let published = self.dispatch(engine, fires).await?;
         changed.extend(published);
-        // Every scheduled fire due by `now` is handed over, except those to publish again.
-        let through = self
+        // Every scheduled fire due by `now` is handed over, and every fire of an ALLOW job due
+        // within the dispatch-ahead (each was popped ahead, or its job's next fire lies
+        // beyond) — except those to publish again or held here (deferred ones are all after
+        // `now`).
+        let first_not_handed = self
             .retry
             .iter()
+            .chain(&self.deferred)
             .filter(|f| f.trigger != Trigger::Manual)
             .map(|f| f.scheduled_at - chrono::Duration::milliseconds(1))
-            .min()
-            .map_or(now, |t| t.min(now));
-        // And every fire of an ALLOW job due within the dispatch-ahead: each was popped ahead
-        // (or its job's next fire lies beyond), except those to publish again or held here.
-        let ahead_through = (!engine.cfg.dispatch_ahead.is_zero()).then(|| {
-            let ahead = engine
-                .cfg
-                .dispatch_ahead
-                .min(krest_schemas::messages::MAX_HOLD);
-            let upto = now + chrono::Duration::from_std(ahead).unwrap_or(chrono::Duration::zero());
-            self.retry
-                .iter()
-                .chain(&self.deferred)
-                .filter(|f| f.trigger != Trigger::Manual)
-                .map(|f| f.scheduled_at - chrono::Duration::milliseconds(1))
-                .fold(upto, DateTime::min)
-                .max(through)
-        });
+            .min();
+        let before_first = |t: DateTime<Utc>| first_not_handed.map_or(t, |f| f.min(t));
+        let through = before_first(now);
+        let ahead = self.schedules.ahead();
+        let ahead_through =
+            (ahead > chrono::Duration::zero()).then(|| before_first(now + ahead).max(through));
         let watermark = FireWatermark {
             through,
             ahead_through,
