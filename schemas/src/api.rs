@@ -325,6 +325,11 @@ pub struct JobRequest {
     /// of the current one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
+    /// For `job.delete`: an idempotency key chosen by the client (a token: letters, digits,
+    /// `-`, `_`). A resend with the same key answers with the deletion it made, even after
+    /// the job was applied again, so a client may safely resend after a timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl JobRequest {
@@ -333,6 +338,16 @@ impl JobRequest {
         JobRequest {
             job: job.into(),
             revision: None,
+            request_id: None,
+        }
+    }
+
+    /// A `job.delete` of `job` with a fresh request id
+    /// ([`crate::names::new_request_id`]), safe to resend.
+    pub fn delete(job: impl Into<String>) -> JobRequest {
+        JobRequest {
+            request_id: Some(crate::names::new_request_id(Utc::now())),
+            ..JobRequest::new(job)
         }
     }
 }

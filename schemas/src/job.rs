@@ -1261,11 +1261,16 @@ fn is_zero(n: &u64) -> bool {
 /// The body of a job's deletion marker in the jobs bucket (a `KV-Operation: DEL` message):
 /// the number the deletion takes in the job's revisions, so a job applied again continues
 /// after it without reading the key's history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeletedJob {
     /// The deletion's revision number (the deleted definition's plus one).
     pub version: u64,
+    /// The `requestId` of the `job.delete` that wrote it: a resend of that request finds
+    /// its deletion here (in the key's history) and answers with it, rather than deleting a
+    /// job applied again in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -299,7 +299,7 @@ pub fn child_marker(child_run_id: &str) -> String {
     format!("child.{child_run_id}")
 }
 
-/// A fresh request id for a manual trigger: `<epoch ms>-<6 hex digits>` from the clock's
+/// A fresh request id (a manual trigger's, a deletion's): `<epoch ms>-<6 hex digits>` from the clock's
 /// nanoseconds and a per-process random state.
 pub fn new_request_id(at: chrono::DateTime<chrono::Utc>) -> String {
     use std::hash::{BuildHasher, Hasher};

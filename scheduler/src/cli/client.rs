@@ -247,8 +247,10 @@ impl Client {
     ///
     /// A node that is frozen (stopped, stalled) still holds its place in the queue group until
     /// the server notices, and a request routed to it gets no answer. So the request is sent
-    /// up to three times within the timeout, each time most likely to another node; every
-    /// operation is idempotent (`job.trigger` through its request id).
+    /// up to three times within the timeout, each time most likely to another node. Reads
+    /// are idempotent, and so are `job.trigger` and `job.delete` sent with a request id
+    /// (`TriggerRequest::request_id`, [`JobRequest::delete`](krest_schemas::api::JobRequest::delete));
+    /// a resent apply, pause or resume writes its definition again (docs/protocol.md).
     async fn request<Req: Serialize>(
         &self,
         op: Op,

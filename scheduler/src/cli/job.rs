@@ -76,7 +76,14 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
         }
         JobCmd::Get { job, revision } => {
             let view: JobView = client
-                .call(Op::JobGet, &JobRequest { job, revision })
+                .call(
+                    Op::JobGet,
+                    &JobRequest {
+                        job,
+                        revision,
+                        request_id: None,
+                    },
+                )
                 .await?;
             if json {
                 print_json(&view)?;
@@ -88,9 +95,22 @@ pub(crate) async fn job(client: &Client, cmd: JobCmd, json: bool) -> anyhow::Res
                 }
             }
         }
-        JobCmd::Pause { job } => job_change(client, Op::JobPause, job, "paused", json).await?,
-        JobCmd::Resume { job } => job_change(client, Op::JobResume, job, "resumed", json).await?,
-        JobCmd::Delete { job } => job_change(client, Op::JobDelete, job, "deleted", json).await?,
+        JobCmd::Pause { job } => {
+            job_change(client, Op::JobPause, JobRequest::new(job), "paused", json).await?
+        }
+        JobCmd::Resume { job } => {
+            job_change(client, Op::JobResume, JobRequest::new(job), "resumed", json).await?
+        }
+        JobCmd::Delete { job } => {
+            job_change(
+                client,
+                Op::JobDelete,
+                JobRequest::delete(job),
+                "deleted",
+                json,
+            )
+            .await?
+        }
         JobCmd::Trigger {
             job,
             args,
@@ -330,11 +350,11 @@ async fn edit(client: &Client, job: &str, json: bool) -> anyhow::Result<ExitCode
 async fn job_change(
     client: &Client,
     op: Op,
-    job: String,
+    req: JobRequest,
     verb: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    let view: JobView = client.call(op, &JobRequest::new(job)).await?;
+    let view: JobView = client.call(op, &req).await?;
     if json {
         print_json(&view)?;
     } else {

@@ -590,8 +590,41 @@ impl ApiServer {
     /// `job.delete`: writes a deletion marker carrying the deletion's revision number
     /// ([`krest_schemas::job::DeletedJob`]), checked against the definition's bucket revision
     /// like any write, and answers the deleted definition's view with that number.
+    ///
+    /// With a `requestId`, a resend of a deletion already made answers with that deletion
+    /// (found by its marker in the key's history) and changes nothing: not "no such job",
+    /// and not a second deletion of the job applied again in between.
     async fn delete(&self, req: JobRequest) -> Answer {
-        let key = self.resolve(&req.job).await?;
+        let request_id = match req.request_id.as_deref() {
+            None => None,
+            Some(id) if krest_schemas::names::is_token(id) => Some(id),
+            Some(id) => {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "requestId `{}` must be a token: letters, digits, `-` and `_`",
+                        krest_schemas::text::echo(id)
+                    ),
+                ))
+            }
+        };
+        let key = match (self.resolve(&req.job).await, request_id) {
+            (Ok(key), _) => key,
+            // A deleted job is found by `group.name` only.
+            (Err(e @ ResolveError::Unknown { .. }), Some(id)) if req.job.contains('.') => {
+                let key = req.job.clone();
+                return match self.own_deletion(&key, id).await? {
+                    Some(done) => self.deleted(&key, done),
+                    None => Err(e.into()),
+                };
+            }
+            (Err(e), _) => return Err(e.into()),
+        };
+        if let Some(id) = request_id {
+            if let Some(done) = self.own_deletion(&key, id).await? {
+                return self.deleted(&key, done);
+            }
+        }
         let entry = self
             .table
             .get(&key)
@@ -625,6 +658,7 @@ impl ApiServer {
                 .map_err(Failure::internal)?;
             let marker = krest_schemas::job::DeletedJob {
                 version: number + 1,
+                request_id: request_id.map(str::to_string),
             };
             // What is deleted: the definition the marker replaces.
             let stored = serde_json::from_slice::<StoredJob>(&current.value)
@@ -671,12 +705,54 @@ impl ApiServer {
             tracing::warn!(job = %key, error = %e, "could not purge job state");
         }
         tracing::info!(job = %key, revision = number, "job deleted");
+        self.deleted(&key, Deletion { stored, number })
+    }
+
+    /// The deletion of `key` that the `job.delete` with `request_id` made, if its marker is
+    /// in the key's history. When that marker is still the key's last entry (no one applied
+    /// the job again), the job's state is purged again: the first attempt may have stopped
+    /// between the marker and the purge.
+    async fn own_deletion(&self, key: &str, request_id: &str) -> Result<Option<Deletion>, Failure> {
+        let history = crate::jobs::numbered_history(&self.infra.jobs, key)
+            .await
+            .map_err(Failure::internal)?;
+        let mut last_put: Option<StoredJob> = None;
+        for (i, (entry, number)) in history.iter().enumerate() {
+            match entry.operation {
+                kv::Operation::Put => last_put = serde_json::from_slice(&entry.value).ok(),
+                kv::Operation::Delete => {
+                    let ours =
+                        serde_json::from_slice::<krest_schemas::job::DeletedJob>(&entry.value)
+                            .is_ok_and(|m| m.request_id.as_deref() == Some(request_id));
+                    let deleted = last_put.take();
+                    let Some(stored) = deleted.filter(|_| ours) else {
+                        continue;
+                    };
+                    if i + 1 == history.len() {
+                        if let Err(e) = self.infra.state.purge(key).await {
+                            tracing::warn!(job = %key, error = %e, "could not purge job state");
+                        }
+                    }
+                    tracing::info!(job = %key, revision = number, "job.delete resent: answered with its deletion");
+                    return Ok(Some(Deletion {
+                        stored,
+                        number: *number,
+                    }));
+                }
+                kv::Operation::Purge => last_put = None,
+            }
+        }
+        Ok(None)
+    }
+
+    /// `job.delete`'s answer: the deleted definition's view, with the deletion's number.
+    fn deleted(&self, key: &str, done: Deletion) -> Answer {
         let mut v = view(
-            &key,
+            key,
             &JobEntry {
-                stored,
+                stored: done.stored,
                 revision: 0,
-                version: number,
+                version: done.number,
             },
         );
         v.next_fire_at = None;
@@ -1235,6 +1311,12 @@ impl Views {
 pub(super) fn now_ms() -> chrono::DateTime<Utc> {
     let now = Utc::now();
     chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+/// A deletion `job.delete` made: the definition it deleted and its revision number.
+struct Deletion {
+    stored: StoredJob,
+    number: u64,
 }
 
 #[cfg(test)]

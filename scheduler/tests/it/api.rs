@@ -136,7 +136,7 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
     );
 
     let deleted: JobView = client
-        .call(Op::JobDelete, &JobRequest::new("u.j"))
+        .call(Op::JobDelete, &JobRequest::delete("u.j"))
         .await
         .unwrap();
     assert_eq!((deleted.key.as_str(), deleted.revision), ("u.j", 2));
@@ -171,6 +171,7 @@ async fn apply_is_idempotent_and_revisions_count_changes() {
             &JobRequest {
                 job: "t.j".into(),
                 revision: Some(history[3].revision),
+                request_id: None,
             },
         )
         .await
@@ -1047,24 +1048,18 @@ async fn concurrent_writers_get_distinct_revision_numbers() {
         history[0].spec.as_ref().map(|s| &s.args)
     );
 
-    // A deletion racing a change: whichever comes first, each takes its own number. (With
-    // clients that wait long for each answer: a request the client sends again after its
-    // per-attempt timeout is a second delete, which would delete the job re-created in
-    // between — a known gap, see the issue notes.)
-    let patient = || async {
-        krest::cli::client::Client::connect(&env.url(), std::time::Duration::from_secs(60))
-            .await
-            .unwrap()
-    };
+    // A deletion racing a change: whichever comes first, each takes its own number. (A
+    // delete the client resends after its per-attempt timeout carries its request id, so it
+    // does not delete the job again if the change re-created it in between.)
     let deleting = {
-        let client = patient().await;
+        let client = env.client().await;
         tokio::spawn(async move {
             client
-                .call::<_, JobView>(Op::JobDelete, &JobRequest::new("t.j"))
+                .call::<_, JobView>(Op::JobDelete, &JobRequest::delete("t.j"))
                 .await
         })
     };
-    let changing = patient().await;
+    let changing = env.client().await;
     let changed = apply(
         &changing,
         vec![job("j", "app", "p", json!({"args": "last"}))],
@@ -1098,6 +1093,68 @@ async fn concurrent_writers_get_distinct_revision_numbers() {
     }
     n1.stop().await.unwrap();
     n2.stop().await.unwrap();
+}
+
+/// A `job.delete` resent with its request id (a client that timed out waiting for the answer)
+/// answers with the deletion it made: not "no such job", and it does not delete the job
+/// applied again in between. A different request id deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_delete_answers_with_its_deletion_and_spares_the_job_applied_again() {
+    let env = Env::new("delete-resent");
+    let node = env.node("n1");
+    let client = env.client().await;
+    apply(&client, vec![job("d", "app", "p", json!({"args": 1}))]).await;
+    let req = JobRequest::delete("t.d");
+    let first: JobView = client.call(Op::JobDelete, &req).await.unwrap();
+    assert_eq!((first.key.as_str(), first.revision), ("t.d", 2));
+
+    // Resent while the job is still deleted: the same answer.
+    let again: JobView = client.call(Op::JobDelete, &req).await.unwrap();
+    assert_eq!(again, first);
+
+    // Applied again, then the first deletion resent: the new job stays.
+    let created = apply(&client, vec![job("d", "app", "p", json!({"args": 2}))])
+        .await
+        .results[0]
+        .clone();
+    assert_eq!(
+        (created.outcome, created.revision),
+        (ApplyOutcome::Created, 3)
+    );
+    let late: JobView = client.call(Op::JobDelete, &req).await.unwrap();
+    assert_eq!(late, first);
+    let current = get_job(&client, "t.d").await;
+    assert_eq!(current.revision, 3);
+    assert_eq!(current.spec.args, json!(2));
+    let history: Vec<krest_schemas::api::JobRevision> = client
+        .call(Op::JobHistory, &JobRequest::new("t.d"))
+        .await
+        .unwrap();
+    let ops: Vec<(u64, &str)> = history
+        .iter()
+        .map(|r| (r.revision, r.operation.as_str()))
+        .collect();
+    assert_eq!(ops, [(3, "PUT"), (2, "DELETE"), (1, "PUT")]);
+
+    // Another request deletes; a request id that is not a token is refused.
+    let second: JobView = client
+        .call(Op::JobDelete, &JobRequest::delete("t.d"))
+        .await
+        .unwrap();
+    assert_eq!(second.revision, 4);
+    let bad = JobRequest {
+        request_id: Some("a b".into()),
+        ..JobRequest::new("t.d")
+    };
+    let err = client
+        .call::<_, JobView>(Op::JobDelete, &bad)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api(e) if e.code == ErrorCode::BadRequest),
+        "{err:?}"
+    );
+    node.stop().await.unwrap();
 }
 
 /// Definitions written before jobs were numbered (no `version`) are numbered by their place
@@ -1141,6 +1198,7 @@ async fn definitions_without_a_number_are_numbered_by_history() {
             &JobRequest {
                 job: "t.old".into(),
                 revision: Some(1),
+                request_id: None,
             },
         )
         .await

@@ -718,7 +718,9 @@ async fn revisions_and_diffs_use_per_job_numbers() {
     changed["cron"] = json!("0 0 4 * * ?");
     let (s, v) = writer.send("PUT", "/api/v1/jobs/t.r", Some(changed)).await;
     assert_eq!((s, v["revision"].as_u64()), (200, Some(2)), "{v}");
-    let (s, v) = writer.send("DELETE", "/api/v1/jobs/t.r", None).await;
+    let (s, v) = writer
+        .send("DELETE", "/api/v1/jobs/t.r?requestId=del-1", None)
+        .await;
     assert_eq!((s, v["revision"].as_u64()), (200, Some(3)), "{v}");
     let (s, v) = writer.send("PUT", "/api/v1/jobs/t.r", Some(doc)).await;
     assert_eq!(
@@ -726,6 +728,11 @@ async fn revisions_and_diffs_use_per_job_numbers() {
         (200, Some("CREATED"), Some(4)),
         "{v}"
     );
+    // The deletion resent with its request id answers with it and deletes nothing.
+    let (s, v) = writer
+        .send("DELETE", "/api/v1/jobs/t.r?requestId=del-1", None)
+        .await;
+    assert_eq!((s, v["revision"].as_u64()), (200, Some(3)), "{v}");
 
     let v = writer.ok("/api/v1/jobs/t.r/revisions").await;
     let listed: Vec<(u64, &str)> = v["items"]

@@ -607,11 +607,22 @@ async fn job_get(State(s): State<WebState>, Path(job): Path<String>) -> Result<R
     Ok(result(s.call(Op::JobGet, &JobRequest::new(job)).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DeleteQuery {
+    request_id: Option<String>,
+}
+
 async fn job_delete(
     State(s): State<WebState>,
     Path(job): Path<String>,
+    q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Result<Response, WebError> {
-    Ok(result(s.call(Op::JobDelete, &JobRequest::new(job)).await?))
+    let req = JobRequest {
+        request_id: query(q)?.request_id,
+        ..JobRequest::new(job)
+    };
+    Ok(result(s.call(Op::JobDelete, &req).await?))
 }
 
 async fn job_pause(
@@ -682,6 +693,7 @@ async fn job_revision(
     let req = JobRequest {
         job,
         revision: Some(revision),
+        request_id: None,
     };
     Ok(result(s.call(Op::JobGet, &req).await?))
 }
@@ -730,10 +742,20 @@ async fn job_diff(
             &JobRequest {
                 job: job.clone(),
                 revision: Some(from),
+                request_id: None,
             },
         )
         .await?;
-    let newer: JobView = s.get(Op::JobGet, &JobRequest { job, revision: to }).await?;
+    let newer: JobView = s
+        .get(
+            Op::JobGet,
+            &JobRequest {
+                job,
+                revision: to,
+                request_id: None,
+            },
+        )
+        .await?;
     let before = serde_json::to_value(&older.spec).unwrap_or_default();
     let after = serde_json::to_value(&newer.spec).unwrap_or_default();
     let mut changes = Vec::new();
