@@ -17,8 +17,9 @@
 //! the validity deadline) or fails in a way that does not say the lease is gone does *not* end
 //! leadership: the leader keeps dispatching on the validity it has (which that renewal did not
 //! extend) and tries again at once — a quarter of `renew_every` later after an error that came
-//! back at once. Such a renewal may still have been applied (a timeout), so the next attempt
-//! first reads the key: if it still names this node with this epoch, the renewal goes on from
+//! back at once. An attempt that timed out is not abandoned: it is waited for beside the next
+//! one, and whichever succeeds first renews the lease (from when that attempt started). Such a
+//! renewal may still have been applied (a timeout), so the next attempt first reads the key: if it still names this node with this epoch, the renewal goes on from
 //! the revision read; if it names another node or another epoch of this one, is not a lease, or
 //! is gone (deleted, expired), the node steps down at once. A renewal refused because the key
 //! changed ("wrong last sequence": a timed-out renewal of ours that landed, or another writer)
@@ -205,8 +206,10 @@ async fn watch_releases(
     }
 }
 
+/// A renewal attempt, owning what it needs (it may outlive its round).
+type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = Renewal> + Send>>;
+
 /// The lease this node holds.
-#[derive(Debug)]
 struct Held {
     /// The revision it was acquired at.
     epoch: u64,
@@ -217,6 +220,9 @@ struct Held {
     /// been applied (the key is then at a later revision of ours), or the lease may be another
     /// node's now. The next attempt reads the key first.
     unsure: bool,
+    /// The last attempt that timed out, and when it started: still waited for beside the next
+    /// one, since an answer that comes late is as good (it counts from when it started).
+    late: Option<(Instant, Attempt)>,
 }
 
 /// How a renewal attempt ended (short of its timeout).
@@ -237,6 +243,90 @@ enum Next {
     Tick,
     /// This long from now (a renewal to retry).
     Retry(Duration),
+}
+
+/// The lease value `node` writes for `epoch`.
+fn lease_value(node: &str, epoch: u64, acquired_at: DateTime<Utc>) -> bytes::Bytes {
+    let lease = LeaderLease {
+        node: node.to_string(),
+        epoch,
+        acquired_at,
+        renewed_at: Utc::now(),
+    };
+    serde_json::to_vec(&lease).unwrap_or_default().into()
+}
+
+/// One renewal attempt of `node`'s lease of `epoch`, last written at `rev`. With `check` (the
+/// last attempt left it unsure), and after a refusal because the key changed, it reads the key
+/// first and goes on only from a revision that still holds this node's lease of this epoch.
+async fn renew(
+    kv: kv::Store,
+    node: String,
+    epoch: u64,
+    mut rev: u64,
+    acquired_at: DateTime<Utc>,
+    mut check: bool,
+) -> Renewal {
+    // A refusal after a read that found the lease ours means it changed again in between (a
+    // late renewal of ours landing): read once more, then leave it to the next attempt.
+    for _ in 0..3 {
+        if check {
+            let entry = match kv.entry(LEADER_KEY).await {
+                Ok(entry) => entry,
+                Err(e) => return Renewal::Unsure(format!("cannot read the lease: {e}")),
+            };
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .map(|e| (e.value.as_ref(), e.revision));
+            match holds(&node, epoch, current) {
+                Ok(r) => {
+                    if r != rev {
+                        tracing::info!(
+                            epoch,
+                            "a lease renewal that went unanswered had been applied; renewing from it"
+                        );
+                    }
+                    rev = r;
+                }
+                Err(why) => return Renewal::Lost(why),
+            }
+        }
+        match kv
+            .update(LEADER_KEY, lease_value(&node, epoch, acquired_at), rev)
+            .await
+        {
+            Ok(new_rev) => return Renewal::Renewed(new_rev),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => check = true,
+            Err(e) => return Renewal::Unsure(e.to_string()),
+        }
+    }
+    Renewal::Unsure("the lease kept changing while it was renewed".to_string())
+}
+
+/// The first answer of `fresh` (an attempt started at `sent`) and of `late` (an earlier attempt
+/// that timed out, still in flight): a success of either — with when its attempt started —, or
+/// else what `fresh` says. `late` is kept while it has not answered.
+async fn first_answer(
+    sent: Instant,
+    fresh: &mut Attempt,
+    late: &mut Option<(Instant, Attempt)>,
+) -> (Instant, Renewal) {
+    if let Some((late_sent, mut late_attempt)) = late.take() {
+        tokio::select! {
+            r = &mut late_attempt => {
+                if matches!(r, Renewal::Renewed(_)) {
+                    tracing::info!("a lease renewal that timed out succeeded after all");
+                    return (late_sent, r);
+                }
+            }
+            r = &mut *fresh => {
+                *late = Some((late_sent, late_attempt));
+                return (sent, r);
+            }
+        }
+    }
+    (sent, fresh.await)
 }
 
 /// Whether the lease's current value (`Some((value, revision))`; `None`: deleted or expired)
@@ -314,13 +404,7 @@ impl Election {
     }
 
     fn lease_value(&self, epoch: u64, acquired_at: DateTime<Utc>) -> bytes::Bytes {
-        let lease = LeaderLease {
-            node: self.cfg.node.clone(),
-            epoch,
-            acquired_at,
-            renewed_at: Utc::now(),
-        };
-        serde_json::to_vec(&lease).unwrap_or_default().into()
+        lease_value(&self.cfg.node, epoch, acquired_at)
     }
 
     /// The election loop.
@@ -357,7 +441,7 @@ impl Election {
         self.set(Role::Standby, None);
         if let Some(h) = held {
             let epoch = h.epoch;
-            match tokio::time::timeout(self.cfg.ttl, self.release(&h)).await {
+            match tokio::time::timeout(self.cfg.ttl, self.release(h.epoch, h.rev, h.unsure)).await {
                 Ok(Ok(())) => tracing::info!(epoch, "released leadership"),
                 Ok(Err(e)) => {
                     tracing::warn!(epoch, error = %e, "could not release the lease; it expires by itself")
@@ -370,17 +454,16 @@ impl Election {
         }
     }
 
-    /// Deletes the lease `held` (at the revision read first if the last renewal left it
-    /// unsure); leaves the key alone if it is not this node's lease any more.
-    async fn release(&self, held: &Held) -> Result<(), String> {
-        let mut rev = held.rev;
-        if held.unsure {
+    /// Deletes this node's lease of `epoch` last written at `rev` (at the revision read first if
+    /// the last renewal left it `unsure`); leaves the key alone if it is not this node's lease any more.
+    async fn release(&self, epoch: u64, mut rev: u64, unsure: bool) -> Result<(), String> {
+        if unsure {
             let entry = self.kv.entry(LEADER_KEY).await.map_err(|e| e.to_string())?;
             let current = entry
                 .as_ref()
                 .filter(|e| e.operation == kv::Operation::Put)
                 .map(|e| (e.value.as_ref(), e.revision));
-            rev = holds(&self.cfg.node, held.epoch, current)?;
+            rev = holds(&self.cfg.node, epoch, current)?;
         }
         self.kv
             .delete_expect_revision(LEADER_KEY, Some(rev))
@@ -415,26 +498,35 @@ impl Election {
                     self.step_down(held);
                     return Next::Tick;
                 };
-                let attempt = self.renew(h);
-                match tokio::time::timeout_at(valid_until.min(sent + timeout), attempt).await {
-                    Ok(Renewal::Renewed(rev)) => {
+                let mut fresh: Attempt = Box::pin(renew(
+                    self.kv.clone(),
+                    self.cfg.node.clone(),
+                    epoch,
+                    h.rev,
+                    h.acquired_at,
+                    h.unsure,
+                ));
+                let answer = first_answer(sent, &mut fresh, &mut h.late);
+                match tokio::time::timeout_at(valid_until.min(sent + timeout), answer).await {
+                    Ok((from, Renewal::Renewed(rev))) => {
                         if h.unsure {
                             tracing::info!(epoch, "lease renewed again");
                         }
                         h.rev = rev;
                         h.unsure = false;
+                        h.late = None;
                         self.set(
                             Role::Leader { epoch },
-                            Some((epoch, sent + self.cfg.ttl - self.cfg.margin())),
+                            Some((epoch, from + self.cfg.ttl - self.cfg.margin())),
                         );
                         Next::Tick
                     }
-                    Ok(Renewal::Lost(why)) => {
+                    Ok((_, Renewal::Lost(why))) => {
                         tracing::warn!(epoch, "lost leadership: {why}");
                         self.step_down(held);
                         Next::Tick
                     }
-                    Ok(Renewal::Unsure(error)) => {
+                    Ok((_, Renewal::Unsure(error))) => {
                         tracing::warn!(
                             epoch, %error,
                             valid_for = ?valid_until.saturating_duration_since(Instant::now()),
@@ -458,6 +550,7 @@ impl Election {
                             "lease renewal timed out; still leading, retrying"
                         );
                         h.unsure = true;
+                        h.late = Some((sent, fresh));
                         Next::Retry(Duration::ZERO)
                     }
                 }
@@ -481,6 +574,7 @@ impl Election {
                             rev,
                             acquired_at,
                             unsure: false,
+                            late: None,
                         });
                         self.set(
                             Role::Leader { epoch: rev },
@@ -494,47 +588,6 @@ impl Election {
                 Next::Tick
             }
         }
-    }
-
-    /// One renewal attempt of the lease `held`. After an attempt that left it unsure (and after
-    /// a refusal because the key changed) it reads the key first and goes on only from a
-    /// revision that still holds this node's lease of this epoch.
-    async fn renew(&self, held: &Held) -> Renewal {
-        let mut rev = held.rev;
-        let mut check = held.unsure;
-        // A refusal after a read that found the lease ours means it changed again in between
-        // (a late renewal of ours landing): read once more, then leave it to the next attempt.
-        for _ in 0..3 {
-            if check {
-                let entry = match self.kv.entry(LEADER_KEY).await {
-                    Ok(entry) => entry,
-                    Err(e) => return Renewal::Unsure(format!("cannot read the lease: {e}")),
-                };
-                let current = entry
-                    .as_ref()
-                    .filter(|e| e.operation == kv::Operation::Put)
-                    .map(|e| (e.value.as_ref(), e.revision));
-                match holds(&self.cfg.node, held.epoch, current) {
-                    Ok(r) => {
-                        if r != rev {
-                            tracing::info!(
-                                epoch = held.epoch,
-                                "a lease renewal that went unanswered had been applied; renewing from it"
-                            );
-                        }
-                        rev = r;
-                    }
-                    Err(why) => return Renewal::Lost(why),
-                }
-            }
-            let value = self.lease_value(held.epoch, held.acquired_at);
-            match self.kv.update(LEADER_KEY, value, rev).await {
-                Ok(new_rev) => return Renewal::Renewed(new_rev),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => check = true,
-                Err(e) => return Renewal::Unsure(e.to_string()),
-            }
-        }
-        Renewal::Unsure("the lease kept changing while it was renewed".to_string())
     }
 
     /// Creates the lease, or reclaims it when the current value names this node (a renewal
