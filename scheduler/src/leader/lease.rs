@@ -6,12 +6,31 @@
 //! node's *epoch*, a fencing token stamped on every message it publishes as leader (work
 //! messages, `dispatched` and `skipped` events; recorded with each run).
 //!
-//! A leader stops dispatching as soon as a renewal fails, and also — by its own monotonic clock —
-//! once `TTL - margin` has passed since the last renewal it *sent* succeeded: a node frozen
-//! (SIGSTOP, a long GC-like stall) past its lease finds on waking that it is no longer valid,
-//! before the server has even expired the key. Expiry by max age produces no watch event, so
-//! standbys poll; a clean release does (a delete marker), and standbys also watch the key for
-//! it, so a handover takes a round trip rather than up to a polling period.
+//! A leader may dispatch only while its lease is *valid*: by its own monotonic clock, until
+//! `TTL - margin` after it sent the last renewal (or acquisition) that succeeded. The key cannot
+//! expire before then — the server stored that write after it was sent, and the key lives `TTL`
+//! from the write — and no other node can create it while it exists, so validity never outlasts
+//! the lease. A node frozen (SIGSTOP, a long GC-like stall) past its lease finds on waking that
+//! it is no longer valid, before the server has even expired the key.
+//!
+//! A renewal that goes unanswered within its timeout (`max(renew_every, 500 ms)`, and never past
+//! the validity deadline) or fails in a way that does not say the lease is gone does *not* end
+//! leadership: the leader keeps dispatching on the validity it has (which that renewal did not
+//! extend) and tries again at once — a quarter of `renew_every` later after an error that came
+//! back at once. An attempt that timed out is not abandoned: it is waited for beside the next
+//! one, and whichever succeeds first renews the lease (from when that attempt started). Such a
+//! renewal may still have been applied (a timeout), so the next attempt first reads the key: if it still names this node with this epoch, the renewal goes on from
+//! the revision read; if it names another node or another epoch of this one, is not a lease, or
+//! is gone (deleted, expired), the node steps down at once. A renewal refused because the key
+//! changed ("wrong last sequence": a timed-out renewal of ours that landed, or another writer)
+//! reads it the same way in the same attempt. If no renewal succeeds before the validity
+//! deadline, the node steps down at the deadline. So a slow or briefly frozen NATS server
+//! (shorter than `TTL - margin` less the age of the last renewal) no longer moves leadership,
+//! and dispatching never relies on anything but a renewal that succeeded.
+//!
+//! Expiry by max age produces no watch event, so standbys poll; a clean release does (a delete
+//! marker), and standbys also watch the key for it, so a handover takes a round trip rather than
+//! up to a polling period.
 //!
 //! A node campaigns only once it could lead: until its job table is loaded
 //! ([`Election::campaign_when`], the jobs bucket read to its end) it does not try to take the
@@ -53,6 +72,15 @@ impl Validity {
         let guard = self.0.lock().ok()?;
         match *guard {
             Some((epoch, until)) if Instant::now() < until => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// Until when `epoch` is valid, if it is now.
+    fn until(&self, epoch: u64) -> Option<Instant> {
+        let guard = self.0.lock().ok()?;
+        match *guard {
+            Some((e, until)) if e == epoch && Instant::now() < until => Some(until),
             _ => None,
         }
     }
@@ -178,6 +206,156 @@ async fn watch_releases(
     }
 }
 
+/// A renewal attempt, owning what it needs (it may outlive its round).
+type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = Renewal> + Send>>;
+
+/// The lease this node holds.
+struct Held {
+    /// The revision it was acquired at.
+    epoch: u64,
+    /// Its revision as last written by this node.
+    rev: u64,
+    acquired_at: DateTime<Utc>,
+    /// The last renewal went unanswered or failed without saying the lease is gone: it may have
+    /// been applied (the key is then at a later revision of ours), or the lease may be another
+    /// node's now. The next attempt reads the key first.
+    unsure: bool,
+    /// The last attempt that timed out, and when it started: still waited for beside the next
+    /// one, since an answer that comes late is as good (it counts from when it started).
+    late: Option<(Instant, Attempt)>,
+}
+
+/// How a renewal attempt ended (short of its timeout).
+#[derive(Debug)]
+enum Renewal {
+    /// Renewed: the new revision.
+    Renewed(u64),
+    /// The lease is not this node's any more (why).
+    Lost(String),
+    /// It failed without saying whether the lease is still ours (the error).
+    Unsure(String),
+}
+
+/// When the election looks next.
+#[derive(Debug)]
+enum Next {
+    /// At the next tick of `renew_every`.
+    Tick,
+    /// This long from now (a renewal to retry).
+    Retry(Duration),
+}
+
+/// The lease value `node` writes for `epoch`.
+fn lease_value(node: &str, epoch: u64, acquired_at: DateTime<Utc>) -> bytes::Bytes {
+    let lease = LeaderLease {
+        node: node.to_string(),
+        epoch,
+        acquired_at,
+        renewed_at: Utc::now(),
+    };
+    serde_json::to_vec(&lease).unwrap_or_default().into()
+}
+
+/// One renewal attempt of `node`'s lease of `epoch`, last written at `rev`. With `check` (the
+/// last attempt left it unsure), and after a refusal because the key changed, it reads the key
+/// first and goes on only from a revision that still holds this node's lease of this epoch.
+async fn renew(
+    kv: kv::Store,
+    node: String,
+    epoch: u64,
+    mut rev: u64,
+    acquired_at: DateTime<Utc>,
+    mut check: bool,
+) -> Renewal {
+    // A refusal after a read that found the lease ours means it changed again in between (a
+    // late renewal of ours landing): read once more, then leave it to the next attempt.
+    for _ in 0..3 {
+        if check {
+            let entry = match kv.entry(LEADER_KEY).await {
+                Ok(entry) => entry,
+                Err(e) => return Renewal::Unsure(format!("cannot read the lease: {e}")),
+            };
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .map(|e| (e.value.as_ref(), e.revision));
+            match holds(&node, epoch, current) {
+                Ok(r) => {
+                    if r != rev {
+                        tracing::info!(
+                            epoch,
+                            "a lease renewal that went unanswered had been applied; renewing from it"
+                        );
+                    }
+                    rev = r;
+                }
+                Err(why) => return Renewal::Lost(why),
+            }
+        }
+        match kv
+            .update(LEADER_KEY, lease_value(&node, epoch, acquired_at), rev)
+            .await
+        {
+            Ok(new_rev) => return Renewal::Renewed(new_rev),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => check = true,
+            Err(e) => return Renewal::Unsure(e.to_string()),
+        }
+    }
+    Renewal::Unsure("the lease kept changing while it was renewed".to_string())
+}
+
+/// The first answer of `fresh` (an attempt started at `sent`) and of `late` (an earlier attempt
+/// that timed out, still in flight): a success of either — with when its attempt started —, or
+/// else what `fresh` says. `late` is kept while it has not answered.
+async fn first_answer(
+    sent: Instant,
+    fresh: &mut Attempt,
+    late: &mut Option<(Instant, Attempt)>,
+) -> (Instant, Renewal) {
+    if let Some((late_sent, mut late_attempt)) = late.take() {
+        tokio::select! {
+            r = &mut late_attempt => {
+                if matches!(r, Renewal::Renewed(_)) {
+                    tracing::info!("a lease renewal that timed out succeeded after all");
+                    return (late_sent, r);
+                }
+            }
+            r = &mut *fresh => {
+                *late = Some((late_sent, late_attempt));
+                return (sent, r);
+            }
+        }
+    }
+    (sent, fresh.await)
+}
+
+/// Whether the lease's current value (`Some((value, revision))`; `None`: deleted or expired)
+/// is `node`'s lease of `epoch`: its revision if so, why not otherwise. A lease just acquired
+/// holds epoch 0 until its first renewal; its revision is then the epoch.
+fn holds(node: &str, epoch: u64, current: Option<(&[u8], u64)>) -> Result<u64, String> {
+    let Some((value, revision)) = current else {
+        return Err("the lease is gone (deleted or expired)".to_string());
+    };
+    match serde_json::from_slice::<LeaderLease>(value) {
+        Ok(lease) => {
+            let its_epoch = if lease.epoch == 0 {
+                revision
+            } else {
+                lease.epoch
+            };
+            if lease.node == node && its_epoch == epoch {
+                Ok(revision)
+            } else {
+                Err(format!(
+                    "the lease is held by {} (epoch {its_epoch})",
+                    lease.node
+                ))
+            }
+        }
+        Err(_) => Err("the lease key holds something that is not a lease".to_string()),
+    }
+}
+
 impl Election {
     /// Creates the election and the handle to observe it.
     pub fn new(kv: kv::Store, cfg: LeaseConfig) -> (Election, Leadership) {
@@ -226,19 +404,12 @@ impl Election {
     }
 
     fn lease_value(&self, epoch: u64, acquired_at: DateTime<Utc>) -> bytes::Bytes {
-        let lease = LeaderLease {
-            node: self.cfg.node.clone(),
-            epoch,
-            acquired_at,
-            renewed_at: Utc::now(),
-        };
-        serde_json::to_vec(&lease).unwrap_or_default().into()
+        lease_value(&self.cfg.node, epoch, acquired_at)
     }
 
     /// The election loop.
     pub async fn run(self, stop: CancellationToken) {
-        // (epoch, current revision, acquired_at) while leading.
-        let mut held: Option<(u64, u64, DateTime<Utc>)> = None;
+        let mut held: Option<Held> = None;
         let mut tick = tokio::time::interval(self.cfg.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let released = Arc::new(tokio::sync::Notify::new());
@@ -259,14 +430,18 @@ impl Election {
                 _ = able_to_lead(&mut can_lead), if held.is_none() && !may_campaign => {}
                 _ = stop.cancelled() => break,
             }
-            self.round(&mut held, &mut waiting_logged).await;
+            let next = self.round(&mut held, &mut waiting_logged).await;
             self.rounds.fetch_add(1, Ordering::SeqCst);
+            match next {
+                Next::Tick => {}
+                Next::Retry(after) => tick.reset_after(after),
+            }
         }
         watcher.abort();
         self.set(Role::Standby, None);
-        if let Some((epoch, rev, _)) = held {
-            let release = self.kv.delete_expect_revision(LEADER_KEY, Some(rev));
-            match tokio::time::timeout(self.cfg.ttl, release).await {
+        if let Some(h) = held {
+            let epoch = h.epoch;
+            match tokio::time::timeout(self.cfg.ttl, self.release(h.epoch, h.rev, h.unsure)).await {
                 Ok(Ok(())) => tracing::info!(epoch, "released leadership"),
                 Ok(Err(e)) => {
                     tracing::warn!(epoch, error = %e, "could not release the lease; it expires by itself")
@@ -279,40 +454,104 @@ impl Election {
         }
     }
 
+    /// Deletes this node's lease of `epoch` last written at `rev` (at the revision read first if
+    /// the last renewal left it `unsure`); leaves the key alone if it is not this node's lease any more.
+    async fn release(&self, epoch: u64, mut rev: u64, unsure: bool) -> Result<(), String> {
+        if unsure {
+            let entry = self.kv.entry(LEADER_KEY).await.map_err(|e| e.to_string())?;
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .map(|e| (e.value.as_ref(), e.revision));
+            rev = holds(&self.cfg.node, epoch, current)?;
+        }
+        self.kv
+            .delete_expect_revision(LEADER_KEY, Some(rev))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// How long one attempt (a renewal, a campaign) may take.
+    fn attempt_timeout(&self) -> Duration {
+        self.cfg.renew_every.max(Duration::from_millis(500))
+    }
+
+    fn step_down(&self, held: &mut Option<Held>) {
+        *held = None;
+        self.set(Role::Standby, None);
+    }
+
     /// One round: renew the lease held, or campaign for it if the node may lead.
-    async fn round(&self, held: &mut Option<(u64, u64, DateTime<Utc>)>, waiting_logged: &mut bool) {
+    async fn round(&self, held: &mut Option<Held>, waiting_logged: &mut bool) -> Next {
         let sent = Instant::now();
-        let timeout = self.cfg.renew_every.max(Duration::from_millis(500));
-        match *held {
-            Some((epoch, rev, acquired_at)) => {
-                // Our own clock may say the lease is gone already (the process was frozen).
-                if self.validity.epoch().is_none() {
+        let timeout = self.attempt_timeout();
+        match held {
+            Some(h) => {
+                let epoch = h.epoch;
+                // Our own clock may say the lease is gone already (the process was frozen, or
+                // no renewal succeeded in time).
+                let Some(valid_until) = self.validity.until(epoch) else {
                     tracing::warn!(
                         epoch,
                         "lease expired before it could be renewed; stepping down"
                     );
-                    *held = None;
-                    self.set(Role::Standby, None);
-                    return;
-                }
-                let value = self.lease_value(epoch, acquired_at);
-                match tokio::time::timeout(timeout, self.kv.update(LEADER_KEY, value, rev)).await {
-                    Ok(Ok(new_rev)) => {
-                        *held = Some((epoch, new_rev, acquired_at));
+                    self.step_down(held);
+                    return Next::Tick;
+                };
+                let mut fresh: Attempt = Box::pin(renew(
+                    self.kv.clone(),
+                    self.cfg.node.clone(),
+                    epoch,
+                    h.rev,
+                    h.acquired_at,
+                    h.unsure,
+                ));
+                let answer = first_answer(sent, &mut fresh, &mut h.late);
+                match tokio::time::timeout_at(valid_until.min(sent + timeout), answer).await {
+                    Ok((from, Renewal::Renewed(rev))) => {
+                        if h.unsure {
+                            tracing::info!(epoch, "lease renewed again");
+                        }
+                        h.rev = rev;
+                        h.unsure = false;
+                        h.late = None;
                         self.set(
                             Role::Leader { epoch },
-                            Some((epoch, sent + self.cfg.ttl - self.cfg.margin())),
+                            Some((epoch, from + self.cfg.ttl - self.cfg.margin())),
                         );
+                        Next::Tick
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(epoch, error = %e, "lost leadership: lease renewal failed");
-                        *held = None;
-                        self.set(Role::Standby, None);
+                    Ok((_, Renewal::Lost(why))) => {
+                        tracing::warn!(epoch, "lost leadership: {why}");
+                        self.step_down(held);
+                        Next::Tick
+                    }
+                    Ok((_, Renewal::Unsure(error))) => {
+                        tracing::warn!(
+                            epoch, %error,
+                            valid_for = ?valid_until.saturating_duration_since(Instant::now()),
+                            "lease renewal failed; still leading, retrying"
+                        );
+                        h.unsure = true;
+                        Next::Retry(self.cfg.renew_every / 4)
+                    }
+                    Err(_) if Instant::now() >= valid_until => {
+                        tracing::warn!(
+                            epoch,
+                            "lost leadership: no lease renewal succeeded before the lease's validity ended"
+                        );
+                        self.step_down(held);
+                        Next::Tick
                     }
                     Err(_) => {
-                        tracing::warn!(epoch, "lost leadership: lease renewal timed out");
-                        *held = None;
-                        self.set(Role::Standby, None);
+                        tracing::warn!(
+                            epoch,
+                            valid_for = ?valid_until.saturating_duration_since(Instant::now()),
+                            "lease renewal timed out; still leading, retrying"
+                        );
+                        h.unsure = true;
+                        h.late = Some((sent, fresh));
+                        Next::Retry(Duration::ZERO)
                     }
                 }
             }
@@ -324,20 +563,30 @@ impl Election {
                         "not campaigning for the lease until the job table is loaded"
                     );
                 }
+                Next::Tick
             }
-            None => match tokio::time::timeout(timeout, self.try_acquire()).await {
-                Ok(Ok(Some((rev, acquired_at)))) => {
-                    tracing::info!(node = %self.cfg.node, epoch = rev, "became leader");
-                    *held = Some((rev, rev, acquired_at));
-                    self.set(
-                        Role::Leader { epoch: rev },
-                        Some((rev, sent + self.cfg.ttl - self.cfg.margin())),
-                    );
+            None => {
+                match tokio::time::timeout(timeout, self.try_acquire()).await {
+                    Ok(Ok(Some((rev, acquired_at)))) => {
+                        tracing::info!(node = %self.cfg.node, epoch = rev, "became leader");
+                        *held = Some(Held {
+                            epoch: rev,
+                            rev,
+                            acquired_at,
+                            unsure: false,
+                            late: None,
+                        });
+                        self.set(
+                            Role::Leader { epoch: rev },
+                            Some((rev, sent + self.cfg.ttl - self.cfg.margin())),
+                        );
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "lease acquisition failed"),
+                    Err(_) => tracing::debug!("lease acquisition timed out"),
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "lease acquisition failed"),
-                Err(_) => tracing::debug!("lease acquisition timed out"),
-            },
+                Next::Tick
+            }
         }
     }
 
@@ -391,5 +640,37 @@ pub async fn current(kv: &kv::Store) -> Result<Option<LeaderLease>, String> {
             }
         }
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(node: &str, epoch: u64) -> Vec<u8> {
+        serde_json::to_vec(&LeaderLease {
+            node: node.to_string(),
+            epoch,
+            acquired_at: Utc::now(),
+            renewed_at: Utc::now(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_renewal_goes_on_only_from_this_nodes_lease_of_this_epoch() {
+        // Renewed (by a renewal that timed out but landed): ours, at the revision read.
+        assert_eq!(holds("a", 7, Some((&lease("a", 7), 9))), Ok(9));
+        // Just acquired at 7, never renewed: epoch 0 in the value, the revision is the epoch.
+        assert_eq!(holds("a", 7, Some((&lease("a", 0), 7))), Ok(7));
+        // Another node's, or this node's of another epoch (reclaimed by a process of the same
+        // name), or gone, or not a lease: not ours.
+        let not = |r: Result<u64, String>| r.unwrap_err();
+        assert!(not(holds("a", 7, Some((&lease("b", 12), 12)))).contains("held by b (epoch 12)"));
+        assert!(not(holds("a", 7, Some((&lease("b", 0), 12)))).contains("held by b (epoch 12)"));
+        assert!(not(holds("a", 7, Some((&lease("a", 10), 11)))).contains("held by a (epoch 10)"));
+        assert!(not(holds("a", 7, Some((&lease("a", 0), 10)))).contains("held by a (epoch 10)"));
+        assert!(not(holds("a", 7, None)).contains("gone"));
+        assert!(not(holds("a", 7, Some((b"{}", 9)))).contains("not a lease"));
     }
 }

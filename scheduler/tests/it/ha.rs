@@ -564,3 +564,212 @@ async fn a_standby_still_loading_its_jobs_takes_the_lease_only_once_loaded() {
     w.stop().await.unwrap();
     n2.stop().await.unwrap();
 }
+
+/// Sends `sig` (`-STOP`, `-CONT`) to the test's nats-server.
+fn signal_nats(env: &Env, sig: &str) {
+    let pid = env.nats.pid().expect("nats-server running");
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// A node whose lease lives `ttl` (the bucket's max age; the first node creates it).
+fn node_with_ttl(env: &Env, node: &str, ttl: std::time::Duration) -> krest::node::RunningNode {
+    let mut opts = env.node_opts(node);
+    opts.infra.lease_ttl = ttl;
+    krest::node::spawn(opts)
+}
+
+async fn leadership_of(node: &krest::node::RunningNode) -> krest::leader::lease::Leadership {
+    eventually(DEADLINE, "the node's election", || async {
+        node.leadership.borrow().clone()
+    })
+    .await
+}
+
+/// The lease as a node writes it.
+fn lease_of(node: &str) -> bytes::Bytes {
+    serde_json::to_vec(&krest_schemas::LeaderLease {
+        node: node.to_string(),
+        epoch: 0,
+        acquired_at: chrono::Utc::now(),
+        renewed_at: chrono::Utc::now(),
+    })
+    .unwrap()
+    .into()
+}
+
+/// NATS frozen for longer than a renewal's timeout, but well within the lease's validity, moves
+/// nothing: the leader's renewals time out, it keeps its lease and epoch (no step-down, no
+/// election), goes on renewing from the right revision once NATS answers, and keeps firing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_keeps_its_lease_through_a_nats_freeze_within_its_validity() {
+    let env = Env::new("lease-freeze");
+    // Valid for 20 s − 3.3 s after each renewal sent: far longer than the freeze below.
+    let ttl = std::time::Duration::from_secs(20);
+    let n1 = node_with_ttl(&env, "n1", ttl);
+    let client = env.client().await;
+    let log = Executions::default();
+    let w = counting_worker(&env, "w1", log.clone());
+    apply(
+        &client,
+        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
+    )
+    .await;
+    let leadership = leadership_of(&n1).await;
+    let epoch = eventually(DEADLINE, "n1 to lead and fire", || async {
+        let Role::Leader { epoch } = leadership.role() else {
+            return None;
+        };
+        let fired = runs(&client, "tick")
+            .await
+            .iter()
+            .any(|r| r.status.is_final());
+        fired.then_some(epoch)
+    })
+    .await;
+    let n2 = node_with_ttl(&env, "n2", ttl);
+    let n2_leadership = leadership_of(&n2).await;
+    eventually(DEADLINE, "n2 to campaign", || async {
+        (n2_leadership.rounds() >= 1).then_some(())
+    })
+    .await;
+    let mut roles = leadership.watch();
+    roles.borrow_and_update();
+    let mut n2_roles = n2_leadership.watch();
+    n2_roles.borrow_and_update();
+
+    // Frozen until two rounds of n1's election have ended: the second was sent to the frozen
+    // server, so it ended by its timeout.
+    signal_nats(&env, "-STOP");
+    let rounds = leadership.rounds();
+    eventually(DEADLINE, "two rounds of n1 with NATS frozen", || async {
+        (leadership.rounds() >= rounds + 2).then_some(())
+    })
+    .await;
+    assert_eq!(leadership.valid_epoch(), Some(epoch), "still valid, frozen");
+    signal_nats(&env, "-CONT");
+    let resumed = chrono::Utc::now();
+
+    // Renewed again, from the revision the timed-out renewals left, under the same epoch.
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let lease_kv = async_nats::jetstream::new(raw)
+        .get_key_value(LEADER_BUCKET)
+        .await
+        .unwrap();
+    eventually(
+        DEADLINE,
+        "a renewal of n1's lease after the freeze",
+        || async {
+            let entry = lease_kv.entry(LEADER_KEY).await.ok()??;
+            let lease: krest_schemas::LeaderLease = serde_json::from_slice(&entry.value).ok()?;
+            (lease.node == "n1" && lease.epoch == epoch && lease.renewed_at > resumed).then_some(())
+        },
+    )
+    .await;
+    eventually(DEADLINE, "two runs fired after the freeze", || async {
+        let fired = runs(&client, "tick")
+            .await
+            .into_iter()
+            .filter(|r| r.status.is_final() && r.scheduled_at.is_some_and(|t| t > resumed))
+            .count();
+        (fired >= 2).then_some(())
+    })
+    .await;
+    assert!(!roles.has_changed().unwrap(), "n1's role changed");
+    assert_eq!(leadership.role(), Role::Leader { epoch });
+    assert_eq!(leadership.valid_epoch(), Some(epoch));
+    assert!(!n2_roles.has_changed().unwrap(), "n2's role changed");
+    assert_eq!(n2_leadership.role(), Role::Standby);
+
+    // Every fire once, all dispatched by n1 under its one epoch.
+    let _: krest_schemas::api::JobView = client
+        .call(
+            krest_schemas::api::Op::JobPause,
+            &krest_schemas::api::JobRequest::new("tick"),
+        )
+        .await
+        .unwrap();
+    let all = eventually(DEADLINE, "all runs finished", || async {
+        let all = runs(&client, "tick").await;
+        all.iter().all(|r| r.status.is_final()).then_some(all)
+    })
+    .await;
+    w.stop().await.unwrap();
+    assert!(
+        all.iter()
+            .all(|r| r.node.as_deref() == Some("n1") && r.epoch == Some(epoch)),
+        "{all:#?}"
+    );
+    assert_one_run_per_second(&all, &log);
+    n2.stop().await.unwrap();
+    n1.stop().await.unwrap();
+}
+
+/// A leader whose lease someone else took — the key overwritten, or deleted and created again
+/// — steps down at its next renewal, long before its own validity would end, and does not take
+/// the other holder's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_lease_was_taken_steps_down_at_once() {
+    let env = Env::new("lease-taken");
+    // Valid for 100 s after each renewal: longer than any wait below, so only the renewal can
+    // end leadership here.
+    let n1 = node_with_ttl(&env, "n1", std::time::Duration::from_secs(120));
+    let leadership = leadership_of(&n1).await;
+    let leads = || async {
+        match leadership.role() {
+            Role::Leader { epoch } => Some(epoch),
+            Role::Standby => None,
+        }
+    };
+    eventually(DEADLINE, "n1 to lead", leads).await;
+    let raw = async_nats::connect(env.url()).await.unwrap();
+    let lease_kv = async_nats::jetstream::new(raw)
+        .get_key_value(LEADER_BUCKET)
+        .await
+        .unwrap();
+    let standby = || async {
+        (leadership.role() == Role::Standby && leadership.valid_epoch().is_none()).then_some(())
+    };
+
+    // Overwritten by another node's lease.
+    let taken = lease_kv
+        .put(LEADER_KEY, lease_of("intruder"))
+        .await
+        .unwrap();
+    eventually(DEADLINE, "n1 to step down", standby).await;
+    // It leaves the other node's lease alone.
+    let rounds = leadership.rounds();
+    eventually(DEADLINE, "two more rounds of n1", || async {
+        (leadership.rounds() >= rounds + 2).then_some(())
+    })
+    .await;
+    assert_eq!(leadership.role(), Role::Standby);
+    let entry = lease_kv.entry(LEADER_KEY).await.unwrap().unwrap();
+    assert_eq!(entry.revision, taken, "the intruder's lease was replaced");
+
+    // Released: n1 leads again, under a new epoch.
+    lease_kv.delete(LEADER_KEY).await.unwrap();
+    let second = eventually(DEADLINE, "n1 to lead again", leads).await;
+    assert!(second > taken, "epoch {second} after {taken}");
+
+    // Deleted and created again by another node (if n1 took it back in between, again).
+    loop {
+        eventually(DEADLINE, "n1 to lead", leads).await;
+        lease_kv.delete(LEADER_KEY).await.unwrap();
+        match lease_kv.create(LEADER_KEY, lease_of("other")).await {
+            Ok(_) => break,
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eventually(DEADLINE, "n1 to step down", standby).await;
+    let entry = lease_kv.entry(LEADER_KEY).await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&entry.value).contains("\"node\":\"other\""),
+        "{entry:?}"
+    );
+    n1.stop().await.unwrap();
+}
