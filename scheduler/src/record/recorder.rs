@@ -247,9 +247,10 @@ impl Recorder<'_> {
             .await
             .map_err(err(RecordErrorKind::Consumer))?;
         tracing::info!(from = cursor + 1, "recording run events");
-        // `dispatched` events of runs dispatched ahead of their time, held until their run's
-        // next event or a second past their time ([`hold_early`]).
-        let mut early: Vec<Early> = Vec::new();
+        // `dispatched` events held until their run's next event or a second past their time
+        // ([`hold_dispatched`]).
+        let mut held: Vec<Held> = Vec::new();
+        let mut clock = StreamClock::default();
         let mut read = cursor;
         loop {
             // Wait for the first event of a batch, then take what follows while events keep
@@ -257,9 +258,13 @@ impl Recorder<'_> {
             // bounds). While idle, check now and then that the stream has nothing we have not
             // seen: an ordered consumer whose server died can stall silently, and is then
             // recreated.
-            let release_at = early.iter().map(|e| e.until).min();
+            let release_at = held.iter().map(|e| clock.wall(e.until)).min();
             let first = loop {
                 tokio::select! {
+                    // Messages before a held event's time: that time is by the stream's clock,
+                    // behind the wall clock while messages wait to be read.
+                    biased;
+                    _ = self.stop.cancelled() => return Ok(()),
                     m = messages.next() => break Some(m),
                     _ = sleep_until_utc(release_at), if release_at.is_some() => break None,
                     _ = tokio::time::sleep(STALL_CHECK) => {
@@ -270,7 +275,6 @@ impl Recorder<'_> {
                             return Err(Error::with_source(RecordErrorKind::Stalled, format!("at {recorded} while the stream is at {last}")));
                         }
                     }
-                    _ = self.stop.cancelled() => return Ok(()),
                 }
             };
             let mut batch = Batch {
@@ -295,7 +299,8 @@ impl Recorder<'_> {
                 .await?;
             }
             read = batch.last_seq;
-            hold_early(&mut batch, &mut early, Utc::now());
+            let now = clock.now(batch.stored, Utc::now());
+            hold_dispatched(&mut batch, &mut held, now);
             // Park malformed events first: once the cursor moves past them they are not read
             // again.
             for bad in &batch.bad {
@@ -452,64 +457,118 @@ impl Recorder<'_> {
     }
 }
 
-/// A `dispatched` event held back by [`hold_early`].
-struct Early {
+/// A `dispatched` event held back by [`hold_dispatched`] (boxed: thousands are held at N =
+/// 10,000 fires a second, and moved between vectors with each batch).
+struct Held {
     seq: u64,
-    event: RunEvent,
-    /// Written by then at the latest.
+    event: Box<RunEvent>,
+    /// Written by then at the latest (by the stream's clock, see [`StreamClock`]).
     until: DateTime<Utc>,
 }
 
-/// How long past its fire time a held `dispatched` event waits for its run's next event.
-const EARLY_GRACE: chrono::Duration = chrono::Duration::seconds(1);
+/// How long past its fire time (or its dispatch, if later) a held `dispatched` event waits for
+/// its run's next event.
+const HOLD_GRACE: chrono::Duration = chrono::Duration::seconds(1);
 
-/// Holds back the `dispatched` events of runs dispatched ahead of their fire time until the
-/// batch that brings the run's next event (its start or end, a second or so later), so that a
-/// run is written once, with its end, instead of inserted now and updated then; or until a
-/// second past its fire time (at most [`krest_schemas::messages::MAX_HOLD`] and a second after
-/// `now`). Held events go back in front of the batch that releases them, and the database's
-/// cursor stays before the first still held, so a restart reads them again.
-fn hold_early(batch: &mut Batch, early: &mut Vec<Early>, now: DateTime<Utc>) {
-    let ahead = |e: &RunEvent| matches!(e, RunEvent::Dispatched(d) if d.scheduled_at > now);
-    if early.is_empty() && !batch.events.iter().any(|(_, e)| ahead(e)) {
-        return;
-    }
-    // Runs this batch brings other events of.
-    let others: std::collections::HashSet<String> = batch
-        .events
-        .iter()
-        .filter(|(_, e)| !matches!(e, RunEvent::Dispatched(_)))
-        .map(|(_, e)| e.run_id().to_string())
-        .collect();
-    let latest = now
-        + chrono::Duration::from_std(krest_schemas::messages::MAX_HOLD).unwrap_or(EARLY_GRACE)
-        + EARLY_GRACE;
-    let mut kept = Vec::with_capacity(batch.events.len());
-    for (seq, event) in batch.events.drain(..) {
-        if ahead(&event) && !others.contains(event.run_id()) {
-            let due = match &event {
-                RunEvent::Dispatched(d) => d.scheduled_at,
-                _ => now,
-            };
-            early.push(Early {
-                seq,
-                until: (due + EARLY_GRACE).min(latest),
-                event,
-            });
-        } else {
-            kept.push((seq, event));
+/// The clock [`hold_dispatched`] goes by: the time the server stored the last message read,
+/// and while no message comes, the wall clock less how far behind that message was when read.
+/// A recorder behind the stream then holds and releases `dispatched` events as one that is
+/// not: by the wall clock, a recorder more than a second behind found every fire's time
+/// passed, held nothing, and wrote each run twice (inserted, then updated a batch or more
+/// later), which put it further behind.
+#[derive(Debug, Default)]
+struct StreamClock {
+    /// How far the last message read was behind the wall clock when read.
+    behind: chrono::Duration,
+}
+
+impl StreamClock {
+    /// The time of a batch: when its last message was stored (`None`: the batch was started by
+    /// a held event's time, not by a message), given the wall clock `wall`.
+    fn now(&mut self, stored: Option<DateTime<Utc>>, wall: DateTime<Utc>) -> DateTime<Utc> {
+        match stored {
+            Some(t) => {
+                self.behind = (wall - t).max(chrono::Duration::zero());
+                t
+            }
+            None => wall - self.behind,
         }
     }
-    let (released, held): (Vec<Early>, Vec<Early>) = std::mem::take(early)
-        .into_iter()
-        .partition(|e| e.until <= now || others.contains(e.event.run_id()));
-    *early = held;
-    batch.events = released
-        .into_iter()
-        .map(|e| (e.seq, e.event))
-        .chain(kept)
-        .collect();
-    batch.held_from = early.iter().map(|e| e.seq).min();
+
+    /// The wall-clock time at which this clock reaches `at`.
+    fn wall(&self, at: DateTime<Utc>) -> DateTime<Utc> {
+        at + self.behind
+    }
+}
+
+/// Holds back each `dispatched` event whose run this batch brings no other event of, until the
+/// batch that brings the run's next event (its start or end: a second or so later for a run
+/// dispatched ahead of its time, up to the handlers' lateness for one dispatched at its time),
+/// so that a run is written once, with its end, instead of inserted now and updated then; or
+/// until a second past its fire time or its dispatch, whichever is later (at most
+/// [`krest_schemas::messages::MAX_HOLD`] and a second after `now`). `now` is the stream's clock
+/// ([`StreamClock`]). Held events go back in front of the batch that releases them, and the
+/// database's cursor stays before the first still held, so a restart reads them again.
+///
+/// At N = 10,000 fires a second, a run's `dispatched` and `finished` were ~10,000 events
+/// apart, more than a batch holds, whether dispatched ahead or at its time.
+fn hold_dispatched(batch: &mut Batch, held: &mut Vec<Held>, now: DateTime<Utc>) {
+    let dispatched = |e: &RunEvent| matches!(e, RunEvent::Dispatched(_));
+    if held.is_empty() && !batch.events.iter().any(|(_, e)| dispatched(e)) {
+        return;
+    }
+    // Which of the batch's events to hold, and which held ones to release: those whose run
+    // this batch brings other events of, and those whose time has come.
+    let (hold, release): (Vec<bool>, Vec<bool>) = {
+        let others: std::collections::HashSet<&str> = batch
+            .events
+            .iter()
+            .filter(|(_, e)| !dispatched(e))
+            .map(|(_, e)| e.run_id())
+            .collect();
+        (
+            batch
+                .events
+                .iter()
+                .map(|(_, e)| dispatched(e) && !others.contains(e.run_id()))
+                .collect(),
+            held.iter()
+                .map(|e| e.until <= now || others.contains(e.event.run_id()))
+                .collect(),
+        )
+    };
+    if hold.contains(&true) || release.contains(&true) {
+        let latest = now
+            + chrono::Duration::from_std(krest_schemas::messages::MAX_HOLD).unwrap_or(HOLD_GRACE)
+            + HOLD_GRACE;
+        let mut events = Vec::with_capacity(batch.events.len());
+        let mut kept = Vec::with_capacity(held.len());
+        for (e, release) in held.drain(..).zip(release) {
+            if release {
+                events.push((e.seq, *e.event));
+            } else {
+                kept.push(e);
+            }
+        }
+        for ((seq, event), hold) in batch.events.drain(..).zip(hold) {
+            if !hold {
+                events.push((seq, event));
+                continue;
+            }
+            let due = match &event {
+                RunEvent::Dispatched(d) => d.scheduled_at.max(d.dispatched_at),
+                _ => now,
+            };
+            kept.push(Held {
+                seq,
+                until: (due + HOLD_GRACE).min(latest),
+                event: Box::new(event),
+            });
+        }
+        *held = kept;
+        batch.events = events;
+    }
+    batch.held_from = held.iter().map(|e| e.seq).min();
 }
 
 /// Sleeps until `at` by the wall clock (at once if it has passed); forever for `None`.
@@ -687,8 +746,10 @@ struct Batch {
     /// The last stream sequence read.
     last_seq: u64,
     /// Where the database's cursor may move with this batch: before the first event held
-    /// back ([`hold_early`]), else `last_seq`.
+    /// back ([`hold_dispatched`]), else `last_seq`.
     held_from: Option<u64>,
+    /// When the server stored the last message taken.
+    stored: Option<DateTime<Utc>>,
     bad: Vec<Bad>,
     /// Bytes of the messages taken.
     bytes: usize,
@@ -716,10 +777,10 @@ impl Batch {
         m: jetstream::Message,
         key: &crate::delivery::DeliveryKey,
     ) -> Result<(), RecordError> {
-        let seq = m
-            .info()
-            .map_err(err(RecordErrorKind::Consumer))?
-            .stream_sequence;
+        let info = m.info().map_err(err(RecordErrorKind::Consumer))?;
+        let seq = info.stream_sequence;
+        self.stored =
+            DateTime::from_timestamp(info.published.unix_timestamp(), info.published.nanosecond());
         self.last_seq = seq;
         self.bytes = self.bytes.saturating_add(m.payload.len());
         match serde_json::from_slice::<RunEvent>(&m.payload) {
@@ -800,59 +861,64 @@ mod tests {
         b.events.iter().map(|(s, _)| *s).collect()
     }
 
+    /// A run's `dispatched` waits for the batch bringing its next event, whether it was
+    /// dispatched ahead of its time or at it, and the cursor stays before what is held.
     #[test]
-    fn a_run_dispatched_ahead_is_written_with_its_next_event() {
-        let mut early = Vec::new();
-        // Read at 00:00:00.010: run a due at :01 (ahead), run b due before now (on time).
+    fn a_run_dispatched_is_written_with_its_next_event() {
+        let mut held = Vec::new();
+        // Read at 00:00:00.010: run a due at :01 (ahead), run b due at :00 (on time), run c
+        // dispatched and ended in the same batch.
         let mut b = Batch {
             events: vec![
                 dispatched("a", 10, "2026-01-01T00:00:01Z"),
                 dispatched("b", 11, "2026-01-01T00:00:00Z"),
+                dispatched("c", 12, "2026-01-01T00:00:00Z"),
+                finished("c", 13),
             ],
-            last_seq: 11,
-            ..Batch::default()
-        };
-        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00.010Z"));
-        assert_eq!(seqs(&b), [11], "a's dispatch waits");
-        assert_eq!(b.cursor(), 9, "the cursor stays before what is held");
-        // A batch without run a's events: still held, the cursor still before it.
-        let mut b = Batch {
-            events: vec![finished("b", 12)],
-            last_seq: 12,
-            ..Batch::default()
-        };
-        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00.500Z"));
-        assert_eq!(seqs(&b), [12]);
-        assert_eq!(b.cursor(), 9);
-        // Run a's end comes: its dispatch goes in front of it, in the same batch.
-        let mut b = Batch {
-            events: vec![finished("a", 13)],
             last_seq: 13,
             ..Batch::default()
         };
-        hold_early(&mut b, &mut early, t("2026-01-01T00:00:01.020Z"));
-        assert_eq!(seqs(&b), [10, 13]);
-        assert_eq!(b.cursor(), 13);
-        assert!(early.is_empty());
+        hold_dispatched(&mut b, &mut held, t("2026-01-01T00:00:00.010Z"));
+        assert_eq!(seqs(&b), [12, 13], "a's and b's dispatches wait");
+        assert_eq!(b.cursor(), 9, "the cursor stays before what is held");
+        // Run b's end comes: its dispatch goes in front of it; a's still waits.
+        let mut b = Batch {
+            events: vec![finished("b", 14)],
+            last_seq: 14,
+            ..Batch::default()
+        };
+        hold_dispatched(&mut b, &mut held, t("2026-01-01T00:00:00.500Z"));
+        assert_eq!(seqs(&b), [11, 14]);
+        assert_eq!(b.cursor(), 9);
+        // Run a's end comes: its dispatch goes in front of it, in the same batch.
+        let mut b = Batch {
+            events: vec![finished("a", 15)],
+            last_seq: 15,
+            ..Batch::default()
+        };
+        hold_dispatched(&mut b, &mut held, t("2026-01-01T00:00:01.020Z"));
+        assert_eq!(seqs(&b), [10, 15]);
+        assert_eq!(b.cursor(), 15);
+        assert!(held.is_empty());
     }
 
     #[test]
     fn a_held_dispatch_is_written_a_second_past_its_time_without_its_run() {
-        let mut early = Vec::new();
+        let mut held = Vec::new();
         let mut b = Batch {
             events: vec![dispatched("a", 10, "2026-01-01T00:00:01Z")],
             last_seq: 10,
             ..Batch::default()
         };
-        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00Z"));
+        hold_dispatched(&mut b, &mut held, t("2026-01-01T00:00:00Z"));
         assert!(b.events.is_empty());
-        assert_eq!(early[0].until, t("2026-01-01T00:00:02Z"));
+        assert_eq!(held[0].until, t("2026-01-01T00:00:02Z"));
         // Woken at that time with nothing new read: written.
         let mut b = Batch {
             last_seq: 10,
             ..Batch::default()
         };
-        hold_early(&mut b, &mut early, t("2026-01-01T00:00:02Z"));
+        hold_dispatched(&mut b, &mut held, t("2026-01-01T00:00:02Z"));
         assert_eq!(seqs(&b), [10]);
         assert_eq!(b.cursor(), 10);
         // A forged far future is held at most MAX_HOLD and a second.
@@ -861,8 +927,61 @@ mod tests {
             last_seq: 11,
             ..Batch::default()
         };
-        hold_early(&mut b, &mut early, t("2026-01-01T00:00:00Z"));
-        assert_eq!(early[0].until, t("2026-01-01T00:00:11Z"));
+        hold_dispatched(&mut b, &mut held, t("2026-01-01T00:00:00Z"));
+        assert_eq!(held[0].until, t("2026-01-01T00:00:11Z"));
+    }
+
+    /// A recorder behind the stream holds a run dispatched ahead as one that is not: the
+    /// hold goes by when the stream stored the events, not by when they are read (the
+    /// recorder 5 s behind here, past the run's time and grace when it reads its dispatch).
+    #[test]
+    fn a_run_dispatched_ahead_and_read_late_is_written_with_its_next_event() {
+        let mut clock = StreamClock::default();
+        let mut held = Vec::new();
+        let mut b = Batch {
+            events: vec![dispatched("a", 10, "2026-01-01T00:00:01Z")],
+            last_seq: 10,
+            stored: Some(t("2026-01-01T00:00:00.010Z")),
+            ..Batch::default()
+        };
+        let now = clock.now(b.stored, t("2026-01-01T00:00:05.010Z"));
+        hold_dispatched(&mut b, &mut held, now);
+        assert!(b.events.is_empty(), "a's dispatch waits");
+        assert_eq!(b.cursor(), 9);
+        // Run a's end, stored 20 ms after its time, read 5 s later: written together.
+        let mut b = Batch {
+            events: vec![finished("a", 11)],
+            last_seq: 11,
+            stored: Some(t("2026-01-01T00:00:01.020Z")),
+            ..Batch::default()
+        };
+        let now = clock.now(b.stored, t("2026-01-01T00:00:06.020Z"));
+        hold_dispatched(&mut b, &mut held, now);
+        assert_eq!(seqs(&b), [10, 11]);
+        assert_eq!(b.cursor(), 11);
+        // A run whose next event does not come: held until a second past its time by the
+        // stream's clock, which the wall clock reaches as late as the stream was behind.
+        let mut b = Batch {
+            events: vec![dispatched("c", 12, "2026-01-01T00:00:02Z")],
+            last_seq: 12,
+            stored: Some(t("2026-01-01T00:00:01.500Z")),
+            ..Batch::default()
+        };
+        let now = clock.now(b.stored, t("2026-01-01T00:00:06.500Z"));
+        hold_dispatched(&mut b, &mut held, now);
+        assert!(b.events.is_empty());
+        assert_eq!(clock.wall(held[0].until), t("2026-01-01T00:00:08Z"));
+        let mut b = Batch {
+            last_seq: 12,
+            ..Batch::default()
+        };
+        let now = clock.now(None, t("2026-01-01T00:00:07.990Z"));
+        hold_dispatched(&mut b, &mut held, now);
+        assert!(b.events.is_empty(), "not yet");
+        let now = clock.now(None, t("2026-01-01T00:00:08Z"));
+        hold_dispatched(&mut b, &mut held, now);
+        assert_eq!(seqs(&b), [12]);
+        assert_eq!(b.cursor(), 12);
     }
 
     fn cfg(max_batch: usize, linger_ms: u64, max_linger_ms: u64) -> RecorderConfig {

@@ -962,7 +962,7 @@ impl Store {
             }
         }
         // Behind the stored cursor when the batch's events pass events held back for later
-        // (the recorder's `hold_early`): the cursor never moves back.
+        // (the recorder's `hold_dispatched`): the cursor never moves back.
         let cursor = last_seq.max(stored);
         sqlx::query("UPDATE recorder_cursor SET seq = $1 WHERE id = 1")
             .bind(i64::try_from(cursor).unwrap_or(i64::MAX))
