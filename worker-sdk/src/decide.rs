@@ -119,12 +119,6 @@ impl Reply {
             Reply::Term => AckKind::Term,
         }
     }
-
-    /// Whether to wait for the server to confirm the reply (for replies that end the message;
-    /// a lost nak is harmless: the message comes back after its ack wait anyway).
-    pub(crate) fn is_final(self) -> bool {
-        matches!(self, Reply::Ack | Reply::Term)
-    }
 }
 
 /// Everything reported and done after an attempt.
@@ -468,8 +462,6 @@ mod tests {
         assert!(matches!(Reply::Nak(S).kind(), AckKind::Nak(Some(d)) if d == S));
         assert!(matches!(Reply::NakNow.kind(), AckKind::Nak(None)));
         assert!(matches!(Reply::Term.kind(), AckKind::Term));
-        assert!(Reply::Ack.is_final() && Reply::Term.is_final());
-        assert!(!Reply::Nak(S).is_final() && !Reply::NakNow.is_final());
     }
 
     #[test]

@@ -33,7 +33,7 @@ from nats.js.errors import NotFoundError
 from . import __version__
 from ._backoff import RECONNECT, Backoff
 from ._context import JobContext, JobError, now_rfc3339
-from ._decide import Decision, Ending, Facts, Kind, Reply, attempt_number, decide, handed_off
+from ._decide import Decision, Ending, Facts, Kind, attempt_number, decide, handed_off
 from ._events import EventSink, PublishError, StartReport, store
 from ._markers import Markers, Unknown, mirror, reason_of
 from ._nats import ConfigError, NatsConfig
@@ -741,7 +741,7 @@ class _Run:
             w.ack_wait,
             self.stop,
             lambda msg, every, release: asyncio.create_task(self.process(msg, every, release, slots)),
-            lambda msg: self.reply(msg, b"-NAK", final=False),
+            lambda msg: self.reply(msg, b"-NAK"),
             recreate,
         )
 
@@ -801,14 +801,13 @@ class _Run:
 
     # -- one run message -----------------------------------------------------------------------
 
-    async def reply(self, msg: Msg, payload: bytes, *, final: bool) -> None:
-        """Answers a run message; replies that end it wait for the server's confirmation."""
+    async def reply(self, msg: Msg, payload: bytes) -> None:
+        """Answers a run message with a plain publish, as the Rust SDK does: its result is
+        stored already, a lost reply only brings the run back after its ack wait, and the
+        connection is flushed before the worker stops."""
         assert self.nc is not None
         try:
-            if final:
-                await self.nc.request(msg.reply, payload, timeout=5.0)
-            else:
-                await self.nc.publish(msg.reply, payload)
+            await self.nc.publish(msg.reply, payload)
         except Exception as e:  # noqa: BLE001
             log.warning("ack failed; the run may be redelivered: %s", e)
 
@@ -970,9 +969,9 @@ class _Run:
             # Not parked: leave it for redelivery (and, at worst, the server's max
             # deliveries, after which the scheduler parks it).
             log.warning("could not park the malformed run message: %s", e)
-            await self.reply(msg, b'-NAK {"delay": 10000000000}', final=False)
+            await self.reply(msg, b'-NAK {"delay": 10000000000}')
             return
-        await self.reply(msg, b"+TERM", final=True)
+        await self.reply(msg, b"+TERM")
 
     async def attempt_run(
         self,
@@ -1119,18 +1118,17 @@ class _Run:
         """Answers the run message as decided, handing the retry to the router first where
         the decision says so."""
         payload = decision.payload()
-        final = decision.reply in (Reply.ACK, Reply.TERM)
         if decision.hand_off:
             try:
                 await self.hand_off(run, attempt, decision.delay_ns or 0)
-                payload, final = b"+TERM", True
+                payload = b"+TERM"
             except PublishError as e:
                 log.warning(
                     "could not hand the retry of run %s to the router; retrying here: %s",
                     run["runId"],
                     e,
                 )
-        await self.reply(msg, payload, final=final)
+        await self.reply(msg, payload)
 
     async def hand_off(self, run: dict[str, Any], attempt: int, delay_ns: int) -> None:
         """Hands a retry of an instance-addressed run to the leader's router: due after the
