@@ -289,7 +289,7 @@ async fn read(js: &jetstream::Context, msg: &jetstream::Message) -> Option<RunMe
     let reason = format!("malformed run message: {e}");
     match park(js, seq, &reason, msg).await {
         Ok(()) => {
-            let _ = msg.double_ack_with(AckKind::Term).await;
+            let _ = msg.ack_with(AckKind::Term).await;
         }
         // Not parked: leave it for redelivery (and, at worst, the server's max deliveries,
         // after which the scheduler parks it).
