@@ -417,18 +417,7 @@ async fn a_node_whose_task_dies_stops_and_a_standby_takes_over() {
         "{ended:?}"
     );
     // Through all of it: one run per second, each executed once.
-    let _: krest_schemas::api::JobView = client
-        .call(
-            krest_schemas::api::Op::JobPause,
-            &krest_schemas::api::JobRequest::new("tick"),
-        )
-        .await
-        .unwrap();
-    let all = eventually(DEADLINE, "all runs finished", || async {
-        let all = runs(&client, "tick").await;
-        all.iter().all(|r| r.status.is_final()).then_some(all)
-    })
-    .await;
+    let all = pause_and_wait_for_the_end(&client, "tick").await;
     w.stop().await.unwrap();
     assert_one_run_per_second(&all, &log);
     new_leader.stop().await.unwrap();
@@ -685,18 +674,7 @@ async fn a_leader_keeps_its_lease_through_a_nats_freeze_within_its_validity() {
     assert_eq!(n2_leadership.role(), Role::Standby);
 
     // Every fire once, all dispatched by n1 under its one epoch.
-    let _: krest_schemas::api::JobView = client
-        .call(
-            krest_schemas::api::Op::JobPause,
-            &krest_schemas::api::JobRequest::new("tick"),
-        )
-        .await
-        .unwrap();
-    let all = eventually(DEADLINE, "all runs finished", || async {
-        let all = runs(&client, "tick").await;
-        all.iter().all(|r| r.status.is_final()).then_some(all)
-    })
-    .await;
+    let all = pause_and_wait_for_the_end(&client, "tick").await;
     w.stop().await.unwrap();
     assert!(
         all.iter()
@@ -772,4 +750,23 @@ async fn a_leader_whose_lease_was_taken_steps_down_at_once() {
         "{entry:?}"
     );
     n1.stop().await.unwrap();
+}
+
+/// Pauses `job` and waits until every run of it has ended; returns them.
+async fn pause_and_wait_for_the_end(
+    client: &krest::cli::client::Client,
+    job: &str,
+) -> Vec<krest_schemas::api::RunSummary> {
+    let _: krest_schemas::api::JobView = client
+        .call(
+            krest_schemas::api::Op::JobPause,
+            &krest_schemas::api::JobRequest::new(job),
+        )
+        .await
+        .unwrap();
+    eventually(DEADLINE, "all runs finished", || async {
+        let all = runs(client, job).await;
+        all.iter().all(|r| r.status.is_final()).then_some(all)
+    })
+    .await
 }
