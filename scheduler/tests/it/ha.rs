@@ -15,6 +15,15 @@ use crate::harness::*;
 
 const APP: &str = "ha-app";
 
+/// Applies the job `tick`: every second, on the counting worker's handler.
+async fn apply_tick(client: &krest::cli::client::Client) {
+    apply(
+        client,
+        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
+    )
+    .await;
+}
+
 fn counting_worker(env: &Env, instance: &str, log: Executions) -> krest_worker::RunningWorker {
     env.worker(APP, instance)
         .slots(8)
@@ -102,11 +111,7 @@ async fn two_nodes_one_leader(db: Db) {
     let client = env.client().await;
     let log = Executions::default();
     let w = counting_worker(&env, "w1", log.clone());
-    apply(
-        &client,
-        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
-    )
-    .await;
+    apply_tick(&client).await;
 
     let runs_seen = eventually(DEADLINE, "eight finished runs", || async {
         let r: Vec<_> = runs(&client, "tick")
@@ -196,11 +201,7 @@ async fn failover(db: Db) {
     let client = env.client().await;
     let log = Executions::default();
     let w = counting_worker(&env, "w1", log.clone());
-    apply(
-        &client,
-        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
-    )
-    .await;
+    apply_tick(&client).await;
 
     eventually(DEADLINE, "three finished runs", || async {
         (runs(&client, "tick")
@@ -347,11 +348,7 @@ async fn a_node_whose_task_dies_stops_and_a_standby_takes_over() {
     let n3 = env.node("n3");
     let log = Executions::default();
     let w = counting_worker(&env, "w1", log.clone());
-    apply(
-        &client,
-        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
-    )
-    .await;
+    apply_tick(&client).await;
     eventually(DEADLINE, "three finished runs", || async {
         let done = runs(&client, "tick").await;
         (done.iter().filter(|r| r.status.is_final()).count() >= 3).then_some(())
@@ -433,11 +430,7 @@ async fn a_standby_still_loading_its_jobs_takes_the_lease_only_once_loaded() {
     let client = env.client().await;
     let log = Executions::default();
     let w = counting_worker(&env, "w1", log.clone());
-    apply(
-        &client,
-        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
-    )
-    .await;
+    apply_tick(&client).await;
     eventually(DEADLINE, "n1 to lead and fire", || async {
         let led = leader(&client).await.as_deref() == Some("n1");
         let fired = runs(&client, "tick")
@@ -602,11 +595,7 @@ async fn a_leader_keeps_its_lease_through_a_nats_freeze_within_its_validity() {
     let client = env.client().await;
     let log = Executions::default();
     let w = counting_worker(&env, "w1", log.clone());
-    apply(
-        &client,
-        vec![job("tick", APP, "tick", json!({"cron": "* * * * * ?"}))],
-    )
-    .await;
+    apply_tick(&client).await;
     let leadership = leadership_of(&n1).await;
     let epoch = eventually(DEADLINE, "n1 to lead and fire", || async {
         let Role::Leader { epoch } = leadership.role() else {
