@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicU32,
     pub(crate) cancel_grace: Duration,
     pub(crate) report_start_after: Duration,
+    /// Held runs by when they are due: reports wait for the due ones to start.
+    pub(crate) due: crate::due::DueRuns,
 }
 
 /// Runs executing here that a cancellation can reach: run id → the shards being executed
@@ -154,17 +156,21 @@ pub(crate) async fn process(
     let hold_for = run.hold_at(Utc::now());
     let mut permit = Some(permit);
     if !hold_for.is_zero() {
-        let held = slots.holding.clone().try_acquire_owned().ok();
+        let held = slots.holding.try_hold(msg.length);
         if held.is_some() {
             permit = None;
         }
-        hold(&msg, hold_for, progress_every).await;
+        let until = tokio::time::Instant::now() + hold_for;
+        let due = shared.due.hold(until);
+        hold(&msg, until, progress_every).await;
+        drop(due);
         drop(held);
     }
     // A running handler's slot (the semaphore is never closed).
     let Ok(running) = slots.running.clone().acquire_owned().await else {
         return;
     };
+    slots.holding.started();
     // Sent after the start-report delay or before the first log line; folded into
     // `finished` if the attempt ends first.
     let start = Arc::new(StartReport::new(
@@ -208,6 +214,8 @@ pub(crate) async fn process(
     // and acknowledged (two round trips to the server).
     drop(running);
     drop(permit);
+    // Runs due now start before this one's result is reported.
+    shared.due.quiet().await;
     let decision = decide(
         ending,
         &Facts::of(&run, attempt, shared.backoff, &shared.instance),
@@ -251,15 +259,11 @@ pub(crate) async fn process(
         .await;
 }
 
-/// Waits `hold` (a run's time to its `notBefore`), telling the server the message is in
+/// Waits `until` (a run's `notBefore`), telling the server the message is in
 /// progress every `progress_every` so a hold is never taken for a lost worker. A cancellation
 /// arriving meanwhile is remembered and found when the attempt starts; a shutdown waits for
 /// the hold like a running handler (a hold is at most [`krest_schemas::messages::MAX_HOLD`]).
-async fn hold(msg: &jetstream::Message, hold: Duration, progress_every: Duration) {
-    if hold.is_zero() {
-        return;
-    }
-    let until = tokio::time::Instant::now() + hold;
+async fn hold(msg: &jetstream::Message, until: tokio::time::Instant, progress_every: Duration) {
     loop {
         let step = until
             .saturating_duration_since(tokio::time::Instant::now())

@@ -91,6 +91,7 @@
 mod attempt;
 mod context;
 mod decide;
+mod due;
 mod error;
 mod events;
 #[cfg(feature = "http")]

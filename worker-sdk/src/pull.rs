@@ -139,21 +139,28 @@ pub(crate) struct PullContext<'a> {
     pub(crate) hard_stop: &'a CancellationToken,
 }
 
-/// Runs held for their `notBefore` beyond a source's capacity, per unit of capacity: a worker
-/// taking runs dispatched a second ahead holds the next second's runs while it runs this
-/// second's.
+/// Runs a source may hold for their `notBefore` beyond its capacity, per unit of capacity,
+/// whatever its rate: a worker taking runs dispatched a second ahead holds the next second's
+/// runs while it runs this second's.
 pub(crate) const HOLD_FACTOR: usize = 4;
 
-/// A source's bounds besides its intake: at most `capacity` handlers running, and at most
-/// `HOLD_FACTOR × capacity` runs held for their `notBefore` without an intake permit (a held
-/// run gives its intake permit back, so the pull loop asks for more, and takes a running
-/// permit at its time).
+/// At most this many runs held beyond a source's capacity, however fast it starts them.
+pub(crate) const MAX_HELD: usize = 16_384;
+
+/// At most this many bytes of run messages held beyond a source's capacity (a held run costs
+/// memory, not a slot): messages may be as large as the server allows.
+pub(crate) const MAX_HELD_BYTES: usize = 64 << 20;
+
+/// A source's bounds besides its intake: at most `capacity` handlers running, and runs held
+/// for their `notBefore` without an intake permit (a held run gives its intake permit back, so
+/// the pull loop asks for more, and takes a running permit at its time) within a
+/// [`HoldBudget`].
 #[derive(Clone)]
 pub(crate) struct Slots {
     /// Running handlers.
     pub(crate) running: Arc<Semaphore>,
     /// Runs held without an intake permit.
-    pub(crate) holding: Arc<Semaphore>,
+    pub(crate) holding: Arc<HoldBudget>,
 }
 
 impl Slots {
@@ -161,8 +168,115 @@ impl Slots {
     pub(crate) fn new(capacity: usize) -> Slots {
         Slots {
             running: Arc::new(Semaphore::new(capacity)),
-            holding: Arc::new(Semaphore::new(capacity.saturating_mul(HOLD_FACTOR))),
+            holding: Arc::new(HoldBudget::new(capacity.saturating_mul(HOLD_FACTOR))),
         }
+    }
+}
+
+/// How many runs a source holds beyond its intake: as many as it started in the last one to
+/// two seconds (a second's burst of runs dispatched a second ahead is held whole, whatever
+/// the slots), at least `floor` (`HOLD_FACTOR × capacity`), at most [`MAX_HELD`] runs and
+/// [`MAX_HELD_BYTES`] of messages. A slow source (handlers longer than a second) starts at
+/// most its capacity a second and stays at the floor.
+pub(crate) struct HoldBudget {
+    floor: usize,
+    state: std::sync::Mutex<HoldState>,
+}
+
+struct HoldState {
+    /// Runs held now, and their messages' bytes.
+    held: usize,
+    bytes: usize,
+    /// Runs started in the current one-second window, which ends at `window_end`, and in the
+    /// window before it (0 if none started then).
+    started: usize,
+    last: usize,
+    window_end: Instant,
+}
+
+impl HoldState {
+    fn roll(&mut self, now: Instant) {
+        if now >= self.window_end {
+            let second = Duration::from_secs(1);
+            self.last = if now < self.window_end + second {
+                self.started
+            } else {
+                0
+            };
+            self.started = 0;
+            self.window_end = now + second;
+        }
+    }
+}
+
+impl HoldBudget {
+    pub(crate) fn new(floor: usize) -> HoldBudget {
+        HoldBudget {
+            floor,
+            state: std::sync::Mutex::new(HoldState {
+                held: 0,
+                bytes: 0,
+                started: 0,
+                last: 0,
+                window_end: Instant::now(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HoldState> {
+        // Never poisoned: nothing panics while holding it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn budget_of(&self, s: &HoldState) -> usize {
+        (s.started + s.last).clamp(self.floor, MAX_HELD.max(self.floor))
+    }
+
+    /// Holds a run whose message has `bytes`, if the budget has room: `None` when it has not
+    /// (the run is then held in its intake permit).
+    pub(crate) fn try_hold(self: &Arc<Self>, bytes: usize) -> Option<Held> {
+        self.try_hold_at(bytes, Instant::now())
+    }
+
+    fn try_hold_at(self: &Arc<Self>, bytes: usize, now: Instant) -> Option<Held> {
+        let mut s = self.state();
+        s.roll(now);
+        let room = s.held < self.budget_of(&s)
+            && (s.held == 0 || s.bytes.saturating_add(bytes) <= MAX_HELD_BYTES);
+        if !room {
+            return None;
+        }
+        s.held += 1;
+        s.bytes = s.bytes.saturating_add(bytes);
+        Some(Held {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Counts a run started by the source.
+    pub(crate) fn started(&self) {
+        self.started_at(Instant::now());
+    }
+
+    fn started_at(&self, now: Instant) {
+        let mut s = self.state();
+        s.roll(now);
+        s.started += 1;
+    }
+}
+
+/// A run held within a [`HoldBudget`], until dropped.
+pub(crate) struct Held {
+    budget: Arc<HoldBudget>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut s = self.budget.state();
+        s.held = s.held.saturating_sub(1);
+        s.bytes = s.bytes.saturating_sub(self.bytes);
     }
 }
 
@@ -325,4 +439,61 @@ async fn failed(
         }
     }
     consumer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold_all(budget: &Arc<HoldBudget>, bytes: usize, now: Instant) -> Vec<Held> {
+        std::iter::from_fn(|| budget.try_hold_at(bytes, now)).collect()
+    }
+
+    #[test]
+    fn a_source_holds_its_floor_then_what_it_started_in_the_last_second_or_two() {
+        let budget = Arc::new(HoldBudget::new(8));
+        let t0 = Instant::now();
+        let held = hold_all(&budget, 100, t0);
+        assert_eq!(held.len(), 8, "the floor, before any start");
+        drop(held);
+
+        // A burst of 1,000 starts: the next second's burst is held whole.
+        for _ in 0..1000 {
+            budget.started_at(t0);
+        }
+        let t1 = t0 + Duration::from_millis(100);
+        let held = hold_all(&budget, 100, t1);
+        assert_eq!(held.len(), 1000);
+        assert!(budget.try_hold_at(100, t1).is_none(), "full");
+        drop(held);
+
+        // A window later the burst still counts (the window before); two windows without a
+        // start, and the budget is back to the floor.
+        let t2 = t0 + Duration::from_millis(1500);
+        assert_eq!(hold_all(&budget, 100, t2).len(), 1000);
+        let t3 = t2 + Duration::from_millis(2500);
+        assert_eq!(hold_all(&budget, 100, t3).len(), 8);
+    }
+
+    #[test]
+    fn held_runs_are_bounded_by_count_and_bytes_and_freed_when_dropped() {
+        let budget = Arc::new(HoldBudget::new(4));
+        let now = Instant::now();
+        for _ in 0..(MAX_HELD * 2) {
+            budget.started_at(now);
+        }
+        assert_eq!(hold_all(&budget, 1, now).len(), MAX_HELD);
+
+        // Large messages: as many as fit in MAX_HELD_BYTES, but always one.
+        let big = MAX_HELD_BYTES / 3;
+        let held = hold_all(&budget, big, now);
+        assert_eq!(held.len(), 3);
+        drop(held);
+        let huge = hold_all(&budget, MAX_HELD_BYTES * 2, now);
+        assert_eq!(huge.len(), 1, "one run is held whatever its size");
+        drop(huge);
+
+        let one = budget.try_hold_at(big, now);
+        assert!(one.is_some(), "freed when dropped");
+    }
 }

@@ -209,6 +209,7 @@ impl Worker {
             in_flight: AtomicU32::new(0),
             cancel_grace: cfg.cancel_grace,
             report_start_after: cfg.report_start_after,
+            due: Default::default(),
         });
         let capacity = cfg.weight.saturating_mul(cfg.slots) as usize;
         tracing::info!(

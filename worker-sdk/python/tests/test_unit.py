@@ -3,6 +3,8 @@ text.rs)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from krest_worker._backoff import RECONNECT, Backoff
@@ -174,3 +176,30 @@ def test_log_bytes_are_bounded_per_attempt() -> None:
     assert sink.events[-1]["line"].startswith("log cut:")  # type: ignore[union-attr]
     assert sum(len(str(e["line"])) for e in sink.events[:-1]) <= 1024 * 1024
     assert len(sink.events) == 263
+
+
+def test_a_source_holds_its_floor_then_what_it_started_in_the_last_second_or_two() -> None:
+    from krest_worker._pull import MAX_HELD, MAX_HELD_BYTES, HoldBudget
+
+    def hold_all(b: HoldBudget, nbytes: int, now: float) -> int:
+        n = 0
+        while b.try_hold(nbytes, now):
+            n += 1
+        for _ in range(n):
+            b.release(nbytes)
+        return n
+
+    b = HoldBudget(8)
+    t0 = time.monotonic()
+    assert hold_all(b, 100, t0) == 8, "the floor, before any start"
+    for _ in range(1000):
+        b.started(t0)
+    assert hold_all(b, 100, t0 + 0.1) == 1000, "the next second's burst is held whole"
+    assert hold_all(b, 100, t0 + 1.5) == 1000, "the window before still counts"
+    assert hold_all(b, 100, t0 + 4.0) == 8, "back to the floor"
+
+    for _ in range(MAX_HELD * 2):
+        b.started(t0 + 4.0)
+    assert hold_all(b, 1, t0 + 4.0) == MAX_HELD
+    assert hold_all(b, MAX_HELD_BYTES // 3, t0 + 4.0) == 3
+    assert hold_all(b, MAX_HELD_BYTES * 2, t0 + 4.0) == 1, "one run is held whatever its size"

@@ -238,21 +238,68 @@ class PullLoop:
                 await self._handle(rid, msg)
 
 
-#: Runs held for their `notBefore` beyond a source's capacity, per unit of capacity (as the
-#: Rust SDK's `HOLD_FACTOR`): a worker taking runs dispatched a second ahead holds the next
-#: second's runs while it runs this second's.
+#: Runs a source may hold for their `notBefore` beyond its capacity, per unit of capacity,
+#: whatever its rate (as the Rust SDK's `HOLD_FACTOR`): a worker taking runs dispatched a
+#: second ahead holds the next second's runs while it runs this second's.
 HOLD_FACTOR = 4
+#: At most this many runs held beyond a source's capacity, however fast it starts them.
+MAX_HELD = 16_384
+#: At most this many bytes of run messages held beyond a source's capacity.
+MAX_HELD_BYTES = 64 << 20
+
+
+class HoldBudget:
+    """How many runs a source holds beyond its intake (as the Rust SDK's `HoldBudget`): as many
+    as it started in the last one to two seconds, at least `floor` (``HOLD_FACTOR ×
+    capacity``), at most `MAX_HELD` runs and `MAX_HELD_BYTES` of messages."""
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.held = 0
+        self.bytes = 0
+        self._started = 0
+        self._last = 0
+        self._window_end = time.monotonic()
+
+    def _roll(self, now: float) -> None:
+        if now >= self._window_end:
+            self._last = self._started if now < self._window_end + 1.0 else 0
+            self._started = 0
+            self._window_end = now + 1.0
+
+    def budget(self) -> int:
+        return min(max(self._started + self._last, self.floor), max(MAX_HELD, self.floor))
+
+    def try_hold(self, nbytes: int, now: float | None = None) -> bool:
+        """Holds a run whose message has `nbytes` if the budget has room; `release` it later."""
+        self._roll(time.monotonic() if now is None else now)
+        if self.held >= self.budget():
+            return False
+        if self.held > 0 and self.bytes + nbytes > MAX_HELD_BYTES:
+            return False
+        self.held += 1
+        self.bytes += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.held -= 1
+        self.bytes -= nbytes
+
+    def started(self, now: float | None = None) -> None:
+        """Counts a run started by the source."""
+        self._roll(time.monotonic() if now is None else now)
+        self._started += 1
 
 
 class Slots:
     """A source's bounds besides its intake (the pull loop's slots): at most `capacity`
-    handlers running, and at most ``HOLD_FACTOR × capacity`` runs held for their `notBefore`
-    without an intake slot (a held run gives its intake slot back, so the pull loop asks for
-    more, and takes a running slot at its time)."""
+    handlers running, and runs held for their `notBefore` without an intake slot within a
+    `HoldBudget` (a held run gives its intake slot back, so the pull loop asks for more, and
+    takes a running slot at its time)."""
 
     def __init__(self, capacity: int) -> None:
         self.running = asyncio.Semaphore(capacity)
-        self.holding = capacity * HOLD_FACTOR
+        self.holding = HoldBudget(capacity * HOLD_FACTOR)
 
 
 class RunSlot:
@@ -266,6 +313,7 @@ class RunSlot:
     async def take(self) -> None:
         await self._slots.running.acquire()
         self._held = True
+        self._slots.holding.started()
 
     def free(self) -> None:
         if self._held:

@@ -851,15 +851,15 @@ class _Run:
         # pulled meanwhile.
         hold_s = hold_seconds(run, datetime.now(timezone.utc))
         if hold_s > 0:
-            beyond = slots.holding > 0
+            nbytes = len(msg.data)
+            beyond = slots.holding.try_hold(nbytes)
             if beyond:
-                slots.holding -= 1
                 release()
             try:
                 await self.hold(msg, hold_s, progress_every)
             finally:
                 if beyond:
-                    slots.holding += 1
+                    slots.holding.release(nbytes)
         await running.take()
         shard = run.get("shard")
         shard_index = int(shard["index"]) if isinstance(shard, dict) else 0
