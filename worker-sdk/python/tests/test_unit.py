@@ -203,3 +203,34 @@ def test_a_source_holds_its_floor_then_what_it_started_in_the_last_second_or_two
     assert hold_all(b, 1, t0 + 4.0) == MAX_HELD
     assert hold_all(b, MAX_HELD_BYTES // 3, t0 + 4.0) == 3
     assert hold_all(b, MAX_HELD_BYTES * 2, t0 + 4.0) == 1, "one run is held whatever its size"
+
+
+def test_reports_wait_for_the_runs_due_to_start_and_no_longer() -> None:
+    import asyncio
+
+    from krest_worker._due import MAX_REPORT_WAIT, DueRuns
+
+    async def scenario() -> None:
+        due = DueRuns()
+        now = time.monotonic() - 0.01
+        await due.quiet()  # nothing due: no wait
+        later = due.hold(now + 60)
+        await due.quiet()  # held for later: not due yet
+
+        a, b = due.hold(now), due.hold(now)
+        waiting = asyncio.create_task(due.quiet())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        due.resumed(a)
+        await asyncio.sleep(0)
+        assert not waiting.done(), "one run due is still unstarted"
+        due.resumed(b)
+        await asyncio.wait_for(waiting, 5)
+        due.resumed(later)
+
+        due.hold(now)  # a run due that never starts
+        started = time.monotonic()
+        await due.quiet()
+        assert time.monotonic() - started >= MAX_REPORT_WAIT * 0.9
+
+    asyncio.run(scenario())

@@ -34,6 +34,7 @@ from . import __version__
 from ._backoff import RECONNECT, Backoff
 from ._context import JobContext, JobError, now_rfc3339
 from ._decide import Decision, Ending, Facts, Kind, attempt_number, decide, handed_off
+from ._due import DueRuns
 from ._events import EventSink, PublishError, StartReport, store
 from ._markers import Markers, Unknown, mirror, reason_of
 from ._nats import ConfigError, NatsConfig
@@ -424,6 +425,8 @@ class _Run:
         #: Ends the heartbeat loop (see `finish`).
         self.heartbeat_done = asyncio.Event()
         self.cancellable = _Cancellable()
+        #: Held runs by when they are due: reports wait for the due ones to start.
+        self.due = DueRuns()
         self.markers = Markers()
         self.mirror: asyncio.Task[None] | None = None
         self.in_flight = 0
@@ -855,9 +858,11 @@ class _Run:
             beyond = slots.holding.try_hold(nbytes)
             if beyond:
                 release()
+            due_key = self.due.hold(time.monotonic() + hold_s)
             try:
                 await self.hold(msg, hold_s, progress_every)
             finally:
+                self.due.resumed(due_key)
                 if beyond:
                     slots.holding.release(nbytes)
         await running.take()
@@ -891,6 +896,8 @@ class _Run:
         # stored and acknowledged (two round trips to the server).
         release()
         running.free()
+        # Runs due now start before this one's result is reported.
+        await self.due.quiet()
         decision = decide(ending, Facts.of(run, attempt, w.retry_backoff, w.instance))
         log.debug(
             "run %s shard %d attempt %d ended %s (will retry: %s)",
