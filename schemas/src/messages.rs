@@ -553,7 +553,7 @@ pub struct WorkerInfo {
     pub weight: u32,
     /// Concurrent runs per unit of weight.
     pub slots: u32,
-    /// Runs executing now.
+    /// Runs received and not yet done: executing, or held for their `notBefore`.
     pub in_flight: u32,
     /// Version of the app or SDK.
     pub version: String,
