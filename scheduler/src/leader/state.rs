@@ -36,6 +36,9 @@ use crate::leader::lease::{Leadership, Role};
 use crate::leader::outstanding::Outstanding;
 use crate::leader::router::RouterConfig;
 
+/// Jobs scheduled between two yields to the runtime when a leader builds its schedules.
+const YIELD_EVERY: usize = 8_192;
+
 /// What the leader reads and writes besides the job table.
 pub struct EngineDeps {
     /// Publishes fires.
@@ -191,7 +194,13 @@ impl Leader {
         while engine.changes.try_recv().is_ok() {}
         let mut schedules = Schedules::with_ahead(engine.cfg.dispatch_ahead);
         let mut queued = HashMap::new();
-        for (key, entry) in engine.table.all() {
+        for (i, (key, entry)) in engine.table.all().into_iter().enumerate() {
+            // A million jobs take about a second to schedule: let the runtime's other tasks —
+            // the lease renewal above all — run meanwhile, even one queued behind this task on
+            // its worker thread.
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+            }
             let state = states.get(&*key);
             let allow = entry.stored.spec.overlap_policy == OverlapPolicy::Allow;
             let floor = anchor_floor(state, watermark.as_ref(), entry.revision, allow);
