@@ -195,9 +195,9 @@ impl Leader {
         let mut schedules = Schedules::with_ahead(engine.cfg.dispatch_ahead);
         let mut queued = HashMap::new();
         for (i, (key, entry)) in engine.table.all().into_iter().enumerate() {
-            // A million jobs take about a second to schedule: let the runtime's other tasks —
+            // A million jobs take a second or more to schedule: let the runtime's other tasks —
             // the lease renewal above all — run meanwhile, even one queued behind this task on
-            // its worker thread.
+            // its worker thread (BENCHMARKS.md, "Lease renewal under load").
             if i % YIELD_EVERY == YIELD_EVERY - 1 {
                 tokio::task::yield_now().await;
             }
