@@ -42,6 +42,12 @@
 //! - **Weighted consumer group**: all instances of an app share one durable pull consumer; each
 //!   holds at most `weight × slots` runs at once, so busy instances share work by weight. Runs
 //!   the leader addresses to one instance come from that instance's own consumer.
+//! - **Runs dispatched ahead** of their fire time (`notBefore`) are held until then and started
+//!   on time, never earlier. Held runs do not take slots: a consumer holds as many as it
+//!   started in the last one to two seconds (at least `4 × weight × slots`, at most 16,384 runs
+//!   and 64 MiB of messages), so a second's burst is held whole. While runs are coming due,
+//!   the results of runs that just ended are reported after the due ones have started (at most
+//!   50 ms later), so a burst's starts are not slowed by reports.
 //! - **Handlers** get a [`JobContext`]: run id (an idempotency key), args, shard index/total/item,
 //!   attempt, scheduled time, a cancellation signal and [`JobContext::log`], whose lines are
 //!   stored with the run.
