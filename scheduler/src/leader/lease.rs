@@ -275,11 +275,7 @@ async fn renew(
                 Ok(entry) => entry,
                 Err(e) => return Renewal::Unsure(format!("cannot read the lease: {e}")),
             };
-            let current = entry
-                .as_ref()
-                .filter(|e| e.operation == kv::Operation::Put)
-                .map(|e| (e.value.as_ref(), e.revision));
-            match holds(&node, epoch, current) {
+            match holds(&node, epoch, put_value(entry.as_ref())) {
                 Ok(r) => {
                     if r != rev {
                         tracing::info!(
@@ -327,6 +323,13 @@ async fn first_answer(
         }
     }
     (sent, fresh.await)
+}
+
+/// The value and revision of a lease key's entry as read; `None` if it was deleted or purged.
+fn put_value(entry: Option<&kv::Entry>) -> Option<(&[u8], u64)> {
+    entry
+        .filter(|e| e.operation == kv::Operation::Put)
+        .map(|e| (e.value.as_ref(), e.revision))
 }
 
 /// Whether the lease's current value (`Some((value, revision))`; `None`: deleted or expired)
@@ -459,11 +462,7 @@ impl Election {
     async fn release(&self, epoch: u64, mut rev: u64, unsure: bool) -> Result<(), String> {
         if unsure {
             let entry = self.kv.entry(LEADER_KEY).await.map_err(|e| e.to_string())?;
-            let current = entry
-                .as_ref()
-                .filter(|e| e.operation == kv::Operation::Put)
-                .map(|e| (e.value.as_ref(), e.revision));
-            rev = holds(&self.cfg.node, epoch, current)?;
+            rev = holds(&self.cfg.node, epoch, put_value(entry.as_ref()))?;
         }
         self.kv
             .delete_expect_revision(LEADER_KEY, Some(rev))
