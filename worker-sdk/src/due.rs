@@ -93,30 +93,36 @@ impl Drop for DueGuard<'_> {
 mod tests {
     use super::*;
 
+    /// Polls `fut` once: whether it is still waiting.
+    async fn pending<F: std::future::Future>(mut fut: std::pin::Pin<&mut F>) -> bool {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx).is_pending())).await
+    }
+
     #[tokio::test]
     async fn reports_wait_for_the_runs_due_to_start_and_no_longer() {
-        let due = std::sync::Arc::new(DueRuns::default());
+        let due = DueRuns::default();
         let now = Instant::now();
         // Nothing due: no wait.
-        due.quiet().await;
+        assert!(!pending(std::pin::pin!(due.quiet())).await);
         // Held for later: not due yet, no wait.
         let later = due.hold(now + Duration::from_secs(60));
-        due.quiet().await;
+        assert!(!pending(std::pin::pin!(due.quiet())).await);
 
         // Two runs due now: a report waits until both have started.
         let a = due.hold(now);
         let b = due.hold(now);
-        let waiting = tokio::spawn({
-            let due = due.clone();
-            async move { due.quiet().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
+        let mut waiting = std::pin::pin!(due.quiet());
+        assert!(
+            pending(waiting.as_mut()).await,
+            "two runs due are unstarted"
+        );
         drop(a);
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "one run due is still unstarted");
+        assert!(
+            pending(waiting.as_mut()).await,
+            "one run due is still unstarted"
+        );
         drop(b);
-        waiting.await.unwrap();
+        assert!(!pending(waiting.as_mut()).await, "woken once both started");
         drop(later);
 
         // A run due that never starts holds a report back at most MAX_REPORT_WAIT.

@@ -23,7 +23,7 @@ class DueRuns:
 
     def __init__(self) -> None:
         self._held: dict[float, int] = {}
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def hold(self, until: float) -> float:
         """Counts a run held until `until` (monotonic); returns the key to pass to `resumed`."""
@@ -39,7 +39,7 @@ class DueRuns:
         else:
             self._held.pop(key, None)
         if not self.busy(time.monotonic()):
-            waiters, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters, set()
             for f in waiters:
                 if not f.done():
                     f.set_result(None)
@@ -57,8 +57,10 @@ class DueRuns:
             if left <= 0:
                 return
             f: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(f)
+            self._waiters.add(f)
             try:
                 await asyncio.wait_for(f, left)
             except asyncio.TimeoutError:
                 return
+            finally:
+                self._waiters.discard(f)

@@ -858,9 +858,10 @@ class _Run:
             beyond = slots.holding.try_hold(nbytes)
             if beyond:
                 release()
-            due_key = self.due.hold(time.monotonic() + hold_s)
+            until = time.monotonic() + hold_s
+            due_key = self.due.hold(until)
             try:
-                await self.hold(msg, hold_s, progress_every)
+                await self.hold(msg, until, progress_every)
             finally:
                 self.due.resumed(due_key)
                 if beyond:
@@ -1100,13 +1101,11 @@ class _Run:
                 except Exception as e:  # noqa: BLE001
                     log.debug("progress ack failed: %s", e)
 
-    async def hold(self, msg: Msg, seconds: float, progress_every: float) -> None:
-        """Waits `seconds` (a run's time to its `notBefore`), telling the server the message is
-        in progress every `progress_every`. A cancellation arriving meanwhile is remembered and
-        found when the attempt starts; a shutdown waits for the hold like a running handler."""
-        if seconds <= 0:
-            return
-        until = time.monotonic() + seconds
+    async def hold(self, msg: Msg, until: float, progress_every: float) -> None:
+        """Waits until `until` (monotonic: a run's `notBefore`), telling the server the message
+        is in progress every `progress_every`. A cancellation arriving meanwhile is remembered
+        and found when the attempt starts; a shutdown waits for the hold like a running
+        handler."""
         while True:
             left = until - time.monotonic()
             if left <= 0:
